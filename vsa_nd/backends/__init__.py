@@ -1,0 +1,40 @@
+"""Backends: one module per device kind, all with the same functions.
+
+``vsa_nd.ops`` validates its inputs once and then calls the backend chosen from the
+input's array module: :mod:`vsa_nd.backends.numba_cpu` for NumPy arrays and
+:mod:`vsa_nd.backends.cuda` for CuPy arrays.  A backend may assume validated input:
+C-contiguous arrays of the documented shapes, int32 index arrays on the same device,
+``0 < block_sizes <= V``, ``q2k_idx`` rows free of duplicates and inside ``[0, N_kv)``
+for the first ``q2k_num`` entries, ``H % H_kv == 0``.
+
+Shapes (tiled, head-major): q, dout, out, gate [B, H, Sq_pad, D]; k, v [B, H_kv, Skv_pad, D];
+``Sq_pad = N_q * V``, ``Skv_pad = N_kv * V``; V is implied by ``Sq_pad // N_q``.
+"Compute dtype" is float64 for float64 inputs and float32 otherwise.
+
+The interface every backend implements:
+
+``tile(x, slot_token_index, out) -> out``
+    x [B, S, H, D] -> out [B, H, S_pad, D]; ``out[b, h, s] = x[b, slot_token_index[s], h]``,
+    or zero where ``slot_token_index[s] < 0``.  Every element of ``out`` is written.
+``untile(y, untile_index, out) -> out``
+    y [B, H, S_pad, D] -> out [B, S, H, D]; ``out[b, t, h] = y[b, h, untile_index[t]]``.
+``block_mean(x, block_sizes) -> [B, H, N, D]`` in the compute dtype.
+``select_topk(scores, topk) -> (q2k_idx [B, H, N_q, topk] int32, q2k_num [B, H, N_q] int32)``
+    scores [B, H, N_q, N_kv] float; the ``topk`` largest per row, ties to the lower index,
+    each row listed in increasing tile order.
+``block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate) -> (out, lse)``
+    out [B, H, Sq_pad, D] in q's dtype = fine + (gate *) broadcast(coarse), where ``coarse``
+    is None or [B, H, N_q, D] in the compute dtype and ``gate`` None or q-shaped;
+    lse [B, H, Sq_pad] float32 (float64 for float64 inputs), -inf for a row with no key.
+``coarse_grad_inputs(dout, gate, coarse, q_block_sizes) -> (d_coarse, dgate)``
+    d_coarse [B, H, N_q, D] compute dtype: sum over the real rows of each query tile of
+    ``gate * dout`` (``dout`` without a gate); dgate (None without a gate) q-shaped in
+    the gate's dtype: ``dout * broadcast(coarse)`` on real rows, 0 on pad rows.
+``block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
+                   scale, coarse, gate, dq_tile, dk_tile, dv_tile) -> (dq, dk, dv)``
+    Gradients in the input dtype of ``sum(dout * out)`` over the real query rows for the
+    fine branch, with ``fine = out - (gate *) broadcast(coarse)`` recovered from ``out``.
+    ``dq_tile`` [B, H, N_q, D] and ``dk_tile``/``dv_tile`` [B, H_kv, N_kv, D] (compute dtype)
+    are added to every real token of their tile (the coarse branch's share).  Pad slots of
+    dq, dk, dv are zero.
+"""

@@ -1,0 +1,65 @@
+"""Compile every CUDA kernel instantiation with NVRTC, for sm_80 and sm_90a; no GPU needed.
+
+``python -m vsa_nd.compile_check`` uses the same sources and options as the run-time
+loader, prints registers, shared memory and spills per kernel, and exits non-zero on any
+compile error or on a spill in an attention kernel.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from .kernels import CompileError, catalogue, compile_spec, nvrtc_version
+
+ARCHES = ("sm_80", "sm_90a")
+_ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def resource_report(log: str) -> list:
+    """[(mangled kernel name, registers, static smem bytes, stack bytes, spill stores, spill loads)] from a ptxas -v log."""
+    rows, current = [], None
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            current = [m.group(1), 0, 0, 0, 0, 0]
+            rows.append(current)
+        elif current is not None and (m := _SPILL.search(line)):
+            current[3:6] = [int(g) for g in m.groups()]
+        elif current is not None and (m := _REGS.search(line)):
+            current[1] = int(m.group(1))
+            if s := _SMEM.search(line):
+                current[2] = int(s.group(1))
+    return [tuple(r) for r in rows]
+
+
+def main() -> int:
+    print(f"NVRTC {nvrtc_version()}")
+    failures = 0
+    for arch in ARCHES:
+        for spec in catalogue():
+            if not spec.builds_for(arch):
+                continue
+            try:
+                _, lowered, log = compile_spec(spec, arch, verbose=True)
+            except CompileError as e:
+                print(f"FAIL {arch} {spec.source}\n{e}")
+                failures += 1
+                continue
+            demangled = {v: k for k, v in lowered.items()}
+            for name, regs, smem, stack, spill_st, spill_ld in resource_report(log):
+                label = demangled.get(name, name)
+                spilled = spill_st or spill_ld
+                flag = "SPILL" if spilled else "ok"
+                print(f"{flag:5} {arch:7} {spec.source:18} {label:42} regs={regs:3} smem={smem:6} "
+                      f"stack={stack} spill_st={spill_st} spill_ld={spill_ld}")
+                if spilled and spec.source.startswith("attention"):
+                    failures += 1
+    print("compile check:", "FAILED" if failures else "all kernels compiled")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

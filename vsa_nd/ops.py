@@ -1,0 +1,341 @@
+"""The array-level API: validate once, then run on the backend of the input's array module.
+
+NumPy arrays run on the Numba CPU backend, CuPy arrays on the CUDA backend.  All
+attention tensors are in tiled, head-major layout (see :func:`tile`):
+
+    q, gate, out, dout   [B, H, Sq_pad, D]      Sq_pad = N_q * V
+    k, v                 [B, H_kv, Skv_pad, D]  Skv_pad = N_kv * V,  H % H_kv == 0
+    q_block_sizes        [N_q]  int, real tokens per query tile (1..V)
+    kv_block_sizes       [N_kv] int, real tokens per key tile (1..V)
+    q2k_idx              [B, H, N_q, L] int32, selected key tiles per query tile
+    q2k_num              [B, H, N_q] int32, how many entries of each row are used
+    lse                  [B, H, Sq_pad] float32 (float64 for float64 inputs)
+
+The tile volume V is implied by the shapes (``Sq_pad // N_q``).  Attention tensors share
+one floating dtype: float32/float64/float16/bfloat16 on NumPy (computed in float32, or
+float64 for float64), float16/bfloat16 on CuPy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from . import validation as check
+from ._xp import array_module, compute_dtype, device_key, is_cupy_array
+from .tiling import TilePlan
+
+
+def _backend(x):
+    if is_cupy_array(x):
+        from .backends import cuda
+
+        return cuda
+    from .backends import numba_cpu
+
+    return numba_cpu
+
+
+def _check_plan(plan, like) -> TilePlan:
+    if not isinstance(plan, TilePlan):
+        raise TypeError(f"plan: expected a vsa_nd.TilePlan, got {type(plan).__name__}")
+    return plan.to(device_key(like))
+
+
+def _check_out(out, like, shape: tuple, dtype):
+    check.check_array("out", out, len(shape), (np.dtype(dtype),), like)
+    check.check_shape("out", out, shape)
+    return check.check_contiguous("out", out)
+
+
+def tile(x, plan: TilePlan, out=None):
+    """Reorder tokens into tiles: x [B, S, H, D] -> [B, H, S_pad, D], pad slots zero.
+
+    ``out`` (optional, [B, H, S_pad, D], x's dtype and device) is filled and returned, so one
+    buffer can serve many layers; the result aliases it.
+    """
+    check.check_array("x", x, 4)
+    check.check_contiguous("x", x)
+    plan = _check_plan(plan, x)
+    b, s, h, d = x.shape
+    if s != plan.seq_len:
+        raise ValueError(f"x: expected {plan.seq_len} tokens (seq_shape {plan.seq_shape}) on axis 1, got shape {list(x.shape)}")
+    shape = (b, h, plan.padded_len, d)
+    out = array_module(x).empty(shape, x.dtype) if out is None else _check_out(out, x, shape, x.dtype)
+    return _backend(x).tile(x, plan.slot_token_index, out)
+
+
+def untile(y, plan: TilePlan, out=None):
+    """Undo :func:`tile`: y [B, H, S_pad, D] -> [B, S, H, D], pad slots dropped."""
+    check.check_array("y", y, 4)
+    check.check_contiguous("y", y)
+    plan = _check_plan(plan, y)
+    b, h, s_pad, d = y.shape
+    if s_pad != plan.padded_len:
+        raise ValueError(f"y: expected {plan.padded_len} slots (padded length of {plan.seq_shape}) on axis 2, got shape {list(y.shape)}")
+    shape = (b, plan.seq_len, h, d)
+    out = array_module(y).empty(shape, y.dtype) if out is None else _check_out(out, y, shape, y.dtype)
+    return _backend(y).untile(y, plan.untile_index, out)
+
+
+def _tile_volume(name: str, padded_len: int, num_blocks: int) -> int:
+    if num_blocks < 1 or padded_len % num_blocks:
+        raise ValueError(f"{name}: expected a padded length that is a multiple of the {num_blocks} tiles, got {padded_len}")
+    return padded_len // num_blocks
+
+
+def block_mean(x, block_sizes):
+    """Mean of the real tokens of each tile: x [B, H, N*V, D] -> [B, H, N, D] (compute dtype)."""
+    check.check_float("x", x, 4)
+    check.check_contiguous("x", x)
+    n = len(block_sizes)
+    volume = _tile_volume("x", x.shape[2], n)
+    block_sizes = check.check_block_sizes("block_sizes", block_sizes, x, n, volume)
+    return _backend(x).block_mean(x, block_sizes)
+
+
+def _coarse_attention(q_c, k_c, v_c, scale: float):
+    """Coarse scores C, softmax(C) and o_c; kv heads shared by a group are not copied."""
+    xp = array_module(q_c)
+    b, h, n_q, d = q_c.shape
+    h_kv = k_c.shape[1]
+    grouped = q_c.reshape(b, h_kv, (h // h_kv) * n_q, d)
+    scores = (grouped @ xp.swapaxes(k_c, -1, -2)) * scale
+    probs = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    coarse = (probs @ v_c).reshape(b, h, n_q, d)
+    return scores.reshape(b, h, n_q, -1), probs.reshape(b, h, n_q, -1), coarse
+
+
+def coarse_attn(q_c, k_c, v_c, scale=None):
+    """Dense attention between tile means.
+
+    q_c [B, H, N_q, D], k_c and v_c [B, H_kv, N_kv, D] (compute dtype, e.g. from
+    :func:`block_mean`).  Returns (scores C [B, H, N_q, N_kv], o_c [B, H, N_q, D]).
+    """
+    check.check_float("q_c", q_c, 4)
+    b, h, _, d = q_c.shape
+    check.check_float("k_c", k_c, 4, like=q_c)
+    check.check_float("v_c", v_c, 4, like=q_c)
+    check.check_shape("k_c", k_c, (b, None, None, d))
+    check.check_shape("v_c", v_c, k_c.shape)
+    _check_heads(h, k_c.shape[1], "k_c")
+    dtype = compute_dtype(q_c.dtype)
+    q_c, k_c, v_c = (a.astype(dtype, copy=False) for a in (q_c, k_c, v_c))
+    scores, _, coarse = _coarse_attention(q_c, k_c, v_c, _scale(scale, d))
+    return scores, coarse
+
+
+def select_topk_blocks(scores, topk: int):
+    """The ``topk`` highest-scoring key tiles of each query tile, ties to the lower index.
+
+    scores [B, H, N_q, N_kv] float.  Returns (q2k_idx [B, H, N_q, topk] int32, listed in
+    increasing tile order; q2k_num [B, H, N_q] int32, all equal to ``topk``).
+    """
+    check.check_float("scores", scores, 4)
+    topk = check.check_int_range("topk", topk, 1, scores.shape[-1])
+    scores = scores.astype(compute_dtype(scores.dtype), copy=False)
+    return _backend(scores).select_topk(check.check_contiguous("scores", scores), topk)
+
+
+def _scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return float(head_dim) ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not np.isfinite(scale):
+        raise TypeError(f"scale: expected a finite float, got {scale!r}")
+    return float(scale)
+
+
+def _check_heads(h: int, h_kv: int, name: str):
+    if h_kv < 1 or h % h_kv:
+        raise ValueError(f"{name}: expected a head count dividing the {h} query heads, got {h_kv}")
+
+
+class _Problem(NamedTuple):
+    kv_block_sizes: object
+    num_q_blocks: int
+    num_kv_blocks: int
+    scale: float
+
+
+def _check_attention(q, k, v, kv_block_sizes, num_q_blocks: int, scale, gate=None) -> _Problem:
+    """Shapes, dtypes, devices and contiguity of q, k, v (and gate); kv block sizes."""
+    check.check_float("q", q, 4)
+    b, h, s_q, d = q.shape
+    check.check_float("k", k, 4, like=q)
+    check.check_float("v", v, 4, like=q)
+    for name, x in (("k", k), ("v", v)):
+        check.check_same_dtype(name, x, q, "q")
+    check.check_shape("k", k, (b, None, None, d))
+    check.check_shape("v", v, k.shape)
+    _check_heads(h, k.shape[1], "k")
+    if gate is not None:
+        check.check_float("gate", gate, 4, like=q)
+        check.check_same_dtype("gate", gate, q, "q")
+        check.check_shape("gate", gate, q.shape)
+    for name, x in (("q", q), ("k", k), ("v", v), ("gate", gate)):
+        if x is not None:
+            check.check_contiguous(name, x)
+    volume = _tile_volume("q", s_q, num_q_blocks)
+    num_kv_blocks = len(kv_block_sizes)
+    if k.shape[2] != num_kv_blocks * volume:
+        raise ValueError(
+            f"k: expected {num_kv_blocks} tiles of {volume} slots ({num_kv_blocks * volume}) on axis 2 "
+            f"to match kv_block_sizes and q, got shape {list(k.shape)}"
+        )
+    kv_block_sizes = check.check_block_sizes("kv_block_sizes", kv_block_sizes, q, num_kv_blocks, volume)
+    return _Problem(kv_block_sizes, num_q_blocks, num_kv_blocks, _scale(scale, d))
+
+
+def _index_lists_from_block_map(block_map):
+    """[B, H, N_q, N_kv] bool -> lists of length N_kv (selected tiles first, increasing)."""
+    xp = array_module(block_map)
+    unselected = xp.logical_not(block_map).astype(np.int8)
+    if xp is np:
+        order = np.argsort(unselected, axis=-1, kind="stable")
+    else:
+        order = xp.argsort(unselected, axis=-1)  # CuPy's sort is stable
+    return order.astype(np.int32), block_map.sum(axis=-1, dtype=np.int32)
+
+
+def block_sparse_attn(
+    q, k, v, kv_block_sizes, q2k_idx=None, q2k_num=None, *, block_map=None, scale=None, return_lse=False, check_indices=True
+):
+    """Fine stage only: each query tile attends to the real keys of the key tiles it selects.
+
+    Selection by index lists ``q2k_idx`` [B, H, N_q, L] with counts ``q2k_num`` [B, H, N_q]
+    (default: all L entries), or by a boolean ``block_map`` [B, H, N_q, N_kv].  Returns
+    out [B, H, Sq_pad, D] in q's dtype (and lse [B, H, Sq_pad] with ``return_lse``); a row
+    that selects nothing gets 0 and lse -inf.  Index values are checked unless
+    ``check_indices=False`` (on CuPy the check costs one host synchronisation).
+    """
+    check.check_float("q", q, 4)
+    b, h = q.shape[:2]
+    if (q2k_idx is None) == (block_map is None):
+        raise ValueError("q2k_idx, block_map: expected exactly one of them, got "
+                         + ("both" if block_map is not None else "neither"))
+    if block_map is not None:
+        check.check_array("block_map", block_map, 4, (np.dtype(bool),), q)
+        check.check_shape("block_map", block_map, (b, h, None, len(kv_block_sizes)))
+        q2k_idx, q2k_num = _index_lists_from_block_map(block_map)
+        check_indices = False
+    q2k_idx = check.as_index_array("q2k_idx", q2k_idx, q, ndim=4)
+    check.check_shape("q2k_idx", q2k_idx, (b, h, None, None))
+    xp = array_module(q)
+    if q2k_num is None:
+        q2k_num = xp.full(q2k_idx.shape[:3], q2k_idx.shape[3], dtype=np.int32)
+    q2k_num = check.as_index_array("q2k_num", q2k_num, q, ndim=3)
+    check.check_shape("q2k_num", q2k_num, q2k_idx.shape[:3])
+    problem = _check_attention(q, k, v, kv_block_sizes, q2k_idx.shape[2], scale)
+    check.check_index_lists(q2k_idx, q2k_num, problem.num_kv_blocks, check_indices)
+    out, lse = _backend(q).block_sparse_fwd(
+        q, k, v, q2k_idx, q2k_num, problem.kv_block_sizes, problem.scale, None, None
+    )
+    return (out, lse) if return_lse else out
+
+
+@dataclass
+class VSAContext:
+    """What :func:`video_sparse_attn_backward` needs from a forward pass.
+
+    Holds references to the forward's inputs and output (not copies) plus the small
+    per-tile tensors: LSE [B, H, Sq_pad]; the selection; the tile means and coarse
+    softmax probabilities [B, H, N_q, N_kv]; o_c [B, H, N_q, D].
+    """
+
+    q: object
+    k: object
+    v: object
+    gate: object
+    out: object
+    lse: object
+    q2k_idx: object
+    q2k_num: object
+    q_block_sizes: object
+    kv_block_sizes: object
+    scale: float
+    q_mean: object
+    k_mean: object
+    v_mean: object
+    coarse_probs: object
+    coarse: object
+
+
+def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *, gate=None, scale=None, return_context=False):
+    """Video Sparse Attention: coarse tile attention, top-k tile selection, fine attention.
+
+    q [B, H, Sq_pad, D]; k, v [B, H_kv, Skv_pad, D] (tiled with :func:`tile`); ``topk`` key
+    tiles per query tile (1..N_kv); ``q_block_sizes`` [N_q] and ``kv_block_sizes`` [N_kv]
+    (default: ``q_block_sizes``) real tokens per tile, e.g. ``plan.variable_block_sizes``;
+    ``gate`` optional, q-shaped.  Returns out [B, H, Sq_pad, D] in q's dtype,
+    ``fine + gate * coarse`` (``fine + coarse`` without a gate), and with
+    ``return_context=True`` also a :class:`VSAContext` for the backward pass.
+    """
+    check.check_float("q", q, 4)
+    if kv_block_sizes is None:
+        kv_block_sizes = q_block_sizes
+    num_q_blocks = len(q_block_sizes)
+    problem = _check_attention(q, k, v, kv_block_sizes, num_q_blocks, scale, gate)
+    volume = q.shape[2] // num_q_blocks
+    q_block_sizes = check.check_block_sizes("q_block_sizes", q_block_sizes, q, num_q_blocks, volume)
+    topk = check.check_int_range("topk", topk, 1, problem.num_kv_blocks)
+
+    backend = _backend(q)
+    q_mean = backend.block_mean(q, q_block_sizes)
+    k_mean = backend.block_mean(k, problem.kv_block_sizes)
+    v_mean = backend.block_mean(v, problem.kv_block_sizes)
+    scores, probs, coarse = _coarse_attention(q_mean, k_mean, v_mean, problem.scale)
+    q2k_idx, q2k_num = backend.select_topk(scores, topk)
+    out, lse = backend.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, problem.kv_block_sizes, problem.scale, coarse, gate)
+    if not return_context:
+        return out
+    context = VSAContext(
+        q, k, v, gate, out, lse, q2k_idx, q2k_num, q_block_sizes, problem.kv_block_sizes,
+        problem.scale, q_mean, k_mean, v_mean, probs, coarse,
+    )
+    return out, context
+
+
+class Gradients(NamedTuple):
+    dq: object  # [B, H, Sq_pad, D], q's dtype
+    dk: object  # [B, H_kv, Skv_pad, D]
+    dv: object  # [B, H_kv, Skv_pad, D]
+    dgate: object  # q-shaped, or None without a gate
+
+
+def video_sparse_attn_backward(dout, context: VSAContext) -> Gradients:
+    """Gradients of ``sum(dout * out)`` over the real query rows, selection held fixed.
+
+    ``dout`` [B, H, Sq_pad, D] in q's dtype; rows in pad slots are ignored.  Pad slots of
+    the returned dq, dk, dv (and dgate) are zero.
+    """
+    if not isinstance(context, VSAContext):
+        raise TypeError(f"context: expected the VSAContext of video_sparse_attn, got {type(context).__name__}")
+    c = context
+    check.check_float("dout", dout, 4, like=c.q)
+    check.check_same_dtype("dout", dout, c.q, "q")
+    check.check_shape("dout", dout, c.q.shape)
+    check.check_contiguous("dout", dout)
+    xp, backend = array_module(dout), _backend(dout)
+
+    d_coarse, dgate = backend.coarse_grad_inputs(dout, c.gate, c.coarse, c.q_block_sizes)
+    # Backward of o_c = softmax(scale * q_c k_c^T) v_c, in the grouped layout of _coarse_attention.
+    b, h, n_q, d = c.q_mean.shape
+    h_kv = c.k_mean.shape[1]
+    grouped = lambda x: x.reshape(b, h_kv, (h // h_kv) * n_q, x.shape[-1])  # noqa: E731
+    probs, d_coarse_g = grouped(c.coarse_probs), grouped(d_coarse)
+    d_probs = d_coarse_g @ xp.swapaxes(c.v_mean, -1, -2)
+    d_scores = probs * (d_probs - (d_probs * probs).sum(axis=-1, keepdims=True))
+    dq_mean = (d_scores @ c.k_mean).reshape(b, h, n_q, d) * c.scale
+    dk_mean = (xp.swapaxes(d_scores, -1, -2) @ grouped(c.q_mean)) * c.scale
+    dv_mean = xp.swapaxes(probs, -1, -2) @ d_coarse_g
+
+    per_token = lambda x, sizes: x / sizes.astype(x.dtype)[:, None]  # noqa: E731
+    dq, dk, dv = backend.block_sparse_bwd(
+        dout, c.q, c.k, c.v, c.out, c.lse, c.q2k_idx, c.q2k_num, c.q_block_sizes, c.kv_block_sizes,
+        c.scale, c.coarse, c.gate,
+        per_token(dq_mean, c.q_block_sizes), per_token(dk_mean, c.kv_block_sizes), per_token(dv_mean, c.kv_block_sizes),
+    )
+    return Gradients(dq, dk, dv, dgate)

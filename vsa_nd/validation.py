@@ -1,0 +1,136 @@
+"""Checks run once at the public boundary (VSA_SPEC.md section 5).
+
+Each raises ``TypeError`` (wrong kind of object, dtype or device) or ``ValueError`` (wrong
+shape or value) naming the argument, what was expected and what was received.  Value
+checks of device arrays cost one host synchronisation; index arrays that come from a
+cached :class:`~vsa_nd.tiling.TilePlan` or from vsa_nd's own selection are trusted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._xp import FLOAT_DTYPES, array_module, device_key, is_cupy_array
+
+
+def describe(x) -> str:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{type(x).__module__.split('.')[0]} array of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__}"
+
+
+def check_array(name: str, x, ndim: int | None = None, dtypes=None, like=None):
+    """``x`` is a NumPy or CuPy ndarray of ``ndim`` dims, one of ``dtypes``, on ``like``'s device."""
+    if not (isinstance(x, np.ndarray) or is_cupy_array(x) and hasattr(x, "data")):
+        raise TypeError(f"{name}: expected a NumPy or CuPy array, got {describe(x)}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(x.shape)}")
+    if dtypes is not None and np.dtype(x.dtype) not in dtypes:
+        names = ", ".join(np.dtype(d).name for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {x.dtype}")
+    if like is not None and device_key(x) != device_key(like):
+        raise TypeError(f"{name}: expected an array on {device_key(like)}, got one on {device_key(x)}")
+    return x
+
+
+def check_float(name: str, x, ndim: int, like=None):
+    return check_array(name, x, ndim, FLOAT_DTYPES, like)
+
+
+def check_contiguous(name: str, x):
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array, got strides {x.strides}; pass xp.ascontiguousarray(x)")
+    return x
+
+
+def check_shape(name: str, x, expected: tuple):
+    """``expected`` may hold None for a free axis."""
+    shape = tuple(x.shape)
+    if len(shape) != len(expected) or any(e is not None and s != e for s, e in zip(shape, expected)):
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name}: expected shape {want}, got {list(shape)}")
+    return x
+
+
+def check_same_dtype(name: str, x, ref, ref_name: str):
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} to match {ref_name}, got {x.dtype}")
+    return x
+
+
+def check_int_range(name: str, value, low: int, high: int) -> int:
+    """A Python int with ``low <= value <= high``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{name}: expected {low} <= {name} <= {high}, got {value}")
+    return int(value)
+
+
+def _is_trusted(x) -> bool:
+    from .tiling import trusted_index_arrays
+
+    return any(x is a for a in trusted_index_arrays())
+
+
+def as_index_array(name: str, x, like, length: int | None = None, ndim: int = 1):
+    """An int32, C-contiguous index array on ``like``'s device (copied only if needed)."""
+    xp = array_module(like)
+    if isinstance(x, (list, tuple)):
+        x = np.asarray(x)
+    check_array(name, x, ndim)
+    if not np.issubdtype(np.dtype(x.dtype), np.integer):
+        raise TypeError(f"{name}: expected an integer dtype, got {x.dtype}")
+    if length is not None and x.shape[-1] != length:
+        raise ValueError(f"{name}: expected {length} entries, got shape {list(x.shape)}")
+    if device_key(x) != device_key(like):
+        if is_cupy_array(x) and not is_cupy_array(like):
+            raise TypeError(f"{name}: expected an array on {device_key(like)}, got one on {device_key(x)}")
+        with _device_of(like):
+            x = xp.asarray(x)
+    if x.dtype != np.int32 or not x.flags.c_contiguous:
+        x = xp.ascontiguousarray(x.astype(np.int32))
+    return x
+
+
+def _device_of(like):
+    if is_cupy_array(like):
+        return like.device
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def check_block_sizes(name: str, block_sizes, like, num_blocks: int, tile_volume: int):
+    """int32 block sizes on ``like``'s device, each in ``[1, tile_volume]``."""
+    trusted = _is_trusted(block_sizes)
+    out = as_index_array(name, block_sizes, like, num_blocks)
+    if not trusted and num_blocks:
+        low, high = int(out.min()), int(out.max())
+        if low < 1 or high > tile_volume:
+            raise ValueError(
+                f"{name}: expected every block size in [1, {tile_volume}] (the tile volume), got values in [{low}, {high}]"
+            )
+    return out
+
+
+def check_index_lists(q2k_idx, q2k_num, num_kv_blocks: int, check_values: bool):
+    """Index lists: entries ``[0, num)`` of each row inside ``[0, N_kv)`` and distinct."""
+    if not check_values:
+        return
+    xp = array_module(q2k_idx)
+    num = q2k_num.astype(np.int64)
+    if int(num.min(initial=0) if xp is np else num.min()) < 0 or int(num.max()) > q2k_idx.shape[-1]:
+        raise ValueError(
+            f"q2k_num: expected counts in [0, {q2k_idx.shape[-1]}] (the list length), "
+            f"got values in [{int(num.min())}, {int(num.max())}]"
+        )
+    used = xp.arange(q2k_idx.shape[-1])[None, None, None, :] < num[..., None]
+    live = xp.where(used, q2k_idx, 0)
+    if int(live.min()) < 0 or int(live.max()) >= num_kv_blocks:
+        raise ValueError(
+            f"q2k_idx: expected tile indices in [0, {num_kv_blocks}) (N_kv), got values in [{int(live.min())}, {int(live.max())}]"
+        )
+    ordered = xp.sort(xp.where(used, q2k_idx, -1 - xp.arange(q2k_idx.shape[-1], dtype=q2k_idx.dtype)), axis=-1)
+    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        raise ValueError("q2k_idx: expected no tile index twice in one row, got duplicates")
