@@ -19,6 +19,8 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
     return __float2bfloat16_rn(x);
 }
 
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
 // Order-preserving map of a float onto an unsigned int (larger float -> larger key).
 __device__ __forceinline__ unsigned int float_to_ordered(float x) {
     unsigned int u = __float_as_uint(x);

@@ -5,12 +5,11 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-settings.register_profile(
-    "default", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
-)
-settings.register_profile(
-    "gpu", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
-)
+# Fixtures used with @given only patch idempotent hooks (e.g. output poisoning), so
+# function-scoped fixtures are safe to share across examples.
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+settings.register_profile("default", deadline=None, max_examples=25, suppress_health_check=_QUIET)
+settings.register_profile("gpu", deadline=None, max_examples=60, suppress_health_check=_QUIET)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 

@@ -43,6 +43,11 @@ def valid_slots(block_sizes, tile_volume: int) -> np.ndarray:
     return slot_in_tile < np.repeat(block_sizes, tile_volume)
 
 
+def real_keys(x: np.ndarray, block_sizes, tile_volume: int) -> np.ndarray:
+    """x with its pad slots zeroed, so that whatever they hold (even NaN) cannot leak."""
+    return np.where(valid_slots(block_sizes, tile_volume)[:, None], x, 0)
+
+
 def expand_kv_heads(x: np.ndarray, num_heads: int) -> np.ndarray:
     """[B, H_kv, ...] -> [B, H, ...]: query head h sees kv head h // (H / H_kv)."""
     return np.repeat(x, num_heads // x.shape[1], axis=1)
@@ -108,6 +113,7 @@ def block_sparse_attn(q, k, v, block_map, kv_block_sizes, tile_volume: int, scal
     a row that selects no key gets o_f = 0 and lse = -inf.
     """
     q, k, v = (np.asarray(a, dtype=dtype) for a in (q, k, v))
+    k, v = real_keys(k, kv_block_sizes, tile_volume), real_keys(v, kv_block_sizes, tile_volume)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     p, lse = _fine_probabilities(q, k, np.asarray(block_map, dtype=bool), kv_block_sizes, tile_volume, scale)
     return p @ expand_kv_heads(v, q.shape[1]), lse
@@ -168,6 +174,7 @@ def video_sparse_attn_backward(
 ) -> Gradients:
     """Gradients of sum(dout * out) over the real query rows, with the selection held fixed."""
     q, k, v, dout = (np.asarray(a, dtype=dtype) for a in (q, k, v, dout))
+    k, v = real_keys(k, kv_block_sizes, tile_volume), real_keys(v, kv_block_sizes, tile_volume)
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q_real = valid_slots(q_block_sizes, tile_volume)[:, None]

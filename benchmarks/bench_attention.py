@@ -1,0 +1,66 @@
+"""Time the block-sparse attention forward kernels alone (CuPy; no torch needed).
+
+Random q, k, v and a random selection of ``topk`` distinct key tiles per query tile, every
+tile full.  Times are medians of CUDA-event timings over many runs after a warm-up.
+
+    python benchmarks/bench_attention.py [--tokens 49152] [--heads 12] [--head-dim 128]
+                                         [--topk 77] [--kernels auto,mma]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+
+def median_ms(fn, repeats: int = 50, warmup: int = 5) -> float:
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return float(np.median(times))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=49152)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--topk", type=int, default=77)
+    parser.add_argument("--kernels", default="auto,mma")
+    args = parser.parse_args()
+
+    import cupy
+
+    from vsa_nd._xp import BFLOAT16
+    from vsa_nd.backends import cuda_attention
+
+    volume, n = 64, args.tokens // 64
+    shape = (1, args.heads, n * volume, args.head_dim)
+    rng = cupy.random.default_rng(0)
+    q, k, v = (rng.standard_normal(shape, dtype=np.float32).astype(BFLOAT16) for _ in range(3))
+    order = cupy.argsort(rng.random((1, args.heads, n, n)), axis=-1)
+    q2k_idx = cupy.sort(order[..., : args.topk], axis=-1).astype(np.int32)
+    q2k_num = cupy.full((1, args.heads, n), args.topk, np.int32)
+    sizes = cupy.full(n, volume, np.int32)
+    flops = 4.0 * args.heads * args.head_dim * n * volume * args.topk * volume
+    name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    for kernel in args.kernels.split(","):
+        cuda_attention.FORWARD_KERNEL = kernel
+        run = lambda: cuda_attention.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, sizes, args.head_dim**-0.5, None, None)  # noqa: E731
+        ms = median_ms(run)
+        print(f"{name}: kernel={kernel:5} B=1 H={args.heads} D={args.head_dim} tokens={n * volume} "
+              f"top {args.topk}/{n}: {ms:.3f} ms, {flops / ms * 1e-9:.0f} TFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

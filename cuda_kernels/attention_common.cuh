@@ -1,0 +1,157 @@
+// Pieces shared by the block-sparse attention kernels (mma.sync and wgmma versions):
+// the CTA's work assignment, the swizzled shared-memory tile layout, async tile loads,
+// the online-softmax step and the epilogue that adds the gated coarse output.
+//
+// Fragment layout: each warp owns 16 query rows; a 16x64 score fragment is float s[32]
+// where group n (8 keys) holds s[4n], s[4n+1] on row lane/4 and s[4n+2], s[4n+3] on row
+// lane/4 + 8, keys 8n + 2*(lane%4) + {0, 1}.  The output accumulator o[D/2] is laid out
+// the same way over D columns.  This is the mma.sync m16n8 layout, which wgmma shares.
+#pragma once
+
+#include "mma.cuh"
+
+namespace vsa {
+
+constexpr int ATT_BLOCK_M = 64;   // query rows per CTA
+constexpr int ATT_BLOCK_N = 64;   // keys per pipeline chunk
+constexpr int ATT_THREADS = 128;  // 4 warps: one warpgroup
+constexpr int ATOM_BYTES = 64 * 128;
+
+// Swizzle-atom layout of a 64-row tile with D 16-bit columns: D/64 atoms of 64 rows x 128
+// bytes, each 1024-byte aligned; 16-byte chunk c of row r of an atom sits at chunk c ^ (r & 7).
+// ldmatrix reads 8 rows of one chunk without bank conflicts, and it is wgmma's 128B swizzle.
+__device__ __forceinline__ int atom_offset(int row, int chunk) {
+    return (chunk >> 3) * ATOM_BYTES + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+}
+
+template <int D> struct AttentionSmem {
+    static constexpr int TILE = ATT_BLOCK_M * D * 2;  // bytes of one 64-row tile
+    static constexpr int BYTES = 5 * TILE;             // Q, K[2], V[2]
+};
+
+// The CTA's query rows, its key-tile list and where its keys live.
+template <typename T, int D> struct AttentionCta {
+    int bh, q_tile, num_q_blocks, chunks_per_tile, tile_volume, n_chunks;
+    size_t q_offset;  // element offset of the CTA's first query row in q / out / gate
+    const T* k;       // this (batch, kv head)'s keys
+    const T* v;
+    const int* list;
+    const int* kv_block_sizes;
+
+    __device__ AttentionCta(const T* k_all, const T* v_all, const int* q2k_idx, const int* q2k_num,
+                            const int* block_sizes, int num_heads, int num_kv_heads, int q_len, int kv_len,
+                            int list_len, int volume)
+        : bh(blockIdx.y), tile_volume(volume), kv_block_sizes(block_sizes) {
+        const int b = bh / num_heads, h = bh % num_heads;
+        const int kv_head = h / (num_heads / num_kv_heads);
+        const int row0 = blockIdx.x * ATT_BLOCK_M;
+        num_q_blocks = q_len / volume;
+        q_tile = row0 / volume;
+        chunks_per_tile = volume / ATT_BLOCK_N;
+        q_offset = (static_cast<size_t>(bh) * q_len + row0) * D;
+        const size_t kv_base = static_cast<size_t>(b * num_kv_heads + kv_head) * kv_len * D;
+        k = k_all + kv_base;
+        v = v_all + kv_base;
+        list = q2k_idx + (static_cast<size_t>(bh) * num_q_blocks + q_tile) * list_len;
+        n_chunks = q2k_num[bh * num_q_blocks + q_tile] * chunks_per_tile;
+    }
+    // Element offset of chunk c's first key row, and how many of its 64 keys are real.
+    __device__ size_t chunk_offset(int c) const {
+        return (static_cast<size_t>(list[c / chunks_per_tile]) * tile_volume + (c % chunks_per_tile) * ATT_BLOCK_N) * D;
+    }
+    __device__ int valid_keys(int c) const {
+        const int left = kv_block_sizes[list[c / chunks_per_tile]] - (c % chunks_per_tile) * ATT_BLOCK_N;
+        return min(max(left, 0), ATT_BLOCK_N);
+    }
+};
+
+// cp.async 64 rows of D elements (row-major in global memory) into a swizzle-atom tile;
+// rows at or past `valid` are zero-filled, so pad slots never reach the tensor cores.
+template <int D, typename T>
+__device__ __forceinline__ void load_tile_async(unsigned char* tile, const T* src, int valid, int tid) {
+    constexpr int CH = D / 8;
+#pragma unroll
+    for (int it = 0; it < ATT_BLOCK_M * CH / ATT_THREADS; ++it) {
+        const int i = tid + it * ATT_THREADS, r = i / CH, ch = i % CH;
+        cp_async_16(tile + atom_offset(r, ch), src + static_cast<size_t>(r) * D + ch * 8, r < valid ? 16 : 0);
+    }
+}
+
+// One online-softmax step over a 16x64 score fragment (log2 domain): masks keys >= valid,
+// updates the running row max and sum, rescales o, and leaves P = exp2(s - max) in s.
+template <int NO>
+__device__ __forceinline__ void softmax_step(float (&s)[32], float (&o)[NO], float (&row_max)[2], float (&row_sum)[2],
+                                             int valid, float scale_log2, int lane) {
+    float chunk_max[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+        const int key = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+        const float x = key < valid ? s[i] * scale_log2 : neg_inf();
+        s[i] = x;
+        chunk_max[(i >> 1) & 1] = fmaxf(chunk_max[(i >> 1) & 1], x);
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 1));
+        chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 2));
+        const float new_max = fmaxf(row_max[r], chunk_max[r]);  // finite: the chunk has a real key
+        alpha[r] = fast_exp2(row_max[r] - new_max);
+        row_max[r] = new_max;
+        row_sum[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+        s[i] = fast_exp2(s[i] - row_max[(i >> 1) & 1]);
+        row_sum[(i >> 1) & 1] += s[i];  // per-thread partial; reduced across the row at the end
+    }
+#pragma unroll
+    for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
+}
+
+// P for keys 16kk..16kk+15 as an m16k16 A operand (mma.sync and wgmma register A alike).
+template <typename T>
+__device__ __forceinline__ void p_fragment(const float (&s)[32], int kk, unsigned int (&a)[4]) {
+    a[0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+    a[1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+    a[2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+    a[3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+}
+
+// out = o / rowsum + gate * coarse (or + coarse, or nothing); lse = ln(rowsum) + max.
+template <typename T, int D>
+__device__ __forceinline__ void write_output(const float (&o)[D / 2], const float (&row_max)[2], const float (&row_sum)[2],
+                                             const AttentionCta<T, D>& cta, const float* coarse, const T* gate, T* out,
+                                             float* lse, int q_len, int warp, int lane) {
+    const float* coarse_row = coarse ? coarse + (static_cast<size_t>(cta.bh) * cta.num_q_blocks + cta.q_tile) * D : nullptr;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float total = row_sum[r];
+        total += __shfl_xor_sync(0xffffffffu, total, 1);
+        total += __shfl_xor_sync(0xffffffffu, total, 2);
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        const int row = warp * 16 + (lane >> 2) + r * 8;
+        const size_t offset = cta.q_offset + static_cast<size_t>(row) * D;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            const int col = n * 8 + (lane & 3) * 2;
+            float x0 = o[4 * n + 2 * r] * inv, x1 = o[4 * n + 2 * r + 1] * inv;
+            if (coarse_row) {
+                const float2 c = *reinterpret_cast<const float2*>(coarse_row + col);
+                if (gate) {
+                    const float2 g = unpack2<T>(*reinterpret_cast<const unsigned int*>(gate + offset + col));
+                    x0 += g.x * c.x;
+                    x1 += g.y * c.y;
+                } else {
+                    x0 += c.x;
+                    x1 += c.y;
+                }
+            }
+            *reinterpret_cast<unsigned int*>(out + offset + col) = pack2<T>(x0, x1);
+        }
+        if ((lane & 3) == 0)
+            lse[cta.q_offset / D + row] = total > 0.f ? (row_max[r] + __log2f(total)) * 0.69314718055994531f : neg_inf();
+    }
+}
+
+}  // namespace vsa

@@ -1,0 +1,161 @@
+"""The CUDA block-sparse attention forward against the NumPy reference (GPU only).
+
+Inputs are random everywhere; key/value pad slots hold NaN to prove they never leak.
+Outputs are poisoned (NaN) before every launch, so an unwritten element fails the test.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import vsa_nd
+from vsa_nd import reference
+from vsa_nd._xp import BFLOAT16
+
+pytestmark = pytest.mark.gpu
+
+TILES = {1: [(64,), (128,)], 2: [(8, 8), (8, 16)], 3: [(4, 4, 4), (4, 4, 8)], 4: [(2, 2, 4, 4)]}
+TOLERANCE = {np.dtype(np.float16): 1e-2, BFLOAT16: 2e-2}
+
+
+@pytest.fixture(params=["auto", "mma"])
+def poisoned(request, monkeypatch):
+    """Every output the attention launcher allocates starts as NaN; runs each test with the
+    default kernel (wgmma on Hopper) and with the portable mma.sync kernel."""
+    import cupy
+
+    from vsa_nd.backends import cuda_attention
+
+    def alloc(shape, dtype):
+        return cupy.full(shape, np.nan, dtype)
+
+    monkeypatch.setattr(cuda_attention, "_alloc", alloc)
+    monkeypatch.setattr(cuda_attention, "FORWARD_KERNEL", request.param)
+
+
+@st.composite
+def problems(draw, max_tokens=1200):
+    dims = draw(st.integers(1, 4))
+    tile_shape = draw(st.sampled_from(TILES[dims]))
+    volume = int(np.prod(tile_shape))
+
+    def seq():
+        shape = [draw(st.integers(1, 2 * t)) for t in tile_shape]
+        while np.prod(shape) > max_tokens:
+            shape[int(np.argmax(shape))] //= 2
+        return tuple(max(s, 1) for s in shape)
+
+    q_seq = seq()
+    kv_seq = q_seq if draw(st.booleans()) else seq()
+    kv_heads = draw(st.sampled_from([1, 2]))
+    return dict(
+        q_plan=vsa_nd.tile_plan(q_seq, tile_shape),
+        kv_plan=vsa_nd.tile_plan(kv_seq, tile_shape),
+        volume=volume,
+        batch=draw(st.integers(1, 2)),
+        heads=kv_heads * draw(st.sampled_from([1, 3])),
+        kv_heads=kv_heads,
+        head_dim=draw(st.sampled_from([64, 128])),
+        dtype=draw(st.sampled_from([np.dtype(np.float16), BFLOAT16])),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+def _inputs(p, rng):
+    """Random q, k, v (NaN in key pad slots) as NumPy arrays in the problem's dtype."""
+    b, h, hk, d = p["batch"], p["heads"], p["kv_heads"], p["head_dim"]
+    q = rng.standard_normal((b, h, p["q_plan"].padded_len, d)).astype(p["dtype"])
+    k = rng.standard_normal((b, hk, p["kv_plan"].padded_len, d)).astype(p["dtype"])
+    v = rng.standard_normal((b, hk, p["kv_plan"].padded_len, d)).astype(p["dtype"])
+    pads = ~reference.valid_slots(p["kv_plan"].variable_block_sizes, p["volume"])
+    k[:, :, pads] = np.nan
+    v[:, :, pads] = np.nan
+    return q, k, v
+
+
+def _rel_err(x, ref):
+    """Norm-relative error (absolute where the reference is all zeros: rows that select nothing)."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1.0)
+
+
+@given(problems(), st.data())
+def test_block_sparse_attn_matches_reference(poisoned, p, data):
+    import cupy
+
+    rng = np.random.default_rng(p["seed"])
+    q, k, v = _inputs(p, rng)
+    n_q, n_kv = p["q_plan"].num_blocks, p["kv_plan"].num_blocks
+    b, h = q.shape[:2]
+    length = data.draw(st.integers(1, n_kv))
+    # Random distinct tiles per row, random counts 0..length (a count of 0 selects nothing).
+    q2k_idx = np.argsort(rng.random((b, h, n_q, n_kv)), axis=-1)[..., :length].astype(np.int32)
+    q2k_num = rng.integers(0, length + 1, size=(b, h, n_q)).astype(np.int32)
+    kv_sizes = p["kv_plan"].variable_block_sizes
+
+    out, lse = vsa_nd.block_sparse_attn(
+        cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), cupy.asarray(kv_sizes),
+        cupy.asarray(q2k_idx), cupy.asarray(q2k_num), return_lse=True,
+    )
+    block_map = reference.block_map_from_indices(q2k_idx, q2k_num, n_kv)
+    ref_out, ref_lse = reference.block_sparse_attn(q, k, v, block_map, kv_sizes, p["volume"])
+    out, lse = cupy.asnumpy(out), cupy.asnumpy(lse)
+
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert _rel_err(out, ref_out) <= TOLERANCE[p["dtype"]]
+    empty = np.repeat(q2k_num == 0, p["volume"], axis=-1)
+    assert np.all(lse[empty] == -np.inf)
+    assert np.allclose(lse[~empty], ref_lse[~empty], rtol=1e-3, atol=1e-3)
+
+
+@given(problems(), st.data())
+def test_video_sparse_attn_matches_reference(poisoned, p, data):
+    import cupy
+
+    rng = np.random.default_rng(p["seed"])
+    q, k, v = _inputs(p, rng)
+    gate = rng.standard_normal(q.shape).astype(p["dtype"]) if data.draw(st.booleans()) else None
+    topk = data.draw(st.integers(1, p["kv_plan"].num_blocks))
+    q_sizes, kv_sizes = p["q_plan"].variable_block_sizes, p["kv_plan"].variable_block_sizes
+    scale = data.draw(st.sampled_from([None, 0.05]))
+
+    gpu = lambda x: None if x is None else cupy.asarray(x)  # noqa: E731
+    out = vsa_nd.video_sparse_attn(
+        gpu(q), gpu(k), gpu(v), topk, gpu(q_sizes), gpu(kv_sizes), gate=gpu(gate), scale=scale
+    )
+    ref = reference.video_sparse_attn(q, k, v, q_sizes, kv_sizes, topk, p["volume"], scale=scale, gate=gate)
+    out = cupy.asnumpy(out)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    real = reference.valid_slots(q_sizes, p["volume"])
+    assert _rel_err(out[:, :, real], ref.out[:, :, real]) <= TOLERANCE[p["dtype"]]
+
+
+def test_forward_is_deterministic_and_stream_ordered():
+    """Same inputs twice -> bit-identical outputs, also when launched on a non-default stream."""
+    import cupy
+
+    plan = vsa_nd.tile_plan((8, 12, 20))
+    rng = np.random.default_rng(7)
+    shape = (1, 4, plan.padded_len, 128)
+    q, k, v = (cupy.asarray(rng.standard_normal(shape).astype(BFLOAT16)) for _ in range(3))
+    sizes = cupy.asarray(plan.variable_block_sizes)
+    first = vsa_nd.video_sparse_attn(q, k, v, 5, sizes)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        second = vsa_nd.video_sparse_attn(q, k, v, 5, sizes)
+    stream.synchronize()
+    assert cupy.array_equal(first.view(cupy.uint16), second.view(cupy.uint16))
+
+
+def test_kernel_limits_are_reported_before_launch():
+    import cupy
+
+    plan = vsa_nd.tile_plan((4, 4, 4))
+    sizes = cupy.asarray(plan.variable_block_sizes)
+    x = cupy.ones((1, 1, plan.padded_len, 32), np.float16)
+    with pytest.raises(ValueError, match="head dim 64 or 128"):
+        vsa_nd.block_sparse_attn(x, x, x, sizes, cupy.zeros((1, 1, 1, 1), np.int32))
+    x = cupy.ones((1, 1, plan.padded_len, 64), np.float32)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        vsa_nd.block_sparse_attn(x, x, x, sizes, cupy.zeros((1, 1, 1, 1), np.int32))
