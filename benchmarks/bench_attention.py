@@ -37,6 +37,8 @@ def main():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--topk", type=int, default=77)
     parser.add_argument("--kernels", default="auto,mma")
+    parser.add_argument("--selection", default="random", choices=["random", "same", "window"],
+                        help="random tiles per row; the same tiles for every row; a window of neighbours")
     args = parser.parse_args()
 
     import cupy
@@ -48,8 +50,13 @@ def main():
     shape = (1, args.heads, n * volume, args.head_dim)
     rng = cupy.random.default_rng(0)
     q, k, v = (rng.standard_normal(shape, dtype=np.float32).astype(BFLOAT16) for _ in range(3))
-    order = cupy.argsort(rng.random((1, args.heads, n, n)), axis=-1)
-    q2k_idx = cupy.sort(order[..., : args.topk], axis=-1).astype(np.int32)
+    if args.selection == "random":
+        order = cupy.argsort(rng.random((1, args.heads, n, n)), axis=-1)
+        q2k_idx = cupy.sort(order[..., : args.topk], axis=-1).astype(np.int32)
+    else:
+        first = cupy.zeros(n, np.int32) if args.selection == "same" else cupy.clip(cupy.arange(n) - args.topk // 2, 0, n - args.topk)
+        q2k_idx = cupy.broadcast_to((first[:, None] + cupy.arange(args.topk)).astype(np.int32), (1, args.heads, n, args.topk))
+        q2k_idx = cupy.ascontiguousarray(q2k_idx)
     q2k_num = cupy.full((1, args.heads, n), args.topk, np.int32)
     sizes = cupy.full(n, volume, np.int32)
     flops = 4.0 * args.heads * args.head_dim * n * volume * args.topk * volume
@@ -59,7 +66,7 @@ def main():
         run = lambda: cuda_attention.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, sizes, args.head_dim**-0.5, None, None)  # noqa: E731
         ms = median_ms(run)
         print(f"{name}: kernel={kernel:5} B=1 H={args.heads} D={args.head_dim} tokens={n * volume} "
-              f"top {args.topk}/{n}: {ms:.3f} ms, {flops / ms * 1e-9:.0f} TFLOP/s")
+              f"top {args.topk}/{n} ({args.selection}): {ms:.3f} ms, {flops / ms * 1e-9:.0f} TFLOP/s")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ __device__ __forceinline__ int atom_offset(int row, int chunk) {
 
 template <int D> struct AttentionSmem {
     static constexpr int TILE = ATT_BLOCK_M * D * 2;  // bytes of one 64-row tile
-    static constexpr int BYTES = 5 * TILE;             // Q, K[2], V[2]
+    static constexpr int BYTES = 5 * TILE;             // Q, K[2], V[2] (mma.sync kernel)
+    static constexpr int BYTES_3STAGE = 7 * TILE;      // Q, K[3], V[3] (wgmma kernel)
 };
 
 // The CTA's query rows, its key-tile list and where its keys live.
@@ -55,13 +56,15 @@ template <typename T, int D> struct AttentionCta {
         list = q2k_idx + (static_cast<size_t>(bh) * num_q_blocks + q_tile) * list_len;
         n_chunks = q2k_num[bh * num_q_blocks + q_tile] * chunks_per_tile;
     }
-    // Element offset of chunk c's first key row, and how many of its 64 keys are real.
-    __device__ size_t chunk_offset(int c) const {
-        return (static_cast<size_t>(list[c / chunks_per_tile]) * tile_volume + (c % chunks_per_tile) * ATT_BLOCK_N) * D;
-    }
-    __device__ int valid_keys(int c) const {
-        const int left = kv_block_sizes[list[c / chunks_per_tile]] - (c % chunks_per_tile) * ATT_BLOCK_N;
-        return min(max(left, 0), ATT_BLOCK_N);
+    // Where chunk c's 64 key rows start (element offset) and how many of them are real.
+    struct Chunk {
+        size_t offset;
+        int valid;
+    };
+    __device__ Chunk chunk(int c) const {
+        const int tile = list[c / chunks_per_tile], sub = c % chunks_per_tile;
+        const int left = kv_block_sizes[tile] - sub * ATT_BLOCK_N;
+        return {(static_cast<size_t>(tile) * tile_volume + sub * ATT_BLOCK_N) * D, min(max(left, 0), ATT_BLOCK_N)};
     }
 };
 
@@ -70,41 +73,58 @@ template <typename T, int D> struct AttentionCta {
 template <int D, typename T>
 __device__ __forceinline__ void load_tile_async(unsigned char* tile, const T* src, int valid, int tid) {
     constexpr int CH = D / 8;
+    if (valid == ATT_BLOCK_M) {  // full chunk (the common case): no per-row predicate
 #pragma unroll
-    for (int it = 0; it < ATT_BLOCK_M * CH / ATT_THREADS; ++it) {
-        const int i = tid + it * ATT_THREADS, r = i / CH, ch = i % CH;
-        cp_async_16(tile + atom_offset(r, ch), src + static_cast<size_t>(r) * D + ch * 8, r < valid ? 16 : 0);
+        for (int it = 0; it < ATT_BLOCK_M * CH / ATT_THREADS; ++it) {
+            const int i = tid + it * ATT_THREADS, r = i / CH, ch = i % CH;
+            cp_async_16(tile + atom_offset(r, ch), src + static_cast<size_t>(r) * D + ch * 8, 16);
+        }
+    } else {
+#pragma unroll
+        for (int it = 0; it < ATT_BLOCK_M * CH / ATT_THREADS; ++it) {
+            const int i = tid + it * ATT_THREADS, r = i / CH, ch = i % CH;
+            cp_async_16(tile + atom_offset(r, ch), src + static_cast<size_t>(r) * D + ch * 8, r < valid ? 16 : 0);
+        }
     }
 }
 
-// One online-softmax step over a 16x64 score fragment (log2 domain): masks keys >= valid,
-// updates the running row max and sum, rescales o, and leaves P = exp2(s - max) in s.
-template <int NO>
-__device__ __forceinline__ void softmax_step(float (&s)[32], float (&o)[NO], float (&row_max)[2], float (&row_sum)[2],
-                                             int valid, float scale_log2, int lane) {
+// Online softmax over a 16x64 fragment of raw scores q.k (log2 domain, scale_log2 > 0):
+// masks keys >= valid, updates the running row max (kept scaled) and sum, and leaves
+// P = exp2(scale_log2 * s - max) in s.  Returns in alpha the factor the output accumulator
+// must be rescaled by (see rescale), so that a caller can apply it once an in-flight matrix
+// product into o has finished.  The scale is folded into one FFMA per score.
+__device__ __forceinline__ void softmax_scores(float (&s)[32], float (&row_max)[2], float (&row_sum)[2],
+                                               float (&alpha)[2], int valid, float scale_log2, int lane) {
+    if (valid < ATT_BLOCK_N) {
+        const int limit = valid - (lane & 3) * 2;  // key (i/4)*8 + (i&1) + 2*(lane%4) < valid
+#pragma unroll
+        for (int i = 0; i < 32; ++i)
+            if ((i >> 2) * 8 + (i & 1) >= limit) s[i] = neg_inf();
+    }
     float chunk_max[2] = {neg_inf(), neg_inf()};
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
-        const int key = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-        const float x = key < valid ? s[i] * scale_log2 : neg_inf();
-        s[i] = x;
-        chunk_max[(i >> 1) & 1] = fmaxf(chunk_max[(i >> 1) & 1], x);
-    }
-    float alpha[2];
+    for (int i = 0; i < 32; ++i) chunk_max[(i >> 1) & 1] = fmaxf(chunk_max[(i >> 1) & 1], s[i]);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 1));
         chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 2));
-        const float new_max = fmaxf(row_max[r], chunk_max[r]);  // finite: the chunk has a real key
+        // Finite: a row's first chunk always holds a real key (block sizes are >= 1).
+        const float new_max = fmaxf(row_max[r], chunk_max[r] * scale_log2);
         alpha[r] = fast_exp2(row_max[r] - new_max);
         row_max[r] = new_max;
         row_sum[r] *= alpha[r];
     }
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
-        s[i] = fast_exp2(s[i] - row_max[(i >> 1) & 1]);
+        s[i] = fast_exp2(fmaf(s[i], scale_log2, -row_max[(i >> 1) & 1]));
         row_sum[(i >> 1) & 1] += s[i];  // per-thread partial; reduced across the row at the end
     }
+}
+
+// o *= alpha per row; skipped when no row of the warp changed its max (alpha == 1), as
+// happens for most chunks once the running max has settled.
+template <int NO> __device__ __forceinline__ void rescale(float (&o)[NO], const float (&alpha)[2]) {
+    if (!__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
 #pragma unroll
     for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
 }

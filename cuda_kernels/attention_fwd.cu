@@ -35,9 +35,9 @@ block_sparse_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     const AttentionCta<T, D> cta(k, v, q2k_idx, q2k_num, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len,
                                  list_len, tile_volume);
     auto load_chunk = [&](int c) {
-        const int valid = cta.valid_keys(c);
-        load_tile_async<D>(sK + (c & 1) * TILE, cta.k + cta.chunk_offset(c), valid, tid);
-        load_tile_async<D>(sV + (c & 1) * TILE, cta.v + cta.chunk_offset(c), valid, tid);
+        const auto chunk = cta.chunk(c);
+        load_tile_async<D>(sK + (c & 1) * TILE, cta.k + chunk.offset, chunk.valid, tid);
+        load_tile_async<D>(sV + (c & 1) * TILE, cta.v + chunk.offset, chunk.valid, tid);
     };
 
     load_tile_async<D>(sQ, q + cta.q_offset, ATT_BLOCK_M, tid);
@@ -61,7 +61,7 @@ block_sparse_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __re
         if (c + 1 < cta.n_chunks) load_chunk(c + 1);
         cp_async_commit();
 
-        const int valid = cta.valid_keys(c);
+        const int valid = cta.chunk(c).valid;
         if (valid == 0) continue;  // a 64-key sub-chunk past the end of a short tile (V > 64)
         const unsigned char* cK = sK + (c & 1) * TILE;
         const unsigned char* cV = sV + (c & 1) * TILE;
@@ -79,7 +79,9 @@ block_sparse_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __re
                 Mma<T>::run(s + 8 * np + 4, qf[kk], kf[2], kf[3]);
             }
         }
-        softmax_step(s, o, row_max, row_sum, valid, scale_log2, lane);
+        float alpha[2];
+        softmax_scores(s, row_max, row_sum, alpha, valid, scale_log2, lane);
+        rescale(o, alpha);
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             unsigned int a[4];

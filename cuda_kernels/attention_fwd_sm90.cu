@@ -1,19 +1,21 @@
 // Block-sparse attention forward (VSA fine stage) for Hopper: warpgroup MMA (wgmma, sm_90a).
 //
-// Same contract, CTA decomposition, pipeline and epilogue as attention_fwd.cu (see there),
-// with the two matrix products on wgmma instead of mma.sync:
-//   S[64x64] = Q K^T : 64-row warpgroup MMAs, Q and K both read from swizzled shared memory
-//                      (K-major), D/16 steps of k16;
-//   O[64xD] += P V   : P from registers (the S accumulators re-packed to bf16/fp16), V read
-//                      from shared memory as an MN-major operand transposed by the instruction.
-// The tensor cores read shared memory directly (no ldmatrix through the register file);
-// cp.async writes are made visible to them with fence.proxy.async before each barrier.
-// Two CTAs share an SM (80 KB of shared memory each at D = 128), so one's softmax overlaps
-// the other's matrix products.
+// Same contract, CTA decomposition and epilogue as attention_fwd.cu (see there); the two
+// matrix products run on wgmma:
+//   S[64x64] = Q K^T : Q and K read from swizzled shared memory (K-major), D/16 k16 steps;
+//   O[64xD] += P V   : P from registers (S re-packed to 16 bits), V from shared memory as an
+//                      MN-major operand transposed by the instruction.
+// Latency is hidden by occupancy rather than by deep buffering: K and V have one shared-
+// memory stage each (Q + K + V = 48 KB at D = 128), so three CTAs share an SM, and each
+// buffer is refilled as soon as its product is done:
+//   wait K_c -> S = Q K_c^T -> refill K with chunk c+1 -> softmax -> wait V_c -> O += P V_c
+//   -> refill V with chunk c+1.
+// The K load overlaps the softmax and P V; the V load overlaps the next Q K^T and softmax.
+// cp.async writes are fenced (fence.proxy.async) before the tensor cores read them.
 #include "wgmma.cuh"
 
 template <typename T, int D>
-__global__ void __launch_bounds__(vsa::ATT_THREADS)
+__global__ void __launch_bounds__(vsa::ATT_THREADS, 3)
 block_sparse_fwd_sm90(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const int* __restrict__ q2k_idx, const int* __restrict__ q2k_num,
                       const int* __restrict__ kv_block_sizes, const float* __restrict__ coarse,
@@ -24,62 +26,69 @@ block_sparse_fwd_sm90(const T* __restrict__ q, const T* __restrict__ k, const T*
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sQ = smem;
     unsigned char* sK = smem + TILE;
-    unsigned char* sV = smem + 3 * TILE;
+    unsigned char* sV = smem + 2 * TILE;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const AttentionCta<T, D> cta(k, v, q2k_idx, q2k_num, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len,
                                  list_len, tile_volume);
-    auto load_chunk = [&](int c) {
-        const int valid = cta.valid_keys(c);
-        load_tile_async<D>(sK + (c & 1) * TILE, cta.k + cta.chunk_offset(c), valid, tid);
-        load_tile_async<D>(sV + (c & 1) * TILE, cta.v + cta.chunk_offset(c), valid, tid);
+    const int n = cta.n_chunks;
+    auto ready = [&]() {  // this thread's copies are done: make everyone's visible to the tensor cores
+        fence_proxy_async();
+        __syncthreads();
     };
-
-    load_tile_async<D>(sQ, q + cta.q_offset, ATT_BLOCK_M, tid);
-    if (cta.n_chunks > 0) load_chunk(0);
-    cp_async_commit();
 
     float o[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-    float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.f, 0.f};
+    float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.f, 0.f}, alpha[2];
 
-    for (int c = 0; c < cta.n_chunks; ++c) {
-        cp_async_wait<0>();
-        fence_proxy_async();
-        __syncthreads();  // chunk c visible to the tensor cores; chunk c-1's buffers are free
-        if (c + 1 < cta.n_chunks) load_chunk(c + 1);
-        cp_async_commit();
+    // cp.async groups complete in commit order: {Q, K_0}, {V_0}, then K_{c+1}, V_{c+1} per chunk.
+    auto current = n > 0 ? cta.chunk(0) : typename AttentionCta<T, D>::Chunk{0, 0};
+    load_tile_async<D>(sQ, q + cta.q_offset, ATT_BLOCK_M, tid);
+    if (n > 0) load_tile_async<D>(sK, cta.k + current.offset, current.valid, tid);
+    cp_async_commit();
+    if (n > 0) load_tile_async<D>(sV, cta.v + current.offset, current.valid, tid);
+    cp_async_commit();
 
-        const int valid = cta.valid_keys(c);
-        if (valid == 0) continue;  // a 64-key sub-chunk past the end of a short tile (V > 64)
-        const unsigned char* cK = sK + (c & 1) * TILE;
-        const unsigned char* cV = sV + (c & 1) * TILE;
-
+    for (int c = 0; c < n; ++c) {
+        // Fetch the next chunk's place early: its index loads then overlap Q K^T.
+        const auto next = c + 1 < n ? cta.chunk(c + 1) : current;
+        cp_async_wait<1>();  // K_c (V_c may still be in flight)
+        ready();
         float s[32];
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const int step = (kk >> 2) * ATOM_BYTES + (kk & 3) * 32;
-            WgmmaSS<T>::run(s, smem_desc(sQ + step, 16, 1024), smem_desc(cK + step, 16, 1024), kk > 0);
+            WgmmaSS<T>::run(s, smem_desc(sQ + step, 16, 1024), smem_desc(sK + step, 16, 1024), kk > 0);
         }
         wgmma_commit();
         wgmma_wait<0>();
         fence_registers(s);
+        __syncthreads();  // every warp is done reading K_c
+        if (c + 1 < n) load_tile_async<D>(sK, cta.k + next.offset, next.valid, tid);
+        cp_async_commit();
 
-        softmax_step(s, o, row_max, row_sum, valid, scale_log2, lane);
+        softmax_scores(s, row_max, row_sum, alpha, current.valid, scale_log2, lane);
+        rescale(o, alpha);
+        unsigned int p[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) p_fragment<T>(s, kk, p[kk]);
 
+        cp_async_wait<1>();  // V_c (K_{c+1} may still be in flight)
+        ready();
         fence_registers(o);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            unsigned int a[4];
-            p_fragment<T>(s, kk, a);
-            WgmmaRS<T, D>::run(o, a, smem_desc(cV + kk * 16 * 128, ATOM_BYTES, 1024), 1);
-        }
+        for (int kk = 0; kk < 4; ++kk)
+            WgmmaRS<T, D>::run(o, p[kk], smem_desc(sV + kk * 16 * 128, ATOM_BYTES, 1024), 1);
         wgmma_commit();
         wgmma_wait<0>();
         fence_registers(o);
+        __syncthreads();  // every warp is done reading V_c
+        if (c + 1 < n) load_tile_async<D>(sV, cta.v + next.offset, next.valid, tid);
+        cp_async_commit();
+        current = next;
     }
     cp_async_wait<0>();
     write_output<T, D>(o, row_max, row_sum, cta, coarse, gate, out, lse, q_len, warp, lane);

@@ -55,13 +55,25 @@ class KernelSpec:
 def catalogue() -> list:
     """All kernel programs of the package."""
     dtypes = ("float",) + ATTENTION_DTYPES
+    # Elements per vector: one 16-byte load where rows and pointers are 16-byte aligned, else one element.
+    vector_widths = [(t, w) for t in dtypes for w in (16 // (4 if t == "float" else 2), 1)]
     return [
         KernelSpec("tile.cu", tuple(f"{k}<{u}>" for k in ("tile_rows", "untile_rows") for u in COPY_UNITS)),
-        KernelSpec("block_mean.cu", tuple(f"block_mean<{t}>" for t in dtypes)),
+        KernelSpec("block_mean.cu", tuple(f"block_mean<{t}, {w}>" for t, w in vector_widths)),
         KernelSpec("topk.cu", ("select_topk",)),
+        KernelSpec(
+            "coarse_grad.cu",
+            tuple(f"coarse_grad<{t}, {w}, {g}>" for t, w in vector_widths for g in ("false", "true")),
+        ),
         KernelSpec(
             "attention_fwd.cu",
             tuple(f"block_sparse_fwd<{t}, {d}>" for t in ATTENTION_DTYPES for d in HEAD_DIMS),
+        ),
+        KernelSpec(
+            "attention_fwd_sm90.cu",
+            tuple(f"block_sparse_fwd_sm90<{t}, {d}>" for t in ATTENTION_DTYPES for d in HEAD_DIMS),
+            min_sm=90,
+            needs_sm90a=True,
         ),
     ]
 

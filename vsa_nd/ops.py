@@ -80,9 +80,21 @@ def untile(y, plan: TilePlan, out=None):
     return _backend(y).untile(y, plan.untile_index, out)
 
 
-def _tile_volume(name: str, padded_len: int, num_blocks: int) -> int:
+def _num_blocks(name: str, block_sizes) -> int:
+    """N, the length of a block-size array or list."""
+    try:
+        return len(block_sizes)
+    except TypeError:
+        raise TypeError(f"{name}: expected a 1-D array or list of ints, got {check.describe(block_sizes)}") from None
+
+
+def _tile_volume(name: str, padded_len: int, num_blocks: int, blocks_name: str) -> int:
+    """V = padded_len / N, where N comes from the argument ``blocks_name``."""
     if num_blocks < 1 or padded_len % num_blocks:
-        raise ValueError(f"{name}: expected a padded length that is a multiple of the {num_blocks} tiles, got {padded_len}")
+        raise ValueError(
+            f"{blocks_name}: expected a tile count that divides the {padded_len} slots on axis 2 of {name}, "
+            f"got {num_blocks} tiles"
+        )
     return padded_len // num_blocks
 
 
@@ -90,8 +102,8 @@ def block_mean(x, block_sizes):
     """Mean of the real tokens of each tile: x [B, H, N*V, D] -> [B, H, N, D] (compute dtype)."""
     check.check_float("x", x, 4)
     check.check_contiguous("x", x)
-    n = len(block_sizes)
-    volume = _tile_volume("x", x.shape[2], n)
+    n = _num_blocks("block_sizes", block_sizes)
+    volume = _tile_volume("x", x.shape[2], n, "block_sizes")
     block_sizes = check.check_block_sizes("block_sizes", block_sizes, x, n, volume)
     return _backend(x).block_mean(x, block_sizes)
 
@@ -145,6 +157,8 @@ def _scale(scale, head_dim: int) -> float:
         return float(head_dim) ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not np.isfinite(scale):
         raise TypeError(f"scale: expected a finite float, got {scale!r}")
+    if scale <= 0:  # the kernels fold the scale into the softmax's max, which needs it positive
+        raise ValueError(f"scale: expected a positive float, got {scale!r}")
     return float(scale)
 
 
@@ -160,8 +174,11 @@ class _Problem(NamedTuple):
     scale: float
 
 
-def _check_attention(q, k, v, kv_block_sizes, num_q_blocks: int, scale, gate=None) -> _Problem:
-    """Shapes, dtypes, devices and contiguity of q, k, v (and gate); kv block sizes."""
+def _check_attention(q, k, v, kv_block_sizes, num_q_blocks: int, scale, gate=None, q_blocks_name="q_block_sizes") -> _Problem:
+    """Shapes, dtypes, devices and contiguity of q, k, v (and gate); kv block sizes.
+
+    ``num_q_blocks`` is N_q as given by the argument ``q_blocks_name``.
+    """
     check.check_float("q", q, 4)
     b, h, s_q, d = q.shape
     check.check_float("k", k, 4, like=q)
@@ -178,8 +195,8 @@ def _check_attention(q, k, v, kv_block_sizes, num_q_blocks: int, scale, gate=Non
     for name, x in (("q", q), ("k", k), ("v", v), ("gate", gate)):
         if x is not None:
             check.check_contiguous(name, x)
-    volume = _tile_volume("q", s_q, num_q_blocks)
-    num_kv_blocks = len(kv_block_sizes)
+    volume = _tile_volume("q", s_q, num_q_blocks, q_blocks_name)
+    num_kv_blocks = _num_blocks("kv_block_sizes", kv_block_sizes)
     if k.shape[2] != num_kv_blocks * volume:
         raise ValueError(
             f"k: expected {num_kv_blocks} tiles of {volume} slots ({num_kv_blocks * volume}) on axis 2 "
@@ -217,8 +234,10 @@ def block_sparse_attn(
         raise ValueError("q2k_idx, block_map: expected exactly one of them, got "
                          + ("both" if block_map is not None else "neither"))
     if block_map is not None:
+        if q2k_num is not None:
+            raise ValueError(f"q2k_num: expected None with block_map (the map gives the counts), got {check.describe(q2k_num)}")
         check.check_array("block_map", block_map, 4, (np.dtype(bool),), q)
-        check.check_shape("block_map", block_map, (b, h, None, len(kv_block_sizes)))
+        check.check_shape("block_map", block_map, (b, h, None, _num_blocks("kv_block_sizes", kv_block_sizes)))
         q2k_idx, q2k_num = _index_lists_from_block_map(block_map)
         check_indices = False
     q2k_idx = check.as_index_array("q2k_idx", q2k_idx, q, ndim=4)
@@ -228,7 +247,7 @@ def block_sparse_attn(
         q2k_num = xp.full(q2k_idx.shape[:3], q2k_idx.shape[3], dtype=np.int32)
     q2k_num = check.as_index_array("q2k_num", q2k_num, q, ndim=3)
     check.check_shape("q2k_num", q2k_num, q2k_idx.shape[:3])
-    problem = _check_attention(q, k, v, kv_block_sizes, q2k_idx.shape[2], scale)
+    problem = _check_attention(q, k, v, kv_block_sizes, q2k_idx.shape[2], scale, q_blocks_name="q2k_idx (axis 2)")
     check.check_index_lists(q2k_idx, q2k_num, problem.num_kv_blocks, check_indices)
     out, lse = _backend(q).block_sparse_fwd(
         q, k, v, q2k_idx, q2k_num, problem.kv_block_sizes, problem.scale, None, None
@@ -276,7 +295,7 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     check.check_float("q", q, 4)
     if kv_block_sizes is None:
         kv_block_sizes = q_block_sizes
-    num_q_blocks = len(q_block_sizes)
+    num_q_blocks = _num_blocks("q_block_sizes", q_block_sizes)
     problem = _check_attention(q, k, v, kv_block_sizes, num_q_blocks, scale, gate)
     volume = q.shape[2] // num_q_blocks
     q_block_sizes = check.check_block_sizes("q_block_sizes", q_block_sizes, q, num_q_blocks, volume)

@@ -15,6 +15,7 @@ device).  See VSA_SPEC.md section 2 for the definitions.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,8 +85,10 @@ class TilePlan:
 
 def _positive_int_tuple(name: str, value) -> tuple:
     try:
+        if isinstance(value, str):  # iterable, but its characters are no shape
+            raise TypeError
         out = tuple(int(v) for v in value)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"{name}: expected a sequence of ints, got {value!r}") from None
     if any(int(v) != v for v in value):
         raise TypeError(f"{name}: expected integers, got {value!r}")
@@ -231,6 +234,10 @@ def _build_plan(xp, seq_shape: tuple, tile_shape: tuple, device: str) -> TilePla
 
 def topk_from_sparsity(sparsity: float, num_kv_blocks: int) -> int:
     """``clamp(ceil((1 - sparsity) * num_kv_blocks), 1, num_kv_blocks)``."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise TypeError(f"sparsity: expected a float in [0, 1], got {type(sparsity).__name__} {sparsity!r}")
+    if isinstance(num_kv_blocks, bool) or not isinstance(num_kv_blocks, numbers.Integral):
+        raise TypeError(f"num_kv_blocks: expected an int, got {type(num_kv_blocks).__name__} {num_kv_blocks!r}")
     sparsity = float(sparsity)
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity: expected a value in [0, 1], got {sparsity}")

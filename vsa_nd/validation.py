@@ -125,6 +125,8 @@ def check_index_lists(q2k_idx, q2k_num, num_kv_blocks: int, check_values: bool):
             f"q2k_num: expected counts in [0, {q2k_idx.shape[-1]}] (the list length), "
             f"got values in [{int(num.min())}, {int(num.max())}]"
         )
+    if q2k_idx.shape[-1] == 0:  # empty lists (all counts 0): no entry to check
+        return
     used = xp.arange(q2k_idx.shape[-1])[None, None, None, :] < num[..., None]
     live = xp.where(used, q2k_idx, 0)
     if int(live.min()) < 0 or int(live.max()) >= num_kv_blocks:
@@ -132,5 +134,9 @@ def check_index_lists(q2k_idx, q2k_num, num_kv_blocks: int, check_values: bool):
             f"q2k_idx: expected tile indices in [0, {num_kv_blocks}) (N_kv), got values in [{int(live.min())}, {int(live.max())}]"
         )
     ordered = xp.sort(xp.where(used, q2k_idx, -1 - xp.arange(q2k_idx.shape[-1], dtype=q2k_idx.dtype)), axis=-1)
-    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
-        raise ValueError("q2k_idx: expected no tile index twice in one row, got duplicates")
+    repeated = ordered[..., 1:] == ordered[..., :-1]
+    if bool(repeated.any()):
+        b, h, i, j = (int(c) for c in xp.argwhere(repeated)[0])
+        raise ValueError(
+            f"q2k_idx: expected no tile index twice in one row, got tile {int(ordered[b, h, i, j])} twice in row [{b}, {h}, {i}]"
+        )

@@ -43,14 +43,15 @@ FORWARD_KERNEL = "auto"
 
 
 def _forward_kernel(ctype: str, head_dim: int):
+    """(kernel, number of K/V pipeline stages it was built with)."""
     import cupy
 
     from ..kernels import device_arch
 
     hopper = device_arch(cupy.cuda.runtime.getDevice()) == "sm_90a"
     if FORWARD_KERNEL == "auto" and hopper:
-        return get_function("attention_fwd_sm90.cu", f"block_sparse_fwd_sm90<{ctype}, {head_dim}>")
-    return get_function("attention_fwd.cu", f"block_sparse_fwd<{ctype}, {head_dim}>")
+        return get_function("attention_fwd_sm90.cu", f"block_sparse_fwd_sm90<{ctype}, {head_dim}>"), 1
+    return get_function("attention_fwd.cu", f"block_sparse_fwd<{ctype}, {head_dim}>"), 2
 
 
 def _null_or(x):
@@ -68,8 +69,8 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
         lse = _alloc((b, h, q_len), np.float32)
         if coarse is not None:
             coarse = coarse.astype(np.float32, copy=False)
-        kernel = _forward_kernel(ctype, d)
-        smem = 5 * _BLOCK_M * d * q.dtype.itemsize  # Q + two stages of K and V
+        kernel, stages = _forward_kernel(ctype, d)
+        smem = (1 + 2 * stages) * _BLOCK_M * d * q.dtype.itemsize  # Q + K and V stages
         kernel.max_dynamic_shared_size_bytes = smem
         kernel(
             (q_len // _BLOCK_M, b * h),

@@ -1,0 +1,437 @@
+"""The CUDA backend's tiling, tile-mean, top-k and coarse-gradient kernels against NumPy.
+
+tile, untile, block_mean and select_topk_blocks run through the public API, coarse_grad_inputs
+and block_means through the backend, on random 1- to 4-D plans with partial tiles.  Outputs are
+poisoned (every byte 0xFF: NaN for floats, -1 for indices) before each launch; input pad slots
+hold NaN.  tile, untile, top-k and dgate must match bit for bit; tile means and d_coarse (fp32
+accumulation) to a relative error of 1e-5; every kernel must give identical bits when run
+again.  Every test but the NVRTC compile check needs a GPU.
+
+``VSA_ND_CUPY_POOL=0`` makes every CuPy array its own cudaMalloc (no memory pool), so that
+compute-sanitizer sees an out-of-bounds access at the array's edge; scripts/gpu-check.sh runs
+the ``smoke`` tests that way.
+"""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import vsa_nd
+from vsa_nd import reference
+from vsa_nd._xp import BFLOAT16
+from vsa_nd.backends import cuda as cuda_backend
+
+try:
+    import cupy
+except ImportError:  # CI: only the compile check runs
+    cupy = None
+
+if cupy is not None and os.environ.get("VSA_ND_CUPY_POOL") == "0":
+    cupy.cuda.set_allocator(None)
+
+gpu = pytest.mark.gpu
+
+DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
+# Tile shapes per dimension count: volumes 64 and 128, and odd ones.
+TILES = {
+    1: [(64,), (128,), (27,), (5,)],
+    2: [(8, 8), (8, 16), (3, 9), (2, 3)],
+    3: [(4, 4, 4), (2, 8, 8), (3, 3, 3), (1, 2, 3)],
+    4: [(2, 2, 4, 4), (2, 4, 4, 4), (1, 3, 3, 3), (1, 1, 2, 2)],
+}
+MEAN_RTOL = 1e-5
+
+
+def test_nvrtc_compile_check_passes():
+    from vsa_nd import compile_check
+
+    assert compile_check.main() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every output the backend allocates starts as 0xFF bytes."""
+
+    def alloc(shape, dtype):
+        out = cupy.empty(shape, dtype)
+        _poison(out)
+        return out
+
+    monkeypatch.setattr(cuda_backend, "_alloc", alloc)
+
+
+def _poison(a):
+    a.view(cupy.uint8).fill(0xFF)
+    return a
+
+
+def _device(host, misalign: int = 0):
+    """A copy of ``host`` on the GPU whose data starts ``misalign`` elements into its allocation."""
+    flat = cupy.empty(host.size + misalign, host.dtype)
+    dev = flat[misalign:].reshape(host.shape)
+    dev.set(np.ascontiguousarray(host))
+    return dev
+
+
+def _empty(shape, dtype, misalign: int = 0):
+    """A poisoned, C-contiguous device buffer starting ``misalign`` elements into its allocation."""
+    size = int(np.prod(shape))
+    return _poison(cupy.empty(size + misalign, dtype)[misalign:].reshape(shape))
+
+
+def _random_bits(rng, shape, dtype):
+    """Every bit pattern, NaNs and infinities included: tile/untile must move bytes untouched."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return rng.integers(0, 256, nbytes, dtype=np.uint8).view(dtype).reshape(shape)
+
+
+def _assert_same_bits(got, expected):
+    got = cupy.asnumpy(got)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert np.array_equal(np.ascontiguousarray(got).view(np.uint8), np.ascontiguousarray(expected).view(np.uint8))
+
+
+def _rel_err(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), np.finfo(np.float64).tiny)
+
+
+def _tiled_reference(x, plan):
+    """x [B, S, H, D] -> [B, H, S_pad, D] in NumPy, pad slots +0."""
+    slots = np.asarray(plan.slot_token_index)
+    out = np.zeros((x.shape[0], x.shape[2], slots.size, x.shape[3]), x.dtype)
+    real = slots >= 0
+    out[:, :, real] = x[:, slots[real]].transpose(0, 2, 1, 3)
+    return out
+
+
+def _tiled_values(rng, shape, block_sizes, volume, dtype):
+    """Normal values [B, H, N*V, D] in ``dtype``; every pad slot NaN."""
+    x = rng.standard_normal(shape).astype(dtype)
+    x[:, :, ~reference.valid_slots(block_sizes, volume)] = np.nan
+    return x
+
+
+@st.composite
+def plans(draw, max_tokens=4096):
+    """A random N-D plan with partial tiles: each side 1 to two tiles and a bit."""
+    tile_shape = draw(st.sampled_from(TILES[draw(st.integers(1, 4))]))
+    seq = [draw(st.integers(1, 2 * t + 1)) for t in tile_shape]
+    while np.prod(seq) > max_tokens:
+        seq[int(np.argmax(seq))] //= 2
+    return vsa_nd.tile_plan(tuple(seq), tile_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# tile / untile
+
+
+def _check_tile_untile(plan, batch, heads, head_dim, dtype, misalign, rng):
+    b, h, d = batch, heads, head_dim
+    x_host = _random_bits(rng, (b, plan.seq_len, h, d), dtype)
+    x = _device(x_host, misalign)
+    expected = _tiled_reference(x_host, plan)
+
+    out = _empty(expected.shape, dtype, misalign)
+    tiled = vsa_nd.tile(x, plan, out=out)
+    assert tiled is out
+    _assert_same_bits(tiled, expected)
+    _assert_same_bits(vsa_nd.tile(x, plan, out=_empty(expected.shape, dtype)), expected)  # again: same bits
+
+    y_host = _random_bits(rng, expected.shape, dtype)
+    y_host[:, :, np.asarray(plan.slot_token_index) < 0] = np.nan  # pads must never be read
+    y = _device(y_host, misalign)
+    untiled_ref = y_host[:, :, np.asarray(plan.untile_index)].transpose(0, 2, 1, 3)
+    out = _empty(untiled_ref.shape, dtype, misalign)
+    assert vsa_nd.untile(y, plan, out=out) is out
+    _assert_same_bits(out, untiled_ref)
+    _assert_same_bits(vsa_nd.untile(vsa_nd.tile(x, plan), plan), x_host)  # round trip
+
+
+@gpu
+@given(
+    plans(),
+    st.integers(1, 2),
+    st.integers(1, 3),
+    st.sampled_from([64, 128, 24, 12, 6, 3]),  # 16-, 8-, 4- and 2-byte copy units
+    st.sampled_from(DTYPES),
+    st.sampled_from([0, 1]),
+    st.integers(0, 2**32 - 1),
+)
+def test_tile_untile_bit_exact(plan, batch, heads, head_dim, dtype, misalign, seed):
+    _check_tile_untile(plan, batch, heads, head_dim, dtype, misalign, np.random.default_rng(seed))
+
+
+@gpu
+@pytest.mark.parametrize("head_dim, dtype, misalign", [(24, BFLOAT16, 0), (3, np.dtype(np.float16), 1), (6, np.dtype(np.float32), 1)])
+def test_smoke_tile_untile(head_dim, dtype, misalign):
+    plan = vsa_nd.tile_plan((5, 9, 7), (4, 4, 4))
+    _check_tile_untile(plan, 2, 3, head_dim, dtype, misalign, np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# block_mean
+
+
+def _check_block_mean(plan, batch, heads, head_dim, dtype, misalign, rng):
+    sizes, volume = plan.variable_block_sizes, plan.tile_volume
+    x_host = _tiled_values(rng, (batch, heads, plan.padded_len, head_dim), sizes, volume, dtype)
+    x = _device(x_host, misalign)
+    mean = vsa_nd.block_mean(x, sizes)
+    assert mean.dtype == np.float32 and mean.shape == (batch, heads, plan.num_blocks, head_dim)
+    assert _rel_err(cupy.asnumpy(mean), reference.block_mean(x_host, sizes, volume)) <= MEAN_RTOL
+    _assert_same_bits(vsa_nd.block_mean(x, sizes), cupy.asnumpy(mean))
+
+
+@gpu
+@given(
+    plans(),
+    st.integers(1, 2),
+    st.integers(1, 3),
+    st.sampled_from([64, 128, 20]),  # 20: rows not a multiple of 16 bytes, one element per load
+    st.sampled_from(DTYPES),
+    st.sampled_from([0, 1]),
+    st.integers(0, 2**32 - 1),
+)
+def test_block_mean_matches_reference(poisoned, plan, batch, heads, head_dim, dtype, misalign, seed):
+    _check_block_mean(plan, batch, heads, head_dim, dtype, misalign, np.random.default_rng(seed))
+
+
+def _check_block_means(q_plan, kv_plan, heads, kv_heads, head_dim, dtype, rng):
+    """q, k and v (GQA heads, cross-attention lengths) in one launch."""
+    q_sizes, kv_sizes = (cupy.asarray(p.variable_block_sizes) for p in (q_plan, kv_plan))
+    volume = q_plan.tile_volume
+    hosts = [
+        _tiled_values(rng, (2, h, p.padded_len, head_dim), p.variable_block_sizes, volume, dtype)
+        for h, p in ((heads, q_plan), (kv_heads, kv_plan), (kv_heads, kv_plan))
+    ]
+    means = cuda_backend.block_means([cupy.asarray(a) for a in hosts], [q_sizes, kv_sizes, kv_sizes])
+    for mean, host, p in zip(means, hosts, (q_plan, kv_plan, kv_plan)):
+        assert _rel_err(cupy.asnumpy(mean), reference.block_mean(host, p.variable_block_sizes, volume)) <= MEAN_RTOL
+
+
+@gpu
+@given(plans(max_tokens=2048), st.data(), st.sampled_from([64, 128]), st.sampled_from(DTYPES), st.integers(0, 2**32 - 1))
+def test_block_means_of_q_k_v_in_one_launch(poisoned, q_plan, data, head_dim, dtype, seed):
+    kv_seq = tuple(data.draw(st.integers(1, 2 * t + 1)) for t in q_plan.tile_shape)
+    kv_plan = vsa_nd.tile_plan(kv_seq, q_plan.tile_shape)
+    kv_heads = data.draw(st.sampled_from([1, 2]))
+    heads = kv_heads * data.draw(st.sampled_from([1, 3]))
+    _check_block_means(q_plan, kv_plan, heads, kv_heads, head_dim, dtype, np.random.default_rng(seed))
+
+
+@gpu
+def test_smoke_block_mean(poisoned):
+    rng = np.random.default_rng(1)
+    plan = vsa_nd.tile_plan((5, 9, 7), (4, 4, 4))
+    _check_block_mean(plan, 2, 3, 128, BFLOAT16, 0, rng)
+    _check_block_mean(plan, 1, 2, 300, BFLOAT16, 0, rng)  # rows of 600 bytes: one element per load
+    _check_block_mean(plan, 1, 2, 64, np.dtype(np.float32), 1, rng)
+    _check_block_means(plan, vsa_nd.tile_plan((3, 4, 9), (4, 4, 4)), 4, 2, 64, np.dtype(np.float16), rng)
+
+
+# ---------------------------------------------------------------------------------------------
+# select_topk
+
+
+def _scores(rng, shape, kind: str):
+    """Random fp32 scores of one of several kinds, most with many ties."""
+    if kind == "normal":
+        return rng.standard_normal(shape).astype(np.float32)
+    if kind == "few_values":  # heavy ties, with -0.0 and +0.0 mixed
+        v = rng.integers(-3, 4, shape).astype(np.float32)
+        return np.where(v == 0, rng.choice(np.array([-0.0, 0.0], np.float32), shape), v)
+    if kind == "pool":  # a handful of distinct normal values
+        return rng.choice(rng.standard_normal(20).astype(np.float32), shape)
+    if kind == "specials":
+        special = np.array([-np.inf, np.inf, np.nan, -0.0, 0.0, 1.0, -1.0, 1e-45, -1e-45, 3.4e38, -3.4e38], np.float32)
+        return rng.choice(special, shape)
+    assert kind == "constant"
+    return np.full(shape, rng.standard_normal(), np.float32)
+
+
+def _check_topk(scores_host, topk):
+    scores = cupy.asarray(scores_host)
+    q2k_idx, q2k_num = vsa_nd.select_topk_blocks(scores, topk)
+    expected_idx, expected_num = reference.select_topk(scores_host, topk)
+    _assert_same_bits(q2k_idx, expected_idx)
+    _assert_same_bits(q2k_num, expected_num)
+    _assert_same_bits(vsa_nd.select_topk_blocks(scores, topk)[0], expected_idx)
+
+
+@gpu
+@given(
+    st.one_of(st.integers(1, 40), st.integers(1, 3000), st.sampled_from([127, 128, 129, 1023, 1024, 1025, 2049])),
+    st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 4)),
+    st.sampled_from(["normal", "few_values", "pool", "specials", "constant"]),
+    st.data(),
+    st.integers(0, 2**32 - 1),
+)
+def test_select_topk_matches_reference(poisoned, num_kv, lead, kind, data, seed):
+    topk = data.draw(st.one_of(st.integers(1, num_kv), st.sampled_from([1, num_kv])))
+    _check_topk(_scores(np.random.default_rng(seed), (*lead, num_kv), kind), topk)
+
+
+@gpu
+@pytest.mark.parametrize(
+    "row, topk",
+    [
+        ([2.0, 2.0, 2.0, 2.0], 2),  # all equal: the lowest indices
+        ([1.0, 3.0, 3.0, 0.0, 3.0, 3.0], 3),  # the 4 threes tie for 3 places
+        ([0.0, -0.0, 0.0, -0.0, -1.0], 3),  # -0.0 == +0.0
+        ([np.nan, 1.0, np.nan, -np.inf, 2.0], 4),  # NaN below -inf
+        ([np.nan, np.nan, np.nan], 2),
+        ([-np.inf, np.inf, -np.inf, np.inf], 3),
+        ([5.0] * 700 + [7.0] * 700 + [5.0] * 1700, 1000),  # ties across scan chunks
+    ],
+)
+def test_select_topk_ties(poisoned, row, topk):
+    _check_topk(np.array(row, np.float32)[None, None, None, :], topk)
+
+
+@gpu
+def test_smoke_select_topk(poisoned):
+    rng = np.random.default_rng(2)
+    for kind in ("normal", "few_values", "specials"):
+        _check_topk(_scores(rng, (1, 2, 3, 2500), kind), 700)
+    _check_topk(_scores(rng, (2, 1, 2, 9), "pool"), 9)
+
+
+# ---------------------------------------------------------------------------------------------
+# coarse_grad_inputs
+
+
+def _check_coarse_grad(plan, batch, heads, head_dim, dtype, gated, rng):
+    sizes, volume = plan.variable_block_sizes, plan.tile_volume
+    shape = (batch, heads, plan.padded_len, head_dim)
+    dout_host = _tiled_values(rng, shape, sizes, volume, dtype)
+    gate_host = _tiled_values(rng, shape, sizes, volume, dtype) if gated else None
+    coarse_host = rng.standard_normal((batch, heads, plan.num_blocks, head_dim)).astype(np.float32)
+
+    def run():
+        gate = None if gate_host is None else cupy.asarray(gate_host)
+        return cuda_backend.coarse_grad_inputs(cupy.asarray(dout_host), gate, cupy.asarray(coarse_host), cupy.asarray(sizes))
+
+    d_coarse, dgate = run()
+    real = reference.valid_slots(sizes, volume)[:, None]
+    weighted = dout_host.astype(np.float64) * (1.0 if gate_host is None else gate_host.astype(np.float64))
+    expected = np.where(real, weighted, 0.0).reshape(batch, heads, plan.num_blocks, volume, head_dim).sum(axis=3)
+    assert d_coarse.dtype == np.float32 and _rel_err(cupy.asnumpy(d_coarse), expected) <= MEAN_RTOL
+    _assert_same_bits(run()[0], cupy.asnumpy(d_coarse))
+    if gated:
+        product = dout_host.astype(np.float32) * np.repeat(coarse_host, volume, axis=2)  # NaN on pads, dropped
+        _assert_same_bits(dgate, np.where(real, product, np.float32(0.0)).astype(dtype))
+    else:
+        assert dgate is None
+
+
+@gpu
+@given(
+    plans(),
+    st.integers(1, 2),
+    st.integers(1, 3),
+    st.sampled_from([64, 128, 20]),
+    st.sampled_from(DTYPES),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+)
+def test_coarse_grad_inputs_match_numpy(poisoned, plan, batch, heads, head_dim, dtype, gated, seed):
+    _check_coarse_grad(plan, batch, heads, head_dim, dtype, gated, np.random.default_rng(seed))
+
+
+@gpu
+def test_smoke_coarse_grad_inputs(poisoned):
+    rng = np.random.default_rng(3)
+    plan = vsa_nd.tile_plan((5, 9, 7), (4, 4, 4))
+    for gated in (False, True):
+        _check_coarse_grad(plan, 2, 3, 128, BFLOAT16, gated, rng)
+        _check_coarse_grad(plan, 1, 2, 300, np.dtype(np.float16), gated, rng)  # one element per load
+
+
+# ---------------------------------------------------------------------------------------------
+# streams, graphs, devices
+
+
+@gpu
+def test_kernels_run_on_the_current_stream_and_capture_in_a_graph():
+    """Launches made while a non-default stream captures are recorded, not run; replaying the
+    graph on new input data gives the new results: every kernel went to CuPy's current stream,
+    with no host synchronisation (which would break the capture)."""
+    rng = np.random.default_rng(4)
+    host_plan = vsa_nd.tile_plan((6, 10, 9), (4, 4, 4))
+    b, h, d, dtype = 1, 2, 64, BFLOAT16
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        plan = host_plan.to("cuda:%d" % cupy.cuda.Device().id)
+        sizes = plan.variable_block_sizes
+        x = cupy.empty((b, plan.seq_len, h, d), dtype)
+        y = cupy.empty((b, h, plan.padded_len, d), dtype)
+        scores = cupy.empty((b, h, plan.num_blocks, plan.num_blocks), np.float32)
+        coarse = cupy.empty((b, h, plan.num_blocks, d), np.float32)
+        tiled, untiled = cupy.empty(y.shape, dtype), cupy.empty(x.shape, dtype)
+
+        def run():
+            return (
+                vsa_nd.tile(x, plan, out=tiled),
+                vsa_nd.untile(y, plan, out=untiled),
+                vsa_nd.block_mean(y, sizes),
+                *vsa_nd.select_topk_blocks(scores, 5),
+                *cuda_backend.coarse_grad_inputs(y, y, coarse, sizes),
+            )
+
+        run()  # compiles and loads every kernel, builds nothing during the capture
+        stream.synchronize()
+        _poison(tiled)
+        stream.begin_capture()
+        outputs = run()
+        graph = stream.end_capture()
+        stream.synchronize()
+        assert (tiled.view(cupy.uint8) == 0xFF).all(), "a kernel ran during the capture"
+
+        x_host = rng.standard_normal(x.shape).astype(dtype)
+        y_host = _tiled_values(rng, y.shape, host_plan.variable_block_sizes, host_plan.tile_volume, dtype)
+        scores_host = _scores(rng, scores.shape, "few_values")
+        coarse_host = rng.standard_normal(coarse.shape).astype(np.float32)
+        for dev, host in ((x, x_host), (y, y_host), (scores, scores_host), (coarse, coarse_host)):
+            dev.set(host, stream=stream)
+        graph.launch(stream=stream)
+        stream.synchronize()
+
+    sizes_host, volume = host_plan.variable_block_sizes, host_plan.tile_volume
+    _assert_same_bits(outputs[0], _tiled_reference(x_host, host_plan))
+    _assert_same_bits(outputs[1], y_host[:, :, np.asarray(host_plan.untile_index)].transpose(0, 2, 1, 3))
+    assert _rel_err(cupy.asnumpy(outputs[2]), reference.block_mean(y_host, sizes_host, volume)) <= MEAN_RTOL
+    _assert_same_bits(outputs[3], reference.select_topk(scores_host, 5)[0])
+    real = reference.valid_slots(sizes_host, volume)[:, None]
+    y64 = np.where(real, y_host.astype(np.float64), 0.0)
+    d_coarse = (y64 * y64).reshape(b, h, -1, volume, d).sum(axis=3)
+    assert _rel_err(cupy.asnumpy(outputs[5]), d_coarse) <= MEAN_RTOL
+    dgate = y_host.astype(np.float32) * np.repeat(coarse_host, volume, axis=2)
+    _assert_same_bits(outputs[6], np.where(real, dgate, np.float32(0.0)).astype(dtype))
+
+
+@gpu
+def test_every_device_runs_on_its_own_device():
+    """Arrays on device i, called while another device is current: the launch follows the array."""
+    rng = np.random.default_rng(5)
+    plan = vsa_nd.tile_plan((9, 11), (8, 8))
+    count = cupy.cuda.runtime.getDeviceCount()
+    for device in range(count):
+        with cupy.cuda.Device(device):
+            x_host = _random_bits(rng, (1, plan.seq_len, 2, 64), BFLOAT16)
+            x = cupy.asarray(x_host)
+            scores_host = _scores(rng, (1, 2, 4, 50), "few_values")
+            scores = cupy.asarray(scores_host)
+        with cupy.cuda.Device((device + 1) % count):
+            tiled = vsa_nd.tile(x, plan)
+            q2k_idx, _ = vsa_nd.select_topk_blocks(scores, 7)
+        assert tiled.device.id == device and q2k_idx.device.id == device
+        _assert_same_bits(tiled, _tiled_reference(x_host, plan))
+        _assert_same_bits(q2k_idx, reference.select_topk(scores_host, 7)[0])

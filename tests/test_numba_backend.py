@@ -1,0 +1,323 @@
+"""The Numba CPU backend, through the public API, against the NumPy reference.
+
+Relative errors ||x - ref|| / ||ref|| (see rel_err) are taken over real query rows (and real key rows for
+dk/dv); the reference runs in float64 on the same (rounded) inputs.  Forward: float32 1e-5,
+float64 1e-10, float16/bfloat16 2e-2.  Backward: float32 1e-4, float64 1e-9,
+float16/bfloat16 3e-2.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ml_dtypes import bfloat16
+
+import vsa_nd
+from vsa_nd import reference as ref
+
+DTYPES = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), np.dtype(bfloat16)]
+FWD_TOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-2, "bfloat16": 2e-2}
+BWD_TOL = {"float32": 1e-4, "float64": 1e-9, "float16": 3e-2, "bfloat16": 3e-2}
+# dq and dk are exactly 0 when every query row sees a single key; what is left is rounding
+# noise, for 16-bit inputs mostly that of ``out`` inside delta = rowsum(dout * fine).
+ZERO_GRAD_NOISE = {"float32": 1e-5, "float64": 1e-13, "float16": 1e-2, "bfloat16": 8e-2}
+# Sides of a tile per number of dims: volumes up to 32-64 slots, sequences up to ~600 slots.
+MAX_SIDE = {1: 24, 2: 6, 3: 4, 4: 2}
+MAX_TILES_PER_AXIS = {1: 8, 2: 3, 3: 2, 4: 2}
+
+
+def rel_err(x, expected, rows=None):
+    """||x - expected|| / ||expected||, with ||expected|| floored at an RMS of 1e-2: with
+    unit-normal data a smaller reference is a cancellation, next to which rounding noise is
+    not a relative error."""
+    x, expected = np.asarray(x, np.float64), np.asarray(expected, np.float64)
+    if rows is not None:
+        x, expected = x[..., rows, :], expected[..., rows, :]
+    floor = 1e-2 * np.sqrt(max(expected.size, 1))
+    return np.linalg.norm(x - expected) / max(np.linalg.norm(expected), floor)
+
+
+def rms(x):
+    return float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64))))) if np.size(x) else 0.0
+
+
+def normal(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def snapshot(*arrays):
+    return [None if a is None else (a.dtype, a.shape, a.tobytes()) for a in arrays]
+
+
+@st.composite
+def seq_and_tile(draw, ndim=None, tile_shape=None):
+    """(seq_shape, tile_shape) with partial edge tiles; a given tile_shape is reused (cross attention)."""
+    if tile_shape is None:
+        ndim = draw(st.integers(1, 4)) if ndim is None else ndim
+        tile_shape = tuple(draw(st.integers(1, MAX_SIDE[ndim])) for _ in range(ndim))
+    ndim = len(tile_shape)
+    tiles = [draw(st.integers(1, MAX_TILES_PER_AXIS[ndim])) for _ in range(ndim)]
+    seq_shape = tuple((m - 1) * t + draw(st.integers(1, t)) for m, t in zip(tiles, tile_shape))
+    return seq_shape, tile_shape
+
+
+@st.composite
+def attention_problems(draw):
+    """A VSA problem: q/kv plans (cross attention half the time), heads, dims, dtype, gate, scale, topk."""
+    seq_q, tile_shape = draw(seq_and_tile())
+    seq_kv = draw(seq_and_tile(tile_shape=tile_shape))[0] if draw(st.booleans()) else seq_q
+    plan_q, plan_kv = vsa_nd.tile_plan(seq_q, tile_shape), vsa_nd.tile_plan(seq_kv, tile_shape)
+    kv_heads = draw(st.integers(1, 2))
+    dim = draw(st.sampled_from([16, 32, 64]))
+    # A custom scale within 4x of 1/sqrt(D): beyond, softmaxes are one-hot and gradients cancel.
+    scale_factor = draw(st.none() | st.floats(0.25, 2.0))
+    return dict(
+        plan_q=plan_q,
+        plan_kv=plan_kv,
+        batch=draw(st.integers(1, 2)),
+        heads=kv_heads * draw(st.integers(1, 3)),
+        kv_heads=kv_heads,
+        dim=dim,
+        dtype=draw(st.sampled_from(DTYPES)),
+        gate=draw(st.booleans()),
+        scale=None if scale_factor is None else scale_factor / math.sqrt(dim),
+        topk=draw(st.integers(1, plan_kv.num_blocks)),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+def make_inputs(p):
+    """Tiled q, k, v (and gate) with random values in every slot, pads included: only the
+    first block_sizes slots of a tile may count as tokens."""
+    rng = np.random.default_rng(p["seed"])
+    b, h, h_kv, d, dtype = p["batch"], p["heads"], p["kv_heads"], p["dim"], p["dtype"]
+    q = normal(rng, (b, h, p["plan_q"].padded_len, d), dtype)
+    k = normal(rng, (b, h_kv, p["plan_kv"].padded_len, d), dtype)
+    v = normal(rng, (b, h_kv, p["plan_kv"].padded_len, d), dtype)
+    gate = normal(rng, q.shape, dtype) if p["gate"] else None
+    return rng, q, k, v, gate
+
+
+def assert_selection(q2k_idx, expected, scores, topk):
+    """Equal to the reference's selection, except on rows whose top-k boundary is a numerical
+    tie of the reference's own float64 scores (two tiles within 1e-5 relative)."""
+    differs = np.any(q2k_idx != expected, axis=-1)
+    if not differs.any():
+        return
+    ordered = -np.sort(-scores[differs], axis=-1)
+    gap = ordered[:, topk - 1] - ordered[:, topk]
+    assert np.all(gap <= 1e-5 * np.abs(ordered).max(axis=-1)), f"selection differs on {differs.sum()} rows with clear gaps {gap}"
+
+
+# ---------------------------------------------------------------------------------------
+# Tiling and coarse stage.
+
+
+@given(shapes=seq_and_tile(), batch=st.integers(1, 2), heads=st.integers(1, 3),
+       dim=st.sampled_from([1, 8, 16]), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1))
+def test_tile_untile(shapes, batch, heads, dim, dtype, seed):
+    plan = vsa_nd.tile_plan(*shapes)
+    x = normal(np.random.default_rng(seed), (batch, plan.seq_len, heads, dim), dtype)
+    before = snapshot(x)
+
+    tiled = vsa_nd.tile(x, plan)
+    expected = np.zeros((batch, heads, plan.padded_len, dim), dtype)
+    expected[:, :, plan.non_pad_index] = np.swapaxes(x[:, plan.tile_partition_indices], 1, 2)
+    assert tiled.dtype == dtype and tiled.tobytes() == expected.tobytes()
+
+    buffer = np.full_like(x, 7)
+    back = vsa_nd.untile(tiled, plan, out=buffer)
+    assert back is buffer and back.tobytes() == x.tobytes()
+    reused = np.full_like(tiled, 3)
+    assert vsa_nd.tile(x, plan, out=reused) is reused and reused.tobytes() == expected.tobytes()
+    assert snapshot(x) == before
+
+
+@given(shapes=seq_and_tile(), heads=st.integers(1, 3), dim=st.sampled_from([16, 64]),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1))
+def test_block_mean(shapes, heads, dim, dtype, seed):
+    plan = vsa_nd.tile_plan(*shapes)
+    x = normal(np.random.default_rng(seed), (2, heads, plan.padded_len, dim), dtype)  # pads hold noise
+    before = snapshot(x)
+    mean = vsa_nd.block_mean(x, plan.variable_block_sizes)
+    expected = ref.block_mean(x, plan.variable_block_sizes, plan.tile_volume)
+    assert mean.dtype == (np.float64 if dtype == np.float64 else np.float32)
+    assert rel_err(mean, expected) <= (1e-12 if dtype == np.float64 else 1e-6)
+    assert snapshot(x) == before
+
+
+@given(n_q=st.integers(1, 12), n_kv=st.integers(1, 40), dtype=st.sampled_from([np.float32, np.float64]),
+       levels=st.sampled_from([3, 10, 0]), data=st.data())
+def test_select_topk_blocks(n_q, n_kv, dtype, levels, data):
+    """Exact agreement with the reference, ties included (``levels`` > 0 rounds scores to few values)."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    scores = rng.standard_normal((2, 3, n_q, n_kv))
+    if levels:
+        scores = np.round(scores * levels / 3)
+    scores = scores.astype(dtype)
+    topk = data.draw(st.integers(1, n_kv))
+    before = snapshot(scores)
+    q2k_idx, q2k_num = vsa_nd.select_topk_blocks(scores, topk)
+    expected_idx, expected_num = ref.select_topk(scores, topk)
+    assert q2k_idx.dtype == np.int32 and q2k_num.dtype == np.int32
+    np.testing.assert_array_equal(q2k_idx, expected_idx)
+    np.testing.assert_array_equal(q2k_num, expected_num)
+    assert snapshot(scores) == before
+
+
+# ---------------------------------------------------------------------------------------
+# Fine stage with caller-given selections.
+
+
+def _fine_reference(q, k, v, block_map, plan_kv, volume, scale):
+    return ref.block_sparse_attn(q, k, v, block_map, plan_kv.variable_block_sizes, volume, scale)
+
+
+@settings(max_examples=30)
+@given(p=attention_problems(), data=st.data())
+def test_block_sparse_attn_index_lists(p, data):
+    """Index lists in any order, with per-row counts below the list length, some of them 0."""
+    rng, q, k, v, _ = make_inputs(p)
+    b, h, n_q, n_kv = p["batch"], p["heads"], p["plan_q"].num_blocks, p["plan_kv"].num_blocks
+    length = data.draw(st.integers(0, n_kv))
+    q2k_idx = np.argsort(rng.random((b, h, n_q, n_kv)), axis=-1)[..., :length].astype(np.int32)
+    q2k_num = rng.integers(0, length + 1, (b, h, n_q)).astype(np.int32)
+    q2k_num.reshape(-1)[0] = 0
+    before = snapshot(q, k, v, q2k_idx, q2k_num)
+
+    out, lse = vsa_nd.block_sparse_attn(q, k, v, p["plan_kv"].variable_block_sizes, q2k_idx, q2k_num,
+                                        scale=p["scale"], return_lse=True)
+    block_map = ref.block_map_from_indices(q2k_idx, q2k_num, n_kv)
+    expected, expected_lse = _fine_reference(q, k, v, block_map, p["plan_kv"], p["plan_q"].tile_volume, p["scale"])
+
+    name = p["dtype"].name
+    assert out.dtype == p["dtype"] and out.shape == q.shape
+    assert np.isfinite(np.asarray(out, np.float64)).all()
+    assert rel_err(out, expected) <= FWD_TOL[name]
+    empty = np.repeat(q2k_num == 0, p["plan_q"].tile_volume, axis=-1)
+    assert np.all(np.asarray(out, np.float64)[empty] == 0)
+    assert np.all(lse[empty] == -np.inf) and np.isfinite(lse[~empty]).all()
+    lse_tol = 1e-12 if name == "float64" else 1e-5
+    np.testing.assert_allclose(lse[~empty], expected_lse[~empty], rtol=lse_tol, atol=lse_tol)
+    assert snapshot(q, k, v, q2k_idx, q2k_num) == before
+
+
+@settings(max_examples=20)
+@given(p=attention_problems(), density=st.floats(0.0, 1.0))
+def test_block_sparse_attn_block_map(p, density):
+    rng, q, k, v, _ = make_inputs(p)
+    shape = (p["batch"], p["heads"], p["plan_q"].num_blocks, p["plan_kv"].num_blocks)
+    block_map = rng.random(shape) < density
+    out = vsa_nd.block_sparse_attn(q, k, v, p["plan_kv"].variable_block_sizes, block_map=block_map, scale=p["scale"])
+    expected, _ = _fine_reference(q, k, v, block_map, p["plan_kv"], p["plan_q"].tile_volume, p["scale"])
+    assert np.isfinite(np.asarray(out, np.float64)).all()
+    assert rel_err(out, expected) <= FWD_TOL[p["dtype"].name]
+
+
+# ---------------------------------------------------------------------------------------
+# The whole operator, forward and backward.
+
+
+def check_video_sparse_attn(p):
+    rng, q, k, v, gate = make_inputs(p)
+    plan_q, plan_kv = p["plan_q"], p["plan_kv"]
+    q_sizes, kv_sizes, volume = plan_q.variable_block_sizes, plan_kv.variable_block_sizes, plan_q.tile_volume
+    dout = normal(rng, q.shape, p["dtype"])
+    before = snapshot(q, k, v, gate, dout)
+
+    out, context = vsa_nd.video_sparse_attn(
+        q, k, v, p["topk"], q_sizes, kv_sizes, gate=gate, scale=p["scale"], return_context=True
+    )
+    expected = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, p["topk"], volume, p["scale"], gate)
+    assert_selection(context.q2k_idx, expected.q2k_idx, expected.scores, p["topk"])
+    np.testing.assert_array_equal(context.q2k_num, expected.q2k_num)
+    if not np.array_equal(context.q2k_idx, expected.q2k_idx):  # a numerical tie: compare on our selection
+        expected = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, p["topk"], volume, p["scale"], gate,
+                                         q2k_idx=context.q2k_idx, q2k_num=context.q2k_num)
+
+    name = p["dtype"].name
+    real_q = ref.valid_slots(q_sizes, volume)
+    real_kv = ref.valid_slots(kv_sizes, volume)
+    assert out.dtype == p["dtype"] and out.shape == q.shape
+    assert np.isfinite(np.asarray(out, np.float64)).all()  # pad rows included
+    assert rel_err(out, expected.out, real_q) <= FWD_TOL[name]
+
+    grads = vsa_nd.video_sparse_attn_backward(dout, context)
+    expected_grads = ref.video_sparse_attn_backward(
+        dout, q, k, v, q_sizes, kv_sizes, context.q2k_idx, context.q2k_num, volume, p["scale"], gate
+    )
+    for got, want, real, label in (
+        (grads.dq, expected_grads.dq, real_q, "dq"),
+        (grads.dk, expected_grads.dk, real_kv, "dk"),
+        (grads.dv, expected_grads.dv, real_kv, "dv"),
+        (grads.dgate, expected_grads.dgate, real_q, "dgate"),
+    ):
+        if want is None:
+            assert got is None
+            continue
+        assert got.dtype == p["dtype"] and got.shape == want.shape, label
+        assert np.all(np.asarray(got, np.float64)[..., ~real, :] == 0), f"{label}: pad slots not zero"
+        if not np.any(want[..., real, :]):
+            assert rms(np.asarray(got, np.float64)[..., real, :]) <= ZERO_GRAD_NOISE[name], label
+            continue
+        error = rel_err(got, want, real)
+        assert error <= BWD_TOL[name], f"{label}: relative error {error}"
+    assert snapshot(q, k, v, gate, dout) == before
+    return grads
+
+
+@settings(max_examples=60)
+@given(p=attention_problems())
+def test_video_sparse_attn(p):
+    check_video_sparse_attn(p)
+
+
+@settings(max_examples=15)
+@given(p=attention_problems())
+def test_float64_gradients_match_finite_differences(p):
+    """What torch.autograd.gradcheck will ask of the float64 path: the backward is the
+    derivative of the forward (selection held fixed), to finite-difference accuracy."""
+    p = dict(p, dtype=np.dtype(np.float64))
+    rng, q, k, v, gate = make_inputs(p)
+    q_sizes, kv_sizes = p["plan_q"].variable_block_sizes, p["plan_kv"].variable_block_sizes
+    real = ref.valid_slots(q_sizes, p["plan_q"].tile_volume)[:, None]
+    dout = normal(rng, q.shape, np.float64) * real
+    _, context = vsa_nd.video_sparse_attn(q, k, v, p["topk"], q_sizes, kv_sizes, gate=gate, scale=p["scale"],
+                                          return_context=True)
+    grads = vsa_nd.video_sparse_attn_backward(dout, context)
+
+    def loss(q, k, v, gate):
+        out = vsa_nd.block_sparse_attn(q, k, v, kv_sizes, context.q2k_idx, context.q2k_num, scale=p["scale"])
+        coarse = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, p["topk"], p["plan_q"].tile_volume, p["scale"],
+                                       gate, q2k_idx=context.q2k_idx, q2k_num=context.q2k_num)
+        return np.sum(dout * (out + coarse.out - coarse.fine))
+
+    inputs = [q, k, v, gate]
+    directions = [normal(rng, x.shape, np.float64) if x is not None else None for x in inputs]
+    eps = 1e-6
+    plus = loss(*[x if u is None else x + eps * u for x, u in zip(inputs, directions)])
+    minus = loss(*[x if u is None else x - eps * u for x, u in zip(inputs, directions)])
+    numeric = (plus - minus) / (2 * eps)
+    analytic = sum(np.sum(g * u) for g, u in zip(grads, directions) if u is not None)
+    assert abs(numeric - analytic) <= 1e-6 * max(abs(analytic), 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_video_default_tile(dtype):
+    """The video default: 3-D (4, 4, 4) tiles, D = 64, partial tiles on every axis, GQA, gate."""
+    plan_q, plan_kv = vsa_nd.tile_plan((5, 6, 7)), vsa_nd.tile_plan((3, 7, 8))
+    p = dict(plan_q=plan_q, plan_kv=plan_kv, batch=1, heads=4, kv_heads=2, dim=64, dtype=dtype, gate=True,
+             scale=None, topk=3, seed=1234)
+    check_video_sparse_attn(p)
+
+
+def test_backward_is_deterministic():
+    """No atomics: two backward passes agree bit for bit."""
+    plan = vsa_nd.tile_plan((6, 9), (4, 4))
+    p = dict(plan_q=plan, plan_kv=plan, batch=2, heads=4, kv_heads=1, dim=32, dtype=np.dtype(np.float32),
+             gate=False, scale=0.3, topk=math.ceil(plan.num_blocks / 2), seed=7)
+    first, second = check_video_sparse_attn(p), check_video_sparse_attn(p)
+    for a, b in zip(first[:3], second[:3]):
+        assert a.tobytes() == b.tobytes()

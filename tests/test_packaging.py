@@ -1,0 +1,137 @@
+"""What an install delivers: kernel sources and adapters in editable installs and wheels, a light
+``import vsa_nd``, and a working ``vsa-nd demo``."""
+
+import importlib
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+import vsa_nd
+from vsa_nd import cli, kernels, reference
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL_SOURCES = sorted(p.name for p in (ROOT / "cuda_kernels").iterdir() if p.suffix in (".cu", ".cuh"))
+ADAPTERS = sorted(p.name for p in (ROOT / "adapters").glob("*.py"))
+
+
+def test_source_tree_has_kernels_and_adapters():
+    assert any(name.endswith(".cu") for name in KERNEL_SOURCES), KERNEL_SOURCES
+    assert any(name.endswith(".cuh") for name in KERNEL_SOURCES), KERNEL_SOURCES
+    assert "__init__.py" in ADAPTERS
+
+
+def test_editable_install_serves_kernel_sources_and_adapters():
+    installed = sorted(p.name for p in kernels.KERNEL_DIR.iterdir() if p.suffix in (".cu", ".cuh"))
+    assert installed == KERNEL_SOURCES
+    for spec in kernels.catalogue():  # every program the loader may compile has its source
+        assert (kernels.KERNEL_DIR / spec.source).is_file(), spec.source
+    adapters = importlib.import_module("vsa_nd.adapters")
+    assert Path(adapters.__file__).parent.resolve() == (ROOT / "adapters").resolve()
+
+
+def test_wheel_contains_kernel_sources_adapters_and_the_console_script(tmp_path):
+    # Build from a copy: pip builds in the source directory, and others work in this checkout.
+    source = tmp_path / "src"
+    shutil.copytree(
+        ROOT, source,
+        ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis",
+                                      ".pytest_cache", ".whl"),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-w", str(tmp_path / "wheels")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (tmp_path / "wheels").glob("vsa_nd-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in KERNEL_SOURCES:
+        assert f"vsa_nd/cuda_kernels/{name}" in names, name
+    for name in ADAPTERS:
+        assert f"vsa_nd/adapters/{name}" in names, name
+    for name in ("vsa_nd/__init__.py", "vsa_nd/cli.py", "vsa_nd/__main__.py", "vsa_nd/backends/__init__.py"):
+        assert name in names, name
+    (entry_points,) = (n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert re.search(r"^vsa-nd\s*=\s*vsa_nd\.cli:main$", zipfile.ZipFile(wheel).read(entry_points).decode(), re.M)
+
+
+def test_import_loads_no_framework_and_no_numba():
+    code = (
+        "import sys, vsa_nd, vsa_nd.adapters\n"
+        "print(sorted(m for m in ('cupy', 'torch', 'jax', 'numba') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+DEMO_ARGS = ["demo", "--backend", "cpu", "--seq", "5,6,7", "--tile", "2,4,4", "--heads", "4", "--kv-heads", "2",
+             "--head-dim", "16", "--sparsity", "0.5", "--repeats", "1"]
+
+
+def test_demo_runs_checks_and_exits_zero():
+    result = subprocess.run([sys.executable, "-m", "vsa_nd", *DEMO_ARGS], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    error = float(re.search(r"max relative error\s+(\S+)", result.stdout).group(1))
+    assert error < cli.TOLERANCE["float32"]
+    assert re.search(r"topk 6 of 12 key tiles", result.stdout)  # ceil(0.5 * 3*2*2 tiles)
+    assert re.search(r"top-k selection\s+0 of 48 rows differ", result.stdout)
+    assert "PASS" in result.stdout
+    assert "checking against the NumPy reference" in result.stderr  # the progress bars go to stderr
+
+
+def test_demo_exits_non_zero_when_the_error_exceeds_the_tolerance(monkeypatch, capsys):
+    exact = vsa_nd.video_sparse_attn
+
+    def off_by_a_thousandth(*args, **kwargs):
+        result = exact(*args, **kwargs)
+        (result[0] if isinstance(result, tuple) else result)[...] *= 1.001  # 1e-3 > the float32 tolerance
+        return result
+
+    monkeypatch.setattr(vsa_nd, "video_sparse_attn", off_by_a_thousandth)
+    assert cli.main(DEMO_ARGS) == 1
+    printed = capsys.readouterr().out
+    assert 5e-4 < float(re.search(r"max relative error\s+(\S+)", printed).group(1)) < 2e-3
+    assert "FAIL" in printed
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name("vsa-nd")
+    result = subprocess.run([str(script), "demo", "--help"], capture_output=True, text=True, check=True)
+    for flag in ("--seq", "--tile", "--heads", "--kv-heads", "--head-dim", "--batch", "--sparsity", "--dtype",
+                 "--backend", "--repeats"):
+        assert flag in result.stdout
+
+
+def test_reference_check_catches_a_wrong_output_and_a_wrong_selection():
+    rng = np.random.default_rng(0)
+    volume, q_sizes, kv_sizes, topk = 8, np.array([8, 5, 8]), np.array([8, 8, 3, 8]), 2
+    q = rng.standard_normal((1, 4, 24, 16))
+    k, v = rng.standard_normal((2, 1, 2, 32, 16))
+    expect = reference.video_sparse_attn(q, k, v, q_sizes, kv_sizes, topk, volume)
+    selection = (expect.q2k_idx, expect.q2k_num)
+
+    def check(out, selection=selection, tiles=np.arange(3)):
+        return cli.check_against_reference(q, k, v, out, selection, q_sizes, kv_sizes, topk, volume, tiles)
+
+    good = check(expect.out)
+    assert good["max_rel"] < 1e-12 and good["bad_rows"] == 0 and good["rows"] == 4 * 3
+    wrong = expect.out.copy()
+    wrong[0, 3, 9] *= 1.01  # a real row of tile 1
+    assert check(wrong)["max_rel"] > 1e-3
+    assert check(wrong, tiles=np.array([0, 2]))["max_rel"] < 1e-12  # tile 1 not checked
+    pad_only = expect.out.copy()
+    pad_only[0, 2, 14] += 1.0  # a pad row of tile 1: untile drops it
+    assert check(pad_only)["max_rel"] < 1e-12
+    # One row takes its worst key tile instead of its best: the output matches a reference run with
+    # that selection, but the selection check must flag the row.
+    idx = expect.q2k_idx.copy()
+    worst = np.argmin(expect.scores[0, 1, 2])
+    assert worst not in idx[0, 1, 2]
+    idx[0, 1, 2, np.argmax(expect.scores[0, 1, 2, idx[0, 1, 2]])] = worst
+    out = reference.video_sparse_attn(q, k, v, q_sizes, kv_sizes, topk, volume, q2k_idx=idx, q2k_num=expect.q2k_num).out
+    bad = check(out, selection=(idx, expect.q2k_num))
+    assert bad["bad_rows"] == 1 and bad["max_rel"] < 1e-12

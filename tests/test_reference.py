@@ -1,0 +1,286 @@
+"""The NumPy oracle (vsa_nd.reference) against hand-checked cases, a loop-by-loop VSA and finite differences.
+
+Pure NumPy: nothing here needs Numba, and importing the reference must not import it.
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vsa_nd import reference as ref
+
+GARBAGE = 1e3  # pad slots hold large values: any leak of a pad into a real result shows
+
+
+def make_problem(rng, b, h, h_kv, d, volume, q_sizes, kv_sizes):
+    """Random float64 q [B, H, N_q*V, D], k, v [B, H_kv, N_kv*V, D] with garbage in the pad slots."""
+    q = rng.standard_normal((b, h, len(q_sizes) * volume, d))
+    k = rng.standard_normal((b, h_kv, len(kv_sizes) * volume, d))
+    v = rng.standard_normal((b, h_kv, len(kv_sizes) * volume, d))
+    for x, sizes in ((q, q_sizes), (k, kv_sizes), (v, kv_sizes)):
+        pads = ~ref.valid_slots(sizes, volume)
+        x[:, :, pads] = GARBAGE * rng.standard_normal(x[:, :, pads].shape)
+    return q, k, v
+
+
+def loop_vsa(q, k, v, q_sizes, kv_sizes, volume, topk=None, selection=None, gate=None):
+    """VSA_SPEC.md section 3 written out one query row at a time.
+
+    ``selection[b][h][i]`` lists the key tiles of query tile i; without it, the ``topk`` best
+    coarse scores are taken (ties to the lower index).  Returns (out, lse).
+    """
+    b_, h_, s_q, d = q.shape
+    group = h_ // k.shape[1]
+    scale = d**-0.5
+    out, lse = np.zeros(q.shape), np.full(q.shape[:3], -np.inf)
+    for b in range(b_):
+        for h in range(h_):
+            kh = h // group
+            q_mean = [q[b, h, i * volume : i * volume + n].mean(axis=0) for i, n in enumerate(q_sizes)]
+            k_mean = [k[b, kh, j * volume : j * volume + n].mean(axis=0) for j, n in enumerate(kv_sizes)]
+            v_mean = [v[b, kh, j * volume : j * volume + n].mean(axis=0) for j, n in enumerate(kv_sizes)]
+            for i in range(len(q_sizes)):
+                scores = [scale * float(q_mean[i] @ km) for km in k_mean]
+                weights = np.exp(np.array(scores) - max(scores))
+                coarse = sum(w * vm for w, vm in zip(weights / weights.sum(), v_mean))
+                if selection is None:
+                    chosen = sorted(range(len(kv_sizes)), key=lambda j: (-scores[j], j))[:topk]
+                else:
+                    chosen = selection[b][h][i]
+                keys = [k[b, kh, j * volume + r] for j in chosen for r in range(kv_sizes[j])]
+                values = [v[b, kh, j * volume + r] for j in chosen for r in range(kv_sizes[j])]
+                for r in range(volume):
+                    row = i * volume + r
+                    fine = np.zeros(d)
+                    if keys:
+                        s = np.array([scale * float(q[b, h, row] @ key) for key in keys])
+                        p = np.exp(s - s.max())
+                        fine = sum(pj * val for pj, val in zip(p, values)) / p.sum()
+                        lse[b, h, row] = s.max() + np.log(p.sum())
+                    weight = 1.0 if gate is None else gate[b, h, row]
+                    out[b, h, row] = fine + weight * coarse
+    return out, lse
+
+
+def index_lists(selection, length):
+    """Nested lists of key tiles -> (q2k_idx padded with -1 to ``length``, q2k_num)."""
+    idx = np.array([[[row + [-1] * (length - len(row)) for row in head] for head in batch] for batch in selection])
+    num = np.array([[[len(row) for row in head] for head in batch] for batch in selection])
+    return idx.astype(np.int32), num.astype(np.int32)
+
+
+def test_importing_the_reference_does_not_import_numba():
+    code = "import sys, vsa_nd.reference; print('numba' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_single_tile_is_dense_attention_plus_mean_of_values():
+    # One query tile and one key tile: the coarse softmax has a single entry (weight 1), so
+    # o_c is the mean of the real values, and the fine stage is dense attention over the real keys.
+    rng = np.random.default_rng(0)
+    volume, n_real = 8, 5
+    q, k, v = make_problem(rng, 1, 1, 1, 4, volume, [6], [n_real])
+    gate = rng.standard_normal(q.shape)
+    result = ref.video_sparse_attn(q, k, v, [6], [n_real], topk=1, tile_volume=volume, gate=gate)
+
+    keys, values = k[0, 0, :n_real], v[0, 0, :n_real]
+    scores = q[0, 0] @ keys.T / 2.0  # scale = 1/sqrt(4)
+    probs = np.exp(scores - scores.max(axis=1, keepdims=True))
+    dense = probs @ values / probs.sum(axis=1, keepdims=True)
+    mean_v = values.mean(axis=0)
+    np.testing.assert_allclose(result.fine[0, 0], dense, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(result.coarse[0, 0, 0], mean_v, rtol=1e-12)
+    np.testing.assert_allclose(result.out[0, 0], dense + gate[0, 0] * mean_v, rtol=1e-12, atol=1e-12)
+    lse = scores.max(axis=1) + np.log(probs.sum(axis=1))
+    np.testing.assert_allclose(result.lse[0, 0], lse, rtol=1e-12)
+    assert result.q2k_idx.tolist() == [[[[0]]]] and result.q2k_num.tolist() == [[[1]]]
+
+
+def test_full_topk_with_full_tiles_is_dense_attention():
+    rng = np.random.default_rng(1)
+    volume, n = 4, 5
+    q, k, v = make_problem(rng, 2, 3, 3, 8, volume, [volume] * n, [volume] * n)
+    result = ref.video_sparse_attn(q, k, v, [volume] * n, [volume] * n, topk=n, tile_volume=volume)
+
+    scores = q @ np.swapaxes(k, -1, -2) * 8**-0.5
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    dense = probs @ v / probs.sum(axis=-1, keepdims=True)
+    np.testing.assert_allclose(result.fine, dense, rtol=1e-11, atol=1e-12)
+
+    means = lambda x: x.reshape(2, 3, n, volume, 8).mean(axis=3)  # noqa: E731 - full tiles: plain means
+    coarse_scores = means(q) @ np.swapaxes(means(k), -1, -2) * 8**-0.5
+    np.testing.assert_allclose(result.scores, coarse_scores, rtol=1e-12)
+    weights = np.exp(coarse_scores) / np.exp(coarse_scores).sum(axis=-1, keepdims=True)
+    np.testing.assert_allclose(result.out, dense + np.repeat(weights @ means(v), volume, axis=2), rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "b, h, h_kv, d, volume, q_sizes, kv_sizes, topk, with_gate",
+    [
+        (1, 2, 2, 4, 4, [4, 3, 4], [4, 2, 4, 1], 2, False),
+        (2, 4, 2, 3, 8, [8, 5], [3, 8, 8], 1, True),  # GQA, cross-attention
+        (1, 6, 1, 5, 6, [6, 6, 2, 6], [6, 4, 6, 6, 1], 3, True),  # one kv head for six query heads
+    ],
+)
+def test_forward_matches_a_row_by_row_loop(b, h, h_kv, d, volume, q_sizes, kv_sizes, topk, with_gate):
+    rng = np.random.default_rng(sum(q_sizes) * 31 + topk)
+    q, k, v = make_problem(rng, b, h, h_kv, d, volume, q_sizes, kv_sizes)
+    gate = rng.standard_normal(q.shape) if with_gate else None
+    inputs = [x.copy() for x in (q, k, v)]
+    result = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, topk, volume, gate=gate)
+    out, lse = loop_vsa(q, k, v, q_sizes, kv_sizes, volume, topk=topk, gate=gate)
+    np.testing.assert_allclose(result.out, out, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(result.lse, lse, rtol=1e-12)
+    assert np.all(np.isfinite(result.out))  # pad query rows included: any finite value, never NaN/Inf
+    for before, after in zip(inputs, (q, k, v)):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_given_selection_with_short_and_empty_rows_matches_the_loop():
+    rng = np.random.default_rng(2)
+    volume, q_sizes, kv_sizes = 4, [4, 2, 4], [1, 4, 3, 4]
+    q, k, v = make_problem(rng, 1, 2, 1, 3, volume, q_sizes, kv_sizes)
+    selection = [[[[3, 0], [], [1, 2, 3]], [[2], [0, 1, 2, 3], [1]]]]
+    q2k_idx, q2k_num = index_lists(selection, 4)
+    result = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, 2, volume, q2k_idx=q2k_idx, q2k_num=q2k_num)
+    out, lse = loop_vsa(q, k, v, q_sizes, kv_sizes, volume, selection=selection)
+    np.testing.assert_allclose(result.out, out, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(result.lse, lse, rtol=1e-12)  # also -inf exactly where lse is -inf
+    assert np.all(result.lse[0, 0, volume : 2 * volume] == -np.inf)
+    np.testing.assert_array_equal(result.fine[0, 0, volume : 2 * volume], 0.0)
+
+
+def test_row_that_selects_nothing_gives_zero_and_minus_inf():
+    rng = np.random.default_rng(3)
+    q, k, v = make_problem(rng, 1, 1, 1, 4, 4, [4, 4], [4, 3])
+    block_map = np.array([[[[True, False], [False, False]]]])
+    fine, lse = ref.block_sparse_attn(q, k, v, block_map, [4, 3], tile_volume=4)
+    np.testing.assert_array_equal(fine[0, 0, 4:], 0.0)
+    np.testing.assert_array_equal(lse[0, 0, 4:], -np.inf)
+    assert np.all(np.isfinite(lse[0, 0, :4])) and np.abs(fine[0, 0, :4]).max() > 0.1
+
+
+def test_ties_go_to_the_lower_tile_index():
+    scores = np.array([[[[1.0, 3.0, 3.0, 2.0, 3.0, 0.5]]]])
+    assert ref.select_topk(scores, 2)[0].tolist() == [[[[1, 2]]]]
+    assert ref.select_topk(scores, 4)[0].tolist() == [[[[1, 2, 3, 4]]]]
+    # Every key tile equal: all coarse scores tie, so the first topk tiles are chosen.
+    rng = np.random.default_rng(4)
+    q, k, v = make_problem(rng, 1, 2, 2, 4, 4, [4, 4, 4], [4] * 5)
+    k[:, :, :] = np.tile(k[:, :, :4], (1, 1, 5, 1))
+    result = ref.video_sparse_attn(q, k, v, [4, 4, 4], [4] * 5, topk=3, tile_volume=4)
+    assert np.all(result.q2k_idx == [0, 1, 2])
+
+
+def test_pad_slots_do_not_change_real_rows_or_their_gradients():
+    rng = np.random.default_rng(5)
+    volume, q_sizes, kv_sizes = 4, [4, 1, 3], [2, 4, 3]
+    q, k, v = make_problem(rng, 1, 2, 2, 3, volume, q_sizes, kv_sizes)
+    gate, dout = rng.standard_normal(q.shape), rng.standard_normal(q.shape)
+    # Same real tokens, other pads: different finite garbage in the queries (pad query rows are computed,
+    # so they must stay finite), NaN in the keys and values (never read).
+    q2, k2, v2 = q.copy(), k.copy(), v.copy()
+    for x, sizes, value in ((q2, q_sizes, -7 * GARBAGE), (k2, kv_sizes, np.nan), (v2, kv_sizes, np.nan)):
+        x[:, :, ~ref.valid_slots(sizes, volume)] = value
+    real_q, real_kv = ref.valid_slots(q_sizes, volume), ref.valid_slots(kv_sizes, volume)
+    runs = []
+    for q_, k_, v_ in ((q, k, v), (q2, k2, v2)):
+        fwd = ref.video_sparse_attn(q_, k_, v_, q_sizes, kv_sizes, 2, volume, gate=gate)
+        grads = ref.video_sparse_attn_backward(dout, q_, k_, v_, q_sizes, kv_sizes, fwd.q2k_idx, fwd.q2k_num, volume, gate=gate)
+        runs.append((fwd.out[:, :, real_q], fwd.q2k_idx, grads.dq[:, :, real_q], grads.dk[:, :, real_kv],
+                     grads.dv[:, :, real_kv], grads.dgate[:, :, real_q]))
+    for name, first, second in zip(("out", "q2k_idx", "dq", "dk", "dv", "dgate"), *runs):
+        assert np.all(np.isfinite(second)), name
+        np.testing.assert_allclose(second, first, rtol=1e-13, atol=1e-13, err_msg=name)
+
+
+def test_grouped_query_attention_equals_repeated_kv_heads():
+    rng = np.random.default_rng(6)
+    volume, q_sizes, kv_sizes = 4, [4, 3, 4], [4, 4, 2]
+    q, k, v = make_problem(rng, 2, 6, 2, 3, volume, q_sizes, kv_sizes)
+    k_rep, v_rep = np.repeat(k, 3, axis=1), np.repeat(v, 3, axis=1)
+    gqa = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, 2, volume)
+    rep = ref.video_sparse_attn(q, k_rep, v_rep, q_sizes, kv_sizes, 2, volume)
+    np.testing.assert_allclose(gqa.out, rep.out, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(gqa.q2k_idx, rep.q2k_idx)
+
+    dout = rng.standard_normal(q.shape)
+    g_gqa = ref.video_sparse_attn_backward(dout, q, k, v, q_sizes, kv_sizes, gqa.q2k_idx, gqa.q2k_num, volume)
+    g_rep = ref.video_sparse_attn_backward(dout, q, k_rep, v_rep, q_sizes, kv_sizes, rep.q2k_idx, rep.q2k_num, volume)
+    np.testing.assert_allclose(g_gqa.dq, g_rep.dq, rtol=1e-12, atol=1e-13)
+    # A shared kv head receives the sum of the gradients of its three query heads.
+    np.testing.assert_allclose(g_gqa.dk, g_rep.dk.reshape(2, 2, 3, -1, 3).sum(axis=2), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(g_gqa.dv, g_rep.dv.reshape(2, 2, 3, -1, 3).sum(axis=2), rtol=1e-12, atol=1e-13)
+
+
+GRAD_CASES = {
+    "plain": dict(h=2, h_kv=2, q_sizes=[4, 4], kv_sizes=[4, 4, 4], gate=False),
+    "gate": dict(h=2, h_kv=2, q_sizes=[4, 4], kv_sizes=[4, 4, 4], gate=True),
+    "gqa_partial_tiles": dict(h=4, h_kv=2, q_sizes=[4, 2, 3], kv_sizes=[1, 4, 3], gate=False),
+    "gqa_partial_tiles_gate": dict(h=2, h_kv=1, q_sizes=[3, 4, 1], kv_sizes=[4, 2, 4, 3], gate=True),
+}
+
+
+@pytest.mark.parametrize("case", GRAD_CASES.values(), ids=GRAD_CASES.keys())
+def test_backward_matches_finite_differences(case):
+    rng = np.random.default_rng(len(case["kv_sizes"]) * 10 + case["h"] + case["gate"])
+    volume, d = 4, 3
+    q_sizes, kv_sizes = case["q_sizes"], case["kv_sizes"]
+    q, k, v = make_problem(rng, 1, case["h"], case["h_kv"], d, volume, q_sizes, kv_sizes)
+    # Moderate pad values keep the finite differences of the (ignored) pad rows well conditioned.
+    q, k, v = (x / np.maximum(1.0, np.abs(x) / 3) for x in (q, k, v))
+    gate = rng.standard_normal(q.shape) if case["gate"] else None
+    dout = rng.standard_normal(q.shape)
+    real_rows = ref.valid_slots(q_sizes, volume)[:, None]
+
+    # A fixed selection (not the top-k of these inputs) with rows of different lengths, one empty.
+    n_q, n_kv = len(q_sizes), len(kv_sizes)
+    selection = [[[sorted(rng.choice(n_kv, size=(i + hh) % (n_kv + 1), replace=False).tolist()) for i in range(n_q)]
+                  for hh in range(case["h"])]]
+    q2k_idx, q2k_num = index_lists(selection, n_kv)
+
+    def loss(q, k, v, gate):
+        out = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, 1, volume, gate=gate, q2k_idx=q2k_idx, q2k_num=q2k_num).out
+        return float(np.sum(np.where(real_rows, dout * out, 0.0)))
+
+    inputs = {"q": q, "k": k, "v": v, "gate": gate}
+    grads = ref.video_sparse_attn_backward(dout, q, k, v, q_sizes, kv_sizes, q2k_idx, q2k_num, volume, gate=gate)
+    analytic = {"q": grads.dq, "k": grads.dk, "v": grads.dv, "gate": grads.dgate}
+    eps = 1e-6
+    for name, x in inputs.items():
+        if x is None:
+            assert analytic[name] is None
+            continue
+        numeric = np.zeros_like(x)
+        for index in np.ndindex(x.shape):
+            saved = x[index]
+            x[index] = saved + eps
+            up = loss(**inputs)
+            x[index] = saved - eps
+            down = loss(**inputs)
+            x[index] = saved
+            numeric[index] = (up - down) / (2 * eps)
+        assert np.abs(numeric).max() > 1e-2  # the check is not vacuous
+        np.testing.assert_allclose(analytic[name], numeric, rtol=1e-6, atol=1e-8, err_msg=f"d{name}")
+
+
+def test_dout_of_pad_query_rows_does_not_reach_any_gradient():
+    rng = np.random.default_rng(7)
+    volume, q_sizes, kv_sizes = 4, [4, 2, 3], [4, 1, 4]
+    q, k, v = make_problem(rng, 2, 4, 2, 3, volume, q_sizes, kv_sizes)
+    gate = rng.standard_normal(q.shape)
+    fwd = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, 2, volume, gate=gate)
+    dout = rng.standard_normal(q.shape)
+    noisy = dout.copy()
+    pads = ~ref.valid_slots(q_sizes, volume)
+    noisy[:, :, pads] = GARBAGE * rng.standard_normal(noisy[:, :, pads].shape)
+    clean = ref.video_sparse_attn_backward(dout, q, k, v, q_sizes, kv_sizes, fwd.q2k_idx, fwd.q2k_num, volume, gate=gate)
+    dirty = ref.video_sparse_attn_backward(noisy, q, k, v, q_sizes, kv_sizes, fwd.q2k_idx, fwd.q2k_num, volume, gate=gate)
+    real_q, real_kv = ~pads, ref.valid_slots(kv_sizes, volume)
+    for name, real in (("dq", real_q), ("dk", real_kv), ("dv", real_kv), ("dgate", real_q)):
+        a, b = getattr(clean, name)[:, :, real], getattr(dirty, name)[:, :, real]
+        assert np.abs(a).max() > 1e-3, name
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14, err_msg=name)

@@ -1,0 +1,296 @@
+"""Every check of the public API: the right exception type, a message naming the argument, the
+expected and the received value, raised before any work is done and without touching the inputs.
+"""
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+
+import vsa_nd
+from vsa_nd import reference as ref
+
+B, H, H_KV, D, VOL = 2, 4, 2, 16, 8
+Q_SIZES, KV_SIZES = [8, 8, 5], [8, 3, 8, 8]
+N_Q, N_KV = len(Q_SIZES), len(KV_SIZES)
+
+
+class Inputs:
+    """Fresh, valid inputs of every entry point; each case breaks exactly one of them."""
+
+    def __init__(self, seed=0):
+        rng = np.random.default_rng(seed)
+        normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+        self.q = normal(B, H, N_Q * VOL, D)
+        self.k = normal(B, H_KV, N_KV * VOL, D)
+        self.v = normal(B, H_KV, N_KV * VOL, D)
+        self.gate = normal(B, H, N_Q * VOL, D)
+        self.q_sizes = np.array(Q_SIZES, dtype=np.int32)
+        self.kv_sizes = np.array(KV_SIZES, dtype=np.int32)
+        self.q2k_idx = np.argsort(rng.random((B, H, N_Q, N_KV)), axis=-1)[..., :2].astype(np.int32)
+        self.q2k_num = rng.integers(0, 3, size=(B, H, N_Q)).astype(np.int32)
+        self.block_map = rng.random((B, H, N_Q, N_KV)) < 0.5
+        self.plan = vsa_nd.tile_plan((3, 5, 6), (2, 2, 4))  # 2*3*2 = 12 tiles of 16 slots, 90 tokens
+        self.x = normal(B, 90, H, D)
+        self.y = normal(B, H, 12 * 16, D)
+        self.q_c, self.k_c, self.v_c = normal(B, H, N_Q, D), normal(B, H_KV, N_KV, D), normal(B, H_KV, N_KV, D)
+        self.scores = normal(B, H, N_Q, N_KV)
+
+    def arrays(self):
+        return {name: value for name, value in vars(self).items() if isinstance(value, np.ndarray)}
+
+
+def non_contiguous(x):
+    """Same shape and values as x, but not C-contiguous."""
+    out = np.asfortranarray(x)
+    assert not out.flags.c_contiguous
+    return out
+
+
+def vsa(p, **kw):
+    args = dict(q=p.q, k=p.k, v=p.v, topk=2, q_block_sizes=p.q_sizes, kv_block_sizes=p.kv_sizes)
+    return vsa_nd.video_sparse_attn(**(args | kw))
+
+
+def fine(p, **kw):
+    args = dict(q=p.q, k=p.k, v=p.v, kv_block_sizes=p.kv_sizes, q2k_idx=p.q2k_idx, q2k_num=p.q2k_num)
+    return vsa_nd.block_sparse_attn(**(args | kw))
+
+
+def with_value(x, index, value):
+    x = x.copy()
+    x[index] = value
+    return x
+
+
+# (id, call on fresh Inputs, exception type, substrings of the message)
+CASES = [
+    # --- video_sparse_attn: q, k, v, gate
+    ("vsa-q-list", lambda p: vsa(p, q=p.q.tolist()), TypeError, ["q:", "NumPy or CuPy array", "got list"]),
+    ("vsa-q-3d", lambda p: vsa(p, q=p.q[0]), ValueError, ["q:", "4 dimensions", "(4, 24, 16)"]),
+    ("vsa-q-int", lambda p: vsa(p, q=p.q.astype(np.int32)), TypeError, ["q:", "float32", "got int32"]),
+    ("vsa-k-dtype", lambda p: vsa(p, k=p.k.astype(np.float64)), TypeError, ["k:", "float32 to match q", "got float64"]),
+    ("vsa-v-dtype", lambda p: vsa(p, v=p.v.astype(np.float16)), TypeError, ["v:", "float32 to match q", "got float16"]),
+    ("vsa-k-batch", lambda p: vsa(p, k=p.k[:1].copy()), ValueError, ["k:", "[2, *, *, 16]", "[1, 2, 32, 16]"]),
+    ("vsa-k-headdim", lambda p: vsa(p, k=p.k[..., :8].copy()), ValueError, ["k:", "[2, *, *, 16]", "[2, 2, 32, 8]"]),
+    ("vsa-v-shape", lambda p: vsa(p, v=p.v[:, :1].copy()), ValueError, ["v:", "[2, 2, 32, 16]", "[2, 1, 32, 16]"]),
+    (
+        "vsa-heads-not-dividing",
+        lambda p: vsa(p, k=np.concatenate([p.k, p.k[:, :1]], 1), v=np.concatenate([p.v, p.v[:, :1]], 1)),
+        ValueError,
+        ["k:", "dividing the 4 query heads", "got 3"],
+    ),
+    ("vsa-q-noncontiguous", lambda p: vsa(p, q=non_contiguous(p.q)), ValueError, ["q:", "C-contiguous", "strides"]),
+    ("vsa-k-noncontiguous", lambda p: vsa(p, k=non_contiguous(p.k)), ValueError, ["k:", "C-contiguous", "strides"]),
+    ("vsa-v-noncontiguous", lambda p: vsa(p, v=non_contiguous(p.v)), ValueError, ["v:", "C-contiguous", "strides"]),
+    ("vsa-gate-shape", lambda p: vsa(p, gate=p.gate[:, :2].copy()), ValueError, ["gate:", "[2, 4, 24, 16]", "[2, 2, 24, 16]"]),
+    ("vsa-gate-dtype", lambda p: vsa(p, gate=p.gate.astype(np.float64)), TypeError, ["gate:", "float32 to match q", "got float64"]),
+    ("vsa-gate-noncontiguous", lambda p: vsa(p, gate=non_contiguous(p.gate)), ValueError, ["gate:", "C-contiguous"]),
+    ("vsa-k-token-count", lambda p: vsa(p, k=p.k[:, :, :24].copy(), v=p.v[:, :, :24].copy()), ValueError,
+     ["k:", "4 tiles of 8 slots (32)", "kv_block_sizes", "[2, 2, 24, 16]"]),
+    # --- video_sparse_attn: block sizes
+    ("vsa-q-size-0", lambda p: vsa(p, q_block_sizes=with_value(p.q_sizes, 1, 0)), ValueError,
+     ["q_block_sizes:", "[1, 8]", "got values in [0, 8]"]),
+    ("vsa-q-size-above-volume", lambda p: vsa(p, q_block_sizes=with_value(p.q_sizes, 2, 9)), ValueError,
+     ["q_block_sizes:", "[1, 8]", "got values in [8, 9]"]),
+    ("vsa-kv-size-0", lambda p: vsa(p, kv_block_sizes=with_value(p.kv_sizes, 0, 0)), ValueError,
+     ["kv_block_sizes:", "[1, 8]", "got values in [0, 8]"]),
+    ("vsa-kv-size-negative", lambda p: vsa(p, kv_block_sizes=with_value(p.kv_sizes, 3, -2)), ValueError,
+     ["kv_block_sizes:", "[1, 8]", "[-2, 8]"]),
+    ("vsa-q-sizes-float", lambda p: vsa(p, q_block_sizes=p.q_sizes.astype(np.float32)), TypeError,
+     ["q_block_sizes:", "integer dtype", "got float32"]),
+    ("vsa-kv-sizes-float-list", lambda p: vsa(p, kv_block_sizes=[8.0, 3.0, 8.0, 8.0]), TypeError,
+     ["kv_block_sizes:", "integer dtype", "got float64"]),
+    ("vsa-q-sizes-length", lambda p: vsa(p, q_block_sizes=[8, 8, 8, 8, 5]), ValueError,
+     ["q_block_sizes", "24 slots", "5 tiles"]),
+    ("vsa-kv-sizes-length", lambda p: vsa(p, kv_block_sizes=p.kv_sizes[:3]), ValueError,
+     ["kv_block_sizes", "3 tiles of 8 slots (24)", "[2, 2, 32, 16]"]),
+    ("vsa-q-sizes-2d", lambda p: vsa(p, q_block_sizes=p.q_sizes[:, None]), ValueError,
+     ["q_block_sizes:", "1 dimensions", "(3, 1)"]),
+    ("vsa-q-sizes-scalar", lambda p: vsa(p, q_block_sizes=8), TypeError, ["q_block_sizes:", "1-D", "got int"]),
+    # --- video_sparse_attn: topk, scale
+    ("vsa-topk-0", lambda p: vsa(p, topk=0), ValueError, ["topk:", "1 <= topk <= 4", "got 0"]),
+    ("vsa-topk-above-nkv", lambda p: vsa(p, topk=5), ValueError, ["topk:", "1 <= topk <= 4", "got 5"]),
+    ("vsa-topk-bool", lambda p: vsa(p, topk=True), TypeError, ["topk:", "an int", "bool True"]),
+    ("vsa-topk-float", lambda p: vsa(p, topk=2.0), TypeError, ["topk:", "an int", "float 2.0"]),
+    ("vsa-scale-str", lambda p: vsa(p, scale="0.1"), TypeError, ["scale:", "finite float", "'0.1'"]),
+    ("vsa-scale-nan", lambda p: vsa(p, scale=float("nan")), TypeError, ["scale:", "finite float", "nan"]),
+    # --- block_sparse_attn
+    ("fine-neither", lambda p: fine(p, q2k_idx=None, q2k_num=None), ValueError, ["q2k_idx, block_map", "exactly one", "neither"]),
+    ("fine-both", lambda p: fine(p, block_map=p.block_map), ValueError, ["q2k_idx, block_map", "exactly one", "both"]),
+    ("fine-num-with-map", lambda p: fine(p, q2k_idx=None, block_map=p.block_map), ValueError,
+     ["q2k_num:", "None with block_map", "got numpy array of shape (2, 4, 3)"]),
+    ("fine-idx-out-of-range", lambda p: fine(p, q2k_idx=with_value(p.q2k_idx, (1, 2, 0, 0), 4), q2k_num=np.full((B, H, N_Q), 2)),
+     ValueError, ["q2k_idx:", "[0, 4)", "got values in [0, 4]"]),
+    ("fine-idx-negative", lambda p: fine(p, q2k_idx=with_value(p.q2k_idx, (0, 0, 1, 1), -1), q2k_num=np.full((B, H, N_Q), 2)),
+     ValueError, ["q2k_idx:", "[0, 4)", "got values in [-1, 3]"]),
+    ("fine-idx-duplicate-in-row", lambda p: fine(p, q2k_idx=with_value(p.q2k_idx, (1, 3, 2), 2),
+                                                 q2k_num=with_value(p.q2k_num, (1, 3, 2), 2)),
+     ValueError, ["q2k_idx:", "no tile index twice", "tile 2", "row [1, 3, 2]"]),
+    ("fine-num-above-length", lambda p: fine(p, q2k_num=with_value(p.q2k_num, (0, 1, 2), 3)), ValueError,
+     ["q2k_num:", "[0, 2] (the list length)", "got values in [0, 3]"]),
+    ("fine-num-negative", lambda p: fine(p, q2k_num=with_value(p.q2k_num, (0, 1, 2), -1)), ValueError,
+     ["q2k_num:", "[0, 2]", "[-1,"]),
+    ("fine-idx-float", lambda p: fine(p, q2k_idx=p.q2k_idx.astype(np.float32)), TypeError,
+     ["q2k_idx:", "integer dtype", "got float32"]),
+    ("fine-idx-3d", lambda p: fine(p, q2k_idx=p.q2k_idx[0]), ValueError, ["q2k_idx:", "4 dimensions", "(4, 3, 2)"]),
+    ("fine-idx-heads", lambda p: fine(p, q2k_idx=p.q2k_idx[:, :2].copy(), q2k_num=p.q2k_num[:, :2].copy()),
+     ValueError, ["q2k_idx:", "[2, 4, *, *]", "[2, 2, 3, 2]"]),
+    ("fine-num-shape", lambda p: fine(p, q2k_num=p.q2k_num[:, :, :2].copy()), ValueError,
+     ["q2k_num:", "[2, 4, 3]", "[2, 4, 2]"]),
+    ("fine-idx-tiles-vs-q", lambda p: fine(p, q2k_idx=np.zeros((B, H, 5, 1), np.int32), q2k_num=None),
+     ValueError, ["q2k_idx (axis 2):", "divides the 24 slots", "of q", "got 5 tiles"]),
+    ("fine-map-dtype", lambda p: fine(p, q2k_idx=None, q2k_num=None, block_map=p.block_map.astype(np.int8)), TypeError,
+     ["block_map:", "bool", "got int8"]),
+    ("fine-map-shape", lambda p: fine(p, q2k_idx=None, q2k_num=None, block_map=p.block_map[..., :3].copy()), ValueError,
+     ["block_map:", "[2, 4, *, 4]", "[2, 4, 3, 3]"]),
+    ("fine-k-dtype", lambda p: fine(p, k=p.k.astype(np.float64)), TypeError, ["k:", "to match q", "got float64"]),
+    ("fine-q-noncontiguous", lambda p: fine(p, q=non_contiguous(p.q)), ValueError, ["q:", "C-contiguous"]),
+    ("fine-kv-size-above-volume", lambda p: fine(p, kv_block_sizes=with_value(p.kv_sizes, 1, 9)), ValueError,
+     ["kv_block_sizes:", "[1, 8]", "[8, 9]"]),
+    ("fine-kv-sizes-scalar", lambda p: fine(p, kv_block_sizes=8), TypeError, ["kv_block_sizes:", "1-D", "got int"]),
+    # --- block_mean
+    ("mean-int", lambda p: vsa_nd.block_mean(p.q.astype(np.int64), p.q_sizes), TypeError, ["x:", "float32", "got int64"]),
+    ("mean-3d", lambda p: vsa_nd.block_mean(p.q[0], p.q_sizes), ValueError, ["x:", "4 dimensions", "(4, 24, 16)"]),
+    ("mean-noncontiguous", lambda p: vsa_nd.block_mean(non_contiguous(p.q), p.q_sizes), ValueError, ["x:", "C-contiguous"]),
+    ("mean-size-0", lambda p: vsa_nd.block_mean(p.q, with_value(p.q_sizes, 0, 0)), ValueError,
+     ["block_sizes:", "[1, 8]", "[0, 8]"]),
+    ("mean-sizes-length", lambda p: vsa_nd.block_mean(p.q, [8] * 5), ValueError, ["block_sizes", "24 slots", "5 tiles"]),
+    ("mean-sizes-empty", lambda p: vsa_nd.block_mean(p.q, []), ValueError, ["block_sizes", "24 slots", "0 tiles"]),
+    ("mean-sizes-float", lambda p: vsa_nd.block_mean(p.q, p.q_sizes.astype(np.float64)), TypeError,
+     ["block_sizes:", "integer dtype", "float64"]),
+    # --- coarse_attn
+    ("coarse-qc-3d", lambda p: vsa_nd.coarse_attn(p.q_c[0], p.k_c, p.v_c), ValueError, ["q_c:", "4 dimensions", "(4, 3, 16)"]),
+    ("coarse-kc-int", lambda p: vsa_nd.coarse_attn(p.q_c, p.k_c.astype(np.int32), p.v_c), TypeError, ["k_c:", "got int32"]),
+    ("coarse-kc-headdim", lambda p: vsa_nd.coarse_attn(p.q_c, p.k_c[..., :4].copy(), p.v_c), ValueError,
+     ["k_c:", "[2, *, *, 16]", "[2, 2, 4, 4]"]),
+    ("coarse-vc-shape", lambda p: vsa_nd.coarse_attn(p.q_c, p.k_c, p.v_c[:, :, :3].copy()), ValueError,
+     ["v_c:", "[2, 2, 4, 16]", "[2, 2, 3, 16]"]),
+    ("coarse-heads", lambda p: vsa_nd.coarse_attn(p.q_c[:, :3].copy(), p.k_c, p.v_c), ValueError,
+     ["k_c:", "dividing the 3 query heads", "got 2"]),
+    ("coarse-scale", lambda p: vsa_nd.coarse_attn(p.q_c, p.k_c, p.v_c, scale=np.inf), TypeError, ["scale:", "inf"]),
+    # --- select_topk_blocks
+    ("topk-scores-3d", lambda p: vsa_nd.select_topk_blocks(p.scores[0], 2), ValueError, ["scores:", "4 dimensions", "(4, 3, 4)"]),
+    ("topk-scores-int", lambda p: vsa_nd.select_topk_blocks(p.scores.astype(np.int16), 2), TypeError, ["scores:", "got int16"]),
+    ("topk-0", lambda p: vsa_nd.select_topk_blocks(p.scores, 0), ValueError, ["topk:", "1 <= topk <= 4", "got 0"]),
+    ("topk-above-nkv", lambda p: vsa_nd.select_topk_blocks(p.scores, 5), ValueError, ["topk:", "1 <= topk <= 4", "got 5"]),
+    ("topk-bool", lambda p: vsa_nd.select_topk_blocks(p.scores, False), TypeError, ["topk:", "an int", "bool False"]),
+    ("topk-noncontiguous", lambda p: vsa_nd.select_topk_blocks(non_contiguous(p.scores), 2), ValueError,
+     ["scores:", "C-contiguous"]),
+    # --- tile / untile
+    ("tile-x-list", lambda p: vsa_nd.tile(p.x.tolist(), p.plan), TypeError, ["x:", "NumPy or CuPy array", "got list"]),
+    ("tile-x-3d", lambda p: vsa_nd.tile(p.x[0], p.plan), ValueError, ["x:", "4 dimensions", "(90, 4, 16)"]),
+    ("tile-x-tokens", lambda p: vsa_nd.tile(p.x[:, :89].copy(), p.plan), ValueError,
+     ["x:", "90 tokens", "(3, 5, 6)", "[2, 89, 4, 16]"]),
+    ("tile-x-noncontiguous", lambda p: vsa_nd.tile(non_contiguous(p.x), p.plan), ValueError, ["x:", "C-contiguous"]),
+    ("tile-plan-type", lambda p: vsa_nd.tile(p.x, {"seq_shape": (3, 5, 6)}), TypeError, ["plan:", "TilePlan", "got dict"]),
+    ("tile-out-shape", lambda p: vsa_nd.tile(p.x, p.plan, out=np.empty((B, H, 190, D), np.float32)), ValueError,
+     ["out:", "[2, 4, 192, 16]", "[2, 4, 190, 16]"]),
+    ("tile-out-dtype", lambda p: vsa_nd.tile(p.x, p.plan, out=np.empty((B, H, 192, D), np.float64)), TypeError,
+     ["out:", "float32", "got float64"]),
+    ("tile-out-noncontiguous", lambda p: vsa_nd.tile(p.x, p.plan, out=non_contiguous(np.empty((B, H, 192, D), np.float32))),
+     ValueError, ["out:", "C-contiguous"]),
+    ("tile-out-list", lambda p: vsa_nd.tile(p.x, p.plan, out=[]), TypeError, ["out:", "NumPy or CuPy array", "got list"]),
+    ("untile-y-slots", lambda p: vsa_nd.untile(p.y[:, :, :180].copy(), p.plan), ValueError,
+     ["y:", "192 slots", "[2, 4, 180, 16]"]),
+    ("untile-y-3d", lambda p: vsa_nd.untile(p.y[0], p.plan), ValueError, ["y:", "4 dimensions", "(4, 192, 16)"]),
+    ("untile-y-noncontiguous", lambda p: vsa_nd.untile(non_contiguous(p.y), p.plan), ValueError, ["y:", "C-contiguous"]),
+    ("untile-plan-type", lambda p: vsa_nd.untile(p.y, "plan"), TypeError, ["plan:", "TilePlan", "got str"]),
+    ("untile-out-shape", lambda p: vsa_nd.untile(p.y, p.plan, out=np.empty((B, 90, H, 8), np.float32)), ValueError,
+     ["out:", "[2, 90, 4, 16]", "[2, 90, 4, 8]"]),
+    ("untile-out-dtype", lambda p: vsa_nd.untile(p.y, p.plan, out=np.empty((B, 90, H, D), np.float16)), TypeError,
+     ["out:", "float32", "got float16"]),
+    # --- tile_plan
+    ("plan-0-dims", lambda p: vsa_nd.tile_plan((), ()), ValueError, ["seq_shape:", "1 to 4 dimensions", "got 0"]),
+    ("plan-5-dims", lambda p: vsa_nd.tile_plan((2,) * 5, (1,) * 5), ValueError, ["seq_shape:", "1 to 4 dimensions", "got 5"]),
+    ("plan-side-0", lambda p: vsa_nd.tile_plan((4, 0, 4), (4, 4, 4)), ValueError, ["seq_shape:", ">= 1", "(4, 0, 4)"]),
+    ("plan-tile-side-0", lambda p: vsa_nd.tile_plan((4, 4), (0, 4)), ValueError, ["tile_shape:", ">= 1", "(0, 4)"]),
+    ("plan-side-float", lambda p: vsa_nd.tile_plan((4, 4.5), (4, 4)), TypeError, ["seq_shape:", "integers", "4.5"]),
+    ("plan-side-str", lambda p: vsa_nd.tile_plan((4, "a"), (4, 4)), TypeError, ["seq_shape:", "ints", "'a'"]),
+    ("plan-seq-str", lambda p: vsa_nd.tile_plan("444", (4, 4, 4)), TypeError, ["seq_shape:", "ints", "'444'"]),
+    ("plan-seq-int", lambda p: vsa_nd.tile_plan(16), TypeError, ["seq_shape:", "sequence of ints", "got 16"]),
+    ("plan-tile-length", lambda p: vsa_nd.tile_plan((8, 8, 8), (4, 4)), ValueError,
+     ["tile_shape:", "3 sides", "(8, 8, 8)", "(4, 4)"]),
+    ("plan-no-default-tile", lambda p: vsa_nd.tile_plan((2, 2, 2, 2)), ValueError, ["tile_shape:", "no default", "4-D"]),
+    ("plan-too-long", lambda p: vsa_nd.tile_plan((2048, 2048, 1024), (4, 4, 4)), ValueError, ["seq_shape:", "2**31", "4294967296"]),
+    ("plan-device-name", lambda p: vsa_nd.tile_plan((8,), (4,), device="gpu"), ValueError, ["device:", "'cpu' or 'cuda:<id>'", "'gpu'"]),
+    ("plan-device-int", lambda p: vsa_nd.tile_plan((8,), (4,), device=0), TypeError, ["device:", "str", "got 0"]),
+    # --- build_metadata / topk_from_sparsity
+    ("meta-patch-not-dividing", lambda p: vsa_nd.build_metadata((16, 60, 104), (1, 7, 2), 0.9), ValueError,
+     ["patch_size:", "dividing latent_shape (16, 60, 104)", "(1, 7, 2)"]),
+    ("meta-patch-length", lambda p: vsa_nd.build_metadata((16, 60, 104), (2, 2), 0.9), ValueError,
+     ["patch_size:", "3 sides", "(2, 2)"]),
+    ("meta-latent-0-dims", lambda p: vsa_nd.build_metadata((), (), 0.9), ValueError, ["latent_shape:", "1 to 4", "got 0"]),
+    ("meta-sparsity-above-1", lambda p: vsa_nd.build_metadata((16, 60, 104), (1, 2, 2), 1.5), ValueError,
+     ["sparsity:", "[0, 1]", "1.5"]),
+    ("meta-sparsity-negative", lambda p: vsa_nd.build_metadata((16, 60, 104), (1, 2, 2), -0.25), ValueError,
+     ["sparsity:", "[0, 1]", "-0.25"]),
+    ("sparsity-nan", lambda p: vsa_nd.topk_from_sparsity(float("nan"), 10), ValueError, ["sparsity:", "[0, 1]", "nan"]),
+    ("sparsity-str", lambda p: vsa_nd.topk_from_sparsity("0.5", 10), TypeError, ["sparsity:", "float", "'0.5'"]),
+    ("sparsity-none", lambda p: vsa_nd.topk_from_sparsity(None, 10), TypeError, ["sparsity:", "float", "None"]),
+    ("sparsity-bool", lambda p: vsa_nd.topk_from_sparsity(True, 10), TypeError, ["sparsity:", "float", "True"]),
+    ("sparsity-blocks-0", lambda p: vsa_nd.topk_from_sparsity(0.5, 0), ValueError, ["num_kv_blocks:", ">= 1", "got 0"]),
+    ("sparsity-blocks-float", lambda p: vsa_nd.topk_from_sparsity(0.5, 10.5), TypeError, ["num_kv_blocks:", "int", "10.5"]),
+]
+
+
+@pytest.mark.parametrize("call, exc, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_raises_a_named_error_and_leaves_inputs_alone(call, exc, words):
+    p = Inputs()
+    before = {name: x.copy() for name, x in p.arrays().items()}
+    with pytest.raises(exc) as info:
+        call(p)
+    assert type(info.value) is exc
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+    for name, x in p.arrays().items():
+        np.testing.assert_array_equal(x, before[name], err_msg=f"{name} was modified")
+
+
+def test_backward_checks_its_context_and_dout():
+    p = Inputs()
+    out, context = vsa(p, gate=p.gate, return_context=True)
+    with pytest.raises(TypeError, match=r"context: expected the VSAContext of video_sparse_attn, got dict"):
+        vsa_nd.video_sparse_attn_backward(p.q, dataclasses.asdict(context))
+    cases = [
+        (p.q.astype(np.float64), TypeError, r"dout: expected dtype float32 to match q, got float64"),
+        (p.q[:, :, :16].copy(), ValueError, re.escape("dout: expected shape [2, 4, 24, 16], got [2, 4, 16, 16]")),
+        (p.q[0], ValueError, re.escape("dout: expected 4 dimensions, got shape (4, 24, 16)")),
+        (p.q.astype(np.int32), TypeError, r"dout: expected dtype in \(.*float32.*\), got int32"),
+        (non_contiguous(p.q), ValueError, r"dout: expected a C-contiguous array"),
+    ]
+    for dout, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            vsa_nd.video_sparse_attn_backward(dout, context)
+
+
+def test_valid_edge_inputs_are_accepted_and_computed_right():
+    """Counts below the list length, garbage past the count, and a block map all pass the checks."""
+    p = Inputs()
+    idx = p.q2k_idx.copy()
+    idx[p.q2k_num == 0, 0] = 99  # unused entries: never read, so never checked
+    idx[..., 1][p.q2k_num < 2] = -5
+    before = {name: x.copy() for name, x in p.arrays().items()}
+    out, lse = fine(p, q2k_idx=idx, return_lse=True)
+    expected_map = ref.block_map_from_indices(p.q2k_idx, p.q2k_num, N_KV)
+    expect, expect_lse = ref.block_sparse_attn(p.q, p.k, p.v, expected_map, p.kv_sizes, VOL)
+    real = ref.valid_slots(Q_SIZES, VOL)
+    np.testing.assert_allclose(out[:, :, real], expect[:, :, real], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(lse[:, :, real], expect_lse[:, :, real], rtol=1e-5, atol=1e-5)
+    from_map = fine(p, q2k_idx=None, q2k_num=None, block_map=expected_map)
+    np.testing.assert_allclose(from_map[:, :, real], out[:, :, real], rtol=1e-5, atol=1e-6)
+    for name, x in p.arrays().items():
+        np.testing.assert_array_equal(x, before[name], err_msg=f"{name} was modified")
+
+
+@pytest.mark.gpu
+def test_arrays_on_different_devices_are_refused():
+    import cupy
+
+    p = Inputs()
+    q = cupy.asarray(p.q.astype(np.float16))
+    k, v = (x.astype(np.float16) for x in (p.k, p.v))
+    with pytest.raises(TypeError, match=r"k: expected an array on cuda:0, got one on cpu"):
+        vsa_nd.video_sparse_attn(q, k, v, 2, p.q_sizes, p.kv_sizes)

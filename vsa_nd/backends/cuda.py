@@ -1,0 +1,217 @@
+"""CUDA backend: the interface of :mod:`vsa_nd.backends` for CuPy arrays.
+
+Every kernel is launched on the array's device (``with x.device``) and on CuPy's current stream
+of that device (``cupy.cuda.get_current_stream()``, the stream CuPy's own kernels and
+``RawKernel`` launches use), with no host synchronisation and no host-device copy, so every
+function here can be captured in a CUDA graph.  Kernels come from :func:`vsa_nd.kernels.get_function`
+(NVRTC, compiled once per device and cached on disk).
+
+Element types: float32, float16 and bfloat16 (``ml_dtypes.bfloat16``), computed in float32;
+:func:`tile` and :func:`untile` move bytes and take any dtype whose rows are a whole number of
+2-byte units.  Index arithmetic inside the kernels is int32 per batch element (element offsets
+are 64-bit); a problem too large for that is refused with a ``ValueError`` before any launch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._xp import BFLOAT16
+from ..kernels import get_function
+
+# Kernel element type of each supported dtype, and the widest vector (elements in 16 bytes).
+_ELEMENT = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16"}
+_VECTOR_BYTES = 16
+_COPY_UNITS = ((16, "uint4"), (8, "uint2"), (4, "unsigned int"), (2, "unsigned short"))
+
+# Threads per CTA; each must equal THREADS in its .cu file (the kernels are built for exactly that).
+_TILE_THREADS, _TILE_UNITS = 256, 4  # tile.cu: THREADS, UNITS
+_REDUCE_THREADS = 128  # block_mean.cu and coarse_grad.cu: one thread per (tile, column vector)
+_TOPK_THREADS = 128  # topk.cu
+
+_INT32_HEADROOM = 2**31 - 2**16  # int32 unit / tile indices, with room for a grid's last partial CTA
+_MAX_GRID_Y = 65535
+_NULL = np.uintp(0)  # a null pointer argument (CuPy passes None as no value at all)
+
+
+def _alloc(shape, dtype):
+    """Every output buffer this module allocates (the tests swap in a poisoned one)."""
+    import cupy
+
+    return cupy.empty(shape, dtype)
+
+
+def _element(name: str, x) -> str:
+    try:
+        return _ELEMENT[np.dtype(x.dtype)]
+    except KeyError:
+        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16 on CUDA, got {x.dtype}") from None
+
+
+def _check_index_range(name: str, count: int, what: str):
+    if count > _INT32_HEADROOM:
+        raise ValueError(f"{name}: expected at most {_INT32_HEADROOM} {what} (int32 indexing), got {count}")
+
+
+def _vector_width(element_size: int, head_dim: int, arrays) -> int:
+    """Elements per load: 16 bytes where rows and every pointer are 16-byte aligned, else 1."""
+    aligned = (head_dim * element_size) % _VECTOR_BYTES == 0 and all(a.data.ptr % _VECTOR_BYTES == 0 for a in arrays)
+    return _VECTOR_BYTES // element_size if aligned else 1
+
+
+def _reduce_grid(name: str, tiles: int, columns: int) -> tuple:
+    """Grid of block_mean.cu / coarse_grad.cu: one thread per (tile, column vector)."""
+    _check_index_range(name, tiles, "tiles")
+    ctas = -(-tiles * columns // _REDUCE_THREADS)
+    _check_index_range(name, ctas, "thread blocks")
+    return (ctas,)
+
+
+def _copy_unit(name: str, row_bytes: int, arrays) -> tuple:
+    """(bytes, C type) of the widest copy unit dividing the row bytes and every pointer."""
+    for size, unit in _COPY_UNITS:
+        if row_bytes % size == 0 and all(a.data.ptr % size == 0 for a in arrays):
+            return size, unit
+    raise TypeError(f"{name}: expected rows (D * itemsize) of an even number of bytes on CUDA, got {row_bytes} bytes")
+
+
+def _launch_copy(kernel_name: str, src_name: str, src, index, out, seq_len: int, num_heads: int, padded_len: int,
+                 units_per_batch: int):
+    batch, head_dim = src.shape[0], src.shape[3]
+    unit_bytes, unit = _copy_unit(src_name, head_dim * src.itemsize, (src, out))
+    row_units = head_dim * src.itemsize // unit_bytes
+    units = units_per_batch * row_units
+    _check_index_range("out", units, "copy units per batch element")
+    if units == 0 or batch == 0:
+        return out
+    per_cta = _TILE_THREADS * _TILE_UNITS
+    grid = (-(-units // per_cta), min(batch, _MAX_GRID_Y))
+    args = (src, index, out, np.int32(seq_len), np.int32(num_heads), np.int32(padded_len), np.int32(row_units), np.int32(batch))
+    with src.device:
+        get_function("tile.cu", f"{kernel_name}<{unit}>")(grid, (_TILE_THREADS,), args)
+    return out
+
+
+def tile(x, slot_token_index, out):
+    """x [B, S, H, D] -> out [B, H, S_pad, D]; ``out[b, h, s] = x[b, slot_token_index[s], h]``, 0 where < 0."""
+    _, seq_len, num_heads, _ = x.shape
+    padded_len = out.shape[2]
+    return _launch_copy("tile_rows", "x", x, slot_token_index, out, seq_len, num_heads, padded_len, num_heads * padded_len)
+
+
+def untile(y, untile_index, out):
+    """y [B, H, S_pad, D] -> out [B, S, H, D]; ``out[b, t, h] = y[b, h, untile_index[t]]``."""
+    _, num_heads, padded_len, _ = y.shape
+    seq_len = out.shape[1]
+    return _launch_copy("untile_rows", "y", y, untile_index, out, seq_len, num_heads, padded_len, seq_len * num_heads)
+
+
+def block_means(tensors, block_sizes_list) -> list:
+    """Tile means of up to three tensors in one launch (the forward's q, k and v).
+
+    ``tensors[j]`` [B, H_j, N_j * V, D] and ``block_sizes_list[j]`` [N_j] int32 on the same
+    device; every tensor has the same dtype (float32, float16 or bfloat16), D and V.  Returns
+    a list of float32 [B, H_j, N_j, D], the mean of the first ``block_sizes[i]`` slots of tile i.
+    """
+    tensors, block_sizes_list = list(tensors), list(block_sizes_list)
+    if not 1 <= len(tensors) <= 3 or len(block_sizes_list) != len(tensors):
+        raise ValueError(
+            f"tensors, block_sizes_list: expected 1 to 3 tensors and as many block-size arrays, "
+            f"got {len(tensors)} and {len(block_sizes_list)}"
+        )
+    first = tensors[0]
+    element = _element("tensors[0]", first)
+    head_dim, volume = first.shape[3], first.shape[2] // max(len(block_sizes_list[0]), 1)
+    for j, (x, sizes) in enumerate(zip(tensors, block_sizes_list)):
+        if x.dtype != first.dtype or x.shape[3] != head_dim or x.shape[2] != len(sizes) * volume:
+            raise ValueError(
+                f"tensors[{j}]: expected dtype {first.dtype}, head dim {head_dim} and {len(sizes)} tiles of "
+                f"{volume} slots, got dtype {x.dtype} and shape {list(x.shape)}"
+            )
+
+    with first.device:
+        means = [_alloc((x.shape[0], x.shape[1], len(s), head_dim), np.float32) for x, s in zip(tensors, block_sizes_list)]
+        tiles = [m.shape[0] * m.shape[1] * m.shape[2] for m in means]
+        total = sum(tiles)
+        if total == 0 or head_dim == 0:
+            return means
+        width = _vector_width(first.itemsize, head_dim, tensors)
+        grid = _reduce_grid("tensors", total, head_dim // width)
+        padded = lambda items, fill: list(items) + [fill] * (3 - len(items))  # noqa: E731
+        xs, outs, sizes = padded(tensors, _NULL), padded(means, _NULL), padded(block_sizes_list, _NULL)
+        ends = np.cumsum(padded(tiles, 0))
+        blocks = padded([len(s) for s in block_sizes_list], 1)
+        args = (*xs, *outs, *sizes, *(np.int32(e) for e in ends), *(np.int32(n) for n in blocks),
+                np.int32(volume), np.int32(head_dim))
+        get_function("block_mean.cu", f"block_mean<{element}, {width}>")(grid, (_REDUCE_THREADS,), args)
+    return means
+
+
+def block_mean(x, block_sizes):
+    """x [B, H, N*V, D] -> float32 [B, H, N, D]: mean of the first ``block_sizes[i]`` slots of tile i."""
+    return block_means([x], [block_sizes])[0]
+
+
+def select_topk(scores, topk: int):
+    """scores float32 [B, H, N_q, N_kv] -> (q2k_idx int32 [B, H, N_q, topk], q2k_num int32 [B, H, N_q]).
+
+    The ``topk`` largest per row, ties to the lower index, each row in increasing tile order;
+    NaN counts as the smallest score.
+    """
+    if scores.dtype != np.float32:
+        raise TypeError(f"scores: expected dtype float32 on CUDA, got {scores.dtype}")
+    *lead, num_kv = scores.shape
+    rows = int(np.prod(lead))
+    with scores.device:
+        q2k_idx = _alloc((*lead, topk), np.int32)
+        q2k_num = _alloc(tuple(lead), np.int32)
+        _check_index_range("scores", rows, "rows")
+        if rows:
+            args = (scores, q2k_idx, q2k_num, np.int32(num_kv), np.int32(topk))
+            get_function("topk.cu", "select_topk")((rows,), (_TOPK_THREADS,), args)
+    return q2k_idx, q2k_num
+
+
+def coarse_grad_inputs(dout, gate, coarse, q_block_sizes):
+    """(d_coarse float32 [B, H, N_q, D], dgate in gate's dtype or None), in one pass over dout (and gate).
+
+    ``d_coarse[b, h, i]`` sums ``gate * dout`` (``dout`` without a gate) over the real rows of
+    query tile i; ``dgate = dout * broadcast(coarse)`` on real rows and 0 on pad rows.
+    """
+    import cupy
+
+    element = _element("dout", dout)
+    batch, num_heads, padded_len, head_dim = dout.shape
+    num_blocks = len(q_block_sizes)
+    volume = padded_len // num_blocks
+    with dout.device:
+        coarse = cupy.ascontiguousarray(coarse, dtype=np.float32)
+        d_coarse = _alloc((batch, num_heads, num_blocks, head_dim), np.float32)
+        dgate = None if gate is None else _alloc(gate.shape, gate.dtype)
+        tiles = batch * num_heads * num_blocks
+        if tiles == 0 or head_dim == 0:
+            return d_coarse, dgate
+        gated = gate is not None
+        width = _vector_width(dout.itemsize, head_dim, (dout, gate, dgate) if gated else (dout,))
+        grid = _reduce_grid("dout", tiles, head_dim // width)
+        args = (dout, gate if gated else _NULL, coarse, q_block_sizes, d_coarse, dgate if gated else _NULL,
+                np.int32(tiles), np.int32(num_blocks), np.int32(volume), np.int32(head_dim))
+        name = f"coarse_grad<{element}, {width}, {'true' if gated else 'false'}>"
+        get_function("coarse_grad.cu", name)(grid, (_REDUCE_THREADS,), args)
+    return d_coarse, dgate
+
+
+def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate):
+    """Fine attention plus the coarse combine: see the interface in :mod:`vsa_nd.backends`."""
+    from .cuda_attention import block_sparse_fwd as launch
+
+    return launch(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate)
+
+
+def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
+                     scale, coarse, gate, dq_tile, dk_tile, dv_tile):
+    """Gradients of the fine stage plus the coarse share: see the interface in :mod:`vsa_nd.backends`."""
+    from .cuda_attention import block_sparse_bwd as launch
+
+    return launch(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
+                  scale, coarse, gate, dq_tile, dk_tile, dv_tile)

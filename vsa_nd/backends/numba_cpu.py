@@ -1,0 +1,649 @@
+"""Numba CPU backend: the interface of :mod:`vsa_nd.backends` for NumPy arrays.
+
+Kernels are ``@njit(parallel=True, fastmath=True, cache=True)`` and run in the compute dtype
+(float32, or float64 for float64 inputs).  float16/bfloat16 arrays are converted to float32
+at the boundary and results converted back; the caller's arrays are only read.
+
+Fine attention, forward (one work item per (b, h, query tile), ``prange`` over all of them)::
+
+    qs   = q_tile * scale * log2(e)             # [V, D]; scores live in log2 units
+    for each selected key tile j (q2k_idx order), keys c < kv_block_sizes[j]:
+        S  = qs @ K_j^T                         # [V, nk], K_j^T pre-transposed to [D, V]
+        m' = max(m, rowmax S); P = 2^(S - m')   # online softmax
+        l  = l * 2^(m - m') + rowsum P;  acc = acc * 2^(m - m') + P @ V_j
+    out = acc / l + (gate *) coarse;  lse = (m + log2 l) * ln 2
+
+Both products are written with the contiguous axis innermost (so LLVM vectorises it) and
+several rows per pass over the shared operand (register blocking: 4 rows for S, 8 for
+P @ V), which loads each K/V row once per row block instead of once per row.  Per-thread
+scratch is allocated once per call, indexed by ``numba.get_thread_id()``; it has the rows
+of a tile rounded up to a multiple of 8, and the extra rows (zeros, or finite leftovers of an
+earlier tile) are computed along and never written back.  Work items differ in cost (number
+of selected tiles, reverse-list lengths), so the heavy kernels are scheduled one item at a time.
+``exp2`` is a polynomial plus an exponent built from bits (vectorisable, unlike libm's),
+and row maxima use ``llvm.maxnum`` (Numba's ``max`` does not vectorise).
+
+Backward (no atomics, deterministic): a preparation pass computes
+``delta = rowsum(dout * fine)`` with ``fine = out - (gate *) coarse``, then a dQ pass over
+(b, h, query tile) recomputes P from the LSE, and a dK/dV pass over (b, kv head, key tile)
+walks a reverse list of the (query head, query tile) pairs that selected the key tile,
+built by a counting sort of ``q2k_idx``.  Memory traffic beyond the inputs: one transposed
+copy of k and v (and of q, dout for the backward) in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+from .._xp import compute_dtype
+
+_LOG2E = 1.0 / math.log(2.0)
+_LN2 = math.log(2.0)
+_ROWS = 8  # tile rows are processed in blocks of this many (scratch is padded to a multiple)
+_NO_MAX = -3.0e38  # running max before any key: finite, as fastmath code may assume no infinities
+_KERNEL = dict(parallel=True, fastmath=True, cache=True)
+
+# ---------------------------------------------------------------------------------------
+# Scalar building blocks that LLVM can vectorise.
+
+
+@intrinsic
+def _fmax(typingctx, a, b):
+    """max(a, b) as ``llvm.maxnum``: unlike Numba's ``max``, a reduction over it vectorises."""
+    if not (isinstance(a, types.Float) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        lty = context.get_value_type(a)
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [lty], ir.FunctionType(lty, [lty, lty]))
+        return builder.call(fn, args, fastmath=("fast",))
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def _pow2_int(typingctx, n):
+    """2**n for a float holding an integer in the normal exponent range, built from its bits."""
+    if n == types.float32:
+        bits, bias, mantissa = 32, 127, 23
+    elif n == types.float64:
+        bits, bias, mantissa = 64, 1023, 52
+    else:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ity = ir.IntType(bits)
+        exponent = builder.add(builder.fptosi(args[0], ity), ir.Constant(ity, bias))
+        return builder.bitcast(builder.shl(exponent, ir.Constant(ity, mantissa)), context.get_value_type(n))
+
+    return n(n), codegen
+
+
+def _exp2(x):
+    """2**x for x <= 0 (x below -126 gives 2**-126, negligible next to the row maximum's 1)."""
+    raise NotImplementedError  # only called from Numba kernels, see the overload below
+
+
+@overload(_exp2, jit_options={"fastmath": True})
+def _exp2_impl(x):
+    if not isinstance(x, types.Float):
+        return None
+    # 2**x = 2**n * exp(f ln 2) with n = round(x), |f| <= 1/2; the Taylor series of exp(f ln 2)
+    # to degree 6 is accurate to 1.2e-7 (float32), to degree 13 to 4e-18 (float64).
+    ftype = np.float32 if x.bitwidth == 32 else np.float64
+    degree = 6 if x.bitwidth == 32 else 13
+    c = [ftype(_LN2**n / math.factorial(n)) for n in range(degree + 1)]
+    low, half = ftype(-126.0), ftype(0.5)
+    if degree == 6:
+        c0, c1, c2, c3, c4, c5, c6 = c
+
+        def exp2_f32(x):
+            x = _fmax(x, low)
+            n = np.floor(x + half)
+            f = x - n
+            return (c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))) * _pow2_int(n)
+
+        return exp2_f32
+    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13 = c
+
+    def exp2_f64(x):
+        x = _fmax(x, low)
+        n = np.floor(x + half)
+        f = x - n
+        p = c7 + f * (c8 + f * (c9 + f * (c10 + f * (c11 + f * (c12 + f * c13)))))
+        p = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * p))))))
+        return p * _pow2_int(n)
+
+    return exp2_f64
+
+
+# ---------------------------------------------------------------------------------------
+# Tile products.  ``rows`` is a multiple of _ROWS and at most the scratch's row count.
+
+
+@njit(fastmath=True, cache=True)
+def _scores(out, a, bt, rows, cols):
+    """out[r, c] = sum_d a[r, d] * bt[d, c] for r < rows, c < cols.
+
+    a [>= rows, D], bt [D, >= cols], out [>= rows, >= cols]; four rows share each bt row.
+    """
+    depth = a.shape[1]
+    for r in range(0, rows, 4):
+        o0, o1, o2, o3 = out[r], out[r + 1], out[r + 2], out[r + 3]
+        a0, a1, a2, a3 = a[r], a[r + 1], a[r + 2], a[r + 3]
+        for c in range(cols):
+            o0[c] = 0.0
+            o1[c] = 0.0
+            o2[c] = 0.0
+            o3[c] = 0.0
+        for d in range(depth):
+            x0, x1, x2, x3 = a0[d], a1[d], a2[d], a3[d]
+            b_row = bt[d]
+            for c in range(cols):
+                y = b_row[c]
+                o0[c] += x0 * y
+                o1[c] += x1 * y
+                o2[c] += x2 * y
+                o3[c] += x3 * y
+
+
+@njit(fastmath=True, cache=True)
+def _accumulate(acc, p, b, rows, inner):
+    """acc[r, :] += sum_c p[r, c] * b[c, :] for r < rows, c < inner.
+
+    acc [>= rows, D], p [>= rows, >= inner], b [>= inner, D]; eight rows share each b row.
+    """
+    width = acc.shape[1]
+    for r in range(0, rows, 8):
+        a0, a1, a2, a3 = acc[r], acc[r + 1], acc[r + 2], acc[r + 3]
+        a4, a5, a6, a7 = acc[r + 4], acc[r + 5], acc[r + 6], acc[r + 7]
+        for c in range(inner):
+            p0, p1, p2, p3 = p[r, c], p[r + 1, c], p[r + 2, c], p[r + 3, c]
+            p4, p5, p6, p7 = p[r + 4, c], p[r + 5, c], p[r + 6, c], p[r + 7, c]
+            b_row = b[c]
+            for d in range(width):
+                y = b_row[d]
+                a0[d] += p0 * y
+                a1[d] += p1 * y
+                a2[d] += p2 * y
+                a3[d] += p3 * y
+                a4[d] += p4 * y
+                a5[d] += p5 * y
+                a6[d] += p6 * y
+                a7[d] += p7 * y
+
+
+@njit(cache=True)
+def _round_rows(n):
+    """n rounded up to a whole number of row blocks."""
+    return (n + _ROWS - 1) // _ROWS * _ROWS
+
+
+# ---------------------------------------------------------------------------------------
+# Layout kernels.
+
+
+@njit(**_KERNEL)
+def _tile_kernel(x, slot_token_index, out):
+    batch, _, heads, _ = x.shape
+    padded = out.shape[2]
+    for row in prange(batch * padded):
+        b, s = row // padded, row % padded
+        token = slot_token_index[s]
+        for h in range(heads):
+            dst = out[b, h, s]
+            if token < 0:
+                dst[:] = 0
+            else:
+                dst[:] = x[b, token, h]
+
+
+@njit(**_KERNEL)
+def _untile_kernel(y, untile_index, out):
+    batch, seq, heads, _ = out.shape
+    for row in prange(batch * seq):
+        b, t = row // seq, row % seq
+        slot = untile_index[t]
+        for h in range(heads):
+            out[b, t, h] = y[b, h, slot]
+
+
+def _bits(x):
+    """A same-size unsigned-integer view: tile/untile only move elements, whatever their dtype."""
+    return x.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
+
+
+def tile(x, slot_token_index, out):
+    """x [B, S, H, D] -> out [B, H, S_pad, D]; pad slots (index -1) zero.  Returns out."""
+    _tile_kernel(_bits(x), slot_token_index, _bits(out))
+    return out
+
+
+def untile(y, untile_index, out):
+    """y [B, H, S_pad, D] -> out [B, S, H, D].  Returns out."""
+    _untile_kernel(_bits(y), untile_index, _bits(out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Coarse stage helpers.
+
+
+def _compute(x):
+    """x in its compute dtype (no copy for float32/float64)."""
+    return x.astype(compute_dtype(x.dtype), copy=False)
+
+
+def _index(x):
+    """A private, writable int32 copy: Numba compiles read-only arrays separately."""
+    return np.array(x, dtype=np.int32)
+
+
+@njit(**_KERNEL)
+def _block_mean_kernel(x, block_sizes, out):
+    batch, heads, tiles, _, dim = x.shape
+    for item in prange(batch * heads * tiles):
+        b, h, i = item // (heads * tiles), (item // tiles) % heads, item % tiles
+        dst, src = out[b, h, i], x[b, h, i]
+        dst[:] = 0.0
+        for r in range(block_sizes[i]):
+            for d in range(dim):
+                dst[d] += src[r, d]
+        inv = 1 / x.dtype.type(block_sizes[i])
+        for d in range(dim):
+            dst[d] *= inv
+
+
+def block_mean(x, block_sizes):
+    """x [B, H, N*V, D] -> [B, H, N, D] in the compute dtype: mean of the real tokens per tile."""
+    x = _compute(x)
+    b, h, s, d = x.shape
+    n = block_sizes.shape[0]
+    out = np.empty((b, h, n, d), x.dtype)
+    _block_mean_kernel(x.reshape(b, h, n, s // n, d), _index(block_sizes), out)
+    return out
+
+
+@njit(**_KERNEL)
+def _select_topk_kernel(scores, topk, q2k_idx, q2k_num, scratch):
+    rows, n = scores.shape
+    for row in prange(rows):
+        values = scratch[numba.get_thread_id()]
+        src = scores[row]
+        values[:] = src
+        values.sort()
+        threshold = values[n - topk]
+        # Everything above the threshold is in; ties at it go to the lowest indices.
+        ties = topk
+        for c in range(n):
+            if src[c] > threshold:
+                ties -= 1
+        count = 0
+        for c in range(n):
+            if src[c] > threshold or (src[c] == threshold and ties > 0):
+                if src[c] == threshold:
+                    ties -= 1
+                q2k_idx[row, count] = c
+                count += 1
+        q2k_num[row] = topk
+
+
+def select_topk(scores, topk):
+    """scores [B, H, N_q, N_kv] -> (q2k_idx [B, H, N_q, topk] int32 increasing, q2k_num [B, H, N_q])."""
+    b, h, n_q, n_kv = scores.shape
+    q2k_idx = np.empty((b, h, n_q, topk), np.int32)
+    q2k_num = np.empty((b, h, n_q), np.int32)
+    scratch = np.empty((numba.config.NUMBA_NUM_THREADS, n_kv), scores.dtype)
+    _select_topk_kernel(scores.reshape(-1, n_kv), topk, q2k_idx.reshape(-1, topk), q2k_num.reshape(-1), scratch)
+    return q2k_idx, q2k_num
+
+
+@njit(**_KERNEL)
+def _coarse_grad_kernel(dout, gate, has_gate, coarse, q_block_sizes, d_coarse, dgate):
+    batch, heads, tiles, volume, dim = dout.shape
+    for item in prange(batch * heads * tiles):
+        b, h, i = item // (heads * tiles), (item // tiles) % heads, item % tiles
+        acc, c_row = d_coarse[b, h, i], coarse[b, h, i]
+        acc[:] = 0.0
+        real = q_block_sizes[i]
+        for r in range(real):
+            src = dout[b, h, i, r]
+            if has_gate:
+                g, dg = gate[b, h, i, r], dgate[b, h, i, r]
+                for d in range(dim):
+                    acc[d] += g[d] * src[d]
+                    dg[d] = src[d] * c_row[d]
+            else:
+                for d in range(dim):
+                    acc[d] += src[d]
+        if has_gate:
+            dgate[b, h, i, real:] = 0.0
+
+
+def coarse_grad_inputs(dout, gate, coarse, q_block_sizes):
+    """(d_coarse [B, H, N_q, D] compute dtype, dgate q-shaped in gate's dtype or None)."""
+    dout_c = _compute(dout)
+    b, h, s, d = dout.shape
+    n = q_block_sizes.shape[0]
+    tiled = (b, h, n, s // n, d)
+    d_coarse = np.empty((b, h, n, d), dout_c.dtype)
+    has_gate = gate is not None
+    gate_c = _compute(gate).reshape(tiled) if has_gate else np.empty((0,) * 5, dout_c.dtype)
+    dgate = np.empty(tiled if has_gate else (0,) * 5, dout_c.dtype)
+    coarse = np.ascontiguousarray(coarse, dtype=dout_c.dtype)
+    _coarse_grad_kernel(dout_c.reshape(tiled), gate_c, has_gate, coarse, _index(q_block_sizes), d_coarse, dgate)
+    if not has_gate:
+        return d_coarse, None
+    return d_coarse, dgate.reshape(dout.shape).astype(gate.dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Fine attention, forward.
+
+
+def _key_rows(x, num_tiles: int):
+    """[B, H, N*V, D] -> [B, H, N, V, D] in the compute dtype (a view for float32/float64)."""
+    b, h, s, d = x.shape
+    return _compute(x).reshape(b, h, num_tiles, s // num_tiles, d)
+
+
+def _transposed(tiles):
+    """[B, H, N, V, D] -> contiguous [B, H, N, D, V]: each tile's columns become rows."""
+    return np.ascontiguousarray(tiles.transpose(0, 1, 2, 4, 3))
+
+
+def _scratch(*shape_and_dtype):
+    """Per-thread scratch: one [shape] array per Numba thread."""
+    *shape, dtype = shape_and_dtype
+    return np.zeros((numba.config.NUMBA_NUM_THREADS, *shape), dtype)
+
+
+@njit(**_KERNEL)
+def _fwd_kernel(q, kt, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, has_gate, out, lse,
+                qs_buf, s_buf, acc_buf, m_buf, l_buf):
+    batch, heads, tiles, volume, dim = q.shape
+    group = heads // kt.shape[1]
+    rows = qs_buf.shape[1]
+    dtype = q.dtype.type
+    qscale, ln2, zero = dtype(scale * _LOG2E), dtype(_LN2), dtype(0.0)
+    for item in prange(batch * heads * tiles):
+        b, h, i = item // (heads * tiles), (item // tiles) % heads, item % tiles
+        hk = h // group
+        tid = numba.get_thread_id()
+        qs, s, acc, m, l = qs_buf[tid], s_buf[tid], acc_buf[tid], m_buf[tid], l_buf[tid]
+        q_tile = q[b, h, i]
+        for r in range(volume):
+            for d in range(dim):
+                qs[r, d] = q_tile[r, d] * qscale
+        acc[:] = 0.0
+        m[:] = _NO_MAX
+        l[:] = 0.0
+        for t in range(q2k_num[b, h, i]):
+            j = q2k_idx[b, h, i, t]
+            keys = kv_block_sizes[j]
+            _scores(s, qs, kt[b, hk, j], rows, keys)
+            for r in range(rows):
+                sr, ar = s[r], acc[r]
+                row_max = m[r]
+                for c in range(keys):
+                    row_max = _fmax(row_max, sr[c])
+                total = zero
+                for c in range(keys):
+                    p = _exp2(sr[c] - row_max)
+                    sr[c] = p
+                    total += p
+                alpha = _exp2(m[r] - row_max)  # 2**-126 (times zeros) on the first tile
+                m[r] = row_max
+                l[r] = l[r] * alpha + total
+                for d in range(dim):
+                    ar[d] *= alpha
+            _accumulate(acc, s, v[b, hk, j], rows, keys)
+        dst = out[b, h, i]
+        c_row = coarse[b, h, i]
+        for r in range(volume):
+            ar, dr = acc[r], dst[r]
+            if l[r] > 0:
+                inv = 1 / l[r]
+                lse[b, h, i, r] = (m[r] + np.log2(l[r])) * ln2
+            else:  # no key selected: fine output 0
+                inv = zero
+                lse[b, h, i, r] = -np.inf
+            if has_gate:
+                g = gate[b, h, i, r]
+                for d in range(dim):
+                    dr[d] = ar[d] * inv + g[d] * c_row[d]
+            else:
+                for d in range(dim):
+                    dr[d] = ar[d] * inv + c_row[d]
+
+
+def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate):
+    """(out [B, H, Sq_pad, D] in q's dtype, lse [B, H, Sq_pad] compute dtype); see the package doc."""
+    b, h, s_q, d = q.shape
+    n_q, n_kv = q2k_idx.shape[2], kv_block_sizes.shape[0]
+    volume = s_q // n_q
+    tiled = (b, h, n_q, volume, d)
+    q_c = _compute(q).reshape(tiled)
+    dtype = q_c.dtype
+    coarse = np.zeros((b, h, n_q, d), dtype) if coarse is None else np.ascontiguousarray(coarse, dtype=dtype)
+    has_gate = gate is not None
+    gate_c = _compute(gate).reshape(tiled) if has_gate else np.empty((0,) * 5, dtype)
+    out = np.empty(tiled, dtype)
+    lse = np.empty((b, h, n_q, volume), dtype)
+    rows = _round_rows(volume)
+    with numba.parallel_chunksize(1):
+        _fwd_kernel(
+            q_c, _transposed(_key_rows(k, n_kv)), _key_rows(v, n_kv), _index(q2k_idx), _index(q2k_num),
+            _index(kv_block_sizes), float(scale), coarse, gate_c, has_gate, out, lse,
+            _scratch(rows, d, dtype), _scratch(rows, volume, dtype), _scratch(rows, d, dtype),
+            _scratch(rows, dtype), _scratch(rows, dtype),
+        )
+    return out.reshape(q.shape).astype(q.dtype, copy=False), lse.reshape(b, h, s_q)
+
+
+# ---------------------------------------------------------------------------------------
+# Fine attention, backward.
+
+
+@njit(**_KERNEL)
+def _bwd_prep_kernel(q, dout, out, lse, coarse, gate, has_gate, q_block_sizes, scale,
+                     qs_t, dout_rows, dout_t, delta, lse2):
+    """Per query tile: q * scale * log2(e) transposed, dout with pad rows zeroed (as rows and
+    transposed), delta = rowsum(dout * fine) and lse in log2 units (0 on pad rows)."""
+    batch, heads, tiles, volume, dim = q.shape
+    dtype = q.dtype.type
+    qscale, log2e, zero = dtype(scale * _LOG2E), dtype(_LOG2E), dtype(0.0)
+    for item in prange(batch * heads * tiles):
+        b, h, i = item // (heads * tiles), (item // tiles) % heads, item % tiles
+        real = q_block_sizes[i]
+        c_row = coarse[b, h, i]
+        dst, dst_t = dout_rows[b, h, i], dout_t[b, h, i]
+        dst[:] = 0.0
+        dst_t[:] = 0.0
+        for r in range(volume):
+            q_row = q[b, h, i, r]
+            for d in range(dim):
+                qs_t[b, h, i, d, r] = q_row[d] * qscale
+        for r in range(real):
+            src, o_row = dout[b, h, i, r], out[b, h, i, r]
+            total = zero
+            if has_gate:
+                g = gate[b, h, i, r]
+                for d in range(dim):
+                    total += src[d] * (o_row[d] - g[d] * c_row[d])
+            else:
+                for d in range(dim):
+                    total += src[d] * (o_row[d] - c_row[d])
+            delta[b, h, i, r] = total
+            lse2[b, h, i, r] = lse[b, h, i, r] * log2e
+            for d in range(dim):
+                dst[r, d] = src[d]
+                dst_t[d, r] = src[d]
+        for r in range(real, volume):
+            delta[b, h, i, r] = 0.0
+            lse2[b, h, i, r] = 0.0
+
+
+@njit(**_KERNEL)
+def _dq_kernel(q, kt, vt, k, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, scale,
+               dout_rows, delta, lse2, dq_tile, dq, qs_buf, s_buf, dp_buf, acc_buf):
+    batch, heads, tiles, volume, dim = q.shape
+    group = heads // kt.shape[1]
+    dtype = q.dtype.type
+    qscale, kscale = dtype(scale * _LOG2E), dtype(scale)
+    for item in prange(batch * heads * tiles):
+        b, h, i = item // (heads * tiles), (item // tiles) % heads, item % tiles
+        hk = h // group
+        tid = numba.get_thread_id()
+        qs, s, dp, acc = qs_buf[tid], s_buf[tid], dp_buf[tid], acc_buf[tid]
+        real = q_block_sizes[i]
+        rows = _round_rows(real)
+        q_tile, lse_row, delta_row = q[b, h, i], lse2[b, h, i], delta[b, h, i]
+        for r in range(real):
+            for d in range(dim):
+                qs[r, d] = q_tile[r, d] * qscale
+        acc[:] = 0.0
+        for t in range(q2k_num[b, h, i]):
+            j = q2k_idx[b, h, i, t]
+            keys = kv_block_sizes[j]
+            _scores(s, qs, kt[b, hk, j], rows, keys)
+            _scores(dp, dout_rows[b, h, i], vt[b, hk, j], rows, keys)
+            for r in range(real):  # s becomes dS = P * (dP - delta)
+                sr, dpr, lse_r, delta_r = s[r], dp[r], lse_row[r], delta_row[r]
+                for c in range(keys):
+                    sr[c] = _exp2(sr[c] - lse_r) * (dpr[c] - delta_r)
+            s[real:rows, :keys] = 0.0
+            _accumulate(acc, s, k[b, hk, j], rows, keys)
+        dst, tile_grad = dq[b, h, i], dq_tile[b, h, i]
+        for r in range(real):
+            for d in range(dim):
+                dst[r, d] = acc[r, d] * kscale + tile_grad[d]
+        dst[real:] = 0.0
+
+
+@njit(**_KERNEL)
+def _dkdv_kernel(q, k, v, q_block_sizes, kv_block_sizes, scale, qs_t, dout_rows, dout_t, delta, lse2,
+                 offsets, entries, dk_tile, dv_tile, dk, dv, k_buf, v_buf, p_buf, ds_buf, dk_buf, dv_buf):
+    batch, kv_heads, tiles, volume, dim = k.shape
+    q_tiles = q.shape[2]
+    kscale = q.dtype.type(scale)
+    for item in prange(batch * kv_heads * tiles):
+        b, hk, j = item // (kv_heads * tiles), (item // tiles) % kv_heads, item % tiles
+        tid = numba.get_thread_id()
+        kj, vj, p, ds, dk_acc, dv_acc = k_buf[tid], v_buf[tid], p_buf[tid], ds_buf[tid], dk_buf[tid], dv_buf[tid]
+        keys = kv_block_sizes[j]
+        rows = _round_rows(keys)
+        kj[:keys] = k[b, hk, j, :keys]
+        vj[:keys] = v[b, hk, j, :keys]
+        dk_acc[:] = 0.0
+        dv_acc[:] = 0.0
+        for e in range(offsets[item], offsets[item + 1]):
+            h, i = entries[e] // q_tiles, entries[e] % q_tiles
+            real = q_block_sizes[i]
+            # Transposed tiles: row c is key c, column r is query row r.
+            _scores(p, kj, qs_t[b, h, i], rows, real)
+            _scores(ds, vj, dout_t[b, h, i], rows, real)
+            lse_row, delta_row = lse2[b, h, i], delta[b, h, i]
+            for c in range(keys):
+                pc, dsc = p[c], ds[c]
+                for r in range(real):
+                    x = _exp2(pc[r] - lse_row[r])
+                    pc[r] = x
+                    dsc[r] = x * (dsc[r] - delta_row[r])
+            p[keys:rows, :real] = 0.0
+            ds[keys:rows, :real] = 0.0
+            _accumulate(dv_acc, p, dout_rows[b, h, i], rows, real)
+            _accumulate(dk_acc, ds, q[b, h, i], rows, real)
+        dk_dst, dv_dst = dk[b, hk, j], dv[b, hk, j]
+        dk_grad, dv_grad = dk_tile[b, hk, j], dv_tile[b, hk, j]
+        for c in range(keys):
+            for d in range(dim):
+                dk_dst[c, d] = dk_acc[c, d] * kscale + dk_grad[d]
+                dv_dst[c, d] = dv_acc[c, d] + dv_grad[d]
+        dk_dst[keys:] = 0.0
+        dv_dst[keys:] = 0.0
+
+
+@njit(cache=True)
+def _reverse_lists(q2k_idx, q2k_num, kv_heads, kv_tiles):
+    """Counting sort of the selections by (b, kv head, key tile).
+
+    Returns (offsets [B*H_kv*N_kv + 1] int64, entries int32): the entries of bucket
+    (b * H_kv + hk) * N_kv + j list h * N_q + i for every (h, i) that selected key tile j,
+    in increasing order, so the dK/dV pass visits them in a fixed order.
+    """
+    batch, heads, q_tiles, _ = q2k_idx.shape
+    group = heads // kv_heads
+    offsets = np.zeros(batch * kv_heads * kv_tiles + 1, np.int64)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(q_tiles):
+                for t in range(q2k_num[b, h, i]):
+                    offsets[(b * kv_heads + h // group) * kv_tiles + q2k_idx[b, h, i, t] + 1] += 1
+    for n in range(1, offsets.size):
+        offsets[n] += offsets[n - 1]
+    fill = offsets[:-1].copy()
+    entries = np.empty(offsets[-1], np.int32)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(q_tiles):
+                for t in range(q2k_num[b, h, i]):
+                    bucket = (b * kv_heads + h // group) * kv_tiles + q2k_idx[b, h, i, t]
+                    entries[fill[bucket]] = h * q_tiles + i
+                    fill[bucket] += 1
+    return offsets, entries
+
+
+def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
+                     scale, coarse, gate, dq_tile, dk_tile, dv_tile):
+    """(dq, dk, dv) in the input dtype, pad slots zero; see the package doc."""
+    b, h, s_q, d = q.shape
+    h_kv = k.shape[1]
+    n_q, n_kv = q_block_sizes.shape[0], kv_block_sizes.shape[0]
+    volume = s_q // n_q
+    tiled = (b, h, n_q, volume, d)
+    q_c = _compute(q).reshape(tiled)
+    dtype = q_c.dtype
+    k_rows, v_rows = _key_rows(k, n_kv), _key_rows(v, n_kv)
+    q_block_sizes, kv_block_sizes = _index(q_block_sizes), _index(kv_block_sizes)
+    q2k_idx, q2k_num = _index(q2k_idx), _index(q2k_num)
+    coarse = np.zeros((b, h, n_q, d), dtype) if coarse is None else np.ascontiguousarray(coarse, dtype=dtype)
+    has_gate = gate is not None
+    gate_c = _compute(gate).reshape(tiled) if has_gate else np.empty((0,) * 5, dtype)
+    dq_tile, dk_tile, dv_tile = (np.ascontiguousarray(x, dtype=dtype) for x in (dq_tile, dk_tile, dv_tile))
+    rows = _round_rows(volume)
+
+    qs_t = np.empty((b, h, n_q, d, volume), dtype)
+    dout_rows = np.empty((b, h, n_q, rows, d), dtype)
+    dout_t = np.empty((b, h, n_q, d, volume), dtype)
+    delta = np.empty((b, h, n_q, volume), dtype)
+    lse2 = np.empty((b, h, n_q, volume), dtype)
+    _bwd_prep_kernel(
+        q_c, _compute(dout).reshape(tiled), _compute(out).reshape(tiled), lse.reshape(b, h, n_q, volume),
+        coarse, gate_c, has_gate, q_block_sizes, float(scale), qs_t, dout_rows, dout_t, delta, lse2,
+    )
+
+    dq = np.empty(tiled, dtype)
+    offsets, entries = _reverse_lists(q2k_idx, q2k_num, h_kv, n_kv)
+    dk = np.empty(k_rows.shape, dtype)
+    dv = np.empty(v_rows.shape, dtype)
+    with numba.parallel_chunksize(1):
+        _dq_kernel(
+            q_c, _transposed(k_rows), _transposed(v_rows), k_rows, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
+            float(scale), dout_rows, delta, lse2, dq_tile, dq,
+            _scratch(rows, d, dtype), _scratch(rows, volume, dtype), _scratch(rows, volume, dtype),
+            _scratch(rows, d, dtype),
+        )
+        _dkdv_kernel(
+            q_c, k_rows, v_rows, q_block_sizes, kv_block_sizes, float(scale), qs_t, dout_rows, dout_t, delta, lse2,
+            offsets, entries, dk_tile, dv_tile, dk, dv,
+            _scratch(rows, d, dtype), _scratch(rows, d, dtype), _scratch(rows, volume, dtype),
+            _scratch(rows, volume, dtype), _scratch(rows, d, dtype), _scratch(rows, d, dtype),
+        )
+    return tuple(x.reshape(shape).astype(q.dtype, copy=False) for x, shape in ((dq, q.shape), (dk, k.shape), (dv, v.shape)))
