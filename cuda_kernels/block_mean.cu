@@ -33,15 +33,6 @@ struct alignas(sizeof(T) * VEC) Vec {
     T v[VEC];
 };
 
-// Widening to fp32.  bf16 is the top half of an fp32, so a shift is the exact conversion; written
-// out because on sm_90a __bfloat162float in this unrolled loop sent the loaded rows to local
-// memory (a stack frame and spills in the ptxas report), and the shift keeps them in registers.
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) {
-    return __uint_as_float(static_cast<unsigned int>(__bfloat16_as_ushort(x)) << 16);
-}
-
 }  // namespace
 
 template <typename T, int VEC>
@@ -84,7 +75,7 @@ block_mean(const T* __restrict__ x0, const T* __restrict__ x1, const T* __restri
         for (int k = 0; k < UNROLL; ++k) {
             if (r + k < n) {
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) acc[e] += widen(rows[k].v[e]);
+                for (int e = 0; e < VEC; ++e) acc[e] += vsa::to_float(rows[k].v[e]);
             }
         }
     }

@@ -33,15 +33,6 @@ struct alignas(sizeof(T) * VEC) Vec {
     T v[VEC];
 };
 
-// Widening to fp32.  bf16 is the top half of an fp32, so a shift is the exact conversion; written
-// out because on sm_90a __bfloat162float in this unrolled loop sent the loaded rows to local
-// memory (a stack frame and spills in the ptxas report), and the shift keeps them in registers.
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) {
-    return __uint_as_float(static_cast<unsigned int>(__bfloat16_as_ushort(x)) << 16);
-}
-
 }  // namespace
 
 template <typename T, int VEC, bool GATED>
@@ -91,14 +82,14 @@ coarse_grad(const T* __restrict__ dout, const T* __restrict__ gate, const float*
                     V dg;
 #pragma unroll
                     for (int e = 0; e < VEC; ++e) {
-                        const float dv = widen(d[k].v[e]);
-                        acc[e] += widen(w[k].v[e]) * dv;
+                        const float dv = vsa::to_float(d[k].v[e]);
+                        acc[e] += vsa::to_float(w[k].v[e]) * dv;
                         dg.v[e] = vsa::from_float<T>(dv * co[e]);
                     }
                     dgate_col[static_cast<long long>(r + k) * cols] = dg;
                 } else {
 #pragma unroll
-                    for (int e = 0; e < VEC; ++e) acc[e] += widen(d[k].v[e]);
+                    for (int e = 0; e < VEC; ++e) acc[e] += vsa::to_float(d[k].v[e]);
                 }
             }
         }

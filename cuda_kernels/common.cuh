@@ -10,7 +10,12 @@ namespace vsa {
 // Element <-> float conversions for the three storage types the kernels read.
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+// bf16 is the top half of an fp32, so a shift is the exact conversion.  Written out because on
+// sm_90a __bfloat162float in unrolled loops sent loaded rows to local memory (stack and spills
+// in the ptxas report); the shift keeps them in registers.
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) {
+    return __uint_as_float(static_cast<unsigned int>(__bfloat16_as_ushort(x)) << 16);
+}
 
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }

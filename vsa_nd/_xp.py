@@ -6,6 +6,8 @@ a CuPy array is actually passed in, so ``import vsa_nd`` works on machines witho
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 try:  # ml_dtypes gives NumPy (and CuPy) a bfloat16 dtype
@@ -36,6 +38,11 @@ def device_key(x) -> str:
     if is_cupy_array(x):
         return f"cuda:{x.device.id}"
     return "cpu"
+
+
+def on_device_of(x):
+    """Context that makes ``x``'s GPU current (allocations and launches go there); no-op on the host."""
+    return x.device if is_cupy_array(x) else contextlib.nullcontext()
 
 
 def compute_dtype(dtype) -> np.dtype:

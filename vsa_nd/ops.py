@@ -18,13 +18,15 @@ float64 for float64), float16/bfloat16 on CuPy.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from . import validation as check
-from ._xp import array_module, compute_dtype, device_key, is_cupy_array
+from ._xp import array_module, compute_dtype, device_key, is_cupy_array, on_device_of
 from .tiling import TilePlan
 
 
@@ -36,6 +38,19 @@ def _backend(x):
     from .backends import numba_cpu
 
     return numba_cpu
+
+
+def _on_input_device(fn):
+    """Run ``fn`` with its first argument's GPU current, so allocations and launches land there."""
+
+    first = next(iter(inspect.signature(fn).parameters))
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with on_device_of(args[0] if args else kwargs.get(first)):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _check_plan(plan, like) -> TilePlan:
@@ -50,6 +65,7 @@ def _check_out(out, like, shape: tuple, dtype):
     return check.check_contiguous("out", out)
 
 
+@_on_input_device
 def tile(x, plan: TilePlan, out=None):
     """Reorder tokens into tiles: x [B, S, H, D] -> [B, H, S_pad, D], pad slots zero.
 
@@ -67,6 +83,7 @@ def tile(x, plan: TilePlan, out=None):
     return _backend(x).tile(x, plan.slot_token_index, out)
 
 
+@_on_input_device
 def untile(y, plan: TilePlan, out=None):
     """Undo :func:`tile`: y [B, H, S_pad, D] -> [B, S, H, D], pad slots dropped."""
     check.check_array("y", y, 4)
@@ -98,6 +115,7 @@ def _tile_volume(name: str, padded_len: int, num_blocks: int, blocks_name: str) 
     return padded_len // num_blocks
 
 
+@_on_input_device
 def block_mean(x, block_sizes):
     """Mean of the real tokens of each tile: x [B, H, N*V, D] -> [B, H, N, D] (compute dtype)."""
     check.check_float("x", x, 4)
@@ -121,6 +139,7 @@ def _coarse_attention(q_c, k_c, v_c, scale: float):
     return scores.reshape(b, h, n_q, -1), probs.reshape(b, h, n_q, -1), coarse
 
 
+@_on_input_device
 def coarse_attn(q_c, k_c, v_c, scale=None):
     """Dense attention between tile means.
 
@@ -140,6 +159,7 @@ def coarse_attn(q_c, k_c, v_c, scale=None):
     return scores, coarse
 
 
+@_on_input_device
 def select_topk_blocks(scores, topk: int):
     """The ``topk`` highest-scoring key tiles of each query tile, ties to the lower index.
 
@@ -196,6 +216,10 @@ def _check_attention(q, k, v, kv_block_sizes, num_q_blocks: int, scale, gate=Non
         if x is not None:
             check.check_contiguous(name, x)
     volume = _tile_volume("q", s_q, num_q_blocks, q_blocks_name)
+    if is_cupy_array(q):  # the kernels' own limits, checked before any launch
+        from .backends.cuda_attention import check_kernel_support
+
+        check_kernel_support(q, volume)
     num_kv_blocks = _num_blocks("kv_block_sizes", kv_block_sizes)
     if k.shape[2] != num_kv_blocks * volume:
         raise ValueError(
@@ -217,6 +241,7 @@ def _index_lists_from_block_map(block_map):
     return order.astype(np.int32), block_map.sum(axis=-1, dtype=np.int32)
 
 
+@_on_input_device
 def block_sparse_attn(
     q, k, v, kv_block_sizes, q2k_idx=None, q2k_num=None, *, block_map=None, scale=None, return_lse=False, check_indices=True
 ):
@@ -282,6 +307,7 @@ class VSAContext:
     coarse: object
 
 
+@_on_input_device
 def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *, gate=None, scale=None, return_context=False):
     """Video Sparse Attention: coarse tile attention, top-k tile selection, fine attention.
 
@@ -324,6 +350,7 @@ class Gradients(NamedTuple):
     dgate: object  # q-shaped, or None without a gate
 
 
+@_on_input_device
 def video_sparse_attn_backward(dout, context: VSAContext) -> Gradients:
     """Gradients of ``sum(dout * out)`` over the real query rows, selection held fixed.
 

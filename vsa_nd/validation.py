@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._xp import FLOAT_DTYPES, array_module, device_key, is_cupy_array
+from ._xp import FLOAT_DTYPES, array_module, device_key, is_cupy_array, on_device_of
 
 
 def describe(x) -> str:
@@ -86,19 +86,11 @@ def as_index_array(name: str, x, like, length: int | None = None, ndim: int = 1)
     if device_key(x) != device_key(like):
         if is_cupy_array(x) and not is_cupy_array(like):
             raise TypeError(f"{name}: expected an array on {device_key(like)}, got one on {device_key(x)}")
-        with _device_of(like):
+        with on_device_of(like):
             x = xp.asarray(x)
     if x.dtype != np.int32 or not x.flags.c_contiguous:
         x = xp.ascontiguousarray(x.astype(np.int32))
     return x
-
-
-def _device_of(like):
-    if is_cupy_array(like):
-        return like.device
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def check_block_sizes(name: str, block_sizes, like, num_blocks: int, tile_volume: int):

@@ -26,7 +26,8 @@ def _alloc(shape, dtype):
     return cupy.empty(shape, dtype)
 
 
-def _kernel_type(q, tile_volume: int) -> str:
+def check_kernel_support(q, tile_volume: int) -> str:
+    """The kernels' CUDA element type for q; TypeError/ValueError for what they cannot run."""
     dtype = np.dtype(q.dtype)
     if dtype not in _CUDA_TYPES:
         raise TypeError(f"q: the CUDA attention kernels take float16 or bfloat16, got {dtype}")
@@ -63,7 +64,7 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
     b, h, q_len, d = q.shape
     h_kv, kv_len = k.shape[1], k.shape[2]
     tile_volume = q_len // q2k_idx.shape[2]
-    ctype = _kernel_type(q, tile_volume)
+    ctype = check_kernel_support(q, tile_volume)
     with q.device:
         out = _alloc(q.shape, q.dtype)
         lse = _alloc((b, h, q_len), np.float32)
