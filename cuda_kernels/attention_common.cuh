@@ -62,7 +62,9 @@ template <typename T, int D> struct AttentionCta {
         int valid;
     };
     __device__ Chunk chunk(int c) const {
-        const int tile = list[c / chunks_per_tile], sub = c % chunks_per_tile;
+        // Tile volume 64 (one chunk per tile) is the common case: skip the integer division.
+        const int entry = chunks_per_tile == 1 ? c : c / chunks_per_tile;
+        const int tile = list[entry], sub = c - entry * chunks_per_tile;
         const int left = kv_block_sizes[tile] - sub * ATT_BLOCK_N;
         return {(static_cast<size_t>(tile) * tile_volume + sub * ATT_BLOCK_N) * D, min(max(left, 0), ATT_BLOCK_N)};
     }

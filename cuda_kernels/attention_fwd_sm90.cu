@@ -37,6 +37,11 @@ block_sparse_fwd_sm90(const T* __restrict__ q, const T* __restrict__ k, const T*
         __syncthreads();
     };
 
+    // Matrix descriptors of the three tiles; a k16 step adds its byte offset / 16 to the
+    // start-address field (no carry: shared addresses stay below 256 KB).
+    const unsigned long long desc_q = smem_desc(sQ, 16, 1024), desc_k = smem_desc(sK, 16, 1024),
+                             desc_v = smem_desc(sV, ATOM_BYTES, 1024);
+
     float o[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
@@ -59,8 +64,8 @@ block_sparse_fwd_sm90(const T* __restrict__ q, const T* __restrict__ k, const T*
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            const int step = (kk >> 2) * ATOM_BYTES + (kk & 3) * 32;
-            WgmmaSS<T>::run(s, smem_desc(sQ + step, 16, 1024), smem_desc(sK + step, 16, 1024), kk > 0);
+            const int step = ((kk >> 2) * ATOM_BYTES + (kk & 3) * 32) >> 4;  // in 16-byte units
+            WgmmaSS<T>::run(s, desc_q + step, desc_k + step, kk > 0);
         }
         wgmma_commit();
         wgmma_wait<0>();
@@ -81,7 +86,7 @@ block_sparse_fwd_sm90(const T* __restrict__ q, const T* __restrict__ k, const T*
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
-            WgmmaRS<T, D>::run(o, p[kk], smem_desc(sV + kk * 16 * 128, ATOM_BYTES, 1024), 1);
+            WgmmaRS<T, D>::run(o, p[kk], desc_v + ((kk * 16 * 128) >> 4), 1);
         wgmma_commit();
         wgmma_wait<0>();
         fence_registers(o);

@@ -24,6 +24,13 @@ def _gpu_available() -> bool:
 
 GPU = _gpu_available()
 
+if GPU and os.environ.get("VSA_ND_CUPY_POOL") == "0":
+    # Every CuPy array its own cudaMalloc (no memory pool), so that compute-sanitizer sees an
+    # out-of-bounds access at the array's edge.
+    import cupy
+
+    cupy.cuda.set_allocator(None)
+
 
 def pytest_collection_modifyitems(config, items):
     if GPU:

@@ -159,3 +159,27 @@ def test_kernel_limits_are_reported_before_launch():
     x = cupy.ones((1, 1, plan.padded_len, 64), np.float32)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         vsa_nd.block_sparse_attn(x, x, x, sizes, cupy.zeros((1, 1, 1, 1), np.int32))
+
+
+@pytest.mark.parametrize("kernel", ["auto", "mma"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_smoke_attention(kernel, head_dim, monkeypatch):
+    """A small fixed problem with many features at once (partial tiles, GQA, gate, cross
+    attention, tile volume 128): the case compute-sanitizer runs."""
+    import cupy
+
+    from vsa_nd.backends import cuda_attention
+
+    monkeypatch.setattr(cuda_attention, "FORWARD_KERNEL", kernel)
+    rng = np.random.default_rng(head_dim)
+    q_plan, kv_plan = vsa_nd.tile_plan((5, 6, 7), (4, 4, 8)), vsa_nd.tile_plan((3, 9, 6), (4, 4, 8))
+    p = dict(q_plan=q_plan, kv_plan=kv_plan, volume=128, batch=2, heads=4, kv_heads=2, head_dim=head_dim,
+             dtype=BFLOAT16)
+    q, k, v = _inputs(p, rng)
+    gate = rng.standard_normal(q.shape).astype(BFLOAT16)
+    out = vsa_nd.video_sparse_attn(*(cupy.asarray(x) for x in (q, k, v)), 2, cupy.asarray(q_plan.variable_block_sizes),
+                                   cupy.asarray(kv_plan.variable_block_sizes), gate=cupy.asarray(gate))
+    ref = reference.video_sparse_attn(q, k, v, q_plan.variable_block_sizes, kv_plan.variable_block_sizes, 2, 128,
+                                      gate=gate)
+    real = reference.valid_slots(q_plan.variable_block_sizes, 128)
+    assert _rel_err(cupy.asnumpy(out)[:, :, real], ref.out[:, :, real]) <= TOLERANCE[BFLOAT16]

@@ -7,12 +7,9 @@ hold NaN.  tile, untile, top-k and dgate must match bit for bit; tile means and 
 accumulation) to a relative error of 1e-5; every kernel must give identical bits when run
 again.  Every test but the NVRTC compile check needs a GPU.
 
-``VSA_ND_CUPY_POOL=0`` makes every CuPy array its own cudaMalloc (no memory pool), so that
-compute-sanitizer sees an out-of-bounds access at the array's edge; scripts/gpu-check.sh runs
-the ``smoke`` tests that way.
+scripts/gpu-check.sh runs the ``smoke`` tests under compute-sanitizer with
+``VSA_ND_CUPY_POOL=0`` (see conftest.py).
 """
-
-import os
 
 import numpy as np
 import pytest
@@ -28,9 +25,6 @@ try:
     import cupy
 except ImportError:  # CI: only the compile check runs
     cupy = None
-
-if cupy is not None and os.environ.get("VSA_ND_CUPY_POOL") == "0":
-    cupy.cuda.set_allocator(None)
 
 gpu = pytest.mark.gpu
 
