@@ -1,8 +1,7 @@
 """CPU benchmark: the Numba block-sparse forward against dense attention with NumPy matmuls.
 
 Both sides run float32 on every core (Numba's threads; NumPy's BLAS threads).  Times are
-medians of ``--repeats`` runs, the two sides interleaved so that a noisy neighbour slows
-both alike.  Effective GFLOP/s: block-sparse 4*B*H*D*Sq_pad*(topk*V) / time, dense
+medians of ``--repeats`` consecutive runs after a warm-up call.  Effective GFLOP/s: block-sparse 4*B*H*D*Sq_pad*(topk*V) / time, dense
 4*B*H*D*S^2 / time.  The selection is VSA's own (coarse stage on the same inputs); the
 "full VSA" column times the whole operator (tile means, coarse attention, top-k, fine stage).
 
@@ -64,16 +63,21 @@ def dense_attention(q, k, v, scale):
 
 
 def median_times(functions, repeats: int) -> list:
-    """Median wall time of each function, runs interleaved, after one warm-up call each."""
+    """Median wall time of each function over ``repeats`` consecutive runs after a warm-up call.
+
+    Each function is timed in its own block, not interleaved with the others: OpenBLAS's
+    threads spin for a while after a call and would steal the cores of the next one."""
+    medians = []
     for f in functions:
+        time.sleep(0.5)  # let the previous block's threads go idle
         f()
-    times = [[] for _ in functions]
-    for _ in range(repeats):
-        for f, bucket in zip(functions, times):
+        times = []
+        for _ in range(repeats):
             start = time.perf_counter()
             f()
-            bucket.append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]
+            times.append(time.perf_counter() - start)
+        medians.append(float(np.median(times)))
+    return medians
 
 
 def run_case(batch, heads, dim, seq_shape, topk, repeats, rng):

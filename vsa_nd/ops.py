@@ -126,17 +126,32 @@ def block_mean(x, block_sizes):
     return _backend(x).block_mean(x, block_sizes)
 
 
-def _coarse_attention(q_c, k_c, v_c, scale: float):
-    """Coarse scores C, softmax(C) and o_c; kv heads shared by a group are not copied."""
+def _grouped(x, num_kv_heads: int):
+    """[B, H, N, X] -> [B, H_kv, G*N, X] (a view): the query heads of a kv group side by side."""
+    b, h, n, last = x.shape
+    return x.reshape(b, num_kv_heads, (h // num_kv_heads) * n, last)
+
+
+def _coarse_scores(q_c, k_c, scale: float):
+    """C = scale * q_c k_c^T [B, H, N_q, N_kv]; kv heads shared by a group are not copied."""
     xp = array_module(q_c)
-    b, h, n_q, d = q_c.shape
-    h_kv = k_c.shape[1]
-    grouped = q_c.reshape(b, h_kv, (h // h_kv) * n_q, d)
-    scores = (grouped @ xp.swapaxes(k_c, -1, -2)) * scale
-    probs = xp.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    coarse = (probs @ v_c).reshape(b, h, n_q, d)
-    return scores.reshape(b, h, n_q, -1), probs.reshape(b, h, n_q, -1), coarse
+    scores = _grouped(q_c * scale, k_c.shape[1]) @ xp.swapaxes(k_c, -1, -2)
+    return scores.reshape(*q_c.shape[:3], -1)
+
+
+def _softmax_rows_(x):
+    """Row softmax in place (no temporary of x's size): x becomes its probabilities."""
+    xp = array_module(x)
+    x -= x.max(axis=-1, keepdims=True)
+    xp.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+def _coarse_output(probs, v_c):
+    """o_c = probs v_c [B, H, N_q, D] from probs [B, H, N_q, N_kv] and v_c [B, H_kv, N_kv, D]."""
+    b, h, n_q, _ = probs.shape
+    return (_grouped(probs, v_c.shape[1]) @ v_c).reshape(b, h, n_q, -1)
 
 
 @_on_input_device
@@ -155,8 +170,8 @@ def coarse_attn(q_c, k_c, v_c, scale=None):
     _check_heads(h, k_c.shape[1], "k_c")
     dtype = compute_dtype(q_c.dtype)
     q_c, k_c, v_c = (a.astype(dtype, copy=False) for a in (q_c, k_c, v_c))
-    scores, _, coarse = _coarse_attention(q_c, k_c, v_c, _scale(scale, d))
-    return scores, coarse
+    scores = _coarse_scores(q_c, k_c, _scale(scale, d))
+    return scores, _coarse_output(_softmax_rows_(scores.copy()), v_c)
 
 
 @_on_input_device
@@ -331,8 +346,10 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     q_mean = backend.block_mean(q, q_block_sizes)
     k_mean = backend.block_mean(k, problem.kv_block_sizes)
     v_mean = backend.block_mean(v, problem.kv_block_sizes)
-    scores, probs, coarse = _coarse_attention(q_mean, k_mean, v_mean, problem.scale)
+    scores = _coarse_scores(q_mean, k_mean, problem.scale)
     q2k_idx, q2k_num = backend.select_topk(scores, topk)
+    probs = _softmax_rows_(scores)  # the scores are not needed after the selection
+    coarse = _coarse_output(probs, v_mean)
     out, lse = backend.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, problem.kv_block_sizes, problem.scale, coarse, gate)
     if not return_context:
         return out
@@ -367,15 +384,17 @@ def video_sparse_attn_backward(dout, context: VSAContext) -> Gradients:
     xp, backend = array_module(dout), _backend(dout)
 
     d_coarse, dgate = backend.coarse_grad_inputs(dout, c.gate, c.coarse, c.q_block_sizes)
-    # Backward of o_c = softmax(scale * q_c k_c^T) v_c, in the grouped layout of _coarse_attention.
+    # Backward of o_c = softmax(scale * q_c k_c^T) v_c in the grouped layout of _coarse_scores,
+    # with one [N_q, N_kv] temporary: dC = P * (dP - rowsum(dP * P)), and
+    # rowsum(dP * P) = rowsum(d_coarse * o_c) since dP = d_coarse v_c^T and o_c = P v_c.
     b, h, n_q, d = c.q_mean.shape
     h_kv = c.k_mean.shape[1]
-    grouped = lambda x: x.reshape(b, h_kv, (h // h_kv) * n_q, x.shape[-1])  # noqa: E731
-    probs, d_coarse_g = grouped(c.coarse_probs), grouped(d_coarse)
-    d_probs = d_coarse_g @ xp.swapaxes(c.v_mean, -1, -2)
-    d_scores = probs * (d_probs - (d_probs * probs).sum(axis=-1, keepdims=True))
+    probs, d_coarse_g = _grouped(c.coarse_probs, h_kv), _grouped(d_coarse, h_kv)
+    d_scores = d_coarse_g @ xp.swapaxes(c.v_mean, -1, -2)
+    d_scores -= _grouped((d_coarse * c.coarse).sum(axis=-1, keepdims=True), h_kv)
+    d_scores *= probs
     dq_mean = (d_scores @ c.k_mean).reshape(b, h, n_q, d) * c.scale
-    dk_mean = (xp.swapaxes(d_scores, -1, -2) @ grouped(c.q_mean)) * c.scale
+    dk_mean = (xp.swapaxes(d_scores, -1, -2) @ _grouped(c.q_mean, h_kv)) * c.scale
     dv_mean = xp.swapaxes(probs, -1, -2) @ d_coarse_g
 
     per_token = lambda x, sizes: x / sizes.astype(x.dtype)[:, None]  # noqa: E731

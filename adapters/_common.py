@@ -1,0 +1,161 @@
+"""What the PyTorch and JAX adapters share: VSA as flat tuples of arrays, and their shapes.
+
+A framework's autograd node can only carry arrays, so the forward pass is exposed here as a
+function returning the output followed by every small tensor of :class:`vsa_nd.VSAContext`
+(``CONTEXT_FIELDS``), and the backward pass as a function that rebuilds the context from
+them.  :func:`forward_specs` gives the shape and dtype of each result without running
+anything, which is what a traced (``torch.compile``, ``jax.jit``) graph needs.
+
+Arrays here are NumPy or CuPy; no framework is imported.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+import vsa_nd
+from vsa_nd._xp import BFLOAT16, compute_dtype
+from vsa_nd.tiling import trusted_index_arrays
+
+_F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+
+# Floating dtypes each entry point takes, per device kind.  The CUDA attention kernels are
+# written for half precision; tile/untile move bytes and also take float32 there.
+ATTENTION_DTYPES = {"cpu": (_F32, _F64, _F16, BFLOAT16), "cuda": (_F16, BFLOAT16)}
+TILE_DTYPES = {"cpu": (_F32, _F64, _F16, BFLOAT16), "cuda": (_F32, _F16, BFLOAT16)}
+
+# The forward's results after ``out``, in this order (VSAContext field names).
+CONTEXT_FIELDS = ("lse", "q2k_idx", "q2k_num", "q_mean", "k_mean", "v_mean", "coarse_probs", "coarse")
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    """The softmax scale as a float (default ``1/sqrt(head_dim)``); vsa_nd checks its value."""
+    if scale is None:
+        return float(head_dim) ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a positive float, got {type(scale).__name__} {scale!r}")
+    return float(scale)
+
+
+def forward_specs(q_shape, q_dtype, kv_shape, num_q_blocks: int, num_kv_blocks: int, topk: int) -> list:
+    """(shape, NumPy dtype) of each result of :func:`vsa_forward`: ``out`` then ``CONTEXT_FIELDS``.
+
+    q_shape [B, H, Sq_pad, D]; kv_shape [B, H_kv, Skv_pad, D].  The small tensors are in the
+    compute dtype (float64 for float64 inputs, else float32), the selection in int32.
+    """
+    b, h, s_q, d = q_shape
+    h_kv = kv_shape[1]
+    c = compute_dtype(q_dtype)
+    i32 = np.dtype(np.int32)
+    return [
+        ((b, h, s_q, d), np.dtype(q_dtype)),  # out
+        ((b, h, s_q), c),  # lse
+        ((b, h, num_q_blocks, topk), i32),  # q2k_idx
+        ((b, h, num_q_blocks), i32),  # q2k_num
+        ((b, h, num_q_blocks, d), c),  # q_mean
+        ((b, h_kv, num_kv_blocks, d), c),  # k_mean
+        ((b, h_kv, num_kv_blocks, d), c),  # v_mean
+        ((b, h, num_q_blocks, num_kv_blocks), c),  # coarse_probs
+        ((b, h, num_q_blocks, d), c),  # coarse
+    ]
+
+
+def trusted(block_sizes):
+    """The cached plan array that ``block_sizes`` views exactly, else ``block_sizes`` itself.
+
+    vsa_nd skips the value check (a host synchronisation on CUDA) for the block-size arrays
+    of its cached plans, recognised by identity.  A framework tensor converted through
+    DLPack is a new array object over the same memory, so it is matched by data pointer,
+    length and device; plan arrays live as long as the process, so the match is exact.
+    """
+    ptr = _data_pointer(block_sizes)
+    for candidate in trusted_index_arrays():
+        if (_data_pointer(candidate) == ptr and candidate.shape == block_sizes.shape
+                and candidate.dtype == block_sizes.dtype and _device(candidate) == _device(block_sizes)):
+            return candidate
+    return block_sizes
+
+
+def _data_pointer(a) -> int:
+    return a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
+
+
+def _device(a):
+    return "cpu" if isinstance(a, np.ndarray) else a.device.id
+
+
+def vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float) -> tuple:
+    """:func:`vsa_nd.video_sparse_attn` returning ``(out, *CONTEXT_FIELDS)`` (see :func:`forward_specs`)."""
+    out, context = vsa_nd.video_sparse_attn(
+        q, k, v, topk, trusted(q_block_sizes), trusted(kv_block_sizes), gate=gate, scale=scale, return_context=True
+    )
+    return (out,) + tuple(getattr(context, name) for name in CONTEXT_FIELDS)
+
+
+def vsa_backward(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context, scale: float) -> tuple:
+    """:func:`vsa_nd.video_sparse_attn_backward` from the results of :func:`vsa_forward`.
+
+    ``dout`` [B, H, Sq_pad, D] C-contiguous in q's dtype; block sizes int32 as passed to the
+    forward; ``context`` the ``CONTEXT_FIELDS``.  Returns (dq, dk, dv, dgate or None).
+    """
+    fields = dict(zip(CONTEXT_FIELDS, context))
+    ctx = vsa_nd.VSAContext(
+        q=q, k=k, v=v, gate=gate, out=out, q_block_sizes=q_block_sizes, kv_block_sizes=kv_block_sizes,
+        scale=scale, **fields,
+    )
+    return tuple(vsa_nd.video_sparse_attn_backward(dout, ctx))
+
+
+def padded_len(seq_shape, tile_shape) -> int:
+    """S_pad of a tiling, without building its index arrays (for shape-only tracing)."""
+    seq_shape, tile_shape = vsa_nd.tiling.normalize_shapes(seq_shape, tile_shape)
+    return math.prod(-(-n // t) * t for n, t in zip(seq_shape, tile_shape))
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class AdaptedTilePlan:
+    """A :class:`vsa_nd.TilePlan` whose index arrays are a framework's tensors (zero-copy views).
+
+    ``array_plan`` is the NumPy/CuPy plan the tensors view; ``device`` the framework's device.
+    The tensors are shared by every caller of the cached plan: never write to them.
+    """
+
+    array_plan: vsa_nd.TilePlan
+    device: object
+    tile_partition_indices: object
+    reverse_tile_partition_indices: object
+    variable_block_sizes: object
+    non_pad_index: object
+    untile_index: object
+    slot_token_index: object
+
+    INDEX_FIELDS = ("tile_partition_indices", "reverse_tile_partition_indices", "variable_block_sizes",
+                    "non_pad_index", "untile_index", "slot_token_index")
+
+    @classmethod
+    def wrap(cls, array_plan, device, convert) -> "AdaptedTilePlan":
+        """``convert(array) -> tensor`` is applied to each index array of ``array_plan``."""
+        return cls(array_plan, device, *(convert(getattr(array_plan, name)) for name in cls.INDEX_FIELDS))
+
+    seq_shape = property(lambda self: self.array_plan.seq_shape)
+    tile_shape = property(lambda self: self.array_plan.tile_shape)
+    num_tiles = property(lambda self: self.array_plan.num_tiles)
+    num_blocks = property(lambda self: self.array_plan.num_blocks)
+    tile_volume = property(lambda self: self.array_plan.tile_volume)
+    seq_len = property(lambda self: self.array_plan.seq_len)
+    padded_len = property(lambda self: self.array_plan.padded_len)
+
+    def __repr__(self) -> str:
+        return (f"TilePlan(seq_shape={self.seq_shape}, tile_shape={self.tile_shape}, "
+                f"num_tiles={self.num_tiles}, padded_len={self.padded_len}, device={self.device})")
+
+
+def plan_shapes(plan) -> tuple:
+    """(seq_shape, tile_shape) of a vsa_nd or adapted plan; TypeError naming ``plan`` otherwise."""
+    if not isinstance(plan, (vsa_nd.TilePlan, AdaptedTilePlan)):
+        raise TypeError(f"plan: expected a TilePlan (from tile_plan or build_metadata), got {type(plan).__name__}")
+    return plan.seq_shape, plan.tile_shape
