@@ -37,6 +37,7 @@ def main():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--topk", type=int, default=77)
     parser.add_argument("--kernels", default="auto,mma")
+    parser.add_argument("--backward", action="store_true", help="also time the backward kernels")
     parser.add_argument("--selection", default="random", choices=["random", "same", "window"],
                         help="random tiles per row; the same tiles for every row; a window of neighbours")
     args = parser.parse_args()
@@ -61,12 +62,20 @@ def main():
     sizes = cupy.full(n, volume, np.int32)
     flops = 4.0 * args.heads * args.head_dim * n * volume * args.topk * volume
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    label = f"B=1 H={args.heads} D={args.head_dim} tokens={n * volume} top {args.topk}/{n} ({args.selection})"
+    scale = args.head_dim**-0.5
     for kernel in args.kernels.split(","):
         cuda_attention.FORWARD_KERNEL = kernel
-        run = lambda: cuda_attention.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, sizes, args.head_dim**-0.5, None, None)  # noqa: E731
+        run = lambda: cuda_attention.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, sizes, scale, None, None)  # noqa: E731
         ms = median_ms(run)
-        print(f"{name}: kernel={kernel:5} B=1 H={args.heads} D={args.head_dim} tokens={n * volume} "
-              f"top {args.topk}/{n} ({args.selection}): {ms:.3f} ms, {flops / ms * 1e-9:.0f} TFLOP/s")
+        print(f"{name}: forward kernel={kernel:5} {label}: {ms:.3f} ms, {flops / ms * 1e-9:.0f} TFLOP/s")
+    if args.backward:
+        out, lse = cuda_attention.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, sizes, scale, None, None)
+        dout = rng.standard_normal(shape, dtype=np.float32).astype(BFLOAT16)
+        run = lambda: cuda_attention.block_sparse_bwd(  # noqa: E731
+            dout, q, k, v, out, lse, q2k_idx, q2k_num, sizes, sizes, scale, None, None, None, None, None)
+        ms = median_ms(run, repeats=20)
+        print(f"{name}: backward {label}: {ms:.3f} ms, {2.5 * flops / ms * 1e-9:.0f} TFLOP/s (2.5x forward FLOPs)")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,10 @@ def catalogue() -> list:
             tuple(f"block_sparse_fwd<{t}, {d}>" for t in ATTENTION_DTYPES for d in HEAD_DIMS),
         ),
         KernelSpec(
+            "attention_bwd.cu",
+            tuple(f"{k}<{t}, {d}>" for k in ("bwd_delta", "bwd_dq", "bwd_dkdv") for t in ATTENTION_DTYPES for d in HEAD_DIMS),
+        ),
+        KernelSpec(
             "attention_fwd_sm90.cu",
             tuple(f"block_sparse_fwd_sm90<{t}, {d}>" for t in ATTENTION_DTYPES for d in HEAD_DIMS),
             min_sm=90,

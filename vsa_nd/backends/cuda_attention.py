@@ -85,3 +85,73 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
         )
     return out, lse
 
+
+
+def kv_to_q_lists(q2k_idx, q2k_num, num_kv_heads: int, num_kv_blocks: int):
+    """Invert the selection on the GPU, without a host synchronisation.
+
+    Returns (codes, offsets): for the key tile j of (batch b, kv head g) — list number
+    ``(b * H_kv + g) * N_kv + j`` — the query tiles that selected it are
+    ``codes[offsets[list]:offsets[list + 1]]``, each coded ``head_in_group * N_q + i`` and in
+    increasing order, so the backward sums them in a fixed order (deterministic).
+    """
+    import cupy
+
+    b, h, n_q, length = q2k_idx.shape
+    group = h // num_kv_heads
+    span = group * n_q  # codes per kv head
+    lists = b * num_kv_heads * num_kv_blocks
+    batch = cupy.arange(b, dtype=np.int64)[:, None, None, None]
+    head = cupy.arange(h, dtype=np.int64)[None, :, None, None]
+    row = cupy.arange(n_q, dtype=np.int64)[None, None, :, None]
+    list_id = (batch * num_kv_heads + head // group) * num_kv_blocks + q2k_idx
+    key = list_id * span + (head % group) * n_q + row
+    used = cupy.arange(length)[None, None, None, :] < q2k_num[..., None]
+    key = cupy.sort(cupy.where(used, key, lists * span).ravel())  # unused entries sort last
+    offsets = cupy.searchsorted(key, cupy.arange(lists + 1, dtype=np.int64) * span).astype(np.int32)
+    return (key % span).astype(np.int32), offsets
+
+
+def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
+                     scale, coarse, gate, dq_tile, dk_tile, dv_tile):
+    """See :mod:`vsa_nd.backends`: (dq, dk, dv) in the input dtype; deterministic."""
+    b, h, q_len, d = q.shape
+    h_kv, kv_len = k.shape[1], k.shape[2]
+    n_q = q_block_sizes.shape[0]
+    tile_volume = q_len // n_q
+    ctype = check_kernel_support(q, tile_volume)
+    tiles = lambda x: None if x is None else x.astype(np.float32, copy=False)  # noqa: E731
+    dq_tile, dk_tile, dv_tile, coarse = (tiles(x) for x in (dq_tile, dk_tile, dv_tile, coarse))
+    with q.device:
+        rows = b * h * q_len
+        delta = _alloc((b, h, q_len), np.float32)
+        get_function("attention_bwd.cu", f"bwd_delta<{ctype}, {d}>")(
+            ((rows + 3) // 4,), (128,),
+            (dout, out, _null_or(coarse), _null_or(gate), q_block_sizes, delta, np.int64(rows), np.int32(q_len),
+             np.int32(tile_volume)),
+        )
+        common = (np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len))
+        smem = 6 * _BLOCK_M * d * q.dtype.itemsize
+
+        dq = _alloc(q.shape, q.dtype)
+        kernel = get_function("attention_bwd.cu", f"bwd_dq<{ctype}, {d}>")
+        kernel.max_dynamic_shared_size_bytes = smem
+        kernel(
+            (q_len // _BLOCK_M, b * h), (128,),
+            (q, k, v, dout, lse, delta, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, _null_or(dq_tile), dq,
+             *common, np.int32(q2k_idx.shape[3]), np.int32(tile_volume), np.float32(scale)),
+            shared_mem=smem,
+        )
+
+        codes, offsets = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume)
+        dk, dv = _alloc(k.shape, k.dtype), _alloc(v.shape, v.dtype)
+        kernel = get_function("attention_bwd.cu", f"bwd_dkdv<{ctype}, {d}>")
+        smem_kv = smem + 2 * 2 * _BLOCK_M * 4  # + lse and delta of two stages
+        kernel.max_dynamic_shared_size_bytes = smem_kv
+        kernel(
+            (kv_len // _BLOCK_M, b * h_kv), (128,),
+            (q, k, v, dout, lse, delta, codes, offsets, q_block_sizes, kv_block_sizes, _null_or(dk_tile),
+             _null_or(dv_tile), dk, dv, *common, np.int32(tile_volume), np.float32(scale)),
+            shared_mem=smem_kv,
+        )
+    return dq, dk, dv
