@@ -26,8 +26,6 @@
 
 namespace vsa {
 
-constexpr float LOG2E = 1.4426950408889634f;
-
 // ldmatrix addresses of the three operand roles in a swizzle-atom tile (see attention_common):
 // A rows r0..r0+15 x k16 step kk; B with n = tile rows n0..n0+15 and k = columns (K in Q K^T);
 // B with k = tile rows k0..k0+15 and n = columns (V in P V; loaded transposed).
@@ -99,36 +97,6 @@ __device__ __forceinline__ void mma_p_b(float (&acc)[D / 2], const float (&p)[32
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) p_fragment<T>(p, kk, packed[kk]);
     mma_p_b<T, D>(acc, packed, tile, lane);
-}
-
-// Real rows of the 64-row slice starting at `first_slot` of a tile with `block_size` tokens.
-__device__ __forceinline__ int real_rows(int block_size, int first_slot) {
-    return min(max(block_size - first_slot, 0), ATT_BLOCK_M);
-}
-
-// Writes rows of acc * scale + tile_vec (fp32, may be null) for real rows and 0 for the others.
-template <typename T, int D>
-__device__ __forceinline__ void write_rows(T* dst, const float (&acc)[D / 2], float scale, const float* tile_vec,
-                                           int valid, int warp, int lane) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = warp * 16 + (lane >> 2) + r * 8;
-        const bool real = row < valid;
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            const int col = n * 8 + (lane & 3) * 2;
-            float x0 = 0.f, x1 = 0.f;
-            if (real) {
-                x0 = acc[4 * n + 2 * r] * scale;
-                x1 = acc[4 * n + 2 * r + 1] * scale;
-                if (tile_vec) {
-                    x0 += tile_vec[col];
-                    x1 += tile_vec[col + 1];
-                }
-            }
-            *reinterpret_cast<unsigned int*>(dst + static_cast<size_t>(row) * D + col) = pack2<T>(x0, x1);
-        }
-    }
 }
 
 }  // namespace vsa

@@ -16,6 +16,7 @@ constexpr int ATT_BLOCK_M = 64;   // query rows per CTA
 constexpr int ATT_BLOCK_N = 64;   // keys per pipeline chunk
 constexpr int ATT_THREADS = 128;  // 4 warps: one warpgroup
 constexpr int ATOM_BYTES = 64 * 128;
+constexpr float LOG2E = 1.4426950408889634f;
 
 // Swizzle-atom layout of a 64-row tile with D 16-bit columns: D/64 atoms of 64 rows x 128
 // bytes, each 1024-byte aligned; 16-byte chunk c of row r of an atom sits at chunk c ^ (r & 7).
@@ -173,6 +174,38 @@ __device__ __forceinline__ void write_output(const float (&o)[D / 2], const floa
         }
         if ((lane & 3) == 0)
             lse[cta.q_offset / D + row] = total > 0.f ? (row_max[r] + __log2f(total)) * 0.69314718055994531f : neg_inf();
+    }
+}
+
+// ---- backward -----------------------------------------------------------------------
+
+// Real rows of the 64-row slice starting at `first_slot` of a tile with `block_size` tokens.
+__device__ __forceinline__ int real_rows(int block_size, int first_slot) {
+    return min(max(block_size - first_slot, 0), ATT_BLOCK_M);
+}
+
+// Writes rows of acc * scale + tile_vec (fp32, may be null) for real rows and 0 for the others.
+template <typename T, int D>
+__device__ __forceinline__ void write_rows(T* dst, const float (&acc)[D / 2], float scale, const float* tile_vec,
+                                           int valid, int warp, int lane) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = warp * 16 + (lane >> 2) + r * 8;
+        const bool real = row < valid;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            const int col = n * 8 + (lane & 3) * 2;
+            float x0 = 0.f, x1 = 0.f;
+            if (real) {
+                x0 = acc[4 * n + 2 * r] * scale;
+                x1 = acc[4 * n + 2 * r + 1] * scale;
+                if (tile_vec) {
+                    x0 += tile_vec[col];
+                    x1 += tile_vec[col + 1];
+                }
+            }
+            *reinterpret_cast<unsigned int*>(dst + static_cast<size_t>(row) * D + col) = pack2<T>(x0, x1);
+        }
     }
 }
 

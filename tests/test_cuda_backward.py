@@ -21,8 +21,10 @@ TILES = {1: [(64,), (128,)], 2: [(8, 8)], 3: [(4, 4, 4), (4, 4, 8)], 4: [(2, 2, 
 TOLERANCE = {np.dtype(np.float16): 1e-2, BFLOAT16: 3e-2}
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
+@pytest.fixture(params=["auto", "mma"])
+def poisoned(request, monkeypatch):
+    """Outputs start as NaN; each test runs the default kernels (wgmma on Hopper) and the
+    portable mma.sync ones."""
     import cupy
 
     from vsa_nd.backends import cuda, cuda_attention
@@ -32,6 +34,7 @@ def poisoned(monkeypatch):
 
     monkeypatch.setattr(cuda_attention, "_alloc", alloc)
     monkeypatch.setattr(cuda, "_alloc", alloc)
+    monkeypatch.setattr(cuda_attention, "BACKWARD_KERNEL", request.param)
 
 
 @st.composite
@@ -65,11 +68,15 @@ def problems(draw, max_tokens=1000):
 
 
 def _rel_err(x, ref):
-    """Norm-relative error; where the reference is much smaller than the O(1) inputs (e.g. a
-    query that sees a single key has dq = 0 up to the rounding of out), it becomes an error
-    relative to an RMS of 0.1 per element, so cancellation in the reference cannot fail it."""
+    """Norm-relative error, with a floor for gradients much smaller than the O(1) inputs.
+
+    A query that sees a single key has dq = 0 exactly, but the kernels recover the fine output
+    from the 16-bit ``out`` (as FlashAttention does), so they return rounding-sized values.
+    Below an RMS of 0.3 per element the error is taken relative to that RMS: at the bf16
+    tolerance that allows an absolute RMS error of 9e-3, about one bf16 ulp at magnitude 1.
+    """
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 0.1 * np.sqrt(ref.size))
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 0.3 * np.sqrt(ref.size))
 
 
 def _run(p):
@@ -131,9 +138,13 @@ def test_backward_is_deterministic():
         assert cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16))
 
 
-def test_smoke_backward():
+@pytest.mark.parametrize("kernel", ["auto", "mma"])
+def test_smoke_backward(kernel, monkeypatch):
     """A small fixed problem (GQA, gate, cross attention, tile volume 128): the case
     compute-sanitizer runs."""
+    from vsa_nd.backends import cuda_attention
+
+    monkeypatch.setattr(cuda_attention, "BACKWARD_KERNEL", kernel)
     p = dict(q_plan=vsa_nd.tile_plan((5, 6, 7), (4, 4, 8)), kv_plan=vsa_nd.tile_plan((3, 9, 6), (4, 4, 8)), volume=128,
              batch=2, heads=4, kv_heads=2, head_dim=128, dtype=BFLOAT16, topk=2, gated=True, seed=5)
     (dq, dk, dv, dgate), ref, q_real, kv_real = _run(p)

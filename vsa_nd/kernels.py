@@ -10,6 +10,7 @@ the sources, the options and the NVRTC version.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -61,6 +62,7 @@ def catalogue() -> list:
         KernelSpec("tile.cu", tuple(f"{k}<{u}>" for k in ("tile_rows", "untile_rows") for u in COPY_UNITS)),
         KernelSpec("block_mean.cu", tuple(f"block_mean<{t}, {w}>" for t, w in vector_widths)),
         KernelSpec("topk.cu", ("select_topk",)),
+        KernelSpec("softmax.cu", ("softmax_rows",)),
         KernelSpec(
             "coarse_grad.cu",
             tuple(f"coarse_grad<{t}, {w}, {g}>" for t, w in vector_widths for g in ("false", "true")),
@@ -72,6 +74,12 @@ def catalogue() -> list:
         KernelSpec(
             "attention_bwd.cu",
             tuple(f"{k}<{t}, {d}>" for k in ("bwd_delta", "bwd_dq", "bwd_dkdv") for t in ATTENTION_DTYPES for d in HEAD_DIMS),
+        ),
+        KernelSpec(
+            "attention_bwd_sm90.cu",
+            tuple(f"{k}<{t}, {d}>" for k in ("bwd_dq_sm90", "bwd_dkdv_sm90") for t in ATTENTION_DTYPES for d in HEAD_DIMS),
+            min_sm=90,
+            needs_sm90a=True,
         ),
         KernelSpec(
             "attention_fwd_sm90.cu",
@@ -195,6 +203,7 @@ def cached_cubin(spec: KernelSpec, arch: str) -> tuple:
     return cubin_path, json.loads(names_path.read_text())
 
 
+@functools.lru_cache(maxsize=None)
 def device_arch(device_id: int) -> str:
     """NVRTC architecture for a CUDA device: ``sm_90a`` on Hopper (wgmma), else ``sm_XY``."""
     import cupy

@@ -28,6 +28,7 @@ _COPY_UNITS = ((16, "uint4"), (8, "uint2"), (4, "unsigned int"), (2, "unsigned s
 _TILE_THREADS, _TILE_UNITS = 256, 4  # tile.cu: THREADS, UNITS
 _REDUCE_THREADS = 128  # block_mean.cu and coarse_grad.cu: one thread per (tile, column vector)
 _TOPK_THREADS = 128  # topk.cu
+_SOFTMAX_THREADS = 256  # softmax.cu
 
 _INT32_HEADROOM = 2**31 - 2**16  # int32 unit / tile indices, with room for a grid's last partial CTA
 _MAX_GRID_Y = 65535
@@ -170,6 +171,16 @@ def select_topk(scores, topk: int):
             args = (scores, q2k_idx, q2k_num, np.int32(num_kv), np.int32(topk))
             get_function("topk.cu", "select_topk")((rows,), (_TOPK_THREADS,), args)
     return q2k_idx, q2k_num
+
+
+def softmax_rows_(x):
+    """Row softmax of float32 x [..., n] in place (one launch); returns x."""
+    rows = x.size // x.shape[-1] if x.size else 0
+    with x.device:
+        if rows:
+            _check_index_range("x", rows, "rows")
+            get_function("softmax.cu", "softmax_rows")((rows,), (_SOFTMAX_THREADS,), (x, np.int32(x.shape[-1])))
+    return x
 
 
 def coarse_grad_inputs(dout, gate, coarse, q_block_sizes):

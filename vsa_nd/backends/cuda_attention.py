@@ -38,19 +38,23 @@ def check_kernel_support(q, tile_volume: int) -> str:
     return _CUDA_TYPES[dtype]
 
 
-# "auto": the wgmma kernel on Hopper (sm_90a), the mma.sync kernel elsewhere; "mma" forces
-# the portable kernel (tests run both on a Hopper card).
+# "auto": the wgmma kernels on Hopper (sm_90a), the mma.sync kernels elsewhere; "mma" forces
+# the portable kernels (tests run both on a Hopper card).
 FORWARD_KERNEL = "auto"
+BACKWARD_KERNEL = "auto"
 
 
-def _forward_kernel(ctype: str, head_dim: int):
-    """(kernel, number of K/V pipeline stages it was built with)."""
+def _use_wgmma(choice: str) -> bool:
     import cupy
 
     from ..kernels import device_arch
 
-    hopper = device_arch(cupy.cuda.runtime.getDevice()) == "sm_90a"
-    if FORWARD_KERNEL == "auto" and hopper:
+    return choice == "auto" and device_arch(cupy.cuda.runtime.getDevice()) == "sm_90a"
+
+
+def _forward_kernel(ctype: str, head_dim: int):
+    """(kernel, number of K/V pipeline stages it was built with)."""
+    if _use_wgmma(FORWARD_KERNEL):
         return get_function("attention_fwd_sm90.cu", f"block_sparse_fwd_sm90<{ctype}, {head_dim}>"), 1
     return get_function("attention_fwd.cu", f"block_sparse_fwd<{ctype}, {head_dim}>"), 2
 
@@ -133,8 +137,9 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
         common = (np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len))
         smem = 6 * _BLOCK_M * d * q.dtype.itemsize
 
+        source, suffix = ("attention_bwd_sm90.cu", "_sm90") if _use_wgmma(BACKWARD_KERNEL) else ("attention_bwd.cu", "")
         dq = _alloc(q.shape, q.dtype)
-        kernel = get_function("attention_bwd.cu", f"bwd_dq<{ctype}, {d}>")
+        kernel = get_function(source, f"bwd_dq{suffix}<{ctype}, {d}>")
         kernel.max_dynamic_shared_size_bytes = smem
         kernel(
             (q_len // _BLOCK_M, b * h), (128,),
@@ -145,7 +150,7 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
 
         codes, offsets = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume)
         dk, dv = _alloc(k.shape, k.dtype), _alloc(v.shape, v.dtype)
-        kernel = get_function("attention_bwd.cu", f"bwd_dkdv<{ctype}, {d}>")
+        kernel = get_function(source, f"bwd_dkdv{suffix}<{ctype}, {d}>")
         smem_kv = smem + 2 * 2 * _BLOCK_M * 4  # + lse and delta of two stages
         kernel.max_dynamic_shared_size_bytes = smem_kv
         kernel(

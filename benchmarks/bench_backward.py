@@ -1,0 +1,104 @@
+"""Time vsa_nd's CUDA backward against torch SDPA's dense backward (needs CuPy, torch, triton).
+
+For each shape: the block-sparse backward alone (effective TFLOP/s counting 2.5x the forward's
+FLOPs), the full VSA backward (coarse branch included), and a training step (VSA forward +
+backward) against dense SDPA forward + backward (flash and cuDNN).  Medians of CUDA-event
+timings (triton.testing.do_bench) on random data.  ``--out FILE`` also writes the table.
+
+    python benchmarks/bench_backward.py [--shapes main,480p] [--out table.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+
+import numpy as np
+
+from bench_vsa import SHAPES, _commit, _median_ms
+
+
+def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows):
+    import cupy
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import vsa_nd
+    from vsa_nd._xp import BFLOAT16
+    from vsa_nd.backends import cuda_attention
+
+    plan = vsa_nd.tile_plan(seq_shape, device="cuda:0")
+    n = plan.num_blocks
+    topk = sparsity if isinstance(sparsity, int) else vsa_nd.topk_from_sparsity(sparsity, n)
+    s, s_pad, volume = plan.seq_len, plan.padded_len, plan.tile_volume
+    rng = cupy.random.default_rng(1)
+    shape = (1, heads, s_pad, head_dim)
+    q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32).astype(BFLOAT16) for _ in range(4))
+    sizes = plan.variable_block_sizes
+    label = f"{name}: {seq_shape}, {heads}h, D={head_dim}, {s} tok, top {topk}/{n}"
+    flops = 4.0 * heads * head_dim * s_pad * topk * volume
+
+    def add(what, ms, tflops=None):
+        rows.append((label, what, ms, tflops))
+        print(f"{label:58} {what:48} {ms:9.3f} ms" + (f" {tflops:7.1f} TFLOP/s" if tflops else ""), flush=True)
+
+    out, ctx = vsa_nd.video_sparse_attn(q, k, v, topk, sizes, return_context=True)
+    ms_fwd = _median_ms(lambda: vsa_nd.block_sparse_attn(q, k, v, sizes, ctx.q2k_idx, ctx.q2k_num, check_indices=False))
+    add("block-sparse forward", ms_fwd, flops / ms_fwd * 1e-9)
+    fine_bwd = lambda: cuda_attention.block_sparse_bwd(  # noqa: E731
+        dout, q, k, v, ctx.out, ctx.lse, ctx.q2k_idx, ctx.q2k_num, ctx.q_block_sizes, ctx.kv_block_sizes, ctx.scale,
+        ctx.coarse, None, None, None, None)
+    ms = _median_ms(fine_bwd)
+    add(f"block-sparse backward ({ms / ms_fwd:.2f}x forward)", ms, 2.5 * flops / ms * 1e-9)
+    ms_bwd = _median_ms(lambda: vsa_nd.video_sparse_attn_backward(dout, ctx))
+    add("full VSA backward", ms_bwd)
+
+    def vsa_step():
+        _, c = vsa_nd.video_sparse_attn(q, k, v, topk, sizes, return_context=True)
+        vsa_nd.video_sparse_attn_backward(dout, c)
+
+    ms_vsa = _median_ms(vsa_step)
+    add("VSA training step (forward + backward)", ms_vsa)
+
+    tq, tk, tv, tdo = (torch.from_dlpack(t[:, :, :s].copy().view(cupy.uint16)).view(torch.bfloat16)
+                       for t in (q, k, v, dout))
+    tq, tk, tv = (t.detach().requires_grad_(True) for t in (tq, tk, tv))
+    for backend, what in ((SDPBackend.FLASH_ATTENTION, "flash"), (SDPBackend.CUDNN_ATTENTION, "cuDNN")):
+        def dense_step():
+            with sdpa_kernel(backend):
+                o = F.scaled_dot_product_attention(tq, tk, tv)
+            torch.autograd.grad(o, (tq, tk, tv), tdo)
+
+        try:
+            ms_d = _median_ms(dense_step)
+            add(f"dense SDPA ({what}) forward + backward: VSA {ms_d / ms_vsa:.1f}x faster", ms_d)
+        except RuntimeError as e:
+            add(f"dense SDPA ({what}): unavailable ({str(e)[:40]})", 0.0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="main,480p")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    import cupy
+
+    name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    rows: list = []
+    for shape in args.shapes.split(","):
+        bench_shape(shape, *SHAPES[shape], rows)
+    lines = [f"### CUDA backward on {name}, {datetime.date.today()}, commit {_commit()}", "",
+             "| shape | what | time (ms) | TFLOP/s |", "| --- | --- | ---: | ---: |"]
+    for label, what, ms, tflops in rows:
+        lines.append(f"| {label} | {what} | {ms:.3f} | {'' if tflops is None else f'{tflops:.0f}'} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
