@@ -625,7 +625,8 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     delta = np.empty((b, h, n_q, volume), dtype)
     lse2 = np.empty((b, h, n_q, volume), dtype)
     _bwd_prep_kernel(
-        q_c, _compute(dout).reshape(tiled), _compute(out).reshape(tiled), lse.reshape(b, h, n_q, volume),
+        q_c, _compute(dout).reshape(tiled), _compute(out).reshape(tiled),
+        np.ascontiguousarray(lse, dtype=dtype).reshape(b, h, n_q, volume),
         coarse, gate_c, has_gate, q_block_sizes, float(scale), qs_t, dout_rows, dout_t, delta, lse2,
     )
 
