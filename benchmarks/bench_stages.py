@@ -38,7 +38,7 @@ def main():
     q_mean, k_mean, v_mean = (cuda.block_mean(x, sizes) for x in (q, k, v))
     scores = ops._coarse_scores(q_mean, k_mean, scale)
     q2k_idx, q2k_num = cuda.select_topk(scores, args.topk)
-    probs = ops._softmax_rows_(scores.copy())
+    probs = cuda.softmax_rows_(scores.copy())
     coarse = ops._coarse_output(probs, v_mean)
 
     stages = {
@@ -46,7 +46,7 @@ def main():
         "tile means (block_means, 1 launch)": lambda: cuda.block_means((q, k, v), (sizes, sizes, sizes)),
         "coarse scores (cuBLAS)": lambda: ops._coarse_scores(q_mean, k_mean, scale),
         "top-k selection": lambda: cuda.select_topk(scores, args.topk),
-        "softmax in place": lambda: ops._softmax_rows_(probs),
+        "softmax in place": lambda: cuda.softmax_rows_(probs),
         "coarse output (cuBLAS)": lambda: ops._coarse_output(probs, v_mean),
         "block-sparse forward + combine": lambda: cuda.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, sizes, scale, coarse,
                                                                         None),

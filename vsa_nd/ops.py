@@ -139,15 +139,6 @@ def _coarse_scores(q_c, k_c, scale: float):
     return scores.reshape(*q_c.shape[:3], -1)
 
 
-def _softmax_rows_(x):
-    """Row softmax in place (no temporary of x's size): x becomes its probabilities."""
-    xp = array_module(x)
-    x -= x.max(axis=-1, keepdims=True)
-    xp.exp(x, out=x)
-    x /= x.sum(axis=-1, keepdims=True)
-    return x
-
-
 def _coarse_output(probs, v_c):
     """o_c = probs v_c [B, H, N_q, D] from probs [B, H, N_q, N_kv] and v_c [B, H_kv, N_kv, D]."""
     b, h, n_q, _ = probs.shape
@@ -171,7 +162,7 @@ def coarse_attn(q_c, k_c, v_c, scale=None):
     dtype = compute_dtype(q_c.dtype)
     q_c, k_c, v_c = (a.astype(dtype, copy=False) for a in (q_c, k_c, v_c))
     scores = _coarse_scores(q_c, k_c, _scale(scale, d))
-    return scores, _coarse_output(_softmax_rows_(scores.copy()), v_c)
+    return scores, _coarse_output(_backend(scores).softmax_rows_(scores.copy()), v_c)
 
 
 @_on_input_device
@@ -343,12 +334,11 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     topk = check.check_int_range("topk", topk, 1, problem.num_kv_blocks)
 
     backend = _backend(q)
-    q_mean = backend.block_mean(q, q_block_sizes)
-    k_mean = backend.block_mean(k, problem.kv_block_sizes)
-    v_mean = backend.block_mean(v, problem.kv_block_sizes)
+    kv_sizes = problem.kv_block_sizes
+    q_mean, k_mean, v_mean = backend.block_means((q, k, v), (q_block_sizes, kv_sizes, kv_sizes))
     scores = _coarse_scores(q_mean, k_mean, problem.scale)
     q2k_idx, q2k_num = backend.select_topk(scores, topk)
-    probs = _softmax_rows_(scores)  # the scores are not needed after the selection
+    probs = backend.softmax_rows_(scores)  # the scores are not needed after the selection
     coarse = _coarse_output(probs, v_mean)
     out, lse = backend.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, problem.kv_block_sizes, problem.scale, coarse, gate)
     if not return_context:

@@ -19,6 +19,10 @@ The interface every backend implements:
 ``untile(y, untile_index, out) -> out``
     y [B, H, S_pad, D] -> out [B, S, H, D]; ``out[b, t, h] = y[b, h, untile_index[t]]``.
 ``block_mean(x, block_sizes) -> [B, H, N, D]`` in the compute dtype.
+``block_means(tensors, block_sizes_list) -> list``
+    :func:`block_mean` of up to three tensors of one dtype, D and V (one launch on CUDA).
+``softmax_rows_(x) -> x``
+    Row softmax of a compute-dtype array [..., n] in place.
 ``select_topk(scores, topk) -> (q2k_idx [B, H, N_q, topk] int32, q2k_num [B, H, N_q] int32)``
     scores [B, H, N_q, N_kv] float; the ``topk`` largest per row, ties to the lower index,
     each row listed in increasing tile order.

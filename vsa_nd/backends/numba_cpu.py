@@ -270,6 +270,19 @@ def block_mean(x, block_sizes):
     return out
 
 
+def block_means(tensors, block_sizes_list) -> list:
+    """:func:`block_mean` of several tensors (the CUDA backend does them in one launch)."""
+    return [block_mean(x, sizes) for x, sizes in zip(tensors, block_sizes_list)]
+
+
+def softmax_rows_(x):
+    """Row softmax of x [..., n] in place (compute dtype); returns x."""
+    x -= x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
 @njit(**_KERNEL)
 def _select_topk_kernel(scores, topk, q2k_idx, q2k_num, scratch):
     rows, n = scores.shape
