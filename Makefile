@@ -4,14 +4,19 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # On a machine with an NVIDIA GPU, CuPy comes too, so the demo runs the CUDA backend.
-EXTRAS := test$(shell nvidia-smi -L >/dev/null 2>&1 && echo ,cuda13)
+# JAX (CPU) comes for the adapter tests.
+EXTRAS := test,jax$(shell nvidia-smi -L >/dev/null 2>&1 && echo ,cuda13)
+# The adapter tests pin torch exactly: this machine's pip finds the local CPU wheel for this
+# version, where a loose requirement could pull a multi-GB CUDA build (the `torch` extra
+# stays loose, torch>=2.3, for users).
+TORCH_PIN ?= torch==2.13.0
 
 .PHONY: demo test compile-check clean
 
-$(VENV)/.installed-$(EXTRAS): pyproject.toml
+$(VENV)/.installed-$(EXTRAS): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]' '$(TORCH_PIN)'
 	touch $@
 
 demo: $(VENV)/.installed-$(EXTRAS)

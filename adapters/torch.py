@@ -13,14 +13,16 @@ in float32); float16 and bfloat16 on CUDA (CuPy backend; tile/untile also take f
 Conversion is zero-copy both ways (``numpy``/``cupy.from_dlpack`` of the tensor, and
 ``torch.from_dlpack`` of the results).  NumPy 2.x refuses DLPack's bfloat16 (kDLBfloat) in
 both directions, so bfloat16 crosses as int16 and is reinterpreted on the other side
-(``.view``, no copy); the same route is taken for CuPy, which makes it independent of the
-CuPy version.
+(``.view``, no copy).  CuPy 14.2 takes kDLBfloat both ways; the adapter takes the int16 route
+for CuPy too, which costs nothing and keeps older CuPy working.
 
 On CUDA each call runs on the tensor's device and on torch's current stream there (wrapped
 as a ``cupy.cuda.ExternalStream`` and made current), with no host synchronisation, and the
 memory vsa_nd allocates (outputs and intermediates) comes from torch's caching allocator,
-so a call can be captured in a CUDA graph (warm it up eagerly first: kernels compile and
-plans build on first use) and torch accounts for all memory.  CuPy is imported only when
+so torch accounts for all memory and, under CUDA-graph capture, intermediates come from the
+graph's private pool.  tile/untile can be captured (warm them up eagerly first: kernels
+compile and plans build on first use); the VSA forward cannot yet, as its coarse stage runs
+CuPy matmuls and CuPy refuses cuBLAS calls during capture.  CuPy is imported only when
 a CUDA tensor is passed; this module never imports JAX.
 
 Autograd: :func:`video_sparse_attn` (custom op ``vsa_nd::video_sparse_attn``, with a fake
@@ -158,7 +160,7 @@ def _check_tensor(name: str, t, dtypes: dict, like: Optional[Tensor] = None, lik
     if like is not None and t.device != like.device:
         raise TypeError(f"{name}: expected a tensor on {like.device} like {like_name}, got one on {t.device}")
     allowed = dtypes[t.device.type]
-    if _NUMPY_DTYPE.get(t.dtype) not in allowed:
+    if t.dtype not in _NUMPY_DTYPE or _NUMPY_DTYPE[t.dtype] not in allowed:
         names = ", ".join(str(_TORCH_DTYPE[d]) for d in allowed)
         raise TypeError(f"{name}: expected dtype in ({names}) on {t.device.type}, got {t.dtype}")
     if not t.is_contiguous():

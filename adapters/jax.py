@@ -1,0 +1,331 @@
+"""JAX adapter: vsa_nd on ``jax.Array``, with ``jax.custom_vjp`` gradients.
+
+The functions take and return JAX arrays in the layouts of :mod:`vsa_nd.ops`::
+
+    x                    [B, S, H, D]           tokens in row-major order of seq_shape
+    q, gate, out         [B, H, Sq_pad, D]      tiled (see tile), head-major
+    k, v                 [B, H_kv, Skv_pad, D]  H % H_kv == 0
+    block sizes          [N] integer array, or ints (plan.variable_block_sizes)
+
+Dtypes: float32, float64 (with ``jax_enable_x64``), float16 and bfloat16 on CPU; float16 and
+bfloat16 on GPU (tile/untile also take float32).  JAX arrays are immutable, so there is no
+``out`` buffer here.
+
+Where it runs:
+
+- **CPU** — the Numba backend, on NumPy views of the operands (zero-copy; results are
+  copied into JAX buffers).  Under ``jax.jit`` (and inside other traced code) the same
+  call goes through ``jax.pure_callback``, so the functions also work in jitted code.
+  Cost of that route: the compiled program hands the operands to Python and back (no
+  fusion across the call, the GIL is taken, results are copied), and vsa_nd's value errors
+  surface as JAX's runtime error carrying vsa_nd's message; ``vmap`` is not supported.
+- **GPU** — eagerly, on CuPy views taken with DLPack (``cupy.from_dlpack`` and
+  ``jax.dlpack.from_dlpack``, zero-copy), on the array's device and CuPy's current stream;
+  JAX has no current-stream notion, and DLPack's stream hand-off orders the work after
+  JAX's producer and JAX's consumers after it.  An XLA program cannot call into CuPy, so
+  on GPU these functions cannot be traced: under ``jax.jit`` they raise ``TypeError``
+  (call them outside jit).  ``jax.grad`` without jit works: the custom VJP runs eagerly.
+  bfloat16 crosses DLPack directly where CuPy reads kDLBfloat, else as int16 with a
+  bitcast on the JAX side (one device copy).
+
+Gradients: :func:`video_sparse_attn` differentiates q, k, v and gate through both VSA
+stages, with the top-k selection a constant of the forward; :func:`tile` and
+:func:`untile` differentiate into each other; :func:`block_sparse_attn` has no backward.
+This module never imports PyTorch, and imports CuPy only for GPU arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import vsa_nd
+from vsa_nd._xp import BFLOAT16, device_key
+
+from . import _common
+
+TilePlan = _common.AdaptedTilePlan
+
+__all__ = ["TilePlan", "block_sparse_attn", "build_metadata", "tile", "tile_plan", "untile", "video_sparse_attn"]
+
+
+# ---------------------------------------------------------------------------------------
+# Running a NumPy/CuPy function on JAX arrays.
+
+
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _platform(x) -> str:
+    """"cpu" or "gpu": the kind of device that holds x (traced: JAX's default backend)."""
+    if _is_traced(x):
+        return jax.default_backend()
+    if isinstance(x, jax.Array):
+        return next(iter(x.devices())).platform
+    return "cpu"  # a host array (e.g. a NumPy constant inside a transformation)
+
+
+def _call(name: str, fn, specs, *args, **static):
+    """``fn(*arrays, **static)`` on NumPy (CPU) or CuPy (GPU) views of ``args`` (None passes).
+
+    ``specs`` is a tuple of ``jax.ShapeDtypeStruct``, one per non-None result of ``fn``;
+    returns a tuple of JAX arrays.  Concrete arrays run eagerly (so vsa_nd's errors reach the
+    caller as they are); traced CPU arrays go through ``jax.pure_callback``, where an error
+    of vsa_nd surfaces as JAX's runtime error carrying vsa_nd's message.
+    """
+    present = [a for a in args if a is not None]
+    traced = any(_is_traced(a) for a in present)
+    platform = _platform(present[0])
+    if traced and platform == "cpu":
+        return tuple(jax.pure_callback(functools.partial(_on_host, fn, static), specs, *args))
+    if traced:
+        raise TypeError(
+            f"{name}: got a traced array (inside jax.jit or another transformation) on {platform}; the GPU "
+            f"path runs CuPy kernels eagerly and cannot be part of an XLA program: call {name} outside jax.jit"
+        )
+    if platform == "cpu":
+        return tuple(jnp.asarray(r) for r in _on_host(fn, static, *args))
+    return _on_gpu(present[0], fn, static, args)
+
+
+def _present(results) -> tuple:
+    return tuple(r for r in (results if isinstance(results, tuple) else (results,)) if r is not None)
+
+
+def _on_host(fn, static, *args):
+    return _present(fn(*(None if a is None else np.asarray(a) for a in args), **static))
+
+
+def _on_gpu(first, fn, static, args) -> tuple:
+    import cupy
+
+    with cupy.cuda.Device(next(iter(first.devices())).id):
+        results = fn(*(None if a is None else _to_cupy(a) for a in args), **static)
+        return tuple(_from_cupy(r) for r in _present(results))
+
+
+@functools.cache
+def _cupy_reads_bfloat16() -> bool:
+    """Whether this CuPy takes DLPack's bfloat16 (kDLBfloat) both ways (probed once)."""
+    import cupy
+
+    try:
+        cupy.from_dlpack(jnp.zeros(1, jnp.bfloat16, device=jax.devices("gpu")[0]))
+        jax.dlpack.from_dlpack(cupy.zeros(1, BFLOAT16))
+    except (BufferError, TypeError, ValueError, NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+def _to_cupy(x):
+    import cupy
+
+    if x.dtype == jnp.bfloat16 and not _cupy_reads_bfloat16():
+        return cupy.from_dlpack(jax.lax.bitcast_convert_type(x, jnp.int16)).view(BFLOAT16)
+    return cupy.from_dlpack(x)
+
+
+def _from_cupy(a):
+    if a.dtype == BFLOAT16 and not _cupy_reads_bfloat16():
+        return jax.lax.bitcast_convert_type(jax.dlpack.from_dlpack(a.view(np.int16)), jnp.bfloat16)
+    return jax.dlpack.from_dlpack(a)
+
+
+# ---------------------------------------------------------------------------------------
+# Checks at the JAX boundary (vsa_nd checks shapes and values with the same names).
+
+
+# Dtypes per JAX platform ("gpu" is the device kind _common calls "cuda").
+_ATTENTION_DTYPES = {"cpu": _common.ATTENTION_DTYPES["cpu"], "gpu": _common.ATTENTION_DTYPES["cuda"]}
+_TILE_DTYPES = {"cpu": _common.TILE_DTYPES["cpu"], "gpu": _common.TILE_DTYPES["cuda"]}
+
+
+def _check_array(name: str, x, dtypes: dict, like=None, like_name: str = "q"):
+    """x as a JAX array (NumPy arrays are put on JAX's default device, as jax.numpy does) on a
+    platform in ``dtypes`` (``like``'s devices), with a dtype that platform takes."""
+    if isinstance(x, np.ndarray):
+        x = jnp.asarray(x)
+    if not isinstance(x, jax.Array):
+        raise TypeError(f"{name}: expected a jax.Array or NumPy array, got {type(x).__name__}")
+    platform = _platform(x)
+    if platform not in dtypes:
+        raise TypeError(f"{name}: expected an array on cpu or gpu, got one on {platform}")
+    if like is not None and not _is_traced(x) and not _is_traced(like) and x.devices() != like.devices():
+        raise TypeError(f"{name}: expected an array on {like.devices()} like {like_name}, got one on {x.devices()}")
+    allowed = dtypes[platform]
+    if np.dtype(x.dtype) not in allowed:
+        names = ", ".join(np.dtype(d).name for d in allowed)
+        raise TypeError(f"{name}: expected dtype in ({names}) on {platform}, got {x.dtype}")
+    return x
+
+
+def _int_array(name: str, x):
+    """Block sizes or index lists as an int32 JAX array."""
+    if not isinstance(x, jax.Array):
+        x = np.asarray(x)
+    if not np.issubdtype(np.dtype(x.dtype), np.integer):
+        raise TypeError(f"{name}: expected ints or an integer array, got {x.dtype} values")
+    return jnp.asarray(x, dtype=jnp.int32)
+
+
+def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Tiling.
+
+
+def _tile_arrays(x, *, seq_shape, tile_shape):
+    return vsa_nd.tile(x, vsa_nd.tile_plan(seq_shape, tile_shape, device=device_key(x)))
+
+
+def _untile_arrays(y, *, seq_shape, tile_shape):
+    return vsa_nd.untile(y, vsa_nd.tile_plan(seq_shape, tile_shape, device=device_key(y)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _tile(x, seq_shape: tuple, tile_shape: tuple):
+    b, _, h, d = x.shape
+    spec = _spec((b, h, _common.padded_len(seq_shape, tile_shape), d), x.dtype)
+    return _call("tile", _tile_arrays, (spec,), x, seq_shape=seq_shape, tile_shape=tile_shape)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _untile(y, seq_shape: tuple, tile_shape: tuple):
+    b, h, _, d = y.shape
+    spec = _spec((b, int(np.prod(seq_shape)), h, d), y.dtype)
+    return _call("untile", _untile_arrays, (spec,), y, seq_shape=seq_shape, tile_shape=tile_shape)[0]
+
+
+_tile.defvjp(lambda x, s, t: (_tile(x, s, t), None), lambda s, t, _, g: (_untile(g, s, t),))
+_untile.defvjp(lambda y, s, t: (_untile(y, s, t), None), lambda s, t, _, g: (_tile(g, s, t),))
+
+
+def tile_plan(seq_shape, tile_shape=None, *, device=None) -> TilePlan:
+    """The cached :class:`TilePlan` of ``seq_shape`` cut into ``tile_shape``, its index arrays
+    int32 JAX arrays on ``device`` (default: JAX's default device).
+
+    On GPU they are zero-copy views of :func:`vsa_nd.tile_plan`'s CuPy arrays, which lets
+    vsa_nd skip re-checking the block sizes (a host synchronisation); on CPU, copies.
+    """
+    device = jax.devices()[0] if device is None else device
+    seq_shape, tile_shape = vsa_nd.tiling.normalize_shapes(seq_shape, tile_shape)
+    return _cached_plan(seq_shape, tile_shape, device)
+
+
+@functools.cache
+def _cached_plan(seq_shape: tuple, tile_shape: tuple, device) -> TilePlan:
+    if device.platform == "cpu":
+        array_plan = vsa_nd.tile_plan(seq_shape, tile_shape)
+        return TilePlan.wrap(array_plan, device, lambda a: jax.device_put(a, device))
+    import cupy
+
+    with cupy.cuda.Device(device.id):
+        array_plan = vsa_nd.tile_plan(seq_shape, tile_shape, device=f"cuda:{device.id}")
+        return TilePlan.wrap(array_plan, device, _from_cupy)
+
+
+def build_metadata(latent_shape, patch_size, sparsity: float, tile_shape=None, *, device=None) -> vsa_nd.VSAMetadata:
+    """:func:`vsa_nd.build_metadata` with the plan's arrays on a JAX device (see :func:`tile_plan`)."""
+    meta = vsa_nd.build_metadata(latent_shape, patch_size, sparsity, tile_shape)
+    plan = tile_plan(meta.plan.seq_shape, meta.plan.tile_shape, device=device)
+    return vsa_nd.VSAMetadata(plan=plan, topk=meta.topk, sparsity=meta.sparsity)
+
+
+def tile(x, plan):
+    """Reorder tokens into tiles: x [B, S, H, D] -> [B, H, S_pad, D], pad slots zero.
+
+    Differentiable: the gradient is :func:`untile` of the incoming one.
+    """
+    seq_shape, tile_shape = _common.plan_shapes(plan)
+    return _tile(_check_array("x", x, _TILE_DTYPES), seq_shape, tile_shape)
+
+
+def untile(y, plan):
+    """Undo :func:`tile`: y [B, H, S_pad, D] -> [B, S, H, D], pad slots dropped.
+
+    Differentiable: the gradient is :func:`tile` of the incoming one (pad slots get zero).
+    """
+    seq_shape, tile_shape = _common.plan_shapes(plan)
+    return _untile(_check_array("y", y, _TILE_DTYPES), seq_shape, tile_shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Attention.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float):
+    return _vsa_fwd(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale)[0]
+
+
+def _vsa_fwd(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale):
+    specs = _common.forward_specs(q.shape, q.dtype, k.shape, q_block_sizes.shape[0], kv_block_sizes.shape[0], topk)
+    results = _call("video_sparse_attn", _common.vsa_forward, tuple(_spec(*s) for s in specs),
+                    q, k, v, gate, q_block_sizes, kv_block_sizes, topk=topk, scale=scale)
+    return results[0], (q, k, v, gate, q_block_sizes, kv_block_sizes, results)
+
+
+def _vsa_bwd(topk, scale, residuals, dout):
+    q, k, v, gate, q_block_sizes, kv_block_sizes, results = residuals
+    specs = tuple(_spec(x.shape, x.dtype) for x in (q, k, v, gate) if x is not None)
+    grads = _call("video_sparse_attn", _common.vsa_backward, specs,
+                  dout, q, k, v, gate, q_block_sizes, kv_block_sizes, *results, scale=scale)
+    dgate = grads[3] if gate is not None else None
+    return grads[0], grads[1], grads[2], dgate, None, None
+
+
+_vsa.defvjp(_vsa_fwd, _vsa_bwd)
+
+
+def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *, gate=None, scale=None):
+    """Video Sparse Attention on tiled arrays (see :func:`vsa_nd.video_sparse_attn`).
+
+    q [B, H, Sq_pad, D]; k, v [B, H_kv, Skv_pad, D]; ``topk`` key tiles per query tile;
+    ``q_block_sizes`` [N_q] and ``kv_block_sizes`` [N_kv] (default: ``q_block_sizes``) real
+    tokens per tile, e.g. ``plan.variable_block_sizes``; ``gate`` optional, q-shaped;
+    ``scale`` default ``1/sqrt(D)``.  Returns out [B, H, Sq_pad, D] in q's dtype,
+    differentiable (``jax.custom_vjp``) with respect to q, k, v and gate.
+    """
+    q = _check_array("q", q, _ATTENTION_DTYPES)
+    k = _check_array("k", k, _ATTENTION_DTYPES, like=q)
+    v = _check_array("v", v, _ATTENTION_DTYPES, like=q)
+    if gate is not None:
+        gate = _check_array("gate", gate, _ATTENTION_DTYPES, like=q)
+    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
+        raise TypeError(f"topk: expected an int, got {type(topk).__name__} {topk!r}")
+    q_block_sizes = _int_array("q_block_sizes", q_block_sizes)
+    kv_block_sizes = q_block_sizes if kv_block_sizes is None else _int_array("kv_block_sizes", kv_block_sizes)
+    return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, int(topk), _common.resolve_scale(scale, q.shape[-1]))
+
+
+def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, *, scale):
+    return vsa_nd.block_sparse_attn(q, k, v, _common.trusted(kv_block_sizes), q2k_idx, q2k_num, scale=scale,
+                                    return_lse=True)
+
+
+def block_sparse_attn(q, k, v, kv_block_sizes, q2k_idx, q2k_num=None, *, scale=None, return_lse=False):
+    """Fine stage only (see :func:`vsa_nd.block_sparse_attn`), forward only.
+
+    q [B, H, Sq_pad, D]; k, v [B, H_kv, Skv_pad, D]; ``kv_block_sizes`` [N_kv];
+    ``q2k_idx`` [B, H, N_q, L] and ``q2k_num`` [B, H, N_q] (default: all L) integer arrays.
+    Returns out [B, H, Sq_pad, D] (and lse [B, H, Sq_pad], float32 or float64 for float64
+    inputs, with ``return_lse``).  Not differentiable (vsa_nd has no backward for the fine
+    stage alone): differentiate :func:`video_sparse_attn` instead.
+    """
+    q = _check_array("q", q, _ATTENTION_DTYPES)
+    k = _check_array("k", k, _ATTENTION_DTYPES, like=q)
+    v = _check_array("v", v, _ATTENTION_DTYPES, like=q)
+    q2k_idx = _int_array("q2k_idx", q2k_idx)
+    q2k_num = None if q2k_num is None else _int_array("q2k_num", q2k_num)
+    lse_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    specs = (_spec(q.shape, q.dtype), _spec(q.shape[:3], lse_dtype))
+    out, lse = _call("block_sparse_attn", _block_sparse_arrays, specs, q, k, v,
+                     _int_array("kv_block_sizes", kv_block_sizes), q2k_idx, q2k_num,
+                     scale=_common.resolve_scale(scale, q.shape[-1]))
+    return (out, lse) if return_lse else out

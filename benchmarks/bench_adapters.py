@@ -1,0 +1,139 @@
+"""Overhead of the PyTorch adapter over the array-level (CuPy) API, on CUDA (needs CuPy and torch).
+
+For each shape: the full VSA forward through ``vsa_nd.video_sparse_attn`` on CuPy arrays,
+through ``vsa_nd.adapters.torch.video_sparse_attn`` on torch tensors of the same memory
+(without autograd, and with inputs that require grad, which also returns the backward's
+context), and ``tile`` both ways.  Both sides run on the same stream (torch's current one).
+``gpu ms`` is the median over repetitions of CUDA-event time around one call made on an idle
+GPU, so host work inside the call (DLPack conversion, allocation) counts wherever it leaves
+the GPU waiting; ``host us`` is the median wall time of the Python call itself.  Target:
+the torch call within 3% (or 20 us) of the array call.  Also reports whether this CuPy
+takes DLPack's bfloat16 (kDLBfloat) directly (the adapter crosses as int16 either way).
+
+    python benchmarks/bench_adapters.py [--shapes small,mid,main] [--reps 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import subprocess
+import time
+
+SHAPES = {
+    # name: (seq_shape, heads, head_dim, topk)
+    "small": ((4, 16, 16), 2, 64, 4),  # 1024 tokens: where a fixed per-call cost shows most
+    "mid": ((8, 32, 32), 12, 64, 16),  # 8192 tokens
+    "main": ((12, 64, 64), 12, 128, 77),  # VSA_SPEC.md section 6: 49152 tokens, 77 of 768 tiles
+}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:  # noqa: BLE001 - the device copy may have no .git
+        return os.environ.get("VSA_COMMIT", "unknown")
+
+
+def _time(fn, reps: int) -> tuple:
+    """(median GPU ms, median host us) of one call of fn on an idle GPU."""
+    import torch
+
+    for _ in range(3):  # warm-up: kernels compile, caches fill
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    gpu, host = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e6)
+        end.record()
+        end.synchronize()
+        gpu.append(start.elapsed_time(end))
+    return statistics.median(gpu), statistics.median(host)
+
+
+def _bfloat16_probe() -> str:
+    import cupy
+    import torch
+
+    from vsa_nd._xp import BFLOAT16
+
+    verdicts = []
+    try:
+        cupy.from_dlpack(torch.zeros(2, dtype=torch.bfloat16, device="cuda"))
+        verdicts.append("imports kDLBfloat from torch")
+    except Exception as error:  # noqa: BLE001 - reporting which refusal
+        verdicts.append(f"refuses kDLBfloat from torch ({type(error).__name__}: {error})")
+    try:
+        torch.from_dlpack(cupy.zeros(2, BFLOAT16))
+        verdicts.append("exports ml_dtypes.bfloat16 to torch")
+    except Exception as error:  # noqa: BLE001
+        verdicts.append(f"cannot export ml_dtypes.bfloat16 ({type(error).__name__}: {error})")
+    return f"CuPy {cupy.__version__}: " + "; ".join(verdicts)
+
+
+def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, reps: int):
+    import cupy
+    import torch
+
+    import vsa_nd
+    import vsa_nd.adapters.torch as vt
+
+    plan = vt.tile_plan(seq_shape, device="cuda:0")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = [torch.randn(1, plan.seq_len, heads, head_dim, device="cuda", generator=g, dtype=torch.bfloat16)
+         for _ in range(4)]
+    q, k, v, gate = (vt.tile(t, plan) for t in x)
+    graded = [t.clone().requires_grad_() for t in (q, k, v, gate)]
+    arrays = [cupy.from_dlpack(t) for t in (q, k, v, gate)]
+    x_array = cupy.from_dlpack(x[0])
+    sizes, array_plan = plan.variable_block_sizes, plan.array_plan
+    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+
+    def array_call():
+        with stream:
+            vsa_nd.video_sparse_attn(*arrays[:3], topk, array_plan.variable_block_sizes, gate=arrays[3])
+
+    def array_tile():
+        with stream:
+            vsa_nd.tile(x_array, array_plan)
+
+    cases = [
+        ("VSA forward", array_call, lambda: vt.video_sparse_attn(q, k, v, topk, sizes, gate=gate)),
+        ("VSA forward, inputs require grad", array_call,
+         lambda: vt.video_sparse_attn(*graded[:3], topk, sizes, gate=graded[3])),
+        ("tile", array_tile, lambda: vt.tile(x[0], plan)),
+    ]
+    label = f"{name}: {seq_shape}, {heads}h, D={head_dim}, top {topk}/{plan.num_blocks}"
+    for what, array_fn, torch_fn in cases:
+        (a_gpu, a_host), (t_gpu, t_host) = _time(array_fn, reps), _time(torch_fn, reps)
+        extra_us = (t_gpu - a_gpu) * 1e3
+        ok = extra_us <= max(20.0, 0.03 * a_gpu * 1e3)
+        print(f"| {label} | {what} | {a_gpu:.3f} | {t_gpu:.3f} | {extra_us:+.1f} ({100 * (t_gpu / a_gpu - 1):+.1f}%) "
+              f"| {a_host:.0f} / {t_host:.0f} | {'yes' if ok else 'NO'} |", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--reps", type=int, default=50)
+    args = parser.parse_args()
+    import torch
+
+    print(f"# Adapter overhead — {torch.cuda.get_device_name()}, {datetime.date.today()}, commit {_commit()}, "
+          f"torch {torch.__version__}")
+    print(_bfloat16_probe())
+    print("| shape | call | array gpu ms | torch gpu ms | torch extra us | host us array / torch | within target |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.shapes.split(","):
+        bench_shape(name, *SHAPES[name], reps=args.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The JAX adapter against the array-level API and the NumPy reference.
+
+On CPU the adapter runs the Numba backend through ``jax.pure_callback``, so its results equal
+the array API's bit for bit, eagerly and under ``jax.jit``.  Against the float64 reference,
+relative errors over real rows: forward float32 1e-5, float64 1e-10, float16/bfloat16 2e-2;
+backward float32 1e-4, float64 1e-9, float16/bfloat16 3e-2.
+"""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import vsa_nd
+import vsa_nd.adapters.jax as vj
+from vsa_nd import reference as ref
+from vsa_nd._xp import BFLOAT16
+
+DTYPES = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BFLOAT16]
+FWD_TOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-2, "bfloat16": 2e-2}
+BWD_TOL = {"float32": 1e-4, "float64": 1e-9, "float16": 3e-2, "bfloat16": 3e-2}
+SEQ, TILE = (3, 5, 6), (2, 4, 4)
+
+
+@pytest.fixture(autouse=True)
+def float64_enabled():
+    """JAX truncates float64 to float32 unless x64 is on; keep it on for these tests only."""
+    with jax.enable_x64(True):
+        yield
+
+
+def rel_err(x, expected, floor=0.0):
+    """||x - expected|| / ||expected||, the norm floored at an RMS of ``floor``."""
+    x, expected = np.asarray(x, np.float64), np.asarray(expected, np.float64)
+    return np.linalg.norm(x - expected) / max(np.linalg.norm(expected), floor * np.sqrt(expected.size), 1e-12)
+
+
+def host_sizes(plan):
+    return plan.array_plan.to("cpu").variable_block_sizes
+
+
+def real_rows(plan):
+    return ref.valid_slots(host_sizes(plan), plan.tile_volume)
+
+
+def untiled_inputs(plan, dtype, heads=(4, 2, 2, 4), dim=16, seed=0, batch=2, device=None):
+    """q, k, v, gate [B, S, H, D] as JAX arrays (gate in (0, 1))."""
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal((batch, plan.seq_len, h, dim)) for h in heads]
+    arrays[3] = 1 / (1 + np.exp(-arrays[3]))
+    return [jax.device_put(a.astype(dtype), device) for a in arrays]
+
+
+def tiled_inputs(plan, dtype, gate=True, **kwargs):
+    tiled = [vj.tile(x, plan) for x in untiled_inputs(plan, dtype, **kwargs)]
+    return tiled if gate else tiled[:3] + [None]
+
+
+def test_import_brings_neither_torch_nor_cupy():
+    code = "import sys, vsa_nd.adapters.jax; print(sorted(m for m in ('torch', 'cupy') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_host_views_share_memory_with_jax_arrays():
+    for dtype in DTYPES:
+        x = jnp.ones((4, 8), dtype)
+        view = np.asarray(x)  # what the CPU path hands to vsa_nd
+        assert view.dtype == dtype and view.ctypes.data == x.unsafe_buffer_pointer()
+
+
+def test_plan_and_metadata_helpers():
+    plan = vj.tile_plan(SEQ, TILE)
+    assert plan is vj.tile_plan(list(SEQ), TILE)
+    for name in vj.TilePlan.INDEX_FIELDS:
+        tensor = getattr(plan, name)
+        assert isinstance(tensor, jax.Array) and tensor.dtype == jnp.int32
+        assert np.array_equal(np.asarray(tensor), getattr(plan.array_plan, name))
+    meta = vj.build_metadata((6, 10, 12), (2, 2, 2), 0.75, TILE)
+    assert meta.plan is plan and meta.topk == vsa_nd.build_metadata((6, 10, 12), (2, 2, 2), 0.75, TILE).topk
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tile_and_untile_match_the_array_api_and_are_each_others_gradient(dtype):
+    plan = vj.tile_plan(SEQ, TILE)
+    x = untiled_inputs(plan, dtype)[0]
+    tiled = vj.tile(x, plan)
+    expected = vsa_nd.tile(np.asarray(x), plan.array_plan)
+    assert tiled.dtype == dtype and np.array_equal(np.asarray(tiled).view(np.uint8), expected.view(np.uint8))
+    assert np.array_equal(np.asarray(vj.untile(tiled, plan)).view(np.uint8), np.asarray(x).view(np.uint8))
+    weight = jnp.ones_like(tiled)
+    grad = jax.grad(lambda a: (vj.tile(a, plan).astype(jnp.float32) * weight).sum())(x)
+    assert np.array_equal(np.asarray(grad, np.float32), np.ones(x.shape, np.float32))
+    back = jax.grad(lambda y: (vj.untile(y, plan).astype(jnp.float32)).sum())(tiled)
+    assert not np.asarray(back, np.float32)[:, :, ~real_rows(plan)].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gate", [True, False])
+def test_forward_matches_array_api_and_reference_eager_and_jitted(dtype, gate):
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, g = tiled_inputs(plan, dtype, gate)
+    attention = lambda q, k, v, g: vj.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, gate=g)  # noqa: E731
+    out = attention(q, k, v, g)
+    arrays = [None if x is None else np.asarray(x) for x in (q, k, v, g)]
+    expected = vsa_nd.video_sparse_attn(*arrays[:3], 3, plan.array_plan.variable_block_sizes, gate=arrays[3])
+    assert out.dtype == dtype and np.array_equal(np.asarray(out).view(np.uint8), expected.view(np.uint8))
+    assert np.array_equal(np.asarray(jax.jit(attention)(q, k, v, g)).view(np.uint8), expected.view(np.uint8))
+    sizes, real = host_sizes(plan), real_rows(plan)
+    reference = ref.video_sparse_attn(*arrays[:3], sizes, sizes, 3, plan.tile_volume, gate=arrays[3])
+    assert rel_err(np.asarray(out)[:, :, real], reference.out[:, :, real]) <= FWD_TOL[dtype.name]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradients_match_the_reference_backward_eager_and_jitted(dtype):
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, g = tiled_inputs(plan, dtype)
+    dout = jnp.asarray(np.random.default_rng(7).standard_normal(q.shape).astype(dtype))
+    attention = lambda *a: vj.video_sparse_attn(*a[:3], 3, plan.variable_block_sizes, gate=a[3])  # noqa: E731
+    _, vjp = jax.vjp(attention, q, k, v, g)
+    grads = vjp(dout)
+    jitted = jax.jit(lambda *a: jax.vjp(attention, *a)[1](dout))(q, k, v, g)
+
+    arrays = [np.asarray(x) for x in (q, k, v, g)]
+    sizes, real = host_sizes(plan), real_rows(plan)
+    forward = ref.video_sparse_attn(*arrays[:3], sizes, sizes, 3, plan.tile_volume, gate=arrays[3])
+    expected = ref.video_sparse_attn_backward(np.asarray(dout), *arrays[:3], sizes, sizes, forward.q2k_idx,
+                                              forward.q2k_num, plan.tile_volume, gate=arrays[3])
+    for grad, again, want in zip(grads, jitted, expected):
+        assert grad.dtype == dtype and np.array_equal(np.asarray(grad), np.asarray(again))
+        assert rel_err(np.asarray(grad)[:, :, real], want[:, :, real]) <= BWD_TOL[dtype.name]
+        assert not np.asarray(grad)[:, :, ~real].any()  # pad rows get zero
+
+
+def test_finite_differences_float64_through_tile_vsa_untile():
+    plan = vj.tile_plan((3, 5), (2, 2))
+
+    def layer(q, k, v, gate):
+        q, k, v, gate = (vj.tile(x, plan) for x in (q, k, v, gate))
+        return vj.untile(vj.video_sparse_attn(q, k, v, 2, plan.variable_block_sizes, gate=gate), plan)
+
+    inputs = untiled_inputs(plan, np.float64, heads=(2, 1, 1, 2), dim=4, seed=3, batch=1)
+    check_grads(layer, inputs, order=1, modes=["rev"], eps=1e-6, atol=1e-7, rtol=1e-7)
+
+
+def test_block_sparse_attn_matches_array_api():
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, _ = tiled_inputs(plan, np.float32)
+    idx = np.broadcast_to(np.array([[0, 3], [1, 2], [5, 7], [6, 0], [2, 4], [1, 7], [0, 5], [3, 6]], np.int32),
+                          (2, 4, 8, 2))
+    out, lse = vj.block_sparse_attn(q, k, v, plan.variable_block_sizes, idx, return_lse=True)
+    expected, expected_lse = vsa_nd.block_sparse_attn(*(np.asarray(x) for x in (q, k, v)),
+                                                      plan.array_plan.variable_block_sizes, idx, return_lse=True)
+    assert np.array_equal(np.asarray(out), expected) and np.array_equal(np.asarray(lse), expected_lse)
+
+
+def test_errors_name_the_argument_and_what_was_expected():
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, _ = tiled_inputs(plan, np.float32)
+    sizes = plan.variable_block_sizes
+    with pytest.raises(TypeError, match="q: expected a jax.Array or NumPy array, got list"):
+        vj.video_sparse_attn(np.asarray(q).tolist(), k, v, 3, sizes)
+    with pytest.raises(TypeError, match=r"q: expected dtype in \(float32, float64, float16, bfloat16\) on cpu, got int32"):
+        vj.video_sparse_attn(q.astype(jnp.int32), k, v, 3, sizes)
+    with pytest.raises(TypeError, match="k: expected dtype float32 to match q, got float16"):
+        vj.video_sparse_attn(q, k.astype(jnp.float16), v, 3, sizes)
+    with pytest.raises(ValueError, match="topk: expected 1 <= topk <= 8, got 0"):
+        vj.video_sparse_attn(q, k, v, 0, sizes)
+    with pytest.raises(TypeError, match="q_block_sizes: expected ints or an integer array, got float64 values"):
+        vj.video_sparse_attn(q, k, v, 3, [32.0] * 8)
+    with pytest.raises(TypeError, match="plan: expected a TilePlan"):
+        vj.untile(q, SEQ)
+
+
+@pytest.mark.gpu
+def test_gpu_forward_matches_array_api_and_refuses_jit():
+    import cupy
+
+    gpu = jax.devices("gpu")[0]
+    plan = vj.tile_plan((4, 8, 8), (4, 4, 4), device=gpu)
+    q, k, v, g = tiled_inputs(plan, jnp.bfloat16, heads=(2, 1, 1, 2), dim=64, device=gpu)
+    out = vj.video_sparse_attn(q, k, v, 2, plan.variable_block_sizes, gate=g)
+    arrays = [vj._to_cupy(x) for x in (q, k, v, g)]
+    expected = vsa_nd.video_sparse_attn(*arrays[:3], 2, plan.array_plan.variable_block_sizes, gate=arrays[3])
+    assert cupy.array_equal(vj._to_cupy(out).view(np.uint16), expected.view(np.uint16))
+    with pytest.raises(TypeError, match="call video_sparse_attn outside jax.jit"):
+        jax.jit(lambda q: vj.video_sparse_attn(q, k, v, 2, plan.variable_block_sizes, gate=g))(q)
+
+
+@pytest.mark.gpu
+def test_gpu_gradients_match_reference():
+    from vsa_nd.backends import cuda_attention
+
+    if not hasattr(cuda_attention, "block_sparse_bwd"):
+        pytest.skip("vsa_nd.backends.cuda_attention.block_sparse_bwd (the CUDA backward kernels) is not written yet")
+    gpu = jax.devices("gpu")[0]
+    plan = vj.tile_plan((4, 8, 8), (4, 4, 4), device=gpu)
+    q, k, v, g = tiled_inputs(plan, jnp.bfloat16, heads=(2, 1, 1, 2), dim=64, device=gpu)
+    dout = jnp.ones_like(q)
+    grads = jax.vjp(lambda *a: vj.video_sparse_attn(*a[:3], 2, plan.variable_block_sizes, gate=a[3]), q, k, v, g)[1](dout)
+    arrays = [np.asarray(x, np.float64) for x in (q, k, v, g)]
+    sizes, real = host_sizes(plan), real_rows(plan)
+    forward = ref.video_sparse_attn(*arrays[:3], sizes, sizes, 2, plan.tile_volume, gate=arrays[3])
+    expected = ref.video_sparse_attn_backward(np.asarray(dout, np.float64), *arrays[:3], sizes, sizes, forward.q2k_idx,
+                                              forward.q2k_num, plan.tile_volume, gate=arrays[3])
+    for grad, want in zip(grads, expected):
+        # Norms floored at an RMS of 0.2, as in the torch adapter's CUDA backward test.
+        assert rel_err(np.asarray(grad, np.float64)[:, :, real], want[:, :, real], 0.2) <= BWD_TOL["bfloat16"]
