@@ -35,6 +35,33 @@ def _commit() -> str:
         return os.environ.get("VSA_COMMIT", "unknown")
 
 
+class _PeakMemory:
+    """Context manager: the high-water mark of live CuPy allocations made inside it."""
+
+    def __enter__(self):
+        import cupy
+
+        outer = self
+
+        class Hook(cupy.cuda.MemoryHook):
+            name = "vsa_nd_peak"
+
+            def malloc_postprocess(self, **kw):
+                outer.live += kw["mem_size"]
+                outer.bytes = max(outer.bytes, outer.live)
+
+            def free_postprocess(self, **kw):
+                outer.live -= kw["mem_size"]
+
+        self.live = self.bytes = 0
+        self._hook = Hook()
+        self._hook.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hook.__exit__(*exc)
+
+
 def _median_ms(fn) -> float:
     from triton.testing import do_bench
 
@@ -90,15 +117,12 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows):
     ms_un = _median_ms(lambda: vsa_nd.untile(q, plan, out=un_buf))
     add("vsa_nd untile", ms_un, None, (s * 2) * heads * head_dim * 2 / ms_un * 1e-9)
 
-    # Peak device memory of a VSA forward beyond its inputs and output.
-    pool = cupy.get_default_memory_pool()
-    cupy.cuda.Device().synchronize()
-    pool.free_all_blocks()
-    base = pool.used_bytes()
-    out = vsa_nd.video_sparse_attn(q, k, v, topk, sizes)
-    cupy.cuda.Device().synchronize()
-    extra = pool.total_bytes() - base - out.nbytes
-    add(f"peak extra memory of VSA forward: {extra / 2**20:.1f} MiB", 0.0)
+    # Peak device memory of a VSA forward beyond its inputs and output: the high-water mark
+    # of bytes allocated (and not yet freed) through CuPy during the call, minus the output.
+    with _PeakMemory() as peak:
+        out = vsa_nd.video_sparse_attn(q, k, v, topk, sizes)
+    add(f"peak extra memory of VSA forward: {(peak.bytes - out.nbytes) / 2**20:.1f} MiB "
+        f"(one [B,H,S_pad,D] tensor: {q.nbytes / 2**20:.0f} MiB)", 0.0)
     del out
 
     tq, tk, tv = (torch.from_dlpack(t.view(cupy.uint16)).view(torch.bfloat16) for t in x)
