@@ -86,9 +86,10 @@ bwd_dq_sm90(const T* __restrict__ q, const T* __restrict__ k, const T* __restric
         wgmma_wait<1>();
         fence_registers(s);
 #pragma unroll
-        for (int i = 0; i < 32; ++i) {
+        for (int i = 0; i < 32; ++i) {  // P
             const int key = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-            s[i] = key < valid ? fast_exp2(fmaf(s[i], scale_log2, -lse_log2[(i >> 1) & 1])) : 0.f;  // P
+            const float p = fast_exp2(fmaf(s[i], scale_log2, -lse_log2[(i >> 1) & 1]));
+            s[i] = valid == ATT_BLOCK_N || key < valid ? p : 0.f;
         }
         wgmma_wait<0>();
         fence_registers(dp);
@@ -199,7 +200,8 @@ bwd_dkdv_sm90(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
         for (int i = 0; i < 32; ++i) {
             const int key = warp * 16 + (lane >> 2) + ((i >> 1) & 1) * 8;
             const int col = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-            st[i] = key < real_k ? fast_exp2(fmaf(st[i], scale_log2, -c_lse[col] * LOG2E)) : 0.f;
+            const float p = fast_exp2(fmaf(st[i], scale_log2, -c_lse[col] * LOG2E));
+            st[i] = real_k == ATT_BLOCK_N || key < real_k ? p : 0.f;
         }
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) p_fragment<T>(st, kk, pt[kk]);

@@ -52,15 +52,54 @@ def _use_wgmma(choice: str) -> bool:
     return choice == "auto" and device_arch(cupy.cuda.runtime.getDevice()) == "sm_90a"
 
 
-def _forward_kernel(ctype: str, head_dim: int):
-    """(kernel, number of K/V pipeline stages it was built with)."""
-    if _use_wgmma(FORWARD_KERNEL):
-        return get_function("attention_fwd_sm90.cu", f"block_sparse_fwd_sm90<{ctype}, {head_dim}>"), 1
-    return get_function("attention_fwd.cu", f"block_sparse_fwd<{ctype}, {head_dim}>"), 2
-
-
 def _null_or(x):
     return np.uintp(0) if x is None else x
+
+
+# cuTensorMapEncodeTiled arguments (cuda.h enums).
+_TMA_DTYPE = {np.dtype(np.float16): 6, BFLOAT16: 9}  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
+_TMA_SWIZZLE_128B, _TMA_L2_PROMOTION_128B = 3, 2
+
+
+class _TensorMap:
+    """A CUtensorMap (128 bytes, 64-byte aligned) for 64 x 64 boxes of a [rows, D] 16-bit tensor,
+    with the 128-byte swizzle of the kernels' shared-memory tiles; ``arg`` passes it by value."""
+
+    def __init__(self, x, rows: int):
+        import ctypes
+
+        from cupy.cuda.function import CPointer
+
+        lib = _libcuda()
+        self._buffer = ctypes.create_string_buffer(128 + 64)
+        address = (ctypes.addressof(self._buffer) + 63) // 64 * 64
+        head_dim = x.shape[-1]
+        status = lib.cuTensorMapEncodeTiled(
+            ctypes.c_void_p(address), _TMA_DTYPE[np.dtype(x.dtype)], 2, ctypes.c_void_p(x.data.ptr),
+            (ctypes.c_uint64 * 2)(head_dim, rows), (ctypes.c_uint64 * 1)(head_dim * x.itemsize),
+            (ctypes.c_uint32 * 2)(64, 64), (ctypes.c_uint32 * 2)(1, 1), 0, _TMA_SWIZZLE_128B, _TMA_L2_PROMOTION_128B, 0,
+        )
+        if status != 0:
+            raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {status}")
+        self.arg = CPointer(address)
+
+
+_LIBCUDA = None
+
+
+def _libcuda():
+    global _LIBCUDA
+    if _LIBCUDA is None:
+        import ctypes
+
+        _LIBCUDA = ctypes.CDLL("libcuda.so.1")
+        _LIBCUDA.cuTensorMapEncodeTiled.restype = ctypes.c_int
+    return _LIBCUDA
+
+
+def _tma_ready(*arrays) -> bool:
+    """TMA needs 16-byte aligned base addresses and row counts that fit its int32 coordinates."""
+    return all(a.data.ptr % 16 == 0 and a.size // a.shape[-1] < 2**31 for a in arrays)
 
 
 def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate):
@@ -74,21 +113,23 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
         lse = _alloc((b, h, q_len), np.float32)
         if coarse is not None:
             coarse = coarse.astype(np.float32, copy=False)
-        kernel, stages = _forward_kernel(ctype, d)
-        smem = (1 + 2 * stages) * _BLOCK_M * d * q.dtype.itemsize  # Q + K and V stages
-        kernel.max_dynamic_shared_size_bytes = smem
-        kernel(
-            (q_len // _BLOCK_M, b * h),
-            (128,),
-            (
-                q, k, v, q2k_idx, q2k_num, kv_block_sizes, _null_or(coarse), _null_or(gate), out, lse,
-                np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len), np.int32(q2k_idx.shape[3]),
-                np.int32(tile_volume), np.float32(scale * _LOG2E),
-            ),
-            shared_mem=smem,
+        args = (
+            q, k, v, q2k_idx, q2k_num, kv_block_sizes, _null_or(coarse), _null_or(gate), out, lse,
+            np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len), np.int32(q2k_idx.shape[3]),
+            np.int32(tile_volume), np.float32(scale * _LOG2E),
         )
+        tile_bytes = _BLOCK_M * d * q.dtype.itemsize
+        if _use_wgmma(FORWARD_KERNEL) and _tma_ready(k, v):
+            # K and V by TMA: Q, K and V tiles plus two 8-byte barriers.
+            maps = (_TensorMap(k, b * h_kv * kv_len), _TensorMap(v, b * h_kv * kv_len))
+            kernel = get_function("attention_fwd_sm90.cu", f"block_sparse_fwd_sm90<{ctype}, {d}>")
+            smem, args = 3 * tile_bytes + 16, (maps[0].arg, maps[1].arg) + args
+        else:
+            kernel = get_function("attention_fwd.cu", f"block_sparse_fwd<{ctype}, {d}>")
+            smem = 5 * tile_bytes  # Q and two stages of K and V
+        kernel.max_dynamic_shared_size_bytes = smem
+        kernel((q_len // _BLOCK_M, b * h), (128,), args, shared_mem=smem)
     return out, lse
-
 
 
 def kv_to_q_lists(q2k_idx, q2k_num, num_kv_heads: int, num_kv_blocks: int):
