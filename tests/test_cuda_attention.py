@@ -183,3 +183,16 @@ def test_smoke_attention(kernel, head_dim, monkeypatch):
                                       gate=gate)
     real = reference.valid_slots(q_plan.variable_block_sizes, 128)
     assert _rel_err(cupy.asnumpy(out)[:, :, real], ref.out[:, :, real]) <= TOLERANCE[BFLOAT16]
+
+
+def test_misaligned_views_are_refused_before_launch():
+    """A contiguous view that starts 2 bytes into an allocation cannot feed 16-byte loads."""
+    import cupy
+
+    plan = vsa_nd.tile_plan((4, 4, 4))
+    sizes = cupy.asarray(plan.variable_block_sizes)
+    shape = (1, 1, plan.padded_len, 64)
+    q = cupy.ones(shape, np.float16)
+    k = cupy.ones(int(np.prod(shape)) + 1, np.float16)[1:].reshape(shape)
+    with pytest.raises(ValueError, match="k: the CUDA attention kernels need arrays starting on a 16-byte boundary"):
+        vsa_nd.video_sparse_attn(q, k, q, 1, sizes)

@@ -225,7 +225,7 @@ def _check_attention(q, k, v, kv_block_sizes, num_q_blocks: int, scale, gate=Non
     if is_cupy_array(q):  # the kernels' own limits, checked before any launch
         from .backends.cuda_attention import check_kernel_support
 
-        check_kernel_support(q, volume)
+        check_kernel_support(q, volume, k=k, v=v, gate=gate)
     num_kv_blocks = _num_blocks("kv_block_sizes", kv_block_sizes)
     if k.shape[2] != num_kv_blocks * volume:
         raise ValueError(
@@ -372,6 +372,10 @@ def video_sparse_attn_backward(dout, context: VSAContext) -> Gradients:
     check.check_shape("dout", dout, c.q.shape)
     check.check_contiguous("dout", dout)
     xp, backend = array_module(dout), _backend(dout)
+    if is_cupy_array(dout):  # the kernels' own limits, checked before any launch
+        from .backends.cuda_attention import check_kernel_support
+
+        check_kernel_support(c.q, c.q.shape[2] // len(c.q_block_sizes), dout=dout)
 
     d_coarse, dgate = backend.coarse_grad_inputs(dout, c.gate, c.coarse, c.q_block_sizes)
     # Backward of o_c = softmax(scale * q_c k_c^T) v_c in the grouped layout of _coarse_scores,

@@ -26,8 +26,19 @@ def _alloc(shape, dtype):
     return cupy.empty(shape, dtype)
 
 
-def check_kernel_support(q, tile_volume: int) -> str:
-    """The kernels' CUDA element type for q; TypeError/ValueError for what they cannot run."""
+def check_kernel_support(q, tile_volume: int, **others) -> str:
+    """The kernels' CUDA element type for q; TypeError/ValueError for what they cannot run.
+
+    ``others`` (name=array or None) are the other tensors of the call: like q, they must start
+    on a 16-byte boundary (the kernels move 16-byte pieces); arrays CuPy allocates always do,
+    only views that start at an offset may not.
+    """
+    for name, x in (("q", q), *others.items()):
+        if x is not None and x.data.ptr % 16:
+            raise ValueError(
+                f"{name}: the CUDA attention kernels need arrays starting on a 16-byte boundary, got address "
+                f"{x.data.ptr:#x}; pass a copy (cupy.array(x))"
+            )
     dtype = np.dtype(q.dtype)
     if dtype not in _CUDA_TYPES:
         raise TypeError(f"q: the CUDA attention kernels take float16 or bfloat16, got {dtype}")
@@ -98,8 +109,8 @@ def _libcuda():
 
 
 def _tma_ready(*arrays) -> bool:
-    """TMA needs 16-byte aligned base addresses and row counts that fit its int32 coordinates."""
-    return all(a.data.ptr % 16 == 0 and a.size // a.shape[-1] < 2**31 for a in arrays)
+    """TMA coordinates are int32: the rows of each tensor must fit them."""
+    return all(a.size // a.shape[-1] < 2**31 for a in arrays)
 
 
 def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate):
@@ -107,7 +118,7 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
     b, h, q_len, d = q.shape
     h_kv, kv_len = k.shape[1], k.shape[2]
     tile_volume = q_len // q2k_idx.shape[2]
-    ctype = check_kernel_support(q, tile_volume)
+    ctype = check_kernel_support(q, tile_volume, k=k, v=v, gate=gate)
     with q.device:
         out = _alloc(q.shape, q.dtype)
         lse = _alloc((b, h, q_len), np.float32)
@@ -119,7 +130,7 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
             np.int32(tile_volume), np.float32(scale * _LOG2E),
         )
         tile_bytes = _BLOCK_M * d * q.dtype.itemsize
-        if _use_wgmma(FORWARD_KERNEL) and _tma_ready(k, v):
+        if _use_wgmma(FORWARD_KERNEL) and _tma_ready(k, v):  # else the portable kernel
             # K and V by TMA: Q, K and V tiles plus two 8-byte barriers.
             maps = (_TensorMap(k, b * h_kv * kv_len), _TensorMap(v, b * h_kv * kv_len))
             kernel = get_function("attention_fwd_sm90.cu", f"block_sparse_fwd_sm90<{ctype}, {d}>")
@@ -164,7 +175,7 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     h_kv, kv_len = k.shape[1], k.shape[2]
     n_q = q_block_sizes.shape[0]
     tile_volume = q_len // n_q
-    ctype = check_kernel_support(q, tile_volume)
+    ctype = check_kernel_support(q, tile_volume, k=k, v=v, dout=dout, out=out, gate=gate)
     tiles = lambda x: None if x is None else x.astype(np.float32, copy=False)  # noqa: E731
     dq_tile, dk_tile, dv_tile, coarse = (tiles(x) for x in (dq_tile, dk_tile, dv_tile, coarse))
     with q.device:
