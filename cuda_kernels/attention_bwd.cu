@@ -1,28 +1,21 @@
-// Block-sparse attention backward (VSA fine stage), mma.sync (sm_80+); deterministic: no
-// atomics and no fp32 [B, H, S, D] accumulator, every gradient element is written once.
+// Block-sparse attention backward (VSA fine stage) on mma.sync (sm_80+), and the delta
+// preprocessing kernel both backward variants use.  Deterministic: no atomics and no fp32
+// [B, H, S, D] accumulator; every gradient element is written once.
 //
 // Template parameters: T (__half or __nv_bfloat16) and D (head dim, 64 or 128).
 // With P = exp(scale * Q K^T - lse) over the real keys of the selected tiles (the forward's
 // probabilities, recomputed from its LSE) and delta = rowsum(dO * fine):
 //   dV = P^T dO,  dS = P * (dO V^T - delta),  dQ = scale * dS K,  dK = scale * dS^T Q.
-// Three kernels:
+// Kernels:
 //   bwd_delta:  delta per query row, with fine = out - gate * coarse recovered from out; 0 on
 //               pad query rows (their dO is treated as 0: pad rows are not part of the output).
-//   bwd_dq:     one CTA per (64 query rows, batch*head), streaming the selected key chunks like
-//               the forward (two-stage cp.async); per chunk S = Q K^T, dP = dO V^T, dQ += dS K.
-//               Q and dO fragments stay in registers.  Writes dq = scale * dQ + dq_tile.
-//   bwd_dkdv:   one CTA per (64-key chunk, batch*kv head), keeping K and V in shared memory and
-//               streaming (Q, dO, lse, delta) of every query tile that selected the chunk's key
-//               tile (all query heads of the kv group: GQA sums happen here), from the KV->Q
-//               lists built on the GPU; per step S^T = K Q^T, dV += P^T dO, dP^T = V dO^T,
-//               dK += dS^T Q.  Writes dk = scale * dK + dk_tile, dv = dV + dv_tile.
-// Each warp owns 16 rows (query rows in bwd_dq, keys in bwd_dkdv).  The *_tile vectors carry
-// the coarse branch's gradient per tile, added to every real token of the tile; pad slots of
-// dq, dk and dv are written as zeros.
+//   bwd_dq, bwd_dkdv: the two passes of attention_bwd.cuh with MmaProducts: each warp owns 16
+//               rows (query rows in bwd_dq, keys in bwd_dkdv); Q and dO fragments of bwd_dq stay
+//               in registers, everything else is read with ldmatrix per step.
 //
 // Memory traffic: bwd_dq reads Q, dO once and K, V per selected chunk (as the forward);
 // bwd_dkdv reads K, V once and Q, dO (+ 512 bytes of lse/delta) per selecting query tile.
-#include "attention_common.cuh"
+#include "attention_bwd.cuh"
 
 namespace vsa {
 
@@ -99,99 +92,21 @@ __device__ __forceinline__ void mma_p_b(float (&acc)[D / 2], const float (&p)[32
     mma_p_b<T, D>(acc, packed, tile, lane);
 }
 
-}  // namespace vsa
+template <typename T, int D> struct MmaProducts {
+    unsigned int qf[D / 16][4], dof[D / 16][4];  // this warp's Q and dO rows (bwd_dq)
 
-// delta[b, h, row] = sum_d dout * (out - gate * coarse) on real query rows, 0 on pad rows.
-// One warp per row.
-template <typename T, int D>
-__global__ void __launch_bounds__(128)
-bwd_delta(const T* __restrict__ dout, const T* __restrict__ out, const float* __restrict__ coarse,
-          const T* __restrict__ gate, const int* __restrict__ q_block_sizes, float* __restrict__ delta,
-          long long rows, int q_len, int tile_volume) {
-    using namespace vsa;
-    const long long row = static_cast<long long>(blockIdx.x) * 4 + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (row >= rows) return;
-    const int bh = static_cast<int>(row / q_len), slot = static_cast<int>(row % q_len);
-    const int tile = slot / tile_volume;
-    float acc = 0.f;
-    if (slot % tile_volume < q_block_sizes[tile]) {
-        const size_t base = static_cast<size_t>(row) * D;
-        const float* c = coarse ? coarse + (static_cast<size_t>(bh) * (q_len / tile_volume) + tile) * D : nullptr;
+    __device__ static void visible() {}
+
+    __device__ void start_dq(const unsigned char* sQ, const unsigned char* sdO, int warp, int lane) {
 #pragma unroll
-        for (int i = lane; i < D; i += 32) {
-            float fine = to_float(out[base + i]);
-            if (c) fine -= gate ? to_float(gate[base + i]) * c[i] : c[i];
-            acc += to_float(dout[base + i]) * fine;
+        for (int kk = 0; kk < D / 16; ++kk) {
+            ldmatrix_x4(qf[kk], sQ + a_operand(warp * 16, kk, lane));
+            ldmatrix_x4(dof[kk], sdO + a_operand(warp * 16, kk, lane));
         }
-#pragma unroll
-        for (int m = 16; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
     }
-    if (lane == 0) delta[row] = acc;
-}
 
-template <typename T, int D>
-__global__ void __launch_bounds__(vsa::ATT_THREADS)
-bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
-       const float* __restrict__ lse, const float* __restrict__ delta, const int* __restrict__ q2k_idx,
-       const int* __restrict__ q2k_num, const int* __restrict__ q_block_sizes,
-       const int* __restrict__ kv_block_sizes, const float* __restrict__ dq_tile, T* __restrict__ dq,
-       int num_heads, int num_kv_heads, int q_len, int kv_len, int list_len, int tile_volume, float scale) {
-    using namespace vsa;
-    constexpr int TILE = AttentionSmem<D>::TILE;
-    extern __shared__ __align__(1024) unsigned char smem[];
-    unsigned char* sQ = smem;
-    unsigned char* sdO = smem + TILE;
-    unsigned char* sK = smem + 2 * TILE;  // two stages
-    unsigned char* sV = smem + 4 * TILE;  // two stages
-
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const AttentionCta<T, D> cta(k, v, q2k_idx, q2k_num, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len,
-                                 list_len, tile_volume);
-    const int row0 = blockIdx.x * ATT_BLOCK_M;
-    const int real_q = real_rows(q_block_sizes[cta.q_tile], row0 % tile_volume);
-    auto load_chunk = [&](int c) {
-        const auto chunk = cta.chunk(c);
-        load_tile_async<D>(sK + (c & 1) * TILE, cta.k + chunk.offset, chunk.valid, tid);
-        load_tile_async<D>(sV + (c & 1) * TILE, cta.v + chunk.offset, chunk.valid, tid);
-    };
-
-    load_tile_async<D>(sQ, q + cta.q_offset, ATT_BLOCK_M, tid);
-    load_tile_async<D>(sdO, dout + cta.q_offset, real_q, tid);  // pad rows read as 0
-    if (cta.n_chunks > 0) load_chunk(0);
-    cp_async_commit();
-
-    const float scale_log2 = scale * LOG2E;
-    float lse_log2[2], row_delta[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const size_t row = cta.q_offset / D + warp * 16 + (lane >> 2) + r * 8;
-        lse_log2[r] = lse[row] * LOG2E;
-        row_delta[r] = delta[row];
-    }
-    float acc[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
-    unsigned int qf[D / 16][4], dof[D / 16][4];
-
-    for (int c = 0; c < cta.n_chunks; ++c) {
-        cp_async_wait<0>();
-        __syncthreads();
-        if (c == 0) {
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                ldmatrix_x4(qf[kk], sQ + a_operand(warp * 16, kk, lane));
-                ldmatrix_x4(dof[kk], sdO + a_operand(warp * 16, kk, lane));
-            }
-        }
-        if (c + 1 < cta.n_chunks) load_chunk(c + 1);
-        cp_async_commit();
-
-        const int valid = cta.chunk(c).valid;
-        if (valid == 0) continue;
-        const unsigned char* cK = sK + (c & 1) * TILE;
-        const unsigned char* cV = sV + (c & 1) * TILE;
-
+    __device__ void dq_chunk(float (&acc)[D / 2], const unsigned char* cK, const unsigned char* cV, int valid,
+                             const float (&lse_log2)[2], const float (&row_delta)[2], float scale_log2, int, int lane) {
         float s[32], dp[32];
 #pragma unroll
         for (int i = 0; i < 32; ++i) s[i] = dp[i] = 0.f;
@@ -205,76 +120,11 @@ bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v
         }
         mma_p_b<T, D>(acc, s, cK, lane);
     }
-    cp_async_wait<0>();
-    const float* tile_vec = dq_tile ? dq_tile + (static_cast<size_t>(cta.bh) * cta.num_q_blocks + cta.q_tile) * D : nullptr;
-    write_rows<T, D>(dq + cta.q_offset, acc, scale, tile_vec, real_q, warp, lane);
-}
 
-template <typename T, int D>
-__global__ void __launch_bounds__(vsa::ATT_THREADS)
-bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
-         const float* __restrict__ lse, const float* __restrict__ delta, const int* __restrict__ kv2q_code,
-         const int* __restrict__ kv2q_offsets, const int* __restrict__ q_block_sizes,
-         const int* __restrict__ kv_block_sizes, const float* __restrict__ dk_tile, const float* __restrict__ dv_tile,
-         T* __restrict__ dk, T* __restrict__ dv, int num_heads, int num_kv_heads, int q_len, int kv_len,
-         int tile_volume, float scale) {
-    using namespace vsa;
-    constexpr int TILE = AttentionSmem<D>::TILE;
-    extern __shared__ __align__(1024) unsigned char smem[];
-    unsigned char* sK = smem;
-    unsigned char* sV = smem + TILE;
-    unsigned char* sQ = smem + 2 * TILE;   // two stages
-    unsigned char* sdO = smem + 4 * TILE;  // two stages
-    float* sStats = reinterpret_cast<float*>(smem + 6 * TILE);  // [stage][lse | delta][64]
-
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int bh_kv = blockIdx.y, b = bh_kv / num_kv_heads, kv_head = bh_kv % num_kv_heads;
-    const int group = num_heads / num_kv_heads;
-    const int num_q_blocks = q_len / tile_volume, num_kv_blocks = kv_len / tile_volume;
-    const int key0 = blockIdx.x * ATT_BLOCK_N, kv_tile = key0 / tile_volume;
-    const int real_k = real_rows(kv_block_sizes[kv_tile], key0 % tile_volume);
-    const size_t kv_offset = (static_cast<size_t>(bh_kv) * kv_len + key0) * D;
-    const int slices = tile_volume / ATT_BLOCK_M;  // 64-row slices per query tile
-    const int list = bh_kv * num_kv_blocks + kv_tile;
-    const int first = kv2q_offsets[list];
-    const int steps = real_k > 0 ? (kv2q_offsets[list + 1] - first) * slices : 0;
-
-    // Step t: query slice t % slices of the t / slices-th query tile that selected this key tile.
-    auto load_step = [&](int t) {
-        const int code = kv2q_code[first + t / slices], slice = t % slices;
-        const int h = kv_head * group + code / num_q_blocks, q_tile = code % num_q_blocks;
-        const int slot0 = q_tile * tile_volume + slice * ATT_BLOCK_M;
-        const size_t row0 = static_cast<size_t>(b * num_heads + h) * q_len + slot0;
-        const int stage = t & 1, real_q = real_rows(q_block_sizes[q_tile], slice * ATT_BLOCK_M);
-        // Pad query rows read as 0 in Q and dO, so they add nothing to dK and dV whatever they hold.
-        load_tile_async<D>(sQ + stage * TILE, q + row0 * D, real_q, tid);
-        load_tile_async<D>(sdO + stage * TILE, dout + row0 * D, real_q, tid);
-        if (tid < 32) {  // 64 lse then 64 delta values: 16-byte pieces
-            const float* src = (tid < 16 ? lse : delta) + row0 + (tid & 15) * 4;
-            cp_async_16(sStats + stage * 128 + tid * 4, src, 16);
-        }
-    };
-
-    load_tile_async<D>(sK, k + kv_offset, real_k, tid);  // pad keys read as 0
-    load_tile_async<D>(sV, v + kv_offset, real_k, tid);
-    if (steps > 0) load_step(0);
-    cp_async_commit();
-
-    const float scale_log2 = scale * LOG2E;
-    float acc_k[D / 2], acc_v[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) acc_k[i] = acc_v[i] = 0.f;
-
-    for (int t = 0; t < steps; ++t) {
-        cp_async_wait<0>();
-        __syncthreads();
-        if (t + 1 < steps) load_step(t + 1);
-        cp_async_commit();
-        const unsigned char* cQ = sQ + (t & 1) * TILE;
-        const unsigned char* cdO = sdO + (t & 1) * TILE;
-        const float* c_lse = sStats + (t & 1) * 128;
-        const float* c_delta = c_lse + 64;
-
+    __device__ void dkdv_step(float (&acc_k)[D / 2], float (&acc_v)[D / 2], const unsigned char* sK,
+                              const unsigned char* sV, const unsigned char* cQ, const unsigned char* cdO,
+                              const float* c_lse, const float* c_delta, int real_k, float scale_log2, int warp,
+                              int lane) {
         // P^T (this warp's 16 keys x 64 query rows), kept packed in 16 bits from here on so
         // that it and dP^T are not live in fp32 together (register pressure at D = 128).
         unsigned int pt[4][4];
@@ -306,8 +156,37 @@ bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
         }
         mma_p_b<T, D>(acc_k, dst, cQ, lane);  // dK += dS^T Q
     }
-    cp_async_wait<0>();
-    const size_t tile_row = (static_cast<size_t>(bh_kv) * num_kv_blocks + kv_tile) * D;
-    write_rows<T, D>(dk + kv_offset, acc_k, scale, dk_tile ? dk_tile + tile_row : nullptr, real_k, warp, lane);
-    write_rows<T, D>(dv + kv_offset, acc_v, 1.f, dv_tile ? dv_tile + tile_row : nullptr, real_k, warp, lane);
+};
+
+}  // namespace vsa
+
+// delta[b, h, row] = sum_d dout * (out - gate * coarse) on real query rows, 0 on pad rows.
+// One warp per row.
+template <typename T, int D>
+__global__ void __launch_bounds__(128)
+bwd_delta(const T* __restrict__ dout, const T* __restrict__ out, const float* __restrict__ coarse,
+          const T* __restrict__ gate, const int* __restrict__ q_block_sizes, float* __restrict__ delta,
+          long long rows, int q_len, int tile_volume) {
+    using namespace vsa;
+    const long long row = static_cast<long long>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const int bh = static_cast<int>(row / q_len), slot = static_cast<int>(row % q_len);
+    const int tile = slot / tile_volume;
+    float acc = 0.f;
+    if (slot % tile_volume < q_block_sizes[tile]) {
+        const size_t base = static_cast<size_t>(row) * D;
+        const float* c = coarse ? coarse + (static_cast<size_t>(bh) * (q_len / tile_volume) + tile) * D : nullptr;
+#pragma unroll
+        for (int i = lane; i < D; i += 32) {
+            float fine = to_float(out[base + i]);
+            if (c) fine -= gate ? to_float(gate[base + i]) * c[i] : c[i];
+            acc += to_float(dout[base + i]) * fine;
+        }
+#pragma unroll
+        for (int m = 16; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+    }
+    if (lane == 0) delta[row] = acc;
 }
+
+VSA_BWD_KERNELS(bwd_dq, bwd_dkdv, vsa::MmaProducts, 1)

@@ -1,0 +1,181 @@
+// The pipelines of the block-sparse attention backward, shared by the mma.sync kernels
+// (attention_bwd.cu) and the wgmma kernels (attention_bwd_sm90.cu).  Each kernel supplies a
+// Products policy with the matrix products of one step; everything else (work assignment,
+// two-stage cp.async streaming, statistics, epilogues) lives here:
+//
+//   dq_pass:    one CTA per (64 query rows, batch*head) streams the query tile's selected key
+//               chunks (K and V, two stages).  Products::dq_chunk does S = Q K^T, dP = dO V^T,
+//               P = exp(scale S - lse), dS = P (dP - delta), acc += dS K.
+//               Writes dq = scale * acc + dq_tile.
+//   dkdv_pass:  one CTA per (64-key chunk, batch*kv head) keeps K and V and streams (Q, dO, lse,
+//               delta) of every query tile that selected the chunk's key tile — all query heads of
+//               the kv group, so GQA sums happen here — from the KV->Q lists built on the GPU.
+//               Products::dkdv_step does S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T,
+//               dS^T = P^T (dP^T - delta), dK += dS^T Q.  Writes dk = scale * dK + dk_tile and
+//               dv = dV + dv_tile.
+// Policy interface:
+//   static void visible()                   make cp.async data visible to the products (before
+//                                           the barrier that ends each copy)
+//   void start_dq(sQ, sdO, warp, lane)      once, when Q and dO have arrived
+//   void dq_chunk(acc, sK, sV, valid, lse_log2, delta, scale_log2, warp, lane)
+//   void dkdv_step(acc_k, acc_v, sK, sV, sQ, sdO, lse, delta, real_k, scale_log2, warp, lane)
+// Pad query rows read as 0 in dO (and Q in dkdv_pass), so they add nothing to any gradient;
+// pad keys read as 0 and get P = 0.  Pad slots of dq, dk and dv are written as zeros.
+#pragma once
+
+#include "attention_common.cuh"
+
+namespace vsa {
+
+template <typename T, int D, class Products>
+__device__ __forceinline__ void dq_pass(const T* q, const T* k, const T* v, const T* dout, const float* lse,
+                                        const float* delta, const int* q2k_idx, const int* q2k_num,
+                                        const int* q_block_sizes, const int* kv_block_sizes, const float* dq_tile,
+                                        T* dq, int num_heads, int num_kv_heads, int q_len, int kv_len, int list_len,
+                                        int tile_volume, float scale) {
+    constexpr int TILE = AttentionSmem<D>::TILE;
+    extern __shared__ __align__(1024) unsigned char smem[];
+    unsigned char* sQ = smem;
+    unsigned char* sdO = smem + TILE;
+    unsigned char* sK = smem + 2 * TILE;  // two stages
+    unsigned char* sV = smem + 4 * TILE;  // two stages
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const AttentionCta<T, D> cta(k, v, q2k_idx, q2k_num, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len,
+                                 list_len, tile_volume);
+    const int real_q = real_rows(q_block_sizes[cta.q_tile], (blockIdx.x * ATT_BLOCK_M) % tile_volume);
+    auto load_chunk = [&](int c) {
+        const auto chunk = cta.chunk(c);
+        load_tile_async<D>(sK + (c & 1) * TILE, cta.k + chunk.offset, chunk.valid, tid);
+        load_tile_async<D>(sV + (c & 1) * TILE, cta.v + chunk.offset, chunk.valid, tid);
+    };
+
+    load_tile_async<D>(sQ, q + cta.q_offset, ATT_BLOCK_M, tid);
+    load_tile_async<D>(sdO, dout + cta.q_offset, real_q, tid);  // pad rows read as 0
+    if (cta.n_chunks > 0) load_chunk(0);
+    cp_async_commit();
+
+    float lse_log2[2], row_delta[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const size_t row = cta.q_offset / D + warp * 16 + (lane >> 2) + r * 8;
+        lse_log2[r] = lse[row] * LOG2E;
+        row_delta[r] = delta[row];
+    }
+    float acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+    Products products;
+
+    for (int c = 0; c < cta.n_chunks; ++c) {
+        cp_async_wait<0>();
+        Products::visible();
+        __syncthreads();  // chunk c has arrived; every warp is done with chunk c-1's stage
+        if (c == 0) products.start_dq(sQ, sdO, warp, lane);
+        if (c + 1 < cta.n_chunks) load_chunk(c + 1);
+        cp_async_commit();
+        const int valid = cta.chunk(c).valid;
+        if (valid == 0) continue;  // a 64-key sub-chunk past the end of a short tile (V > 64)
+        products.dq_chunk(acc, sK + (c & 1) * TILE, sV + (c & 1) * TILE, valid, lse_log2, row_delta,
+                          scale * LOG2E, warp, lane);
+    }
+    cp_async_wait<0>();
+    const float* tile_vec = dq_tile ? dq_tile + (static_cast<size_t>(cta.bh) * cta.num_q_blocks + cta.q_tile) * D : nullptr;
+    write_rows<T, D>(dq + cta.q_offset, acc, scale, tile_vec, real_q, warp, lane);
+}
+
+template <typename T, int D, class Products>
+__device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, const T* dout, const float* lse,
+                                          const float* delta, const int* kv2q_code, const int* kv2q_offsets,
+                                          const int* q_block_sizes, const int* kv_block_sizes, const float* dk_tile,
+                                          const float* dv_tile, T* dk, T* dv, int num_heads, int num_kv_heads,
+                                          int q_len, int kv_len, int tile_volume, float scale) {
+    constexpr int TILE = AttentionSmem<D>::TILE;
+    extern __shared__ __align__(1024) unsigned char smem[];
+    unsigned char* sK = smem;
+    unsigned char* sV = smem + TILE;
+    unsigned char* sQ = smem + 2 * TILE;   // two stages
+    unsigned char* sdO = smem + 4 * TILE;  // two stages
+    float* sStats = reinterpret_cast<float*>(smem + 6 * TILE);  // [stage][lse | delta][64]
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int bh_kv = blockIdx.y, b = bh_kv / num_kv_heads, kv_head = bh_kv % num_kv_heads;
+    const int group = num_heads / num_kv_heads;
+    const int num_q_blocks = q_len / tile_volume, num_kv_blocks = kv_len / tile_volume;
+    const int key0 = blockIdx.x * ATT_BLOCK_N, kv_tile = key0 / tile_volume;
+    const int real_k = real_rows(kv_block_sizes[kv_tile], key0 % tile_volume);
+    const size_t kv_offset = (static_cast<size_t>(bh_kv) * kv_len + key0) * D;
+    const int slices = tile_volume / ATT_BLOCK_M;  // 64-row slices per query tile
+    const int list = bh_kv * num_kv_blocks + kv_tile;
+    const int first = kv2q_offsets[list];
+    const int steps = real_k > 0 ? (kv2q_offsets[list + 1] - first) * slices : 0;
+
+    // Step t: query slice t % slices of the t / slices-th query tile that selected this key tile.
+    auto load_step = [&](int t) {
+        const int code = kv2q_code[first + t / slices], slice = t % slices;
+        const int h = kv_head * group + code / num_q_blocks, q_tile = code % num_q_blocks;
+        const size_t row0 = static_cast<size_t>(b * num_heads + h) * q_len + q_tile * tile_volume + slice * ATT_BLOCK_M;
+        const int stage = t & 1, real_q = real_rows(q_block_sizes[q_tile], slice * ATT_BLOCK_M);
+        load_tile_async<D>(sQ + stage * TILE, q + row0 * D, real_q, tid);
+        load_tile_async<D>(sdO + stage * TILE, dout + row0 * D, real_q, tid);
+        if (tid < 32) {  // 64 lse then 64 delta values: 16-byte pieces
+            const float* src = (tid < 16 ? lse : delta) + row0 + (tid & 15) * 4;
+            cp_async_16(sStats + stage * 128 + tid * 4, src, 16);
+        }
+    };
+
+    load_tile_async<D>(sK, k + kv_offset, real_k, tid);
+    load_tile_async<D>(sV, v + kv_offset, real_k, tid);
+    if (steps > 0) load_step(0);
+    cp_async_commit();
+
+    float acc_k[D / 2], acc_v[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc_k[i] = acc_v[i] = 0.f;
+    Products products;
+
+    for (int t = 0; t < steps; ++t) {
+        cp_async_wait<0>();
+        Products::visible();
+        __syncthreads();  // step t has arrived; every warp is done with step t-1's stage
+        if (t + 1 < steps) load_step(t + 1);
+        cp_async_commit();
+        const float* stats = sStats + (t & 1) * 128;
+        products.dkdv_step(acc_k, acc_v, sK, sV, sQ + (t & 1) * TILE, sdO + (t & 1) * TILE, stats, stats + 64, real_k,
+                           scale * LOG2E, warp, lane);
+    }
+    cp_async_wait<0>();
+    const size_t tile_row = (static_cast<size_t>(bh_kv) * num_kv_blocks + kv_tile) * D;
+    write_rows<T, D>(dk + kv_offset, acc_k, scale, dk_tile ? dk_tile + tile_row : nullptr, real_k, warp, lane);
+    write_rows<T, D>(dv + kv_offset, acc_v, 1.f, dv_tile ? dv_tile + tile_row : nullptr, real_k, warp, lane);
+}
+
+}  // namespace vsa
+
+// The kernels of one Products policy: the same signature for every variant.
+#define VSA_BWD_KERNELS(DQ_NAME, DKDV_NAME, POLICY, MIN_CTAS)                                                        \
+    template <typename T, int D>                                                                                     \
+    __global__ void __launch_bounds__(vsa::ATT_THREADS, MIN_CTAS)                                                    \
+        DQ_NAME(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                          \
+                const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,          \
+                const int* __restrict__ q2k_idx, const int* __restrict__ q2k_num,                                   \
+                const int* __restrict__ q_block_sizes, const int* __restrict__ kv_block_sizes,                      \
+                const float* __restrict__ dq_tile, T* __restrict__ dq, int num_heads, int num_kv_heads, int q_len,  \
+                int kv_len, int list_len, int tile_volume, float scale) {                                           \
+        vsa::dq_pass<T, D, POLICY<T, D>>(q, k, v, dout, lse, delta, q2k_idx, q2k_num, q_block_sizes,                \
+                                         kv_block_sizes, dq_tile, dq, num_heads, num_kv_heads, q_len, kv_len,       \
+                                         list_len, tile_volume, scale);                                             \
+    }                                                                                                                \
+    template <typename T, int D>                                                                                     \
+    __global__ void __launch_bounds__(vsa::ATT_THREADS, MIN_CTAS)                                                    \
+        DKDV_NAME(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                        \
+                  const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,        \
+                  const int* __restrict__ kv2q_code, const int* __restrict__ kv2q_offsets,                          \
+                  const int* __restrict__ q_block_sizes, const int* __restrict__ kv_block_sizes,                    \
+                  const float* __restrict__ dk_tile, const float* __restrict__ dv_tile, T* __restrict__ dk,         \
+                  T* __restrict__ dv, int num_heads, int num_kv_heads, int q_len, int kv_len, int tile_volume,      \
+                  float scale) {                                                                                     \
+        vsa::dkdv_pass<T, D, POLICY<T, D>>(q, k, v, dout, lse, delta, kv2q_code, kv2q_offsets, q_block_sizes,       \
+                                           kv_block_sizes, dk_tile, dv_tile, dk, dv, num_heads, num_kv_heads,       \
+                                           q_len, kv_len, tile_volume, scale);                                      \
+    }
