@@ -96,6 +96,11 @@ def vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: 
     return (out,) + tuple(getattr(context, name) for name in CONTEXT_FIELDS)
 
 
+def vsa_inference(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float):
+    """:func:`vsa_nd.video_sparse_attn`'s output alone, for calls that will not be differentiated."""
+    return vsa_nd.video_sparse_attn(q, k, v, topk, trusted(q_block_sizes), trusted(kv_block_sizes), gate=gate, scale=scale)
+
+
 def vsa_backward(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context, scale: float) -> tuple:
     """:func:`vsa_nd.video_sparse_attn_backward` from the results of :func:`vsa_forward`.
 

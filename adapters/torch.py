@@ -10,20 +10,22 @@ Every function takes and returns torch tensors in the layouts of :mod:`vsa_nd.op
 Dtypes: float32, float64, float16 and bfloat16 on CPU (Numba backend; half types computed
 in float32); float16 and bfloat16 on CUDA (CuPy backend; tile/untile also take float32).
 
-Conversion is zero-copy both ways (``numpy``/``cupy.from_dlpack`` of the tensor, and
-``torch.from_dlpack`` of the results).  NumPy 2.x refuses DLPack's bfloat16 (kDLBfloat) in
-both directions, so bfloat16 crosses as int16 and is reinterpreted on the other side
-(``.view``, no copy).  CuPy 14.2 takes kDLBfloat both ways; the adapter takes the int16 route
-for CuPy too, which costs nothing and keeps older CuPy working.
+Conversion is zero-copy both ways: DLPack (``numpy.from_dlpack`` of the tensor and
+``torch.from_dlpack`` of the results on CPU; raw capsules on CUDA, see below).  NumPy 2.x
+refuses DLPack's bfloat16 (kDLBfloat) in both directions, so on CPU bfloat16 crosses as int16
+and is reinterpreted on the other side (``.view``, no copy); on CUDA it crosses directly where
+CuPy takes kDLBfloat both ways (CuPy 14.2 does; probed once), else as int16 too.
 
 On CUDA each call runs on the tensor's device and on torch's current stream there (wrapped
-as a ``cupy.cuda.ExternalStream`` and made current), with no host synchronisation, and the
-memory vsa_nd allocates (outputs and intermediates) comes from torch's caching allocator,
-so torch accounts for all memory and, under CUDA-graph capture, intermediates come from the
-graph's private pool.  tile/untile can be captured (warm them up eagerly first: kernels
-compile and plans build on first use); the VSA forward cannot yet, as its coarse stage runs
-CuPy matmuls and CuPy refuses cuBLAS calls during capture.  CuPy is imported only when
-a CUDA tensor is passed; this module never imports JAX.
+as a ``cupy.cuda.ExternalStream``, cached per stream, and made current), with no host
+synchronisation.  Because both libraries then run on the same stream, tensors and results
+cross as raw DLPack capsules (``torch.utils.dlpack.to_dlpack`` / ``from_dlpack`` with
+CuPy's ``__dlpack__(stream=-1)``), skipping the protocol's stream hand-off.  The memory vsa_nd
+allocates (outputs and intermediates) comes from torch's caching allocator, so torch accounts
+for all memory and, under CUDA-graph capture, intermediates come from the graph's private
+pool.  Every CUDA function can be captured in a CUDA graph, the VSA forward and backward
+included (warm them up eagerly first: kernels compile and plans build on first use).  CuPy
+is imported only when a CUDA tensor is passed; this module never imports JAX.
 
 Autograd: :func:`video_sparse_attn` (custom op ``vsa_nd::video_sparse_attn``, with a fake
 implementation for ``torch.compile``) differentiates q, k, v and gate through both VSA
@@ -36,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -77,37 +80,68 @@ _TORCH_DTYPE = {v: k for k, v in _NUMPY_DTYPE.items()}
 
 
 def _as_array(t: Tensor):
-    """A NumPy (CPU) or CuPy (CUDA) view of ``t``, sharing its memory."""
-    t = t.detach()
-    bfloat16 = t.dtype == torch.bfloat16
-    src = t.view(torch.int16) if bfloat16 else t
-    if t.device.type == "cpu":
-        a = np.from_dlpack(src)
-    else:
+    """A NumPy (CPU) or CuPy (CUDA) view of ``t``, sharing its memory.
+
+    On CUDA the tensor crosses as a raw DLPack capsule: no stream hand-off, so the caller
+    orders the two libraries' streams (inside :func:`_running_on` they are the same stream).
+    """
+    if t.is_cuda:
         import cupy
 
-        a = cupy.from_dlpack(src)
-    return a.view(BFLOAT16) if bfloat16 else a
+        if t.dtype == torch.bfloat16 and not _cupy_takes_bfloat16(t.device.index):
+            return cupy.from_dlpack(torch.utils.dlpack.to_dlpack(t.view(torch.int16))).view(BFLOAT16)
+        return cupy.from_dlpack(torch.utils.dlpack.to_dlpack(t))
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return np.from_dlpack(t.view(torch.int16)).view(BFLOAT16)
+    return np.from_dlpack(t)
 
 
 def _as_tensor(a) -> Tensor:
-    """A torch view of a NumPy or CuPy array, sharing its memory."""
-    if a.dtype == BFLOAT16:
-        return torch.from_dlpack(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_dlpack(a)
+    """A torch view of a NumPy or CuPy array, sharing its memory (CuPy: a raw capsule, as in :func:`_as_array`)."""
+    if isinstance(a, np.ndarray):
+        if a.dtype == BFLOAT16:
+            return torch.from_dlpack(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_dlpack(a)
+    if a.dtype == BFLOAT16 and not _cupy_takes_bfloat16(a.device.id):
+        return torch.utils.dlpack.from_dlpack(a.view(np.int16).__dlpack__(stream=-1)).view(torch.bfloat16)
+    return torch.utils.dlpack.from_dlpack(a.__dlpack__(stream=-1))
+
+
+@functools.cache
+def _cupy_takes_bfloat16(index: int) -> bool:
+    """Whether this CuPy exchanges DLPack's bfloat16 (kDLBfloat) with torch both ways as
+    ``ml_dtypes.bfloat16`` (probed once, on one-element buffers of cuda:<index>; nothing runs on
+    the GPU).  If not, bfloat16 crosses as int16 and is reinterpreted on the other side."""
+    import cupy
+
+    try:
+        with cupy.cuda.Device(index):
+            imported = cupy.from_dlpack(
+                torch.utils.dlpack.to_dlpack(torch.empty(1, dtype=torch.bfloat16, device=torch.device("cuda", index))))
+            exported = torch.utils.dlpack.from_dlpack(cupy.empty(1, BFLOAT16).__dlpack__(stream=-1))
+    except (BufferError, TypeError, ValueError, NotImplementedError, RuntimeError):
+        return False
+    return imported.dtype == BFLOAT16 and exported.dtype == torch.bfloat16
 
 
 _EXTERNAL_STREAMS: dict = {}  # (stream pointer, device index) -> cupy.cuda.ExternalStream
 
 
-def _cupy_stream(device: torch.device):
-    """CuPy's handle of torch's current stream on ``device`` (a wrapper, cached per pointer)."""
+def _cupy_stream(index: int):
+    """CuPy's handle of torch's current stream on cuda:<index> (a wrapper, cached per pointer).
+
+    ``torch._C._cuda_getCurrentRawStream`` is the pointer getter torch.compile's generated code
+    calls before each launch; ``torch.cuda.current_stream`` would build a Stream object first.
+    """
     import cupy
 
-    key = (torch.cuda.current_stream(device).cuda_stream, device.index)
+    key = (torch._C._cuda_getCurrentRawStream(index), index)
     stream = _EXTERNAL_STREAMS.get(key)
     if stream is None:
-        stream = _EXTERNAL_STREAMS[key] = cupy.cuda.ExternalStream(*key)
+        with warnings.catch_warnings():  # CuPy 14 prefers Stream.from_external, which CuPy 13 lacks
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stream = _EXTERNAL_STREAMS[key] = cupy.cuda.ExternalStream(*key)
     return stream
 
 
@@ -132,14 +166,16 @@ def _torch_allocator(index: int):
 
 @contextlib.contextmanager
 def _running_on(device: torch.device):
-    """Make ``device`` and torch's current stream on it CuPy's current ones (CPU: nothing to do)."""
+    """Make ``device`` and torch's current stream on it CuPy's current ones, and torch's caching
+    allocator CuPy's (CPU: nothing to do).  torch's own current device is left alone: every
+    torch call made inside names its device."""
     if device.type != "cuda":
         yield
         return
     import cupy
 
-    with torch.cuda.device(device), cupy.cuda.Device(device.index), _cupy_stream(device), \
-            cupy.cuda.using_allocator(_torch_allocator(device.index)):
+    index = device.index
+    with cupy.cuda.Device(index), _cupy_stream(index), cupy.cuda.using_allocator(_torch_allocator(index)):
         yield
 
 
@@ -224,9 +260,8 @@ _vsa_op.register_fake(_forward_fake)
 @torch.library.custom_op("vsa_nd::video_sparse_attn_inference", mutates_args=())
 def _vsa_inference_op(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], q_block_sizes: Tensor,
                       kv_block_sizes: Tensor, topk: int, scale: float) -> Tensor:
-    """The output alone: no context to convert when nothing will be differentiated."""
-    return _run(q.device, _common.vsa_forward, q, k, v, gate, q_block_sizes, kv_block_sizes,
-                topk=topk, scale=scale)[0]
+    """The output alone: no context to build, convert and free when nothing will be differentiated."""
+    return _run(q.device, _common.vsa_inference, q, k, v, gate, q_block_sizes, kv_block_sizes, topk=topk, scale=scale)
 
 
 @_vsa_inference_op.register_fake

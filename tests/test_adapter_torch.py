@@ -469,16 +469,8 @@ def _tile_vsa_untile(plan, query, key, value, gate):
     return vt.untile(vt.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, gate=g), plan)
 
 
-# CuPy 14 refuses cuBLAS calls while a stream is being captured (NotImplementedError from
-# cublas._setStream), and vsa_nd.ops runs the coarse stage's two small matmuls through
-# CuPy/cuBLAS: the VSA forward cannot be captured until the coarse stage avoids cuBLAS.
-_CUBLAS_IN_CAPTURE = pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                                       reason="the coarse stage's CuPy matmuls call cuBLAS, which CuPy refuses "
-                                              "during stream capture")
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("step", [_tile_untile, pytest.param(_tile_vsa_untile, marks=_CUBLAS_IN_CAPTURE)])
+@pytest.mark.parametrize("step", [_tile_untile, _tile_vsa_untile])
 def test_cuda_graph_capture_and_replay_with_new_inputs(step):
     plan = vt.tile_plan((4, 8, 8), (4, 4, 4), device="cuda")
     static = untiled_inputs(plan, torch.bfloat16, heads=(2, 2, 2, 2), dim=64, device="cuda")
@@ -497,6 +489,50 @@ def test_cuda_graph_capture_and_replay_with_new_inputs(step):
             dst.copy_(src)
         graph.replay()
         assert torch.equal(captured, step(plan, *fresh))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_of_forward_and_backward():
+    """Forward and backward (through tile, VSA with GQA and a gate, untile) captured in one graph;
+    each replay with new inputs and output gradient gives the eager output and gradients bit
+    for bit (the backward is deterministic)."""
+    plan = vt.tile_plan((4, 8, 8), (4, 4, 4), device="cuda")
+    heads = (4, 2, 2, 4)
+
+    def inputs(seed):
+        tensors = untiled_inputs(plan, torch.bfloat16, heads=heads, dim=64, seed=seed, device="cuda")
+        dout = torch.randn(tensors[0].shape, device="cuda", dtype=torch.bfloat16,
+                           generator=torch.Generator(device="cuda").manual_seed(100 + seed))
+        return [x.requires_grad_() for x in tensors], dout
+
+    def step(tensors, dout):
+        out = _tile_vsa_untile(plan, *tensors)
+        out.backward(dout)
+        return out.detach()
+
+    static, static_dout = inputs(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(static, static_dout)
+    torch.cuda.current_stream().wait_stream(side)
+    for x in static:
+        x.grad = None  # the captured backward allocates the gradients from the graph's pool
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        captured = step(static, static_dout)
+    captured_grads = [x.grad for x in static]
+    for seed in (1, 2):
+        fresh, fresh_dout = inputs(seed)
+        with torch.no_grad():
+            for dst, src in zip(static + [static_dout], fresh + [fresh_dout]):
+                dst.copy_(src)
+        graph.replay()
+        expected = step(fresh, fresh_dout)
+        assert torch.equal(captured, expected)
+        for grad, x in zip(captured_grads, fresh):
+            assert torch.equal(grad, x.grad)
 
 
 @pytest.mark.gpu

@@ -21,7 +21,8 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64)) + HALF_DTYPES
 
 
 def is_cupy_array(x) -> bool:
-    return type(x).__module__.split(".")[0] == "cupy"
+    module = type(x).__module__
+    return module == "cupy" or module.startswith("cupy.")
 
 
 def array_module(x):

@@ -33,6 +33,7 @@ KERNEL_DIR = _kernel_dir()
 ATTENTION_DTYPES = ("__half", "__nv_bfloat16")
 HEAD_DIMS = (64, 128)
 COPY_UNITS = ("uint4", "uint2", "unsigned int", "unsigned short")  # 16, 8, 4, 2 bytes
+GEMM_TILES = ((128, 128), (128, 64), (64, 64))  # (BM, BN) output tiles of gemm_f32.cu (picked per product by the launcher)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,11 @@ def catalogue() -> list:
         KernelSpec("block_mean.cu", tuple(f"block_mean<{t}, {w}>" for t, w in vector_widths)),
         KernelSpec("topk.cu", ("select_topk",)),
         KernelSpec("softmax.cu", ("softmax_rows",)),
+        KernelSpec(
+            "gemm_f32.cu",
+            tuple(f"gemm_f32<{ta}, {tb}, {bm}, {bn}>" for ta in ("false", "true") for tb in ("false", "true")
+                  for bm, bn in GEMM_TILES),
+        ),
         KernelSpec(
             "coarse_grad.cu",
             tuple(f"coarse_grad<{t}, {w}, {g}>" for t, w in vector_widths for g in ("false", "true")),
@@ -224,6 +230,8 @@ def get_function(source: str, name: str):
     if key not in _MODULES:
         arch = device_arch(device_id)
         path, lowered = cached_cubin(spec_for(source), arch)
-        _MODULES[key] = (cupy.RawModule(path=str(path)), lowered)
-    module, lowered = _MODULES[key]
-    return module.get_function(lowered[name])
+        _MODULES[key] = (cupy.RawModule(path=str(path)), lowered, {})
+    module, lowered, functions = _MODULES[key]
+    if name not in functions:  # CuPy makes a new handle object per lookup: keep one
+        functions[name] = module.get_function(lowered[name])
+    return functions[name]

@@ -133,16 +133,18 @@ def _grouped(x, num_kv_heads: int):
 
 
 def _coarse_scores(q_c, k_c, scale: float):
-    """C = scale * q_c k_c^T [B, H, N_q, N_kv]; kv heads shared by a group are not copied."""
-    xp = array_module(q_c)
-    scores = _grouped(q_c * scale, k_c.shape[1]) @ xp.swapaxes(k_c, -1, -2)
+    """C = scale * q_c k_c^T [B, H, N_q, N_kv]; kv heads shared by a group are not copied.
+
+    q_c [B, H, N_q, D] and k_c [B, H_kv, N_kv, D], C-contiguous in the compute dtype.
+    """
+    scores = _backend(q_c).matmul(_grouped(q_c, k_c.shape[1]), k_c, transpose_b=True, alpha=scale)
     return scores.reshape(*q_c.shape[:3], -1)
 
 
 def _coarse_output(probs, v_c):
-    """o_c = probs v_c [B, H, N_q, D] from probs [B, H, N_q, N_kv] and v_c [B, H_kv, N_kv, D]."""
+    """o_c = probs v_c [B, H, N_q, D] from probs [B, H, N_q, N_kv] and v_c [B, H_kv, N_kv, D] (C-contiguous)."""
     b, h, n_q, _ = probs.shape
-    return (_grouped(probs, v_c.shape[1]) @ v_c).reshape(b, h, n_q, -1)
+    return _backend(probs).matmul(_grouped(probs, v_c.shape[1]), v_c).reshape(b, h, n_q, -1)
 
 
 @_on_input_device
@@ -160,7 +162,8 @@ def coarse_attn(q_c, k_c, v_c, scale=None):
     check.check_shape("v_c", v_c, k_c.shape)
     _check_heads(h, k_c.shape[1], "k_c")
     dtype = compute_dtype(q_c.dtype)
-    q_c, k_c, v_c = (a.astype(dtype, copy=False) for a in (q_c, k_c, v_c))
+    xp = array_module(q_c)
+    q_c, k_c, v_c = (xp.ascontiguousarray(a.astype(dtype, copy=False)) for a in (q_c, k_c, v_c))
     scores = _coarse_scores(q_c, k_c, _scale(scale, d))
     return scores, _coarse_output(_backend(scores).softmax_rows_(scores.copy()), v_c)
 
@@ -371,7 +374,7 @@ def video_sparse_attn_backward(dout, context: VSAContext) -> Gradients:
     check.check_same_dtype("dout", dout, c.q, "q")
     check.check_shape("dout", dout, c.q.shape)
     check.check_contiguous("dout", dout)
-    xp, backend = array_module(dout), _backend(dout)
+    backend = _backend(dout)
     if is_cupy_array(dout):  # the kernels' own limits, checked before any launch
         from .backends.cuda_attention import check_kernel_support
 
@@ -384,12 +387,12 @@ def video_sparse_attn_backward(dout, context: VSAContext) -> Gradients:
     b, h, n_q, d = c.q_mean.shape
     h_kv = c.k_mean.shape[1]
     probs, d_coarse_g = _grouped(c.coarse_probs, h_kv), _grouped(d_coarse, h_kv)
-    d_scores = d_coarse_g @ xp.swapaxes(c.v_mean, -1, -2)
+    d_scores = backend.matmul(d_coarse_g, c.v_mean, transpose_b=True)
     d_scores -= _grouped((d_coarse * c.coarse).sum(axis=-1, keepdims=True), h_kv)
     d_scores *= probs
-    dq_mean = (d_scores @ c.k_mean).reshape(b, h, n_q, d) * c.scale
-    dk_mean = (xp.swapaxes(d_scores, -1, -2) @ _grouped(c.q_mean, h_kv)) * c.scale
-    dv_mean = xp.swapaxes(probs, -1, -2) @ d_coarse_g
+    dq_mean = backend.matmul(d_scores, c.k_mean, alpha=c.scale).reshape(b, h, n_q, d)
+    dk_mean = backend.matmul(d_scores, _grouped(c.q_mean, h_kv), transpose_a=True, alpha=c.scale)
+    dv_mean = backend.matmul(probs, d_coarse_g, transpose_a=True)
 
     per_token = lambda x, sizes: x / sizes.astype(x.dtype)[:, None]  # noqa: E731
     dq, dk, dv = backend.block_sparse_bwd(

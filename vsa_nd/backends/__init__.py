@@ -23,6 +23,12 @@ The interface every backend implements:
     :func:`block_mean` of up to three tensors of one dtype, D and V (one launch on CUDA).
 ``softmax_rows_(x) -> x``
     Row softmax of a compute-dtype array [..., n] in place.
+``matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0) -> [batch..., m, n]``
+    ``alpha * op(a) @ op(b)`` for every batch index, in the compute dtype: a [batch..., m, k]
+    (stored [batch..., k, m] with ``transpose_a``), b [batch..., k, n] (stored
+    [batch..., n, k] with ``transpose_b``), both C-contiguous with the same batch axes.  The
+    coarse stage's products; exact fp32 arithmetic on CUDA (no TF32, no cuBLAS, so the
+    forward and backward can be captured in a CUDA graph).
 ``select_topk(scores, topk) -> (q2k_idx [B, H, N_q, topk] int32, q2k_num [B, H, N_q] int32)``
     scores [B, H, N_q, N_kv] float; the ``topk`` largest per row, ties to the lower index,
     each row listed in increasing tile order.

@@ -14,10 +14,14 @@ are 64-bit); a problem too large for that is refused with a ``ValueError`` befor
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
+
 import numpy as np
 
 from .._xp import BFLOAT16
-from ..kernels import get_function
+from ..kernels import GEMM_TILES, get_function
 
 # Kernel element type of each supported dtype, and the widest vector (elements in 16 bytes).
 _ELEMENT = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16"}
@@ -29,6 +33,7 @@ _TILE_THREADS, _TILE_UNITS = 256, 4  # tile.cu: THREADS, UNITS
 _REDUCE_THREADS = 128  # block_mean.cu and coarse_grad.cu: one thread per (tile, column vector)
 _TOPK_THREADS = 128  # topk.cu
 _SOFTMAX_THREADS = 256  # softmax.cu
+_GEMM_THREADS = 256  # gemm_f32.cu
 
 _INT32_HEADROOM = 2**31 - 2**16  # int32 unit / tile indices, with room for a grid's last partial CTA
 _MAX_GRID_Y = 65535
@@ -140,7 +145,7 @@ def block_means(tensors, block_sizes_list) -> list:
         grid = _reduce_grid("tensors", total, head_dim // width)
         padded = lambda items, fill: list(items) + [fill] * (3 - len(items))  # noqa: E731
         xs, outs, sizes = padded(tensors, _NULL), padded(means, _NULL), padded(block_sizes_list, _NULL)
-        ends = np.cumsum(padded(tiles, 0))
+        ends = itertools.accumulate(padded(tiles, 0))
         blocks = padded([len(s) for s in block_sizes_list], 1)
         args = (*xs, *outs, *sizes, *(np.int32(e) for e in ends), *(np.int32(n) for n in blocks),
                 np.int32(volume), np.int32(head_dim))
@@ -162,7 +167,7 @@ def select_topk(scores, topk: int):
     if scores.dtype != np.float32:
         raise TypeError(f"scores: expected dtype float32 on CUDA, got {scores.dtype}")
     *lead, num_kv = scores.shape
-    rows = int(np.prod(lead))
+    rows = math.prod(lead)
     with scores.device:
         q2k_idx = _alloc((*lead, topk), np.int32)
         q2k_num = _alloc(tuple(lead), np.int32)
@@ -181,6 +186,80 @@ def softmax_rows_(x):
             _check_index_range("x", rows, "rows")
             get_function("softmax.cu", "softmax_rows")((rows,), (_SOFTMAX_THREADS,), (x, np.int32(x.shape[-1])))
     return x
+
+
+@functools.cache
+def _sm_count(device_id: int) -> int:
+    """Multiprocessors of a device."""
+    import cupy
+
+    return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
+
+
+# Relative FMA throughput of an SM running gemm_f32.cu with each output tile, at the occupancy its
+# register cap allows (fitted on H100 to the coarse products of 40 heads x 1440 tiles, where every
+# tile keeps all SMs busy; with them the model below picks the fastest tile at 12 x 768 too).
+_GEMM_TILE_RATE = {(128, 128): 1.0, (128, 64): 0.84, (64, 64): 0.73}
+
+
+def _gemm_tile(m: int, n: int, batches: int, sm_count: int) -> tuple:
+    """(BM, BN) of gemm_f32.cu that finishes first by a simple model: the busiest SM's share of
+    the CTAs times the tile's area, over the tile's throughput (large tiles compute faster,
+    small ones spread a small product over more SMs)."""
+    def busiest_sm_time(tile):
+        bm, bn = tile
+        ctas = -(-m // bm) * -(-n // bn) * batches
+        return -(-ctas // sm_count) * bm * bn / _GEMM_TILE_RATE[tile]
+
+    return min(GEMM_TILES, key=busiest_sm_time)
+
+
+def _launch_gemm(a, b, out, transpose_a: bool, transpose_b: bool, alpha: float, tile: tuple):
+    """gemm_f32.cu with output tiles ``tile`` = (BM, BN) into ``out`` [batch..., m, n] on the current
+    device (see :func:`matmul`, which checks the operands)."""
+    *lead, m, n = out.shape
+    k = a.shape[-2] if transpose_a else a.shape[-1]
+    batches = math.prod(lead)
+    bm, bn = tile
+    grid = (-(-n // bn), -(-m // bm), min(batches, _MAX_GRID_Y))
+    if grid[1] > _MAX_GRID_Y:
+        raise ValueError(f"a: expected at most {_MAX_GRID_Y * bm} rows (m), got {m}")
+    flag = lambda t: "true" if t else "false"  # noqa: E731
+    kernel = get_function("gemm_f32.cu", f"gemm_f32<{flag(transpose_a)}, {flag(transpose_b)}, {bm}, {bn}>")
+    kernel(grid, (_GEMM_THREADS,), (a, b, out, np.int32(m), np.int32(n), np.int32(k), np.int32(batches), np.float32(alpha)))
+    return out
+
+
+def matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0):
+    """``alpha * op(a) @ op(b)`` per batch: float32 [batch..., m, n], one launch of gemm_f32.cu.
+
+    a [batch..., m, k] (stored [batch..., k, m] with ``transpose_a``), b [batch..., k, n]
+    (stored [batch..., n, k] with ``transpose_b``): C-contiguous float32 with the same batch
+    axes.  Exact fp32 products in increasing k order (no TF32); no cuBLAS, so it can be
+    captured in a CUDA graph.
+    """
+    for name, x in (("a", a), ("b", b)):
+        if x.dtype != np.float32:
+            raise TypeError(f"{name}: expected dtype float32 on CUDA, got {x.dtype}")
+        if x.ndim < 2 or not x.flags.c_contiguous:
+            raise ValueError(f"{name}: expected a C-contiguous array of 2 or more dimensions, got shape {x.shape}")
+    m, k = a.shape[-2:][::-1] if transpose_a else a.shape[-2:]
+    k_b, n = b.shape[-2:][::-1] if transpose_b else b.shape[-2:]
+    if a.shape[:-2] != b.shape[:-2] or k != k_b:
+        raise ValueError(
+            f"b: expected batch axes {list(a.shape[:-2])} and k = {k} to match a "
+            f"(transpose_a={transpose_a}, transpose_b={transpose_b}), got shape {list(b.shape)}"
+        )
+    batches = math.prod(a.shape[:-2])
+    # The kernel indexes inside one batch element with int32, tiles rounded up included.
+    _check_index_range("a", (m + 128) * (k + 16), "elements per batch element, padded to whole tiles (m x k)")
+    _check_index_range("b", (n + 128) * (k + 16), "elements per batch element, padded to whole tiles (k x n)")
+    _check_index_range("a, b", batches, "batches")
+    with a.device:
+        out = _alloc((*a.shape[:-2], m, n), np.float32)
+        if out.size:
+            _launch_gemm(a, b, out, transpose_a, transpose_b, alpha, _gemm_tile(m, n, batches, _sm_count(a.device.id)))
+    return out
 
 
 def coarse_grad_inputs(dout, gate, coarse, q_block_sizes):

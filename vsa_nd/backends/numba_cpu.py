@@ -283,6 +283,18 @@ def softmax_rows_(x):
     return x
 
 
+def matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0):
+    """``alpha * op(a) @ op(b)`` per batch, NumPy's ``@`` (BLAS) in the inputs' dtype.
+
+    a [batch..., m, k] (stored [batch..., k, m] with ``transpose_a``), b [batch..., k, n]
+    (stored [batch..., n, k] with ``transpose_b``) -> [batch..., m, n].
+    """
+    out = (np.swapaxes(a, -1, -2) if transpose_a else a) @ (np.swapaxes(b, -1, -2) if transpose_b else b)
+    if alpha != 1.0:
+        out *= alpha
+    return out
+
+
 @njit(**_KERNEL)
 def _select_topk_kernel(scores, topk, q2k_idx, q2k_num, scratch):
     rows, n = scores.shape

@@ -1,0 +1,106 @@
+"""CUDA-graph capture of the array-level API on CuPy (GPU only).
+
+VSA_SPEC.md section 4: the forward and backward run on CuPy's current stream with no host
+synchronisation, so a stream capture (``cupy.cuda.Stream.begin_capture``) records them whole.
+The graphs are replayed after new inputs are copied into the captured arrays, and every
+replay must give the eager call's results bit for bit (all kernels are deterministic).
+
+Memory: the captured calls allocate from a private CuPy memory pool that nothing else uses
+afterwards, so the blocks the graph reads and writes are never handed to anyone else (the
+role torch's private graph pool plays for torch.cuda.graph).
+"""
+
+import numpy as np
+import pytest
+
+import vsa_nd
+from vsa_nd._xp import BFLOAT16
+
+pytestmark = pytest.mark.gpu
+
+SEQ, TILE, TOPK = (4, 6, 8), (4, 4, 4), 3  # 8 tiles, half of them partial: pads in every kv tile row
+HEADS, KV_HEADS, DIM = 4, 2, 64
+
+
+def _inputs(plan, seed):
+    """Tiled q, gate, dout [1, H, S_pad, D] and k, v [1, H_kv, S_pad, D] in bfloat16 (gate in (0, 1))."""
+    import cupy
+
+    rng = np.random.default_rng(seed)
+
+    def tiled(heads, squash=False):
+        x = rng.standard_normal((1, plan.seq_len, heads, DIM)).astype(np.float32)
+        x = 1 / (1 + np.exp(-x)) if squash else x
+        return vsa_nd.tile(cupy.asarray(x).astype(BFLOAT16), plan)
+
+    q, k, v, gate, dout = tiled(HEADS), tiled(KV_HEADS), tiled(KV_HEADS), tiled(HEADS, True), tiled(HEADS)
+    return [q, k, v, gate, dout]
+
+
+def _forward_and_backward(plan, q, k, v, gate, dout):
+    out, context = vsa_nd.video_sparse_attn(q, k, v, TOPK, plan.variable_block_sizes, gate=gate, return_context=True)
+    return (out, *vsa_nd.video_sparse_attn_backward(dout, context))
+
+
+def _forward(plan, q, k, v, gate, dout):
+    return (vsa_nd.video_sparse_attn(q, k, v, TOPK, plan.variable_block_sizes, gate=gate),)
+
+
+@pytest.mark.parametrize("step", [_forward, _forward_and_backward])
+def test_capture_and_replay_with_new_inputs(step):
+    import cupy
+
+    plan = vsa_nd.tile_plan(SEQ, TILE, device="cuda:0")
+    static = _inputs(plan, seed=0)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    pool = cupy.cuda.MemoryPool()
+    cupy.cuda.Device().synchronize()  # the inputs were written on the default stream
+    with stream, cupy.cuda.using_allocator(pool.malloc):
+        step(plan, *static)  # warm-up: kernels compile and load outside the capture
+        stream.synchronize()
+        stream.begin_capture()
+        captured = step(plan, *static)
+        graph = stream.end_capture()
+    for seed in (1, 2):
+        fresh = _inputs(plan, seed)
+        cupy.cuda.Device().synchronize()
+        with stream:
+            for dst, src in zip(static, fresh):
+                dst[...] = src
+            graph.launch(stream)
+            expected = step(plan, *fresh)
+        stream.synchronize()
+        for got, want in zip(captured, expected):
+            assert (got is None) == (want is None)
+            if got is not None:
+                assert cupy.array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_matmul_capture_and_replay():
+    """The coarse stage's GEMM alone, every transpose combination, against the eager call."""
+    import cupy
+
+    from vsa_nd.backends import cuda
+
+    rng = np.random.default_rng(0)
+    shapes = {(False, False): ((3, 40, 24), (3, 24, 72)), (False, True): ((3, 40, 24), (3, 72, 24)),
+              (True, False): ((3, 24, 40), (3, 24, 72)), (True, True): ((3, 24, 40), (3, 72, 24))}
+    static = {flags: [cupy.asarray(rng.standard_normal(s, dtype=np.float32)) for s in pair] for flags, pair in shapes.items()}
+    stream = cupy.cuda.Stream(non_blocking=True)
+    pool = cupy.cuda.MemoryPool()
+    cupy.cuda.Device().synchronize()
+    with stream, cupy.cuda.using_allocator(pool.malloc):
+        for (ta, tb), (a, b) in static.items():
+            cuda.matmul(a, b, ta, tb, alpha=0.5)
+        stream.synchronize()
+        stream.begin_capture()
+        captured = {(ta, tb): cuda.matmul(a, b, ta, tb, alpha=0.5) for (ta, tb), (a, b) in static.items()}
+        graph = stream.end_capture()
+    for arrays in static.values():
+        for x in arrays:
+            x[...] = cupy.asarray(rng.standard_normal(x.shape, dtype=np.float32))
+    cupy.cuda.Device().synchronize()
+    graph.launch(stream)
+    stream.synchronize()
+    for (ta, tb), (a, b) in static.items():
+        assert cupy.array_equal(captured[ta, tb], cuda.matmul(a, b, ta, tb, alpha=0.5))

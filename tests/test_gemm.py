@@ -1,0 +1,179 @@
+"""The coarse stage's batched matrix product ``matmul`` of both backends against float64 NumPy.
+
+CUDA (cuda_kernels/gemm_f32.cu): every transpose combination and output tile, on random shapes
+(partial tiles, k not a multiple of the k step, rows not a multiple of 4) and at the coarse
+stage's sizes.  The kernel multiplies in exact fp32 (one FMA per product, accumulated in
+increasing k order), so each output element is within ``(k + 2) * 2**-24 * alpha * (|a| @ |b|)``
+of the exact product (the standard bound for k rounded additions and one rounded scaling; TF32
+would miss it by three orders of magnitude), and every tile shape gives the same bits.  Outputs
+are poisoned (NaN) before each launch.  The Numba backend's ``matmul`` is NumPy's ``@``.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vsa_nd.backends import numba_cpu
+
+try:
+    import cupy
+except ImportError:  # CPU-only machine: the GPU tests are skipped
+    cupy = None
+
+gpu = pytest.mark.gpu
+TRANSPOSES = [(False, False), (False, True), (True, False), (True, True)]
+UNIT_ROUNDOFF = 2.0**-24
+
+
+def _operands(rng, batch: tuple, m: int, n: int, k: int, transpose_a: bool, transpose_b: bool, dtype=np.float32):
+    """a, b as stored (transposed where asked), standard normal."""
+    a = rng.standard_normal((*batch, *((k, m) if transpose_a else (m, k)))).astype(dtype)
+    b = rng.standard_normal((*batch, *((n, k) if transpose_b else (k, n)))).astype(dtype)
+    return a, b
+
+
+def _exact(a, b, transpose_a, transpose_b):
+    """(float64 product, float64 product of the absolute values) of op(a) @ op(b)."""
+    op = lambda x, t: np.swapaxes(x, -1, -2) if t else x  # noqa: E731
+    a64, b64 = op(np.asarray(a, np.float64), transpose_a), op(np.asarray(b, np.float64), transpose_b)
+    return a64 @ b64, np.abs(a64) @ np.abs(b64)
+
+
+def _assert_fp32_exact(result, a, b, transpose_a, transpose_b, alpha):
+    exact, magnitude = _exact(a, b, transpose_a, transpose_b)
+    k = a.shape[-2] if transpose_a else a.shape[-1]
+    bound = (k + 2) * UNIT_ROUNDOFF * 1.01 * abs(alpha) * magnitude
+    error = np.abs(np.asarray(result, np.float64) - alpha * exact)
+    assert result.shape == exact.shape
+    assert np.all(error <= bound), f"max error / bound {np.max(error / np.maximum(bound, 1e-300)):.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Numba (NumPy) backend
+
+
+@pytest.mark.parametrize("transpose_a, transpose_b", TRANSPOSES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_matmul_matches_float64(transpose_a, transpose_b, dtype):
+    rng = np.random.default_rng(0)
+    a, b = _operands(rng, (2, 3), 17, 9, 33, transpose_a, transpose_b, dtype)
+    result = numba_cpu.matmul(a, b, transpose_a, transpose_b, alpha=0.25)
+    assert result.dtype == dtype
+    exact, _ = _exact(a, b, transpose_a, transpose_b)
+    np.testing.assert_allclose(result, 0.25 * exact, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA backend
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    """The CUDA backend with every output it allocates starting as NaN."""
+    from vsa_nd.backends import cuda as backend
+
+    monkeypatch.setattr(backend, "_alloc", lambda shape, dtype: cupy.full(shape, np.nan, dtype))
+    return backend
+
+
+def _every_tile(cuda, a, b, transpose_a, transpose_b, alpha):
+    """The product with each output tile of gemm_f32.cu, checked to be bit-identical; one of them."""
+    from vsa_nd.kernels import GEMM_TILES
+
+    auto = cuda.matmul(a, b, transpose_a, transpose_b, alpha)
+    for tile in GEMM_TILES:
+        out = cupy.full(auto.shape, np.nan, np.float32)
+        if out.size:
+            cuda._launch_gemm(a, b, out, transpose_a, transpose_b, alpha, tile)
+        assert cupy.array_equal(out.view(np.uint32), auto.view(np.uint32)), f"tile {tile} differs"
+    return auto.get()
+
+
+@gpu
+@pytest.mark.parametrize("transpose_a, transpose_b", TRANSPOSES)
+def test_cuda_matmul_smoke(cuda, transpose_a, transpose_b):
+    """Small, with partial tiles on every side and two batches: run under compute-sanitizer by scripts/gpu-check.sh."""
+    a, b = _operands(np.random.default_rng(5), (2,), 70, 67, 37, transpose_a, transpose_b)
+    result = _every_tile(cuda, cupy.asarray(a), cupy.asarray(b), transpose_a, transpose_b, 0.5)
+    _assert_fp32_exact(result, a, b, transpose_a, transpose_b, 0.5)
+
+
+@gpu
+@given(
+    transposes=st.sampled_from(TRANSPOSES),
+    batch=st.lists(st.integers(1, 3), max_size=2).map(tuple),
+    m=st.integers(1, 150),
+    n=st.integers(1, 150),
+    k=st.integers(0, 70),
+    alpha=st.sampled_from([1.0, 0.125, -3.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_cuda_matmul_random_shapes(cuda, transposes, batch, m, n, k, alpha, seed):
+    a, b = _operands(np.random.default_rng(seed), batch, m, n, k, *transposes)
+    result = _every_tile(cuda, cupy.asarray(a), cupy.asarray(b), *transposes, alpha)
+    _assert_fp32_exact(result, a, b, *transposes, alpha)
+
+
+@gpu
+@pytest.mark.parametrize("transpose_a, transpose_b", TRANSPOSES)
+@pytest.mark.parametrize("m, n, k", [(768, 768, 128), (768, 128, 768), (130, 68, 1441)])
+def test_cuda_matmul_coarse_sizes(cuda, transpose_a, transpose_b, m, n, k):
+    """The coarse stage's products at 768 tiles per head (VSA_SPEC.md section 6), and odd sizes with a long k."""
+    a, b = _operands(np.random.default_rng(1), (4,), m, n, k, transpose_a, transpose_b)
+    result = _every_tile(cuda, cupy.asarray(a), cupy.asarray(b), transpose_a, transpose_b, 0.088)
+    _assert_fp32_exact(result, a, b, transpose_a, transpose_b, 0.088)
+
+
+@gpu
+def test_cuda_matmul_more_batches_than_grid_z(cuda):
+    """70000 batches: the kernel's grid z (at most 65535) strides over them."""
+    a, b = _operands(np.random.default_rng(2), (70000,), 3, 5, 7, False, True)
+    result = cuda.matmul(cupy.asarray(a), cupy.asarray(b), transpose_b=True).get()
+    _assert_fp32_exact(result, a, b, False, True, 1.0)
+
+
+@gpu
+def test_cuda_matmul_empty(cuda):
+    for batch, m, n, k in [((0,), 4, 4, 4), ((2,), 0, 4, 4), ((2,), 4, 0, 4)]:
+        a, b = _operands(np.random.default_rng(3), batch, m, n, k, False, False)
+        assert cuda.matmul(cupy.asarray(a), cupy.asarray(b)).shape == (*batch, m, n)
+
+
+@gpu
+def test_cuda_coarse_selection_matches_float64():
+    """Coarse scores through the kernel select the same top-k tiles as float64 scores, on every
+    row whose k-th and (k+1)-th float64 scores are further apart than twice the error bound
+    (closer ones may swap under any fp32 arithmetic)."""
+    from vsa_nd import ops
+    from vsa_nd.backends import cuda
+
+    rng = np.random.default_rng(4)
+    topk, scale = 24, 128**-0.5
+    q_mean = rng.standard_normal((2, 4, 96, 128)).astype(np.float32)
+    k_mean = rng.standard_normal((2, 2, 160, 128)).astype(np.float32)
+    scores = ops._coarse_scores(cupy.asarray(q_mean), cupy.asarray(k_mean), scale)
+    q2k_idx, _ = cuda.select_topk(scores, topk)
+    exact, magnitude = _exact(q_mean.reshape(2, 2, 192, 128), k_mean, False, True)
+    exact, magnitude = exact.reshape(2, 4, 96, 160) * scale, magnitude.reshape(2, 4, 96, 160) * scale
+    expected = np.sort(np.argsort(-exact, axis=-1, kind="stable")[..., :topk], axis=-1)
+    ranked = -np.sort(-exact, axis=-1)
+    bound = (128 + 2) * UNIT_ROUNDOFF * 1.01 * magnitude.max(axis=-1)
+    clear = ranked[..., topk - 1] - ranked[..., topk] > 2 * bound
+    assert clear.mean() > 0.95
+    assert np.array_equal(q2k_idx.get()[clear], expected[clear])
+
+
+@gpu
+def test_cuda_matmul_errors():
+    from vsa_nd.backends import cuda
+
+    a = cupy.zeros((2, 4, 8), np.float32)
+    with pytest.raises(TypeError, match="a: expected dtype float32 on CUDA, got float64"):
+        cuda.matmul(a.astype(np.float64), a, transpose_b=True)
+    with pytest.raises(ValueError, match="b: expected a C-contiguous array"):
+        cuda.matmul(a, cupy.zeros((2, 16, 4), np.float32)[:, ::2])
+    with pytest.raises(ValueError, match=r"b: expected batch axes \[2\] and k = 8 to match a"):
+        cuda.matmul(a, cupy.zeros((2, 4, 8), np.float32))
+    with pytest.raises(ValueError, match=r"b: expected batch axes \[2\]"):
+        cuda.matmul(a, cupy.zeros((3, 8, 4), np.float32))
