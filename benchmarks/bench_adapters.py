@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
-import subprocess
 import time
+
+from _common import commit
 
 SHAPES = {
     # name: (seq_shape, heads, head_dim, topk)
@@ -28,14 +28,6 @@ SHAPES = {
     "mid": ((8, 32, 32), 12, 64, 16),  # 8192 tokens
     "main": ((12, 64, 64), 12, 128, 77),  # VSA_SPEC.md section 6: 49152 tokens, 77 of 768 tiles
 }
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001 - the device copy may have no .git
-        return os.environ.get("VSA_COMMIT", "unknown")
 
 
 def _time(fn, reps: int) -> tuple:
@@ -126,7 +118,7 @@ def main():
     args = parser.parse_args()
     import torch
 
-    print(f"# Adapter overhead — {torch.cuda.get_device_name()}, {datetime.date.today()}, commit {_commit()}, "
+    print(f"# Adapter overhead — {torch.cuda.get_device_name()}, {datetime.date.today()}, commit {commit()}, "
           f"torch {torch.__version__}")
     print(_bfloat16_probe())
     print("| shape | call | array gpu ms | torch gpu ms | torch extra us | host us array / torch | within target |")

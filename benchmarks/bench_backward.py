@@ -15,7 +15,8 @@ import datetime
 
 import numpy as np
 
-from bench_vsa import SHAPES, _commit, _median_ms
+from _common import commit, emit
+from bench_vsa import SHAPES, _median_ms
 
 
 def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows):
@@ -89,15 +90,11 @@ def main():
     rows: list = []
     for shape in args.shapes.split(","):
         bench_shape(shape, *SHAPES[shape], rows)
-    lines = [f"### CUDA backward on {name}, {datetime.date.today()}, commit {_commit()}", "",
+    lines = [f"### CUDA backward on {name}, {datetime.date.today()}, commit {commit()}", "",
              "| shape | what | time (ms) | TFLOP/s |", "| --- | --- | ---: | ---: |"]
     for label, what, ms, tflops in rows:
         lines.append(f"| {label} | {what} | {ms:.3f} | {'' if tflops is None else f'{tflops:.0f}'} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

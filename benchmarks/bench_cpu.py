@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import numba
 import numpy as np
 
 import vsa_nd
+
+from _common import commit
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "CPU: Numba block-sparse forward vs NumPy dense attention"
@@ -46,14 +47,6 @@ def cpu_model() -> str:
         key, _, value = line.partition(":")
         info.setdefault(key.strip(), value.strip())
     return f"{info.get('model name', 'unknown CPU')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
-
-
-def commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + (" + uncommitted changes" if git("status", "--porcelain") else "")
 
 
 def dense_attention(q, k, v, scale):

@@ -22,18 +22,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import time
 
 import numpy as np
 
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001 - the device copy may have no .git
-        return "unknown"
+from _common import commit
 
 
 def _coarse_products(ops, xp, q_mean, k_mean, v_mean, probs, d_coarse, scale):
@@ -106,7 +99,7 @@ def main():
         return cupy.cuda.get_elapsed_time(start, end) / args.reps, host
 
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    print(f"{name}, {datetime.date.today()}, commit {_commit()}: seq {plan.seq_shape}, {args.heads} heads, "
+    print(f"{name}, {datetime.date.today()}, commit {commit()}: seq {plan.seq_shape}, {args.heads} heads, "
           f"D={args.head_dim}, top {args.topk}/{plan.num_blocks}")
     stages = {
         "tile means (3 launches)": lambda: [cuda.block_mean(x, sizes) for x in (q, k, v)],

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import subprocess
 
 import numpy as np
+
+from _common import commit, emit
 
 SHAPES = {
     # name: (seq_shape, heads, sparsity or exact topk)
@@ -30,13 +30,6 @@ SHAPES = {
 HEAD_DIM = 128
 CALLS, WARMUP, REPLAYS = 20, 3, 15
 ROTATE_BYTES = 256 * 2**20  # inputs cycled per graph: several times the 50 MB L2 of an H100
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001 - the device copy may have no .git
-        return os.environ.get("VSA_COMMIT", "unknown")
 
 
 def _random_bf16(rng, shape):
@@ -137,7 +130,7 @@ def main():
         cupy.get_default_memory_pool().free_all_blocks()
 
     lines = [
-        f"### tile / untile / tile means / top-k on {name}, {datetime.date.today()}, commit {_commit()}",
+        f"### tile / untile / tile means / top-k on {name}, {datetime.date.today()}, commit {commit()}",
         "",
         f"B = 1, D = {HEAD_DIM}, bf16, tile 4x4x4; CUDA-graph replays of {CALLS} calls, median of {REPLAYS}.",
         "",
@@ -145,11 +138,7 @@ def main():
         "| --- | --- | ---: | ---: |",
     ]
     lines += [f"| {label} | {what} | {ms:.4f} | {tbs:.2f} |" for label, what, ms, tbs in rows]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

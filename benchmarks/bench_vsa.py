@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import subprocess
 
 import numpy as np
+
+from _common import commit, emit
 
 SHAPES = {
     # name: (seq_shape, heads, head_dim, sparsity or exact topk)
@@ -25,14 +25,6 @@ SHAPES = {
     "480p-d64": ((21, 30, 52), 24, 64, 0.875),
     "720p": ((21, 45, 80), 40, 128, 0.875),  # Wan2.1-14B 720p
 }
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001 - the device copy may have no .git
-        return os.environ.get("VSA_COMMIT", "unknown")
 
 
 class _PeakMemory:
@@ -168,7 +160,7 @@ def main():
         bench_shape(shape, *SHAPES[shape], rows)
 
     lines = [
-        f"### CUDA forward on {name}, {datetime.date.today()}, commit {_commit()}",
+        f"### CUDA forward on {name}, {datetime.date.today()}, commit {commit()}",
         "",
         "| shape | what | time (ms) | TFLOP/s | TB/s |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -176,11 +168,7 @@ def main():
     for label, what, ms, tflops, tbs in rows:
         lines.append(f"| {label} | {what} | {ms:.3f} | {'' if tflops is None else f'{tflops:.0f}'} | "
                      f"{'' if tbs is None else f'{tbs:.2f}'} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
