@@ -13,9 +13,10 @@ import vsa_nd
 from vsa_nd import reference
 from vsa_nd._xp import BFLOAT16
 
+from attention_problems import problems, random_inputs
+
 pytestmark = pytest.mark.gpu
 
-TILES = {1: [(64,), (128,)], 2: [(8, 8), (8, 16)], 3: [(4, 4, 4), (4, 4, 8)], 4: [(2, 2, 4, 4)]}
 TOLERANCE = {np.dtype(np.float16): 1e-2, BFLOAT16: 2e-2}
 
 
@@ -34,58 +35,18 @@ def poisoned(request, monkeypatch):
     monkeypatch.setattr(cuda_attention, "FORWARD_KERNEL", request.param)
 
 
-@st.composite
-def problems(draw, max_tokens=1200):
-    dims = draw(st.integers(1, 4))
-    tile_shape = draw(st.sampled_from(TILES[dims]))
-    volume = int(np.prod(tile_shape))
-
-    def seq():
-        shape = [draw(st.integers(1, 2 * t)) for t in tile_shape]
-        while np.prod(shape) > max_tokens:
-            shape[int(np.argmax(shape))] //= 2
-        return tuple(max(s, 1) for s in shape)
-
-    q_seq = seq()
-    kv_seq = q_seq if draw(st.booleans()) else seq()
-    kv_heads = draw(st.sampled_from([1, 2]))
-    return dict(
-        q_plan=vsa_nd.tile_plan(q_seq, tile_shape),
-        kv_plan=vsa_nd.tile_plan(kv_seq, tile_shape),
-        volume=volume,
-        batch=draw(st.integers(1, 2)),
-        heads=kv_heads * draw(st.sampled_from([1, 3])),
-        kv_heads=kv_heads,
-        head_dim=draw(st.sampled_from([64, 128])),
-        dtype=draw(st.sampled_from([np.dtype(np.float16), BFLOAT16])),
-        seed=draw(st.integers(0, 2**32 - 1)),
-    )
-
-
-def _inputs(p, rng):
-    """Random q, k, v (NaN in key pad slots) as NumPy arrays in the problem's dtype."""
-    b, h, hk, d = p["batch"], p["heads"], p["kv_heads"], p["head_dim"]
-    q = rng.standard_normal((b, h, p["q_plan"].padded_len, d)).astype(p["dtype"])
-    k = rng.standard_normal((b, hk, p["kv_plan"].padded_len, d)).astype(p["dtype"])
-    v = rng.standard_normal((b, hk, p["kv_plan"].padded_len, d)).astype(p["dtype"])
-    pads = ~reference.valid_slots(p["kv_plan"].variable_block_sizes, p["volume"])
-    k[:, :, pads] = np.nan
-    v[:, :, pads] = np.nan
-    return q, k, v
-
-
 def _rel_err(x, ref):
     """Norm-relative error (absolute where the reference is all zeros: rows that select nothing)."""
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1.0)
 
 
-@given(problems(), st.data())
+@given(problems(max_tokens=1200, groups=(1, 3)), st.data())
 def test_block_sparse_attn_matches_reference(poisoned, p, data):
     import cupy
 
     rng = np.random.default_rng(p["seed"])
-    q, k, v = _inputs(p, rng)
+    q, k, v = random_inputs(p, rng)
     n_q, n_kv = p["q_plan"].num_blocks, p["kv_plan"].num_blocks
     b, h = q.shape[:2]
     length = data.draw(st.integers(1, n_kv))
@@ -109,14 +70,14 @@ def test_block_sparse_attn_matches_reference(poisoned, p, data):
     assert np.allclose(lse[~empty], ref_lse[~empty], rtol=1e-3, atol=1e-3)
 
 
-@given(problems(), st.data())
+@given(problems(max_tokens=1200, groups=(1, 3)), st.data())
 def test_video_sparse_attn_matches_reference(poisoned, p, data):
     import cupy
 
     rng = np.random.default_rng(p["seed"])
-    q, k, v = _inputs(p, rng)
-    gate = rng.standard_normal(q.shape).astype(p["dtype"]) if data.draw(st.booleans()) else None
-    topk = data.draw(st.integers(1, p["kv_plan"].num_blocks))
+    q, k, v = random_inputs(p, rng)
+    gate = rng.standard_normal(q.shape).astype(p["dtype"]) if p["gated"] else None
+    topk = p["topk"]
     q_sizes, kv_sizes = p["q_plan"].variable_block_sizes, p["kv_plan"].variable_block_sizes
     scale = data.draw(st.sampled_from([None, 0.05]))
 
@@ -175,7 +136,7 @@ def test_smoke_attention(kernel, head_dim, monkeypatch):
     q_plan, kv_plan = vsa_nd.tile_plan((5, 6, 7), (4, 4, 8)), vsa_nd.tile_plan((3, 9, 6), (4, 4, 8))
     p = dict(q_plan=q_plan, kv_plan=kv_plan, volume=128, batch=2, heads=4, kv_heads=2, head_dim=head_dim,
              dtype=BFLOAT16)
-    q, k, v = _inputs(p, rng)
+    q, k, v = random_inputs(p, rng)
     gate = rng.standard_normal(q.shape).astype(BFLOAT16)
     out = vsa_nd.video_sparse_attn(*(cupy.asarray(x) for x in (q, k, v)), 2, cupy.asarray(q_plan.variable_block_sizes),
                                    cupy.asarray(kv_plan.variable_block_sizes), gate=cupy.asarray(gate))

@@ -9,15 +9,15 @@ dgate must be 0.
 import numpy as np
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 import vsa_nd
 from vsa_nd import reference
 from vsa_nd._xp import BFLOAT16
 
+from attention_problems import problems, random_inputs
+
 pytestmark = pytest.mark.gpu
 
-TILES = {1: [(64,), (128,)], 2: [(8, 8)], 3: [(4, 4, 4), (4, 4, 8)], 4: [(2, 2, 4, 4)]}
 TOLERANCE = {np.dtype(np.float16): 1e-2, BFLOAT16: 3e-2}
 
 
@@ -37,36 +37,6 @@ def poisoned(request, monkeypatch):
     monkeypatch.setattr(cuda_attention, "BACKWARD_KERNEL", request.param)
 
 
-@st.composite
-def problems(draw, max_tokens=1000):
-    dims = draw(st.integers(1, 4))
-    tile_shape = draw(st.sampled_from(TILES[dims]))
-
-    def seq():
-        shape = [draw(st.integers(1, 2 * t)) for t in tile_shape]
-        while np.prod(shape) > max_tokens:
-            shape[int(np.argmax(shape))] //= 2
-        return tuple(max(s, 1) for s in shape)
-
-    q_seq = seq()
-    kv_seq = q_seq if draw(st.booleans()) else seq()
-    kv_heads = draw(st.sampled_from([1, 2]))
-    kv_plan = vsa_nd.tile_plan(kv_seq, tile_shape)
-    return dict(
-        q_plan=vsa_nd.tile_plan(q_seq, tile_shape),
-        kv_plan=kv_plan,
-        volume=int(np.prod(tile_shape)),
-        batch=draw(st.integers(1, 2)),
-        heads=kv_heads * draw(st.sampled_from([1, 2])),
-        kv_heads=kv_heads,
-        head_dim=draw(st.sampled_from([64, 128])),
-        dtype=draw(st.sampled_from([np.dtype(np.float16), BFLOAT16])),
-        topk=draw(st.integers(1, kv_plan.num_blocks)),
-        gated=draw(st.booleans()),
-        seed=draw(st.integers(0, 2**32 - 1)),
-    )
-
-
 def _rel_err(x, ref):
     """Norm-relative error, with a floor for gradients much smaller than the O(1) inputs.
 
@@ -84,16 +54,12 @@ def _run(p):
     import cupy
 
     rng = np.random.default_rng(p["seed"])
-    b, h, hk, d, dt = p["batch"], p["heads"], p["kv_heads"], p["head_dim"], p["dtype"]
+    dt = p["dtype"]
     q_sizes, kv_sizes = p["q_plan"].variable_block_sizes, p["kv_plan"].variable_block_sizes
     q_real = reference.valid_slots(q_sizes, p["volume"])
     kv_real = reference.valid_slots(kv_sizes, p["volume"])
-    q = rng.standard_normal((b, h, p["q_plan"].padded_len, d)).astype(dt)
-    k = rng.standard_normal((b, hk, p["kv_plan"].padded_len, d)).astype(dt)
-    v = rng.standard_normal((b, hk, p["kv_plan"].padded_len, d)).astype(dt)
+    q, k, v = random_inputs(p, rng)
     q[:, :, ~q_real] = 0  # as tile() leaves them
-    k[:, :, ~kv_real] = np.nan
-    v[:, :, ~kv_real] = np.nan
     gate = rng.standard_normal(q.shape).astype(dt) if p["gated"] else None
     dout = rng.standard_normal(q.shape).astype(dt)
 
@@ -107,7 +73,7 @@ def _run(p):
     return got, ref, q_real, kv_real
 
 
-@given(problems())
+@given(problems(max_tokens=1000))
 def test_backward_matches_reference(poisoned, p):
     (dq, dk, dv, dgate), ref, q_real, kv_real = _run(p)
     tol = TOLERANCE[p["dtype"]]
