@@ -71,9 +71,13 @@ def trusted(block_sizes):
     of its cached plans, recognised by identity.  A framework tensor converted through
     DLPack is a new array object over the same memory, so it is matched by data pointer,
     length and device; plan arrays live as long as the process, so the match is exact.
+    A plan array itself (what the torch adapter passes for a plan's tensor) is returned at once.
     """
+    candidates = trusted_index_arrays()
+    if any(candidate is block_sizes for candidate in candidates):
+        return block_sizes
     ptr = _data_pointer(block_sizes)
-    for candidate in trusted_index_arrays():
+    for candidate in candidates:
         if (_data_pointer(candidate) == ptr and candidate.shape == block_sizes.shape
                 and candidate.dtype == block_sizes.dtype and _device(candidate) == _device(block_sizes)):
             return candidate

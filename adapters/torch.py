@@ -1,4 +1,4 @@
-"""PyTorch adapter: vsa_nd on ``torch.Tensor`` (CPU and CUDA), through DLPack, with autograd.
+"""PyTorch adapter: vsa_nd on ``torch.Tensor`` (CPU and CUDA), through zero-copy views, with autograd.
 
 Every function takes and returns torch tensors in the layouts of :mod:`vsa_nd.ops`::
 
@@ -10,11 +10,15 @@ Every function takes and returns torch tensors in the layouts of :mod:`vsa_nd.op
 Dtypes: float32, float64, float16 and bfloat16 on CPU (Numba backend; half types computed
 in float32); float16 and bfloat16 on CUDA (CuPy backend; tile/untile also take float32).
 
-Conversion is zero-copy both ways: DLPack (``numpy.from_dlpack`` of the tensor and
-``torch.from_dlpack`` of the results on CPU; raw capsules on CUDA, see below).  NumPy 2.x
-refuses DLPack's bfloat16 (kDLBfloat) in both directions, so on CPU bfloat16 crosses as int16
-and is reinterpreted on the other side (``.view``, no copy); on CUDA it crosses directly where
-CuPy takes kDLBfloat both ways (CuPy 14.2 does; probed once), else as int16 too.
+Conversion is zero-copy both ways.  On CPU through torch's NumPy bridge (``Tensor.numpy`` /
+``torch.from_numpy``: one C call each, where the DLPack exchange runs Python code on torch's
+side; read-only arrays, the cached plans', cross by DLPack, which carries the flag).  NumPy
+has no bfloat16 that torch knows (and NumPy 2.x refuses DLPack's kDLBfloat), so on CPU
+bfloat16 crosses as int16 and is reinterpreted on the other side (``.view``, no copy).  On
+CUDA tensors cross as raw DLPack capsules (see below), bfloat16 directly where CuPy takes
+kDLBfloat both ways (CuPy 14.2 does; probed once), else as int16 too.  A plan's
+``variable_block_sizes`` tensor is not converted at all: it stands for the plan's own array,
+which vsa_nd trusts without a value check.
 
 On CUDA each call runs on the tensor's device and on torch's current stream there (wrapped
 as a ``cupy.cuda.ExternalStream``, cached per stream, and made current), with no host
@@ -27,10 +31,29 @@ pool.  Every CUDA function can be captured in a CUDA graph, the VSA forward and 
 included (warm them up eagerly first: kernels compile and plans build on first use).  CuPy
 is imported only when a CUDA tensor is passed; this module never imports JAX.
 
-Autograd: :func:`video_sparse_attn` (custom op ``vsa_nd::video_sparse_attn``, with a fake
-implementation for ``torch.compile``) differentiates q, k, v and gate through both VSA
-stages, with the top-k selection a constant of the forward pass; pad query rows of dq and
-dgate are zero.  :func:`tile` and :func:`untile` differentiate into each other.
+Autograd: :func:`video_sparse_attn` differentiates q, k, v and gate through both VSA stages,
+with the top-k selection a constant of the forward pass; pad query rows of dq and dgate are
+zero.  :func:`tile` and :func:`untile` differentiate into each other.
+
+Two paths, one implementation.  Every operation is a ``torch.library.custom_op``
+(``vsa_nd::video_sparse_attn`` with its ``_inference`` and ``_backward`` siblings,
+``vsa_nd::block_sparse_attn``, ``vsa_nd::tile``, ``vsa_nd::untile``, ``vsa_nd::tile_into``)
+with a fake implementation and, where differentiable, registered autograd.  That is the path
+``torch.compile``, ``torch.export`` and ``torch.jit.trace`` record, and the one taken under a
+torch dispatch mode (FakeTensor, functionalization, FlopCounterMode, ...), a torch function mode
+(``torch.device`` as a context manager or ``torch.set_default_device`` among them), a functorch
+transform (``vmap``, ``torch.func.grad``) or with a tensor subclass as an argument.  Dispatching
+a custom op costs tens of microseconds of host time per call, and more with autograd, against a
+few hundred for a whole VSA call on small shapes.  So a call in plain eager mode (none of the
+above, every tensor exactly a ``torch.Tensor``: :func:`_plain_eager`) runs the same
+implementation function directly, through a ``torch.autograd.Function`` (:class:`_VSAFunction`,
+:class:`_ReorderFunction`) when an input needs a gradient.  Those save what the custom ops'
+autograd saves (saved-tensor hooks and in-place modification checks see the same tensors),
+their backwards run the same implementation (directly again in plain eager mode), and both
+paths compute on the same views, so outputs and gradients are bit-identical.  On both paths the
+VSA backward is not differentiable itself (a second backward through it raises), tile and
+untile differentiate to any order, and ``tile(..., out=buffer)`` bumps the buffer's version
+counter.
 """
 
 from __future__ import annotations
@@ -74,9 +97,13 @@ _NUMPY_DTYPE = {
 }
 _TORCH_DTYPE = {v: k for k, v in _NUMPY_DTYPE.items()}
 
+# _common's tables of accepted dtypes per device type, in torch dtypes (same order, for the messages).
+_ATTENTION_DTYPES, _TILE_DTYPES = ({device: tuple(_TORCH_DTYPE[d] for d in dtypes) for device, dtypes in table.items()}
+                                  for table in (_common.ATTENTION_DTYPES, _common.TILE_DTYPES))
+
 
 # ---------------------------------------------------------------------------------------
-# DLPack both ways, and the device/stream/allocator a CUDA call runs with.
+# Zero-copy views both ways, and the device/stream/allocator a CUDA call runs with.
 
 
 def _as_array(t: Tensor):
@@ -88,24 +115,43 @@ def _as_array(t: Tensor):
     if t.is_cuda:
         import cupy
 
-        if t.dtype == torch.bfloat16 and not _cupy_takes_bfloat16(t.device.index):
+        if t.dtype == torch.bfloat16 and not _cupy_takes_bfloat16(t.get_device()):
             return cupy.from_dlpack(torch.utils.dlpack.to_dlpack(t.view(torch.int16))).view(BFLOAT16)
         return cupy.from_dlpack(torch.utils.dlpack.to_dlpack(t))
-    t = t.detach()
+    if t.requires_grad:  # Tensor.numpy refuses such a tensor; detaching only then saves a call
+        t = t.detach()
     if t.dtype == torch.bfloat16:
-        return np.from_dlpack(t.view(torch.int16)).view(BFLOAT16)
-    return np.from_dlpack(t)
+        return t.view(torch.int16).numpy().view(BFLOAT16)
+    return t.numpy()
 
 
 def _as_tensor(a) -> Tensor:
     """A torch view of a NumPy or CuPy array, sharing its memory (CuPy: a raw capsule, as in :func:`_as_array`)."""
     if isinstance(a, np.ndarray):
-        if a.dtype == BFLOAT16:
-            return torch.from_dlpack(a.view(np.int16)).view(torch.bfloat16)
-        return torch.from_dlpack(a)
-    if a.dtype == BFLOAT16 and not _cupy_takes_bfloat16(a.device.id):
+        bits = a.view(np.int16) if a.dtype == BFLOAT16 else a
+        # torch.from_numpy warns on read-only arrays (it cannot mark a tensor read-only); DLPack 1.0 carries the flag.
+        t = torch.from_numpy(bits) if bits.flags.writeable else torch.from_dlpack(bits)
+        return t if bits is a else t.view(torch.bfloat16)
+    if a.dtype == BFLOAT16 and not _cupy_takes_bfloat16(a.data.device_id):
         return torch.utils.dlpack.from_dlpack(a.view(np.int16).__dlpack__(stream=-1)).view(torch.bfloat16)
     return torch.utils.dlpack.from_dlpack(a.__dlpack__(stream=-1))
+
+
+# id(tensor) -> (tensor, array): the variable_block_sizes tensor of every cached plan of this
+# module (see _cached_plan) and the plan array it views.  The cache keeps the tensors alive, so
+# an id here is never reused by another object.
+_PLAN_BLOCK_SIZES: dict = {}
+
+
+def _array_of(t: Optional[Tensor]):
+    """What vsa_nd gets for ``t``: None for None; for a plan's block-size tensor the plan's own
+    array (trusted by identity: no view, no pointer search, no value check); else :func:`_as_array`."""
+    if t is None:
+        return None
+    plan_entry = _PLAN_BLOCK_SIZES.get(id(t))
+    if plan_entry is not None and plan_entry[0] is t:
+        return plan_entry[1]
+    return _as_array(t)
 
 
 @functools.cache
@@ -153,13 +199,13 @@ def _torch_allocator(index: int):
     released to torch when CuPy drops it; under CUDA-graph capture it comes from the
     graph's private pool, so intermediates stay reserved for replays.
     """
-    import cupy
+    from cupy.cuda import MemoryPointer, UnownedMemory  # bound once: malloc runs for every intermediate
 
     device = torch.device("cuda", index)
 
     def malloc(nbytes: int):
         block = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(block.data_ptr(), nbytes, block, index), 0)
+        return MemoryPointer(UnownedMemory(block.data_ptr(), nbytes, block, index), 0)
 
     return malloc
 
@@ -188,16 +234,17 @@ def _device_key(device: torch.device) -> str:
 
 
 def _check_tensor(name: str, t, dtypes: dict, like: Optional[Tensor] = None, like_name: str = "q") -> Tensor:
-    """A contiguous tensor on CPU or CUDA (``like``'s device) with a dtype that device takes."""
+    """A contiguous tensor on CPU or CUDA (``like``'s device) with a dtype that device takes
+    (``dtypes``: device type -> torch dtypes)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.device.type not in dtypes:
+    allowed = dtypes.get(t.device.type)
+    if allowed is None:
         raise TypeError(f"{name}: expected a tensor on cpu or cuda, got one on {t.device}")
     if like is not None and t.device != like.device:
         raise TypeError(f"{name}: expected a tensor on {like.device} like {like_name}, got one on {t.device}")
-    allowed = dtypes[t.device.type]
-    if t.dtype not in _NUMPY_DTYPE or _NUMPY_DTYPE[t.dtype] not in allowed:
-        names = ", ".join(str(_TORCH_DTYPE[d]) for d in allowed)
+    if t.dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
         raise TypeError(f"{name}: expected dtype in ({names}) on {t.device.type}, got {t.dtype}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}; pass {name}.contiguous()")
@@ -211,7 +258,9 @@ def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:
             raise TypeError(f"{name}: expected a tensor on {device} like q, got one on {sizes.device}")
         if sizes.dtype.is_floating_point or sizes.dtype.is_complex or sizes.dtype == torch.bool:
             raise TypeError(f"{name}: expected an integer dtype, got {sizes.dtype}")
-        return sizes.to(torch.int32).contiguous()
+        if sizes.dtype != torch.int32:  # Tensor.to costs a dispatch even when it returns the tensor itself
+            sizes = sizes.to(torch.int32)
+        return sizes.contiguous()
     array = np.asarray(sizes)
     if not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{name}: expected ints or an integer tensor, got {array.dtype} values")
@@ -222,91 +271,78 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _plain_eager(*tensors) -> bool:
+    """Whether a call on ``tensors`` (None allowed) may run its implementation without its custom
+    op: nothing that must see the op is active, and every tensor is exactly a ``torch.Tensor``.
+
+    Not torch.compile's tracing (checked first: Dynamo folds it to True and traces nothing
+    after it), not ``torch.jit.trace`` (it records dispatched ops only), no torch dispatch mode
+    (FakeTensor, make_fx/export's proxy mode, functionalization, FlopCounterMode, ...), no
+    torch function mode, no functorch transform, and no tensor subclass (a FakeTensor, DTensor
+    or ``__torch_function__`` subclass expects the dispatcher; Parameters, rare here, take it too).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if (torch._C._get_tracing_state() is not None or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
+        return False
+    for t in tensors:
+        if t is not None and type(t) is not Tensor:
+            return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------
-# Custom ops.  Each takes and returns plain tensors; the public functions below check
-# their arguments first.
+# Implementations: plain tensors in, plain tensors out, arguments checked by the public
+# functions.  The custom ops below are these functions; a plain eager call runs them directly.
 
 
-def _run(device: torch.device, fn, *tensors, **static):
-    """``fn`` on array views of ``tensors`` (None passes through), its array results as tensors."""
-    with _running_on(device):
-        results = fn(*(None if t is None else _as_array(t) for t in tensors), **static)
-        if results is None:
-            return None
-        if isinstance(results, tuple):
-            return tuple(None if r is None else _as_tensor(r) for r in results)
-        return _as_tensor(results)
+def _run(fn, *tensors, **static):
+    """``fn`` on the arrays of ``tensors`` (:func:`_array_of`; the first one is not None and gives
+    the device), its array results (an array, a tuple with None allowed, or None) as tensors."""
+    if tensors[0].is_cuda:
+        with _running_on(tensors[0].device):
+            return _call(fn, tensors, static)
+    return _call(fn, tensors, static)
+
+
+def _call(fn, tensors, static):
+    """:func:`_run` once the device is set up."""
+    results = fn(*(_array_of(t) for t in tensors), **static)
+    if results is None:
+        return None
+    if isinstance(results, tuple):
+        return tuple(None if r is None else _as_tensor(r) for r in results)
+    return _as_tensor(results)
 
 
 _FORWARD_RESULTS = tuple[(Tensor,) * (1 + len(_common.CONTEXT_FIELDS))]
 
 
-def _forward_fake(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale):
-    specs = _common.forward_specs(q.shape, _NUMPY_DTYPE[q.dtype], k.shape, q_block_sizes.shape[0],
-                                  kv_block_sizes.shape[0], topk)
-    return tuple(q.new_empty(shape, dtype=_TORCH_DTYPE[dtype]) for shape, dtype in specs)
-
-
-@torch.library.custom_op("vsa_nd::video_sparse_attn", mutates_args=())
-def _vsa_op(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], q_block_sizes: Tensor,
-            kv_block_sizes: Tensor, topk: int, scale: float) -> _FORWARD_RESULTS:
+def _vsa_forward(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], q_block_sizes: Tensor,
+                 kv_block_sizes: Tensor, topk: int, scale: float) -> _FORWARD_RESULTS:
     """(out, *CONTEXT_FIELDS): the output and what the backward pass needs."""
-    return _run(q.device, _common.vsa_forward, q, k, v, gate, q_block_sizes, kv_block_sizes, topk=topk, scale=scale)
+    return _run(_common.vsa_forward, q, k, v, gate, q_block_sizes, kv_block_sizes, topk=topk, scale=scale)
 
 
-_vsa_op.register_fake(_forward_fake)
-
-
-@torch.library.custom_op("vsa_nd::video_sparse_attn_inference", mutates_args=())
-def _vsa_inference_op(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], q_block_sizes: Tensor,
-                      kv_block_sizes: Tensor, topk: int, scale: float) -> Tensor:
+def _vsa_inference(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], q_block_sizes: Tensor,
+                   kv_block_sizes: Tensor, topk: int, scale: float) -> Tensor:
     """The output alone: no context to build, convert and free when nothing will be differentiated."""
-    return _run(q.device, _common.vsa_inference, q, k, v, gate, q_block_sizes, kv_block_sizes, topk=topk, scale=scale)
+    return _run(_common.vsa_inference, q, k, v, gate, q_block_sizes, kv_block_sizes, topk=topk, scale=scale)
 
 
-@_vsa_inference_op.register_fake
-def _(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale):
-    return torch.empty_like(q)
-
-
-@torch.library.custom_op("vsa_nd::video_sparse_attn_backward", mutates_args=())
-def _vsa_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], q_block_sizes: Tensor,
-                     kv_block_sizes: Tensor, scale: float, out: Tensor, context: list[Tensor]) -> list[Tensor]:
+def _vsa_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], q_block_sizes: Tensor,
+                  kv_block_sizes: Tensor, scale: float, out: Tensor, context: list[Tensor]) -> list[Tensor]:
     """[dq, dk, dv] and dgate when there is a gate."""
-    grads = _run(q.device, _common.vsa_backward, dout, q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context,
+    grads = _run(_common.vsa_backward, dout, q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context,
                  scale=scale)
     return [g for g in grads if g is not None]
 
 
-@_vsa_backward_op.register_fake
-def _(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, scale, out, context):
-    return [torch.empty_like(x) for x in (q, k, v, gate) if x is not None]
-
-
-def _vsa_setup_context(ctx, inputs, output):
-    q, k, v, gate, q_block_sizes, kv_block_sizes, _, scale = inputs
-    ctx.scale = scale
-    ctx.has_gate = gate is not None
-    ctx.save_for_backward(q, k, v, gate, q_block_sizes, kv_block_sizes, *output)
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _vsa_backward(ctx, dout, *_context_grads):
-    q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context = ctx.saved_tensors
-    # The incoming gradient may be broadcast or strided (e.g. from .sum()); the kernels read rows.
-    grads = _vsa_backward_op(dout.contiguous(), q, k, v, gate, q_block_sizes, kv_block_sizes, ctx.scale, out, context)
-    dgate = grads[3] if ctx.has_gate else None
-    return grads[0], grads[1], grads[2], dgate, None, None, None, None
-
-
-_vsa_op.register_autograd(_vsa_backward, setup_context=_vsa_setup_context)
-
-
-@torch.library.custom_op("vsa_nd::block_sparse_attn", mutates_args=())
-def _block_sparse_op(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes: Tensor, q2k_idx: Tensor, q2k_num: Optional[Tensor],
-                     scale: float) -> tuple[Tensor, Tensor]:
+def _block_sparse(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes: Tensor, q2k_idx: Tensor, q2k_num: Optional[Tensor],
+                  scale: float) -> tuple[Tensor, Tensor]:
     """(out, lse) of the fine stage."""
-    return _run(q.device, _block_sparse_arrays, q, k, v, kv_block_sizes, q2k_idx, q2k_num, scale=scale)
+    return _run(_block_sparse_arrays, q, k, v, kv_block_sizes, q2k_idx, q2k_num, scale=scale)
 
 
 def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, scale):
@@ -314,41 +350,71 @@ def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, scale):
                                     return_lse=True)
 
 
-@_block_sparse_op.register_fake
-def _(q, k, v, kv_block_sizes, q2k_idx, q2k_num, scale):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
-
-
-@torch.library.custom_op("vsa_nd::tile", mutates_args=())
-def _tile_op(x: Tensor, seq_shape: list[int], tile_shape: list[int]) -> Tensor:
+def _tile(x: Tensor, seq_shape: list[int], tile_shape: list[int]) -> Tensor:
     """x [B, S, H, D] -> [B, H, S_pad, D], pads zero."""
-    return _run(x.device, _tile_arrays, x, seq_shape=seq_shape, tile_shape=tile_shape)
+    return _run(_tile_arrays, x, seq_shape=tuple(seq_shape), tile_shape=tuple(tile_shape))
 
 
-@torch.library.custom_op("vsa_nd::untile", mutates_args=())
-def _untile_op(y: Tensor, seq_shape: list[int], tile_shape: list[int]) -> Tensor:
+def _untile(y: Tensor, seq_shape: list[int], tile_shape: list[int]) -> Tensor:
     """y [B, H, S_pad, D] -> [B, S, H, D]."""
-    return _run(y.device, _untile_arrays, y, seq_shape=seq_shape, tile_shape=tile_shape)
+    return _run(_untile_arrays, y, seq_shape=tuple(seq_shape), tile_shape=tuple(tile_shape))
 
 
-@torch.library.custom_op("vsa_nd::tile_into", mutates_args=("out",))
-def _tile_into_op(x: Tensor, out: Tensor, seq_shape: list[int], tile_shape: list[int]) -> None:
+def _tile_into(x: Tensor, out: Tensor, seq_shape: list[int], tile_shape: list[int]) -> None:
     """Fill the buffer ``out`` [B, H, S_pad, D] with the tiled x."""
-    _run(x.device, _tile_arrays, x, out, seq_shape=seq_shape, tile_shape=tile_shape)
+    _run(_tile_arrays, x, out, seq_shape=tuple(seq_shape), tile_shape=tuple(tile_shape))
 
 
-def _array_plan(like, seq_shape, tile_shape):
-    return vsa_nd.tile_plan(tuple(seq_shape), tuple(tile_shape), device=device_key(like))
+@functools.cache
+def _array_plan(seq_shape: tuple, tile_shape: tuple, device: str) -> vsa_nd.TilePlan:
+    """vsa_nd's cached plan, looked up once per shape and device (its shapes come from a plan, already checked)."""
+    return vsa_nd.tile_plan(seq_shape, tile_shape, device=device)
 
 
 def _tile_arrays(x, out=None, *, seq_shape, tile_shape):
-    result = vsa_nd.tile(x, _array_plan(x, seq_shape, tile_shape), out=out)
+    result = vsa_nd.tile(x, _array_plan(seq_shape, tile_shape, device_key(x)), out=out)
     return None if out is not None else result  # the caller already holds the buffer
 
 
 def _untile_arrays(y, *, seq_shape, tile_shape):
-    return vsa_nd.untile(y, _array_plan(y, seq_shape, tile_shape))
+    return vsa_nd.untile(y, _array_plan(seq_shape, tile_shape, device_key(y)))
+
+
+# ---------------------------------------------------------------------------------------
+# Custom ops: the implementations as dispatcher operators, with fake kernels (shapes and
+# dtypes only) and autograd.
+
+
+_vsa_op = torch.library.custom_op("vsa_nd::video_sparse_attn", _vsa_forward, mutates_args=())
+_vsa_inference_op = torch.library.custom_op("vsa_nd::video_sparse_attn_inference", _vsa_inference, mutates_args=())
+_vsa_backward_op = torch.library.custom_op("vsa_nd::video_sparse_attn_backward", _vsa_backward, mutates_args=())
+_block_sparse_op = torch.library.custom_op("vsa_nd::block_sparse_attn", _block_sparse, mutates_args=())
+_tile_op = torch.library.custom_op("vsa_nd::tile", _tile, mutates_args=())
+_untile_op = torch.library.custom_op("vsa_nd::untile", _untile, mutates_args=())
+_tile_into_op = torch.library.custom_op("vsa_nd::tile_into", _tile_into, mutates_args=("out",))
+
+
+@_vsa_op.register_fake
+def _(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale):
+    specs = _common.forward_specs(q.shape, _NUMPY_DTYPE[q.dtype], k.shape, q_block_sizes.shape[0],
+                                  kv_block_sizes.shape[0], topk)
+    return tuple(q.new_empty(shape, dtype=_TORCH_DTYPE[dtype]) for shape, dtype in specs)
+
+
+@_vsa_inference_op.register_fake
+def _(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale):
+    return torch.empty_like(q)
+
+
+@_vsa_backward_op.register_fake
+def _(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, scale, out, context):
+    return [torch.empty_like(x) for x in (q, k, v, gate) if x is not None]
+
+
+@_block_sparse_op.register_fake
+def _(q, k, v, kv_block_sizes, q2k_idx, q2k_num, scale):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
 
 @_tile_op.register_fake
@@ -363,14 +429,95 @@ def _(y, seq_shape, tile_shape):
     return y.new_empty((b, math.prod(seq_shape), h, d))
 
 
+def _vsa_setup_context(ctx, inputs, output):
+    q, k, v, gate, q_block_sizes, kv_block_sizes, _, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, gate, q_block_sizes, kv_block_sizes, *output)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _vsa_input_grads(ctx, dout) -> tuple:
+    """Gradients of the forward's inputs from what it saved (q, k, v, gate, block sizes, out, context),
+    for both paths; the custom op when the backward itself must be traced or differentiated."""
+    q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context = ctx.saved_tensors
+    # The incoming gradient may be broadcast or strided (e.g. from .sum()); the kernels read rows.
+    args = (dout.contiguous(), q, k, v, gate, q_block_sizes, kv_block_sizes, ctx.scale, out, context)
+    if _plain_eager(*args[:7], out, *context) and not _needs_grad(*args[:5]):
+        grads = _vsa_backward(*args)
+    else:  # e.g. create_graph=True: the op's missing autograd formula then refuses a second backward
+        grads = _vsa_backward_op(*args)
+    return grads[0], grads[1], grads[2], grads[3] if gate is not None else None, None, None, None, None
+
+
+_vsa_op.register_autograd(lambda ctx, dout, *_context_grads: _vsa_input_grads(ctx, dout),
+                          setup_context=_vsa_setup_context)
+
+
 def _tile_setup_context(ctx, inputs, output):
     ctx.shapes = inputs[1:]
 
 
-_tile_op.register_autograd(lambda ctx, grad: (_untile_op(grad.contiguous(), *ctx.shapes), None, None),
+_tile_op.register_autograd(lambda ctx, grad: (_reorder("untile", grad.contiguous(), *ctx.shapes), None, None),
                            setup_context=_tile_setup_context)
-_untile_op.register_autograd(lambda ctx, grad: (_tile_op(grad.contiguous(), *ctx.shapes), None, None),
+_untile_op.register_autograd(lambda ctx, grad: (_reorder("tile", grad.contiguous(), *ctx.shapes), None, None),
                              setup_context=_tile_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# The plain eager path (see the module docstring): autograd Functions over the same
+# implementations, and the choice between the two paths.
+
+
+class _VSAFunction(torch.autograd.Function):
+    """video_sparse_attn with autograd, in plain eager mode: saves what the custom op's autograd saves."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale):
+        out, *context = _vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale)
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # under create_graph=True this calls the backward op, as the custom op's autograd does
+        return _vsa_input_grads(ctx, dout)
+
+
+def _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float) -> Tensor:
+    """The VSA output by the path that fits the call; with autograd when an input needs a gradient."""
+    args = (q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale)
+    needs_grad = _needs_grad(q, k, v, gate)
+    if _plain_eager(q, k, v, gate, q_block_sizes, kv_block_sizes):
+        return _VSAFunction.apply(*args) if needs_grad else _vsa_inference(*args)
+    return _vsa_op(*args)[0] if needs_grad else _vsa_inference_op(*args)
+
+
+# kind -> (implementation, custom op, the other kind: its gradient)
+_REORDERINGS = {"tile": (_tile, _tile_op, "untile"), "untile": (_untile, _untile_op, "tile")}
+
+
+class _ReorderFunction(torch.autograd.Function):
+    """tile or untile with autograd, in plain eager mode; the gradient of each is the other."""
+
+    @staticmethod
+    def forward(ctx, x, kind: str, seq_shape, tile_shape):
+        implementation, _, ctx.inverse = _REORDERINGS[kind]
+        ctx.shapes = (seq_shape, tile_shape)
+        return implementation(x, seq_shape, tile_shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reorder(ctx.inverse, grad.contiguous(), *ctx.shapes), None, None, None
+
+
+def _reorder(kind: str, x: Tensor, seq_shape, tile_shape) -> Tensor:
+    """tile (``kind="tile"``) or untile of ``x`` by the path that fits the call."""
+    implementation, op, _ = _REORDERINGS[kind]
+    if not _plain_eager(x):
+        return op(x, list(seq_shape), list(tile_shape))
+    if _needs_grad(x):
+        return _ReorderFunction.apply(x, kind, seq_shape, tile_shape)
+    return implementation(x, seq_shape, tile_shape)
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,7 +543,9 @@ def tile_plan(seq_shape, tile_shape=None, *, device="cpu") -> TilePlan:
 def _cached_plan(seq_shape: tuple, tile_shape: tuple, device: torch.device) -> TilePlan:
     with _running_on(device):  # a CUDA plan is built on torch's current stream, like the calls that read it
         array_plan = vsa_nd.tile_plan(seq_shape, tile_shape, device=_device_key(device))
-        return TilePlan.wrap(array_plan, device, _as_tensor)
+        plan = TilePlan.wrap(array_plan, device, _as_tensor)
+    _PLAN_BLOCK_SIZES[id(plan.variable_block_sizes)] = (plan.variable_block_sizes, array_plan.variable_block_sizes)
+    return plan
 
 
 @dataclass
@@ -434,16 +583,20 @@ def tile(x: Tensor, plan, out: Optional[Tensor] = None) -> Tensor:
     aliases the buffer, and is not differentiable.
     """
     seq_shape, tile_shape = _common.plan_shapes(plan)
-    _check_tensor("x", x, _common.TILE_DTYPES)
+    _check_tensor("x", x, _TILE_DTYPES)
     if out is None:
-        return _tile_op(x, list(seq_shape), list(tile_shape))
-    _check_tensor("out", out, _common.TILE_DTYPES, like=x, like_name="x")
+        return _reorder("tile", x, seq_shape, tile_shape)
+    _check_tensor("out", out, _TILE_DTYPES, like=x, like_name="x")
     if out.dtype != x.dtype:
         raise TypeError(f"out: expected dtype {x.dtype} to match x, got {out.dtype}")
     if _needs_grad(x):
         raise ValueError("out: tiling into a buffer is not differentiable; call tile(x, plan) without out "
                          "when x needs a gradient")
-    _tile_into_op(x, out, list(seq_shape), list(tile_shape))
+    if _plain_eager(x, out):
+        _tile_into(x, out, seq_shape, tile_shape)
+        torch.autograd.graph.increment_version(out)  # as the op's mutates_args does: in-place checks see out change
+    else:
+        _tile_into_op(x, out, list(seq_shape), list(tile_shape))
     return out
 
 
@@ -451,8 +604,8 @@ def untile(y: Tensor, plan) -> Tensor:
     """Undo :func:`tile`: y [B, H, S_pad, D] -> [B, S, H, D], pad slots dropped.  Differentiable
     (the gradient is :func:`tile` of the incoming one: pad slots get zero)."""
     seq_shape, tile_shape = _common.plan_shapes(plan)
-    _check_tensor("y", y, _common.TILE_DTYPES)
-    return _untile_op(y, list(seq_shape), list(tile_shape))
+    _check_tensor("y", y, _TILE_DTYPES)
+    return _reorder("untile", y, seq_shape, tile_shape)
 
 
 def video_sparse_attn(q: Tensor, k: Tensor, v: Tensor, topk: int, q_block_sizes, kv_block_sizes=None, *,
@@ -466,20 +619,17 @@ def video_sparse_attn(q: Tensor, k: Tensor, v: Tensor, topk: int, q_block_sizes,
     optional, q-shaped; ``scale`` default ``1/sqrt(D)``.  Returns out [B, H, Sq_pad, D] in
     q's dtype, differentiable with respect to q, k, v and gate.
     """
-    _check_tensor("q", q, _common.ATTENTION_DTYPES)
-    _check_tensor("k", k, _common.ATTENTION_DTYPES, like=q)
-    _check_tensor("v", v, _common.ATTENTION_DTYPES, like=q)
+    _check_tensor("q", q, _ATTENTION_DTYPES)
+    _check_tensor("k", k, _ATTENTION_DTYPES, like=q)
+    _check_tensor("v", v, _ATTENTION_DTYPES, like=q)
     if gate is not None:
-        _check_tensor("gate", gate, _common.ATTENTION_DTYPES, like=q)
+        _check_tensor("gate", gate, _ATTENTION_DTYPES, like=q)
     q_block_sizes = _int_tensor("q_block_sizes", q_block_sizes, q.device)
     kv_block_sizes = q_block_sizes if kv_block_sizes is None else _int_tensor("kv_block_sizes", kv_block_sizes, q.device)
     scale = _common.resolve_scale(scale, q.shape[-1])
     if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
         raise TypeError(f"topk: expected an int, got {type(topk).__name__} {topk!r}")
-    args = (q, k, v, gate, q_block_sizes, kv_block_sizes, int(topk), scale)
-    if _needs_grad(q, k, v, gate):
-        return _vsa_op(*args)[0]
-    return _vsa_inference_op(*args)
+    return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, int(topk), scale)
 
 
 def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes, q2k_idx: Tensor, q2k_num: Optional[Tensor] = None,
@@ -493,9 +643,9 @@ def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes, q2k_idx: 
     synchronisation).  vsa_nd has no backward for the fine stage alone, so inputs that
     need a gradient are refused; differentiate :func:`video_sparse_attn` instead.
     """
-    _check_tensor("q", q, _common.ATTENTION_DTYPES)
-    _check_tensor("k", k, _common.ATTENTION_DTYPES, like=q)
-    _check_tensor("v", v, _common.ATTENTION_DTYPES, like=q)
+    _check_tensor("q", q, _ATTENTION_DTYPES)
+    _check_tensor("k", k, _ATTENTION_DTYPES, like=q)
+    _check_tensor("v", v, _ATTENTION_DTYPES, like=q)
     if _needs_grad(q, k, v):
         raise ValueError("q, k, v: block_sparse_attn has no backward; call it under torch.no_grad() or "
                          "differentiate video_sparse_attn")
@@ -503,7 +653,8 @@ def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes, q2k_idx: 
     q2k_idx = _int_tensor("q2k_idx", q2k_idx, q.device)
     if q2k_num is not None:
         q2k_num = _int_tensor("q2k_num", q2k_num, q.device)
-    out, lse = _block_sparse_op(q, k, v, kv_block_sizes, q2k_idx, q2k_num, _common.resolve_scale(scale, q.shape[-1]))
+    args = (q, k, v, kv_block_sizes, q2k_idx, q2k_num, _common.resolve_scale(scale, q.shape[-1]))
+    out, lse = _block_sparse(*args) if _plain_eager(*args[:6]) else _block_sparse_op(*args)
     return (out, lse) if return_lse else out
 
 

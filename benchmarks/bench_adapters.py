@@ -1,24 +1,28 @@
-"""Overhead of the PyTorch adapter over the array-level (CuPy) API, on CUDA (needs CuPy and torch).
+"""Overhead of the PyTorch adapter over the array-level API, on CUDA (needs CuPy and torch) or CPU.
 
-For each shape: the full VSA forward through ``vsa_nd.video_sparse_attn`` on CuPy arrays,
-through ``vsa_nd.adapters.torch.video_sparse_attn`` on torch tensors of the same memory
-(without autograd, and with inputs that require grad, which also returns the backward's
-context), and ``tile`` both ways.  Both sides run on the same stream (torch's current one).
-``gpu ms`` is the median over repetitions of CUDA-event time around one call made on an idle
-GPU, so host work inside the call (DLPack conversion, allocation) counts wherever it leaves
-the GPU waiting; ``host us`` is the median wall time of the Python call itself.  Target:
-the torch call within 3% (or 20 us) of the array call.  Also reports whether this CuPy
-takes DLPack's bfloat16 (kDLBfloat) directly (the adapter crosses as int16 either way).
+For each shape: the full VSA forward through ``vsa_nd.video_sparse_attn`` on CuPy (CPU: NumPy)
+arrays, through ``vsa_nd.adapters.torch.video_sparse_attn`` on torch tensors of the same memory
+(without autograd, and with inputs that require grad, which also keeps the backward's
+context), the forward and backward (``video_sparse_attn_backward`` against ``torch.autograd.grad``
+of all four inputs), and ``tile`` both ways.  On CUDA both sides run on the same stream (torch's
+current one); ``gpu ms`` is the median over repetitions of CUDA-event time around one call made
+on an idle GPU, so host work inside the call (conversion, allocation, dispatch) counts wherever
+it leaves the GPU waiting.  ``host us`` is the median wall time of the Python call itself; on
+CPU (float32, Numba backend, small shapes where the per-call cost shows) it is the only column.
+Target (CUDA): the torch call within 3% (or 20 us) of the array call.  Also reports whether this
+CuPy takes DLPack's bfloat16 (kDLBfloat) directly.
 
-    python benchmarks/bench_adapters.py [--shapes small,mid,main] [--reps 50]
+    python benchmarks/bench_adapters.py [--device cuda|cpu] [--shapes small,mid,main] [--reps 50]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import statistics
 import time
+import warnings
 
 from _common import commit
 
@@ -28,14 +32,26 @@ SHAPES = {
     "mid": ((8, 32, 32), 12, 64, 16),  # 8192 tokens
     "main": ((12, 64, 64), 12, 128, 77),  # VSA_SPEC.md section 6: 49152 tokens, 77 of 768 tiles
 }
+CPU_SHAPES = {
+    # name: (seq_shape, heads, head_dim, topk[, tile_shape])
+    "tiny": ((2, 4, 4), 2, 16, 2, (2, 2, 2)),  # 32 tokens in tiles of 8: the call is almost all host time
+    "small": SHAPES["small"],
+}
 
 
-def _time(fn, reps: int) -> tuple:
-    """(median GPU ms, median host us) of one call of fn on an idle GPU."""
+def _time(fn, reps: int, cuda: bool) -> tuple:
+    """(median GPU ms or None on CPU, median host us) of one call of fn (on CUDA, on an idle GPU)."""
     import torch
 
     for _ in range(3):  # warm-up: kernels compile, caches fill
         fn()
+    if not cuda:
+        host = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            host.append((time.perf_counter() - t0) * 1e6)
+        return None, statistics.median(host)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     gpu, host = [], []
     for _ in range(reps):
@@ -70,27 +86,45 @@ def _bfloat16_probe() -> str:
     return f"CuPy {cupy.__version__}: " + "; ".join(verdicts)
 
 
-def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, reps: int):
-    import cupy
+def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile_shape=None, *, reps: int,
+                cuda: bool):
     import torch
 
     import vsa_nd
     import vsa_nd.adapters.torch as vt
 
-    plan = vt.tile_plan(seq_shape, device="cuda:0")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = [torch.randn(1, plan.seq_len, heads, head_dim, device="cuda", generator=g, dtype=torch.bfloat16)
-         for _ in range(4)]
+    plan = vt.tile_plan(seq_shape, tile_shape, device="cuda:0" if cuda else "cpu")
+    g = torch.Generator(device=plan.device).manual_seed(0)
+    x = [torch.randn(1, plan.seq_len, heads, head_dim, device=plan.device, generator=g,
+                     dtype=torch.bfloat16 if cuda else torch.float32) for _ in range(4)]
     q, k, v, gate = (vt.tile(t, plan) for t in x)
     graded = [t.clone().requires_grad_() for t in (q, k, v, gate)]
-    arrays = [cupy.from_dlpack(t) for t in (q, k, v, gate)]
-    x_array = cupy.from_dlpack(x[0])
+    dout = torch.randn(q.shape, device=q.device, dtype=q.dtype, generator=g)
+    if cuda:
+        import cupy
+
+        as_array = cupy.from_dlpack
+        with warnings.catch_warnings():  # CuPy 14 prefers Stream.from_external, which CuPy 13 lacks
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    else:
+        as_array, stream = torch.Tensor.numpy, contextlib.nullcontext()
+    arrays = [as_array(t) for t in (q, k, v, gate)]
+    x_array, dout_array = as_array(x[0]), as_array(dout)
     sizes, array_plan = plan.variable_block_sizes, plan.array_plan
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
 
     def array_call():
         with stream:
             vsa_nd.video_sparse_attn(*arrays[:3], topk, array_plan.variable_block_sizes, gate=arrays[3])
+
+    def array_train_step():
+        with stream:
+            _, context = vsa_nd.video_sparse_attn(*arrays[:3], topk, array_plan.variable_block_sizes, gate=arrays[3],
+                                                  return_context=True)
+            vsa_nd.video_sparse_attn_backward(dout_array, context)
+
+    def torch_train_step():
+        torch.autograd.grad(vt.video_sparse_attn(*graded[:3], topk, sizes, gate=graded[3]), graded, dout)
 
     def array_tile():
         with stream:
@@ -100,11 +134,17 @@ def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, reps
         ("VSA forward", array_call, lambda: vt.video_sparse_attn(q, k, v, topk, sizes, gate=gate)),
         ("VSA forward, inputs require grad", array_call,
          lambda: vt.video_sparse_attn(*graded[:3], topk, sizes, gate=graded[3])),
+        ("VSA forward + backward", array_train_step, torch_train_step),
         ("tile", array_tile, lambda: vt.tile(x[0], plan)),
     ]
-    label = f"{name}: {seq_shape}, {heads}h, D={head_dim}, top {topk}/{plan.num_blocks}"
+    tiles = "" if tile_shape is None else f" in {tile_shape} tiles"
+    label = f"{name}: {seq_shape}{tiles}, {heads}h, D={head_dim}, top {topk}/{plan.num_blocks}"
     for what, array_fn, torch_fn in cases:
-        (a_gpu, a_host), (t_gpu, t_host) = _time(array_fn, reps), _time(torch_fn, reps)
+        (a_gpu, a_host), (t_gpu, t_host) = _time(array_fn, reps, cuda), _time(torch_fn, reps, cuda)
+        if not cuda:
+            print(f"| {label} | {what} | {a_host:.1f} | {t_host:.1f} | {t_host - a_host:+.1f} "
+                  f"({100 * (t_host / a_host - 1):+.1f}%) |", flush=True)
+            continue
         extra_us = (t_gpu - a_gpu) * 1e3
         ok = extra_us <= max(20.0, 0.03 * a_gpu * 1e3)
         print(f"| {label} | {what} | {a_gpu:.3f} | {t_gpu:.3f} | {extra_us:+.1f} ({100 * (t_gpu / a_gpu - 1):+.1f}%) "
@@ -113,18 +153,28 @@ def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, reps
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--shapes", help="comma-separated names (default: all of the device's)")
     parser.add_argument("--reps", type=int, default=50)
     args = parser.parse_args()
     import torch
 
-    print(f"# Adapter overhead — {torch.cuda.get_device_name()}, {datetime.date.today()}, commit {commit()}, "
-          f"torch {torch.__version__}")
-    print(_bfloat16_probe())
-    print("| shape | call | array gpu ms | torch gpu ms | torch extra us | host us array / torch | within target |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name in args.shapes.split(","):
-        bench_shape(name, *SHAPES[name], reps=args.reps)
+    cuda = args.device == "cuda"
+    shapes = SHAPES if cuda else CPU_SHAPES
+    names = args.shapes.split(",") if args.shapes else list(shapes)
+    if cuda:
+        print(f"# Adapter overhead — {torch.cuda.get_device_name()}, {datetime.date.today()}, commit {commit()}, "
+              f"torch {torch.__version__}")
+        print(_bfloat16_probe())
+        print("| shape | call | array gpu ms | torch gpu ms | torch extra us | host us array / torch | within target |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+    else:
+        print(f"# Adapter overhead on CPU (float32, {torch.get_num_threads()} torch threads) — {datetime.date.today()}, "
+              f"commit {commit()}, torch {torch.__version__}")
+        print("| shape | call | array host us | torch host us | torch extra us |")
+        print("| --- | --- | --- | --- | --- |")
+    for name in names:
+        bench_shape(name, *shapes[name], reps=args.reps, cuda=cuda)
 
 
 if __name__ == "__main__":

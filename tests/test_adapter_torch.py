@@ -7,12 +7,14 @@ float64 1e-9, float16/bfloat16 3e-2 (on CUDA: float16 1e-2, bfloat16 2e-2 forwar
 norms floored, see HALF_BWD_FLOOR).
 """
 
+import contextlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vsa_nd
 import vsa_nd.adapters.torch as vt
@@ -388,6 +390,109 @@ def test_torch_compile_traces_the_ops_forward_and_backward():
     (grad,) = torch.autograd.grad(out.square().sum(), model.qkv.weight)
     assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
     assert torch.allclose(grad, eager_grad, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# The two paths: a plain eager call runs the implementations directly (autograd.Functions
+# when a gradient is needed); under a dispatch mode (and compile, tracing, transforms) the
+# custom ops run.  Same bits either way.
+
+
+class RecordVsaOps(TorchDispatchMode):
+    """Records the vsa_nd ops that reach the dispatcher; being active, it also sends every call
+    down the custom-op path."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "vsa_nd":
+            self.ops.append(func.name().removeprefix("vsa_nd::"))
+        return func(*args, **(kwargs or {}))
+
+
+def bits(t):
+    """The bytes of a contiguous tensor: equal bits, not just equal values (-0.0 vs 0.0, NaN payloads)."""
+    return t.detach().contiguous().view(torch.uint8)
+
+
+def graph_nodes(t):
+    """Class names of every autograd node behind ``t``."""
+    names, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eager_and_custom_op_paths_give_the_same_bits_forward_and_backward(dtype):
+    """The drop-in layer (tile, VSA with GQA and a gate, untile), forward and all four gradients."""
+    plan = vt.tile_plan(SEQ, TILE)
+    untiled = untiled_inputs(plan, dtype)
+    dout = torch.randn(untiled[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+
+    def step():
+        inputs = [x.clone().requires_grad_() for x in untiled]
+        q, k, v, gate = (vt.tile(x, plan) for x in inputs)
+        out = vt.untile(vt.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, gate=gate), plan)
+        return out, torch.autograd.grad(out, inputs, dout)
+
+    eager_out, eager_grads = step()
+    with RecordVsaOps() as recorded:
+        op_out, op_grads = step()
+    assert {"_ReorderFunctionBackward", "_VSAFunctionBackward"} <= graph_nodes(eager_out)
+    assert not any("vsa_nd" in name for name in graph_nodes(eager_out))
+    assert set(recorded.ops) == {"tile", "video_sparse_attn", "untile", "video_sparse_attn_backward"}
+    assert any("vsa_nd_video_sparse_attn" in name for name in graph_nodes(op_out))
+    assert torch.equal(bits(eager_out), bits(op_out))
+    for eager_grad, op_grad in zip(eager_grads, op_grads):
+        assert torch.equal(bits(eager_grad), bits(op_grad))
+
+
+def test_eager_and_custom_op_paths_agree_without_autograd():
+    """Inference VSA, the fine stage alone, and tiling into a buffer (its version bumped both ways)."""
+    plan = vt.tile_plan(SEQ, TILE)
+    (q, k, v, g), (x, *_) = attention(plan, torch.float32)
+    idx = torch.tensor([[0, 3], [1, 2], [5, 7], [6, 0], [2, 4], [1, 7], [0, 5], [3, 6]], dtype=torch.int32)
+    idx = idx.expand(q.shape[0], q.shape[1], -1, -1).contiguous()
+
+    def step():
+        buffer = torch.full_like(q, float("nan"))
+        version = buffer._version
+        results = (vt.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, gate=g),
+                   *vt.block_sparse_attn(q, k, v, plan.variable_block_sizes, idx, return_lse=True),
+                   vt.tile(x, plan, out=buffer))
+        assert buffer._version > version
+        return results
+
+    eager = step()
+    with RecordVsaOps() as recorded:
+        dispatched = step()
+    assert recorded.ops == ["video_sparse_attn_inference", "block_sparse_attn", "tile_into"]
+    for a, b in zip(eager, dispatched):
+        assert torch.equal(bits(a), bits(b))
+
+
+def test_second_order_gradients_match_between_the_paths():
+    """tile and untile differentiate to any order on both paths; the VSA backward has no
+    derivative on either (its first-order gradients still come back under create_graph)."""
+    plan = vt.tile_plan((3, 5), (2, 2))
+    x = untiled_inputs(plan, torch.float64, heads=(2, 1, 1, 2), dim=4, seed=3, batch=1)[0].requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x: vt.untile(vt.tile(x, plan) * vt.tile(x, plan), plan), (x,))
+    with RecordVsaOps():
+        assert torch.autograd.gradgradcheck(lambda x: vt.untile(vt.tile(x, plan) * vt.tile(x, plan), plan), (x,))
+    for mode in (contextlib.nullcontext, RecordVsaOps):
+        with mode():
+            q = vt.tile(x, plan)
+            (dq,) = torch.autograd.grad(vt.video_sparse_attn(q, q, q, 2, plan.variable_block_sizes).sum(), q,
+                                        create_graph=True)
+            assert dq.requires_grad
+            with pytest.raises(RuntimeError):
+                dq.sum().backward()
 
 
 # ---------------------------------------------------------------------------------------

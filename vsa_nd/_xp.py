@@ -41,9 +41,12 @@ def device_key(x) -> str:
     return "cpu"
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # stateless, so one instance serves every host call
+
+
 def on_device_of(x):
     """Context that makes ``x``'s GPU current (allocations and launches go there); no-op on the host."""
-    return x.device if is_cupy_array(x) else contextlib.nullcontext()
+    return x.device if is_cupy_array(x) else _NO_CONTEXT
 
 
 def compute_dtype(dtype) -> np.dtype:

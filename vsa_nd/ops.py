@@ -31,7 +31,14 @@ from .tiling import TilePlan
 
 
 def _backend(x):
-    if is_cupy_array(x):
+    return _backend_module(is_cupy_array(x))
+
+
+@functools.cache
+def _backend_module(on_gpu: bool):
+    """The backend module, imported on first use (so CuPy and Numba load only when needed), then
+    cached: an import statement costs a microsecond on every call, and a call asks several times."""
+    if on_gpu:
         from .backends import cuda
 
         return cuda

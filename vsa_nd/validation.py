@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._xp import FLOAT_DTYPES, array_module, device_key, is_cupy_array, on_device_of
+from .tiling import trusted_index_arrays
 
 
 def describe(x) -> str:
@@ -68,8 +69,6 @@ def check_int_range(name: str, value, low: int, high: int) -> int:
 
 
 def _is_trusted(x) -> bool:
-    from .tiling import trusted_index_arrays
-
     return any(x is a for a in trusted_index_arrays())
 
 
