@@ -2,8 +2,8 @@
 
 Fresh random inputs; key/value pad slots hold NaN (they must not leak); every output the
 launchers allocate is poisoned with NaN first.  Gradients are compared on real tokens with
-the norm-relative error (bf16 <= 3e-2, fp16 <= 1e-2; see _rel_err); pad slots of dq, dk, dv,
-dgate must be 0.
+the norm-relative error (bf16 <= 3e-2, fp16 <= 1e-2) against the reference given the kernels'
+rounded output (see _run); pad slots of dq, dk, dv, dgate must be 0.
 """
 
 import numpy as np
@@ -38,18 +38,9 @@ def poisoned(request, monkeypatch):
 
 
 def _rel_err(x, ref):
-    """Norm-relative error, with a floor for gradients much smaller than the O(1) inputs.
-
-    A query that sees a single key has dq = 0 exactly (and so has dk when every query sees one
-    key tile holding one key), but the kernels recover the fine output from the 16-bit ``out``
-    (as FlashAttention does), so they return rounding-sized values, larger with a gate, which
-    adds gate * coarse to ``out`` before it is rounded.  Below an RMS of 0.5 per element the
-    error is taken relative to that RMS: at the bf16 tolerance that allows an absolute RMS
-    error of 1.5e-2, two bf16 ulps at magnitude 1.  (0.3 failed on such a gated case: one key,
-    dk error 3.2e-2.)
-    """
+    """Norm-relative error (absolute below an RMS of 0.01 per element, for all-zero references)."""
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 0.5 * np.sqrt(ref.size))
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 0.01 * np.sqrt(ref.size))
 
 
 def _run(p):
@@ -70,8 +61,11 @@ def _run(p):
     _, ctx = vsa_nd.video_sparse_attn(gpu(q), gpu(k), gpu(v), p["topk"], gpu(q_sizes), gpu(kv_sizes), gate=gpu(gate),
                                       return_context=True)
     grads = vsa_nd.video_sparse_attn_backward(gpu(dout), ctx)
+    # The reference recovers the fine output from the kernels' own rounded out, as they must
+    # (see reference.video_sparse_attn_backward): what remains is the kernels' arithmetic.
     ref = reference.video_sparse_attn_backward(dout, q, k, v, q_sizes, kv_sizes, cupy.asnumpy(ctx.q2k_idx),
-                                               cupy.asnumpy(ctx.q2k_num), p["volume"], gate=gate)
+                                               cupy.asnumpy(ctx.q2k_num), p["volume"], gate=gate,
+                                               out=cupy.asnumpy(ctx.out))
     got = [None if g is None else cupy.asnumpy(g) for g in grads]
     return got, ref, q_real, kv_real
 

@@ -171,8 +171,16 @@ def video_sparse_attn_backward(
     scale=None,
     gate=None,
     dtype=np.float64,
+    out=None,
 ) -> Gradients:
-    """Gradients of sum(dout * out) over the real query rows, with the selection held fixed."""
+    """Gradients of sum(dout * out) over the real query rows, with the selection held fixed.
+
+    With ``out`` (the forward's output as a backend stored it, e.g. rounded to bfloat16), the
+    softmax term rowsum(dO * fine) is computed from ``fine = out - (gate *) coarse`` the way
+    the backends must compute it, instead of exactly: the result then differs from a backend's
+    only by the backend's arithmetic, also where the exact gradient is zero (a query that sees
+    a single key) and the backend's is the rounding of ``out``.
+    """
     q, k, v, dout = (np.asarray(a, dtype=dtype) for a in (q, k, v, dout))
     k, v = real_keys(k, kv_block_sizes, tile_volume), real_keys(v, kv_block_sizes, tile_volume)
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
@@ -185,7 +193,15 @@ def video_sparse_attn_backward(
     p, _ = _fine_probabilities(q, k, block_map, kv_block_sizes, tile_volume, scale)
     k_h, v_h = expand_kv_heads(k, num_heads), expand_kv_heads(v, num_heads)
     dp = dout @ np.swapaxes(v_h, -1, -2)
-    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+    if out is None:
+        delta = (dp * p).sum(axis=-1, keepdims=True)  # = rowsum(dout * fine), exactly
+    else:
+        coarse = video_sparse_attn(q, k, v, q_block_sizes, kv_block_sizes, 1, tile_volume, scale, gate, q2k_idx,
+                                   q2k_num, dtype).coarse
+        weight = 1.0 if gate is None else np.asarray(gate, dtype=dtype)
+        fine = np.asarray(out, dtype=dtype) - weight * broadcast_tiles(coarse, tile_volume)
+        delta = (dout * fine).sum(axis=-1, keepdims=True)
+    ds = p * (dp - delta)
     dq = scale * (ds @ k_h)
     dk_h = scale * (np.swapaxes(ds, -1, -2) @ q)
     dv_h = np.swapaxes(p, -1, -2) @ dout
