@@ -284,3 +284,24 @@ def test_dout_of_pad_query_rows_does_not_reach_any_gradient():
         a, b = getattr(clean, name)[:, :, real], getattr(dirty, name)[:, :, real]
         assert np.abs(a).max() > 1e-3, name
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+def test_backward_from_a_given_out_matches_the_exact_softmax_term():
+    """out= (fine recovered from the stored output) gives the exact gradients when out is exact,
+    and differs from them only by the rounding when out is rounded."""
+    rng = np.random.default_rng(3)
+    volume, q_sizes, kv_sizes = 8, np.array([8, 5]), np.array([8, 3, 6])
+    q = rng.standard_normal((1, 2, 16, 4))
+    k, v = (rng.standard_normal((1, 1, 24, 4)) for _ in range(2))
+    gate, dout = (rng.standard_normal(q.shape) for _ in range(2))
+    fwd = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, 2, volume, gate=gate)
+    args = (dout, q, k, v, q_sizes, kv_sizes, fwd.q2k_idx, fwd.q2k_num, volume)
+    exact = ref.video_sparse_attn_backward(*args, gate=gate)
+    given = ref.video_sparse_attn_backward(*args, gate=gate, out=fwd.out)
+    rounded = ref.video_sparse_attn_backward(*args, gate=gate, out=fwd.out.astype(np.float16))
+    for a, b in zip(exact, given):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-12)
+    for name in ("dq", "dk"):  # only these depend on rowsum(dO * fine)
+        assert 0 < np.abs(getattr(rounded, name) - getattr(exact, name)).max() < 1e-2
+    for name in ("dv", "dgate"):
+        np.testing.assert_array_equal(getattr(rounded, name), getattr(exact, name))
