@@ -188,6 +188,20 @@ def video_sparse_attn_backward(
     q_real = valid_slots(q_block_sizes, tile_volume)[:, None]
     dout = np.where(q_real, dout, 0)  # pad query rows are not part of the output
 
+    # Coarse branch: o_c = softmax(scale q_c k_c^T) v_c, broadcast to the tile's slots.
+    q_c = block_mean(q, q_block_sizes, tile_volume, dtype)
+    k_c = expand_kv_heads(block_mean(k, kv_block_sizes, tile_volume, dtype), num_heads)
+    v_c = expand_kv_heads(block_mean(v, kv_block_sizes, tile_volume, dtype), num_heads)
+    a = softmax(scale * (q_c @ np.swapaxes(k_c, -1, -2)))
+    coarse = broadcast_tiles(a @ v_c, tile_volume)
+    weight = 1.0 if gate is None else np.asarray(gate, dtype=dtype)
+    d_coarse = (dout * weight).reshape(*q_c.shape[:3], tile_volume, -1).sum(axis=3)
+    da = d_coarse @ np.swapaxes(v_c, -1, -2)
+    dc = a * (da - (da * a).sum(axis=-1, keepdims=True))
+    dq_c = scale * (dc @ k_c)
+    dk_c = scale * (np.swapaxes(dc, -1, -2) @ q_c)
+    dv_c = np.swapaxes(a, -1, -2) @ d_coarse
+
     # Fine branch: o_f = P V.
     block_map = block_map_from_indices(q2k_idx, q2k_num, k.shape[2] // tile_volume)
     p, _ = _fine_probabilities(q, k, block_map, kv_block_sizes, tile_volume, scale)
@@ -196,28 +210,11 @@ def video_sparse_attn_backward(
     if out is None:
         delta = (dp * p).sum(axis=-1, keepdims=True)  # = rowsum(dout * fine), exactly
     else:
-        coarse = video_sparse_attn(q, k, v, q_block_sizes, kv_block_sizes, 1, tile_volume, scale, gate, q2k_idx,
-                                   q2k_num, dtype).coarse
-        weight = 1.0 if gate is None else np.asarray(gate, dtype=dtype)
-        fine = np.asarray(out, dtype=dtype) - weight * broadcast_tiles(coarse, tile_volume)
-        delta = (dout * fine).sum(axis=-1, keepdims=True)
+        delta = (dout * (np.asarray(out, dtype=dtype) - weight * coarse)).sum(axis=-1, keepdims=True)
     ds = p * (dp - delta)
     dq = scale * (ds @ k_h)
     dk_h = scale * (np.swapaxes(ds, -1, -2) @ q)
     dv_h = np.swapaxes(p, -1, -2) @ dout
-
-    # Coarse branch: o_c = softmax(scale q_c k_c^T) v_c, broadcast to the tile's slots.
-    q_c = block_mean(q, q_block_sizes, tile_volume, dtype)
-    k_c = expand_kv_heads(block_mean(k, kv_block_sizes, tile_volume, dtype), num_heads)
-    v_c = expand_kv_heads(block_mean(v, kv_block_sizes, tile_volume, dtype), num_heads)
-    a = softmax(scale * (q_c @ np.swapaxes(k_c, -1, -2)))
-    weighted = dout if gate is None else dout * np.asarray(gate, dtype=dtype)
-    d_coarse = weighted.reshape(*q_c.shape[:3], tile_volume, -1).sum(axis=3)
-    da = d_coarse @ np.swapaxes(v_c, -1, -2)
-    dc = a * (da - (da * a).sum(axis=-1, keepdims=True))
-    dq_c = scale * (dc @ k_c)
-    dk_c = scale * (np.swapaxes(dc, -1, -2) @ q_c)
-    dv_c = np.swapaxes(a, -1, -2) @ d_coarse
 
     def spread_mean(dx_c, block_sizes):
         # Adjoint of block_mean: each real token of tile i gets dx_c[i] / block_sizes[i].
@@ -227,7 +224,4 @@ def video_sparse_attn_backward(
     dq = dq + spread_mean(dq_c, q_block_sizes)
     dk = sum_kv_heads(dk_h + spread_mean(dk_c, kv_block_sizes), num_kv_heads)
     dv = sum_kv_heads(dv_h + spread_mean(dv_c, kv_block_sizes), num_kv_heads)
-    dgate = None
-    if gate is not None:
-        dgate = dout * broadcast_tiles(a @ v_c, tile_volume)
-    return Gradients(dq, dk, dv, dgate)
+    return Gradients(dq, dk, dv, None if gate is None else dout * coarse)
