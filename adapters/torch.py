@@ -109,10 +109,17 @@ _ATTENTION_DTYPES, _TILE_DTYPES = ({device: tuple(_TORCH_DTYPE[d] for d in dtype
 def _as_array(t: Tensor):
     """A NumPy (CPU) or CuPy (CUDA) view of ``t``, sharing its memory.
 
-    On CUDA the tensor crosses as a raw DLPack capsule: no stream hand-off, so the caller
-    orders the two libraries' streams (inside :func:`_running_on` they are the same stream).
+    On CUDA a contiguous tensor is wrapped directly (a ``cupy.ndarray`` over its pointer,
+    keeping the tensor alive: no DLPack capsule, which costs a few microseconds more per
+    tensor on a call's critical path); others cross as a raw DLPack capsule.  Either way there
+    is no stream hand-off, so the caller orders the two libraries' streams (inside
+    :func:`_running_on` they are the same stream).
     """
     if t.is_cuda:
+        if t.is_contiguous():
+            cupy, memory_pointer, unowned_memory = _cupy_parts()
+            memory = unowned_memory(t.data_ptr(), t.numel() * t.element_size(), t, t.get_device())
+            return cupy.ndarray(t.shape, _NUMPY_DTYPE[t.dtype], memory_pointer(memory, 0))
         import cupy
 
         if t.dtype == torch.bfloat16 and not _cupy_takes_bfloat16(t.get_device()):
@@ -123,6 +130,15 @@ def _as_array(t: Tensor):
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(BFLOAT16)
     return t.numpy()
+
+
+@functools.cache
+def _cupy_parts():
+    """(cupy, MemoryPointer, UnownedMemory), imported on the first CUDA tensor."""
+    import cupy
+    from cupy.cuda import MemoryPointer, UnownedMemory
+
+    return cupy, MemoryPointer, UnownedMemory
 
 
 def _as_tensor(a) -> Tensor:
@@ -195,19 +211,28 @@ def _cupy_stream(index: int):
 def _torch_allocator(index: int):
     """A CuPy allocator drawing from torch's caching allocator on cuda:<index>.
 
-    The block is allocated on torch's current stream, the one the kernels run on, and is
-    released to torch when CuPy drops it; under CUDA-graph capture it comes from the
-    graph's private pool, so intermediates stay reserved for replays.
+    Each block is a raw allocation of torch's caching allocator (what
+    ``torch.cuda.caching_allocator_alloc`` does, without its per-call argument handling and
+    device switch: inside :func:`_running_on` the CUDA runtime's current device is already
+    cuda:<index>), made on torch's current stream, the one the kernels run on, and handed back
+    (``caching_allocator_delete``) when CuPy drops it.  Under CUDA-graph capture on that stream
+    torch serves it from the graph's private pool, so intermediates stay reserved for replays.
+    No tensor object is built per block: CuPy's ``PythonFunctionAllocator`` calls the two
+    functions directly, which is what makes this cheap enough for every intermediate.
     """
-    from cupy.cuda import MemoryPointer, UnownedMemory  # bound once: malloc runs for every intermediate
+    from cupy.cuda.memory import PythonFunctionAllocator
 
-    device = torch.device("cuda", index)
+    raw_alloc = torch._C._cuda_cudaCachingAllocator_raw_alloc
+    raw_delete = torch._C._cuda_cudaCachingAllocator_raw_delete
+    current_stream = torch._C._cuda_getCurrentRawStream
 
-    def malloc(nbytes: int):
-        block = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        return MemoryPointer(UnownedMemory(block.data_ptr(), nbytes, block, index), 0)
+    def malloc(nbytes: int, device_id: int) -> int:
+        return raw_alloc(nbytes, current_stream(index))
 
-    return malloc
+    def free(pointer: int, device_id: int) -> None:
+        raw_delete(pointer)
+
+    return PythonFunctionAllocator(malloc, free).malloc
 
 
 @contextlib.contextmanager
@@ -469,18 +494,23 @@ _untile_op.register_autograd(lambda ctx, grad: (_reorder("tile", grad.contiguous
 
 
 class _VSAFunction(torch.autograd.Function):
-    """video_sparse_attn with autograd, in plain eager mode: saves what the custom op's autograd saves."""
+    """video_sparse_attn's autograd node in plain eager mode: saves what the custom op's autograd saves.
+
+    The forward has already run when the node is built (``results`` is the output and context
+    of :func:`_vsa_forward`): building a node costs tens of microseconds of host time, and
+    spent after the launches it is off the GPU's critical path.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale):
-        out, *context = _vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale)
+    def forward(ctx, q, k, v, gate, q_block_sizes, kv_block_sizes, scale, results):
+        out, *context = results
         ctx.scale = scale
         ctx.save_for_backward(q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context)
         return out
 
     @staticmethod
     def backward(ctx, dout):  # under create_graph=True this calls the backward op, as the custom op's autograd does
-        return _vsa_input_grads(ctx, dout)
+        return _vsa_input_grads(ctx, dout)  # 8 entries, one per forward argument
 
 
 def _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float) -> Tensor:
@@ -488,7 +518,9 @@ def _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float) 
     args = (q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale)
     needs_grad = _needs_grad(q, k, v, gate)
     if _plain_eager(q, k, v, gate, q_block_sizes, kv_block_sizes):
-        return _VSAFunction.apply(*args) if needs_grad else _vsa_inference(*args)
+        if not needs_grad:
+            return _vsa_inference(*args)
+        return _VSAFunction.apply(q, k, v, gate, q_block_sizes, kv_block_sizes, scale, _vsa_forward(*args))
     return _vsa_op(*args)[0] if needs_grad else _vsa_inference_op(*args)
 
 

@@ -86,8 +86,73 @@ def _bfloat16_probe() -> str:
     return f"CuPy {cupy.__version__}: " + "; ".join(verdicts)
 
 
+def _profile(cases, label: str, calls: int = 200):
+    """cProfile of ``calls`` calls of each side of each case: where the host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    for what, array_fn, torch_fn in cases:
+        for side, fn in (("array", array_fn), ("torch", torch_fn)):
+            for _ in range(3):
+                fn()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(calls):
+                fn()
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+            print(f"## profile {label} | {what} | {side} ({calls} calls)")
+            print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:6000], flush=True)
+
+
+def _breakdown(cases, label: str, reps: int = 50):
+    """Median host time from the start of a VSA forward call to a few points inside it, up to
+    the launch of the fine-stage kernel (the call's critical path on a GPU-bound shape), for
+    the array call and the torch call."""
+    import torch
+
+    import vsa_nd
+    from vsa_nd.adapters import _common
+    from vsa_nd.backends import cuda, cuda_attention
+
+    points = [(_common, "vsa_forward"), (_common, "vsa_inference"), (vsa_nd, "video_sparse_attn"),
+              (cuda, "block_means"), (cuda, "select_topk"), (cuda_attention, "block_sparse_fwd")]
+    originals = [getattr(owner, name) for owner, name in points]
+    marks = {}
+
+    def marked(name, fn):
+        def wrapper(*args, **kwargs):
+            marks.setdefault(name, time.perf_counter())
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for (owner, name), fn in zip(points, originals):
+        setattr(owner, name, marked(name, fn))
+    try:
+        for what, array_fn, torch_fn in cases[:2]:
+            for side, fn in (("array", array_fn), ("torch", torch_fn)):
+                for _ in range(3):
+                    fn()
+                times = {}
+                for _ in range(reps):
+                    torch.cuda.synchronize()
+                    marks.clear()
+                    t0 = time.perf_counter()
+                    fn()
+                    for name, t in marks.items():
+                        times.setdefault(name, []).append((t - t0) * 1e6)
+                cells = ", ".join(f"{name} {statistics.median(ts):.1f}"
+                                  for name, ts in sorted(times.items(), key=lambda item: statistics.median(item[1])))
+                print(f"| {label} | {what} | {side}: host us from the call to {cells} |", flush=True)
+    finally:
+        for (owner, name), fn in zip(points, originals):
+            setattr(owner, name, fn)
+
+
 def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile_shape=None, *, reps: int,
-                cuda: bool):
+                cuda: bool, profile: bool = False, breakdown: bool = False):
     import torch
 
     import vsa_nd
@@ -117,6 +182,11 @@ def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile
         with stream:
             vsa_nd.video_sparse_attn(*arrays[:3], topk, array_plan.variable_block_sizes, gate=arrays[3])
 
+    def array_call_with_context():
+        with stream:
+            vsa_nd.video_sparse_attn(*arrays[:3], topk, array_plan.variable_block_sizes, gate=arrays[3],
+                                     return_context=True)
+
     def array_train_step():
         with stream:
             _, context = vsa_nd.video_sparse_attn(*arrays[:3], topk, array_plan.variable_block_sizes, gate=arrays[3],
@@ -132,11 +202,17 @@ def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile
 
     cases = [
         ("VSA forward", array_call, lambda: vt.video_sparse_attn(q, k, v, topk, sizes, gate=gate)),
-        ("VSA forward, inputs require grad", array_call,
+        ("VSA forward, inputs require grad (array: return_context=True)", array_call_with_context,
          lambda: vt.video_sparse_attn(*graded[:3], topk, sizes, gate=graded[3])),
         ("VSA forward + backward", array_train_step, torch_train_step),
         ("tile", array_tile, lambda: vt.tile(x[0], plan)),
     ]
+    if profile:
+        _profile(cases, label=name)
+        return
+    if breakdown:
+        _breakdown(cases, label=name, reps=reps)
+        return
     tiles = "" if tile_shape is None else f" in {tile_shape} tiles"
     label = f"{name}: {seq_shape}{tiles}, {heads}h, D={head_dim}, top {topk}/{plan.num_blocks}"
     for what, array_fn, torch_fn in cases:
@@ -156,6 +232,9 @@ def main():
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--shapes", help="comma-separated names (default: all of the device's)")
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--profile", action="store_true", help="print cProfile tables instead of timings")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="CUDA: host time from the call to the fine kernel's launch, instead of timings")
     args = parser.parse_args()
     import torch
 
@@ -174,7 +253,7 @@ def main():
         print("| shape | call | array host us | torch host us | torch extra us |")
         print("| --- | --- | --- | --- | --- |")
     for name in names:
-        bench_shape(name, *shapes[name], reps=args.reps, cuda=cuda)
+        bench_shape(name, *shapes[name], reps=args.reps, cuda=cuda, profile=args.profile, breakdown=args.breakdown)
 
 
 if __name__ == "__main__":
