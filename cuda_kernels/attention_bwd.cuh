@@ -6,7 +6,8 @@
 //   dq_pass:    one CTA per (64 query rows, batch*head) streams the query tile's selected key
 //               chunks (K and V, two stages).  Products::dq_chunk does S = Q K^T, dP = dO V^T,
 //               P = exp(scale S - lse), dS = P (dP - delta), acc += dS K.
-//               Writes dq = scale * acc + dq_tile.
+//               Writes dq = scale * acc + dq_tile.  (bwd_dq_sm90 runs the same CTA work with
+//               WgmmaProducts::dq_chunk but its own pipeline, K and V by TMA: see there.)
 //   dkdv_pass:  one CTA per (64-key chunk, batch*kv head) keeps K and V and streams (Q, dO, lse,
 //               delta) of every query tile that selected the chunk's key tile — all query heads of
 //               the kv group, so GQA sums happen here — from the KV->Q lists built on the GPU.
@@ -152,8 +153,9 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
 
 }  // namespace vsa
 
-// The kernels of one Products policy: the same signature for every variant.
-#define VSA_BWD_KERNELS(DQ_NAME, DKDV_NAME, POLICY, MIN_CTAS)                                                        \
+// The kernels of one Products policy: the same signature for every variant.  VSA_BWD_KERNELS
+// defines both passes; a file with its own dQ kernel (attention_bwd_sm90.cu) takes the dK/dV one alone.
+#define VSA_BWD_DQ_KERNEL(DQ_NAME, POLICY, MIN_CTAS)                                                                 \
     template <typename T, int D>                                                                                     \
     __global__ void __launch_bounds__(vsa::ATT_THREADS, MIN_CTAS)                                                    \
         DQ_NAME(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                          \
@@ -165,7 +167,8 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
         vsa::dq_pass<T, D, POLICY<T, D>>(q, k, v, dout, lse, delta, q2k_idx, q2k_num, q_block_sizes,                \
                                          kv_block_sizes, dq_tile, dq, num_heads, num_kv_heads, q_len, kv_len,       \
                                          list_len, tile_volume, scale);                                             \
-    }                                                                                                                \
+    }
+#define VSA_BWD_DKDV_KERNEL(DKDV_NAME, POLICY, MIN_CTAS)                                                             \
     template <typename T, int D>                                                                                     \
     __global__ void __launch_bounds__(vsa::ATT_THREADS, MIN_CTAS)                                                    \
         DKDV_NAME(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                        \
@@ -179,3 +182,6 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
                                            kv_block_sizes, dk_tile, dv_tile, dk, dv, num_heads, num_kv_heads,       \
                                            q_len, kv_len, tile_volume, scale);                                      \
     }
+#define VSA_BWD_KERNELS(DQ_NAME, DKDV_NAME, POLICY, MIN_CTAS) \
+    VSA_BWD_DQ_KERNEL(DQ_NAME, POLICY, MIN_CTAS)              \
+    VSA_BWD_DKDV_KERNEL(DKDV_NAME, POLICY, MIN_CTAS)

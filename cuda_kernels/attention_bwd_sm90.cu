@@ -1,16 +1,33 @@
-// Block-sparse attention backward for Hopper: the dQ and dK/dV passes of attention_bwd.cuh
-// (same contract, pipelines, KV->Q lists and epilogues) with every matrix product on warpgroup
-// MMA (wgmma, sm_90a); delta comes from attention_bwd.cu's bwd_delta.
+// Block-sparse attention backward for Hopper: the dQ and dK/dV passes (same contract, KV->Q
+// lists and epilogues as attention_bwd.cuh) with every matrix product on warpgroup MMA (wgmma,
+// sm_90a); delta comes from attention_bwd.cu's bwd_delta.
+//
+// bwd_dkdv_sm90 is attention_bwd.cuh's dkdv_pass (cp.async streaming) with WgmmaProducts.
+// bwd_dq_sm90 has its own pipeline, not dq_pass: K and V chunks arrive by TMA, as in the
+// forward (attention_fwd_sm90.cu): thread 0 issues one bulk tensor copy per 64-column atom,
+// completing on a shared-memory barrier per K and per V stage, so the warps spend no
+// instructions on addresses.  Q and dO come once by cp.async.  K and V have DQ_STAGES = 2
+// stages (Q + dO + 2 x (K + V) = 96 KB at D = 128: two CTAs per SM; 48 KB at D = 64: four).
+// K feeds both S = Q K^T and dQ += dS K, so a stage is refilled (K and V together) once the
+// chunk's last product is done, and the copy overlaps the next chunk's products:
+//   wait K_j, V_j -> dq_chunk (below) -> barrier -> refill the stage with chunk j + 2.
+// TMA copies whole 64-key chunks: past a tile's block size the key and value rows are zeroed
+// in shared memory (fenced for the tensor cores) before the products, since both reach dQ
+// (dP = dO V^T, then dS K) and 0 * NaN is NaN.  Chunks holding no key (sub-chunks past a short
+// tile's block size, tile volume > 64) are neither loaded nor computed.
 //
 // WgmmaProducts, per dQ chunk:
 //   S = Q K^T and dP = dO V^T (shared-memory operands, both K-major) issued together ->
-//   P = exp2(scale*log2e*S - lse*log2e) while dP finishes -> dS = P (dP - delta) ->
-//   acc += dS K (dS from registers; K as an MN-major operand, transposed by the instruction).
+//   P = exp2(scale*log2e*S - lse*log2e) (0 past the block size) while dP finishes ->
+//   dS = P (dP - delta) -> acc += dS K (dS from registers; K as an MN-major operand, transposed
+//   by the instruction).
 // per dK/dV step (this CTA's 64 keys are the warpgroup's 64 rows):
 //   S^T = K Q^T and dP^T = V dO^T issued together -> P^T (keys past the tile's block size are
 //   0) -> dV += P^T dO issued -> dS^T = P^T (dP^T - delta) while it runs -> dK += dS^T Q.
-// Shared memory written by cp.async is fenced (fence.proxy.async) before wgmma reads it.
+// Shared memory written by cp.async or by the threads is fenced (fence.proxy.async) before
+// wgmma reads it.
 #include "attention_bwd.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace vsa {
@@ -126,6 +143,145 @@ template <typename T, int D> struct WgmmaProducts {
     }
 };
 
+// bwd_dq_sm90: K and V stages (the launcher's _DQ_STAGES must match), shared memory (Q, dO,
+// K and V stages, one 8-byte barrier per K and per V stage) and the CTAs per SM that it leaves
+// room for (228 KB per SM, 1 KB of it reserved per CTA; at most 4, i.e. 128 registers), which
+// __launch_bounds__ asks the register allocation to allow.
+constexpr int DQ_STAGES = 2;
+template <int D> struct DqSmem {
+    static constexpr int BYTES = (2 + 2 * DQ_STAGES) * AttentionSmem<D>::TILE + 16 * DQ_STAGES;
+    static constexpr int FIT = 228 * 1024 / (BYTES + 1024);
+    static constexpr int MIN_CTAS = FIT < 4 ? FIT : 4;
+};
+
 }  // namespace vsa
 
-VSA_BWD_KERNELS(bwd_dq_sm90, bwd_dkdv_sm90, vsa::WgmmaProducts, 1)
+VSA_BWD_DKDV_KERNEL(bwd_dkdv_sm90, vsa::WgmmaProducts, 1)
+
+// The dQ pass with K and V by TMA: same arguments as attention_bwd.cuh's dq kernels, after
+// the tensor maps of K and V ([B * H_kv * kv_len, D], 64 x 64 boxes, 128-byte swizzle).
+template <typename T, int D>
+__global__ void __launch_bounds__(vsa::ATT_THREADS, vsa::DqSmem<D>::MIN_CTAS)
+bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ vsa::TmaDesc tma_v,
+            const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
+            const float* __restrict__ lse, const float* __restrict__ delta, const int* __restrict__ q2k_idx,
+            const int* __restrict__ q2k_num, const int* __restrict__ q_block_sizes,
+            const int* __restrict__ kv_block_sizes, const float* __restrict__ dq_tile, T* __restrict__ dq,
+            int num_heads, int num_kv_heads, int q_len, int kv_len, int list_len, int tile_volume, float scale) {
+    using namespace vsa;
+    using Chunk = typename AttentionCta<T, D>::Chunk;
+    constexpr int TILE = AttentionSmem<D>::TILE, STAGES = DQ_STAGES;
+    static_assert(STAGES >= 1 && STAGES <= 4, "stage_valid holds one byte per stage");
+    extern __shared__ __align__(1024) unsigned char smem[];
+    unsigned char* sQ = smem;
+    unsigned char* sdO = smem + TILE;
+    unsigned char* sK = smem + 2 * TILE;     // STAGES tiles
+    unsigned char* sV = sK + STAGES * TILE;  // STAGES tiles
+    unsigned long long* bar_k = reinterpret_cast<unsigned long long*>(sV + STAGES * TILE);  // one per K stage
+    unsigned long long* bar_v = bar_k + STAGES;                                              // one per V stage
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const AttentionCta<T, D> cta(k, v, q2k_idx, q2k_num, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len,
+                                 list_len, tile_volume);
+    const int n = cta.n_chunks;
+    const int real_q = real_rows(q_block_sizes[cta.q_tile], (blockIdx.x * ATT_BLOCK_M) % tile_volume);
+    const int kv_row0 = static_cast<int>((cta.k - k) / D);  // tensor-map row of this (batch, kv head)'s key 0
+
+    // The load cursor, kept alike by every thread (thread 0 issues the copies): chunk `load`
+    // (`current`) goes into stage `issued % STAGES` next.  A chunk past its tile's block size
+    // (tile volume > 64) holds no key: it is skipped, and so is the rest of its tile.
+    int load = 0;
+    unsigned int issued = 0, stage_valid = 0;  // stage_valid: real keys per stage, one byte each
+    Chunk current = n > 0 ? cta.chunk(0) : Chunk{0, 0};
+    auto skip_empty = [&]() {
+        while (load < n && current.valid == 0) {
+            load = (load / cta.chunks_per_tile + 1) * cta.chunks_per_tile;
+            if (load < n) current = cta.chunk(load);
+        }
+    };
+    auto peek = [&]() { return load + 1 < n ? cta.chunk(load + 1) : Chunk{0, 0}; };
+    // Loads `current` into the next stage and moves the cursor on to `next` (peek(), read early so
+    // that its index loads overlap other work).
+    auto push = [&](const Chunk& next) {
+        const unsigned int stage = issued % STAGES;
+        if (tid == 0) {
+            const int row = kv_row0 + static_cast<int>(current.offset / D);
+            mbar_expect_tx(bar_k + stage, TILE);
+#pragma unroll
+            for (int atom = 0; atom < D / 64; ++atom)
+                tma_load_2d(sK + stage * TILE + atom * ATOM_BYTES, &tma_k, atom * 64, row, bar_k + stage);
+            mbar_expect_tx(bar_v + stage, TILE);
+#pragma unroll
+            for (int atom = 0; atom < D / 64; ++atom)
+                tma_load_2d(sV + stage * TILE + atom * ATOM_BYTES, &tma_v, atom * 64, row, bar_v + stage);
+        }
+        stage_valid = (stage_valid & ~(0xffu << 8 * stage)) | static_cast<unsigned int>(current.valid) << 8 * stage;
+        ++issued;
+        ++load;
+        current = next;
+        skip_empty();
+    };
+
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(bar_k + s, 1);
+            mbar_init(bar_v + s, 1);
+        }
+        fence_mbar_init();
+    }
+    __syncthreads();
+    skip_empty();
+    if (load < n) push(peek());
+    load_tile_async<D>(sQ, q + cta.q_offset, ATT_BLOCK_M, tid);
+    load_tile_async<D>(sdO, dout + cta.q_offset, real_q, tid);  // pad rows read as 0
+    cp_async_commit();
+#pragma unroll
+    for (int s = 1; s < STAGES; ++s)
+        if (load < n) push(peek());
+
+    float lse_log2[2], row_delta[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const size_t row = cta.q_offset / D + warp * 16 + (lane >> 2) + r * 8;
+        lse_log2[r] = lse[row] * LOG2E;
+        row_delta[r] = delta[row];
+    }
+    float acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+    WgmmaProducts<T, D> products;
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();  // Q and dO visible to the tensor cores
+    products.start_dq(sQ, sdO, warp, lane);
+
+    // Load j sits in stage j % STAGES; that stage's barriers complete one phase per load.
+    for (unsigned int j = 0; j < issued; ++j) {
+        const unsigned int stage = j % STAGES, phase = (j / STAGES) & 1;
+        unsigned char* cK = sK + stage * TILE;
+        unsigned char* cV = sV + stage * TILE;
+        const int valid = (stage_valid >> 8 * stage) & 0xff;
+        const Chunk next = peek();  // index loads overlap the products
+        mbar_wait(bar_k + stage, phase);
+        mbar_wait(bar_v + stage, phase);
+        if (valid < ATT_BLOCK_N) {
+            // TMA copied whole chunks: pad keys' K and V rows may hold anything (NaN), and both
+            // reach dQ (dP = dO V^T, then dS K), where 0 * NaN would not vanish.  Zero them.
+            for (int i = valid * (D / 8) + tid; i < ATT_BLOCK_N * (D / 8); i += ATT_THREADS) {
+                const int offset = atom_offset(i / (D / 8), i % (D / 8));
+                *reinterpret_cast<uint4*>(cK + offset) = make_uint4(0, 0, 0, 0);
+                *reinterpret_cast<uint4*>(cV + offset) = make_uint4(0, 0, 0, 0);
+            }
+            fence_proxy_async();
+            __syncthreads();
+        }
+        products.dq_chunk(acc, cK, cV, valid, lse_log2, row_delta, scale * LOG2E, warp, lane);
+        if (load < n) {       // the same in every thread
+            __syncthreads();  // every warp is done reading this stage's K and V
+            push(next);
+        }
+    }
+    const float* tile_vec = dq_tile ? dq_tile + (static_cast<size_t>(cta.bh) * cta.num_q_blocks + cta.q_tile) * D : nullptr;
+    write_rows<T, D>(dq + cta.q_offset, acc, scale, tile_vec, real_q, warp, lane);
+}

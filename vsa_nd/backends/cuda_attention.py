@@ -16,6 +16,7 @@ _CUDA_TYPES = {np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16"}
 _HEAD_DIMS = (64, 128)
 _BLOCK_M = 64  # query rows per CTA (FWD_BLOCK_M in attention_fwd.cu)
 _CHUNK = 64  # keys per pipeline chunk; tile volumes must be multiples of it
+_DQ_STAGES = 2  # K and V stages of bwd_dq_sm90 (DQ_STAGES in attention_bwd_sm90.cu)
 _LOG2E = 1.4426950408889634
 
 
@@ -187,18 +188,24 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
              np.int32(tile_volume)),
         )
         common = (np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len))
-        smem = 6 * _BLOCK_M * d * q.dtype.itemsize
+        tile_bytes = _BLOCK_M * d * q.dtype.itemsize
+        smem = 6 * tile_bytes  # the cp.async passes: two resident tiles and two stages of two streamed ones
+        wgmma = _use_wgmma(BACKWARD_KERNEL)
+        source, suffix = ("attention_bwd_sm90.cu", "_sm90") if wgmma else ("attention_bwd.cu", "")
 
-        source, suffix = ("attention_bwd_sm90.cu", "_sm90") if _use_wgmma(BACKWARD_KERNEL) else ("attention_bwd.cu", "")
         dq = _alloc(q.shape, q.dtype)
-        kernel = get_function(source, f"bwd_dq{suffix}<{ctype}, {d}>")
-        kernel.max_dynamic_shared_size_bytes = smem
-        kernel(
-            (q_len // _BLOCK_M, b * h), (128,),
-            (q, k, v, dout, lse, delta, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, _null_or(dq_tile), dq,
-             *common, np.int32(q2k_idx.shape[3]), np.int32(tile_volume), np.float32(scale)),
-            shared_mem=smem,
-        )
+        args = (q, k, v, dout, lse, delta, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, _null_or(dq_tile), dq,
+                *common, np.int32(q2k_idx.shape[3]), np.int32(tile_volume), np.float32(scale))
+        if wgmma and _tma_ready(k, v):  # else the portable dQ kernel (the dK/dV pass stays on wgmma)
+            # K and V by TMA: Q, dO and _DQ_STAGES stages of K and V, plus one 8-byte barrier per stage of each.
+            maps = (_TensorMap(k, b * h_kv * kv_len), _TensorMap(v, b * h_kv * kv_len))
+            kernel = get_function("attention_bwd_sm90.cu", f"bwd_dq_sm90<{ctype}, {d}>")
+            smem_dq, args = (2 + 2 * _DQ_STAGES) * tile_bytes + 16 * _DQ_STAGES, (maps[0].arg, maps[1].arg) + args
+        else:
+            kernel = get_function("attention_bwd.cu", f"bwd_dq<{ctype}, {d}>")
+            smem_dq = smem  # Q, dO and two cp.async stages of K and V
+        kernel.max_dynamic_shared_size_bytes = smem_dq
+        kernel((q_len // _BLOCK_M, b * h), (128,), args, shared_mem=smem_dq)
 
         codes, offsets = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume)
         dk, dv = _alloc(k.shape, k.dtype), _alloc(v.shape, v.dtype)
