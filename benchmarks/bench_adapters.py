@@ -108,30 +108,35 @@ def _profile(cases, label: str, calls: int = 200):
 
 
 def _breakdown(cases, label: str, reps: int = 50):
-    """Median host time from the start of a VSA forward call to a few points inside it, up to
-    the launch of the fine-stage kernel (the call's critical path on a GPU-bound shape), for
-    the array call and the torch call."""
+    """Median host time from the start of a call to points inside it (entry, and ``name end`` at
+    exit), for the array call and the torch call of the forward cases (up to the launch of the
+    fine-stage kernel: the critical path of a GPU-bound call) and of forward + backward."""
     import torch
 
     import vsa_nd
+    import vsa_nd.adapters.torch as vt
     from vsa_nd.adapters import _common
     from vsa_nd.backends import cuda, cuda_attention
 
     points = [(_common, "vsa_forward"), (_common, "vsa_inference"), (vsa_nd, "video_sparse_attn"),
-              (cuda, "block_means"), (cuda, "select_topk"), (cuda_attention, "block_sparse_fwd")]
+              (cuda, "block_means"), (cuda, "select_topk"), (cuda_attention, "block_sparse_fwd"),
+              (vt, "_vsa_input_grads"), (_common, "vsa_backward"), (vsa_nd, "video_sparse_attn_backward"),
+              (cuda_attention, "kv_to_q_lists"), (cuda_attention, "block_sparse_bwd")]
     originals = [getattr(owner, name) for owner, name in points]
     marks = {}
 
     def marked(name, fn):
         def wrapper(*args, **kwargs):
             marks.setdefault(name, time.perf_counter())
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            marks.setdefault(name + " end", time.perf_counter())
+            return result
         return wrapper
 
     for (owner, name), fn in zip(points, originals):
         setattr(owner, name, marked(name, fn))
     try:
-        for what, array_fn, torch_fn in cases[:2]:
+        for what, array_fn, torch_fn in cases[:3]:
             for side, fn in (("array", array_fn), ("torch", torch_fn)):
                 for _ in range(3):
                     fn()
@@ -141,6 +146,7 @@ def _breakdown(cases, label: str, reps: int = 50):
                     marks.clear()
                     t0 = time.perf_counter()
                     fn()
+                    marks["call end"] = time.perf_counter()
                     for name, t in marks.items():
                         times.setdefault(name, []).append((t - t0) * 1e6)
                 cells = ", ".join(f"{name} {statistics.median(ts):.1f}"
