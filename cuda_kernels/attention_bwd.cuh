@@ -1,19 +1,21 @@
-// The pipelines of the block-sparse attention backward, shared by the mma.sync kernels
-// (attention_bwd.cu) and the wgmma kernels (attention_bwd_sm90.cu).  Each kernel supplies a
-// Products policy with the matrix products of one step; everything else (work assignment,
-// two-stage cp.async streaming, statistics, epilogues) lives here:
+// The pipelines of the block-sparse attention backward on mma.sync (attention_bwd.cu; the wgmma
+// kernels of attention_bwd_sm90.cu do the same CTA work with pipelines of their own, below).
+// Each kernel supplies a Products policy with the matrix products of one step; everything else
+// (work assignment, two-stage cp.async streaming, statistics, epilogues) lives here:
 //
 //   dq_pass:    one CTA per (64 query rows, batch*head) streams the query tile's selected key
 //               chunks (K and V, two stages).  Products::dq_chunk does S = Q K^T, dP = dO V^T,
 //               P = exp(scale S - lse), dS = P (dP - delta), acc += dS K.
-//               Writes dq = scale * acc + dq_tile.  (bwd_dq_sm90 runs the same CTA work with
-//               WgmmaProducts::dq_chunk but its own pipeline, K and V by TMA: see there.)
+//               Writes dq = scale * acc + dq_tile.
 //   dkdv_pass:  one CTA per (64-key chunk, batch*kv head) keeps K and V and streams (Q, dO, lse,
 //               delta) of every query tile that selected the chunk's key tile — all query heads of
 //               the kv group, so GQA sums happen here — from the KV->Q lists built on the GPU.
 //               Products::dkdv_step does S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T,
 //               dS^T = P^T (dP^T - delta), dK += dS^T Q.  Writes dk = scale * dK + dk_tile and
 //               dv = dV + dv_tile.
+// bwd_dq_sm90 and bwd_dkdv_sm90 do the same CTA work, steps in the same order, with
+// WgmmaProducts and their own pipelines, in which the streamed tiles (K and V, resp. Q, dO, lse
+// and delta) arrive by TMA: see there.
 // Policy interface:
 //   static void visible()                   make cp.async data visible to the products (before
 //                                           the barrier that ends each copy)
@@ -154,7 +156,7 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
 }  // namespace vsa
 
 // The kernels of one Products policy: the same signature for every variant.  VSA_BWD_KERNELS
-// defines both passes; a file with its own dQ kernel (attention_bwd_sm90.cu) takes the dK/dV one alone.
+// defines both passes; VSA_BWD_DQ_KERNEL and VSA_BWD_DKDV_KERNEL one each.
 #define VSA_BWD_DQ_KERNEL(DQ_NAME, POLICY, MIN_CTAS)                                                                 \
     template <typename T, int D>                                                                                     \
     __global__ void __launch_bounds__(vsa::ATT_THREADS, MIN_CTAS)                                                    \

@@ -1,20 +1,35 @@
-// Block-sparse attention backward for Hopper: the dQ and dK/dV passes (same contract, KV->Q
-// lists and epilogues as attention_bwd.cuh) with every matrix product on warpgroup MMA (wgmma,
-// sm_90a); delta comes from attention_bwd.cu's bwd_delta.
+// Block-sparse attention backward for Hopper: the dQ and dK/dV passes (same contract, CTA work,
+// KV->Q lists and epilogues as attention_bwd.cuh's dq_pass and dkdv_pass) with every matrix
+// product on warpgroup MMA (wgmma, sm_90a) and their own pipelines, the streamed tiles arriving
+// by TMA as in the forward (attention_fwd_sm90.cu): thread 0 issues one bulk tensor copy per
+// 64-column atom, completing on a shared-memory barrier, so the warps spend no instructions on
+// addresses.  delta comes from attention_bwd.cu's bwd_delta.
 //
-// bwd_dkdv_sm90 is attention_bwd.cuh's dkdv_pass (cp.async streaming) with WgmmaProducts.
-// bwd_dq_sm90 has its own pipeline, not dq_pass: K and V chunks arrive by TMA, as in the
-// forward (attention_fwd_sm90.cu): thread 0 issues one bulk tensor copy per 64-column atom,
-// completing on a shared-memory barrier per K and per V stage, so the warps spend no
-// instructions on addresses.  Q and dO come once by cp.async.  K and V have DQ_STAGES = 2
-// stages (Q + dO + 2 x (K + V) = 96 KB at D = 128: two CTAs per SM; 48 KB at D = 64: four).
-// K feeds both S = Q K^T and dQ += dS K, so a stage is refilled (K and V together) once the
-// chunk's last product is done, and the copy overlaps the next chunk's products:
+// bwd_dq_sm90: Q and dO come once by cp.async; K and V chunks by TMA, one barrier per K and per
+// V stage.  K and V have DQ_STAGES = 2 stages (Q + dO + 2 x (K + V) = 96 KB at D = 128: two
+// CTAs per SM; 48 KB at D = 64: four).  K feeds both S = Q K^T and dQ += dS K, so a stage is
+// refilled (K and V together) once the chunk's last product is done, and the copy overlaps the
+// next chunk's products:
 //   wait K_j, V_j -> dq_chunk (below) -> barrier -> refill the stage with chunk j + 2.
 // TMA copies whole 64-key chunks: past a tile's block size the key and value rows are zeroed
 // in shared memory (fenced for the tensor cores) before the products, since both reach dQ
 // (dP = dO V^T, then dS K) and 0 * NaN is NaN.  Chunks holding no key (sub-chunks past a short
 // tile's block size, tile volume > 64) are neither loaded nor computed.
+//
+// bwd_dkdv_sm90: K and V of the CTA's 64 keys come once by cp.async (pad key rows read as 0).
+// Each step's 64-row Q and dO slices come by TMA and its 64 lse and 64 delta values by two 1-D
+// bulk copies, all completing on one barrier per stage (expecting their summed bytes).  They
+// have DKDV_STAGES = 2 stages (K + V + 2 x (Q + dO) + 2 x (lse + delta) = 97 KB at D = 128,
+// 49 KB at D = 64: two CTAs per SM, as registers allow).  A stage is refilled once every
+// warp is done reading it, and the copy overlaps the next step's products:
+//   wait step t -> dkdv_step (below) -> barrier -> refill the stage with step t + 2.
+// The refill's list code is read a step ahead and its query block size at the start of the
+// step, so that the index loads overlap the products.  TMA copies whole 64-row slices: past a
+// tile's block size the Q and dO rows are zeroed in shared memory (fenced) before the products,
+// since dout's pad rows may hold anything (NaN) and 0 * NaN is NaN; P^T is 0 in those columns
+// whatever lse holds there, and delta is 0 there (bwd_delta), so they add exact zeros.  Slices
+// holding no query row (sub-slices past a short tile's block size, tile volume > 64) are
+// loaded but not computed.
 //
 // WgmmaProducts, per dQ chunk:
 //   S = Q K^T and dP = dO V^T (shared-memory operands, both K-major) issued together ->
@@ -22,8 +37,9 @@
 //   dS = P (dP - delta) -> acc += dS K (dS from registers; K as an MN-major operand, transposed
 //   by the instruction).
 // per dK/dV step (this CTA's 64 keys are the warpgroup's 64 rows):
-//   S^T = K Q^T and dP^T = V dO^T issued together -> P^T (keys past the tile's block size are
-//   0) -> dV += P^T dO issued -> dS^T = P^T (dP^T - delta) while it runs -> dK += dS^T Q.
+//   S^T = K Q^T and dP^T = V dO^T issued together -> P^T (0 for keys past the tile's block size
+//   and for pad query rows) -> dV += P^T dO issued -> dS^T = P^T (dP^T - delta) while it runs ->
+//   dK += dS^T Q.
 // Shared memory written by cp.async or by the threads is fenced (fence.proxy.async) before
 // wgmma reads it.
 #include "attention_bwd.cuh"
@@ -39,8 +55,6 @@ __device__ __forceinline__ int mn_major_step(int kk) { return (kk * 16 * 128) >>
 
 template <typename T, int D> struct WgmmaProducts {
     unsigned long long desc_q, desc_do;  // bwd_dq: the CTA's Q and dO tiles
-
-    __device__ static void visible() { fence_proxy_async(); }
 
     __device__ void start_dq(const unsigned char* sQ, const unsigned char* sdO, int, int) {
         desc_q = smem_desc(sQ, 16, 1024);
@@ -88,8 +102,8 @@ template <typename T, int D> struct WgmmaProducts {
 
     __device__ void dkdv_step(float (&acc_k)[D / 2], float (&acc_v)[D / 2], const unsigned char* sK,
                               const unsigned char* sV, const unsigned char* cQ, const unsigned char* cdO,
-                              const float* c_lse, const float* c_delta, int real_k, float scale_log2, int warp,
-                              int lane) {
+                              const float* c_lse, const float* c_delta, int real_k, int real_q, float scale_log2,
+                              int warp, int lane) {
         const unsigned long long desc_k = smem_desc(sK, 16, 1024), desc_v = smem_desc(sV, 16, 1024),
                                  desc_q = smem_desc(cQ, 16, 1024), desc_do = smem_desc(cdO, 16, 1024);
         float st[32], dpt[32];  // S^T and dP^T: this warp's 16 keys x 64 query rows
@@ -110,7 +124,10 @@ template <typename T, int D> struct WgmmaProducts {
             const int key = warp * 16 + (lane >> 2) + ((i >> 1) & 1) * 8;
             const int col = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
             const float p = fast_exp2(fmaf(st[i], scale_log2, -c_lse[col] * LOG2E));
-            st[i] = real_k == ATT_BLOCK_N || key < real_k ? p : 0.f;
+            // 0 for pad keys and pad query rows, whatever lse holds there (the pad rows of dO
+            // and delta are 0 too, so the pad columns of P^T and dS^T add exact zeros).
+            const bool real = (real_k == ATT_BLOCK_N || key < real_k) && (real_q == ATT_BLOCK_M || col < real_q);
+            st[i] = real ? p : 0.f;
         }
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) p_fragment<T>(st, kk, pt[kk]);
@@ -154,9 +171,27 @@ template <int D> struct DqSmem {
     static constexpr int MIN_CTAS = FIT < 4 ? FIT : 4;
 };
 
-}  // namespace vsa
+// bwd_dkdv_sm90: stages of (Q, dO, lse, delta) (the launcher's _DKDV_STAGES must match),
+// shared memory (K, V, the Q and dO stages, 64 lse and 64 delta floats per stage, one 8-byte
+// barrier per stage).  Two CTAs per SM at D = 128 (shared memory allows two) and at D = 64
+// (registers allow two; asking for three, i.e. <= 168 registers, makes it spill).
+constexpr int DKDV_STAGES = 2;
+template <int D> struct DkdvSmem {
+    static constexpr int STATS = 2 * ATT_BLOCK_M * 4;  // bytes of one stage's lse and delta
+    static constexpr int BYTES = (2 + 2 * DKDV_STAGES) * AttentionSmem<D>::TILE + DKDV_STAGES * (STATS + 8);
+    static_assert(228 * 1024 / (BYTES + 1024) >= 2, "two CTAs per SM");
+};
 
-VSA_BWD_DKDV_KERNEL(bwd_dkdv_sm90, vsa::WgmmaProducts, 1)
+// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to shared
+// memory; the bytes complete on `bar`.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned int bytes, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                     smem_u32(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_u32(bar))
+                 : "memory");
+}
+
+}  // namespace vsa
 
 // The dQ pass with K and V by TMA: same arguments as attention_bwd.cuh's dq kernels, after
 // the tensor maps of K and V ([B * H_kv * kv_len, D], 64 x 64 boxes, 128-byte swizzle).
@@ -284,4 +319,130 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
     }
     const float* tile_vec = dq_tile ? dq_tile + (static_cast<size_t>(cta.bh) * cta.num_q_blocks + cta.q_tile) * D : nullptr;
     write_rows<T, D>(dq + cta.q_offset, acc, scale, tile_vec, real_q, warp, lane);
+}
+
+// The dK/dV pass with Q and dO by TMA: same arguments as attention_bwd.cuh's dkdv kernels, after
+// the tensor maps of q and dout ([B * H * q_len, D], 64 x 64 boxes, 128-byte swizzle).
+template <typename T, int D>
+__global__ void __launch_bounds__(vsa::ATT_THREADS, 1)
+bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant__ vsa::TmaDesc tma_do,
+              const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
+              const float* __restrict__ lse, const float* __restrict__ delta, const int* __restrict__ kv2q_code,
+              const int* __restrict__ kv2q_offsets, const int* __restrict__ q_block_sizes,
+              const int* __restrict__ kv_block_sizes, const float* __restrict__ dk_tile,
+              const float* __restrict__ dv_tile, T* __restrict__ dk, T* __restrict__ dv, int num_heads,
+              int num_kv_heads, int q_len, int kv_len, int tile_volume, float scale) {
+    using namespace vsa;
+    constexpr int TILE = AttentionSmem<D>::TILE, STAGES = DKDV_STAGES, STATS = DkdvSmem<D>::STATS;
+    static_assert(STAGES >= 2 && STAGES <= 4, "stage_rows holds one byte per stage");
+    extern __shared__ __align__(1024) unsigned char smem[];
+    unsigned char* sK = smem;
+    unsigned char* sV = smem + TILE;
+    unsigned char* sQ = smem + 2 * TILE;     // STAGES tiles
+    unsigned char* sdO = sQ + STAGES * TILE;  // STAGES tiles
+    float* sStats = reinterpret_cast<float*>(sdO + STAGES * TILE);  // [stage][lse | delta][64]
+    unsigned long long* bar = reinterpret_cast<unsigned long long*>(sStats + STAGES * 2 * ATT_BLOCK_M);  // per stage
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int bh_kv = blockIdx.y, b = bh_kv / num_kv_heads, kv_head = bh_kv % num_kv_heads;
+    const int group = num_heads / num_kv_heads;
+    const int num_q_blocks = q_len / tile_volume, num_kv_blocks = kv_len / tile_volume;
+    const int key0 = blockIdx.x * ATT_BLOCK_N, kv_tile = key0 / tile_volume;
+    const int real_k = real_rows(kv_block_sizes[kv_tile], key0 % tile_volume);
+    const size_t kv_offset = (static_cast<size_t>(bh_kv) * kv_len + key0) * D;
+    const int slices = tile_volume / ATT_BLOCK_M;  // 64-row slices per query tile
+    const int list = bh_kv * num_kv_blocks + kv_tile;
+    const int first = kv2q_offsets[list];
+    const int steps = real_k > 0 ? (kv2q_offsets[list + 1] - first) * slices : 0;
+
+    // Step t: query slice t % slices of the t / slices-th query tile that selected this key tile,
+    // whose list code is (head in the group) * num_q_blocks + query tile, so that, as q_len =
+    // num_q_blocks * tile_volume, the tile starts code * tile_volume rows after the group's
+    // first row.  Step t sits in stage t % STAGES; stage_rows holds each stage's real query
+    // rows, one byte per stage.  Steps are pushed in order: push_slice is the next one's slice.
+    auto code_of = [&](int t) { return kv2q_code[first + (slices == 1 ? t : t / slices)]; };
+    const int group_row0 = (b * num_heads + kv_head * group) * q_len;  // tensor-map row (the launcher checks int)
+    unsigned int stage_rows = 0;
+    int push_slice = 0;
+    auto push = [&](int t, int code, int block_size) {
+        const int stage = t % STAGES, slice = push_slice;
+        push_slice = slice + 1 < slices ? slice + 1 : 0;
+        const int row0 = group_row0 + code * tile_volume + slice * ATT_BLOCK_M;
+        if (tid == 0) {
+            unsigned long long* full = bar + stage;
+            mbar_expect_tx(full, 2 * TILE + STATS);
+#pragma unroll
+            for (int atom = 0; atom < D / 64; ++atom) {
+                tma_load_2d(sQ + stage * TILE + atom * ATOM_BYTES, &tma_q, atom * 64, row0, full);
+                tma_load_2d(sdO + stage * TILE + atom * ATOM_BYTES, &tma_do, atom * 64, row0, full);
+            }
+            bulk_load(sStats + stage * 2 * ATT_BLOCK_M, lse + row0, STATS / 2, full);
+            bulk_load(sStats + stage * 2 * ATT_BLOCK_M + ATT_BLOCK_M, delta + row0, STATS / 2, full);
+        }
+        const unsigned int rows = real_rows(block_size, slice * ATT_BLOCK_M);
+        stage_rows = (stage_rows & ~(0xffu << 8 * stage)) | rows << 8 * stage;
+    };
+
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) mbar_init(bar + s, 1);
+        fence_mbar_init();
+    }
+    __syncthreads();
+    int code_next = 0;  // in step t: the code of step t + STAGES (the refill), read a step early
+    if (steps > 0) {
+        for (int t = 0; t < STAGES && t < steps; ++t) {
+            const int code = code_of(t);
+            push(t, code, q_block_sizes[code % num_q_blocks]);
+        }
+        load_tile_async<D>(sK, k + kv_offset, real_k, tid);  // pad key rows read as 0
+        load_tile_async<D>(sV, v + kv_offset, real_k, tid);
+        cp_async_commit();
+        if (STAGES < steps) code_next = code_of(STAGES);
+    }
+
+    float acc_k[D / 2], acc_v[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc_k[i] = acc_v[i] = 0.f;
+    WgmmaProducts<T, D> products;
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();  // K and V visible to the tensor cores
+
+    // Each stage's barrier completes one phase per load: step t waits for phase (t / STAGES) & 1.
+    for (int t = 0; t < steps; ++t) {
+        const int stage = t % STAGES;
+        const bool refill = t + STAGES < steps;  // the same in every thread
+        // Index loads for the refill (and the code of the step after it) overlap the products.
+        const int block_next = refill ? q_block_sizes[code_next % num_q_blocks] : 0;
+        const int code_after = t + STAGES + 1 < steps ? code_of(t + STAGES + 1) : 0;
+        const int rows = (stage_rows >> 8 * stage) & 0xff;
+        unsigned char* cQ = sQ + stage * TILE;
+        unsigned char* cdO = sdO + stage * TILE;
+        const float* stats = sStats + stage * 2 * ATT_BLOCK_M;
+        mbar_wait(bar + stage, (t / STAGES) & 1);
+        if (rows > 0) {  // else a slice past a short tile's block size (tile volume > 64): adds nothing
+            if (rows < ATT_BLOCK_M) {
+                // TMA copied whole slices: pad query rows of q and dout may hold anything (dout:
+                // NaN), and 0 * NaN would not vanish in dV += P^T dO or dK += dS^T Q.  Zero them.
+                for (int i = rows * (D / 8) + tid; i < ATT_BLOCK_M * (D / 8); i += ATT_THREADS) {
+                    const int offset = atom_offset(i / (D / 8), i % (D / 8));
+                    *reinterpret_cast<uint4*>(cQ + offset) = make_uint4(0, 0, 0, 0);
+                    *reinterpret_cast<uint4*>(cdO + offset) = make_uint4(0, 0, 0, 0);
+                }
+                fence_proxy_async();
+                __syncthreads();
+            }
+            products.dkdv_step(acc_k, acc_v, sK, sV, cQ, cdO, stats, stats + ATT_BLOCK_M, real_k, rows,
+                               scale * LOG2E, warp, lane);
+        }
+        if (refill) {
+            __syncthreads();  // every warp is done reading this stage (and past its barrier wait)
+            push(t + STAGES, code_next, block_next);
+        }
+        code_next = code_after;
+    }
+    const size_t tile_row = (static_cast<size_t>(bh_kv) * num_kv_blocks + kv_tile) * D;
+    write_rows<T, D>(dk + kv_offset, acc_k, scale, dk_tile ? dk_tile + tile_row : nullptr, real_k, warp, lane);
+    write_rows<T, D>(dv + kv_offset, acc_v, 1.f, dv_tile ? dv_tile + tile_row : nullptr, real_k, warp, lane);
 }

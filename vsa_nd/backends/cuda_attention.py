@@ -17,6 +17,7 @@ _HEAD_DIMS = (64, 128)
 _BLOCK_M = 64  # query rows per CTA (FWD_BLOCK_M in attention_fwd.cu)
 _CHUNK = 64  # keys per pipeline chunk; tile volumes must be multiples of it
 _DQ_STAGES = 2  # K and V stages of bwd_dq_sm90 (DQ_STAGES in attention_bwd_sm90.cu)
+_DKDV_STAGES = 2  # Q, dO, lse and delta stages of bwd_dkdv_sm90 (DKDV_STAGES in attention_bwd_sm90.cu)
 _LOG2E = 1.4426950408889634
 
 
@@ -191,7 +192,6 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
         tile_bytes = _BLOCK_M * d * q.dtype.itemsize
         smem = 6 * tile_bytes  # the cp.async passes: two resident tiles and two stages of two streamed ones
         wgmma = _use_wgmma(BACKWARD_KERNEL)
-        source, suffix = ("attention_bwd_sm90.cu", "_sm90") if wgmma else ("attention_bwd.cu", "")
 
         dq = _alloc(q.shape, q.dtype)
         args = (q, k, v, dout, lse, delta, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, _null_or(dq_tile), dq,
@@ -209,13 +209,18 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
 
         codes, offsets = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume)
         dk, dv = _alloc(k.shape, k.dtype), _alloc(v.shape, v.dtype)
-        kernel = get_function(source, f"bwd_dkdv{suffix}<{ctype}, {d}>")
-        smem_kv = smem + 2 * 2 * _BLOCK_M * 4  # + lse and delta of two stages
+        args = (q, k, v, dout, lse, delta, codes, offsets, q_block_sizes, kv_block_sizes, _null_or(dk_tile),
+                _null_or(dv_tile), dk, dv, *common, np.int32(tile_volume), np.float32(scale))
+        stats = 2 * _BLOCK_M * 4  # lse and delta of one stage
+        if wgmma and _tma_ready(q, dout):  # else the portable dK/dV kernel
+            # Q and dO by TMA: K, V and _DKDV_STAGES stages of Q, dO, lse and delta, plus one 8-byte barrier per stage.
+            maps = (_TensorMap(q, b * h * q_len), _TensorMap(dout, b * h * q_len))
+            kernel = get_function("attention_bwd_sm90.cu", f"bwd_dkdv_sm90<{ctype}, {d}>")
+            smem_kv = (2 + 2 * _DKDV_STAGES) * tile_bytes + _DKDV_STAGES * (stats + 8)
+            args = (maps[0].arg, maps[1].arg) + args
+        else:
+            kernel = get_function("attention_bwd.cu", f"bwd_dkdv<{ctype}, {d}>")
+            smem_kv = smem + 2 * stats  # K, V and two cp.async stages of Q, dO, lse and delta
         kernel.max_dynamic_shared_size_bytes = smem_kv
-        kernel(
-            (kv_len // _BLOCK_M, b * h_kv), (128,),
-            (q, k, v, dout, lse, delta, codes, offsets, q_block_sizes, kv_block_sizes, _null_or(dk_tile),
-             _null_or(dv_tile), dk, dv, *common, np.int32(tile_volume), np.float32(scale)),
-            shared_mem=smem_kv,
-        )
+        kernel((kv_len // _BLOCK_M, b * h_kv), (128,), args, shared_mem=smem_kv)
     return dq, dk, dv
