@@ -152,22 +152,45 @@ def kv_to_q_lists(q2k_idx, q2k_num, num_kv_heads: int, num_kv_blocks: int):
     ``(b * H_kv + g) * N_kv + j`` — the query tiles that selected it are
     ``codes[offsets[list]:offsets[list + 1]]``, each coded ``head_in_group * N_q + i`` and in
     increasing order, so the backward sums them in a fixed order (deterministic).
+
+    ``offsets`` int32 has ``B * H_kv * N_kv + 1`` entries; ``codes`` int32 has ``B * H * N_q * L``
+    (an upper bound of the used entries), its tail past ``offsets[-1]`` unwritten.  One memset
+    and three launches of ``cuda_kernels/kv_lists.cu`` (bitmap per list, scan of the counts,
+    codes in bit order) on the current stream.
     """
     import cupy
 
+    from .cuda import _check_index_range
+
+    mark_threads, scan_threads, write_threads = 256, 1024, 256  # MARK_, SCAN_, WRITE_THREADS in kv_lists.cu
+    num_kv_heads, num_kv_blocks = int(num_kv_heads), int(num_kv_blocks)
     b, h, n_q, length = q2k_idx.shape
     group = h // num_kv_heads
     span = group * n_q  # codes per kv head
     lists = b * num_kv_heads * num_kv_blocks
-    batch = cupy.arange(b, dtype=np.int64)[:, None, None, None]
-    head = cupy.arange(h, dtype=np.int64)[None, :, None, None]
-    row = cupy.arange(n_q, dtype=np.int64)[None, None, :, None]
-    list_id = (batch * num_kv_heads + head // group) * num_kv_blocks + q2k_idx
-    key = list_id * span + (head % group) * n_q + row
-    used = cupy.arange(length)[None, None, None, :] < q2k_num[..., None]
-    key = cupy.sort(cupy.where(used, key, lists * span).ravel())  # unused entries sort last
-    offsets = cupy.searchsorted(key, cupy.arange(lists + 1, dtype=np.int64) * span).astype(np.int32)
-    return (key % span).astype(np.int32), offsets
+    entries = b * h * n_q * length
+    words = -(-span // 32)  # bitmap words per list
+    _check_index_range("q2k_idx", entries, "selection entries")  # offsets and codes are int32
+    with q2k_idx.device:
+        q2k_idx, q2k_num = cupy.ascontiguousarray(q2k_idx), cupy.ascontiguousarray(q2k_num)
+        # One zeroed buffer: offsets [lists + 1] (the counts first), then the bitmap [lists, words].
+        work = cupy.zeros(lists + 1 + lists * words, np.int32)
+        offsets, bits = work[: lists + 1], work[lists + 1:]
+        codes = cupy.empty(entries, np.int32)
+        if entries and lists:
+            get_function("kv_lists.cu", "kv_lists_mark")(
+                (-(-entries // mark_threads),), (mark_threads,),
+                (q2k_idx, q2k_num, bits, offsets, np.int32(entries), np.int32(length), np.int32(n_q), np.int32(h),
+                 np.int32(group), np.int32(num_kv_heads), np.int32(num_kv_blocks), np.int32(words)),
+            )
+            get_function("kv_lists.cu", "kv_lists_scan")((1,), (scan_threads,), (offsets, np.int64(lists)))
+            lanes_log2 = min(5, (words - 1).bit_length())  # lanes per list: a power of two >= words, at most 32
+            threads = lists << lanes_log2
+            get_function("kv_lists.cu", "kv_lists_write")(
+                (-(-threads // write_threads),), (write_threads,),
+                (bits, offsets, codes, np.int64(lists), np.int32(words), np.int32(lanes_log2)),
+            )
+    return codes, offsets
 
 
 def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,

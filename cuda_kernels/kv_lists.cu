@@ -1,0 +1,139 @@
+// Inversion of the forward's tile selection for the backward's dK/dV pass (kv_to_q_lists in
+// vsa_nd/backends/cuda_attention.py).
+//
+// Input: q2k_idx int32 [B, H, N_q, L] and q2k_num int32 [B, H, N_q]; entry l of row (b, h, i) is
+// used when l < q2k_num[b, h, i] and then names a key tile j in [0, N_kv).  With group = H / H_kv,
+// query head h belongs to kv head g = h / group; its query tile i gets the code
+// (h % group) * N_q + i, below span = group * N_q.
+// Output: for list lst = (b * H_kv + g) * N_kv + j, the codes of the query tiles that selected key
+// tile j of (b, g) are codes[offsets[lst] : offsets[lst + 1]], in strictly increasing order.  The
+// dK/dV kernel sums its contributions in exactly that order, so the order must not depend on
+// scheduling: it is the order of the codes, fixed by a bitmap, never the order atomics land in.
+//
+// Work buffer (zeroed by the launcher, one memset): offsets int32 [lists + 1] followed by the
+// bitmap, `words` = ceil(span / 32) 32-bit words per list, bit `code` of list lst set when that
+// query tile selected key tile j.
+//
+// Kernels, in launch order:
+//  1. kv_lists_mark   one thread per entry (b, h, i, l); a used entry sets its bit (atomicOr) and,
+//                     if the bit was not set yet, adds 1 to the list's count, kept in
+//                     offsets[lst + 1].  Integer atomics only: bits and counts are the same
+//                     whatever order they land in (a duplicate entry would be counted once).
+//  2. kv_lists_scan   one CTA: in-place inclusive scan of offsets[1 .. lists] (the counts), in
+//                     segments of SCAN_THREADS * SCAN_ITEMS counts with a carry, so
+//                     offsets[lst] = codes of the lists before lst; offsets[0] stays 0.
+//  3. kv_lists_write  a group of `lanes` (a power of two <= 32, >= words when words <= 32) lanes
+//                     per list walks its words in order, `lanes` at a time: popcount, prefix sum
+//                     over the group's lanes, and each lane writes the codes of its set bits in
+//                     increasing bit order from offsets[lst] + (set bits of the earlier words).
+//                     Codes thus come out in increasing order, and each is written exactly once.
+// No host synchronisation: the counts stay on the device between the launches.
+// Only built-ins are used (no header: NVRTC has no host standard library).
+
+namespace {
+
+constexpr int MARK_THREADS = 256;
+constexpr int SCAN_THREADS = 1024;
+constexpr int SCAN_WARPS = SCAN_THREADS / 32;
+constexpr int SCAN_ITEMS = 4;  // consecutive counts per thread per segment
+static_assert(SCAN_WARPS == 32, "kv_lists_scan scans the warps' sums with one warp");
+constexpr int WRITE_THREADS = 256;
+constexpr unsigned int FULL_MASK = 0xffffffffu;
+
+}  // namespace
+
+__global__ void __launch_bounds__(MARK_THREADS)
+kv_lists_mark(const int* __restrict__ q2k_idx, const int* __restrict__ q2k_num, unsigned int* __restrict__ bits,
+              int* __restrict__ offsets, int entries, int length, int num_q, int num_heads, int group,
+              int num_kv_heads, int num_kv, int words) {
+    // 32-bit unsigned index arithmetic: the launcher keeps entries (and the grid's last CTA) below 2^31.
+    const unsigned int e = blockIdx.x * MARK_THREADS + threadIdx.x;
+    if (e >= static_cast<unsigned int>(entries)) return;
+    const unsigned int row = e / length;  // (b, h, i)
+    const int l = static_cast<int>(e - row * length);
+    if (l >= q2k_num[row]) return;  // unused entry: whatever it holds is ignored
+    const int j = q2k_idx[e];
+    if (static_cast<unsigned int>(j) >= static_cast<unsigned int>(num_kv)) return;  // out of range (validated upstream)
+    const unsigned int bh = row / num_q;
+    const int i = static_cast<int>(row - bh * num_q);
+    const unsigned int b = bh / num_heads;
+    const int h = static_cast<int>(bh - b * num_heads);
+    const int g = h / group;
+    const int code = (h - g * group) * num_q + i;
+    const long long lst = (static_cast<long long>(b) * num_kv_heads + g) * num_kv + j;
+    const unsigned int bit = 1u << (code & 31);
+    const unsigned int old = atomicOr(bits + lst * words + (code >> 5), bit);
+    if (!(old & bit)) atomicAdd(offsets + 1 + lst, 1);
+}
+
+__global__ void __launch_bounds__(SCAN_THREADS)
+kv_lists_scan(int* __restrict__ offsets, long long lists) {
+    __shared__ int warp_sums[SCAN_WARPS];
+    int* __restrict__ counts = offsets + 1;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int carry = 0;  // sum of the counts of the earlier segments
+    for (long long base = 0; base < lists; base += SCAN_THREADS * SCAN_ITEMS) {
+        const long long first = base + static_cast<long long>(tid) * SCAN_ITEMS;
+        int local[SCAN_ITEMS], sum = 0;  // inclusive sums of this thread's items
+#pragma unroll
+        for (int k = 0; k < SCAN_ITEMS; ++k) {
+            sum += first + k < lists ? counts[first + k] : 0;
+            local[k] = sum;
+        }
+        int incl = sum;  // inclusive scan of the threads' sums within the warp
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const int t = __shfl_up_sync(FULL_MASK, incl, off);
+            if (lane >= off) incl += t;
+        }
+        if (lane == 31) warp_sums[warp] = incl;
+        __syncthreads();
+        if (warp == 0) {  // inclusive scan of the warps' sums (SCAN_WARPS == 32)
+            int w = warp_sums[lane];
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+                const int t = __shfl_up_sync(FULL_MASK, w, off);
+                if (lane >= off) w += t;
+            }
+            warp_sums[lane] = w;
+        }
+        __syncthreads();
+        const int before = carry + (warp ? warp_sums[warp - 1] : 0) + incl - sum;
+#pragma unroll
+        for (int k = 0; k < SCAN_ITEMS; ++k)
+            if (first + k < lists) counts[first + k] = before + local[k];
+        carry += warp_sums[SCAN_WARPS - 1];
+        __syncthreads();  // every thread has read warp_sums before the next segment writes it
+    }
+}
+
+__global__ void __launch_bounds__(WRITE_THREADS)
+kv_lists_write(const unsigned int* __restrict__ bits, const int* __restrict__ offsets, int* __restrict__ codes,
+               long long lists, int words, int lanes_log2) {
+    // Every lane runs the same loop (no early exit) so the width-`lanes` shuffles see the whole warp;
+    // lanes past the last list read nothing and write nothing.
+    const int lanes = 1 << lanes_log2;
+    const long long t = static_cast<long long>(blockIdx.x) * WRITE_THREADS + threadIdx.x;
+    const long long lst = t >> lanes_log2;
+    const int sub = static_cast<int>(t & (lanes - 1));
+    const bool live = lst < lists;
+    const unsigned int* __restrict__ row = bits + (live ? lst : 0) * words;
+    int pos = live ? offsets[lst] : 0;  // where the codes of this step's words start
+    for (int base = 0; base < words; base += lanes) {
+        const int w_index = base + sub;
+        unsigned int w = live && w_index < words ? row[w_index] : 0u;
+        const int count = __popc(w);
+        int incl = count;  // inclusive scan over the list's lanes
+        for (int off = 1; off < lanes; off <<= 1) {
+            const int s = __shfl_up_sync(FULL_MASK, incl, off, lanes);
+            if (sub >= off) incl += s;
+        }
+        int out = pos + incl - count;
+        const int code_base = w_index * 32;
+        while (w) {  // set bits from the lowest: increasing codes
+            codes[out++] = code_base + (__ffs(w) - 1);
+            w &= w - 1;
+        }
+        pos += __shfl_sync(FULL_MASK, incl, lanes - 1, lanes);  // the group's total
+    }
+}
