@@ -107,6 +107,44 @@ def _profile(cases, label: str, calls: int = 200):
             print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:6000], flush=True)
 
 
+def _profile_backward(cases, label: str, calls: int = 200):
+    """cProfile of the backward alone, forward + backward case: the array call's backward on the
+    calling thread, the torch backward inside the autograd engine's device thread (where torch
+    runs it), by profiling ``_vsa_input_grads`` from within that thread."""
+    import cProfile
+    import io
+    import pstats
+
+    import vsa_nd
+    import vsa_nd.adapters.torch as vt
+
+    for side in ("array", "torch"):
+        owner, name = (vsa_nd, "video_sparse_attn_backward") if side == "array" else (vt, "_vsa_input_grads")
+        original = getattr(owner, name)
+        profiler = cProfile.Profile()
+
+        def profiled(*args, **kwargs):
+            profiler.enable()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                profiler.disable()
+
+        fn = cases[2][1] if side == "array" else cases[2][2]
+        for _ in range(3):
+            fn()
+        setattr(owner, name, profiled)
+        try:
+            for _ in range(calls):
+                fn()
+        finally:
+            setattr(owner, name, original)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        print(f"## backward profile {label} | {side} ({calls} calls)")
+        print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:8000], flush=True)
+
+
 def _breakdown(cases, label: str, reps: int = 50):
     """Median host time from the start of a call to points inside it (entry, and ``name end`` at
     exit), for the array call and the torch call of the forward cases (up to the launch of the
@@ -158,7 +196,7 @@ def _breakdown(cases, label: str, reps: int = 50):
 
 
 def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile_shape=None, *, reps: int,
-                cuda: bool, profile: bool = False, breakdown: bool = False):
+                cuda: bool, profile: bool = False, breakdown: bool = False, profile_backward: bool = False):
     import torch
 
     import vsa_nd
@@ -219,6 +257,9 @@ def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile
     if breakdown:
         _breakdown(cases, label=name, reps=reps)
         return
+    if profile_backward:
+        _profile_backward(cases, label=name)
+        return
     tiles = "" if tile_shape is None else f" in {tile_shape} tiles"
     label = f"{name}: {seq_shape}{tiles}, {heads}h, D={head_dim}, top {topk}/{plan.num_blocks}"
     for what, array_fn, torch_fn in cases:
@@ -241,6 +282,8 @@ def main():
     parser.add_argument("--profile", action="store_true", help="print cProfile tables instead of timings")
     parser.add_argument("--breakdown", action="store_true",
                         help="CUDA: host time from the call to the fine kernel's launch, instead of timings")
+    parser.add_argument("--profile-backward", action="store_true",
+                        help="cProfile of the backward alone (the torch one inside autograd's thread)")
     args = parser.parse_args()
     import torch
 
@@ -259,7 +302,8 @@ def main():
         print("| shape | call | array host us | torch host us | torch extra us |")
         print("| --- | --- | --- | --- | --- |")
     for name in names:
-        bench_shape(name, *shapes[name], reps=args.reps, cuda=cuda, profile=args.profile, breakdown=args.breakdown)
+        bench_shape(name, *shapes[name], reps=args.reps, cuda=cuda, profile=args.profile, breakdown=args.breakdown,
+                    profile_backward=args.profile_backward)
 
 
 if __name__ == "__main__":
