@@ -1,4 +1,7 @@
-// Batched fp32 matrix product for the coarse stage: C[b] = alpha * op(A[b]) op(B[b]), b < batches.
+// Batched fp32 matrix product for the coarse stage: C[b] = alpha * op(A[b]) op(B[b]), b < batches,
+// with each row r of C divided by row_divisor[r % divisor_period] when row_divisor is not null
+// (the coarse backward's per-token share of a tile: (alpha * product) / block size, rounded as
+// two steps; the period lets the rows of a head group repeat one head's tile sizes).
 //
 //   op(A) [m, k]: A stored [m, k] (TRANS_A false) or [k, m] (TRANS_A true), row-major
 //   op(B) [k, n]: B stored [k, n] (TRANS_B false) or [n, k] (TRANS_B true), row-major
@@ -109,7 +112,7 @@ struct MinCtas {
 template <bool TRANS_A, bool TRANS_B, int BM, int BN>
 __global__ void __launch_bounds__(THREADS, MinCtas<BM, BN>::value)
 gemm_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c, int m, int n, int k,
-         int batches, float alpha) {
+         int batches, float alpha, const int* __restrict__ row_divisor, int divisor_period) {
     static_assert(BM % 64 == 0 && BN % 64 == 0, "a thread's rows and columns are 4-wide groups 64 apart");
     constexpr int TM = BM / 16, TN = BN / 16;
     __shared__ __align__(16) float a_tile[2][BK][BM + PAD];
@@ -171,16 +174,18 @@ gemm_f32(const float* __restrict__ a, const float* __restrict__ b, float* __rest
             const int row = row0 + (i / 4) * 64 + ty * 4 + i % 4;
             if (row >= m) continue;
             float* c_row = c_batch + static_cast<size_t>(row) * n;
+            const float divisor = row_divisor ? static_cast<float>(row_divisor[row % divisor_period]) : 1.f;  // x / 1 is exact
 #pragma unroll
             for (int h = 0; h < TN / 4; ++h) {
                 const int col = col0 + h * 64 + tx * 4;
                 const float* r = &acc[i][h * 4];
                 if (vector_rows && col + 3 < n) {
-                    *reinterpret_cast<float4*>(c_row + col) = make_float4(alpha * r[0], alpha * r[1], alpha * r[2], alpha * r[3]);
+                    *reinterpret_cast<float4*>(c_row + col) = make_float4(
+                        alpha * r[0] / divisor, alpha * r[1] / divisor, alpha * r[2] / divisor, alpha * r[3] / divisor);
                 } else {
 #pragma unroll
                     for (int j = 0; j < 4; ++j)
-                        if (col + j < n) c_row[col + j] = alpha * r[j];
+                        if (col + j < n) c_row[col + j] = alpha * r[j] / divisor;
                 }
             }
         }

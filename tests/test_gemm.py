@@ -64,6 +64,17 @@ def test_numpy_matmul_matches_float64(transpose_a, transpose_b, dtype):
     np.testing.assert_allclose(result, 0.25 * exact, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-4)
 
 
+@pytest.mark.parametrize("period", [5, 15])
+def test_numpy_matmul_row_divisor(period):
+    """Row r of every batch is divided by row_divisor[r % period] after the alpha scaling."""
+    rng = np.random.default_rng(2)
+    a, b = _operands(rng, (2,), 15, 9, 11, False, True)
+    divisor = rng.integers(1, 65, period).astype(np.int32)
+    result = numba_cpu.matmul(a, b, transpose_b=True, alpha=0.5, row_divisor=divisor)
+    expected = 0.5 * (a @ np.swapaxes(b, -1, -2)) / np.tile(divisor, 15 // period).astype(np.float32)[:, None]
+    np.testing.assert_array_equal(result, expected.astype(np.float32))
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA backend
 
@@ -113,6 +124,26 @@ def test_cuda_matmul_random_shapes(cuda, transposes, batch, m, n, k, alpha, seed
     a, b = _operands(np.random.default_rng(seed), batch, m, n, k, *transposes)
     result = _every_tile(cuda, cupy.asarray(a), cupy.asarray(b), *transposes, alpha)
     _assert_fp32_exact(result, a, b, *transposes, alpha)
+
+
+@gpu
+@pytest.mark.parametrize("transpose_a, transpose_b", TRANSPOSES)
+@pytest.mark.parametrize("m, period", [(70, 70), (70, 35), (130, 13)])
+def test_cuda_matmul_row_divisor(cuda, transpose_a, transpose_b, m, period):
+    """With row_divisor, every output tile gives (alpha * product) / divisor[row % period] bit for
+    bit as the product without it, divided afterwards in fp32 (the two roundings of the old path)."""
+    rng = np.random.default_rng(m + period)
+    a, b = (cupy.asarray(x) for x in _operands(rng, (2,), m, 67, 37, transpose_a, transpose_b))
+    divisor = cupy.asarray(rng.integers(1, 65, period).astype(np.int32))
+    expected = cuda.matmul(a, b, transpose_a, transpose_b, 0.25) / cupy.tile(divisor, m // period).astype(np.float32)[:, None]
+    from vsa_nd.kernels import GEMM_TILES
+
+    for tile in GEMM_TILES:
+        out = cupy.full(expected.shape, np.nan, np.float32)
+        cuda._launch_gemm(a, b, out, transpose_a, transpose_b, 0.25, tile, divisor)
+        assert cupy.array_equal(out.view(np.uint32), expected.view(np.uint32)), f"tile {tile} differs"
+    result = cuda.matmul(a, b, transpose_a, transpose_b, 0.25, row_divisor=divisor)
+    assert cupy.array_equal(result.view(np.uint32), expected.view(np.uint32))
 
 
 @gpu

@@ -397,14 +397,14 @@ def video_sparse_attn_backward(dout, context: VSAContext) -> Gradients:
     d_scores = backend.matmul(d_coarse_g, c.v_mean, transpose_b=True)
     d_scores -= _grouped((d_coarse * c.coarse).sum(axis=-1, keepdims=True), h_kv)
     d_scores *= probs
-    dq_mean = backend.matmul(d_scores, c.k_mean, alpha=c.scale).reshape(b, h, n_q, d)
-    dk_mean = backend.matmul(d_scores, _grouped(c.q_mean, h_kv), transpose_a=True, alpha=c.scale)
-    dv_mean = backend.matmul(probs, d_coarse_g, transpose_a=True)
-
-    per_token = lambda x, sizes: x / sizes.astype(x.dtype)[:, None]  # noqa: E731
+    # Each tile's gradient is shared by its real tokens: the products divide their rows by the
+    # block sizes (rows of a grouped product run over the group's heads, N_q rows per head).
+    dq_token = backend.matmul(d_scores, c.k_mean, alpha=c.scale, row_divisor=c.q_block_sizes).reshape(b, h, n_q, d)
+    dk_token = backend.matmul(d_scores, _grouped(c.q_mean, h_kv), transpose_a=True, alpha=c.scale,
+                              row_divisor=c.kv_block_sizes)
+    dv_token = backend.matmul(probs, d_coarse_g, transpose_a=True, row_divisor=c.kv_block_sizes)
     dq, dk, dv = backend.block_sparse_bwd(
         dout, c.q, c.k, c.v, c.out, c.lse, c.q2k_idx, c.q2k_num, c.q_block_sizes, c.kv_block_sizes,
-        c.scale, c.coarse, c.gate,
-        per_token(dq_mean, c.q_block_sizes), per_token(dk_mean, c.kv_block_sizes), per_token(dv_mean, c.kv_block_sizes),
+        c.scale, c.coarse, c.gate, dq_token, dk_token, dv_token,
     )
     return Gradients(dq, dk, dv, dgate)

@@ -23,8 +23,9 @@ The interface every backend implements:
     :func:`block_mean` of up to three tensors of one dtype, D and V (one launch on CUDA).
 ``softmax_rows_(x) -> x``
     Row softmax of a compute-dtype array [..., n] in place.
-``matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0) -> [batch..., m, n]``
-    ``alpha * op(a) @ op(b)`` for every batch index, in the compute dtype: a [batch..., m, k]
+``matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0, row_divisor=None) -> [batch..., m, n]``
+    ``alpha * op(a) @ op(b)`` for every batch index, in the compute dtype, then row r divided by
+    ``row_divisor[r % p]`` when an int32 ``row_divisor`` [p] is given (p divides m): a [batch..., m, k]
     (stored [batch..., k, m] with ``transpose_a``), b [batch..., k, n] (stored
     [batch..., n, k] with ``transpose_b``), both C-contiguous with the same batch axes.  The
     coarse stage's products; exact fp32 arithmetic on CUDA (no TF32, no cuBLAS, so the

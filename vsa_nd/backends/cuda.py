@@ -214,7 +214,7 @@ def _gemm_tile(m: int, n: int, batches: int, sm_count: int) -> tuple:
     return min(GEMM_TILES, key=busiest_sm_time)
 
 
-def _launch_gemm(a, b, out, transpose_a: bool, transpose_b: bool, alpha: float, tile: tuple):
+def _launch_gemm(a, b, out, transpose_a: bool, transpose_b: bool, alpha: float, tile: tuple, row_divisor=None):
     """gemm_f32.cu with output tiles ``tile`` = (BM, BN) into ``out`` [batch..., m, n] on the current
     device (see :func:`matmul`, which checks the operands)."""
     *lead, m, n = out.shape
@@ -226,12 +226,17 @@ def _launch_gemm(a, b, out, transpose_a: bool, transpose_b: bool, alpha: float, 
         raise ValueError(f"a: expected at most {_MAX_GRID_Y * bm} rows (m), got {m}")
     flag = lambda t: "true" if t else "false"  # noqa: E731
     kernel = get_function("gemm_f32.cu", f"gemm_f32<{flag(transpose_a)}, {flag(transpose_b)}, {bm}, {bn}>")
-    kernel(grid, (_GEMM_THREADS,), (a, b, out, np.int32(m), np.int32(n), np.int32(k), np.int32(batches), np.float32(alpha)))
+    divisor, period = (np.uintp(0), 1) if row_divisor is None else (row_divisor, row_divisor.shape[0])
+    kernel(grid, (_GEMM_THREADS,), (a, b, out, np.int32(m), np.int32(n), np.int32(k), np.int32(batches), np.float32(alpha),
+                                    divisor, np.int32(period)))
     return out
 
 
-def matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0):
+def matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0, row_divisor=None):
     """``alpha * op(a) @ op(b)`` per batch: float32 [batch..., m, n], one launch of gemm_f32.cu.
+
+    ``row_divisor`` (int32 [p] on a's device, p dividing m): row r of every batch's result is
+    divided by ``row_divisor[r % p]`` (after the alpha scaling, as a separate rounding).
 
     a [batch..., m, k] (stored [batch..., k, m] with ``transpose_a``), b [batch..., k, n]
     (stored [batch..., n, k] with ``transpose_b``): C-contiguous float32 with the same batch
@@ -258,7 +263,8 @@ def matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0):
     with a.device:
         out = _alloc((*a.shape[:-2], m, n), np.float32)
         if out.size:
-            _launch_gemm(a, b, out, transpose_a, transpose_b, alpha, _gemm_tile(m, n, batches, _sm_count(a.device.id)))
+            _launch_gemm(a, b, out, transpose_a, transpose_b, alpha, _gemm_tile(m, n, batches, _sm_count(a.device.id)),
+                         row_divisor)
     return out
 
 

@@ -124,8 +124,8 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
     with q.device:
         out = _alloc(q.shape, q.dtype)
         lse = _alloc((b, h, q_len), np.float32)
-        if coarse is not None:
-            coarse = coarse.astype(np.float32, copy=False)
+        if coarse is not None and coarse.dtype != np.float32:  # (astype(copy=False) still costs a call)
+            coarse = coarse.astype(np.float32)
         args = (
             q, k, v, q2k_idx, q2k_num, kv_block_sizes, _null_or(coarse), _null_or(gate), out, lse,
             np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len), np.int32(q2k_idx.shape[3]),
@@ -201,7 +201,7 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     n_q = q_block_sizes.shape[0]
     tile_volume = q_len // n_q
     ctype = check_kernel_support(q, tile_volume, k=k, v=v, dout=dout, out=out, gate=gate)
-    tiles = lambda x: None if x is None else x.astype(np.float32, copy=False)  # noqa: E731
+    tiles = lambda x: x if x is None or x.dtype == np.float32 else x.astype(np.float32)  # noqa: E731
     dq_tile, dk_tile, dv_tile, coarse = (tiles(x) for x in (dq_tile, dk_tile, dv_tile, coarse))
     with q.device:
         rows = b * h * q_len

@@ -283,15 +283,19 @@ def softmax_rows_(x):
     return x
 
 
-def matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0):
+def matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0, row_divisor=None):
     """``alpha * op(a) @ op(b)`` per batch, NumPy's ``@`` (BLAS) in the inputs' dtype.
 
     a [batch..., m, k] (stored [batch..., k, m] with ``transpose_a``), b [batch..., k, n]
-    (stored [batch..., n, k] with ``transpose_b``) -> [batch..., m, n].
+    (stored [batch..., n, k] with ``transpose_b``) -> [batch..., m, n]; with ``row_divisor``
+    (integers [p], p dividing m) row r is then divided by ``row_divisor[r % p]``.
     """
     out = (np.swapaxes(a, -1, -2) if transpose_a else a) @ (np.swapaxes(b, -1, -2) if transpose_b else b)
     if alpha != 1.0:
         out *= alpha
+    if row_divisor is not None:
+        m = out.shape[-2]
+        out /= np.tile(row_divisor.astype(out.dtype), m // row_divisor.shape[0])[:, None]
     return out
 
 
