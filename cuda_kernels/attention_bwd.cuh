@@ -30,6 +30,18 @@
 
 namespace vsa {
 
+// A dQ CTA's statistics of its thread's two rows (warp * 16 + lane / 4 + {0, 8} from row0):
+// lse in the log2 domain and delta.
+__device__ __forceinline__ void load_row_stats(const float* lse, const float* delta, size_t row0, float (&lse_log2)[2],
+                                               float (&row_delta)[2], int warp, int lane) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const size_t row = row0 + warp * 16 + (lane >> 2) + r * 8;
+        lse_log2[r] = lse[row] * LOG2E;
+        row_delta[r] = delta[row];
+    }
+}
+
 template <typename T, int D, class Products>
 __device__ __forceinline__ void dq_pass(const T* q, const T* k, const T* v, const T* dout, const float* lse,
                                         const float* delta, const int* q2k_idx, const int* q2k_num,
@@ -59,12 +71,7 @@ __device__ __forceinline__ void dq_pass(const T* q, const T* k, const T* v, cons
     cp_async_commit();
 
     float lse_log2[2], row_delta[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const size_t row = cta.q_offset / D + warp * 16 + (lane >> 2) + r * 8;
-        lse_log2[r] = lse[row] * LOG2E;
-        row_delta[r] = delta[row];
-    }
+    load_row_stats(lse, delta, cta.q_offset / D, lse_log2, row_delta, warp, lane);
     float acc[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
@@ -87,6 +94,30 @@ __device__ __forceinline__ void dq_pass(const T* q, const T* k, const T* v, cons
     write_rows<T, D>(dq + cta.q_offset, acc, scale, tile_vec, real_q, warp, lane);
 }
 
+// A dK/dV CTA's work (both dK/dV kernels): the 64-key chunk blockIdx.x of (batch, kv head)
+// blockIdx.y, its real keys, where its rows and its tile's coarse share live, and its steps: one
+// per 64-row slice of each query tile on the chunk's KV->Q list.
+template <int D> struct DkdvCta {
+    int bh_kv, b, kv_head, group, num_q_blocks, num_kv_blocks, kv_tile, real_k, slices, first, steps;
+    size_t kv_offset;  // element offset of the chunk's first key row in k, v, dk, dv
+    size_t tile_row;   // element offset of the key tile's row in dk_tile / dv_tile
+
+    __device__ DkdvCta(const int* kv2q_offsets, const int* kv_block_sizes, int num_heads, int num_kv_heads, int q_len,
+                       int kv_len, int tile_volume)
+        : bh_kv(blockIdx.y), b(bh_kv / num_kv_heads), kv_head(bh_kv % num_kv_heads), group(num_heads / num_kv_heads),
+          num_q_blocks(q_len / tile_volume), num_kv_blocks(kv_len / tile_volume) {
+        const int key0 = blockIdx.x * ATT_BLOCK_N;
+        kv_tile = key0 / tile_volume;
+        real_k = real_rows(kv_block_sizes[kv_tile], key0 % tile_volume);
+        kv_offset = (static_cast<size_t>(bh_kv) * kv_len + key0) * D;
+        tile_row = (static_cast<size_t>(bh_kv) * num_kv_blocks + kv_tile) * D;
+        slices = tile_volume / ATT_BLOCK_M;
+        const int list = bh_kv * num_kv_blocks + kv_tile;
+        first = kv2q_offsets[list];
+        steps = real_k > 0 ? (kv2q_offsets[list + 1] - first) * slices : 0;
+    }
+};
+
 template <typename T, int D, class Products>
 __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, const T* dout, const float* lse,
                                           const float* delta, const int* kv2q_code, const int* kv2q_offsets,
@@ -102,16 +133,10 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
     float* sStats = reinterpret_cast<float*>(smem + 6 * TILE);  // [stage][lse | delta][64]
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int bh_kv = blockIdx.y, b = bh_kv / num_kv_heads, kv_head = bh_kv % num_kv_heads;
-    const int group = num_heads / num_kv_heads;
-    const int num_q_blocks = q_len / tile_volume, num_kv_blocks = kv_len / tile_volume;
-    const int key0 = blockIdx.x * ATT_BLOCK_N, kv_tile = key0 / tile_volume;
-    const int real_k = real_rows(kv_block_sizes[kv_tile], key0 % tile_volume);
-    const size_t kv_offset = (static_cast<size_t>(bh_kv) * kv_len + key0) * D;
-    const int slices = tile_volume / ATT_BLOCK_M;  // 64-row slices per query tile
-    const int list = bh_kv * num_kv_blocks + kv_tile;
-    const int first = kv2q_offsets[list];
-    const int steps = real_k > 0 ? (kv2q_offsets[list + 1] - first) * slices : 0;
+    const DkdvCta<D> cta(kv2q_offsets, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len, tile_volume);
+    const int b = cta.b, kv_head = cta.kv_head, group = cta.group, num_q_blocks = cta.num_q_blocks;
+    const int real_k = cta.real_k, slices = cta.slices, first = cta.first, steps = cta.steps;
+    const size_t kv_offset = cta.kv_offset;
 
     // Step t: query slice t % slices of the t / slices-th query tile that selected this key tile.
     auto load_step = [&](int t) {
@@ -148,9 +173,8 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
                            scale * LOG2E, warp, lane);
     }
     cp_async_wait<0>();
-    const size_t tile_row = (static_cast<size_t>(bh_kv) * num_kv_blocks + kv_tile) * D;
-    write_rows<T, D>(dk + kv_offset, acc_k, scale, dk_tile ? dk_tile + tile_row : nullptr, real_k, warp, lane);
-    write_rows<T, D>(dv + kv_offset, acc_v, 1.f, dv_tile ? dv_tile + tile_row : nullptr, real_k, warp, lane);
+    write_rows<T, D>(dk + kv_offset, acc_k, scale, dk_tile ? dk_tile + cta.tile_row : nullptr, real_k, warp, lane);
+    write_rows<T, D>(dv + kv_offset, acc_v, 1.f, dv_tile ? dv_tile + cta.tile_row : nullptr, real_k, warp, lane);
 }
 
 }  // namespace vsa

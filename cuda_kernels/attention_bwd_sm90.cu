@@ -276,12 +276,7 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
         if (load < n) push(peek());
 
     float lse_log2[2], row_delta[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const size_t row = cta.q_offset / D + warp * 16 + (lane >> 2) + r * 8;
-        lse_log2[r] = lse[row] * LOG2E;
-        row_delta[r] = delta[row];
-    }
+    load_row_stats(lse, delta, cta.q_offset / D, lse_log2, row_delta, warp, lane);
     float acc[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
@@ -344,16 +339,10 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
     unsigned long long* bar = reinterpret_cast<unsigned long long*>(sStats + STAGES * 2 * ATT_BLOCK_M);  // per stage
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int bh_kv = blockIdx.y, b = bh_kv / num_kv_heads, kv_head = bh_kv % num_kv_heads;
-    const int group = num_heads / num_kv_heads;
-    const int num_q_blocks = q_len / tile_volume, num_kv_blocks = kv_len / tile_volume;
-    const int key0 = blockIdx.x * ATT_BLOCK_N, kv_tile = key0 / tile_volume;
-    const int real_k = real_rows(kv_block_sizes[kv_tile], key0 % tile_volume);
-    const size_t kv_offset = (static_cast<size_t>(bh_kv) * kv_len + key0) * D;
-    const int slices = tile_volume / ATT_BLOCK_M;  // 64-row slices per query tile
-    const int list = bh_kv * num_kv_blocks + kv_tile;
-    const int first = kv2q_offsets[list];
-    const int steps = real_k > 0 ? (kv2q_offsets[list + 1] - first) * slices : 0;
+    const DkdvCta<D> cta(kv2q_offsets, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len, tile_volume);
+    const int b = cta.b, kv_head = cta.kv_head, group = cta.group, num_q_blocks = cta.num_q_blocks;
+    const int real_k = cta.real_k, slices = cta.slices, first = cta.first, steps = cta.steps;
+    const size_t kv_offset = cta.kv_offset;
 
     // Step t: query slice t % slices of the t / slices-th query tile that selected this key tile,
     // whose list code is (head in the group) * num_q_blocks + query tile, so that, as q_len =
@@ -442,7 +431,6 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
         }
         code_next = code_after;
     }
-    const size_t tile_row = (static_cast<size_t>(bh_kv) * num_kv_blocks + kv_tile) * D;
-    write_rows<T, D>(dk + kv_offset, acc_k, scale, dk_tile ? dk_tile + tile_row : nullptr, real_k, warp, lane);
-    write_rows<T, D>(dv + kv_offset, acc_v, 1.f, dv_tile ? dv_tile + tile_row : nullptr, real_k, warp, lane);
+    write_rows<T, D>(dk + kv_offset, acc_k, scale, dk_tile ? dk_tile + cta.tile_row : nullptr, real_k, warp, lane);
+    write_rows<T, D>(dv + kv_offset, acc_v, 1.f, dv_tile ? dv_tile + cta.tile_row : nullptr, real_k, warp, lane);
 }
