@@ -6,11 +6,14 @@
 // addresses.  delta comes from attention_bwd.cu's bwd_delta.
 //
 // bwd_dq_sm90: Q and dO come once by cp.async; K and V chunks by TMA, one barrier per K and per
-// V stage.  K and V have DQ_STAGES = 2 stages (Q + dO + 2 x (K + V) = 96 KB at D = 128: two
-// CTAs per SM; 48 KB at D = 64: four).  K feeds both S = Q K^T and dQ += dS K, so a stage is
-// refilled (K and V together) once the chunk's last product is done, and the copy overlaps the
-// next chunk's products:
-//   wait K_j, V_j -> dq_chunk (below) -> barrier -> refill the stage with chunk j + 2.
+// V stage.  K and V have DQ_STAGES = 1 stage (Q + dO + K + V = 64 KB at D = 128: three CTAs
+// per SM; 32 KB at D = 64: four).  K feeds both S = Q K^T and dQ += dS K, so a stage is
+// refilled (K and V together) once the chunk's last product is done:
+//   wait K_j, V_j -> dq_chunk (below) -> barrier -> refill the stage with chunk j + DQ_STAGES.
+// With one stage a CTA's copy does not overlap its own products; the other CTAs on the SM hide
+// it, and the third CTA that the smaller footprint admits made the pass faster than two stages
+// and two CTAs (H100, main shape, interleaved runs: 9.30-9.32 ms against 9.60 ms for the whole
+// backward).  The pipeline takes 1 to 4 stages (DQ_STAGES here and _DQ_STAGES in the launcher).
 // TMA copies whole 64-key chunks: past a tile's block size the key and value rows are zeroed
 // in shared memory (fenced for the tensor cores) before the products, since both reach dQ
 // (dP = dO V^T, then dS K) and 0 * NaN is NaN.  Chunks holding no key (sub-chunks past a short
@@ -164,7 +167,7 @@ template <typename T, int D> struct WgmmaProducts {
 // K and V stages, one 8-byte barrier per K and per V stage) and the CTAs per SM that it leaves
 // room for (228 KB per SM, 1 KB of it reserved per CTA; at most 4, i.e. 128 registers), which
 // __launch_bounds__ asks the register allocation to allow.
-constexpr int DQ_STAGES = 2;
+constexpr int DQ_STAGES = 1;
 template <int D> struct DqSmem {
     static constexpr int BYTES = (2 + 2 * DQ_STAGES) * AttentionSmem<D>::TILE + 16 * DQ_STAGES;
     static constexpr int FIT = 228 * 1024 / (BYTES + 1024);

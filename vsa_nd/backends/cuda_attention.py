@@ -16,7 +16,7 @@ _CUDA_TYPES = {np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16"}
 _HEAD_DIMS = (64, 128)
 _BLOCK_M = 64  # query rows per CTA (FWD_BLOCK_M in attention_fwd.cu)
 _CHUNK = 64  # keys per pipeline chunk; tile volumes must be multiples of it
-_DQ_STAGES = 2  # K and V stages of bwd_dq_sm90 (DQ_STAGES in attention_bwd_sm90.cu)
+_DQ_STAGES = 1  # K and V stages of bwd_dq_sm90 (DQ_STAGES in attention_bwd_sm90.cu)
 _DKDV_STAGES = 2  # Q, dO, lse and delta stages of bwd_dkdv_sm90 (DKDV_STAGES in attention_bwd_sm90.cu)
 _LOG2E = 1.4426950408889634
 
