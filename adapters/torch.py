@@ -15,19 +15,21 @@ Conversion is zero-copy both ways.  On CPU through torch's NumPy bridge (``Tenso
 side; read-only arrays, the cached plans', cross by DLPack, which carries the flag).  NumPy
 has no bfloat16 that torch knows (and NumPy 2.x refuses DLPack's kDLBfloat), so on CPU
 bfloat16 crosses as int16 and is reinterpreted on the other side (``.view``, no copy).  On
-CUDA tensors cross as raw DLPack capsules (see below), bfloat16 directly where CuPy takes
-kDLBfloat both ways (CuPy 14.2 does; probed once), else as int16 too.  A plan's
+CUDA a contiguous tensor becomes a ``cupy.ndarray`` over its pointer (the array keeps the
+tensor alive; cheaper than a DLPack capsule on a call's critical path), and results come back
+as raw DLPack capsules (see below), bfloat16 directly where CuPy takes kDLBfloat both ways
+(CuPy 14.2 does; probed once), else as int16 too.  A plan's
 ``variable_block_sizes`` tensor is not converted at all: it stands for the plan's own array,
 which vsa_nd trusts without a value check.
 
 On CUDA each call runs on the tensor's device and on torch's current stream there (wrapped
 as a ``cupy.cuda.ExternalStream``, cached per stream, and made current), with no host
-synchronisation.  Because both libraries then run on the same stream, tensors and results
-cross as raw DLPack capsules (``torch.utils.dlpack.to_dlpack`` / ``from_dlpack`` with
-CuPy's ``__dlpack__(stream=-1)``), skipping the protocol's stream hand-off.  The memory vsa_nd
-allocates (outputs and intermediates) comes from torch's caching allocator, so torch accounts
-for all memory and, under CUDA-graph capture, intermediates come from the graph's private
-pool.  Every CUDA function can be captured in a CUDA graph, the VSA forward and backward
+synchronisation.  Because both libraries then run on the same stream, nothing crossing
+between them needs the DLPack protocol's stream hand-off: results cross as raw capsules
+(CuPy's ``__dlpack__(stream=-1)`` into ``torch.utils.dlpack.from_dlpack``).  The memory vsa_nd
+allocates (outputs and intermediates) comes from torch's caching allocator (raw allocations on
+the current stream), so torch accounts for all memory and, under CUDA-graph capture,
+intermediates come from the graph's private pool.  Every CUDA function can be captured in a CUDA graph, the VSA forward and backward
 included (warm them up eagerly first: kernels compile and plans build on first use).  CuPy
 is imported only when a CUDA tensor is passed; this module never imports JAX.
 
