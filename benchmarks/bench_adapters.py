@@ -196,7 +196,8 @@ def _breakdown(cases, label: str, reps: int = 50):
 
 
 def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile_shape=None, *, reps: int,
-                cuda: bool, profile: bool = False, breakdown: bool = False, profile_backward: bool = False):
+                cuda: bool, profile: bool = False, breakdown: bool = False, profile_backward: bool = False,
+                graphs: bool = False):
     import torch
 
     import vsa_nd
@@ -272,6 +273,28 @@ def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile
         ok = extra_us <= max(20.0, 0.03 * a_gpu * 1e3)
         print(f"| {label} | {what} | {a_gpu:.3f} | {t_gpu:.3f} | {extra_us:+.1f} ({100 * (t_gpu / a_gpu - 1):+.1f}%) "
               f"| {a_host:.0f} / {t_host:.0f} | {'yes' if ok else 'NO'} |", flush=True)
+    if cuda and graphs:
+        _graph_replay(label, torch_train_step, reps)
+
+
+def _graph_replay(label: str, train_step, reps: int):
+    """The torch forward + backward captured once in a CUDA graph and replayed (what a host-bound
+    training step can do instead of eager calls): CUDA-event time of one replay."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up: kernels compile, plans build, allocator pools fill
+            train_step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        train_step()
+    replay_ms, _ = _time(graph.replay, reps, True)
+    eager_ms, _ = _time(train_step, reps, True)
+    print(f"| {label} | VSA forward + backward, torch, one CUDA graph replay | | {replay_ms:.3f} | "
+          f"eager {eager_ms:.3f} ms: {eager_ms / replay_ms:.1f}x | | |", flush=True)
 
 
 def main():
@@ -282,6 +305,8 @@ def main():
     parser.add_argument("--profile", action="store_true", help="print cProfile tables instead of timings")
     parser.add_argument("--breakdown", action="store_true",
                         help="CUDA: host time from the call to the fine kernel's launch, instead of timings")
+    parser.add_argument("--graphs", action="store_true",
+                        help="CUDA: also time the torch forward + backward replayed from a CUDA graph")
     parser.add_argument("--profile-backward", action="store_true",
                         help="cProfile of the backward alone (the torch one inside autograd's thread)")
     args = parser.parse_args()
@@ -303,7 +328,7 @@ def main():
         print("| --- | --- | --- | --- | --- |")
     for name in names:
         bench_shape(name, *shapes[name], reps=args.reps, cuda=cuda, profile=args.profile, breakdown=args.breakdown,
-                    profile_backward=args.profile_backward)
+                    profile_backward=args.profile_backward, graphs=args.graphs)
 
 
 if __name__ == "__main__":
