@@ -120,7 +120,7 @@ def _as_array(t: Tensor):
     if t.is_cuda:
         if t.is_contiguous():
             cupy, memory_pointer, unowned_memory = _cupy_parts()
-            memory = unowned_memory(t.data_ptr(), t.numel() * t.element_size(), t, t.get_device())
+            memory = unowned_memory(t.data_ptr(), t.nbytes, t, t.get_device())
             return cupy.ndarray(t.shape, _NUMPY_DTYPE[t.dtype], memory_pointer(memory, 0))
         import cupy
 
@@ -265,11 +265,12 @@ def _check_tensor(name: str, t, dtypes: dict, like: Optional[Tensor] = None, lik
     (``dtypes``: device type -> torch dtypes)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    allowed = dtypes.get(t.device.type)
+    device = t.device
+    allowed = dtypes.get(device.type)
     if allowed is None:
-        raise TypeError(f"{name}: expected a tensor on cpu or cuda, got one on {t.device}")
-    if like is not None and t.device != like.device:
-        raise TypeError(f"{name}: expected a tensor on {like.device} like {like_name}, got one on {t.device}")
+        raise TypeError(f"{name}: expected a tensor on cpu or cuda, got one on {device}")
+    if like is not None and device != like.device:
+        raise TypeError(f"{name}: expected a tensor on {like.device} like {like_name}, got one on {device}")
     if t.dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
         raise TypeError(f"{name}: expected dtype in ({names}) on {t.device.type}, got {t.dtype}")
@@ -281,6 +282,9 @@ def _check_tensor(name: str, t, dtypes: dict, like: Optional[Tensor] = None, lik
 def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:
     """Block sizes or index lists as a contiguous int32 tensor on ``device`` (plan tensors pass as they are)."""
     if isinstance(sizes, Tensor):
+        plan_entry = _PLAN_BLOCK_SIZES.get(id(sizes))
+        if plan_entry is not None and plan_entry[0] is sizes and sizes.device == device:
+            return sizes  # a cached plan's int32 tensor, contiguous: nothing to check or convert
         if sizes.device != device:
             raise TypeError(f"{name}: expected a tensor on {device} like q, got one on {sizes.device}")
         if sizes.dtype.is_floating_point or sizes.dtype.is_complex or sizes.dtype == torch.bool:
@@ -327,8 +331,11 @@ def _plain_eager(*tensors) -> bool:
 def _run(fn, *tensors, **static):
     """``fn`` on the arrays of ``tensors`` (:func:`_array_of`; the first one is not None and gives
     the device), its array results (an array, a tuple with None allowed, or None) as tensors."""
-    if tensors[0].is_cuda:
-        with _running_on(tensors[0].device):
+    first = tensors[0]
+    if first.is_cuda:  # _running_on's contexts, entered directly: this is every CUDA call's critical path
+        index = first.get_device()
+        cuda = _cupy_parts()[0].cuda
+        with cuda.Device(index), _cupy_stream(index), cuda.using_allocator(_torch_allocator(index)):
             return _call(fn, tensors, static)
     return _call(fn, tensors, static)
 
