@@ -161,15 +161,19 @@ def _as_tensor(a) -> Tensor:
 _PLAN_BLOCK_SIZES: dict = {}
 
 
+def _plan_array(t):
+    """The plan array that ``t`` stands for when it is a cached plan's block-size tensor, else None."""
+    plan_entry = _PLAN_BLOCK_SIZES.get(id(t))
+    return plan_entry[1] if plan_entry is not None and plan_entry[0] is t else None
+
+
 def _array_of(t: Optional[Tensor]):
     """What vsa_nd gets for ``t``: None for None; for a plan's block-size tensor the plan's own
     array (trusted by identity: no view, no pointer search, no value check); else :func:`_as_array`."""
     if t is None:
         return None
-    plan_entry = _PLAN_BLOCK_SIZES.get(id(t))
-    if plan_entry is not None and plan_entry[0] is t:
-        return plan_entry[1]
-    return _as_array(t)
+    plan_array = _plan_array(t)
+    return _as_array(t) if plan_array is None else plan_array
 
 
 @functools.cache
@@ -282,8 +286,7 @@ def _check_tensor(name: str, t, dtypes: dict, like: Optional[Tensor] = None, lik
 def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:
     """Block sizes or index lists as a contiguous int32 tensor on ``device`` (plan tensors pass as they are)."""
     if isinstance(sizes, Tensor):
-        plan_entry = _PLAN_BLOCK_SIZES.get(id(sizes))
-        if plan_entry is not None and plan_entry[0] is sizes and sizes.device == device:
+        if _plan_array(sizes) is not None and sizes.device == device:
             return sizes  # a cached plan's int32 tensor, contiguous: nothing to check or convert
         if sizes.device != device:
             raise TypeError(f"{name}: expected a tensor on {device} like q, got one on {sizes.device}")
