@@ -95,8 +95,6 @@ __device__ __forceinline__ void mma_p_b(float (&acc)[D / 2], const float (&p)[32
 template <typename T, int D> struct MmaProducts {
     unsigned int qf[D / 16][4], dof[D / 16][4];  // this warp's Q and dO rows (bwd_dq)
 
-    __device__ static void visible() {}
-
     __device__ void start_dq(const unsigned char* sQ, const unsigned char* sdO, int warp, int lane) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -189,4 +187,27 @@ bwd_delta(const T* __restrict__ dout, const T* __restrict__ out, const float* __
     if (lane == 0) delta[row] = acc;
 }
 
-VSA_BWD_KERNELS(bwd_dq, bwd_dkdv, vsa::MmaProducts, 1)
+template <typename T, int D>
+__global__ void __launch_bounds__(vsa::ATT_THREADS, 1)
+bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
+       const float* __restrict__ lse, const float* __restrict__ delta, const int* __restrict__ q2k_idx,
+       const int* __restrict__ q2k_num, const int* __restrict__ q_block_sizes, const int* __restrict__ kv_block_sizes,
+       const float* __restrict__ dq_tile, T* __restrict__ dq, int num_heads, int num_kv_heads, int q_len, int kv_len,
+       int list_len, int tile_volume, float scale) {
+    vsa::dq_pass<T, D, vsa::MmaProducts<T, D>>(q, k, v, dout, lse, delta, q2k_idx, q2k_num, q_block_sizes,
+                                               kv_block_sizes, dq_tile, dq, num_heads, num_kv_heads, q_len, kv_len,
+                                               list_len, tile_volume, scale);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(vsa::ATT_THREADS, 1)
+bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
+         const float* __restrict__ lse, const float* __restrict__ delta, const int* __restrict__ kv2q_code,
+         const int* __restrict__ kv2q_offsets, const int* __restrict__ q_block_sizes,
+         const int* __restrict__ kv_block_sizes, const float* __restrict__ dk_tile, const float* __restrict__ dv_tile,
+         T* __restrict__ dk, T* __restrict__ dv, int num_heads, int num_kv_heads, int q_len, int kv_len,
+         int tile_volume, float scale) {
+    vsa::dkdv_pass<T, D, vsa::MmaProducts<T, D>>(q, k, v, dout, lse, delta, kv2q_code, kv2q_offsets, q_block_sizes,
+                                                 kv_block_sizes, dk_tile, dv_tile, dk, dv, num_heads, num_kv_heads,
+                                                 q_len, kv_len, tile_volume, scale);
+}

@@ -17,8 +17,6 @@
 // WgmmaProducts and their own pipelines, in which the streamed tiles (K and V, resp. Q, dO, lse
 // and delta) arrive by TMA: see there.
 // Policy interface:
-//   static void visible()                   make cp.async data visible to the products (before
-//                                           the barrier that ends each copy)
 //   void start_dq(sQ, sdO, warp, lane)      once, when Q and dO have arrived
 //   void dq_chunk(acc, sK, sV, valid, lse_log2, delta, scale_log2, warp, lane)
 //   void dkdv_step(acc_k, acc_v, sK, sV, sQ, sdO, lse, delta, real_k, scale_log2, warp, lane)
@@ -79,7 +77,6 @@ __device__ __forceinline__ void dq_pass(const T* q, const T* k, const T* v, cons
 
     for (int c = 0; c < cta.n_chunks; ++c) {
         cp_async_wait<0>();
-        Products::visible();
         __syncthreads();  // chunk c has arrived; every warp is done with chunk c-1's stage
         if (c == 0) products.start_dq(sQ, sdO, warp, lane);
         if (c + 1 < cta.n_chunks) load_chunk(c + 1);
@@ -164,7 +161,6 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
 
     for (int t = 0; t < steps; ++t) {
         cp_async_wait<0>();
-        Products::visible();
         __syncthreads();  // step t has arrived; every warp is done with step t-1's stage
         if (t + 1 < steps) load_step(t + 1);
         cp_async_commit();
@@ -178,36 +174,3 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
 }
 
 }  // namespace vsa
-
-// The kernels of one Products policy: the same signature for every variant.  VSA_BWD_KERNELS
-// defines both passes; VSA_BWD_DQ_KERNEL and VSA_BWD_DKDV_KERNEL one each.
-#define VSA_BWD_DQ_KERNEL(DQ_NAME, POLICY, MIN_CTAS)                                                                 \
-    template <typename T, int D>                                                                                     \
-    __global__ void __launch_bounds__(vsa::ATT_THREADS, MIN_CTAS)                                                    \
-        DQ_NAME(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                          \
-                const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,          \
-                const int* __restrict__ q2k_idx, const int* __restrict__ q2k_num,                                   \
-                const int* __restrict__ q_block_sizes, const int* __restrict__ kv_block_sizes,                      \
-                const float* __restrict__ dq_tile, T* __restrict__ dq, int num_heads, int num_kv_heads, int q_len,  \
-                int kv_len, int list_len, int tile_volume, float scale) {                                           \
-        vsa::dq_pass<T, D, POLICY<T, D>>(q, k, v, dout, lse, delta, q2k_idx, q2k_num, q_block_sizes,                \
-                                         kv_block_sizes, dq_tile, dq, num_heads, num_kv_heads, q_len, kv_len,       \
-                                         list_len, tile_volume, scale);                                             \
-    }
-#define VSA_BWD_DKDV_KERNEL(DKDV_NAME, POLICY, MIN_CTAS)                                                             \
-    template <typename T, int D>                                                                                     \
-    __global__ void __launch_bounds__(vsa::ATT_THREADS, MIN_CTAS)                                                    \
-        DKDV_NAME(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                        \
-                  const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,        \
-                  const int* __restrict__ kv2q_code, const int* __restrict__ kv2q_offsets,                          \
-                  const int* __restrict__ q_block_sizes, const int* __restrict__ kv_block_sizes,                    \
-                  const float* __restrict__ dk_tile, const float* __restrict__ dv_tile, T* __restrict__ dk,         \
-                  T* __restrict__ dv, int num_heads, int num_kv_heads, int q_len, int kv_len, int tile_volume,      \
-                  float scale) {                                                                                     \
-        vsa::dkdv_pass<T, D, POLICY<T, D>>(q, k, v, dout, lse, delta, kv2q_code, kv2q_offsets, q_block_sizes,       \
-                                           kv_block_sizes, dk_tile, dv_tile, dk, dv, num_heads, num_kv_heads,       \
-                                           q_len, kv_len, tile_volume, scale);                                      \
-    }
-#define VSA_BWD_KERNELS(DQ_NAME, DKDV_NAME, POLICY, MIN_CTAS) \
-    VSA_BWD_DQ_KERNEL(DQ_NAME, POLICY, MIN_CTAS)              \
-    VSA_BWD_DKDV_KERNEL(DKDV_NAME, POLICY, MIN_CTAS)

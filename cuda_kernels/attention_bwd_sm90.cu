@@ -51,11 +51,6 @@
 
 namespace vsa {
 
-// Descriptor offset (16-byte units) of k16 step kk of a K-major operand.
-__device__ __forceinline__ int k_major_step(int kk) { return ((kk >> 2) * ATOM_BYTES + (kk & 3) * 32) >> 4; }
-// Descriptor offset of k16 step kk (16 rows further) of an MN-major operand.
-__device__ __forceinline__ int mn_major_step(int kk) { return (kk * 16 * 128) >> 4; }
-
 template <typename T, int D> struct WgmmaProducts {
     unsigned long long desc_q, desc_do;  // bwd_dq: the CTA's Q and dO tiles
 
@@ -70,13 +65,8 @@ template <typename T, int D> struct WgmmaProducts {
         const unsigned long long desc_k = smem_desc(cK, 16, 1024), desc_v = smem_desc(cV, 16, 1024);
         float s[32], dp[32];
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) WgmmaSS<T>::run(s, desc_q + k_major_step(kk), desc_k + k_major_step(kk), kk > 0);
-        wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-            WgmmaSS<T>::run(dp, desc_do + k_major_step(kk), desc_v + k_major_step(kk), kk > 0);
-        wgmma_commit();
+        wgmma_ss_issue<T, D / 16>(s, desc_q, desc_k);
+        wgmma_ss_issue<T, D / 16>(dp, desc_do, desc_v);
         wgmma_wait<1>();
         fence_registers(s);
 #pragma unroll
@@ -93,12 +83,7 @@ template <typename T, int D> struct WgmmaProducts {
         unsigned int ds[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) p_fragment<T>(s, kk, ds[kk]);
-        const unsigned long long desc_kt = smem_desc(cK, ATOM_BYTES, 1024);
-        fence_registers(acc);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) WgmmaRS<T, D>::run(acc, ds[kk], desc_kt + mn_major_step(kk), 1);
-        wgmma_commit();
+        wgmma_rs_issue<T, D>(acc, ds, smem_desc(cK, ATOM_BYTES, 1024));
         wgmma_wait<0>();
         fence_registers(acc);
     }
@@ -111,14 +96,8 @@ template <typename T, int D> struct WgmmaProducts {
                                  desc_q = smem_desc(cQ, 16, 1024), desc_do = smem_desc(cdO, 16, 1024);
         float st[32], dpt[32];  // S^T and dP^T: this warp's 16 keys x 64 query rows
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-            WgmmaSS<T>::run(st, desc_k + k_major_step(kk), desc_q + k_major_step(kk), kk > 0);
-        wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-            WgmmaSS<T>::run(dpt, desc_v + k_major_step(kk), desc_do + k_major_step(kk), kk > 0);
-        wgmma_commit();
+        wgmma_ss_issue<T, D / 16>(st, desc_k, desc_q);
+        wgmma_ss_issue<T, D / 16>(dpt, desc_v, desc_do);
         wgmma_wait<1>();
         fence_registers(st);
         unsigned int pt[4][4];  // P^T packed: the A operand of dV += P^T dO, intact until it is done
@@ -135,12 +114,7 @@ template <typename T, int D> struct WgmmaProducts {
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) p_fragment<T>(st, kk, pt[kk]);
 
-        const unsigned long long desc_do_t = smem_desc(cdO, ATOM_BYTES, 1024);
-        fence_registers(acc_v);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) WgmmaRS<T, D>::run(acc_v, pt[kk], desc_do_t + mn_major_step(kk), 1);
-        wgmma_commit();
+        wgmma_rs_issue<T, D>(acc_v, pt, smem_desc(cdO, ATOM_BYTES, 1024));
         wgmma_wait<1>();  // dP^T done; dV may still run
         fence_registers(dpt);
 #pragma unroll
@@ -151,12 +125,7 @@ template <typename T, int D> struct WgmmaProducts {
         unsigned int ds[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) p_fragment<T>(dpt, kk, ds[kk]);
-        const unsigned long long desc_q_t = smem_desc(cQ, ATOM_BYTES, 1024);
-        fence_registers(acc_k);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) WgmmaRS<T, D>::run(acc_k, ds[kk], desc_q_t + mn_major_step(kk), 1);
-        wgmma_commit();
+        wgmma_rs_issue<T, D>(acc_k, ds, smem_desc(cQ, ATOM_BYTES, 1024));  // dK += dS^T Q
         wgmma_wait<0>();
         fence_registers(acc_k);
         fence_registers(acc_v);
@@ -298,17 +267,8 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
         const Chunk next = peek();  // index loads overlap the products
         mbar_wait(bar_k + stage, phase);
         mbar_wait(bar_v + stage, phase);
-        if (valid < ATT_BLOCK_N) {
-            // TMA copied whole chunks: pad keys' K and V rows may hold anything (NaN), and both
-            // reach dQ (dP = dO V^T, then dS K), where 0 * NaN would not vanish.  Zero them.
-            for (int i = valid * (D / 8) + tid; i < ATT_BLOCK_N * (D / 8); i += ATT_THREADS) {
-                const int offset = atom_offset(i / (D / 8), i % (D / 8));
-                *reinterpret_cast<uint4*>(cK + offset) = make_uint4(0, 0, 0, 0);
-                *reinterpret_cast<uint4*>(cV + offset) = make_uint4(0, 0, 0, 0);
-            }
-            fence_proxy_async();
-            __syncthreads();
-        }
+        // Pad keys' K and V rows both reach dQ (dP = dO V^T, then dS K): zero both.
+        if (valid < ATT_BLOCK_N) zero_rows_from<D>(cK, cV, valid, tid);
         products.dq_chunk(acc, cK, cV, valid, lse_log2, row_delta, scale * LOG2E, warp, lane);
         if (load < n) {       // the same in every thread
             __syncthreads();  // every warp is done reading this stage's K and V
@@ -414,17 +374,8 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
         const float* stats = sStats + stage * 2 * ATT_BLOCK_M;
         mbar_wait(bar + stage, (t / STAGES) & 1);
         if (rows > 0) {  // else a slice past a short tile's block size (tile volume > 64): adds nothing
-            if (rows < ATT_BLOCK_M) {
-                // TMA copied whole slices: pad query rows of q and dout may hold anything (dout:
-                // NaN), and 0 * NaN would not vanish in dV += P^T dO or dK += dS^T Q.  Zero them.
-                for (int i = rows * (D / 8) + tid; i < ATT_BLOCK_M * (D / 8); i += ATT_THREADS) {
-                    const int offset = atom_offset(i / (D / 8), i % (D / 8));
-                    *reinterpret_cast<uint4*>(cQ + offset) = make_uint4(0, 0, 0, 0);
-                    *reinterpret_cast<uint4*>(cdO + offset) = make_uint4(0, 0, 0, 0);
-                }
-                fence_proxy_async();
-                __syncthreads();
-            }
+            // Pad query rows of q and dout (dout's may be NaN) reach dK += dS^T Q and dV += P^T dO.
+            if (rows < ATT_BLOCK_M) zero_rows_from<D>(cQ, cdO, rows, tid);
             products.dkdv_step(acc_k, acc_v, sK, sV, cQ, cdO, stats, stats + ATT_BLOCK_M, real_k, rows,
                                scale * LOG2E, warp, lane);
         }

@@ -80,12 +80,7 @@ block_sparse_fwd_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_c
         mbar_wait(bar_k, phase);
         float s[32];
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const int step = ((kk >> 2) * ATOM_BYTES + (kk & 3) * 32) >> 4;  // in 16-byte units
-            WgmmaSS<T>::run(s, desc_q + step, desc_k + step, kk > 0);
-        }
-        wgmma_commit();
+        wgmma_ss_issue<T, D / 16>(s, desc_q, desc_k);
         wgmma_wait<0>();
         fence_registers(s);
         __syncthreads();  // every warp is done reading K_c
@@ -98,17 +93,8 @@ block_sparse_fwd_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_c
         for (int kk = 0; kk < 4; ++kk) p_fragment<T>(s, kk, p[kk]);
 
         mbar_wait(bar_v, phase);
-        if (current.valid < ATT_BLOCK_N) {  // pad keys' values may hold anything (NaN): zero them
-            for (int i = current.valid * (D / 8) + tid; i < ATT_BLOCK_N * (D / 8); i += ATT_THREADS)
-                *reinterpret_cast<uint4*>(sV + atom_offset(i / (D / 8), i % (D / 8))) = make_uint4(0, 0, 0, 0);
-            fence_proxy_async();
-            __syncthreads();
-        }
-        fence_registers(o);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) WgmmaRS<T, D>::run(o, p[kk], desc_v + ((kk * 16 * 128) >> 4), 1);
-        wgmma_commit();
+        if (current.valid < ATT_BLOCK_N) zero_rows_from<D>(sV, nullptr, current.valid, tid);  // pad keys' values
+        wgmma_rs_issue<T, D>(o, p, desc_v);
         wgmma_wait<0>();
         fence_registers(o);
         __syncthreads();  // every warp is done reading V_c

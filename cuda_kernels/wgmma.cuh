@@ -102,4 +102,46 @@ template <> struct WgmmaRS<__half, 128> {  // D[64x128] += A[64x16] (registers) 
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
     }
 };
+
+// Descriptor offset (16-byte units) of k16 step kk of a K-major operand: 32 bytes further inside
+// a swizzle atom, one atom further every 4 steps.
+__device__ __forceinline__ int k_major_step(int kk) { return ((kk >> 2) * ATOM_BYTES + (kk & 3) * 32) >> 4; }
+// Descriptor offset of k16 step kk of an MN-major operand: 16 rows (2048 bytes) further.
+__device__ __forceinline__ int mn_major_step(int kk) { return (kk * 16 * 128) >> 4; }
+
+// d = A B over K = 16 * K16 with both operands K-major in shared memory (S = Q K^T and its kin),
+// issued and committed as one group.  The caller fences (wgmma_fence) before the first group.
+template <typename T, int K16>
+__device__ __forceinline__ void wgmma_ss_issue(float (&d)[32], unsigned long long a, unsigned long long b) {
+#pragma unroll
+    for (int kk = 0; kk < K16; ++kk) WgmmaSS<T>::run(d, a + k_major_step(kk), b + k_major_step(kk), kk > 0);
+    wgmma_commit();
+}
+
+// acc += P B over 64 keys: P as four k16 register fragments (p_fragment), B MN-major in shared
+// memory; acc's registers fenced first, then issued and committed as one group.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_rs_issue(float (&acc)[N / 2], const unsigned int (&p)[4][4], unsigned long long b) {
+    fence_registers(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) WgmmaRS<T, N>::run(acc, p[kk], b + mn_major_step(kk), 1);
+    wgmma_commit();
+}
+
+// Zeroes rows `valid`..63 of the 64-row swizzle-atom tile `a` (and of `b` unless null), then
+// fences the stores for the tensor cores and ends with a CTA barrier (call it from every thread
+// of the CTA, with the same `valid`).  TMA copies whole 64-row boxes, so rows past a tile's
+// block size hold whatever the tensor holds there (NaN, say), and 0 * NaN would reach a product.
+template <int D>
+__device__ __forceinline__ void zero_rows_from(unsigned char* a, unsigned char* b, int valid, int tid) {
+    for (int i = valid * (D / 8) + tid; i < ATT_BLOCK_M * (D / 8); i += ATT_THREADS) {
+        const int offset = atom_offset(i / (D / 8), i % (D / 8));
+        *reinterpret_cast<uint4*>(a + offset) = make_uint4(0, 0, 0, 0);
+        if (b) *reinterpret_cast<uint4*>(b + offset) = make_uint4(0, 0, 0, 0);
+    }
+    fence_proxy_async();
+    __syncthreads();
+}
+
 }  // namespace vsa
