@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Nsight Compute report of the CUDA attention kernels at the main shape (12 heads x 49152
+# tokens, 77 of 768 tiles, D=128, bf16): one forward and one backward, profiled after a
+# warm-up call.  Needs an installed vsa_nd (scripts/gpu-check.sh installs it) and ncu.
+#
+#   bash scripts/ncu-backward.sh [extra ncu arguments...]    (report on stdout)
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+DRIVER=$(mktemp /tmp/vsa_nd-ncu.XXXXXX.py)
+cat > "$DRIVER" <<'PY'
+import cupy, numpy as np
+import vsa_nd
+from vsa_nd._xp import BFLOAT16
+from vsa_nd.backends import cuda_attention
+
+plan = vsa_nd.tile_plan((12, 64, 64), device="cuda:0")
+rng = cupy.random.default_rng(1)
+shape = (1, 12, plan.padded_len, 128)
+q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32).astype(BFLOAT16) for _ in range(4))
+out, ctx = vsa_nd.video_sparse_attn(q, k, v, 77, plan.variable_block_sizes, return_context=True)
+for _ in range(2):  # the first call compiles and warms up; ncu skips its launches
+    vsa_nd.block_sparse_attn(q, k, v, plan.variable_block_sizes, ctx.q2k_idx, ctx.q2k_num, check_indices=False)
+    cuda_attention.block_sparse_bwd(dout, q, k, v, ctx.out, ctx.lse, ctx.q2k_idx, ctx.q2k_num, ctx.q_block_sizes,
+                                    ctx.kv_block_sizes, ctx.scale, ctx.coarse, None, None, None, None)
+cupy.cuda.runtime.deviceSynchronize()
+PY
+"$NCU" --kernel-name regex:"$KERNELS" --launch-skip 1 --launch-count 1 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+    --section WarpStateStats --section Occupancy --section LaunchStats --section InstructionStats \
+    "$@" python3 "$DRIVER"
+rc=$?
+rm -f "$DRIVER"
+exit $rc
