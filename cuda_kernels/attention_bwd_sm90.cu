@@ -14,6 +14,9 @@
 // it, and the third CTA that the smaller footprint admits made the pass faster than two stages
 // and two CTAs (H100, main shape, interleaved runs: 9.30-9.32 ms against 9.60 ms for the whole
 // backward).  The pipeline takes 1 to 4 stages (DQ_STAGES here and _DQ_STAGES in the launcher).
+// Pipelining chunks as the dK/dV pass pipelines steps (chunk j's S and dP issued behind chunk
+// j - 1's dQ product) needs two stages, hence two CTAs per SM at D = 128, and was slower: the
+// pass took 4.27 against 3.63 ms under Nsight Compute, tensor pipes busy 66% against 78%.
 // TMA copies whole 64-key chunks: past a tile's block size the key and value rows are zeroed
 // in shared memory (fenced for the tensor cores) before the products, since both reach dQ
 // (dP = dO V^T, then dS K) and 0 * NaN is NaN.  Chunks holding no key (sub-chunks past a short
@@ -23,16 +26,23 @@
 // Each step's 64-row Q and dO slices come by TMA and its 64 lse and 64 delta values by two 1-D
 // bulk copies, all completing on one barrier per stage (expecting their summed bytes).  They
 // have DKDV_STAGES = 2 stages (K + V + 2 x (Q + dO) + 2 x (lse + delta) = 97 KB at D = 128,
-// 49 KB at D = 64: two CTAs per SM, as registers allow).  A stage is refilled once every
-// warp is done reading it, and the copy overlaps the next step's products:
-//   wait step t -> dkdv_step (below) -> barrier -> refill the stage with step t + 2.
-// The refill's list code is read a step ahead and its query block size at the start of the
-// step, so that the index loads overlap the products.  TMA copies whole 64-row slices: past a
-// tile's block size the Q and dO rows are zeroed in shared memory (fenced) before the products,
-// since dout's pad rows may hold anything (NaN) and 0 * NaN is NaN; P^T is 0 in those columns
-// whatever lse holds there, and delta is 0 there (bwd_delta), so they add exact zeros.  Slices
-// holding no query row (sub-slices past a short tile's block size, tile volume > 64) are
-// loaded but not computed.
+// 49 KB at D = 64: two CTAs per SM, as registers allow).  Steps are pipelined: step t's
+// S^T and dP^T are issued behind step t - 1's dV and dK, which are still running, and once
+// S^T is done so is step t - 1, whose stage is then refilled:
+//   wait step t -> issue S^T, dP^T -> wait S^T -> barrier -> refill step t - 1's stage with
+//   step t + 1 -> P^T, dV, dS^T, dK (dkdv_finish, below; dV and dK left running).
+// Step 0's products overwrite the accumulators (no zeroing ahead of the loop: a write to them on
+// a path that meets the in-flight products at the loop's head makes ptxas serialize every
+// wgmma; `python -m vsa_nd.compile_check` fails on that).  The refill's list code is read a
+// step ahead and its query block size at the start of the step, so that the index loads
+// overlap the products.  TMA copies whole 64-row
+// slices: past a tile's block size the Q and dO rows are zeroed in shared memory (fenced)
+// before the products, since dout's pad rows may hold anything (NaN) and 0 * NaN is NaN; P^T
+// is 0 in those columns whatever lse holds there, and delta is 0 there (bwd_delta), so they
+// add exact zeros.  Slices holding no query row (sub-slices past a short tile's block size,
+// tile volume > 64) are computed all the same (zeros): a branch around them would break the
+// pipeline.  Against the unpipelined loop (all four products done before the refill): 9.19
+// against 9.40 ms for the whole backward (H100, main shape, interleaved runs).
 //
 // WgmmaProducts, per dQ chunk:
 //   S = Q K^T and dP = dO V^T (shared-memory operands, both K-major) issued together ->
@@ -40,9 +50,9 @@
 //   dS = P (dP - delta) -> acc += dS K (dS from registers; K as an MN-major operand, transposed
 //   by the instruction).
 // per dK/dV step (this CTA's 64 keys are the warpgroup's 64 rows):
-//   S^T = K Q^T and dP^T = V dO^T issued together -> P^T (0 for keys past the tile's block size
-//   and for pad query rows) -> dV += P^T dO issued -> dS^T = P^T (dP^T - delta) while it runs ->
-//   dK += dS^T Q.
+//   S^T = K Q^T and dP^T = V dO^T issued together (dkdv_scores) -> P^T (0 for keys past the
+//   tile's block size and for pad query rows) -> dV += P^T dO issued -> dS^T = P^T (dP^T -
+//   delta) while it runs -> dK += dS^T Q issued (dkdv_finish).
 // Shared memory written by cp.async or by the threads is fenced (fence.proxy.async) before
 // wgmma reads it.
 #include "attention_bwd.cuh"
@@ -88,47 +98,51 @@ template <typename T, int D> struct WgmmaProducts {
         fence_registers(acc);
     }
 
-    __device__ void dkdv_step(float (&acc_k)[D / 2], float (&acc_v)[D / 2], const unsigned char* sK,
-                              const unsigned char* sV, const unsigned char* cQ, const unsigned char* cdO,
-                              const float* c_lse, const float* c_delta, int real_k, int real_q, float scale_log2,
-                              int warp, int lane) {
-        const unsigned long long desc_k = smem_desc(sK, 16, 1024), desc_v = smem_desc(sV, 16, 1024),
-                                 desc_q = smem_desc(cQ, 16, 1024), desc_do = smem_desc(cdO, 16, 1024);
-        float st[32], dpt[32];  // S^T and dP^T: this warp's 16 keys x 64 query rows
+    // dK/dV step, first half: issues S^T = K Q^T and dP^T = V dO^T (two groups).
+    __device__ void dkdv_scores(float (&st)[32], float (&dpt)[32], const unsigned char* sK, const unsigned char* sV,
+                                const unsigned char* cQ, const unsigned char* cdO) {
         wgmma_fence();
-        wgmma_ss_issue<T, D / 16>(st, desc_k, desc_q);
-        wgmma_ss_issue<T, D / 16>(dpt, desc_v, desc_do);
-        wgmma_wait<1>();
+        wgmma_ss_issue<T, D / 16>(st, smem_desc(sK, 16, 1024), smem_desc(cQ, 16, 1024));
+        wgmma_ss_issue<T, D / 16>(dpt, smem_desc(sV, 16, 1024), smem_desc(cdO, 16, 1024));
+    }
+
+    // dK/dV step, second half, once S^T is done (wgmma_wait<1> after dkdv_scores): P^T (0 for
+    // keys past the tile's block size and for pad query rows) -> dV += P^T dO issued -> dS^T =
+    // P^T (dP^T - delta) once dP^T is done -> dK += dS^T Q issued.  Returns with dV and dK in
+    // flight (two groups); the next step's scores are issued behind them.
+    __device__ void dkdv_finish(float (&acc_k)[D / 2], float (&acc_v)[D / 2], float (&st)[32], float (&dpt)[32],
+                                const unsigned char* cQ, const unsigned char* cdO, const float* c_lse,
+                                const float* c_delta, int real_k, int real_q, float scale_log2, int warp, int lane, int accumulate) {
+        // st and dpt are only read here: they are the next step's accumulators too, and ptxas
+        // serializes every wgmma if other instructions write them while dV and dK are in flight.
         fence_registers(st);
-        unsigned int pt[4][4];  // P^T packed: the A operand of dV += P^T dO, intact until it is done
+        float p[32];
 #pragma unroll
         for (int i = 0; i < 32; ++i) {
             const int key = warp * 16 + (lane >> 2) + ((i >> 1) & 1) * 8;
             const int col = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-            const float p = fast_exp2(fmaf(st[i], scale_log2, -c_lse[col] * LOG2E));
+            const float e = fast_exp2(fmaf(st[i], scale_log2, -c_lse[col] * LOG2E));
             // 0 for pad keys and pad query rows, whatever lse holds there (the pad rows of dO
             // and delta are 0 too, so the pad columns of P^T and dS^T add exact zeros).
             const bool real = (real_k == ATT_BLOCK_N || key < real_k) && (real_q == ATT_BLOCK_M || col < real_q);
-            st[i] = real ? p : 0.f;
+            p[i] = real ? e : 0.f;
         }
+        unsigned int pt[4][4];  // P^T packed: the A operand of dV += P^T dO, intact until it is done
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) p_fragment<T>(st, kk, pt[kk]);
+        for (int kk = 0; kk < 4; ++kk) p_fragment<T>(p, kk, pt[kk]);
 
-        wgmma_rs_issue<T, D>(acc_v, pt, smem_desc(cdO, ATOM_BYTES, 1024));
+        wgmma_rs_issue<T, D>(acc_v, pt, smem_desc(cdO, ATOM_BYTES, 1024), accumulate);
         wgmma_wait<1>();  // dP^T done; dV may still run
         fence_registers(dpt);
 #pragma unroll
         for (int i = 0; i < 32; ++i) {
             const int col = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-            dpt[i] = st[i] * (dpt[i] - c_delta[col]);  // dS^T
+            p[i] *= dpt[i] - c_delta[col];  // dS^T
         }
         unsigned int ds[4][4];
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) p_fragment<T>(dpt, kk, ds[kk]);
-        wgmma_rs_issue<T, D>(acc_k, ds, smem_desc(cQ, ATOM_BYTES, 1024));  // dK += dS^T Q
-        wgmma_wait<0>();
-        fence_registers(acc_k);
-        fence_registers(acc_v);
+        for (int kk = 0; kk < 4; ++kk) p_fragment<T>(p, kk, ds[kk]);
+        wgmma_rs_issue<T, D>(acc_k, ds, smem_desc(cQ, ATOM_BYTES, 1024), accumulate);  // dK += dS^T Q
     }
 };
 
@@ -341,7 +355,6 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
         fence_mbar_init();
     }
     __syncthreads();
-    int code_next = 0;  // in step t: the code of step t + STAGES (the refill), read a step early
     if (steps > 0) {
         for (int t = 0; t < STAGES && t < steps; ++t) {
             const int code = code_of(t);
@@ -350,40 +363,54 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
         load_tile_async<D>(sK, k + kv_offset, real_k, tid);  // pad key rows read as 0
         load_tile_async<D>(sV, v + kv_offset, real_k, tid);
         cp_async_commit();
-        if (STAGES < steps) code_next = code_of(STAGES);
     }
 
+    // Step 0's products overwrite the accumulators rather than add to them: zeroing them here
+    // would be a write on a path that meets the loop's in-flight dV and dK at its head, and
+    // ptxas would then serialize every wgmma.
     float acc_k[D / 2], acc_v[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) acc_k[i] = acc_v[i] = 0.f;
     WgmmaProducts<T, D> products;
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();  // K and V visible to the tensor cores
 
-    // Each stage's barrier completes one phase per load: step t waits for phase (t / STAGES) & 1.
+    // Step t's scores are issued behind step t - 1's dV and dK, so the tensor cores have work
+    // queued while the warps wait for barriers and refill; once S^T of step t is done, so is
+    // step t - 1, and its stage is refilled with step t - 1 + STAGES.  Each stage's barrier
+    // completes one phase per load: step t waits for phase (t / STAGES) & 1.
+    int code_next = 0;  // in step t: the code of step t + STAGES - 1 (the refill), read a step early
     for (int t = 0; t < steps; ++t) {
         const int stage = t % STAGES;
-        const bool refill = t + STAGES < steps;  // the same in every thread
+        const bool refill = t >= 1 && t - 1 + STAGES < steps;  // the same in every thread
         // Index loads for the refill (and the code of the step after it) overlap the products.
         const int block_next = refill ? q_block_sizes[code_next % num_q_blocks] : 0;
-        const int code_after = t + STAGES + 1 < steps ? code_of(t + STAGES + 1) : 0;
+        const int code_after = t + STAGES < steps ? code_of(t + STAGES) : 0;
         const int rows = (stage_rows >> 8 * stage) & 0xff;
         unsigned char* cQ = sQ + stage * TILE;
         unsigned char* cdO = sdO + stage * TILE;
         const float* stats = sStats + stage * 2 * ATT_BLOCK_M;
         mbar_wait(bar + stage, (t / STAGES) & 1);
-        if (rows > 0) {  // else a slice past a short tile's block size (tile volume > 64): adds nothing
-            // Pad query rows of q and dout (dout's may be NaN) reach dK += dS^T Q and dV += P^T dO.
-            if (rows < ATT_BLOCK_M) zero_rows_from<D>(cQ, cdO, rows, tid);
-            products.dkdv_step(acc_k, acc_v, sK, sV, cQ, cdO, stats, stats + ATT_BLOCK_M, real_k, rows,
-                               scale * LOG2E, warp, lane);
-        }
+        // Pad query rows of q and dout (dout's may be NaN) reach dK += dS^T Q and dV += P^T dO.
+        // A slice past a short tile's block size (tile volume > 64, rows = 0) is computed all
+        // the same (all zeros): skipping it would leave a branch around the wgmma pipeline.
+        if (rows < ATT_BLOCK_M) zero_rows_from<D>(cQ, cdO, rows, tid);
+        float st[32], dpt[32];  // S^T and dP^T: this warp's 16 keys x 64 query rows
+        products.dkdv_scores(st, dpt, sK, sV, cQ, cdO);
+        wgmma_wait<1>();  // S^T done, and so are step t - 1's dV and dK
         if (refill) {
-            __syncthreads();  // every warp is done reading this stage (and past its barrier wait)
-            push(t + STAGES, code_next, block_next);
+            __syncthreads();  // every warp is done with step t - 1's stage
+            push(t - 1 + STAGES, code_next, block_next);
         }
+        products.dkdv_finish(acc_k, acc_v, st, dpt, cQ, cdO, stats, stats + ATT_BLOCK_M, real_k, rows, scale * LOG2E,
+                             warp, lane, t > 0);
         code_next = code_after;
+    }
+    wgmma_wait<0>();
+    fence_registers(acc_k);
+    fence_registers(acc_v);
+    if (steps == 0) {  // no query tile selected these keys
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) acc_k[i] = acc_v[i] = 0.f;
     }
     write_rows<T, D>(dk + kv_offset, acc_k, scale, dk_tile ? dk_tile + cta.tile_row : nullptr, real_k, warp, lane);
     write_rows<T, D>(dv + kv_offset, acc_v, 1.f, dv_tile ? dv_tile + cta.tile_row : nullptr, real_k, warp, lane);

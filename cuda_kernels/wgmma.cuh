@@ -121,11 +121,12 @@ __device__ __forceinline__ void wgmma_ss_issue(float (&d)[32], unsigned long lon
 // acc += P B over 64 keys: P as four k16 register fragments (p_fragment), B MN-major in shared
 // memory; acc's registers fenced first, then issued and committed as one group.
 template <typename T, int N>
-__device__ __forceinline__ void wgmma_rs_issue(float (&acc)[N / 2], const unsigned int (&p)[4][4], unsigned long long b) {
+__device__ __forceinline__ void wgmma_rs_issue(float (&acc)[N / 2], const unsigned int (&p)[4][4], unsigned long long b,
+                                               int accumulate = 1) {
     fence_registers(acc);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) WgmmaRS<T, N>::run(acc, p[kk], b + mn_major_step(kk), 1);
+    for (int kk = 0; kk < 4; ++kk) WgmmaRS<T, N>::run(acc, p[kk], b + mn_major_step(kk), kk > 0 || accumulate);
     wgmma_commit();
 }
 

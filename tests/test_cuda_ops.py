@@ -45,6 +45,24 @@ def test_nvrtc_compile_check_passes():
     assert compile_check.main() == 0
 
 
+def test_compile_check_reads_wgmma_serialization_notes():
+    from vsa_nd.compile_check import serialized_wgmma
+
+    log = (
+        "ptxas info    : Compiling entry function '_Z3foov' for 'sm_90a'\n"
+        "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non "
+        "wgmma instructions defining accumulator registers of a wgmma between start and end of the pipeline stage "
+        "in the function '_Z3foov' in line 120\n"
+        "ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+        "insufficient register resources for the function '_Z3barv'\n"
+        "ptxas info    : Used 168 registers\n"
+    )
+    found = serialized_wgmma(log)
+    assert set(found) == {"_Z3foov", "_Z3barv"}
+    assert found["_Z3barv"] == "due to insufficient register resources"
+    assert serialized_wgmma("ptxas info    : Used 168 registers\n") == {}
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers
 

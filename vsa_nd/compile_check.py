@@ -3,7 +3,10 @@
 ``python -m vsa_nd.compile_check`` uses the same sources and options as the run-time
 loader, prints registers, shared memory and spills per kernel (flagging any spill: their
 size depends on the NVRTC version, e.g. a few bytes in the D = 128 dK/dV kernels with
-NVRTC 13.0 and none with 13.5), and exits non-zero on any compile error.
+NVRTC 13.0 and none with 13.5), and exits non-zero on any compile error or on any kernel
+whose warpgroup MMAs ptxas serialized (its C7510-C7519 notes: the kernel would still be
+right, but each wgmma would wait for the one before, which undoes the pipelining the sm_90a
+kernels are written for).
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
+_SERIALIZED = re.compile(r"\(C751\d\).*wgmma.mma_async instructions are serialized (due to [^']*?)\s*(?:for|in) the function '(\w+)'")
+
+
+def serialized_wgmma(log: str) -> dict:
+    """{mangled kernel name: reason} for each kernel whose wgmma ptxas serialized."""
+    return {m.group(2): " ".join(m.group(1).split()) for m in _SERIALIZED.finditer(log)}
 
 
 def resource_report(log: str) -> list:
@@ -50,6 +59,9 @@ def main() -> int:
                 failures += 1
                 continue
             demangled = {v: k for k, v in lowered.items()}
+            for name, reason in serialized_wgmma(log).items():
+                print(f"FAIL {arch} {spec.source} {demangled.get(name, name)}: wgmma serialized {reason}")
+                failures += 1
             for name, regs, smem, stack, spill_st, spill_ld in resource_report(log):
                 label = demangled.get(name, name)
                 spilled = spill_st or spill_ld
