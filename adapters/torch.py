@@ -225,8 +225,12 @@ def _torch_allocator(index: int):
     torch serves it from the graph's private pool, so intermediates stay reserved for replays.
     No tensor object is built per block: CuPy's ``PythonFunctionAllocator`` calls the two
     functions directly, which is what makes this cheap enough for every intermediate.
+    The raw calls skip torch's lazy CUDA initialisation, so it is done here, once: a CUDA plan
+    built before any other torch CUDA call would otherwise meet an allocator with no devices.
     """
     from cupy.cuda.memory import PythonFunctionAllocator
+
+    torch.cuda.init()
 
     raw_alloc = torch._C._cuda_cudaCachingAllocator_raw_alloc
     raw_delete = torch._C._cuda_cudaCachingAllocator_raw_delete

@@ -544,6 +544,17 @@ def test_cuda_backward_matches_reference(dtype):
 
 
 @pytest.mark.gpu
+def test_a_cuda_plan_can_be_the_first_cuda_call_of_a_process():
+    # The allocator hook's raw calls skip torch's lazy CUDA initialisation; a fresh process
+    # whose first CUDA call builds a plan must still work (a fresh process: this one is initialised).
+    code = ("import vsa_nd.adapters.torch as vt; plan = vt.tile_plan((4, 8, 8), (4, 4, 4), device='cuda'); "
+            "print(int(plan.variable_block_sizes.sum()))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "256"
+
+
+@pytest.mark.gpu
 def test_cuda_side_stream_is_followed_without_host_sync():
     """Inputs written on a side stream behind a long sleep: VSA must queue behind them on that
     stream (reading stale inputs otherwise) and return before the sleep ends (no host sync)."""
