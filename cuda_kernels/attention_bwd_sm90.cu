@@ -117,15 +117,22 @@ template <typename T, int D> struct WgmmaProducts {
         // serializes every wgmma if other instructions write them while dV and dK are in flight.
         fence_registers(st);
         float p[32];
+        if (real_k == ATT_BLOCK_N && real_q == ATT_BLOCK_M) {  // whole tiles, most steps: no mask to apply
 #pragma unroll
-        for (int i = 0; i < 32; ++i) {
-            const int key = warp * 16 + (lane >> 2) + ((i >> 1) & 1) * 8;
-            const int col = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-            const float e = fast_exp2(fmaf(st[i], scale_log2, -c_lse[col] * LOG2E));
-            // 0 for pad keys and pad query rows, whatever lse holds there (the pad rows of dO
-            // and delta are 0 too, so the pad columns of P^T and dS^T add exact zeros).
-            const bool real = (real_k == ATT_BLOCK_N || key < real_k) && (real_q == ATT_BLOCK_M || col < real_q);
-            p[i] = real ? e : 0.f;
+            for (int i = 0; i < 32; ++i) {
+                const int col = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+                p[i] = fast_exp2(fmaf(st[i], scale_log2, -c_lse[col] * LOG2E));
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 32; ++i) {
+                const int key = warp * 16 + (lane >> 2) + ((i >> 1) & 1) * 8;
+                const int col = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+                const float e = fast_exp2(fmaf(st[i], scale_log2, -c_lse[col] * LOG2E));
+                // 0 for pad keys and pad query rows, whatever lse holds there (the pad rows of dO
+                // and delta are 0 too, so the pad columns of P^T and dS^T add exact zeros).
+                p[i] = key < real_k && col < real_q ? e : 0.f;
+            }
         }
         unsigned int pt[4][4];  // P^T packed: the A operand of dV += P^T dO, intact until it is done
 #pragma unroll
@@ -383,7 +390,8 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
         const int stage = t % STAGES;
         const bool refill = t >= 1 && t - 1 + STAGES < steps;  // the same in every thread
         // Index loads for the refill (and the code of the step after it) overlap the products.
-        const int block_next = refill ? q_block_sizes[code_next % num_q_blocks] : 0;
+        // (code % num_q_blocks is the query tile; without GQA the code is the tile itself.)
+        const int block_next = refill ? q_block_sizes[group == 1 ? code_next : code_next % num_q_blocks] : 0;
         const int code_after = t + STAGES < steps ? code_of(t + STAGES) : 0;
         const int rows = (stage_rows >> 8 * stage) & 0xff;
         unsigned char* cQ = sQ + stage * TILE;
