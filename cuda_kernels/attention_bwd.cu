@@ -158,13 +158,14 @@ template <typename T, int D> struct MmaProducts {
 
 }  // namespace vsa
 
-// delta[b, h, row] = sum_d dout * (out - gate * coarse) on real query rows, 0 on pad rows.
-// One warp per row.
+// delta[b, h, row] = sum_d dout * (out - gate * coarse) on real query rows, 0 on pad rows;
+// and, unless lse_log2 is null, lse_log2[row] = lse[row] * log2(e) (what the Hopper dK/dV pass
+// reads: it saves that pass a multiplication per query column and step).  One warp per row.
 template <typename T, int D>
 __global__ void __launch_bounds__(128)
 bwd_delta(const T* __restrict__ dout, const T* __restrict__ out, const float* __restrict__ coarse,
-          const T* __restrict__ gate, const int* __restrict__ q_block_sizes, float* __restrict__ delta,
-          long long rows, int q_len, int tile_volume) {
+          const T* __restrict__ gate, const int* __restrict__ q_block_sizes, const float* __restrict__ lse,
+          float* __restrict__ delta, float* __restrict__ lse_log2, long long rows, int q_len, int tile_volume) {
     using namespace vsa;
     const long long row = static_cast<long long>(blockIdx.x) * 4 + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
@@ -184,7 +185,10 @@ bwd_delta(const T* __restrict__ dout, const T* __restrict__ out, const float* __
 #pragma unroll
         for (int m = 16; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
     }
-    if (lane == 0) delta[row] = acc;
+    if (lane == 0) {
+        delta[row] = acc;
+        if (lse_log2) lse_log2[row] = lse[row] * LOG2E;
+    }
 }
 
 template <typename T, int D>

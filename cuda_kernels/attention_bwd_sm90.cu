@@ -23,8 +23,9 @@
 // tile's block size, tile volume > 64) are neither loaded nor computed.
 //
 // bwd_dkdv_sm90: K and V of the CTA's 64 keys come once by cp.async (pad key rows read as 0).
-// Each step's 64-row Q and dO slices come by TMA and its 64 lse and 64 delta values by two 1-D
-// bulk copies, all completing on one barrier per stage (expecting their summed bytes).  They
+// Each step's 64-row Q and dO slices come by TMA and its 64 lse * log2(e) values (bwd_delta's
+// lse_log2) and 64 delta values by two 1-D bulk copies, all completing on one barrier per
+// stage (expecting their summed bytes).  They
 // have DKDV_STAGES = 2 stages (K + V + 2 x (Q + dO) + 2 x (lse + delta) = 97 KB at D = 128,
 // 49 KB at D = 64: two CTAs per SM, as registers allow).  Steps are pipelined: step t's
 // S^T and dP^T are issued behind step t - 1's dV and dK, which are still running, and once
@@ -98,12 +99,13 @@ template <typename T, int D> struct WgmmaProducts {
         fence_registers(acc);
     }
 
-    // dK/dV step, first half: issues S^T = K Q^T and dP^T = V dO^T (two groups).
-    __device__ void dkdv_scores(float (&st)[32], float (&dpt)[32], const unsigned char* sK, const unsigned char* sV,
-                                const unsigned char* cQ, const unsigned char* cdO) {
+    // dK/dV step, first half: issues S^T = K Q^T and dP^T = V dO^T (two groups), from the
+    // K-major descriptors of K, V and the step's Q and dO (DkdvDescs).
+    __device__ void dkdv_scores(float (&st)[32], float (&dpt)[32], unsigned long long desc_k,
+                                unsigned long long desc_v, unsigned long long desc_q, unsigned long long desc_do) {
         wgmma_fence();
-        wgmma_ss_issue<T, D / 16>(st, smem_desc(sK, 16, 1024), smem_desc(cQ, 16, 1024));
-        wgmma_ss_issue<T, D / 16>(dpt, smem_desc(sV, 16, 1024), smem_desc(cdO, 16, 1024));
+        wgmma_ss_issue<T, D / 16>(st, desc_k, desc_q);
+        wgmma_ss_issue<T, D / 16>(dpt, desc_v, desc_do);
     }
 
     // dK/dV step, second half, once S^T is done (wgmma_wait<1> after dkdv_scores): P^T (0 for
@@ -111,7 +113,7 @@ template <typename T, int D> struct WgmmaProducts {
     // P^T (dP^T - delta) once dP^T is done -> dK += dS^T Q issued.  Returns with dV and dK in
     // flight (two groups); the next step's scores are issued behind them.
     __device__ void dkdv_finish(float (&acc_k)[D / 2], float (&acc_v)[D / 2], float (&st)[32], float (&dpt)[32],
-                                const unsigned char* cQ, const unsigned char* cdO, const float* c_lse,
+                                unsigned long long desc_q_mn, unsigned long long desc_do_mn, const float* c_lse_log2,
                                 const float* c_delta, int real_k, int real_q, float scale_log2, int warp, int lane, int accumulate) {
         // st and dpt are only read here: they are the next step's accumulators too, and ptxas
         // serializes every wgmma if other instructions write them while dV and dK are in flight.
@@ -121,14 +123,14 @@ template <typename T, int D> struct WgmmaProducts {
 #pragma unroll
             for (int i = 0; i < 32; ++i) {
                 const int col = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-                p[i] = fast_exp2(fmaf(st[i], scale_log2, -c_lse[col] * LOG2E));
+                p[i] = fast_exp2(fmaf(st[i], scale_log2, -c_lse_log2[col]));
             }
         } else {
 #pragma unroll
             for (int i = 0; i < 32; ++i) {
                 const int key = warp * 16 + (lane >> 2) + ((i >> 1) & 1) * 8;
                 const int col = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-                const float e = fast_exp2(fmaf(st[i], scale_log2, -c_lse[col] * LOG2E));
+                const float e = fast_exp2(fmaf(st[i], scale_log2, -c_lse_log2[col]));
                 // 0 for pad keys and pad query rows, whatever lse holds there (the pad rows of dO
                 // and delta are 0 too, so the pad columns of P^T and dS^T add exact zeros).
                 p[i] = key < real_k && col < real_q ? e : 0.f;
@@ -138,7 +140,7 @@ template <typename T, int D> struct WgmmaProducts {
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) p_fragment<T>(p, kk, pt[kk]);
 
-        wgmma_rs_issue<T, D>(acc_v, pt, smem_desc(cdO, ATOM_BYTES, 1024), accumulate);
+        wgmma_rs_issue<T, D>(acc_v, pt, desc_do_mn, accumulate);
         wgmma_wait<1>();  // dP^T done; dV may still run
         fence_registers(dpt);
 #pragma unroll
@@ -149,7 +151,7 @@ template <typename T, int D> struct WgmmaProducts {
         unsigned int ds[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) p_fragment<T>(p, kk, ds[kk]);
-        wgmma_rs_issue<T, D>(acc_k, ds, smem_desc(cQ, ATOM_BYTES, 1024), accumulate);  // dK += dS^T Q
+        wgmma_rs_issue<T, D>(acc_k, ds, desc_q_mn, accumulate);  // dK += dS^T Q
     }
 };
 
@@ -173,6 +175,19 @@ template <int D> struct DkdvSmem {
     static constexpr int STATS = 2 * ATT_BLOCK_M * 4;  // bytes of one stage's lse and delta
     static constexpr int BYTES = (2 + 2 * DKDV_STAGES) * AttentionSmem<D>::TILE + DKDV_STAGES * (STATS + 8);
     static_assert(228 * 1024 / (BYTES + 1024) >= 2, "two CTAs per SM");
+};
+
+// The dK/dV pass's shared-memory matrix descriptors, built once per CTA: K and V (K-major), and
+// stage 0's Q and dO both K-major (for S^T and dP^T) and MN-major (the B operands of dK and
+// dV); stage s is `stage_step * s` further (descriptors count 16-byte units, and every stage's
+// tile lies within the 256 KB that their 14-bit address field reaches).
+template <int D> struct DkdvDescs {
+    unsigned long long k, v, q, dout, q_mn, dout_mn, stage_step;
+    __device__ DkdvDescs(const unsigned char* sK, const unsigned char* sV, const unsigned char* sQ,
+                         const unsigned char* sdO)
+        : k(smem_desc(sK, 16, 1024)), v(smem_desc(sV, 16, 1024)), q(smem_desc(sQ, 16, 1024)),
+          dout(smem_desc(sdO, 16, 1024)), q_mn(smem_desc(sQ, ATOM_BYTES, 1024)),
+          dout_mn(smem_desc(sdO, ATOM_BYTES, 1024)), stage_step(AttentionSmem<D>::TILE >> 4) {}
 };
 
 // Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to shared
@@ -301,7 +316,8 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
 }
 
 // The dK/dV pass with Q and dO by TMA: same arguments as attention_bwd.cuh's dkdv kernels, after
-// the tensor maps of q and dout ([B * H * q_len, D], 64 x 64 boxes, 128-byte swizzle).
+// the tensor maps of q and dout ([B * H * q_len, D], 64 x 64 boxes, 128-byte swizzle); `lse`
+// holds lse * log2(e) here (bwd_delta's lse_log2).
 template <typename T, int D>
 __global__ void __launch_bounds__(vsa::ATT_THREADS, 1)
 bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant__ vsa::TmaDesc tma_do,
@@ -377,6 +393,7 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
     // ptxas would then serialize every wgmma.
     float acc_k[D / 2], acc_v[D / 2];
     WgmmaProducts<T, D> products;
+    const DkdvDescs<D> descs(sK, sV, sQ, sdO);
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();  // K and V visible to the tensor cores
@@ -403,14 +420,15 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
         // the same (all zeros): skipping it would leave a branch around the wgmma pipeline.
         if (rows < ATT_BLOCK_M) zero_rows_from<D>(cQ, cdO, rows, tid);
         float st[32], dpt[32];  // S^T and dP^T: this warp's 16 keys x 64 query rows
-        products.dkdv_scores(st, dpt, sK, sV, cQ, cdO);
+        const unsigned long long stage_offset = descs.stage_step * stage;
+        products.dkdv_scores(st, dpt, descs.k, descs.v, descs.q + stage_offset, descs.dout + stage_offset);
         wgmma_wait<1>();  // S^T done, and so are step t - 1's dV and dK
         if (refill) {
             __syncthreads();  // every warp is done with step t - 1's stage
             push(t - 1 + STAGES, code_next, block_next);
         }
-        products.dkdv_finish(acc_k, acc_v, st, dpt, cQ, cdO, stats, stats + ATT_BLOCK_M, real_k, rows, scale * LOG2E,
-                             warp, lane, t > 0);
+        products.dkdv_finish(acc_k, acc_v, st, dpt, descs.q_mn + stage_offset, descs.dout_mn + stage_offset, stats,
+                             stats + ATT_BLOCK_M, real_k, rows, scale * LOG2E, warp, lane, t > 0);
         code_next = code_after;
     }
     wgmma_wait<0>();

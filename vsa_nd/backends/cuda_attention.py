@@ -219,17 +219,19 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     tiles = lambda x: x if x is None or x.dtype == np.float32 else x.astype(np.float32)  # noqa: E731
     dq_tile, dk_tile, dv_tile, coarse = (tiles(x) for x in (dq_tile, dk_tile, dv_tile, coarse))
     with q.device:
+        wgmma = _use_wgmma(BACKWARD_KERNEL)
+        dkdv_wgmma = wgmma and _tma_ready(q, dout)  # else the portable dK/dV kernel
         rows = b * h * q_len
         delta = _alloc((b, h, q_len), np.float32)
+        lse_log2 = _alloc((b, h, q_len), np.float32) if dkdv_wgmma else None  # lse * log2(e), for that pass
         get_function("attention_bwd.cu", f"bwd_delta<{ctype}, {d}>")(
             ((rows + 3) // 4,), (128,),
-            (dout, out, _null_or(coarse), _null_or(gate), q_block_sizes, delta, np.int64(rows), np.int32(q_len),
-             np.int32(tile_volume)),
+            (dout, out, _null_or(coarse), _null_or(gate), q_block_sizes, lse, delta, _null_or(lse_log2),
+             np.int64(rows), np.int32(q_len), np.int32(tile_volume)),
         )
         common = (np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len))
         tile_bytes = _BLOCK_M * d * q.dtype.itemsize
         smem = 6 * tile_bytes  # the cp.async passes: two resident tiles and two stages of two streamed ones
-        wgmma = _use_wgmma(BACKWARD_KERNEL)
 
         dq = _alloc(q.shape, q.dtype)
         args = (q, k, v, dout, lse, delta, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, _null_or(dq_tile), dq,
@@ -247,10 +249,10 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
 
         codes, offsets = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume)
         dk, dv = _alloc(k.shape, k.dtype), _alloc(v.shape, v.dtype)
-        args = (q, k, v, dout, lse, delta, codes, offsets, q_block_sizes, kv_block_sizes, _null_or(dk_tile),
-                _null_or(dv_tile), dk, dv, *common, np.int32(tile_volume), np.float32(scale))
+        args = (q, k, v, dout, lse_log2 if dkdv_wgmma else lse, delta, codes, offsets, q_block_sizes, kv_block_sizes,
+                _null_or(dk_tile), _null_or(dv_tile), dk, dv, *common, np.int32(tile_volume), np.float32(scale))
         stats = 2 * _BLOCK_M * 4  # lse and delta of one stage
-        if wgmma and _tma_ready(q, dout):  # else the portable dK/dV kernel
+        if dkdv_wgmma:
             # Q and dO by TMA: K, V and _DKDV_STAGES stages of Q, dO, lse and delta, plus one 8-byte barrier per stage.
             maps = (_TensorMap(q, b * h * q_len), _TensorMap(dout, b * h * q_len))
             kernel = get_function("attention_bwd_sm90.cu", f"bwd_dkdv_sm90<{ctype}, {d}>")
