@@ -256,7 +256,8 @@ def _running_on(device: torch.device):
     import cupy
 
     index = device.index
-    with cupy.cuda.Device(index), _cupy_stream(index), cupy.cuda.using_allocator(_torch_allocator(index)):
+    allocator = _torch_allocator(index)  # first: it initialises torch's CUDA state, which _cupy_stream reads
+    with cupy.cuda.Device(index), _cupy_stream(index), cupy.cuda.using_allocator(allocator):
         yield
 
 

@@ -8,7 +8,8 @@
 //   dV = P^T dO,  dS = P * (dO V^T - delta),  dQ = scale * dS K,  dK = scale * dS^T Q.
 // Kernels:
 //   bwd_delta:  delta per query row, with fine = out - gate * coarse recovered from out; 0 on
-//               pad query rows (their dO is treated as 0: pad rows are not part of the output).
+//               pad query rows (their dO is treated as 0: pad rows are not part of the output);
+//               and, for the Hopper dK/dV pass, lse * log2(e) per row.
 //   bwd_dq, bwd_dkdv: the two passes of attention_bwd.cuh with MmaProducts: each warp owns 16
 //               rows (query rows in bwd_dq, keys in bwd_dkdv); Q and dO fragments of bwd_dq stay
 //               in registers, everything else is read with ldmatrix per step.

@@ -13,10 +13,12 @@
 //               Products::dkdv_step does S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T,
 //               dS^T = P^T (dP^T - delta), dK += dS^T Q.  Writes dk = scale * dK + dk_tile and
 //               dv = dV + dv_tile.
-// bwd_dq_sm90 and bwd_dkdv_sm90 do the same CTA work, steps in the same order, with
-// WgmmaProducts and their own pipelines, in which the streamed tiles (K and V, resp. Q, dO, lse
-// and delta) arrive by TMA: see there.
-// Policy interface:
+// bwd_dq_sm90 and bwd_dkdv_sm90 (attention_bwd_sm90.cu) do the same CTA work with wgmma and
+// pipelines of their own, in which the streamed tiles (K and V, resp. Q, dO, lse and delta)
+// arrive by TMA; they use this file's DkdvCta and load_row_stats but not dq_pass or dkdv_pass,
+// and their WgmmaProducts splits a dK/dV step in two (dkdv_scores, dkdv_finish) to pipeline
+// steps: see there.
+// Policy interface (MmaProducts, attention_bwd.cu):
 //   void start_dq(sQ, sdO, warp, lane)      once, when Q and dO have arrived
 //   void dq_chunk(acc, sK, sV, valid, lse_log2, delta, scale_log2, warp, lane)
 //   void dkdv_step(acc_k, acc_v, sK, sV, sQ, sdO, lse, delta, real_k, scale_log2, warp, lane)

@@ -25,9 +25,9 @@
 // bwd_dkdv_sm90: K and V of the CTA's 64 keys come once by cp.async (pad key rows read as 0).
 // Each step's 64-row Q and dO slices come by TMA and its 64 lse * log2(e) values (bwd_delta's
 // lse_log2) and 64 delta values by two 1-D bulk copies, all completing on one barrier per
-// stage (expecting their summed bytes).  They
-// have DKDV_STAGES = 2 stages (K + V + 2 x (Q + dO) + 2 x (lse + delta) = 97 KB at D = 128,
-// 49 KB at D = 64: two CTAs per SM, as registers allow).  Steps are pipelined: step t's
+// stage (expecting their summed bytes).  They have DKDV_STAGES = 2 stages (K + V + 2 x (Q +
+// dO) + 2 x (lse + delta) = 97 KB at D = 128, 49 KB at D = 64: two CTAs per SM, as registers
+// allow).  Steps are pipelined: step t's
 // S^T and dP^T are issued behind step t - 1's dV and dK, which are still running, and once
 // S^T is done so is step t - 1, whose stage is then refilled:
 //   wait step t -> issue S^T, dP^T -> wait S^T -> barrier -> refill step t - 1's stage with
@@ -201,7 +201,7 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned i
 
 }  // namespace vsa
 
-// The dQ pass with K and V by TMA: same arguments as attention_bwd.cuh's dq kernels, after
+// The dQ pass with K and V by TMA: same arguments as attention_bwd.cu's bwd_dq, after
 // the tensor maps of K and V ([B * H_kv * kv_len, D], 64 x 64 boxes, 128-byte swizzle).
 template <typename T, int D>
 __global__ void __launch_bounds__(vsa::ATT_THREADS, vsa::DqSmem<D>::MIN_CTAS)
@@ -315,9 +315,9 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
     write_rows<T, D>(dq + cta.q_offset, acc, scale, tile_vec, real_q, warp, lane);
 }
 
-// The dK/dV pass with Q and dO by TMA: same arguments as attention_bwd.cuh's dkdv kernels, after
-// the tensor maps of q and dout ([B * H * q_len, D], 64 x 64 boxes, 128-byte swizzle); `lse`
-// holds lse * log2(e) here (bwd_delta's lse_log2).
+// The dK/dV pass with Q and dO by TMA: same arguments as attention_bwd.cu's bwd_dkdv, after the
+// tensor maps of q and dout ([B * H * q_len, D], 64 x 64 boxes, 128-byte swizzle); `lse` holds
+// lse * log2(e) here (bwd_delta's lse_log2).
 template <typename T, int D>
 __global__ void __launch_bounds__(vsa::ATT_THREADS, 1)
 bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant__ vsa::TmaDesc tma_do,

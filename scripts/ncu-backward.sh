@@ -3,11 +3,19 @@
 # tokens, 77 of 768 tiles, D=128, bf16): one forward and one backward, profiled after a
 # warm-up call.  Needs an installed vsa_nd (scripts/gpu-check.sh installs it) and ncu.
 #
-#   bash scripts/ncu-backward.sh [extra ncu arguments...]    (report on stdout)
+#   [KERNELS=regex SKIP=n COUNT=n] bash scripts/ncu-backward.sh [extra ncu arguments...]
+#
+# Report on stdout.  KERNELS picks kernels by name (default: the sm_90a forward and both backward
+# passes), of whose launches ncu skips SKIP and profiles COUNT (default 3 and 3: one of each
+# after the warm-up; for one kernel, e.g. KERNELS=dkdv SKIP=1 COUNT=1).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+KERNELS=${KERNELS:-sm90}
+SKIP=${SKIP:-3}
+COUNT=${COUNT:-3}
 DRIVER=$(mktemp /tmp/vsa_nd-ncu.XXXXXX.py)
+trap 'rm -f "$DRIVER"' EXIT
 cat > "$DRIVER" <<'PY'
 import cupy, numpy as np
 import vsa_nd
@@ -25,10 +33,7 @@ for _ in range(2):  # the first call compiles and warms up; ncu skips its launch
                                     ctx.kv_block_sizes, ctx.scale, ctx.coarse, None, None, None, None)
 cupy.cuda.runtime.deviceSynchronize()
 PY
-"$NCU" --kernel-name regex:"$KERNELS" --launch-skip 1 --launch-count 1 \
+"$NCU" --kernel-name regex:"$KERNELS" --launch-skip "$SKIP" --launch-count "$COUNT" \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
     --section WarpStateStats --section Occupancy --section LaunchStats --section InstructionStats \
     "$@" python3 "$DRIVER"
-rc=$?
-rm -f "$DRIVER"
-exit $rc

@@ -547,7 +547,9 @@ def test_cuda_backward_matches_reference(dtype):
 def test_a_cuda_plan_can_be_the_first_cuda_call_of_a_process():
     # The allocator hook's raw calls skip torch's lazy CUDA initialisation; a fresh process
     # whose first CUDA call builds a plan must still work (a fresh process: this one is initialised).
-    code = ("import vsa_nd.adapters.torch as vt; plan = vt.tile_plan((4, 8, 8), (4, 4, 4), device='cuda'); "
+    # 'cuda:0', not 'cuda': resolving a bare 'cuda' asks torch for the current device, which
+    # initialises it and would hide the case.
+    code = ("import vsa_nd.adapters.torch as vt; plan = vt.tile_plan((4, 8, 8), (4, 4, 4), device='cuda:0'); "
             "print(int(plan.variable_block_sizes.sum()))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -48,18 +48,22 @@ def test_nvrtc_compile_check_passes():
 def test_compile_check_reads_wgmma_serialization_notes():
     from vsa_nd.compile_check import serialized_wgmma
 
+    # Notes as ptxas printed them for this project's kernels (NVRTC 13.5), mangled names shortened.
     log = (
         "ptxas info    : Compiling entry function '_Z3foov' for 'sm_90a'\n"
-        "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non "
-        "wgmma instructions defining accumulator registers of a wgmma between start and end of the pipeline stage "
-        "in the function '_Z3foov' in line 120\n"
         "ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
-        "insufficient register resources for the function '_Z3barv'\n"
+        "non wgmma instructions reading accumulator registers of  a wgmma between start and end of the pipeline "
+        "stage in the function '_Z3foov' in line 0\n"
+        "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+        "non wgmma instructions defining accumulator registers of a wgmma between start and end of the pipeline "
+        "stage in the function '_Z3barv' in line 13109\n"
+        "ptxas info    : (C7519) warpgroup.arrive is injected in around line 860 by compiler to allow use of "
+        "registers in GMMA in function '_Z3bazv'\n"
         "ptxas info    : Used 168 registers\n"
     )
     found = serialized_wgmma(log)
-    assert set(found) == {"_Z3foov", "_Z3barv"}
-    assert found["_Z3barv"] == "due to insufficient register resources"
+    assert set(found) == {"_Z3foov", "_Z3barv"}  # C7519 is not a serialization
+    assert found["_Z3barv"].startswith("due to non wgmma instructions defining accumulator registers")
     assert serialized_wgmma("ptxas info    : Used 168 registers\n") == {}
 
 

@@ -4,9 +4,9 @@
 loader, prints registers, shared memory and spills per kernel (flagging any spill: their
 size depends on the NVRTC version, e.g. a few bytes in the D = 128 dK/dV kernels with
 NVRTC 13.0 and none with 13.5), and exits non-zero on any compile error or on any kernel
-whose warpgroup MMAs ptxas serialized (its C7510-C7519 notes: the kernel would still be
-right, but each wgmma would wait for the one before, which undoes the pipelining the sm_90a
-kernels are written for).
+whose warpgroup MMAs ptxas serialized (its "wgmma.mma_async instructions are serialized due
+to ..." notes, C7509-C7518: the kernel would still be right, but each wgmma would wait for
+the one before, which undoes the pipelining the sm_90a kernels are written for).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
-_SERIALIZED = re.compile(r"\(C751\d\).*wgmma.mma_async instructions are serialized (due to [^']*?)\s*(?:for|in) the function '(\w+)'")
+_SERIALIZED = re.compile(r"wgmma.mma_async instructions are serialized (due to [^']*?)\s*(?:for|in) the function '(\w+)'")
 
 
 def serialized_wgmma(log: str) -> dict:
