@@ -11,11 +11,11 @@ it leaves the GPU waiting.  ``back to back`` is the other way to count: CUDA-eve
 calls made in a row with no synchronisation between them, per call, as in a training loop; where
 the GPU work of a call outlasts its host work, the host runs ahead and hides its own time, and
 the median of several such runs is given.  The array and torch calls take turns (call by call,
-run by run), so that the machine's drift, a few percent on the GPU between runs, reaches both.  ``host us`` is the median wall time of the Python
-call itself; on CPU (float32, Numba backend, small shapes where the per-call cost shows) it is
-the only column.  Target (CUDA): the torch call within 3% (or 20 us) of the array call; the
-verdict is given for both ways of counting.  Also reports whether this
-CuPy takes DLPack's bfloat16 (kDLBfloat) directly.
+run by run), so that the machine's drift, a few percent on the GPU between runs, reaches both.
+``host us`` is the median wall time of the Python call itself; on CPU (float32, Numba backend,
+small shapes where the per-call cost shows) it is the only column.  Target (CUDA): the torch
+call within 3% (or 20 us) of the array call; the verdict is given for both ways of counting.
+Also reports whether this CuPy takes DLPack's bfloat16 (kDLBfloat) directly.
 
     python benchmarks/bench_adapters.py [--device cuda|cpu] [--shapes small,mid,main] [--reps 50]
 """
