@@ -1,9 +1,19 @@
 // Block-sparse attention backward for Hopper: the dQ and dK/dV passes (same contract, CTA work,
 // KV->Q lists and epilogues as attention_bwd.cuh's dq_pass and dkdv_pass) with every matrix
 // product on warpgroup MMA (wgmma, sm_90a) and their own pipelines, the streamed tiles arriving
-// by TMA as in the forward (attention_fwd_sm90.cu): thread 0 issues one bulk tensor copy per
+// by TMA as in the forward (attention_fwd_sm90.cu): one thread issues one bulk tensor copy per
 // 64-column atom, completing on a shared-memory barrier, so the warps spend no instructions on
 // addresses.  delta comes from attention_bwd.cu's bwd_delta.
+//
+// Both passes first copy their CTA's index list into shared memory, one int2 per entry (the dQ
+// pass: key tile and its block size; the dK/dV pass: list code and its query tile's block size),
+// when it has at most `list_cap` (<= LIST_CAP = 1024) entries; longer lists are read from
+// global memory as the loop goes.  Read from global memory, each chunk's indices are two
+// dependent loads whose latency the warps wait out (Nsight Compute's warp-state samples put ~10%
+// of the dQ pass's warp time and ~5% of the dK/dV pass's on them).  Staged: block-sparse
+// backward 8.58/8.58/8.56 against 8.72/8.73/8.67 ms, the dK/dV pass 5.01 against 5.22 ms under
+// Nsight Compute (H100, main shape, interleaved runs; this change together with the dK/dV
+// refill's below).
 //
 // bwd_dq_sm90: Q and dO come once by cp.async; K and V chunks by TMA, one barrier per K and per
 // V stage.  K and V have DQ_STAGES = 1 stage (Q + dO + K + V = 64 KB at D = 128: three CTAs
@@ -25,18 +35,19 @@
 // bwd_dkdv_sm90: K and V of the CTA's 64 keys come once by cp.async (pad key rows read as 0).
 // Each step's 64-row Q and dO slices come by TMA and its 64 lse * log2(e) values (bwd_delta's
 // lse_log2) and 64 delta values by two 1-D bulk copies, all completing on one barrier per
-// stage (expecting their summed bytes).  They have DKDV_STAGES = 2 stages (K + V + 2 x (Q +
+// stage (expecting their summed bytes; lane 0 of warps 0, 1 and 2 each issues a third of them).
+// They have DKDV_STAGES = 2 stages (K + V + 2 x (Q +
 // dO) + 2 x (lse + delta) = 97 KB at D = 128, 49 KB at D = 64: two CTAs per SM, as registers
-// allow).  Steps are pipelined: step t's
-// S^T and dP^T are issued behind step t - 1's dV and dK, which are still running, and once
-// S^T is done so is step t - 1, whose stage is then refilled:
-//   wait step t -> issue S^T, dP^T -> wait S^T -> barrier -> refill step t - 1's stage with
-//   step t + 1 -> P^T, dV, dS^T, dK (dkdv_finish, below; dV and dK left running).
+// allow).  Steps are pipelined: step t's S^T and dP^T are issued behind step t - 1's dV and
+// dK, which are still running; once those two are done, step t - 1's stage is refilled while
+// S^T and dP^T run:
+//   wait step t -> issue S^T, dP^T -> wait for step t - 1's dV, dK -> barrier -> refill step
+//   t - 1's stage with step t + 1 -> wait S^T -> P^T, dV, dS^T, dK (dkdv_finish, below; dV
+//   and dK left running).
 // Step 0's products overwrite the accumulators (no zeroing ahead of the loop: a write to them on
 // a path that meets the in-flight products at the loop's head makes ptxas serialize every
-// wgmma; `python -m vsa_nd.compile_check` fails on that).  The refill's list code is read a
-// step ahead and its query block size at the start of the step, so that the index loads
-// overlap the products.  TMA copies whole 64-row
+// wgmma; `python -m vsa_nd.compile_check` fails on that).  The refill's list entry is read a
+// step ahead.  TMA copies whole 64-row
 // slices: past a tile's block size the Q and dO rows are zeroed in shared memory (fenced)
 // before the products, since dout's pad rows may hold anything (NaN) and 0 * NaN is NaN; P^T
 // is 0 in those columns whatever lse holds there, and delta is 0 there (bwd_delta), so they
@@ -160,8 +171,13 @@ template <typename T, int D> struct WgmmaProducts {
 // room for (228 KB per SM, 1 KB of it reserved per CTA; at most 4, i.e. 128 registers), which
 // __launch_bounds__ asks the register allocation to allow.
 constexpr int DQ_STAGES = 1;
+// Both passes copy their CTA's list (key tiles, or query-tile codes, with each tile's block size)
+// into shared memory first when it has at most LIST_CAP entries (the launcher's _LIST_CAP), so
+// that the loop reads its indices there rather than by two dependent global loads per chunk.
+constexpr int LIST_CAP = 1024;
+constexpr int LIST_BYTES = LIST_CAP * 8;  // one int2 per entry
 template <int D> struct DqSmem {
-    static constexpr int BYTES = (2 + 2 * DQ_STAGES) * AttentionSmem<D>::TILE + 16 * DQ_STAGES;
+    static constexpr int BYTES = (2 + 2 * DQ_STAGES) * AttentionSmem<D>::TILE + 16 * DQ_STAGES + LIST_BYTES;
     static constexpr int FIT = 228 * 1024 / (BYTES + 1024);
     static constexpr int MIN_CTAS = FIT < 4 ? FIT : 4;
 };
@@ -173,7 +189,7 @@ template <int D> struct DqSmem {
 constexpr int DKDV_STAGES = 2;
 template <int D> struct DkdvSmem {
     static constexpr int STATS = 2 * ATT_BLOCK_M * 4;  // bytes of one stage's lse and delta
-    static constexpr int BYTES = (2 + 2 * DKDV_STAGES) * AttentionSmem<D>::TILE + DKDV_STAGES * (STATS + 8);
+    static constexpr int BYTES = (2 + 2 * DKDV_STAGES) * AttentionSmem<D>::TILE + DKDV_STAGES * (STATS + 8) + LIST_BYTES;
     static_assert(228 * 1024 / (BYTES + 1024) >= 2, "two CTAs per SM");
 };
 
@@ -202,7 +218,8 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned i
 }  // namespace vsa
 
 // The dQ pass with K and V by TMA: same arguments as attention_bwd.cu's bwd_dq, after
-// the tensor maps of K and V ([B * H_kv * kv_len, D], 64 x 64 boxes, 128-byte swizzle).
+// the tensor maps of K and V ([B * H_kv * kv_len, D], 64 x 64 boxes, 128-byte swizzle), and
+// then `list_cap`: lists of at most that many entries (<= LIST_CAP) are staged in shared memory.
 template <typename T, int D>
 __global__ void __launch_bounds__(vsa::ATT_THREADS, vsa::DqSmem<D>::MIN_CTAS)
 bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ vsa::TmaDesc tma_v,
@@ -210,7 +227,8 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
             const float* __restrict__ lse, const float* __restrict__ delta, const int* __restrict__ q2k_idx,
             const int* __restrict__ q2k_num, const int* __restrict__ q_block_sizes,
             const int* __restrict__ kv_block_sizes, const float* __restrict__ dq_tile, T* __restrict__ dq,
-            int num_heads, int num_kv_heads, int q_len, int kv_len, int list_len, int tile_volume, float scale) {
+            int num_heads, int num_kv_heads, int q_len, int kv_len, int list_len, int tile_volume, float scale,
+            int list_cap) {
     using namespace vsa;
     using Chunk = typename AttentionCta<T, D>::Chunk;
     constexpr int TILE = AttentionSmem<D>::TILE, STAGES = DQ_STAGES;
@@ -222,6 +240,7 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
     unsigned char* sV = sK + STAGES * TILE;  // STAGES tiles
     unsigned long long* bar_k = reinterpret_cast<unsigned long long*>(sV + STAGES * TILE);  // one per K stage
     unsigned long long* bar_v = bar_k + STAGES;                                              // one per V stage
+    int2* sList = reinterpret_cast<int2*>(bar_v + STAGES);  // {key tile, its block size} per list entry
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const AttentionCta<T, D> cta(k, v, q2k_idx, q2k_num, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len,
@@ -233,16 +252,33 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
     // The load cursor, kept alike by every thread (thread 0 issues the copies): chunk `load`
     // (`current`) goes into stage `issued % STAGES` next.  A chunk past its tile's block size
     // (tile volume > 64) holds no key: it is skipped, and so is the rest of its tile.
+    const int entries = n / cta.chunks_per_tile;
+    const bool staged = entries <= list_cap;  // the same in every thread (list_cap <= LIST_CAP)
+    if (staged)
+        for (int i = tid; i < entries; i += ATT_THREADS) {
+            const int tile = cta.list[i];
+            sList[i] = make_int2(tile, kv_block_sizes[tile]);
+        }
+    // Chunk c as AttentionCta::chunk computes it, from the staged list when there is one (the
+    // caller makes the staging visible first).
+    auto chunk = [&](int c) -> Chunk {
+        if (!staged) return cta.chunk(c);
+        const int entry = cta.chunks_per_tile == 1 ? c : c / cta.chunks_per_tile;
+        const int2 e = sList[entry];
+        const int sub = c - entry * cta.chunks_per_tile, left = e.y - sub * ATT_BLOCK_N;
+        return {(static_cast<size_t>(e.x) * tile_volume + sub * ATT_BLOCK_N) * D, min(max(left, 0), ATT_BLOCK_N)};
+    };
+
     int load = 0;
     unsigned int issued = 0, stage_valid = 0;  // stage_valid: real keys per stage, one byte each
-    Chunk current = n > 0 ? cta.chunk(0) : Chunk{0, 0};
+    Chunk current{0, 0};
     auto skip_empty = [&]() {
         while (load < n && current.valid == 0) {
             load = (load / cta.chunks_per_tile + 1) * cta.chunks_per_tile;
-            if (load < n) current = cta.chunk(load);
+            if (load < n) current = chunk(load);
         }
     };
-    auto peek = [&]() { return load + 1 < n ? cta.chunk(load + 1) : Chunk{0, 0}; };
+    auto peek = [&]() { return load + 1 < n ? chunk(load + 1) : Chunk{0, 0}; };
     // Loads `current` into the next stage and moves the cursor on to `next` (peek(), read early so
     // that its index loads overlap other work).
     auto push = [&](const Chunk& next) {
@@ -273,7 +309,8 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
         }
         fence_mbar_init();
     }
-    __syncthreads();
+    __syncthreads();  // barriers initialised, list staged
+    if (n > 0) current = chunk(0);
     skip_empty();
     if (load < n) push(peek());
     load_tile_async<D>(sQ, q + cta.q_offset, ATT_BLOCK_M, tid);
@@ -316,8 +353,8 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
 }
 
 // The dK/dV pass with Q and dO by TMA: same arguments as attention_bwd.cu's bwd_dkdv, after the
-// tensor maps of q and dout ([B * H * q_len, D], 64 x 64 boxes, 128-byte swizzle); `lse` holds
-// lse * log2(e) here (bwd_delta's lse_log2).
+// tensor maps of q and dout ([B * H * q_len, D], 64 x 64 boxes, 128-byte swizzle), and then
+// `list_cap` (as in bwd_dq_sm90); `lse` holds lse * log2(e) here (bwd_delta's lse_log2).
 template <typename T, int D>
 __global__ void __launch_bounds__(vsa::ATT_THREADS, 1)
 bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant__ vsa::TmaDesc tma_do,
@@ -326,7 +363,7 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
               const int* __restrict__ kv2q_offsets, const int* __restrict__ q_block_sizes,
               const int* __restrict__ kv_block_sizes, const float* __restrict__ dk_tile,
               const float* __restrict__ dv_tile, T* __restrict__ dk, T* __restrict__ dv, int num_heads,
-              int num_kv_heads, int q_len, int kv_len, int tile_volume, float scale) {
+              int num_kv_heads, int q_len, int kv_len, int tile_volume, float scale, int list_cap) {
     using namespace vsa;
     constexpr int TILE = AttentionSmem<D>::TILE, STAGES = DKDV_STAGES, STATS = DkdvSmem<D>::STATS;
     static_assert(STAGES >= 2 && STAGES <= 4, "stage_rows holds one byte per stage");
@@ -337,6 +374,7 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
     unsigned char* sdO = sQ + STAGES * TILE;  // STAGES tiles
     float* sStats = reinterpret_cast<float*>(sdO + STAGES * TILE);  // [stage][lse | delta][64]
     unsigned long long* bar = reinterpret_cast<unsigned long long*>(sStats + STAGES * 2 * ATT_BLOCK_M);  // per stage
+    int2* sList = reinterpret_cast<int2*>(bar + STAGES);  // {code, its query tile's block size} per list entry
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const DkdvCta<D> cta(kv2q_offsets, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len, tile_volume);
@@ -349,7 +387,24 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
     // num_q_blocks * tile_volume, the tile starts code * tile_volume rows after the group's
     // first row.  Step t sits in stage t % STAGES; stage_rows holds each stage's real query
     // rows, one byte per stage.  Steps are pushed in order: push_slice is the next one's slice.
-    auto code_of = [&](int t) { return kv2q_code[first + (slices == 1 ? t : t / slices)]; };
+    // The block size of a code's query tile (code % num_q_blocks; without GQA the code is the
+    // tile itself, and the division is skipped).
+    auto block_size_of = [&](int code) { return q_block_sizes[group == 1 ? code : code % num_q_blocks]; };
+    const int entries = steps / slices;
+    const bool staged = entries <= list_cap;  // the same in every thread (list_cap <= LIST_CAP)
+    if (staged)
+        for (int i = tid; i < entries; i += ATT_THREADS) {
+            const int code = kv2q_code[first + i];
+            sList[i] = make_int2(code, block_size_of(code));
+        }
+    // Step t's {code, block size}, from the staged list when there is one (the caller makes the
+    // staging visible first).
+    auto entry_of = [&](int t) -> int2 {
+        const int e = slices == 1 ? t : t / slices;
+        if (staged) return sList[e];
+        const int code = kv2q_code[first + e];
+        return make_int2(code, block_size_of(code));
+    };
     const int group_row0 = (b * num_heads + kv_head * group) * q_len;  // tensor-map row (the launcher checks int)
     unsigned int stage_rows = 0;
     int push_slice = 0;
@@ -357,16 +412,21 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
         const int stage = t % STAGES, slice = push_slice;
         push_slice = slice + 1 < slices ? slice + 1 : 0;
         const int row0 = group_row0 + code * tile_volume + slice * ATT_BLOCK_M;
-        if (tid == 0) {
+        // Lane 0 of warps 0, 1 and 2 each issues a third of the copies (stats, Q, dO).  A copy's
+        // bytes may land before warp 0's arrival announces them: the barrier's transaction count
+        // may dip below zero, and the phase completes only once that arrival is in.
+        if (lane == 0 && warp < 3) {
             unsigned long long* full = bar + stage;
-            mbar_expect_tx(full, 2 * TILE + STATS);
+            if (warp == 0) {
+                mbar_expect_tx(full, 2 * TILE + STATS);
+                bulk_load(sStats + stage * 2 * ATT_BLOCK_M, lse + row0, STATS / 2, full);
+                bulk_load(sStats + stage * 2 * ATT_BLOCK_M + ATT_BLOCK_M, delta + row0, STATS / 2, full);
+            } else {
+                unsigned char* dst = (warp == 1 ? sQ : sdO) + stage * TILE;
+                const TmaDesc* map = warp == 1 ? &tma_q : &tma_do;
 #pragma unroll
-            for (int atom = 0; atom < D / 64; ++atom) {
-                tma_load_2d(sQ + stage * TILE + atom * ATOM_BYTES, &tma_q, atom * 64, row0, full);
-                tma_load_2d(sdO + stage * TILE + atom * ATOM_BYTES, &tma_do, atom * 64, row0, full);
+                for (int atom = 0; atom < D / 64; ++atom) tma_load_2d(dst + atom * ATOM_BYTES, map, atom * 64, row0, full);
             }
-            bulk_load(sStats + stage * 2 * ATT_BLOCK_M, lse + row0, STATS / 2, full);
-            bulk_load(sStats + stage * 2 * ATT_BLOCK_M + ATT_BLOCK_M, delta + row0, STATS / 2, full);
         }
         const unsigned int rows = real_rows(block_size, slice * ATT_BLOCK_M);
         stage_rows = (stage_rows & ~(0xffu << 8 * stage)) | rows << 8 * stage;
@@ -377,11 +437,11 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
         for (int s = 0; s < STAGES; ++s) mbar_init(bar + s, 1);
         fence_mbar_init();
     }
-    __syncthreads();
+    __syncthreads();  // barriers initialised, list staged
     if (steps > 0) {
         for (int t = 0; t < STAGES && t < steps; ++t) {
-            const int code = code_of(t);
-            push(t, code, q_block_sizes[code % num_q_blocks]);
+            const int2 e = entry_of(t);
+            push(t, e.x, e.y);
         }
         load_tile_async<D>(sK, k + kv_offset, real_k, tid);  // pad key rows read as 0
         load_tile_async<D>(sV, v + kv_offset, real_k, tid);
@@ -402,14 +462,11 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
     // queued while the warps wait for barriers and refill; once S^T of step t is done, so is
     // step t - 1, and its stage is refilled with step t - 1 + STAGES.  Each stage's barrier
     // completes one phase per load: step t waits for phase (t / STAGES) & 1.
-    int code_next = 0;  // in step t: the code of step t + STAGES - 1 (the refill), read a step early
+    int2 entry_next = make_int2(0, 0);  // in step t: the entry of step t + STAGES - 1 (the refill), read a step early
     for (int t = 0; t < steps; ++t) {
         const int stage = t % STAGES;
         const bool refill = t >= 1 && t - 1 + STAGES < steps;  // the same in every thread
-        // Index loads for the refill (and the code of the step after it) overlap the products.
-        // (code % num_q_blocks is the query tile; without GQA the code is the tile itself.)
-        const int block_next = refill ? q_block_sizes[group == 1 ? code_next : code_next % num_q_blocks] : 0;
-        const int code_after = t + STAGES < steps ? code_of(t + STAGES) : 0;
+        const int2 entry_after = t + STAGES < steps ? entry_of(t + STAGES) : make_int2(0, 0);
         const int rows = (stage_rows >> 8 * stage) & 0xff;
         unsigned char* cQ = sQ + stage * TILE;
         unsigned char* cdO = sdO + stage * TILE;
@@ -422,14 +479,15 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
         float st[32], dpt[32];  // S^T and dP^T: this warp's 16 keys x 64 query rows
         const unsigned long long stage_offset = descs.stage_step * stage;
         products.dkdv_scores(st, dpt, descs.k, descs.v, descs.q + stage_offset, descs.dout + stage_offset);
-        wgmma_wait<1>();  // S^T done, and so are step t - 1's dV and dK
-        if (refill) {
+        if (refill) {  // while S^T and dP^T run
+            wgmma_wait<2>();  // step t - 1's dV and dK done
             __syncthreads();  // every warp is done with step t - 1's stage
-            push(t - 1 + STAGES, code_next, block_next);
+            push(t - 1 + STAGES, entry_next.x, entry_next.y);
         }
+        wgmma_wait<1>();  // S^T done
         products.dkdv_finish(acc_k, acc_v, st, dpt, descs.q_mn + stage_offset, descs.dout_mn + stage_offset, stats,
                              stats + ATT_BLOCK_M, real_k, rows, scale * LOG2E, warp, lane, t > 0);
-        code_next = code_after;
+        entry_next = entry_after;
     }
     wgmma_wait<0>();
     fence_registers(acc_k);

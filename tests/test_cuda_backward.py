@@ -21,10 +21,11 @@ pytestmark = pytest.mark.gpu
 TOLERANCE = {np.dtype(np.float16): 1e-2, BFLOAT16: 3e-2}
 
 
-@pytest.fixture(params=["auto", "mma"])
+@pytest.fixture(params=["auto", "mma", "unstaged"])
 def poisoned(request, monkeypatch):
-    """Outputs start as NaN; each test runs the default kernels (wgmma on Hopper) and the
-    portable mma.sync ones."""
+    """Outputs start as NaN; each test runs the default kernels (wgmma on Hopper), the portable
+    mma.sync ones, and the default ones with index lists of more than one entry read from global
+    memory rather than staged in shared memory (the path of lists longer than 1024 entries)."""
     import cupy
 
     from vsa_nd.backends import cuda, cuda_attention
@@ -34,7 +35,9 @@ def poisoned(request, monkeypatch):
 
     monkeypatch.setattr(cuda_attention, "_alloc", alloc)
     monkeypatch.setattr(cuda, "_alloc", alloc)
-    monkeypatch.setattr(cuda_attention, "BACKWARD_KERNEL", request.param)
+    monkeypatch.setattr(cuda_attention, "BACKWARD_KERNEL", "mma" if request.param == "mma" else "auto")
+    if request.param == "unstaged":
+        monkeypatch.setattr(cuda_attention, "_LIST_STAGE_LIMIT", 1)
 
 
 def _rel_err(x, ref):
@@ -102,13 +105,15 @@ def test_backward_is_deterministic():
         assert cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16))
 
 
-@pytest.mark.parametrize("kernel", ["auto", "mma"])
+@pytest.mark.parametrize("kernel", ["auto", "mma", "unstaged"])
 def test_smoke_backward(kernel, monkeypatch):
     """A small fixed problem (GQA, gate, cross attention, tile volume 128): the case
-    compute-sanitizer runs."""
+    compute-sanitizer runs ("unstaged": index lists read from global memory, see poisoned)."""
     from vsa_nd.backends import cuda_attention
 
-    monkeypatch.setattr(cuda_attention, "BACKWARD_KERNEL", kernel)
+    monkeypatch.setattr(cuda_attention, "BACKWARD_KERNEL", "mma" if kernel == "mma" else "auto")
+    if kernel == "unstaged":
+        monkeypatch.setattr(cuda_attention, "_LIST_STAGE_LIMIT", 1)
     p = dict(q_plan=vsa_nd.tile_plan((5, 6, 7), (4, 4, 8)), kv_plan=vsa_nd.tile_plan((3, 9, 6), (4, 4, 8)), volume=128,
              batch=2, heads=4, kv_heads=2, head_dim=128, dtype=BFLOAT16, topk=2, gated=True, seed=5)
     (dq, dk, dv, dgate), ref, q_real, kv_real = _run(p)

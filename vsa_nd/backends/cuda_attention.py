@@ -20,6 +20,10 @@ _BLOCK_M = 64  # query rows per CTA (FWD_BLOCK_M in attention_fwd.cu)
 _CHUNK = 64  # keys per pipeline chunk; tile volumes must be multiples of it
 _DQ_STAGES = 1  # K and V stages of bwd_dq_sm90 (DQ_STAGES in attention_bwd_sm90.cu)
 _DKDV_STAGES = 2  # Q, dO, lse and delta stages of bwd_dkdv_sm90 (DKDV_STAGES in attention_bwd_sm90.cu)
+_LIST_BYTES = 1024 * 8  # both sm90 backward passes' staged index list (LIST_BYTES in attention_bwd_sm90.cu)
+# Longest list those passes stage in shared memory (<= 1024, LIST_CAP there); longer ones are read
+# from global memory.  Tests lower it to run both paths.
+_LIST_STAGE_LIMIT = 1024
 _LOG2E = 1.4426950408889634
 
 
@@ -237,10 +241,12 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
         args = (q, k, v, dout, lse, delta, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, _null_or(dq_tile), dq,
                 *common, np.int32(q2k_idx.shape[3]), np.int32(tile_volume), np.float32(scale))
         if wgmma and _tma_ready(k, v):  # else the portable dQ kernel (the dK/dV pass stays on wgmma)
-            # K and V by TMA: Q, dO and _DQ_STAGES stages of K and V, plus one 8-byte barrier per stage of each.
+            # K and V by TMA: Q, dO and _DQ_STAGES stages of K and V, one 8-byte barrier per stage of each,
+            # and the staged list.
             maps = (_TensorMap(k, b * h_kv * kv_len), _TensorMap(v, b * h_kv * kv_len))
             kernel = get_function("attention_bwd_sm90.cu", f"bwd_dq_sm90<{ctype}, {d}>")
-            smem_dq, args = (2 + 2 * _DQ_STAGES) * tile_bytes + 16 * _DQ_STAGES, (maps[0].arg, maps[1].arg) + args
+            smem_dq = (2 + 2 * _DQ_STAGES) * tile_bytes + 16 * _DQ_STAGES + _LIST_BYTES
+            args = (maps[0].arg, maps[1].arg) + args + (np.int32(_LIST_STAGE_LIMIT),)
         else:
             kernel = get_function("attention_bwd.cu", f"bwd_dq<{ctype}, {d}>")
             smem_dq = smem  # Q, dO and two cp.async stages of K and V
@@ -253,11 +259,12 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
                 _null_or(dk_tile), _null_or(dv_tile), dk, dv, *common, np.int32(tile_volume), np.float32(scale))
         stats = 2 * _BLOCK_M * 4  # lse and delta of one stage
         if dkdv_wgmma:
-            # Q and dO by TMA: K, V and _DKDV_STAGES stages of Q, dO, lse and delta, plus one 8-byte barrier per stage.
+            # Q and dO by TMA: K, V and _DKDV_STAGES stages of Q, dO, lse and delta, one 8-byte barrier per
+            # stage, and the staged list.
             maps = (_TensorMap(q, b * h * q_len), _TensorMap(dout, b * h * q_len))
             kernel = get_function("attention_bwd_sm90.cu", f"bwd_dkdv_sm90<{ctype}, {d}>")
-            smem_kv = (2 + 2 * _DKDV_STAGES) * tile_bytes + _DKDV_STAGES * (stats + 8)
-            args = (maps[0].arg, maps[1].arg) + args
+            smem_kv = (2 + 2 * _DKDV_STAGES) * tile_bytes + _DKDV_STAGES * (stats + 8) + _LIST_BYTES
+            args = (maps[0].arg, maps[1].arg) + args + (np.int32(_LIST_STAGE_LIMIT),)
         else:
             kernel = get_function("attention_bwd.cu", f"bwd_dkdv<{ctype}, {d}>")
             smem_kv = smem + 2 * stats  # K, V and two cp.async stages of Q, dO, lse and delta
