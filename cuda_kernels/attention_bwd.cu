@@ -161,32 +161,64 @@ template <typename T, int D> struct MmaProducts {
 
 // delta[b, h, row] = sum_d dout * (out - gate * coarse) on real query rows, 0 on pad rows;
 // and, unless lse_log2 is null, lse_log2[row] = lse[row] * log2(e) (what the Hopper dK/dV pass
-// reads: it saves that pass a multiplication per query column and step).  One warp per row.
+// reads: it saves that pass a multiplication per query column and step).  D / 8 threads per row,
+// each reading 16-byte pieces (the launcher checks the 16-byte alignment), so a CTA of 128
+// threads takes BWD_DELTA_ROWS<D> rows (the launcher's grid); memory-bound: it reads dout and out
+// once (and gate where there is one).
+template <int D> constexpr int BWD_DELTA_ROWS = 128 / (D / 8);
 template <typename T, int D>
 __global__ void __launch_bounds__(128)
 bwd_delta(const T* __restrict__ dout, const T* __restrict__ out, const float* __restrict__ coarse,
           const T* __restrict__ gate, const int* __restrict__ q_block_sizes, const float* __restrict__ lse,
           float* __restrict__ delta, float* __restrict__ lse_log2, long long rows, int q_len, int tile_volume) {
     using namespace vsa;
-    const long long row = static_cast<long long>(blockIdx.x) * 4 + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (row >= rows) return;
-    const int bh = static_cast<int>(row / q_len), slot = static_cast<int>(row % q_len);
-    const int tile = slot / tile_volume;
+    constexpr int LANES = D / 8;  // threads per row, 8 elements each
+    const long long row = static_cast<long long>(blockIdx.x) * BWD_DELTA_ROWS<D> + threadIdx.x / LANES;
+    const int col = (threadIdx.x % LANES) * 8;
+    const bool active = row < rows;  // no early return: the row's threads reduce with shuffles
     float acc = 0.f;
-    if (slot % tile_volume < q_block_sizes[tile]) {
-        const size_t base = static_cast<size_t>(row) * D;
-        const float* c = coarse ? coarse + (static_cast<size_t>(bh) * (q_len / tile_volume) + tile) * D : nullptr;
+    if (active) {
+        const int bh = static_cast<int>(row / q_len), slot = static_cast<int>(row % q_len);
+        const int tile = slot / tile_volume;
+        if (slot % tile_volume < q_block_sizes[tile]) {
+            const size_t base = static_cast<size_t>(row) * D + col;
+            const uint4 o = *reinterpret_cast<const uint4*>(out + base);
+            const uint4 g = *reinterpret_cast<const uint4*>(dout + base);
+            const unsigned int ow[4] = {o.x, o.y, o.z, o.w}, gw[4] = {g.x, g.y, g.z, g.w};
+            float fine[8], grad[8];
 #pragma unroll
-        for (int i = lane; i < D; i += 32) {
-            float fine = to_float(out[base + i]);
-            if (c) fine -= gate ? to_float(gate[base + i]) * c[i] : c[i];
-            acc += to_float(dout[base + i]) * fine;
+            for (int j = 0; j < 4; ++j) {
+                const float2 f = unpack2<T>(ow[j]), d = unpack2<T>(gw[j]);
+                fine[2 * j] = f.x;
+                fine[2 * j + 1] = f.y;
+                grad[2 * j] = d.x;
+                grad[2 * j + 1] = d.y;
+            }
+            if (coarse) {
+                const float* c = coarse + (static_cast<size_t>(bh) * (q_len / tile_volume) + tile) * D + col;
+                float cv[8];
+                *reinterpret_cast<float4*>(cv) = *reinterpret_cast<const float4*>(c);
+                *reinterpret_cast<float4*>(cv + 4) = *reinterpret_cast<const float4*>(c + 4);
+                if (gate) {
+                    const uint4 gt = *reinterpret_cast<const uint4*>(gate + base);
+                    const unsigned int tw[4] = {gt.x, gt.y, gt.z, gt.w};
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const float2 t = unpack2<T>(tw[j]);
+                        cv[2 * j] *= t.x;
+                        cv[2 * j + 1] *= t.y;
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 8; ++j) fine[j] -= cv[j];
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc = fmaf(grad[j], fine[j], acc);
         }
-#pragma unroll
-        for (int m = 16; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
     }
-    if (lane == 0) {
+#pragma unroll
+    for (int m = LANES / 2; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+    if (active && col == 0) {
         delta[row] = acc;
         if (lse_log2) lse_log2[row] = lse[row] * LOG2E;
     }

@@ -228,8 +228,9 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
         rows = b * h * q_len
         delta = _alloc((b, h, q_len), np.float32)
         lse_log2 = _alloc((b, h, q_len), np.float32) if dkdv_wgmma else None  # lse * log2(e), for that pass
+        delta_rows = 128 // (d // 8)  # rows per CTA (BWD_DELTA_ROWS in attention_bwd.cu)
         get_function("attention_bwd.cu", f"bwd_delta<{ctype}, {d}>")(
-            ((rows + 3) // 4,), (128,),
+            ((rows + delta_rows - 1) // delta_rows,), (128,),
             (dout, out, _null_or(coarse), _null_or(gate), q_block_sizes, lse, delta, _null_or(lse_log2),
              np.int64(rows), np.int32(q_len), np.int32(tile_volume)),
         )
