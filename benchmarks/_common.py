@@ -1,8 +1,10 @@
-"""Helpers shared by the benchmark scripts: which commit a figure belongs to, and where a table goes."""
+"""Helpers shared by the benchmark scripts: which commit a figure belongs to, where a table goes, and
+CUDA-event time of calls made back to back."""
 
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -30,3 +32,22 @@ def emit(table: str, out: str | None) -> None:
     print(table)
     if out:
         Path(out).write_text(table + "\n")
+
+
+def time_back_to_back(fns, calls: int, runs: int = 9) -> list:
+    """[median over ``runs`` of the CUDA-event ms per call of ``calls`` calls made in a row] for each
+    of ``fns``, the functions taking turns run by run."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    per_call = [[] for _ in fns]
+    for _ in range(runs):
+        for i, fn in enumerate(fns):
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            per_call[i].append(start.elapsed_time(end) / calls)
+    return [statistics.median(p) for p in per_call]

@@ -29,7 +29,7 @@ import statistics
 import time
 import warnings
 
-from _common import commit
+from _common import commit, time_back_to_back
 
 SHAPES = {
     # name: (seq_shape, heads, head_dim, topk)
@@ -69,25 +69,6 @@ def _time(fns, reps: int, cuda: bool) -> list:
                 end.synchronize()
                 gpu[i].append(start.elapsed_time(end))
     return [(statistics.median(g) if cuda else None, statistics.median(h)) for g, h in zip(gpu, host)]
-
-
-def _time_back_to_back(fns, calls: int, runs: int = 9) -> list:
-    """[median over ``runs`` of the CUDA-event ms per call of ``calls`` calls made in a row] for each
-    of ``fns``, the functions taking turns run by run."""
-    import torch
-
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    per_call = [[] for _ in fns]
-    for _ in range(runs):
-        for i, fn in enumerate(fns):
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            per_call[i].append(start.elapsed_time(end) / calls)
-    return [statistics.median(p) for p in per_call]
 
 
 def _verdict(extra_us: float, base_ms: float) -> str:
@@ -298,7 +279,7 @@ def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile
                   f"({100 * (t_host / a_host - 1):+.1f}%) |", flush=True)
             continue
         extra_us = (t_gpu - a_gpu) * 1e3
-        a_b2b, t_b2b = _time_back_to_back((array_fn, torch_fn), min(reps, 20))
+        a_b2b, t_b2b = time_back_to_back((array_fn, torch_fn), min(reps, 20))
         b2b_us = (t_b2b - a_b2b) * 1e3
         print(f"| {label} | {what} | {a_gpu:.3f} | {t_gpu:.3f} | {extra_us:+.1f} ({100 * (t_gpu / a_gpu - 1):+.1f}%) "
               f"| {_verdict(extra_us, a_gpu)} | {a_b2b:.3f} | {t_b2b:.3f} | {b2b_us:+.1f} "
