@@ -7,7 +7,7 @@
 //
 // Both passes first copy their CTA's index list into shared memory, one int2 per entry (the dQ
 // pass: key tile and its block size; the dK/dV pass: list code and its query tile's block size),
-// when it has at most `list_cap` (<= LIST_CAP = 1024) entries; longer lists are read from
+// when it has at most `list_cap` (and LIST_CAP = 1024) entries; longer lists are read from
 // global memory as the loop goes.  Read from global memory, each chunk's indices are two
 // dependent loads whose latency the warps wait out (Nsight Compute's warp-state samples put ~10%
 // of the dQ pass's warp time and ~5% of the dK/dV pass's on them).  Staged: block-sparse
@@ -16,8 +16,8 @@
 // refill's below).
 //
 // bwd_dq_sm90: Q and dO come once by cp.async; K and V chunks by TMA, one barrier per K and per
-// V stage.  K and V have DQ_STAGES = 1 stage (Q + dO + K + V = 64 KB at D = 128: three CTAs
-// per SM; 32 KB at D = 64: four).  K feeds both S = Q K^T and dQ += dS K, so a stage is
+// V stage.  K and V have DQ_STAGES = 1 stage (Q + dO + K + V + the staged list = 72 KB at
+// D = 128: three CTAs per SM; 40 KB at D = 64: four).  K feeds both S = Q K^T and dQ += dS K, so a stage is
 // refilled (K and V together) once the chunk's last product is done:
 //   wait K_j, V_j -> dq_chunk (below) -> barrier -> refill the stage with chunk j + DQ_STAGES.
 // With one stage a CTA's copy does not overlap its own products; the other CTAs on the SM hide
@@ -37,8 +37,8 @@
 // lse_log2) and 64 delta values by two 1-D bulk copies, all completing on one barrier per
 // stage (expecting their summed bytes; lane 0 of warps 0, 1 and 2 each issues a third of them).
 // They have DKDV_STAGES = 2 stages (K + V + 2 x (Q +
-// dO) + 2 x (lse + delta) = 97 KB at D = 128, 49 KB at D = 64: two CTAs per SM, as registers
-// allow).  Steps are pipelined: step t's S^T and dP^T are issued behind step t - 1's dV and
+// dO) + 2 x (lse + delta) + the staged list = 105 KB at D = 128, 57 KB at D = 64: two CTAs per
+// SM, as registers allow).  Steps are pipelined: step t's S^T and dP^T are issued behind step t - 1's dV and
 // dK, which are still running; once those two are done, step t - 1's stage is refilled while
 // S^T and dP^T run:
 //   wait step t -> issue S^T, dP^T -> wait for step t - 1's dV, dK -> barrier -> refill step
@@ -172,8 +172,9 @@ template <typename T, int D> struct WgmmaProducts {
 // __launch_bounds__ asks the register allocation to allow.
 constexpr int DQ_STAGES = 1;
 // Both passes copy their CTA's list (key tiles, or query-tile codes, with each tile's block size)
-// into shared memory first when it has at most LIST_CAP entries (the launcher's _LIST_CAP), so
-// that the loop reads its indices there rather than by two dependent global loads per chunk.
+// into shared memory first when it has at most min(list_cap, LIST_CAP) entries (list_cap is the
+// launcher's _LIST_STAGE_LIMIT, LIST_BYTES its _LIST_BYTES), so that the loop reads its indices
+// there rather than by two dependent global loads per chunk.
 constexpr int LIST_CAP = 1024;
 constexpr int LIST_BYTES = LIST_CAP * 8;  // one int2 per entry
 template <int D> struct DqSmem {
@@ -253,7 +254,7 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
     // (`current`) goes into stage `issued % STAGES` next.  A chunk past its tile's block size
     // (tile volume > 64) holds no key: it is skipped, and so is the rest of its tile.
     const int entries = n / cta.chunks_per_tile;
-    const bool staged = entries <= list_cap;  // the same in every thread (list_cap <= LIST_CAP)
+    const bool staged = entries <= min(list_cap, LIST_CAP);  // the same in every thread
     if (staged)
         for (int i = tid; i < entries; i += ATT_THREADS) {
             const int tile = cta.list[i];
@@ -391,7 +392,7 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
     // tile itself, and the division is skipped).
     auto block_size_of = [&](int code) { return q_block_sizes[group == 1 ? code : code % num_q_blocks]; };
     const int entries = steps / slices;
-    const bool staged = entries <= list_cap;  // the same in every thread (list_cap <= LIST_CAP)
+    const bool staged = entries <= min(list_cap, LIST_CAP);  // the same in every thread
     if (staged)
         for (int i = tid; i < entries; i += ATT_THREADS) {
             const int code = kv2q_code[first + i];

@@ -120,3 +120,24 @@ def test_smoke_backward(kernel, monkeypatch):
     assert _rel_err(dq[:, :, q_real], ref.dq[:, :, q_real]) <= 3e-2
     assert _rel_err(dk[:, :, kv_real], ref.dk[:, :, kv_real]) <= 3e-2
     assert _rel_err(dv[:, :, kv_real], ref.dv[:, :, kv_real]) <= 3e-2
+
+
+def test_misaligned_coarse_is_refused_before_launch():
+    """bwd_delta reads the coarse output 16 bytes at a time: a float32 view 4 bytes into its
+    allocation is refused with the tensor's name, not faulted on."""
+    import cupy
+
+    from vsa_nd.backends import cuda_attention
+
+    plan = vsa_nd.tile_plan((4, 4, 4))
+    rng = np.random.default_rng(3)
+    shape = (1, 1, plan.padded_len, 64)
+    q, k, v, dout = (cupy.asarray(rng.standard_normal(shape).astype(np.float16)) for _ in range(4))
+    sizes = cupy.asarray(plan.variable_block_sizes)
+    _, ctx = vsa_nd.video_sparse_attn(q, k, v, 1, sizes, return_context=True)
+    coarse = cupy.asarray(ctx.coarse, np.float32)
+    shifted = cupy.empty(coarse.size + 1, np.float32)[1:].reshape(coarse.shape)
+    shifted[...] = coarse
+    with pytest.raises(ValueError, match="coarse: the CUDA attention kernels need arrays starting on a 16-byte boundary"):
+        cuda_attention.block_sparse_bwd(dout, q, k, v, ctx.out, ctx.lse, ctx.q2k_idx, ctx.q2k_num, ctx.q_block_sizes,
+                                        ctx.kv_block_sizes, ctx.scale, shifted, None, None, None, None)

@@ -21,8 +21,8 @@ _CHUNK = 64  # keys per pipeline chunk; tile volumes must be multiples of it
 _DQ_STAGES = 1  # K and V stages of bwd_dq_sm90 (DQ_STAGES in attention_bwd_sm90.cu)
 _DKDV_STAGES = 2  # Q, dO, lse and delta stages of bwd_dkdv_sm90 (DKDV_STAGES in attention_bwd_sm90.cu)
 _LIST_BYTES = 1024 * 8  # both sm90 backward passes' staged index list (LIST_BYTES in attention_bwd_sm90.cu)
-# Longest list those passes stage in shared memory (<= 1024, LIST_CAP there); longer ones are read
-# from global memory.  Tests lower it to run both paths.
+# Longest list those passes stage in shared memory (the kernels also cap it at 1024, LIST_CAP
+# there); longer ones are read from global memory.  Tests lower it to run both paths.
 _LIST_STAGE_LIMIT = 1024
 _LOG2E = 1.4426950408889634
 
@@ -219,9 +219,10 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     h_kv, kv_len = k.shape[1], k.shape[2]
     n_q = q_block_sizes.shape[0]
     tile_volume = q_len // n_q
-    ctype = check_kernel_support(q, tile_volume, k=k, v=v, dout=dout, out=out, gate=gate)
     tiles = lambda x: x if x is None or x.dtype == np.float32 else x.astype(np.float32)  # noqa: E731
     dq_tile, dk_tile, dv_tile, coarse = (tiles(x) for x in (dq_tile, dk_tile, dv_tile, coarse))
+    # coarse too: bwd_delta reads it 16 bytes at a time.
+    ctype = check_kernel_support(q, tile_volume, k=k, v=v, dout=dout, out=out, gate=gate, coarse=coarse)
     with q.device:
         wgmma = _use_wgmma(BACKWARD_KERNEL)
         dkdv_wgmma = wgmma and _tma_ready(q, dout)  # else the portable dK/dV kernel
