@@ -3,10 +3,11 @@
 For each shape: the block-sparse forward and backward alone (effective TFLOP/s counting 2.5x the
 forward's FLOPs for the backward), the full VSA backward (coarse branch included), and a training
 step (VSA forward + backward) against dense SDPA forward + backward (flash and cuDNN).  Medians
-of CUDA-event timings (triton.testing.do_bench: each call starts on an idle GPU with L2 flushed,
-so the host's set-up before the first kernel counts) on random data.  The block-sparse forward
-and backward are also timed back to back: 20 calls in a row, per call, as in a training loop,
-where that set-up hides behind the previous call's kernels.  ``--out FILE`` also writes the table.
+of CUDA-event timings (triton.testing.do_bench: calls queued without synchronising, each after a
+256 MB write that flushes L2) on random data.  The block-sparse forward and backward are also
+timed back to back: 20 calls in a row with no flush, per call, as in a training loop.  Under
+sustained load the H100 lowers its SM clock to stay within its power cap, which the longer runs
+feel more (see BENCHMARKS.md).  ``--out FILE`` also writes the table.
 
     python benchmarks/bench_backward.py [--shapes main,480p] [--out table.md]
 """
@@ -56,8 +57,7 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows):
         ctx.coarse, None, None, None, None)
     ms = _median_ms(fine_bwd)
     add(f"block-sparse backward ({ms / ms_fwd:.2f}x forward)", ms, 2.5 * flops / ms * 1e-9)
-    # The other way of counting: calls in a row, as in a training loop (host set-up hidden behind the
-    # previous call's kernels, L2 not flushed between calls).
+    # The other way of counting: calls in a row with no L2 flush between them, as in a training loop.
     b2b_fwd, b2b_bwd = time_back_to_back((fine_fwd, fine_bwd), calls=20)
     add("block-sparse forward, back to back", b2b_fwd, flops / b2b_fwd * 1e-9)
     add(f"block-sparse backward, back to back ({b2b_bwd / b2b_fwd:.2f}x forward)", b2b_bwd, 2.5 * flops / b2b_bwd * 1e-9)
