@@ -49,7 +49,8 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows):
         print(f"{label:58} {what:48} {ms:9.3f} ms" + (f" {tflops:7.1f} TFLOP/s" if tflops else ""), flush=True)
 
     out, ctx = vsa_nd.video_sparse_attn(q, k, v, topk, sizes, return_context=True)
-    fine_fwd = lambda: vsa_nd.block_sparse_attn(q, k, v, sizes, ctx.q2k_idx, ctx.q2k_num, check_indices=False)  # noqa: E731
+    fine_fwd = lambda: vsa_nd.block_sparse_attn(  # noqa: E731
+        q, k, v, sizes, ctx.q2k_idx, ctx.q2k_num, check_indices=False)
     ms_fwd = _median_ms(fine_fwd)
     add("block-sparse forward", ms_fwd, flops / ms_fwd * 1e-9)
     fine_bwd = lambda: cuda_attention.block_sparse_bwd(  # noqa: E731
@@ -60,7 +61,8 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows):
     # The other way of counting: calls in a row with no L2 flush between them, as in a training loop.
     b2b_fwd, b2b_bwd = time_back_to_back((fine_fwd, fine_bwd), calls=20)
     add("block-sparse forward, back to back", b2b_fwd, flops / b2b_fwd * 1e-9)
-    add(f"block-sparse backward, back to back ({b2b_bwd / b2b_fwd:.2f}x forward)", b2b_bwd, 2.5 * flops / b2b_bwd * 1e-9)
+    add(f"block-sparse backward, back to back ({b2b_bwd / b2b_fwd:.2f}x forward)", b2b_bwd,
+        2.5 * flops / b2b_bwd * 1e-9)
     ms_bwd = _median_ms(lambda: vsa_nd.video_sparse_attn_backward(dout, ctx))
     add("full VSA backward", ms_bwd)
 

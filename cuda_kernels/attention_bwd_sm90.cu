@@ -17,8 +17,8 @@
 //
 // bwd_dq_sm90: Q and dO come once by cp.async; K and V chunks by TMA, one barrier per K and per
 // V stage.  K and V have DQ_STAGES = 1 stage (Q + dO + K + V + the staged list = 72 KB at
-// D = 128: three CTAs per SM; 40 KB at D = 64: four).  K feeds both S = Q K^T and dQ += dS K, so a stage is
-// refilled (K and V together) once the chunk's last product is done:
+// D = 128: three CTAs per SM; 40 KB at D = 64: four).  K feeds both S = Q K^T and dQ += dS K,
+// so a stage is refilled (K and V together) once the chunk's last product is done:
 //   wait K_j, V_j -> dq_chunk (below) -> barrier -> refill the stage with chunk j + DQ_STAGES.
 // With one stage a CTA's copy does not overlap its own products; the other CTAs on the SM hide
 // it, and the third CTA that the smaller footprint admits made the pass faster than two stages
@@ -190,7 +190,8 @@ template <int D> struct DqSmem {
 constexpr int DKDV_STAGES = 2;
 template <int D> struct DkdvSmem {
     static constexpr int STATS = 2 * ATT_BLOCK_M * 4;  // bytes of one stage's lse and delta
-    static constexpr int BYTES = (2 + 2 * DKDV_STAGES) * AttentionSmem<D>::TILE + DKDV_STAGES * (STATS + 8) + LIST_BYTES;
+    static constexpr int BYTES =
+        (2 + 2 * DKDV_STAGES) * AttentionSmem<D>::TILE + DKDV_STAGES * (STATS + 8) + LIST_BYTES;
     static_assert(228 * 1024 / (BYTES + 1024) >= 2, "two CTAs per SM");
 };
 
@@ -426,7 +427,8 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
                 unsigned char* dst = (warp == 1 ? sQ : sdO) + stage * TILE;
                 const TmaDesc* map = warp == 1 ? &tma_q : &tma_do;
 #pragma unroll
-                for (int atom = 0; atom < D / 64; ++atom) tma_load_2d(dst + atom * ATOM_BYTES, map, atom * 64, row0, full);
+                for (int atom = 0; atom < D / 64; ++atom)
+                    tma_load_2d(dst + atom * ATOM_BYTES, map, atom * 64, row0, full);
             }
         }
         const unsigned int rows = real_rows(block_size, slice * ATT_BLOCK_M);

@@ -138,6 +138,6 @@ def test_misaligned_coarse_is_refused_before_launch():
     coarse = cupy.asarray(ctx.coarse, np.float32)
     shifted = cupy.empty(coarse.size + 1, np.float32)[1:].reshape(coarse.shape)
     shifted[...] = coarse
-    with pytest.raises(ValueError, match="coarse: the CUDA attention kernels need arrays starting on a 16-byte boundary"):
+    with pytest.raises(ValueError, match="coarse: the CUDA attention kernels need arrays starting on a 16-byte"):
         cuda_attention.block_sparse_bwd(dout, q, k, v, ctx.out, ctx.lse, ctx.q2k_idx, ctx.q2k_num, ctx.q_block_sizes,
                                         ctx.kv_block_sizes, ctx.scale, shifted, None, None, None, None)
