@@ -51,3 +51,46 @@ def time_back_to_back(fns, calls: int, runs: int = 9) -> list:
             end.synchronize()
             per_call[i].append(start.elapsed_time(end) / calls)
     return [statistics.median(p) for p in per_call]
+
+
+class ClockSampler:
+    """The SM clock of one GPU, sampled by ``nvidia-smi`` every ``interval_ms`` on a background
+    thread while the context is open.  Under sustained load an H100 lowers its clock to stay within
+    its power cap, so a time means little without the clock it ran at.  :meth:`between` summarises
+    the samples of a time window (``time.perf_counter`` values) as "median / min MHz", or "" when
+    there are none (no ``nvidia-smi``, or a window shorter than the interval)."""
+
+    def __init__(self, device: int = 0, interval_ms: int = 50):
+        self._command = ["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits", "-i", str(device),
+                         "-lms", str(interval_ms)]
+        self._samples: list = []  # (perf_counter time, MHz)
+        self._process = None
+
+    def __enter__(self):
+        import threading
+        import time
+
+        try:
+            self._process = subprocess.Popen(self._command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                             text=True)
+        except OSError:
+            return self
+
+        def read(stream):
+            for line in stream:
+                try:
+                    self._samples.append((time.perf_counter(), float(line.strip())))
+                except ValueError:
+                    pass
+
+        threading.Thread(target=read, args=(self._process.stdout,), daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+
+    def between(self, start: float, end: float) -> str:
+        mhz = [m for t, m in list(self._samples) if start <= t <= end]
+        return f"{statistics.median(mhz):.0f} / {min(mhz):.0f}" if mhz else ""

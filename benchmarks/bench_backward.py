@@ -7,7 +7,8 @@ of CUDA-event timings (triton.testing.do_bench: calls queued without synchronisi
 256 MB write that flushes L2) on random data.  The block-sparse forward and backward are also
 timed back to back: 20 calls in a row with no flush, per call, as in a training loop.  Under
 sustained load the H100 lowers its SM clock to stay within its power cap, which the longer runs
-feel more (see BENCHMARKS.md).  ``--out FILE`` also writes the table.
+feel more (see BENCHMARKS.md): each row also gives the SM clock that ``nvidia-smi`` saw while it
+was timed (blank without ``nvidia-smi``).  ``--out FILE`` also writes the table.
 
     python benchmarks/bench_backward.py [--shapes main,480p] [--out table.md]
 """
@@ -16,14 +17,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import time
 
 import numpy as np
 
-from _common import commit, emit, time_back_to_back
+from _common import ClockSampler, commit, emit, time_back_to_back
 from bench_vsa import SHAPES, _median_ms
 
 
-def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows):
+def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks):
     import cupy
     import torch
     import torch.nn.functional as F
@@ -44,9 +46,14 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows):
     label = f"{name}: {seq_shape}, {heads}h, D={head_dim}, {s} tok, top {topk}/{n}"
     flops = 4.0 * heads * head_dim * s_pad * topk * volume
 
-    def add(what, ms, tflops=None):
-        rows.append((label, what, ms, tflops))
-        print(f"{label:58} {what:48} {ms:9.3f} ms" + (f" {tflops:7.1f} TFLOP/s" if tflops else ""), flush=True)
+    last = [time.perf_counter()]  # end of the previous row: each row's clock samples are those since
+
+    def add(what, ms, tflops=None, clock=None):
+        now = time.perf_counter()
+        clock, last[0] = clocks.between(last[0], now) if clock is None else clock, now
+        rows.append((label, what, ms, tflops, clock))
+        print(f"{label:58} {what:48} {ms:9.3f} ms" + (f" {tflops:7.1f} TFLOP/s" if tflops else "")
+              + (f"  SM {clock} MHz" if clock else ""), flush=True)
 
     out, ctx = vsa_nd.video_sparse_attn(q, k, v, topk, sizes, return_context=True)
     fine_fwd = lambda: vsa_nd.block_sparse_attn(  # noqa: E731
@@ -60,9 +67,10 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows):
     add(f"block-sparse backward ({ms / ms_fwd:.2f}x forward)", ms, 2.5 * flops / ms * 1e-9)
     # The other way of counting: calls in a row with no L2 flush between them, as in a training loop.
     b2b_fwd, b2b_bwd = time_back_to_back((fine_fwd, fine_bwd), calls=20)
-    add("block-sparse forward, back to back", b2b_fwd, flops / b2b_fwd * 1e-9)
+    clock = clocks.between(last[0], time.perf_counter())  # the two take turns: one window for both
+    add("block-sparse forward, back to back", b2b_fwd, flops / b2b_fwd * 1e-9, clock)
     add(f"block-sparse backward, back to back ({b2b_bwd / b2b_fwd:.2f}x forward)", b2b_bwd,
-        2.5 * flops / b2b_bwd * 1e-9)
+        2.5 * flops / b2b_bwd * 1e-9, clock)
     ms_bwd = _median_ms(lambda: vsa_nd.video_sparse_attn_backward(dout, ctx))
     add("full VSA backward", ms_bwd)
 
@@ -99,12 +107,14 @@ def main():
 
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     rows: list = []
-    for shape in args.shapes.split(","):
-        bench_shape(shape, *SHAPES[shape], rows)
+    with ClockSampler() as clocks:
+        for shape in args.shapes.split(","):
+            bench_shape(shape, *SHAPES[shape], rows, clocks)
     lines = [f"### CUDA backward on {name}, {datetime.date.today()}, commit {commit()}", "",
-             "| shape | what | time (ms) | TFLOP/s |", "| --- | --- | ---: | ---: |"]
-    for label, what, ms, tflops in rows:
-        lines.append(f"| {label} | {what} | {ms:.3f} | {'' if tflops is None else f'{tflops:.0f}'} |")
+             "| shape | what | time (ms) | TFLOP/s | SM clock while timed (MHz, median / min) |",
+             "| --- | --- | ---: | ---: | --- |"]
+    for label, what, ms, tflops, clock in rows:
+        lines.append(f"| {label} | {what} | {ms:.3f} | {'' if tflops is None else f'{tflops:.0f}'} | {clock} |")
     emit("\n".join(lines), args.out)
 
 
