@@ -46,11 +46,12 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks):
     label = f"{name}: {seq_shape}, {heads}h, D={head_dim}, {s} tok, top {topk}/{n}"
     flops = 4.0 * heads * head_dim * s_pad * topk * volume
 
-    last = [time.perf_counter()]  # end of the previous row: each row's clock samples are those since
+    last = time.perf_counter()  # end of the previous row: each row's clock samples are those since
 
     def add(what, ms, tflops=None, clock=None):
+        nonlocal last
         now = time.perf_counter()
-        clock, last[0] = clocks.between(last[0], now) if clock is None else clock, now
+        clock, last = clocks.between(last, now) if clock is None else clock, now
         rows.append((label, what, ms, tflops, clock))
         print(f"{label:58} {what:48} {ms:9.3f} ms" + (f" {tflops:7.1f} TFLOP/s" if tflops else "")
               + (f"  SM {clock} MHz" if clock else ""), flush=True)
@@ -67,7 +68,7 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks):
     add(f"block-sparse backward ({ms / ms_fwd:.2f}x forward)", ms, 2.5 * flops / ms * 1e-9)
     # The other way of counting: calls in a row with no L2 flush between them, as in a training loop.
     b2b_fwd, b2b_bwd = time_back_to_back((fine_fwd, fine_bwd), calls=20)
-    clock = clocks.between(last[0], time.perf_counter())  # the two take turns: one window for both
+    clock = clocks.between(last, time.perf_counter())  # the two take turns: one window for both
     add("block-sparse forward, back to back", b2b_fwd, flops / b2b_fwd * 1e-9, clock)
     add(f"block-sparse backward, back to back ({b2b_bwd / b2b_fwd:.2f}x forward)", b2b_bwd,
         2.5 * flops / b2b_bwd * 1e-9, clock)

@@ -20,10 +20,11 @@ _BLOCK_M = 64  # query rows per CTA (FWD_BLOCK_M in attention_fwd.cu)
 _CHUNK = 64  # keys per pipeline chunk; tile volumes must be multiples of it
 _DQ_STAGES = 1  # K and V stages of bwd_dq_sm90 (DQ_STAGES in attention_bwd_sm90.cu)
 _DKDV_STAGES = 2  # Q, dO, lse and delta stages of bwd_dkdv_sm90 (DKDV_STAGES in attention_bwd_sm90.cu)
-_LIST_BYTES = 1024 * 8  # both sm90 backward passes' staged index list (LIST_BYTES in attention_bwd_sm90.cu)
-# Longest list those passes stage in shared memory (the kernels also cap it at 1024, LIST_CAP
-# there); longer ones are read from global memory.  Tests lower it to run both paths.
-_LIST_STAGE_LIMIT = 1024
+_LIST_CAP = 1024  # entries of both sm90 backward passes' staged index list (LIST_CAP in attention_bwd_sm90.cu)
+_LIST_BYTES = _LIST_CAP * 8  # one int2 per entry (LIST_BYTES there)
+# Longest list those passes stage in shared memory (the kernels also cap it at LIST_CAP); longer
+# ones are read from global memory.  Tests lower it to run both paths.
+_LIST_STAGE_LIMIT = _LIST_CAP
 _LOG2E = 1.4426950408889634
 
 
@@ -73,6 +74,11 @@ def _use_wgmma(choice: str) -> bool:
 
 def _null_or(x):
     return np.uintp(0) if x is None else x
+
+
+def _float32(x):
+    """x (None allowed) as float32, itself when it already is (astype(copy=False) still costs a call)."""
+    return x if x is None or x.dtype == np.float32 else x.astype(np.float32)
 
 
 # cuTensorMapEncodeTiled arguments (cuda.h enums).
@@ -143,8 +149,7 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
     with q.device:
         out = _alloc(q.shape, q.dtype)
         lse = _alloc((b, h, q_len), np.float32)
-        if coarse is not None and coarse.dtype != np.float32:  # (astype(copy=False) still costs a call)
-            coarse = coarse.astype(np.float32)
+        coarse = _float32(coarse)
         args = (
             q, k, v, q2k_idx, q2k_num, kv_block_sizes, _null_or(coarse), _null_or(gate), out, lse,
             np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len), np.int32(q2k_idx.shape[3]),
@@ -219,8 +224,7 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     h_kv, kv_len = k.shape[1], k.shape[2]
     n_q = q_block_sizes.shape[0]
     tile_volume = q_len // n_q
-    tiles = lambda x: x if x is None or x.dtype == np.float32 else x.astype(np.float32)  # noqa: E731
-    dq_tile, dk_tile, dv_tile, coarse = (tiles(x) for x in (dq_tile, dk_tile, dv_tile, coarse))
+    dq_tile, dk_tile, dv_tile, coarse = (_float32(x) for x in (dq_tile, dk_tile, dv_tile, coarse))
     # coarse too: bwd_delta reads it 16 bytes at a time.
     ctype = check_kernel_support(q, tile_volume, k=k, v=v, dout=dout, out=out, gate=gate, coarse=coarse)
     with q.device:
