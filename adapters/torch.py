@@ -15,8 +15,8 @@ Conversion is zero-copy both ways.  On CPU through torch's NumPy bridge (``Tenso
 side; read-only arrays, the cached plans', cross by DLPack, which carries the flag).  NumPy
 has no bfloat16 that torch knows (and NumPy 2.x refuses DLPack's kDLBfloat), so on CPU
 bfloat16 crosses as int16 and is reinterpreted on the other side (``.view``, no copy).  On
-CUDA a contiguous tensor becomes a ``cupy.ndarray`` over its pointer (the array keeps the
-tensor alive; cheaper than a DLPack capsule on a call's critical path), and results come back
+CUDA a contiguous tensor becomes a ``cupy.ndarray`` over its pointer (cheaper than a DLPack
+capsule on a call's critical path, and cached by pointer, shape and dtype: see ``_as_array``), and results come back
 as raw DLPack capsules (see below), bfloat16 directly where CuPy takes kDLBfloat both ways
 (CuPy 14.2 does; probed once), else as int16 too.  A plan's
 ``variable_block_sizes`` tensor is not converted at all: it stands for the plan's own array,
@@ -108,20 +108,37 @@ _ATTENTION_DTYPES, _TILE_DTYPES = ({device: tuple(_TORCH_DTYPE[d] for d in dtype
 # Zero-copy views both ways, and the device/stream/allocator a CUDA call runs with.
 
 
-def _as_array(t: Tensor):
-    """A NumPy (CPU) or CuPy (CUDA) view of ``t``, sharing its memory.
+# (pointer, shape, dtype, device index) -> a cupy.ndarray over that memory which owns nothing:
+# the views _as_array hands out for contiguous CUDA tensors, kept because building one costs
+# several microseconds on every call's critical path, while the tensors a training loop passes
+# come back with the same pointers call after call (torch's caching allocator).  A view is only
+# ever used while its call runs, when the caller holds the tensor; a later tensor at the same
+# pointer with the same shape and dtype has exactly that view.  Cleared when it fills up.
+_CUDA_VIEWS: dict = {}
+_CUDA_VIEWS_MAX = 256
 
-    On CUDA a contiguous tensor is wrapped directly (a ``cupy.ndarray`` over its pointer,
-    keeping the tensor alive: no DLPack capsule, which costs a few microseconds more per
-    tensor on a call's critical path); others cross as a raw DLPack capsule.  Either way there
-    is no stream hand-off, so the caller orders the two libraries' streams (inside
-    :func:`_running_on` they are the same stream).
+
+def _as_array(t: Tensor):
+    """A NumPy (CPU) or CuPy (CUDA) view of ``t``, sharing its memory, for use during one call.
+
+    On CUDA a contiguous tensor is wrapped directly (a ``cupy.ndarray`` over its pointer, cached
+    in ``_CUDA_VIEWS``: no DLPack capsule, which costs a few microseconds more per tensor on a
+    call's critical path); others cross as a raw DLPack capsule.  Either way there is no stream
+    hand-off, so the caller orders the two libraries' streams (inside :func:`_running_on` they
+    are the same stream).  The cached views do not keep their tensors alive: nothing that vsa_nd
+    returns is an input array, so no view outlives the call it was made for.
     """
     if t.is_cuda:
         if t.is_contiguous():
-            cupy, memory_pointer, unowned_memory = _cupy_parts()
-            memory = unowned_memory(t.data_ptr(), t.nbytes, t, t.get_device())
-            return cupy.ndarray(t.shape, _NUMPY_DTYPE[t.dtype], memory_pointer(memory, 0))
+            key = (t.data_ptr(), t.shape, t.dtype, t.get_device())
+            view = _CUDA_VIEWS.get(key)
+            if view is None:
+                if len(_CUDA_VIEWS) >= _CUDA_VIEWS_MAX:
+                    _CUDA_VIEWS.clear()
+                cupy, memory_pointer, unowned_memory = _cupy_parts()
+                memory = unowned_memory(key[0], t.nbytes, None, key[3])
+                view = _CUDA_VIEWS[key] = cupy.ndarray(t.shape, _NUMPY_DTYPE[t.dtype], memory_pointer(memory, 0))
+            return view
         import cupy
 
         if t.dtype == torch.bfloat16 and not _cupy_takes_bfloat16(t.get_device()):

@@ -544,6 +544,33 @@ def test_cuda_backward_matches_reference(dtype):
 
 
 @pytest.mark.gpu
+def test_cuda_views_cached_by_pointer_follow_new_tensors_at_that_pointer():
+    # _as_array caches its CuPy views by (pointer, shape, dtype, device) without keeping the tensors
+    # alive: a new tensor that torch's allocator places at a freed tensor's address must be seen with
+    # its own values (and dtype), and the cache must stay bounded.
+    import cupy
+
+    plan, (q, k, v, _) = cuda_attention_inputs(torch.bfloat16)
+    storage = torch.empty(q.numel(), device=q.device, dtype=q.dtype)
+    shape = q.shape
+    first_q = storage.view(shape).copy_(q)
+    first = vt.video_sparse_attn(first_q, k, v, 2, plan.variable_block_sizes)
+    del first_q, q
+    storage.normal_()
+    q = storage.view(shape)  # a new tensor at the first one's address, other values
+    second = vt.video_sparse_attn(q, k, v, 2, plan.variable_block_sizes)
+    arrays = [cupy.from_dlpack(x.view(torch.int16)).view(vsa_nd._xp.BFLOAT16) for x in (q, k, v)]
+    expected = vsa_nd.video_sparse_attn(*arrays, 2, plan.array_plan.variable_block_sizes)
+    assert cupy.array_equal(vt._as_array(second).view(np.uint16), expected.view(np.uint16))
+    assert not torch.equal(first, second)
+    same_place = q.view(torch.float16)  # same pointer and shape, another dtype
+    assert vt._as_array(same_place).dtype == np.float16 and vt._as_array(q).dtype == vsa_nd._xp.BFLOAT16
+    for n in range(vt._CUDA_VIEWS_MAX + 10):
+        vt._as_array(torch.empty(n + 1, device="cuda"))
+    assert len(vt._CUDA_VIEWS) <= vt._CUDA_VIEWS_MAX
+
+
+@pytest.mark.gpu
 def test_a_cuda_plan_can_be_the_first_cuda_call_of_a_process():
     # The allocator hook's raw calls skip torch's lazy CUDA initialisation; a fresh process
     # whose first CUDA call builds a plan must still work (a fresh process: this one is initialised).
