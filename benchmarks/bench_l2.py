@@ -28,6 +28,7 @@ import datetime
 import numpy as np
 
 from _common import commit, emit
+from bench_attention import median_ms
 
 HEADS, TILES, TOPK, TILE_ROWS, D = 12, 768, 77, 64, 128
 BLOCK_FLOATS = TILE_ROWS * D  # 8192 floats, 32 KB
@@ -109,21 +110,11 @@ def main():
     total_bytes = ctas * TOPK * BLOCK_FLOATS * 4
     buffer = cupy.random.random((HEADS, TILES * TILE_ROWS, D), dtype=np.float32)
     sink = cupy.zeros(1, np.float32)
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
 
     def time_ms(name, kernel_args, smem):
         kernel = module.get_function(name)
         kernel.max_dynamic_shared_size_bytes = smem
-        launch = lambda: kernel((ctas,), (128,), kernel_args, shared_mem=smem)  # noqa: E731
-        launch()
-        times = []
-        for _ in range(7):
-            start.record()
-            launch()
-            stop.record()
-            stop.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, stop))
-        return float(np.median(times))
+        return median_ms(lambda: kernel((ctas,), (128,), kernel_args, shared_mem=smem), repeats=7, warmup=1)
 
     block_bytes = BLOCK_FLOATS * 4
     cases = [
