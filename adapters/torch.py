@@ -115,7 +115,7 @@ _ATTENTION_DTYPES, _TILE_DTYPES = ({device: tuple(_TORCH_DTYPE[d] for d in dtype
 # ever used while its call runs, when the caller holds the tensor; a later tensor at the same
 # pointer with the same shape and dtype has exactly that view.  Cleared when it fills up.
 _CUDA_VIEWS: dict = {}
-_CUDA_VIEWS_MAX = 256
+_CUDA_VIEWS_MAX = 4096  # a training step of a 40-layer model passes ~1000 distinct tensors
 
 
 def _as_array(t: Tensor):
@@ -125,8 +125,10 @@ def _as_array(t: Tensor):
     in ``_CUDA_VIEWS``: no DLPack capsule, which costs a few microseconds more per tensor on a
     call's critical path); others cross as a raw DLPack capsule.  Either way there is no stream
     hand-off, so the caller orders the two libraries' streams (inside :func:`_running_on` they
-    are the same stream).  The cached views do not keep their tensors alive: nothing that vsa_nd
-    returns is an input array, so no view outlives the call it was made for.
+    are the same stream).  The cached views do not keep their tensors alive, so no view may
+    outlive the call it was made for: no array this module turns into a tensor is an input's view
+    (vsa_nd's results are fresh arrays, except tile/untile with ``out=``, which return ``out``
+    itself: ``_tile_arrays`` drops that result).  A GPU test checks every adapter call for it.
     """
     if t.is_cuda:
         if t.is_contiguous():

@@ -565,9 +565,62 @@ def test_cuda_views_cached_by_pointer_follow_new_tensors_at_that_pointer():
     assert not torch.equal(first, second)
     same_place = q.view(torch.float16)  # same pointer and shape, another dtype
     assert vt._as_array(same_place).dtype == np.float16 and vt._as_array(q).dtype == vsa_nd._xp.BFLOAT16
+    flat = q.view(-1)  # same pointer and dtype, another shape
+    assert vt._as_array(flat).shape == (q.numel(),) and vt._as_array(q).shape == tuple(shape)
     for n in range(vt._CUDA_VIEWS_MAX + 10):
         vt._as_array(torch.empty(n + 1, device="cuda"))
     assert len(vt._CUDA_VIEWS) <= vt._CUDA_VIEWS_MAX
+
+
+@pytest.mark.gpu
+def test_cuda_results_never_alias_the_cached_input_views(monkeypatch):
+    # The cached views own nothing, so no result of an adapter call may be one of them (or lie in
+    # an input's memory): every array turned into a tensor is checked against the views handed out.
+    handed_out = []
+    as_array, as_tensor = vt._as_array, vt._as_tensor
+
+    def recording_as_array(t):
+        view = as_array(t)
+        handed_out.append((view.data.ptr, view.data.ptr + view.nbytes))
+        return view
+
+    converted = []
+
+    def checking_as_tensor(a):
+        start = a.data.ptr
+        assert not any(lo <= start < hi for lo, hi in handed_out if hi > lo), "a result aliases an input"
+        converted.append(a)
+        return as_tensor(a)
+
+    plan, tiled = cuda_attention_inputs(torch.bfloat16)
+    q, k, v, g = (x.detach().requires_grad_() for x in tiled)
+    x = torch.randn(1, plan.seq_len, 2, 64, device="cuda", dtype=torch.bfloat16)
+    idx = torch.zeros(q.shape[0], q.shape[1], plan.num_blocks, 2, device="cuda", dtype=torch.int32)
+    idx[..., 1] = 1
+    tiled_x = vt.tile(x, plan)
+    sizes = plan.variable_block_sizes
+    monkeypatch.setattr(vt, "_as_array", recording_as_array)
+    monkeypatch.setattr(vt, "_as_tensor", checking_as_tensor)
+
+    def call(fn):  # views handed out by one call, all of whose inputs are alive meanwhile
+        handed_out.clear()
+        return fn()
+
+    out = call(lambda: vt.video_sparse_attn(q, k, v, 2, sizes, gate=g))
+    dout = torch.randn_like(out)
+    call(lambda: out.backward(dout))
+    with torch.no_grad():
+        call(lambda: vt.video_sparse_attn(q, k, v, 2, sizes, gate=g))
+        call(lambda: vt.block_sparse_attn(q, k, v, sizes, idx, return_lse=True))
+    call(lambda: vt.tile(x, plan))
+    call(lambda: vt.untile(tiled_x, plan))
+    buffer = torch.empty_like(tiled_x)
+    call(lambda: vt.tile(x, plan, out=buffer))
+    with torch.device("cuda"):  # a torch function mode: the custom-op path
+        out = call(lambda: vt.video_sparse_attn(q, k, v, 2, sizes, gate=g))
+        dout = torch.ones_like(out)
+        call(lambda: out.backward(dout))
+    assert len(converted) >= 20
 
 
 @pytest.mark.gpu
