@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmark scripts: which commit a figure belongs to, where a table goes, and
-CUDA-event time of calls made back to back."""
+"""Helpers shared by the benchmark scripts: which commit a figure belongs to, where a table goes,
+CUDA-event time of single calls (CuPy) and of calls made back to back (torch), and the SM clock."""
 
 from __future__ import annotations
 
@@ -32,6 +32,23 @@ def emit(table: str, out: str | None) -> None:
     print(table)
     if out:
         Path(out).write_text(table + "\n")
+
+
+def median_ms(fn, repeats: int = 50, warmup: int = 5) -> float:
+    """Median CUDA-event ms (CuPy events on the current stream) of one call of ``fn``, after ``warmup`` calls."""
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return statistics.median(times)
 
 
 def time_back_to_back(fns, calls: int, runs: int = 9) -> list:

@@ -13,21 +13,7 @@ import argparse
 
 import numpy as np
 
-
-def median_ms(fn, repeats: int = 50, warmup: int = 5) -> float:
-    import cupy
-
-    for _ in range(warmup):
-        fn()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
+from _common import median_ms
 
 
 def main():

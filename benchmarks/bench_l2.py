@@ -27,8 +27,7 @@ import datetime
 
 import numpy as np
 
-from _common import commit, emit
-from bench_attention import median_ms
+from _common import commit, emit, median_ms
 
 HEADS, TILES, TOPK, TILE_ROWS, D = 12, 768, 77, 64, 128
 BLOCK_FLOATS = TILE_ROWS * D  # 8192 floats, 32 KB
