@@ -613,6 +613,13 @@ def _cached_plan(seq_shape: tuple, tile_shape: tuple, device: torch.device) -> T
         array_plan = vsa_nd.tile_plan(seq_shape, tile_shape, device=_device_key(device))
         plan = TilePlan.wrap(array_plan, device, _as_tensor)
     _PLAN_BLOCK_SIZES[id(plan.variable_block_sizes)] = (plan.variable_block_sizes, array_plan.variable_block_sizes)
+    if device.type == "cuda":
+        # A static address for torch.compile: under mode="reduce-overhead" its CUDA graphs copy
+        # every other input tensor into a buffer of their own on each call, and a copy of the
+        # block sizes is no longer the plan's array, so vsa_nd would check its values, a copy to
+        # the host that graph capture forbids.  This is what torch._dynamo.mark_static_address
+        # does, without importing torch._dynamo (a second of start-up); a GPU test covers it.
+        plan.variable_block_sizes._dynamo_static_input_type = "unguarded"
     return plan
 
 

@@ -206,7 +206,7 @@ def _breakdown(cases, label: str, reps: int = 50):
 
 def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile_shape=None, *, reps: int,
                 cuda: bool, profile: bool = False, breakdown: bool = False, profile_backward: bool = False,
-                graphs: bool = False):
+                graphs: bool = False, compiled: bool = False):
     import torch
 
     import vsa_nd
@@ -287,6 +287,49 @@ def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile
               flush=True)
     if cuda and graphs:
         _graph_replay(label, torch_train_step, reps)
+    if cuda and compiled:
+        _compiled_calls(label, cases, (q, k, v, gate), graded, dout, topk, sizes, reps)
+
+
+def _compiled_calls(label: str, cases, inputs, graded, dout, topk: int, sizes, reps: int):
+    """The torch calls of the VSA forward and of forward + backward under
+    ``torch.compile(mode="reduce-overhead")``, which records them in CUDA graphs (torch's graph
+    trees) and replays them, against the same array calls as the eager rows.  Each call begins a
+    new graph-tree step (``torch.compiler.cudagraph_mark_step_begin``), as a training loop's
+    iterations do; inputs that are not static are copied into the graph's own buffers on every
+    replay, and that copy is counted."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    import vsa_nd.adapters.torch as vt
+
+    def attention(q, k, v, gate):
+        return vt.video_sparse_attn(q, k, v, topk, sizes, gate=gate)
+
+    forward = torch.compile(attention, mode="reduce-overhead", fullgraph=True)
+    trained = torch.compile(attention, mode="reduce-overhead", fullgraph=True)
+
+    def compiled_forward():
+        torch.compiler.cudagraph_mark_step_begin()
+        forward(*inputs)
+
+    def compiled_train_step():
+        torch.compiler.cudagraph_mark_step_begin()
+        torch.autograd.grad(trained(*graded), graded, dout)
+
+    skips = counters["inductor"]["cudagraph_skips"]
+    for (what, array_fn, _), torch_fn in zip((cases[0], cases[2]), (compiled_forward, compiled_train_step)):
+        (a_gpu, a_host), (t_gpu, t_host) = _time((array_fn, torch_fn), reps, True)
+        extra_us = (t_gpu - a_gpu) * 1e3
+        a_b2b, t_b2b = time_back_to_back((array_fn, torch_fn), min(reps, 20))
+        b2b_us = (t_b2b - a_b2b) * 1e3
+        print(f"| {label} | {what}, torch.compile(mode=\"reduce-overhead\") | {a_gpu:.3f} | {t_gpu:.3f} "
+              f"| {extra_us:+.1f} ({100 * (t_gpu / a_gpu - 1):+.1f}%) | {_verdict(extra_us, a_gpu)} | {a_b2b:.3f} "
+              f"| {t_b2b:.3f} | {b2b_us:+.1f} ({100 * (t_b2b / a_b2b - 1):+.1f}%) | {_verdict(b2b_us, a_b2b)} "
+              f"| {a_host:.0f} / {t_host:.0f} |", flush=True)
+    if counters["inductor"]["cudagraph_skips"] != skips:  # the calls above then ran without graphs
+        print(f"| {label} | torch.compile skipped CUDA graphs: the compiled rows above are not graph replays "
+              f"| | | | | | | | | |", flush=True)
 
 
 def _graph_replay(label: str, train_step, reps: int):
@@ -318,6 +361,8 @@ def main():
                         help="CUDA: host time from the call to the fine kernel's launch, instead of timings")
     parser.add_argument("--graphs", action="store_true",
                         help="CUDA: also time the torch forward + backward replayed from a CUDA graph")
+    parser.add_argument("--compiled", action="store_true",
+                        help='CUDA: also time the torch calls under torch.compile(mode="reduce-overhead") (CUDA graphs)')
     parser.add_argument("--profile-backward", action="store_true",
                         help="cProfile of the backward alone (the torch one inside autograd's thread)")
     args = parser.parse_args()
@@ -340,7 +385,7 @@ def main():
         print("| --- | --- | --- | --- | --- |")
     for name in names:
         bench_shape(name, *shapes[name], reps=args.reps, cuda=cuda, profile=args.profile, breakdown=args.breakdown,
-                    profile_backward=args.profile_backward, graphs=args.graphs)
+                    profile_backward=args.profile_backward, graphs=args.graphs, compiled=args.compiled)
 
 
 if __name__ == "__main__":

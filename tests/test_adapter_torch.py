@@ -734,6 +734,54 @@ def test_cuda_graph_capture_of_forward_and_backward():
 
 
 @pytest.mark.gpu
+def test_torch_compile_reduce_overhead_replays_forward_and_backward(monkeypatch):
+    """torch.compile(mode="reduce-overhead") records the VSA forward and backward (through tile,
+    VSA with GQA and a gate, untile) in CUDA graphs and replays them: after the warm-up and
+    recording calls no Python of vsa_nd runs, no graph is skipped, and each call with new inputs
+    gives the eager output and gradients bit for bit."""
+    from torch._dynamo.utils import counters
+
+    from vsa_nd.adapters import _common
+
+    plan = vt.tile_plan((4, 8, 8), (4, 4, 4), device="cuda")
+    heads = (4, 2, 2, 4)
+    runs = {"forward": 0, "backward": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            runs[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(_common, "vsa_forward", counted("forward", _common.vsa_forward))
+    monkeypatch.setattr(_common, "vsa_backward", counted("backward", _common.vsa_backward))
+
+    def attention(q, k, v, g):
+        return _tile_vsa_untile(plan, q, k, v, g)
+
+    compiled = torch.compile(attention, mode="reduce-overhead", fullgraph=True)
+    skips = counters["inductor"]["cudagraph_skips"]
+    python_runs = []
+    for seed in range(5):  # warm-up, recording, then replays
+        tensors = [x.requires_grad_() for x in
+                   untiled_inputs(plan, torch.bfloat16, heads=heads, dim=64, seed=seed, device="cuda")]
+        dout = torch.randn(tensors[0].shape, device="cuda", dtype=torch.bfloat16,
+                           generator=torch.Generator(device="cuda").manual_seed(100 + seed))
+        before = dict(runs)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(*tensors)
+        grads = torch.autograd.grad(out, tensors, dout)
+        out, grads = out.detach().clone(), [g.clone() for g in grads]  # the next replay reuses their memory
+        python_runs.append((runs["forward"] - before["forward"], runs["backward"] - before["backward"]))
+        expected = attention(*tensors)
+        for got, want in zip([out, *grads], [expected, *torch.autograd.grad(expected, tensors, dout)]):
+            assert torch.equal(got, want)
+    assert python_runs[0] == (1, 1)  # the warm-up runs eagerly
+    assert python_runs[-2:] == [(0, 0), (0, 0)]  # replays run no Python of vsa_nd
+    assert counters["inductor"]["cudagraph_skips"] == skips
+
+
+@pytest.mark.gpu
 def test_cuda_mixed_torch_and_cupy():
     """CuPy-tiled arrays fed to the torch adapter, torch results read by CuPy, same numbers."""
     import cupy

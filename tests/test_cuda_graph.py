@@ -104,3 +104,32 @@ def test_matmul_capture_and_replay():
     stream.synchronize()
     for (ta, tb), (a, b) in static.items():
         assert cupy.array_equal(captured[ta, tb], cuda.matmul(a, b, ta, tb, alpha=0.5))
+
+
+@pytest.mark.parametrize("what", ["block sizes", "index lists"])
+def test_value_checks_refused_under_capture(what):
+    """Arrays whose values vsa_nd would check (block sizes that are not a plan's, index lists with
+    check_indices) raise a ValueError that says why and what to pass instead, before any copy to
+    the host breaks the capture; the capture then ends cleanly."""
+    import cupy
+
+    plan = vsa_nd.tile_plan(SEQ, TILE, device="cuda:0")
+    q, k, v, gate, _ = _inputs(plan, seed=0)
+    sizes = plan.variable_block_sizes.copy()  # same values, but not the plan's array: checked
+    q2k_idx = cupy.zeros((1, HEADS, plan.num_blocks, 1), dtype=np.int32)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    cupy.cuda.Device().synchronize()
+    with stream:
+        vsa_nd.video_sparse_attn(q, k, v, TOPK, sizes, gate=gate)  # outside a capture the check runs
+        vsa_nd.block_sparse_attn(q, k, v, plan.variable_block_sizes, q2k_idx)
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            if what == "block sizes":
+                with pytest.raises(ValueError, match="block_sizes: .*captured.*variable_block_sizes"):
+                    vsa_nd.video_sparse_attn(q, k, v, TOPK, sizes, gate=gate)
+            else:
+                with pytest.raises(ValueError, match="q2k_idx: .*captured.*check_indices=False"):
+                    vsa_nd.block_sparse_attn(q, k, v, plan.variable_block_sizes, q2k_idx)
+        finally:
+            stream.end_capture()
