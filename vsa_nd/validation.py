@@ -2,8 +2,9 @@
 
 Each raises ``TypeError`` (wrong kind of object, dtype or device) or ``ValueError`` (wrong
 shape or value) naming the argument, what was expected and what was received.  Value
-checks of device arrays cost one host synchronisation; index arrays that come from a
-cached :class:`~vsa_nd.tiling.TilePlan` or from vsa_nd's own selection are trusted.
+checks of device arrays cost one host synchronisation, so during CUDA graph capture, which
+forbids it, they raise a ValueError instead; index arrays that come from a cached
+:class:`~vsa_nd.tiling.TilePlan` or from vsa_nd's own selection are trusted.
 """
 
 from __future__ import annotations
