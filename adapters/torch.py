@@ -30,7 +30,9 @@ between them needs the DLPack protocol's stream hand-off: results cross as raw c
 allocates (outputs and intermediates) comes from torch's caching allocator (raw allocations on
 the current stream), so torch accounts for all memory and, under CUDA-graph capture,
 intermediates come from the graph's private pool.  Every CUDA function can be captured in a CUDA graph, the VSA forward and backward
-included (warm them up eagerly first: kernels compile and plans build on first use).  CuPy
+included (warm them up eagerly first: kernels compile and plans build on first use), given
+block sizes from a plan and, for :func:`block_sparse_attn`, ``check_indices=False``: value
+checks need the host, and under capture they raise a ValueError saying so.  CuPy
 is imported only when a CUDA tensor is passed; this module never imports JAX.
 
 Autograd: :func:`video_sparse_attn` differentiates q, k, v and gate through both VSA stages,
@@ -401,14 +403,15 @@ def _vsa_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Optional[
 
 
 def _block_sparse(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes: Tensor, q2k_idx: Tensor, q2k_num: Optional[Tensor],
-                  scale: float) -> tuple[Tensor, Tensor]:
+                  scale: float, check_indices: bool) -> tuple[Tensor, Tensor]:
     """(out, lse) of the fine stage."""
-    return _run(_block_sparse_arrays, q, k, v, kv_block_sizes, q2k_idx, q2k_num, scale=scale)
+    return _run(_block_sparse_arrays, q, k, v, kv_block_sizes, q2k_idx, q2k_num, scale=scale,
+                check_indices=check_indices)
 
 
-def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, scale):
+def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, scale, check_indices):
     return vsa_nd.block_sparse_attn(q, k, v, _common.trusted(kv_block_sizes), q2k_idx, q2k_num, scale=scale,
-                                    return_lse=True)
+                                    return_lse=True, check_indices=check_indices)
 
 
 def _tile(x: Tensor, seq_shape: list[int], tile_shape: list[int]) -> Tensor:
@@ -473,7 +476,7 @@ def _(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, scale, out, context):
 
 
 @_block_sparse_op.register_fake
-def _(q, k, v, kv_block_sizes, q2k_idx, q2k_num, scale):
+def _(q, k, v, kv_block_sizes, q2k_idx, q2k_num, scale, check_indices):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
@@ -615,7 +618,7 @@ def _cached_plan(seq_shape: tuple, tile_shape: tuple, device: torch.device) -> T
     _PLAN_BLOCK_SIZES[id(plan.variable_block_sizes)] = (plan.variable_block_sizes, array_plan.variable_block_sizes)
     if device.type == "cuda":
         # A static address for torch.compile: under mode="reduce-overhead" its CUDA graphs copy
-        # every other input tensor into a buffer of their own on each call, and a copy of the
+        # every input that is not static into a buffer of their own on each call, and a copy of the
         # block sizes is no longer the plan's array, so vsa_nd would check its values, a copy to
         # the host that graph capture forbids.  This is what torch._dynamo.mark_static_address
         # does, without importing torch._dynamo (a second of start-up); a GPU test covers it.
@@ -708,14 +711,16 @@ def video_sparse_attn(q: Tensor, k: Tensor, v: Tensor, topk: int, q_block_sizes,
 
 
 def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes, q2k_idx: Tensor, q2k_num: Optional[Tensor] = None,
-                      *, scale: Optional[float] = None, return_lse: bool = False):
+                      *, scale: Optional[float] = None, return_lse: bool = False, check_indices: bool = True):
     """Fine stage only (see :func:`vsa_nd.block_sparse_attn`), forward only.
 
     q [B, H, Sq_pad, D]; k, v [B, H_kv, Skv_pad, D]; ``kv_block_sizes`` [N_kv];
     ``q2k_idx`` [B, H, N_q, L] and ``q2k_num`` [B, H, N_q] (default: all L) integer tensors
     on q's device (or ints).  Returns out [B, H, Sq_pad, D] (and lse [B, H, Sq_pad] float32, float64
     for float64 inputs, with ``return_lse``).  Index values are checked (on CUDA, one host
-    synchronisation).  vsa_nd has no backward for the fine stage alone, so inputs that
+    synchronisation, which CUDA graph capture forbids) unless ``check_indices=False`` (for lists
+    known to be valid, e.g. from vsa_nd's own selection).  vsa_nd has no backward for the fine
+    stage alone, so inputs that
     need a gradient are refused; differentiate :func:`video_sparse_attn` instead.
     """
     _check_tensor("q", q, _ATTENTION_DTYPES)
@@ -728,7 +733,7 @@ def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes, q2k_idx: 
     q2k_idx = _int_tensor("q2k_idx", q2k_idx, q.device)
     if q2k_num is not None:
         q2k_num = _int_tensor("q2k_num", q2k_num, q.device)
-    args = (q, k, v, kv_block_sizes, q2k_idx, q2k_num, _common.resolve_scale(scale, q.shape[-1]))
+    args = (q, k, v, kv_block_sizes, q2k_idx, q2k_num, _common.resolve_scale(scale, q.shape[-1]), bool(check_indices))
     out, lse = _block_sparse(*args) if _plain_eager(*args[:6]) else _block_sparse_op(*args)
     return (out, lse) if return_lse else out
 

@@ -300,14 +300,16 @@ def _compiled_calls(label: str, cases, inputs, graded, dout, topk: int, sizes, r
     compiled model q, k, v and the gate come from projections inside the graph, whereas graph
     inputs that are not static are copied into the graph's own buffers on every replay (at the
     main shape ``aten::_foreach_copy_`` took 0.51 ms per call for the four 151 MB tensors, with
-    the VSA kernels' times unchanged)."""
+    the VSA kernels' times unchanged).  The output gradient of forward + backward cannot be
+    marked (torch copies the backward graph's incoming gradients all the same): that copy, one
+    q-sized tensor per call, is counted."""
     import torch
     import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
 
     import vsa_nd.adapters.torch as vt
 
-    for t in (*inputs, *graded, dout):
+    for t in (*inputs, *graded):
         torch._dynamo.mark_static_address(t)
     # With inductor's on-disk graph cache on, a machine that had compiled the same function before
     # without the marks still copied the inputs (torch 2.11, H100, main shape: 4.40 against 3.50

@@ -734,6 +734,40 @@ def test_cuda_graph_capture_of_forward_and_backward():
 
 
 @pytest.mark.gpu
+def test_cuda_graph_capture_of_block_sparse_attn_with_unchecked_indices():
+    """block_sparse_attn checks index values through the host unless check_indices=False: under
+    capture it says so (ValueError) without breaking the capture, and with check_indices=False
+    it is captured and replays with new inputs as the eager call computes."""
+    plan = vt.tile_plan((4, 8, 8), (4, 4, 4), device="cuda")
+    q, k, v, _ = (vt.tile(x, plan) for x in
+                  untiled_inputs(plan, torch.bfloat16, heads=(2, 2, 2, 2), dim=64, device="cuda"))
+    idx = torch.zeros(q.shape[0], q.shape[1], plan.num_blocks, 2, device="cuda", dtype=torch.int32)
+    idx[..., 1] = 1
+    sizes = plan.variable_block_sizes
+
+    def step():
+        return vt.block_sparse_attn(q, k, v, sizes, idx, check_indices=False)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on the capture stream
+        step()
+        vt.block_sparse_attn(q, k, v, sizes, idx)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        with pytest.raises(ValueError, match="q2k_idx: .*captured.*check_indices=False"):
+            vt.block_sparse_attn(q, k, v, sizes, idx)
+        captured = step()
+    fresh = [vt.tile(x, plan) for x in
+             untiled_inputs(plan, torch.bfloat16, heads=(2, 2, 2, 2), dim=64, seed=1, device="cuda")[:3]]
+    for dst, src in zip((q, k, v), fresh):
+        dst.copy_(src)
+    graph.replay()
+    assert torch.equal(captured, step())
+
+
+@pytest.mark.gpu
 def test_torch_compile_reduce_overhead_replays_forward_and_backward(monkeypatch):
     """torch.compile(mode="reduce-overhead") records the VSA forward and backward (through tile,
     VSA with GQA and a gate, untile) in CUDA graphs and replays them: after the warm-up and

@@ -93,35 +93,43 @@ def as_index_array(name: str, x, like, length: int | None = None, ndim: int = 1)
     return x
 
 
-def _capturing(x) -> bool:
-    """Whether a CUDA graph is being captured on CuPy's current stream (where a check of ``x``'s
-    values would copy them to the host, which capture forbids).  Always False for NumPy arrays."""
-    if not is_cupy_array(x):
+_CAPTURE_IMPLICIT = 906  # cudaErrorStreamCaptureImplicit
+
+
+def _capturing(like) -> bool:
+    """Whether a CUDA graph is being captured on CuPy's current stream, for work on ``like``'s
+    device (always False for NumPy arrays): then nothing may synchronise with the host."""
+    if not is_cupy_array(like):
         return False
     import cupy
 
     try:
         return cupy.cuda.get_current_stream().is_capturing()
-    except cupy.cuda.runtime.CUDARuntimeError:  # the legacy stream while another stream captures globally
-        return True
+    except cupy.cuda.runtime.CUDARuntimeError as e:
+        # Querying the legacy stream while a blocking stream of the device captures: a capture it is.
+        if e.status == _CAPTURE_IMPLICIT:
+            return True
+        raise
 
 
-def refuse_value_check_under_capture(name: str, x, remedy: str):
-    """ValueError if ``x``'s values would need checking (a copy to the host) during CUDA graph capture."""
-    if _capturing(x):
+def refuse_value_check_under_capture(name: str, like, remedy: str):
+    """ValueError if checking ``name``'s values for work on ``like``'s device would have to
+    synchronise with the host during CUDA graph capture, which forbids it."""
+    if _capturing(like):
         raise ValueError(
-            f"{name}: its values cannot be checked while a CUDA graph is being captured (the check copies them to "
-            f"the host); {remedy}"
+            f"{name}: its values cannot be checked while a CUDA graph is being captured (the check synchronises "
+            f"with the host); {remedy}"
         )
 
 
 def check_block_sizes(name: str, block_sizes, like, num_blocks: int, tile_volume: int):
     """int32 block sizes on ``like``'s device, each in ``[1, tile_volume]``."""
     trusted = _is_trusted(block_sizes)
+    if not trusted and num_blocks:  # before any copy to like's device, which would break the capture too
+        refuse_value_check_under_capture(
+            name, like, "pass a plan's variable_block_sizes (tile_plan), which vsa_nd trusts without a check")
     out = as_index_array(name, block_sizes, like, num_blocks)
     if not trusted and num_blocks:
-        refuse_value_check_under_capture(
-            name, out, "pass a plan's variable_block_sizes (tile_plan), which vsa_nd trusts without a check")
         low, high = int(out.min()), int(out.max())
         if low < 1 or high > tile_volume:
             raise ValueError(
@@ -134,7 +142,7 @@ def check_index_lists(q2k_idx, q2k_num, num_kv_blocks: int, check_values: bool):
     """Index lists: entries ``[0, num)`` of each row inside ``[0, N_kv)`` and distinct."""
     if not check_values:
         return
-    refuse_value_check_under_capture("q2k_idx", q2k_idx, "pass check_indices=False to vsa_nd.block_sparse_attn for lists known to be valid")
+    refuse_value_check_under_capture("q2k_idx", q2k_idx, "pass check_indices=False for lists known to be valid")
     xp = array_module(q2k_idx)
     num = q2k_num.astype(np.int64)
     if int(num.min(initial=0) if xp is np else num.min()) < 0 or int(num.max()) > q2k_idx.shape[-1]:
