@@ -278,17 +278,24 @@ def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile
             print(f"| {label} | {what} | {a_host:.1f} | {t_host:.1f} | {t_host - a_host:+.1f} "
                   f"({100 * (t_host / a_host - 1):+.1f}%) |", flush=True)
             continue
-        extra_us = (t_gpu - a_gpu) * 1e3
-        a_b2b, t_b2b = time_back_to_back((array_fn, torch_fn), min(reps, 20))
-        b2b_us = (t_b2b - a_b2b) * 1e3
-        print(f"| {label} | {what} | {a_gpu:.3f} | {t_gpu:.3f} | {extra_us:+.1f} ({100 * (t_gpu / a_gpu - 1):+.1f}%) "
-              f"| {_verdict(extra_us, a_gpu)} | {a_b2b:.3f} | {t_b2b:.3f} | {b2b_us:+.1f} "
-              f"({100 * (t_b2b / a_b2b - 1):+.1f}%) | {_verdict(b2b_us, a_b2b)} | {a_host:.0f} / {t_host:.0f} |",
-              flush=True)
+        _cuda_row(label, what, array_fn, torch_fn, (a_gpu, a_host), (t_gpu, t_host), reps)
     if cuda and graphs:
         _graph_replay(label, torch_train_step, reps)
     if cuda and compiled:
         _compiled_calls(label, cases, (q, k, v, gate), graded, dout, topk, sizes, reps)
+
+
+def _cuda_row(label: str, what: str, array_fn, torch_fn, array_single, torch_single, reps: int):
+    """Print one CUDA table row: the single-call (gpu ms, host us) pairs of :func:`_time`, then
+    both functions timed back to back, each way with its verdict."""
+    (a_gpu, a_host), (t_gpu, t_host) = array_single, torch_single
+    extra_us = (t_gpu - a_gpu) * 1e3
+    a_b2b, t_b2b = time_back_to_back((array_fn, torch_fn), min(reps, 20))
+    b2b_us = (t_b2b - a_b2b) * 1e3
+    print(f"| {label} | {what} | {a_gpu:.3f} | {t_gpu:.3f} | {extra_us:+.1f} ({100 * (t_gpu / a_gpu - 1):+.1f}%) "
+          f"| {_verdict(extra_us, a_gpu)} | {a_b2b:.3f} | {t_b2b:.3f} | {b2b_us:+.1f} "
+          f"({100 * (t_b2b / a_b2b - 1):+.1f}%) | {_verdict(b2b_us, a_b2b)} | {a_host:.0f} / {t_host:.0f} |",
+          flush=True)
 
 
 def _compiled_calls(label: str, cases, inputs, graded, dout, topk: int, sizes, reps: int):
@@ -332,14 +339,8 @@ def _compiled_calls(label: str, cases, inputs, graded, dout, topk: int, sizes, r
 
     skips = counters["inductor"]["cudagraph_skips"]
     for (what, array_fn, _), torch_fn in zip((cases[0], cases[2]), (compiled_forward, compiled_train_step)):
-        (a_gpu, a_host), (t_gpu, t_host) = _time((array_fn, torch_fn), reps, True)
-        extra_us = (t_gpu - a_gpu) * 1e3
-        a_b2b, t_b2b = time_back_to_back((array_fn, torch_fn), min(reps, 20))
-        b2b_us = (t_b2b - a_b2b) * 1e3
-        print(f"| {label} | {what}, torch.compile(mode=\"reduce-overhead\") | {a_gpu:.3f} | {t_gpu:.3f} "
-              f"| {extra_us:+.1f} ({100 * (t_gpu / a_gpu - 1):+.1f}%) | {_verdict(extra_us, a_gpu)} | {a_b2b:.3f} "
-              f"| {t_b2b:.3f} | {b2b_us:+.1f} ({100 * (t_b2b / a_b2b - 1):+.1f}%) | {_verdict(b2b_us, a_b2b)} "
-              f"| {a_host:.0f} / {t_host:.0f} |", flush=True)
+        _cuda_row(label, f'{what}, torch.compile(mode="reduce-overhead")', array_fn, torch_fn,
+                  *_time((array_fn, torch_fn), reps, True), reps)
     if counters["inductor"]["cudagraph_skips"] != skips:  # the calls above then ran without graphs
         print(f"| {label} | torch.compile skipped CUDA graphs: the compiled rows above are not graph replays "
               f"| | | | | | | | | |", flush=True)

@@ -124,12 +124,12 @@ def refuse_value_check_under_capture(name: str, like, remedy: str):
 
 def check_block_sizes(name: str, block_sizes, like, num_blocks: int, tile_volume: int):
     """int32 block sizes on ``like``'s device, each in ``[1, tile_volume]``."""
-    trusted = _is_trusted(block_sizes)
-    if not trusted and num_blocks:  # before any copy to like's device, which would break the capture too
+    checked = num_blocks and not _is_trusted(block_sizes)
+    if checked:  # before any copy to like's device, which would break the capture too
         refuse_value_check_under_capture(
             name, like, "pass a plan's variable_block_sizes (tile_plan), which vsa_nd trusts without a check")
     out = as_index_array(name, block_sizes, like, num_blocks)
-    if not trusted and num_blocks:
+    if checked:
         low, high = int(out.min()), int(out.max())
         if low < 1 or high > tile_volume:
             raise ValueError(
