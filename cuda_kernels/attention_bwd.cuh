@@ -102,8 +102,8 @@ template <int D> struct DkdvCta {
     size_t tile_row;   // element offset of the key tile's row in dk_tile / dv_tile
 
     __device__ DkdvCta(const int* kv2q_offsets, const int* kv_block_sizes, int num_heads, int num_kv_heads, int q_len,
-                       int kv_len, int tile_volume)
-        : bh_kv(blockIdx.y), b(bh_kv / num_kv_heads), kv_head(bh_kv % num_kv_heads), group(num_heads / num_kv_heads),
+                       int kv_len, int tile_volume, int bh_kv0 = 0)  // bh_kv0: (batch, kv head) of blockIdx.y == 0
+        : bh_kv(blockIdx.y + bh_kv0), b(bh_kv / num_kv_heads), kv_head(bh_kv % num_kv_heads), group(num_heads / num_kv_heads),
           num_q_blocks(q_len / tile_volume), num_kv_blocks(kv_len / tile_volume) {
         const int key0 = blockIdx.x * ATT_BLOCK_N;
         kv_tile = key0 / tile_volume;

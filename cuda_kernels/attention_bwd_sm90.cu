@@ -5,6 +5,15 @@
 // 64-column atom, completing on a shared-memory barrier, so the warps spend no instructions on
 // addresses.  delta comes from attention_bwd.cu's bwd_delta.
 //
+// Two ways to get dQ (the launcher, block_sparse_bwd, picks one per call):
+//   - with a dS workspace (D = 128 by default): bwd_dkdv_sm90 runs first and stores each step's
+//     dS (8 KB per 64 x 64 block, "dS blocks" below), then bwd_dq_ds_sm90 sums dS K from them:
+//     five matrix products per (query tile, key tile) pair instead of seven.  On the H100 the
+//     block-sparse backward took 8.24 against 9.21 ms at the main shape and 6.79 against 7.80
+//     ms at Wan2.1 480p (one call at a time, interleaved, a warm card; see BENCHMARKS.md);
+//   - without: bwd_dq_sm90 recomputes S, P, dP and dS for its own dQ, in either order with
+//     bwd_dkdv_sm90.
+//
 // Both passes first copy their CTA's index list into shared memory, one int2 per entry (the dQ
 // pass: key tile and its block size; the dK/dV pass: list code and its query tile's block size),
 // when it has at most `list_cap` (and LIST_CAP = 1024) entries; longer lists are read from
@@ -67,11 +76,68 @@
 //   delta) while it runs -> dK += dS^T Q issued (dkdv_finish).
 // Shared memory written by cp.async or by the threads is fenced (fence.proxy.async) before
 // wgmma reads it.
+//
+// bwd_dq_ds_sm90: see its comment; what the dS hand-over costs the dK/dV pass is four 16-byte
+// stores per thread and step (~0.3-0.6 ms of its ~4.5 ms at the main shape).  Found on the way:
+// computing each step's block index with divisions (t / slices, blockIdx.x % slices) cost ~70
+// instructions per warp and step, 16% more instructions and as much time (Nsight Compute), so
+// consecutive steps' blocks are found by one addition instead.
 #include "attention_bwd.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace vsa {
+
+// ---- dS blocks: the dK/dV pass hands dS to the dQ pass ----------------------------------------
+//
+// With a workspace (the launcher's choice, see block_sparse_bwd), the dK/dV pass stores each
+// step's dS^T (64 keys x 64 query rows, already rounded to T as the A operand of dK += dS^T Q)
+// as one 8 KB block, and the dQ pass computes dQ += dS K from those blocks instead of
+// recomputing S, P and dP (one product per chunk instead of three, and neither Q, dO, lse nor
+// delta to read).  Block (p, s, c) = (list position, 64-row query slice, 64-key chunk of the key
+// tile) is block (p * slices + s) * slices + c, p counting the entries of all KV->Q lists in
+// order (kv_lists.cu: the dK/dV CTA of list lst writes p = offsets[lst] + its entry, the dQ CTA
+// reads p from kv_lists_rank's pos[b, h, i, l]).
+//
+// Layout of a block: 512 16-byte groups; group (w, m) (w, m in 0..3) at (w * 4 + m) * 32 + lane
+// holds what thread `lane` of dQ warp w needs for key step m (keys 16m..16m+15): the four 8x8
+// sub-blocks (query rows 16w + 8a.., keys 16m + 8b..) for (a, b) = (0,0), (0,1), (1,0), (1,1),
+// each as the dK/dV warp m holds it (its fragment of dS^T: key row lane / 4, query columns
+// 2 (lane % 4) + {0, 1}).  So the dK/dV thread stores its dS^T fragments of query step w
+// (ds[w], in p_fragment order) as one 16-byte group each: four coalesced 512-byte warp stores
+// per step.  The dQ thread loads its four groups and transposes each 8x8 sub-block with
+// movmatrix into the fragment of dS (query row lane / 4, keys 2 (lane % 4) + {0, 1}): the
+// register A operand of dQ += dS K.
+constexpr int DS_BLOCK_ELEMS = ATT_BLOCK_M * ATT_BLOCK_N;
+constexpr int DS_BLOCK_BYTES = DS_BLOCK_ELEMS * 2;
+
+// `mine`: the block's group (0, warp) + lane, i.e. block + warp * 32 + lane (uint4 units).
+__device__ __forceinline__ void store_ds_block(uint4* mine, const unsigned int (&ds)[4][4]) {
+#pragma unroll
+    for (int w = 0; w < 4; ++w)  // streaming stores: the block is read once, by another kernel
+        __stcs(mine + w * 128, make_uint4(ds[w][0], ds[w][1], ds[w][2], ds[w][3]));
+}
+
+__device__ __forceinline__ unsigned int transpose8x8(unsigned int x) {
+    unsigned int y;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+}
+
+// dS for this warp's 16 query rows as four k16 register fragments (p_fragment's layout), from a
+// block in shared memory.
+__device__ __forceinline__ void load_ds_fragments(unsigned int (&a)[4][4], const unsigned char* block, int warp,
+                                                  int lane) {
+    const uint4* groups = reinterpret_cast<const uint4*>(block);
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+        const uint4 g = groups[(warp * 4 + m) * 32 + lane];  // x: rows +0 keys +0, y: +0 +8, z: +8 +0, w: +8 +8 (as dS^T)
+        a[m][0] = transpose8x8(g.x);  // rows 0-7, keys 0-7
+        a[m][1] = transpose8x8(g.z);  // rows 8-15, keys 0-7
+        a[m][2] = transpose8x8(g.y);  // rows 0-7, keys 8-15
+        a[m][3] = transpose8x8(g.w);  // rows 8-15, keys 8-15
+    }
+}
 
 template <typename T, int D> struct WgmmaProducts {
     unsigned long long desc_q, desc_do;  // bwd_dq: the CTA's Q and dO tiles
@@ -125,7 +191,8 @@ template <typename T, int D> struct WgmmaProducts {
     // flight (two groups); the next step's scores are issued behind them.
     __device__ void dkdv_finish(float (&acc_k)[D / 2], float (&acc_v)[D / 2], float (&st)[32], float (&dpt)[32],
                                 unsigned long long desc_q_mn, unsigned long long desc_do_mn, const float* c_lse_log2,
-                                const float* c_delta, int real_k, int real_q, float scale_log2, int warp, int lane, int accumulate) {
+                                const float* c_delta, int real_k, int real_q, float scale_log2, int warp, int lane, int accumulate,
+                                uint4* ds_mine) {
         // st and dpt are only read here: they are the next step's accumulators too, and ptxas
         // serializes every wgmma if other instructions write them while dV and dK are in flight.
         fence_registers(st);
@@ -162,6 +229,7 @@ template <typename T, int D> struct WgmmaProducts {
         unsigned int ds[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) p_fragment<T>(p, kk, ds[kk]);
+        if (ds_mine) store_ds_block(ds_mine, ds);
         wgmma_rs_issue<T, D>(acc_k, ds, desc_q_mn, accumulate);  // dK += dS^T Q
     }
 };
@@ -195,6 +263,20 @@ template <int D> struct DkdvSmem {
     static_assert(228 * 1024 / (BYTES + 1024) >= 2, "two CTAs per SM");
 };
 
+// bwd_dq_ds_sm90<T, D, STAGES>: STAGES stages of (K chunk, dS block), then its staged list of
+// {key tile, block size, list position} (12 bytes per entry) in the room the launcher gives it
+// (`list_room` entries, at least DQDS_MIN_LIST): the CTAs per SM that leaves room for
+// (DqDsSmem::CTAS, at most 4) is what __launch_bounds__ asks the register allocation to allow;
+// the launcher (_dq_ds_layout) computes the same numbers.
+constexpr int DQDS_MIN_LIST = 128;
+template <int D, int STAGES> struct DqDsSmem {
+    static constexpr int STAGE = AttentionSmem<D>::TILE + DS_BLOCK_BYTES;
+    static constexpr int FIXED = STAGES * (STAGE + 8);  // stages and their barriers
+    static constexpr int FIT = 228 * 1024 / (FIXED + DQDS_MIN_LIST * 12 + 1024);
+    static constexpr int CTAS = FIT < 4 ? FIT : 4;
+    static_assert(CTAS >= 1, "one CTA per SM");
+};
+
 // The dK/dV pass's shared-memory matrix descriptors, built once per CTA: K and V (K-major), and
 // stage 0's Q and dO both K-major (for S^T and dP^T) and MN-major (the B operands of dK and
 // dV); stage s is `stage_step * s` further (descriptors count 16-byte units, and every stage's
@@ -207,6 +289,14 @@ template <int D> struct DkdvDescs {
           dout(smem_desc(sdO, 16, 1024)), q_mn(smem_desc(sQ, ATOM_BYTES, 1024)),
           dout_mn(smem_desc(sdO, ATOM_BYTES, 1024)), stage_step(AttentionSmem<D>::TILE >> 4) {}
 };
+
+__device__ __forceinline__ void bulk_load_evict_first(void* dst, const void* src, unsigned int bytes, unsigned long long* bar) {
+    asm volatile("{\n.reg .b64 policy;\ncreatepolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
+                 "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], policy;\n}\n" ::"r"(
+                     smem_u32(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_u32(bar))
+                 : "memory");
+}
 
 // Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to shared
 // memory; the bytes complete on `bar`.
@@ -354,9 +444,157 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
     write_rows<T, D>(dq + cta.q_offset, acc, scale, tile_vec, real_q, warp, lane);
 }
 
+// The dQ pass from the dK/dV pass's dS blocks (see "dS blocks" above): dQ = scale * sum over the
+// chunks of dS K (+ dq_tile).  One CTA per (64 query rows, batch * head), as bwd_dq_sm90; its
+// chunks' K (TMA, as there) and dS block (one 8 KB bulk copy, marked evict-first in L2: read
+// once; 2.37 against 2.48 ms for the pass without the hint) arrive on one barrier per stage.
+// Per chunk j: issue acc += dS_j K_j -> read chunk j + 1's dS fragments (wait for its stage,
+// zero K's pad rows if its tile is short: dS is 0 there, but K may hold NaN) while it runs ->
+// wait for it -> barrier -> refill its stage.  STAGES = 3 (three CTAs per SM at D = 128, four
+// at D = 64) was 1-2% faster than 4 stages with two.  Arguments: the tensor map of K, then k,
+// the dS blocks, `pos` (kv_lists_rank: [B, H, N_q, L], the list position of each used selection
+// entry) and bwd_dq's arguments from q2k_idx on, then `list_cap` (as in bwd_dq_sm90), the KV->Q
+// list offsets, `bh0` (the (batch, head) of blockIdx.y == 0: launches cover chunks of the
+// heads, each with its dS blocks from the start of the workspace) and `list_room` (entries of
+// shared memory for the staged list, _dq_ds_layout).
+template <typename T, int D, int STAGES>
+__global__ void __launch_bounds__(vsa::ATT_THREADS, vsa::DqDsSmem<D, STAGES>::CTAS)
+bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__ k, const T* __restrict__ ds_blocks,
+               const int* __restrict__ pos, const int* __restrict__ q2k_idx, const int* __restrict__ q2k_num,
+               const int* __restrict__ q_block_sizes, const int* __restrict__ kv_block_sizes,
+               const float* __restrict__ dq_tile, T* __restrict__ dq, int num_heads, int num_kv_heads, int q_len,
+               int kv_len, int list_len, int tile_volume, float scale, int list_cap, const int* __restrict__ kv2q_offsets,
+               int bh0, int list_room) {
+    using namespace vsa;
+    constexpr int TILE = AttentionSmem<D>::TILE, STAGE = DqDsSmem<D, STAGES>::STAGE;
+    static_assert(STAGES >= 1 && STAGES <= 4, "stage_valid holds one byte per stage");
+    extern __shared__ __align__(1024) unsigned char smem[];
+    // Stage s: K at smem + s * STAGE (1024-byte aligned: TILE and DS_BLOCK_BYTES are multiples of 1024), its dS block after it.
+    unsigned long long* bar = reinterpret_cast<unsigned long long*>(smem + STAGES * STAGE);  // one per stage
+    int* sTile = reinterpret_cast<int*>(bar + STAGES);  // per list entry: key tile, its block size, its list position
+    int* sSize = sTile + list_room;
+    int* sPos = sSize + list_room;
+    if (threadIdx.x == 0) {  // the launcher's layout (_dq_ds_layout) must give all of this
+        unsigned int given;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(given));
+        if (reinterpret_cast<unsigned char*>(sPos + list_room) - smem > given) __trap();
+    }
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const AttentionCta<T, D> cta(k, k, q2k_idx, q2k_num, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len,
+                                 list_len, tile_volume, bh0);
+    // The launch's dS blocks start at the first list position of its first (batch, kv head):
+    // bh0 is a multiple of the group, bh0 / group that (batch, kv head).
+    const int ds_base = kv2q_offsets[bh0 / (num_heads / num_kv_heads) * (kv_len / tile_volume)];
+    const int n = cta.n_chunks, per_tile = cta.chunks_per_tile;  // per_tile: also the query slices per tile
+    const int slice = (blockIdx.x * ATT_BLOCK_M) % tile_volume / ATT_BLOCK_M;
+    const int real_q = real_rows(q_block_sizes[cta.q_tile], slice * ATT_BLOCK_M);
+    const int kv_row0 = static_cast<int>((cta.k - k) / D);  // tensor-map row of this (batch, kv head)'s key 0
+    const int* list_pos = pos + (cta.list - q2k_idx);
+
+    const int entries = n / per_tile;
+    const bool staged = entries <= min(list_cap, list_room);  // the same in every thread
+    if (staged)
+        for (int i = tid; i < entries; i += ATT_THREADS) {
+            const int tile = cta.list[i];
+            sTile[i] = tile;
+            sSize[i] = kv_block_sizes[tile];
+            sPos[i] = list_pos[i];
+        }
+    // Chunk c: its first key row (of this batch and kv head), its real keys and its dS block.
+    struct Chunk {
+        int row, valid;
+        size_t block;
+    };
+    auto chunk = [&](int c) -> Chunk {
+        const int entry = per_tile == 1 ? c : c / per_tile, sub = c - entry * per_tile;
+        const int tile = staged ? sTile[entry] : cta.list[entry];
+        const int size = staged ? sSize[entry] : kv_block_sizes[tile];
+        const int p = (staged ? sPos[entry] : list_pos[entry]) - ds_base;
+        return {tile * tile_volume + sub * ATT_BLOCK_N, min(max(size - sub * ATT_BLOCK_N, 0), ATT_BLOCK_N),
+                (static_cast<size_t>(p) * per_tile + slice) * per_tile + sub};
+    };
+
+    // The load cursor, alike in every thread (thread 0 issues the copies), as in bwd_dq_sm90.
+    int load = 0;
+    unsigned int issued = 0, stage_valid = 0;  // stage_valid: real keys per stage, one byte each
+    Chunk current{0, 0, 0};
+    auto skip_empty = [&]() {
+        while (load < n && current.valid == 0) {
+            load = (load / per_tile + 1) * per_tile;
+            if (load < n) current = chunk(load);
+        }
+    };
+    auto peek = [&]() { return load + 1 < n ? chunk(load + 1) : Chunk{0, 0, 0}; };
+    auto push = [&](const Chunk& next) {
+        const unsigned int stage = issued % STAGES;
+        unsigned char* cK = smem + stage * STAGE;
+        if (tid == 0) {
+            mbar_expect_tx(bar + stage, TILE + DS_BLOCK_BYTES);
+#pragma unroll
+            for (int atom = 0; atom < D / 64; ++atom)
+                tma_load_2d(cK + atom * ATOM_BYTES, &tma_k, atom * 64, kv_row0 + current.row, bar + stage);
+            bulk_load_evict_first(cK + TILE, ds_blocks + current.block * DS_BLOCK_ELEMS, DS_BLOCK_BYTES, bar + stage);
+        }
+        stage_valid = (stage_valid & ~(0xffu << 8 * stage)) | static_cast<unsigned int>(current.valid) << 8 * stage;
+        ++issued;
+        ++load;
+        current = next;
+        skip_empty();
+    };
+
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) mbar_init(bar + s, 1);
+        fence_mbar_init();
+    }
+    __syncthreads();  // barriers initialised, list staged
+    if (n > 0) current = chunk(0);
+    skip_empty();
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s)
+        if (load < n) push(peek());
+
+    float acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+    // Load j sits in stage j % STAGES, whose barrier completes one phase per load.  Chunk j + 1's
+    // fragments are read while chunk j's product runs, into the other of two register sets.
+    auto prepare = [&](unsigned int j, unsigned int (&a)[4][4]) {
+        const unsigned int stage = j % STAGES;
+        unsigned char* cK = smem + stage * STAGE;
+        const int valid = (stage_valid >> 8 * stage) & 0xff;
+        mbar_wait(bar + stage, (j / STAGES) & 1);
+        if (valid < ATT_BLOCK_N) zero_rows_from<D>(cK, nullptr, valid, tid);
+        load_ds_fragments(a, cK + TILE, warp, lane);
+    };
+    auto step = [&](unsigned int j, const unsigned int (&a)[4][4], unsigned int (&a_next)[4][4]) {
+        const Chunk next = peek();  // index loads overlap the product
+        wgmma_rs_issue<T, D>(acc, a, smem_desc(smem + (j % STAGES) * STAGE, ATOM_BYTES, 1024));
+        if (j + 1 < issued) prepare(j + 1, a_next);
+        wgmma_wait<0>();
+        fence_registers(acc);
+        if (load < n) {       // the same in every thread
+            __syncthreads();  // every warp is done reading this stage
+            push(next);
+        }
+    };
+    unsigned int a0[4][4], a1[4][4];
+    if (issued > 0) prepare(0, a0);
+    for (unsigned int j = 0; j < issued; j += 2) {
+        step(j, a0, a1);
+        if (j + 1 < issued) step(j + 1, a1, a0);
+    }
+    const float* tile_vec = dq_tile ? dq_tile + (static_cast<size_t>(cta.bh) * cta.num_q_blocks + cta.q_tile) * D : nullptr;
+    write_rows<T, D>(dq + cta.q_offset, acc, scale, tile_vec, real_q, warp, lane);
+}
+
 // The dK/dV pass with Q and dO by TMA: same arguments as attention_bwd.cu's bwd_dkdv, after the
 // tensor maps of q and dout ([B * H * q_len, D], 64 x 64 boxes, 128-byte swizzle), and then
-// `list_cap` (as in bwd_dq_sm90); `lse` holds lse * log2(e) here (bwd_delta's lse_log2).
+// `list_cap` (as in bwd_dq_sm90), `ds_blocks` (null, or the workspace where each step's dS
+// block goes for bwd_dq_ds_sm90) and `bh_kv0` (the (batch, kv head) of blockIdx.y == 0: with
+// dS blocks, a launch may cover a chunk of the kv heads, whose blocks start the workspace);
+// `lse` holds lse * log2(e) here (bwd_delta's lse_log2).
 template <typename T, int D>
 __global__ void __launch_bounds__(vsa::ATT_THREADS, 1)
 bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant__ vsa::TmaDesc tma_do,
@@ -365,7 +603,8 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
               const int* __restrict__ kv2q_offsets, const int* __restrict__ q_block_sizes,
               const int* __restrict__ kv_block_sizes, const float* __restrict__ dk_tile,
               const float* __restrict__ dv_tile, T* __restrict__ dk, T* __restrict__ dv, int num_heads,
-              int num_kv_heads, int q_len, int kv_len, int tile_volume, float scale, int list_cap) {
+              int num_kv_heads, int q_len, int kv_len, int tile_volume, float scale, int list_cap,
+              T* __restrict__ ds_blocks, int bh_kv0) {
     using namespace vsa;
     constexpr int TILE = AttentionSmem<D>::TILE, STAGES = DKDV_STAGES, STATS = DkdvSmem<D>::STATS;
     static_assert(STAGES >= 2 && STAGES <= 4, "stage_rows holds one byte per stage");
@@ -379,10 +618,21 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
     int2* sList = reinterpret_cast<int2*>(bar + STAGES);  // {code, its query tile's block size} per list entry
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const DkdvCta<D> cta(kv2q_offsets, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len, tile_volume);
+    const DkdvCta<D> cta(kv2q_offsets, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len, tile_volume, bh_kv0);
     const int b = cta.b, kv_head = cta.kv_head, group = cta.group, num_q_blocks = cta.num_q_blocks;
     const int real_k = cta.real_k, slices = cta.slices, first = cta.first, steps = cta.steps;
     const size_t kv_offset = cta.kv_offset;
+    // Step t's dS block is block ((p0 + e) * slices + s) * slices + c for its entry e and query
+    // slice s (t = e * slices + s), chunk c of the key tile and p0 this list's first position
+    // counted from the launch's first list: (p0 * slices + t) * slices + c, so consecutive
+    // steps' blocks lie slices blocks apart (no division per step).
+    uint4* ds_step0 = nullptr;
+    const int ds_step_groups = slices * DS_BLOCK_BYTES / 16;
+    if (ds_blocks) {
+        const int p0 = first - kv2q_offsets[bh_kv0 * cta.num_kv_blocks];
+        const size_t block0 = static_cast<size_t>(p0) * slices * slices + blockIdx.x % slices;
+        ds_step0 = reinterpret_cast<uint4*>(ds_blocks + block0 * DS_BLOCK_ELEMS) + warp * 32 + lane;
+    }
 
     // Step t: query slice t % slices of the t / slices-th query tile that selected this key tile,
     // whose list code is (head in the group) * num_q_blocks + query tile, so that, as q_len =
@@ -488,8 +738,9 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
             push(t - 1 + STAGES, entry_next.x, entry_next.y);
         }
         wgmma_wait<1>();  // S^T done
+        uint4* ds_mine = ds_blocks ? ds_step0 + static_cast<size_t>(t) * ds_step_groups : nullptr;  // see store_ds_block
         products.dkdv_finish(acc_k, acc_v, st, dpt, descs.q_mn + stage_offset, descs.dout_mn + stage_offset, stats,
-                             stats + ATT_BLOCK_M, real_k, rows, scale * LOG2E, warp, lane, t > 0);
+                             stats + ATT_BLOCK_M, real_k, rows, scale * LOG2E, warp, lane, t > 0, ds_mine);
         entry_next = entry_after;
     }
     wgmma_wait<0>();

@@ -42,8 +42,8 @@ template <typename T, int D> struct AttentionCta {
 
     __device__ AttentionCta(const T* k_all, const T* v_all, const int* q2k_idx, const int* q2k_num,
                             const int* block_sizes, int num_heads, int num_kv_heads, int q_len, int kv_len,
-                            int list_len, int volume)
-        : bh(blockIdx.y), tile_volume(volume), kv_block_sizes(block_sizes) {
+                            int list_len, int volume, int bh0 = 0)  // bh0: (batch, head) of blockIdx.y == 0
+        : bh(blockIdx.y + bh0), tile_volume(volume), kv_block_sizes(block_sizes) {
         const int b = bh / num_heads, h = bh % num_heads;
         const int kv_head = h / (num_heads / num_kv_heads);
         const int row0 = blockIdx.x * ATT_BLOCK_M;

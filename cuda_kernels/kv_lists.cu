@@ -27,6 +27,11 @@
 //                     over the group's lanes, and each lane writes the codes of its set bits in
 //                     increasing bit order from offsets[lst] + (set bits of the earlier words).
 //                     Codes thus come out in increasing order, and each is written exactly once.
+//  4. kv_lists_rank   (optional, for the backward that keeps dS: attention_bwd_sm90.cu) one thread
+//                     per entry (b, h, i, l): pos[e] = the place of the entry's code in its list,
+//                     offsets[lst] + (set bits of the list's bitmap below the code); -1 for an
+//                     unused entry.  It lets the dQ pass find the dS blocks that the dK/dV pass
+//                     wrote in list order.
 // No host synchronisation: the counts stay on the device between the launches.
 // Only built-ins are used (no header: NVRTC has no host standard library).
 
@@ -40,6 +45,25 @@ static_assert(SCAN_WARPS == 32, "kv_lists_scan scans the warps' sums with one wa
 constexpr int WRITE_THREADS = 256;
 constexpr unsigned int FULL_MASK = 0xffffffffu;
 
+// The list number and code of entry e, or false for an unused or out-of-range entry.
+__device__ __forceinline__ bool entry_list_code(const int* q2k_idx, const int* q2k_num, unsigned int e, int length,
+                                                int num_q, int num_heads, int group, int num_kv_heads, int num_kv,
+                                                long long& lst, int& code) {
+    const unsigned int row = e / length;  // (b, h, i)
+    const int l = static_cast<int>(e - row * length);
+    if (l >= q2k_num[row]) return false;  // unused entry: whatever it holds is ignored
+    const int j = q2k_idx[e];
+    if (static_cast<unsigned int>(j) >= static_cast<unsigned int>(num_kv)) return false;  // validated upstream
+    const unsigned int bh = row / num_q;
+    const int i = static_cast<int>(row - bh * num_q);
+    const unsigned int b = bh / num_heads;
+    const int h = static_cast<int>(bh - b * num_heads);
+    const int g = h / group;
+    code = (h - g * group) * num_q + i;
+    lst = (static_cast<long long>(b) * num_kv_heads + g) * num_kv + j;
+    return true;
+}
+
 }  // namespace
 
 __global__ void __launch_bounds__(MARK_THREADS)
@@ -49,18 +73,9 @@ kv_lists_mark(const int* __restrict__ q2k_idx, const int* __restrict__ q2k_num, 
     // 32-bit unsigned index arithmetic: the launcher keeps entries (and the grid's last CTA) below 2^31.
     const unsigned int e = blockIdx.x * MARK_THREADS + threadIdx.x;
     if (e >= static_cast<unsigned int>(entries)) return;
-    const unsigned int row = e / length;  // (b, h, i)
-    const int l = static_cast<int>(e - row * length);
-    if (l >= q2k_num[row]) return;  // unused entry: whatever it holds is ignored
-    const int j = q2k_idx[e];
-    if (static_cast<unsigned int>(j) >= static_cast<unsigned int>(num_kv)) return;  // out of range (validated upstream)
-    const unsigned int bh = row / num_q;
-    const int i = static_cast<int>(row - bh * num_q);
-    const unsigned int b = bh / num_heads;
-    const int h = static_cast<int>(bh - b * num_heads);
-    const int g = h / group;
-    const int code = (h - g * group) * num_q + i;
-    const long long lst = (static_cast<long long>(b) * num_kv_heads + g) * num_kv + j;
+    long long lst;
+    int code;
+    if (!entry_list_code(q2k_idx, q2k_num, e, length, num_q, num_heads, group, num_kv_heads, num_kv, lst, code)) return;
     const unsigned int bit = 1u << (code & 31);
     const unsigned int old = atomicOr(bits + lst * words + (code >> 5), bit);
     if (!(old & bit)) atomicAdd(offsets + 1 + lst, 1);
@@ -136,4 +151,22 @@ kv_lists_write(const unsigned int* __restrict__ bits, const int* __restrict__ of
         }
         pos += __shfl_sync(FULL_MASK, incl, lanes - 1, lanes);  // the group's total
     }
+}
+
+__global__ void __launch_bounds__(MARK_THREADS)
+kv_lists_rank(const int* __restrict__ q2k_idx, const int* __restrict__ q2k_num, const unsigned int* __restrict__ bits,
+              const int* __restrict__ offsets, int* __restrict__ pos, int entries, int length, int num_q,
+              int num_heads, int group, int num_kv_heads, int num_kv, int words) {
+    const unsigned int e = blockIdx.x * MARK_THREADS + threadIdx.x;
+    if (e >= static_cast<unsigned int>(entries)) return;
+    long long lst;
+    int code;
+    if (!entry_list_code(q2k_idx, q2k_num, e, length, num_q, num_heads, group, num_kv_heads, num_kv, lst, code)) {
+        pos[e] = -1;
+        return;
+    }
+    const unsigned int* __restrict__ row = bits + lst * words;
+    int rank = __popc(row[code >> 5] & ((1u << (code & 31)) - 1u));
+    for (int w = 0; w < (code >> 5); ++w) rank += __popc(row[w]);
+    pos[e] = offsets[lst] + rank;
 }

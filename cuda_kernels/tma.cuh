@@ -18,9 +18,12 @@ __device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned int 
 }
 __device__ __forceinline__ void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
 
-// One arrival that also announces `bytes` of copies still to land on the barrier.
+// One arrival that also announces `bytes` of copies still to land on the barrier.  Relaxed: the
+// arrival only arms the barrier for copies and publishes nothing the thread wrote, while the
+// default (release) semantics would first wait until the thread's earlier stores are performed
+// (the dK/dV pass's refilling threads have just stored dS blocks; not timed on its own).
 __device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, unsigned int bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+    asm volatile("mbarrier.arrive.expect_tx.relaxed.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
                  : "memory");
 }
 

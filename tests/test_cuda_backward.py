@@ -21,11 +21,35 @@ pytestmark = pytest.mark.gpu
 TOLERANCE = {np.dtype(np.float16): 1e-2, BFLOAT16: 3e-2}
 
 
-@pytest.fixture(params=["auto", "mma", "unstaged"])
+KERNELS = ["auto", "mma", "unstaged", "recompute", "chunked"]
+
+
+def use_kernels(kernel, monkeypatch):
+    """Select one of the backward's paths:
+
+    - "auto": the default kernels (on Hopper wgmma, the dQ pass summing the dK/dV pass's dS blocks);
+    - "mma": the portable mma.sync kernels;
+    - "unstaged": the default ones with index lists of more than one entry read from global memory
+      rather than staged in shared memory (the path of lists longer than 1024 entries);
+    - "recompute": no dS workspace (the dQ pass recomputes dS);
+    - "chunked": the dS workspace used one (batch, kv head) at a time (a launch of each pass per pair),
+      at head dim 64 too (by default only 128 uses it).
+    """
+    from vsa_nd.backends import cuda_attention
+
+    monkeypatch.setattr(cuda_attention, "BACKWARD_KERNEL", "mma" if kernel == "mma" else "auto")
+    if kernel == "unstaged":
+        monkeypatch.setattr(cuda_attention, "_LIST_STAGE_LIMIT", 1)
+    if kernel == "recompute":
+        monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 0)
+    if kernel == "chunked":
+        monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
+        monkeypatch.setattr(cuda_attention, "_DS_HEAD_DIMS", (64, 128))
+
+
+@pytest.fixture(params=KERNELS)
 def poisoned(request, monkeypatch):
-    """Outputs start as NaN; each test runs the default kernels (wgmma on Hopper), the portable
-    mma.sync ones, and the default ones with index lists of more than one entry read from global
-    memory rather than staged in shared memory (the path of lists longer than 1024 entries)."""
+    """Outputs and the dS workspace start as NaN; each test runs every path of use_kernels."""
     import cupy
 
     from vsa_nd.backends import cuda, cuda_attention
@@ -35,9 +59,7 @@ def poisoned(request, monkeypatch):
 
     monkeypatch.setattr(cuda_attention, "_alloc", alloc)
     monkeypatch.setattr(cuda, "_alloc", alloc)
-    monkeypatch.setattr(cuda_attention, "BACKWARD_KERNEL", "mma" if request.param == "mma" else "auto")
-    if request.param == "unstaged":
-        monkeypatch.setattr(cuda_attention, "_LIST_STAGE_LIMIT", 1)
+    use_kernels(request.param, monkeypatch)
 
 
 def _rel_err(x, ref):
@@ -105,15 +127,11 @@ def test_backward_is_deterministic():
         assert cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16))
 
 
-@pytest.mark.parametrize("kernel", ["auto", "mma", "unstaged"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_smoke_backward(kernel, monkeypatch):
     """A small fixed problem (GQA, gate, cross attention, tile volume 128): the case
-    compute-sanitizer runs ("unstaged": index lists read from global memory, see poisoned)."""
-    from vsa_nd.backends import cuda_attention
-
-    monkeypatch.setattr(cuda_attention, "BACKWARD_KERNEL", "mma" if kernel == "mma" else "auto")
-    if kernel == "unstaged":
-        monkeypatch.setattr(cuda_attention, "_LIST_STAGE_LIMIT", 1)
+    compute-sanitizer runs, on every path of use_kernels."""
+    use_kernels(kernel, monkeypatch)
     p = dict(q_plan=vsa_nd.tile_plan((5, 6, 7), (4, 4, 8)), kv_plan=vsa_nd.tile_plan((3, 9, 6), (4, 4, 8)), volume=128,
              batch=2, heads=4, kv_heads=2, head_dim=128, dtype=BFLOAT16, topk=2, gated=True, seed=5)
     (dq, dk, dv, dgate), ref, q_real, kv_real = _run(p)

@@ -66,8 +66,10 @@ def check(q2k_idx, q2k_num, num_kv_heads: int, num_kv_blocks: int):
     from vsa_nd.backends.cuda_attention import kv_to_q_lists
 
     b, h, n_q, length = q2k_idx.shape
-    codes, offsets = kv_to_q_lists(cupy.asarray(q2k_idx), cupy.asarray(q2k_num), num_kv_heads, num_kv_blocks)
-    assert codes.dtype == np.int32 and offsets.dtype == np.int32
+    codes, offsets, pos = kv_to_q_lists(cupy.asarray(q2k_idx), cupy.asarray(q2k_num), num_kv_heads, num_kv_blocks,
+                                        positions=True)
+    assert codes.dtype == np.int32 and offsets.dtype == np.int32 and pos.dtype == np.int32
+    assert pos.shape == q2k_idx.shape
     assert codes.shape == (b * h * n_q * length,)
     assert offsets.shape == (b * num_kv_heads * num_kv_blocks + 1,)
     codes, offsets = cupy.asnumpy(codes), cupy.asnumpy(offsets)
@@ -79,6 +81,17 @@ def check(q2k_idx, q2k_num, num_kv_heads: int, num_kv_blocks: int):
     starts = np.zeros(total, bool)  # first position of each non-empty list
     starts[offsets[:-1][offsets[:-1] < total]] = True
     assert np.all(np.diff(codes[:total])[~starts[1:]] > 0), "a list is not strictly increasing"
+    # pos: each used entry's place in its list (the code there is the entry's, inside the list's
+    # range), -1 for the unused ones.
+    pos = cupy.asnumpy(pos)
+    group = h // num_kv_heads
+    bb, hh, ii, ll = np.indices(q2k_idx.shape)
+    used = ll < q2k_num[..., None]
+    assert np.all(pos[~used] == -1)
+    lists = ((bb * num_kv_heads + hh // group) * num_kv_blocks + q2k_idx.astype(np.int64))[used]
+    at = pos[used]
+    assert np.all((offsets[lists] <= at) & (at < offsets[lists + 1]))
+    np.testing.assert_array_equal(codes[at], ((hh % group) * n_q + ii)[used])
     return codes, offsets
 
 

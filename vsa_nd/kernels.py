@@ -32,6 +32,7 @@ KERNEL_DIR = _kernel_dir()
 
 ATTENTION_DTYPES = ("__half", "__nv_bfloat16")
 HEAD_DIMS = (64, 128)
+DQDS_STAGES = (3,)  # pipeline stages of the bwd_dq_ds_sm90 instantiations (cuda_attention's _DQDS_STAGES)
 COPY_UNITS = ("uint4", "uint2", "unsigned int", "unsigned short")  # 16, 8, 4, 2 bytes
 GEMM_TILES = ((128, 128), (128, 64), (64, 64))  # (BM, BN) output tiles of gemm_f32.cu (picked per product by the launcher)
 
@@ -64,7 +65,7 @@ def catalogue() -> list:
         KernelSpec("block_mean.cu", tuple(f"block_mean<{t}, {w}>" for t, w in vector_widths)),
         KernelSpec("topk.cu", ("select_topk",)),
         KernelSpec("softmax.cu", ("softmax_rows",)),
-        KernelSpec("kv_lists.cu", ("kv_lists_mark", "kv_lists_scan", "kv_lists_write")),
+        KernelSpec("kv_lists.cu", ("kv_lists_mark", "kv_lists_scan", "kv_lists_write", "kv_lists_rank")),
         KernelSpec(
             "gemm_f32.cu",
             tuple(f"gemm_f32<{ta}, {tb}, {bm}, {bn}>" for ta in ("false", "true") for tb in ("false", "true")
@@ -84,7 +85,8 @@ def catalogue() -> list:
         ),
         KernelSpec(
             "attention_bwd_sm90.cu",
-            tuple(f"{k}<{t}, {d}>" for k in ("bwd_dq_sm90", "bwd_dkdv_sm90") for t in ATTENTION_DTYPES for d in HEAD_DIMS),
+            tuple(f"{k}<{t}, {d}>" for k in ("bwd_dq_sm90", "bwd_dkdv_sm90") for t in ATTENTION_DTYPES for d in HEAD_DIMS)
+            + tuple(f"bwd_dq_ds_sm90<{t}, {d}, {s}>" for t in ATTENTION_DTYPES for d in HEAD_DIMS for s in DQDS_STAGES),
             min_sm=90,
             needs_sm90a=True,
         ),

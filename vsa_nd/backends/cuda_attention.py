@@ -8,6 +8,7 @@ current stream on the inputs' device, with no host synchronisation.
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
@@ -26,6 +27,33 @@ _LIST_BYTES = _LIST_CAP * 8  # one int2 per entry (LIST_BYTES there)
 # ones are read from global memory.  Tests lower it to run both paths.
 _LIST_STAGE_LIMIT = _LIST_CAP
 _LOG2E = 1.4426950408889634
+_DQDS_STAGES = 3  # K and dS stages of bwd_dq_ds_sm90 (one of kernels.DQDS_STAGES)
+_DS_BLOCK_BYTES = 64 * 64 * 2  # one dS block (DS_BLOCK_BYTES in attention_bwd_sm90.cu)
+_DQDS_MIN_LIST = 128  # DQDS_MIN_LIST there
+
+
+def _workspace_default() -> int:
+    """DS_WORKSPACE_BYTES from $VSA_ND_DS_WORKSPACE_GIB (a number of GiB, 0 turns it off), else 8 GiB."""
+    text = os.environ.get("VSA_ND_DS_WORKSPACE_GIB", "").strip()
+    if not text:
+        return 8 << 30
+    try:
+        gib = float(text)
+    except ValueError:
+        raise ValueError(f"VSA_ND_DS_WORKSPACE_GIB must be a number of GiB (0 turns the workspace off), got {text!r}")
+    if gib < 0:
+        raise ValueError(f"VSA_ND_DS_WORKSPACE_GIB must not be negative, got {text!r}")
+    return int(gib * (1 << 30))
+
+
+# Most bytes of dS blocks one backward call keeps at a time (the Hopper backward whose dK/dV pass
+# hands dS to the dQ pass, see block_sparse_bwd): calls that would need more run in chunks of
+# (batch, kv head) pairs, each within it; 0 turns the workspace off (dQ then recomputes dS).
+DS_WORKSPACE_BYTES = _workspace_default()
+# Head dims that use it: at D = 64 recomputing dS in the dQ pass is cheaper than handing it over
+# (H100, Wan2.1 480p with 24 heads of 64: 9.4 against 9.8 ms).
+_DS_HEAD_DIMS = (128,)
+_DS_CHUNK_PAIRS = None  # at most this many (batch, kv head) pairs per chunk (tests set 1); None: no cap
 
 
 def _alloc(shape, dtype):
@@ -169,7 +197,7 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
     return out, lse
 
 
-def kv_to_q_lists(q2k_idx, q2k_num, num_kv_heads: int, num_kv_blocks: int):
+def kv_to_q_lists(q2k_idx, q2k_num, num_kv_heads: int, num_kv_blocks: int, positions: bool = False):
     """Invert the selection on the GPU, without a host synchronisation.
 
     Returns (codes, offsets): for the key tile j of (batch b, kv head g) — list number
@@ -181,6 +209,9 @@ def kv_to_q_lists(q2k_idx, q2k_num, num_kv_heads: int, num_kv_blocks: int):
     (an upper bound of the used entries), its tail past ``offsets[-1]`` unwritten.  One memset
     and three launches of ``cuda_kernels/kv_lists.cu`` (bitmap per list, scan of the counts,
     codes in bit order) on the current stream.
+
+    With ``positions``, returns (codes, offsets, pos) with ``pos`` int32 shaped like ``q2k_idx``:
+    where its code sits in ``codes`` for each used entry (-1 for the unused ones); one launch more.
     """
     import cupy
 
@@ -214,12 +245,41 @@ def kv_to_q_lists(q2k_idx, q2k_num, num_kv_heads: int, num_kv_blocks: int):
                 (-(-threads // write_threads),), (write_threads,),
                 (bits, offsets, codes, np.int64(lists), np.int32(words), np.int32(lanes_log2)),
             )
-    return codes, offsets
+        if not positions:
+            return codes, offsets
+        pos = cupy.empty(q2k_idx.shape, np.int32)
+        if entries and lists:
+            get_function("kv_lists.cu", "kv_lists_rank")(
+                (-(-entries // mark_threads),), (mark_threads,),
+                (q2k_idx, q2k_num, bits, offsets, pos, np.int32(entries), np.int32(length), np.int32(n_q), np.int32(h),
+                 np.int32(group), np.int32(num_kv_heads), np.int32(num_kv_blocks), np.int32(words)),
+            )
+        else:
+            pos.fill(-1)
+    return codes, offsets, pos
+
+
+def _dq_ds_layout(tile_bytes: int, stages: int) -> tuple:
+    """(shared-memory bytes, staged-list room in entries) of bwd_dq_ds_sm90 with ``stages``
+    stages: as many CTAs per SM as DqDsSmem::CTAS (attention_bwd_sm90.cu) counts with the
+    smallest list room, then all the room those CTAs leave (up to _LIST_CAP entries)."""
+    fixed = stages * (tile_bytes + _DS_BLOCK_BYTES + 8)  # stages and their barriers
+    ctas = min(4, 228 * 1024 // (fixed + _DQDS_MIN_LIST * 12 + 1024))
+    room = min(_LIST_CAP, (228 * 1024 // ctas - 1024 - fixed) // 12)
+    return fixed + room * 12, room
 
 
 def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
                      scale, coarse, gate, dq_tile, dk_tile, dv_tile):
-    """See :mod:`vsa_nd.backends`: (dq, dk, dv) in the input dtype; deterministic."""
+    """See :mod:`vsa_nd.backends`: (dq, dk, dv) in the input dtype; deterministic.
+
+    On Hopper the dK/dV pass stores every step's dS (64 x 64, in the input dtype: 8 KB per
+    selected (query tile, key tile) pair at tile volume 64) in a workspace, and the dQ pass sums
+    dS K from it, instead of recomputing S, P and dP itself: five matrix products per pair
+    instead of seven.  The workspace holds at most ``DS_WORKSPACE_BYTES``; a larger problem runs
+    in chunks of (batch, kv head) pairs, and one (batch, kv head) needing more than that, or
+    ``DS_WORKSPACE_BYTES = 0``, takes the dQ pass that recomputes dS (no workspace).
+    """
     b, h, q_len, d = q.shape
     h_kv, kv_len = k.shape[1], k.shape[2]
     n_q = q_block_sizes.shape[0]
@@ -230,6 +290,7 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     with q.device:
         wgmma = _use_wgmma(BACKWARD_KERNEL)
         dkdv_wgmma = wgmma and _tma_ready(q, dout)  # else the portable dK/dV kernel
+        dq_wgmma = wgmma and _tma_ready(k, v)  # else the portable dQ kernel
         rows = b * h * q_len
         delta = _alloc((b, h, q_len), np.float32)
         lse_log2 = _alloc((b, h, q_len), np.float32) if dkdv_wgmma else None  # lse * log2(e), for that pass
@@ -239,14 +300,59 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
             (dout, out, _null_or(coarse), _null_or(gate), q_block_sizes, lse, delta, _null_or(lse_log2),
              np.int64(rows), np.int32(q_len), np.int32(tile_volume)),
         )
+        group, length, slices = h // h_kv, q2k_idx.shape[3], tile_volume // _CHUNK
         common = (np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len))
         tile_bytes = _BLOCK_M * d * q.dtype.itemsize
         smem = 6 * tile_bytes  # the cp.async passes: two resident tiles and two stages of two streamed ones
-
         dq = _alloc(q.shape, q.dtype)
-        args = (q, k, v, dout, lse, delta, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, _null_or(dq_tile), dq,
-                *common, np.int32(q2k_idx.shape[3]), np.int32(tile_volume), np.float32(scale))
-        if wgmma and _tma_ready(k, v):  # else the portable dQ kernel (the dK/dV pass stays on wgmma)
+        dk, dv = _alloc(k.shape, k.dtype), _alloc(v.shape, v.dtype)
+        # dS bytes per (batch, kv head), every selection entry counted (the used ones are known on the device only).
+        ds_bytes = group * n_q * length * slices * slices * _DS_BLOCK_BYTES
+        handover = dkdv_wgmma and dq_wgmma and d in _DS_HEAD_DIMS and ds_bytes
+        chunk = min(b * h_kv, DS_WORKSPACE_BYTES // ds_bytes) if handover else 0
+        if _DS_CHUNK_PAIRS:
+            chunk = min(chunk, _DS_CHUNK_PAIRS)
+
+        def dkdv_pass(codes, offsets, ds_blocks=None, bh_kv0=0, count=b * h_kv):
+            args = (q, k, v, dout, lse_log2 if dkdv_wgmma else lse, delta, codes, offsets, q_block_sizes,
+                    kv_block_sizes, _null_or(dk_tile), _null_or(dv_tile), dk, dv, *common, np.int32(tile_volume),
+                    np.float32(scale))
+            stats = 2 * _BLOCK_M * 4  # lse and delta of one stage
+            if dkdv_wgmma:
+                # Q and dO by TMA: K, V and _DKDV_STAGES stages of Q, dO, lse and delta, one 8-byte barrier per
+                # stage, and the staged list.
+                maps = (_TensorMap(q, rows), _TensorMap(dout, rows))
+                kernel = get_function("attention_bwd_sm90.cu", f"bwd_dkdv_sm90<{ctype}, {d}>")
+                smem_kv = (2 + 2 * _DKDV_STAGES) * tile_bytes + _DKDV_STAGES * (stats + 8) + _LIST_BYTES
+                args = (maps[0].arg, maps[1].arg) + args + (np.int32(_LIST_STAGE_LIMIT), _null_or(ds_blocks),
+                                                            np.int32(bh_kv0))
+            else:
+                kernel = get_function("attention_bwd.cu", f"bwd_dkdv<{ctype}, {d}>")
+                smem_kv = smem + 2 * stats  # K, V and two cp.async stages of Q, dO, lse and delta
+            kernel.max_dynamic_shared_size_bytes = smem_kv
+            kernel((kv_len // _BLOCK_M, count), (128,), args, shared_mem=smem_kv)
+
+        list_args = (q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, _null_or(dq_tile), dq, *common,
+                     np.int32(length), np.int32(tile_volume), np.float32(scale))
+        if chunk:
+            # dK/dV first, storing dS; then dQ from it: per chunk of `chunk` (batch, kv head) pairs.
+            codes, offsets, pos = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume, positions=True)
+            ds_blocks = _alloc((chunk * ds_bytes // q.dtype.itemsize,), q.dtype)
+            kernel = get_function("attention_bwd_sm90.cu", f"bwd_dq_ds_sm90<{ctype}, {d}, {_DQDS_STAGES}>")
+            smem_dq, list_room = _dq_ds_layout(tile_bytes, _DQDS_STAGES)
+            kernel.max_dynamic_shared_size_bytes = smem_dq
+            map_k = _TensorMap(k, b * h_kv * kv_len)
+            for bh_kv0 in range(0, b * h_kv, chunk):
+                count = min(chunk, b * h_kv - bh_kv0)
+                dkdv_pass(codes, offsets, ds_blocks, bh_kv0, count)
+                kernel((q_len // _BLOCK_M, count * group), (128,),
+                       (map_k.arg, k, ds_blocks, pos, *list_args, np.int32(_LIST_STAGE_LIMIT), offsets,
+                        np.int32(bh_kv0 * group), np.int32(list_room)),
+                       shared_mem=smem_dq)
+            return dq, dk, dv
+
+        args = (q, k, v, dout, lse, delta, *list_args)
+        if dq_wgmma:
             # K and V by TMA: Q, dO and _DQ_STAGES stages of K and V, one 8-byte barrier per stage of each,
             # and the staged list.
             maps = (_TensorMap(k, b * h_kv * kv_len), _TensorMap(v, b * h_kv * kv_len))
@@ -258,22 +364,5 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
             smem_dq = smem  # Q, dO and two cp.async stages of K and V
         kernel.max_dynamic_shared_size_bytes = smem_dq
         kernel((q_len // _BLOCK_M, b * h), (128,), args, shared_mem=smem_dq)
-
-        codes, offsets = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume)
-        dk, dv = _alloc(k.shape, k.dtype), _alloc(v.shape, v.dtype)
-        args = (q, k, v, dout, lse_log2 if dkdv_wgmma else lse, delta, codes, offsets, q_block_sizes, kv_block_sizes,
-                _null_or(dk_tile), _null_or(dv_tile), dk, dv, *common, np.int32(tile_volume), np.float32(scale))
-        stats = 2 * _BLOCK_M * 4  # lse and delta of one stage
-        if dkdv_wgmma:
-            # Q and dO by TMA: K, V and _DKDV_STAGES stages of Q, dO, lse and delta, one 8-byte barrier per
-            # stage, and the staged list.
-            maps = (_TensorMap(q, b * h * q_len), _TensorMap(dout, b * h * q_len))
-            kernel = get_function("attention_bwd_sm90.cu", f"bwd_dkdv_sm90<{ctype}, {d}>")
-            smem_kv = (2 + 2 * _DKDV_STAGES) * tile_bytes + _DKDV_STAGES * (stats + 8) + _LIST_BYTES
-            args = (maps[0].arg, maps[1].arg) + args + (np.int32(_LIST_STAGE_LIMIT),)
-        else:
-            kernel = get_function("attention_bwd.cu", f"bwd_dkdv<{ctype}, {d}>")
-            smem_kv = smem + 2 * stats  # K, V and two cp.async stages of Q, dO, lse and delta
-        kernel.max_dynamic_shared_size_bytes = smem_kv
-        kernel((kv_len // _BLOCK_M, b * h_kv), (128,), args, shared_mem=smem_kv)
+        dkdv_pass(*kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume))
     return dq, dk, dv
