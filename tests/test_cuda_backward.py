@@ -21,27 +21,28 @@ pytestmark = pytest.mark.gpu
 TOLERANCE = {np.dtype(np.float16): 1e-2, BFLOAT16: 3e-2}
 
 
-KERNELS = ["auto", "mma", "unstaged", "recompute", "chunked"]
+KERNELS = ["auto", "mma", "unstaged", "workspace", "chunked"]
 
 
 def use_kernels(kernel, monkeypatch):
     """Select one of the backward's paths:
 
-    - "auto": the default kernels (on Hopper wgmma, the dQ pass summing the dK/dV pass's dS blocks);
+    - "auto": the default kernels (wgmma on Hopper; no dS workspace: the dQ pass recomputes dS);
     - "mma": the portable mma.sync kernels;
     - "unstaged": the default ones with index lists of more than one entry read from global memory
       rather than staged in shared memory (the path of lists longer than 1024 entries);
-    - "recompute": no dS workspace (the dQ pass recomputes dS);
-    - "chunked": the dS workspace used one (batch, kv head) at a time (a launch of each pass per pair),
-      at head dim 64 too (by default only 128 uses it).
+    - "workspace": on Hopper, the dQ pass summing the dK/dV pass's dS blocks (head dim 128), and
+      the "unstaged" lists as well;
+    - "chunked": that workspace used one (batch, kv head) at a time (a launch of each pass per
+      pair), at head dim 64 too.
     """
     from vsa_nd.backends import cuda_attention
 
     monkeypatch.setattr(cuda_attention, "BACKWARD_KERNEL", "mma" if kernel == "mma" else "auto")
-    if kernel == "unstaged":
+    if kernel in ("unstaged", "workspace"):
         monkeypatch.setattr(cuda_attention, "_LIST_STAGE_LIMIT", 1)
-    if kernel == "recompute":
-        monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 0)
+    if kernel in ("workspace", "chunked"):
+        monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 1 << 30)
     if kernel == "chunked":
         monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
         monkeypatch.setattr(cuda_attention, "_DS_HEAD_DIMS", (64, 128))
@@ -111,10 +112,12 @@ def test_backward_matches_reference(poisoned, p):
         assert dgate is None
 
 
-def test_backward_is_deterministic():
-    """The same inputs give bit-identical gradients (no atomics anywhere)."""
+@pytest.mark.parametrize("kernel", ["auto", "workspace"])
+def test_backward_is_deterministic(kernel, monkeypatch):
+    """The same inputs give bit-identical gradients (no atomics anywhere), with or without the dS workspace."""
     import cupy
 
+    use_kernels(kernel, monkeypatch)
     plan = vsa_nd.tile_plan((8, 12, 20))
     rng = np.random.default_rng(11)
     shape = (1, 4, plan.padded_len, 128)
