@@ -290,6 +290,45 @@ template <int D> struct DkdvDescs {
           dout_mn(smem_desc(sdO, ATOM_BYTES, 1024)), stage_step(AttentionSmem<D>::TILE >> 4) {}
 };
 
+// The load cursor of both dQ passes, kept alike by every thread (thread 0 issues the copies):
+// chunk `load` (`current`, from the kernel's chunk function `chunk_of`) goes into stage
+// `issued % STAGES` next, and `stage_valid` holds each stage's real keys, one byte per stage.
+// A chunk past its tile's block size (tile volume > 64) holds no key: it is skipped, and so is
+// the rest of its tile.  Made once the chunk function can read the staged list.
+template <class Chunk, class ChunkOf, int STAGES> struct LoadCursor {
+    static_assert(STAGES >= 1 && STAGES <= 4, "stage_valid holds one byte per stage");
+    const ChunkOf& chunk_of;
+    int n, per_tile, load = 0;
+    unsigned int issued = 0, stage_valid = 0;
+    Chunk current{};
+
+    __device__ LoadCursor(const ChunkOf& chunk, int chunks, int chunks_per_tile)
+        : chunk_of(chunk), n(chunks), per_tile(chunks_per_tile) {
+        if (n > 0) current = chunk_of(0);
+        skip_empty();
+    }
+    __device__ bool more() const { return load < n; }
+    __device__ unsigned int next_stage() const { return issued % STAGES; }
+    __device__ int valid(unsigned int stage) const { return (stage_valid >> 8 * stage) & 0xff; }
+    // The chunk after `current`, read early so that its index loads overlap other work.
+    __device__ Chunk peek() const { return load + 1 < n ? chunk_of(load + 1) : Chunk{}; }
+    // Once `current`'s copies into next_stage() are issued: records its real keys, moves on to `next` (peek()).
+    __device__ void advance(const Chunk& next) {
+        const unsigned int stage = next_stage();
+        stage_valid = (stage_valid & ~(0xffu << 8 * stage)) | static_cast<unsigned int>(current.valid) << 8 * stage;
+        ++issued;
+        ++load;
+        current = next;
+        skip_empty();
+    }
+    __device__ void skip_empty() {
+        while (load < n && current.valid == 0) {
+            load = (load / per_tile + 1) * per_tile;
+            if (load < n) current = chunk_of(load);
+        }
+    }
+};
+
 __device__ __forceinline__ void bulk_load_evict_first(void* dst, const void* src, unsigned int bytes, unsigned long long* bar) {
     asm volatile("{\n.reg .b64 policy;\ncreatepolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
                  "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], policy;\n}\n" ::"r"(
@@ -324,7 +363,6 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
     using namespace vsa;
     using Chunk = typename AttentionCta<T, D>::Chunk;
     constexpr int TILE = AttentionSmem<D>::TILE, STAGES = DQ_STAGES;
-    static_assert(STAGES >= 1 && STAGES <= 4, "stage_valid holds one byte per stage");
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sQ = smem;
     unsigned char* sdO = smem + TILE;
@@ -341,9 +379,6 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
     const int real_q = real_rows(q_block_sizes[cta.q_tile], (blockIdx.x * ATT_BLOCK_M) % tile_volume);
     const int kv_row0 = static_cast<int>((cta.k - k) / D);  // tensor-map row of this (batch, kv head)'s key 0
 
-    // The load cursor, kept alike by every thread (thread 0 issues the copies): chunk `load`
-    // (`current`) goes into stage `issued % STAGES` next.  A chunk past its tile's block size
-    // (tile volume > 64) holds no key: it is skipped, and so is the rest of its tile.
     const int entries = n / cta.chunks_per_tile;
     const bool staged = entries <= min(list_cap, LIST_CAP);  // the same in every thread
     if (staged)
@@ -361,22 +396,11 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
         return {(static_cast<size_t>(e.x) * tile_volume + sub * ATT_BLOCK_N) * D, min(max(left, 0), ATT_BLOCK_N)};
     };
 
-    int load = 0;
-    unsigned int issued = 0, stage_valid = 0;  // stage_valid: real keys per stage, one byte each
-    Chunk current{0, 0};
-    auto skip_empty = [&]() {
-        while (load < n && current.valid == 0) {
-            load = (load / cta.chunks_per_tile + 1) * cta.chunks_per_tile;
-            if (load < n) current = chunk(load);
-        }
-    };
-    auto peek = [&]() { return load + 1 < n ? chunk(load + 1) : Chunk{0, 0}; };
-    // Loads `current` into the next stage and moves the cursor on to `next` (peek(), read early so
-    // that its index loads overlap other work).
-    auto push = [&](const Chunk& next) {
-        const unsigned int stage = issued % STAGES;
+    // Loads the cursor's chunk into its next stage and moves it on to `next` (cursor.peek()).
+    auto push = [&](LoadCursor<Chunk, decltype(chunk), STAGES>& cursor, const Chunk& next) {
+        const unsigned int stage = cursor.next_stage();
         if (tid == 0) {
-            const int row = kv_row0 + static_cast<int>(current.offset / D);
+            const int row = kv_row0 + static_cast<int>(cursor.current.offset / D);
             mbar_expect_tx(bar_k + stage, TILE);
 #pragma unroll
             for (int atom = 0; atom < D / 64; ++atom)
@@ -386,11 +410,7 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
             for (int atom = 0; atom < D / 64; ++atom)
                 tma_load_2d(sV + stage * TILE + atom * ATOM_BYTES, &tma_v, atom * 64, row, bar_v + stage);
         }
-        stage_valid = (stage_valid & ~(0xffu << 8 * stage)) | static_cast<unsigned int>(current.valid) << 8 * stage;
-        ++issued;
-        ++load;
-        current = next;
-        skip_empty();
+        cursor.advance(next);
     };
 
     if (tid == 0) {
@@ -402,15 +422,14 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
         fence_mbar_init();
     }
     __syncthreads();  // barriers initialised, list staged
-    if (n > 0) current = chunk(0);
-    skip_empty();
-    if (load < n) push(peek());
+    LoadCursor<Chunk, decltype(chunk), STAGES> cursor(chunk, n, cta.chunks_per_tile);
+    if (cursor.more()) push(cursor, cursor.peek());
     load_tile_async<D>(sQ, q + cta.q_offset, ATT_BLOCK_M, tid);
     load_tile_async<D>(sdO, dout + cta.q_offset, real_q, tid);  // pad rows read as 0
     cp_async_commit();
 #pragma unroll
     for (int s = 1; s < STAGES; ++s)
-        if (load < n) push(peek());
+        if (cursor.more()) push(cursor, cursor.peek());
 
     float lse_log2[2], row_delta[2];
     load_row_stats(lse, delta, cta.q_offset / D, lse_log2, row_delta, warp, lane);
@@ -424,20 +443,20 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
     products.start_dq(sQ, sdO, warp, lane);
 
     // Load j sits in stage j % STAGES; that stage's barriers complete one phase per load.
-    for (unsigned int j = 0; j < issued; ++j) {
+    for (unsigned int j = 0; j < cursor.issued; ++j) {
         const unsigned int stage = j % STAGES, phase = (j / STAGES) & 1;
         unsigned char* cK = sK + stage * TILE;
         unsigned char* cV = sV + stage * TILE;
-        const int valid = (stage_valid >> 8 * stage) & 0xff;
-        const Chunk next = peek();  // index loads overlap the products
+        const int valid = cursor.valid(stage);
+        const Chunk next = cursor.peek();  // index loads overlap the products
         mbar_wait(bar_k + stage, phase);
         mbar_wait(bar_v + stage, phase);
         // Pad keys' K and V rows both reach dQ (dP = dO V^T, then dS K): zero both.
         if (valid < ATT_BLOCK_N) zero_rows_from<D>(cK, cV, valid, tid);
         products.dq_chunk(acc, cK, cV, valid, lse_log2, row_delta, scale * LOG2E, warp, lane);
-        if (load < n) {       // the same in every thread
+        if (cursor.more()) {  // the same in every thread
             __syncthreads();  // every warp is done reading this stage's K and V
-            push(next);
+            push(cursor, next);
         }
     }
     const float* tile_vec = dq_tile ? dq_tile + (static_cast<size_t>(cta.bh) * cta.num_q_blocks + cta.q_tile) * D : nullptr;
@@ -467,7 +486,6 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
                int bh0, int list_room) {
     using namespace vsa;
     constexpr int TILE = AttentionSmem<D>::TILE, STAGE = DqDsSmem<D, STAGES>::STAGE;
-    static_assert(STAGES >= 1 && STAGES <= 4, "stage_valid holds one byte per stage");
     extern __shared__ __align__(1024) unsigned char smem[];
     // Stage s: K at smem + s * STAGE (1024-byte aligned: TILE and DS_BLOCK_BYTES are multiples of 1024), its dS block after it.
     unsigned long long* bar = reinterpret_cast<unsigned long long*>(smem + STAGES * STAGE);  // one per stage
@@ -515,32 +533,18 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
                 (static_cast<size_t>(p) * per_tile + slice) * per_tile + sub};
     };
 
-    // The load cursor, alike in every thread (thread 0 issues the copies), as in bwd_dq_sm90.
-    int load = 0;
-    unsigned int issued = 0, stage_valid = 0;  // stage_valid: real keys per stage, one byte each
-    Chunk current{0, 0, 0};
-    auto skip_empty = [&]() {
-        while (load < n && current.valid == 0) {
-            load = (load / per_tile + 1) * per_tile;
-            if (load < n) current = chunk(load);
-        }
-    };
-    auto peek = [&]() { return load + 1 < n ? chunk(load + 1) : Chunk{0, 0, 0}; };
-    auto push = [&](const Chunk& next) {
-        const unsigned int stage = issued % STAGES;
+    auto push = [&](LoadCursor<Chunk, decltype(chunk), STAGES>& cursor, const Chunk& next) {
+        const unsigned int stage = cursor.next_stage();
         unsigned char* cK = smem + stage * STAGE;
         if (tid == 0) {
             mbar_expect_tx(bar + stage, TILE + DS_BLOCK_BYTES);
 #pragma unroll
             for (int atom = 0; atom < D / 64; ++atom)
-                tma_load_2d(cK + atom * ATOM_BYTES, &tma_k, atom * 64, kv_row0 + current.row, bar + stage);
-            bulk_load_evict_first(cK + TILE, ds_blocks + current.block * DS_BLOCK_ELEMS, DS_BLOCK_BYTES, bar + stage);
+                tma_load_2d(cK + atom * ATOM_BYTES, &tma_k, atom * 64, kv_row0 + cursor.current.row, bar + stage);
+            bulk_load_evict_first(cK + TILE, ds_blocks + cursor.current.block * DS_BLOCK_ELEMS, DS_BLOCK_BYTES,
+                                  bar + stage);
         }
-        stage_valid = (stage_valid & ~(0xffu << 8 * stage)) | static_cast<unsigned int>(current.valid) << 8 * stage;
-        ++issued;
-        ++load;
-        current = next;
-        skip_empty();
+        cursor.advance(next);
     };
 
     if (tid == 0) {
@@ -549,11 +553,10 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
         fence_mbar_init();
     }
     __syncthreads();  // barriers initialised, list staged
-    if (n > 0) current = chunk(0);
-    skip_empty();
+    LoadCursor<Chunk, decltype(chunk), STAGES> cursor(chunk, n, per_tile);
 #pragma unroll
     for (int s = 0; s < STAGES; ++s)
-        if (load < n) push(peek());
+        if (cursor.more()) push(cursor, cursor.peek());
 
     float acc[D / 2];
 #pragma unroll
@@ -563,27 +566,27 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
     auto prepare = [&](unsigned int j, unsigned int (&a)[4][4]) {
         const unsigned int stage = j % STAGES;
         unsigned char* cK = smem + stage * STAGE;
-        const int valid = (stage_valid >> 8 * stage) & 0xff;
+        const int valid = cursor.valid(stage);
         mbar_wait(bar + stage, (j / STAGES) & 1);
         if (valid < ATT_BLOCK_N) zero_rows_from<D>(cK, nullptr, valid, tid);
         load_ds_fragments(a, cK + TILE, warp, lane);
     };
     auto step = [&](unsigned int j, const unsigned int (&a)[4][4], unsigned int (&a_next)[4][4]) {
-        const Chunk next = peek();  // index loads overlap the product
+        const Chunk next = cursor.peek();  // index loads overlap the product
         wgmma_rs_issue<T, D>(acc, a, smem_desc(smem + (j % STAGES) * STAGE, ATOM_BYTES, 1024));
-        if (j + 1 < issued) prepare(j + 1, a_next);
+        if (j + 1 < cursor.issued) prepare(j + 1, a_next);
         wgmma_wait<0>();
         fence_registers(acc);
-        if (load < n) {       // the same in every thread
+        if (cursor.more()) {  // the same in every thread
             __syncthreads();  // every warp is done reading this stage
-            push(next);
+            push(cursor, next);
         }
     };
     unsigned int a0[4][4], a1[4][4];
-    if (issued > 0) prepare(0, a0);
-    for (unsigned int j = 0; j < issued; j += 2) {
+    if (cursor.issued > 0) prepare(0, a0);
+    for (unsigned int j = 0; j < cursor.issued; j += 2) {
         step(j, a0, a1);
-        if (j + 1 < issued) step(j + 1, a1, a0);
+        if (j + 1 < cursor.issued) step(j + 1, a1, a0);
     }
     const float* tile_vec = dq_tile ? dq_tile + (static_cast<size_t>(cta.bh) * cta.num_q_blocks + cta.q_tile) * D : nullptr;
     write_rows<T, D>(dq + cta.q_offset, acc, scale, tile_vec, real_q, warp, lane);
