@@ -77,8 +77,11 @@
 // Shared memory written by cp.async or by the threads is fenced (fence.proxy.async) before
 // wgmma reads it.
 //
-// bwd_dq_ds_sm90: see its comment; what the dS hand-over costs the dK/dV pass is four 16-byte
-// stores per thread and step (~0.3-0.6 ms of its ~4.5 ms at the main shape).  Found on the way:
+// bwd_dq_ds_sm90: see its comment.  What the dS hand-over costs the dK/dV pass is four 16-byte
+// stores per thread and step, and more for what they do to L2 than for themselves: 5.41 against
+// 4.92 ms under Nsight Compute at the main shape with the same instruction count, DRAM
+// throughput 62% against 13% (the 5.8 GB of dS passing through L2 evict Q and dO tiles, which
+// then come from DRAM; an evict-last hint on Q and dO did not help).  Found on the way:
 // computing each step's block index with divisions (t / slices, blockIdx.x % slices) cost ~70
 // instructions per warp and step, 16% more instructions and as much time (Nsight Compute), so
 // consecutive steps' blocks are found by one addition instead.
