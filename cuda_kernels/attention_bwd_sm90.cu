@@ -489,6 +489,9 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
                int bh0, int list_room) {
     using namespace vsa;
     constexpr int TILE = AttentionSmem<D>::TILE, STAGE = DqDsSmem<D, STAGES>::STAGE;
+    // Chunk j + 1's fragments are read while chunk j's product runs (step, below), so chunk j + 1
+    // must already be loading then: with one stage it would be pushed only after chunk j is done.
+    static_assert(STAGES >= 2, "the loop reads one chunk ahead");
     extern __shared__ __align__(1024) unsigned char smem[];
     // Stage s: K at smem + s * STAGE (1024-byte aligned: TILE and DS_BLOCK_BYTES are multiples of 1024), its dS block after it.
     unsigned long long* bar = reinterpret_cast<unsigned long long*>(smem + STAGES * STAGE);  // one per stage
