@@ -162,3 +162,26 @@ def test_misaligned_coarse_is_refused_before_launch():
     with pytest.raises(ValueError, match="coarse: the CUDA attention kernels need arrays starting on a 16-byte"):
         cuda_attention.block_sparse_bwd(dout, q, k, v, ctx.out, ctx.lse, ctx.q2k_idx, ctx.q2k_num, ctx.q_block_sizes,
                                         ctx.kv_block_sizes, ctx.scale, shifted, None, None, None, None)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "workspace"])
+def test_result_buffers_are_filled(kernel, monkeypatch):
+    """``out=`` of the forward and backward on CuPy (NaN-poisoned buffers, GQA, gate): filled
+    and returned, bit for bit what the calls return without them."""
+    import cupy
+
+    use_kernels(kernel, monkeypatch)
+    plan = vsa_nd.tile_plan((8, 12, 20))
+    rng = np.random.default_rng(12)
+    normal = lambda heads: cupy.asarray(rng.standard_normal((1, heads, plan.padded_len, 128)).astype(BFLOAT16))  # noqa: E731
+    q, gate, dout, k, v = normal(4), normal(4), normal(4), normal(2), normal(2)
+    sizes = cupy.asarray(plan.variable_block_sizes)
+    expected, ctx = vsa_nd.video_sparse_attn(q, k, v, 7, sizes, gate=gate, return_context=True)
+    grads = vsa_nd.video_sparse_attn_backward(dout, ctx)
+    out = cupy.full_like(q, np.nan)
+    result, ctx_out = vsa_nd.video_sparse_attn(q, k, v, 7, sizes, gate=gate, return_context=True, out=out)
+    assert result is out and cupy.array_equal(out.view(cupy.uint16), expected.view(cupy.uint16))
+    buffers = vsa_nd.Gradients(*(cupy.full_like(g, np.nan) for g in grads))
+    filled = vsa_nd.video_sparse_attn_backward(dout, ctx_out, out=buffers)
+    for got, buffer, want in zip(filled, buffers, grads):
+        assert got is buffer and cupy.array_equal(got.view(cupy.uint16), want.view(cupy.uint16))

@@ -325,3 +325,40 @@ def test_backward_is_deterministic():
     first, second = check_video_sparse_attn(p), check_video_sparse_attn(p)
     for a, b in zip(first[:3], second[:3]):
         assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(bfloat16)], ids=lambda d: d.name)
+def test_result_buffers_are_filled_and_checked(dtype):
+    """``out=`` of the forward and the backward: the buffers (NaN-poisoned) are filled and
+    returned, bit for bit the arrays a call without them returns; bad buffers are refused."""
+    rng = np.random.default_rng(11)
+    plan = vsa_nd.tile_plan((5, 6), (4, 4))
+    q, gate, dout = (normal(rng, (1, 4, plan.padded_len, 16), dtype) for _ in range(3))
+    k, v = (normal(rng, (1, 2, plan.padded_len, 16), dtype) for _ in range(2))
+    sizes = plan.variable_block_sizes
+    expected, ctx = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate, return_context=True)
+    grads = vsa_nd.video_sparse_attn_backward(dout, ctx)
+
+    out = np.full_like(q, np.nan)
+    result, ctx_out = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate, return_context=True, out=out)
+    assert result is out and ctx_out.out is out and out.tobytes() == expected.tobytes()
+    buffers = vsa_nd.Gradients(np.full_like(q, np.nan), None, np.full_like(v, np.nan), np.full_like(gate, np.nan))
+    filled = vsa_nd.video_sparse_attn_backward(dout, ctx_out, out=buffers)
+    for got, buffer, want in zip(filled, buffers, grads):
+        assert buffer is None or got is buffer
+        assert got.tobytes() == want.tobytes()
+
+    with pytest.raises(ValueError, match=r"out: expected shape \[1, 4, 64, 16\], got \[1, 2, 64, 16\]"):
+        vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate, out=np.empty_like(k))
+    with pytest.raises(ValueError, match="out: expected a buffer of its own, got one that shares memory with gate"):
+        vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate, out=gate)
+    with pytest.raises(ValueError, match="out.dk: expected a buffer of its own, got one that shares memory with out.dv"):
+        shared = np.empty_like(k)
+        vsa_nd.video_sparse_attn_backward(dout, ctx, out=(None, shared, shared, None))
+    with pytest.raises(TypeError, match=rf"out.dq: expected dtype in \({dtype.name}\), got float64"):
+        vsa_nd.video_sparse_attn_backward(dout, ctx, out=(np.empty(q.shape), None, None, None))
+    with pytest.raises(TypeError, match="out: expected a Gradients or a tuple"):
+        vsa_nd.video_sparse_attn_backward(dout, ctx, out=[None] * 4)
+    _, no_gate = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, return_context=True)
+    with pytest.raises(ValueError, match="out: expected dgate None"):
+        vsa_nd.video_sparse_attn_backward(dout, no_gate, out=(None, None, None, np.empty_like(q)))

@@ -66,10 +66,18 @@ def _check_plan(plan, like) -> TilePlan:
     return plan.to(device_key(like))
 
 
-def _check_out(out, like, shape: tuple, dtype):
-    check.check_array("out", out, len(shape), (np.dtype(dtype),), like)
-    check.check_shape("out", out, shape)
-    return check.check_contiguous("out", out)
+def _check_out(out, like, shape: tuple, dtype, name: str = "out", others: tuple = ()):
+    """A result buffer: ``shape`` and ``dtype`` on ``like``'s device, C-contiguous, sharing no
+    memory with the arrays in ``others`` ((name, array or None) pairs: the call's inputs, and
+    the other result buffers)."""
+    check.check_array(name, out, len(shape), (np.dtype(dtype),), like)
+    check.check_shape(name, out, shape)
+    check.check_contiguous(name, out)
+    xp = array_module(out)
+    for other_name, other in others:
+        if other is not None and xp.may_share_memory(out, other):
+            raise ValueError(f"{name}: expected a buffer of its own, got one that shares memory with {other_name}")
+    return out
 
 
 @_on_input_device
@@ -324,7 +332,8 @@ class VSAContext:
 
 
 @_on_input_device
-def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *, gate=None, scale=None, return_context=False):
+def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *, gate=None, scale=None,
+                      return_context=False, out=None):
     """Video Sparse Attention: coarse tile attention, top-k tile selection, fine attention.
 
     q [B, H, Sq_pad, D]; k, v [B, H_kv, Skv_pad, D] (tiled with :func:`tile`); ``topk`` key
@@ -333,6 +342,10 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     ``gate`` optional, q-shaped.  Returns out [B, H, Sq_pad, D] in q's dtype,
     ``fine + gate * coarse`` (``fine + coarse`` without a gate), and with
     ``return_context=True`` also a :class:`VSAContext` for the backward pass.
+
+    ``out`` (optional; q's shape, dtype and device, C-contiguous, no memory shared with the
+    inputs) is filled and returned instead of a new array.  The context refers to it: keep it
+    unchanged until the backward has run.
     """
     check.check_float("q", q, 4)
     if kv_block_sizes is None:
@@ -342,6 +355,8 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     volume = q.shape[2] // num_q_blocks
     q_block_sizes = check.check_block_sizes("q_block_sizes", q_block_sizes, q, num_q_blocks, volume)
     topk = check.check_int_range("topk", topk, 1, problem.num_kv_blocks)
+    if out is not None:
+        out = _check_out(out, q, q.shape, q.dtype, others=(("q", q), ("k", k), ("v", v), ("gate", gate)))
 
     backend = _backend(q)
     kv_sizes = problem.kv_block_sizes
@@ -350,7 +365,8 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     q2k_idx, q2k_num = backend.select_topk(scores, topk)
     probs = backend.softmax_rows_(scores)  # the scores are not needed after the selection
     coarse = _coarse_output(probs, v_mean)
-    out, lse = backend.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, problem.kv_block_sizes, problem.scale, coarse, gate)
+    out, lse = backend.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, problem.kv_block_sizes, problem.scale, coarse, gate,
+                                        out=out)
     if not return_context:
         return out
     context = VSAContext(
@@ -368,11 +384,14 @@ class Gradients(NamedTuple):
 
 
 @_on_input_device
-def video_sparse_attn_backward(dout, context: VSAContext) -> Gradients:
+def video_sparse_attn_backward(dout, context: VSAContext, *, out=None) -> Gradients:
     """Gradients of ``sum(dout * out)`` over the real query rows, selection held fixed.
 
     ``dout`` [B, H, Sq_pad, D] in q's dtype; rows in pad slots are ignored.  Pad slots of
-    the returned dq, dk, dv (and dgate) are zero.
+    the returned dq, dk, dv (and dgate) are zero.  ``out`` (optional): a :class:`Gradients`
+    (or 4-tuple) of buffers to fill instead of new arrays, each None or of its gradient's
+    shape, dtype and device, C-contiguous, sharing no memory with ``dout``, the context's
+    arrays or each other (dgate None without a gate).
     """
     if not isinstance(context, VSAContext):
         raise TypeError(f"context: expected the VSAContext of video_sparse_attn, got {type(context).__name__}")
@@ -381,13 +400,14 @@ def video_sparse_attn_backward(dout, context: VSAContext) -> Gradients:
     check.check_same_dtype("dout", dout, c.q, "q")
     check.check_shape("dout", dout, c.q.shape)
     check.check_contiguous("dout", dout)
+    buffers = _check_gradient_buffers(out, dout, c)
     backend = _backend(dout)
     if is_cupy_array(dout):  # the kernels' own limits, checked before any launch
         from .backends.cuda_attention import check_kernel_support
 
         check_kernel_support(c.q, c.q.shape[2] // len(c.q_block_sizes), dout=dout)
 
-    d_coarse, dgate = backend.coarse_grad_inputs(dout, c.gate, c.coarse, c.q_block_sizes)
+    d_coarse, dgate = backend.coarse_grad_inputs(dout, c.gate, c.coarse, c.q_block_sizes, dgate=buffers.dgate)
     # Backward of o_c = softmax(scale * q_c k_c^T) v_c in the grouped layout of _coarse_scores,
     # with one [N_q, N_kv] temporary: dC = P * (dP - rowsum(dP * P)), and
     # rowsum(dP * P) = rowsum(d_coarse * o_c) since dP = d_coarse v_c^T and o_c = P v_c.
@@ -405,6 +425,24 @@ def video_sparse_attn_backward(dout, context: VSAContext) -> Gradients:
     dv_token = backend.matmul(probs, d_coarse_g, transpose_a=True, row_divisor=c.kv_block_sizes)
     dq, dk, dv = backend.block_sparse_bwd(
         dout, c.q, c.k, c.v, c.out, c.lse, c.q2k_idx, c.q2k_num, c.q_block_sizes, c.kv_block_sizes,
-        c.scale, c.coarse, c.gate, dq_token, dk_token, dv_token,
+        c.scale, c.coarse, c.gate, dq_token, dk_token, dv_token, dq=buffers.dq, dk=buffers.dk, dv=buffers.dv,
     )
     return Gradients(dq, dk, dv, dgate)
+
+
+def _check_gradient_buffers(out, dout, c: VSAContext) -> Gradients:
+    """``out`` of :func:`video_sparse_attn_backward` as checked :class:`Gradients` (None: all None)."""
+    if out is None:
+        return Gradients(None, None, None, None)
+    if not isinstance(out, tuple) or len(out) != 4:
+        raise TypeError(f"out: expected a Gradients or a tuple (dq, dk, dv, dgate) of arrays or None, got {check.describe(out)}")
+    out = Gradients(*out)
+    if out.dgate is not None and c.gate is None:
+        raise ValueError("out: expected dgate None (the forward had no gate), got an array")
+    inputs = (("dout", dout), ("q", c.q), ("k", c.k), ("v", c.v), ("gate", c.gate), ("the forward's out", c.out))
+    likes = {"dq": c.q, "dk": c.k, "dv": c.v, "dgate": c.gate}
+    for name, buffer in out._asdict().items():
+        if buffer is not None:
+            others = inputs + tuple((f"out.{n}", b) for n, b in out._asdict().items() if n != name)
+            _check_out(buffer, c.q, likes[name].shape, likes[name].dtype, f"out.{name}", others)
+    return out

@@ -33,19 +33,23 @@ The interface every backend implements:
 ``select_topk(scores, topk) -> (q2k_idx [B, H, N_q, topk] int32, q2k_num [B, H, N_q] int32)``
     scores [B, H, N_q, N_kv] float; the ``topk`` largest per row, ties to the lower index,
     each row listed in increasing tile order.
-``block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate) -> (out, lse)``
+``block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None) -> (out, lse)``
     out [B, H, Sq_pad, D] in q's dtype = fine + (gate *) broadcast(coarse), where ``coarse``
     is None or [B, H, N_q, D] in the compute dtype and ``gate`` None or q-shaped;
     lse [B, H, Sq_pad] float32 (float64 for float64 inputs), -inf for a row with no key.
-``coarse_grad_inputs(dout, gate, coarse, q_block_sizes) -> (d_coarse, dgate)``
+``coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None) -> (d_coarse, dgate)``
     d_coarse [B, H, N_q, D] compute dtype: sum over the real rows of each query tile of
     ``gate * dout`` (``dout`` without a gate); dgate (None without a gate) q-shaped in
     the gate's dtype: ``dout * broadcast(coarse)`` on real rows, 0 on pad rows.
 ``block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
-                   scale, coarse, gate, dq_tile, dk_tile, dv_tile) -> (dq, dk, dv)``
+                   scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq=None, dk=None, dv=None) -> (dq, dk, dv)``
     Gradients in the input dtype of ``sum(dout * out)`` over the real query rows for the
     fine branch, with ``fine = out - (gate *) broadcast(coarse)`` recovered from ``out``.
     ``dq_tile`` [B, H, N_q, D] and ``dk_tile``/``dv_tile`` [B, H_kv, N_kv, D] (compute dtype)
     are added to every real token of their tile (the coarse branch's share).  Pad slots of
     dq, dk, dv are zero.
+
+A result argument that is not None (``out``, ``dgate``, ``dq``, ``dk``, ``dv``; checked by
+:mod:`vsa_nd.ops`: shape, dtype, device, contiguity, no shared memory) is filled and returned
+in place of a new array.
 """

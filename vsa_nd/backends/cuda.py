@@ -268,7 +268,7 @@ def matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0, row_divisor=No
     return out
 
 
-def coarse_grad_inputs(dout, gate, coarse, q_block_sizes):
+def coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None):
     """(d_coarse float32 [B, H, N_q, D], dgate in gate's dtype or None), in one pass over dout (and gate).
 
     ``d_coarse[b, h, i]`` sums ``gate * dout`` (``dout`` without a gate) over the real rows of
@@ -283,7 +283,8 @@ def coarse_grad_inputs(dout, gate, coarse, q_block_sizes):
     with dout.device:
         coarse = cupy.ascontiguousarray(coarse, dtype=np.float32)
         d_coarse = _alloc((batch, num_heads, num_blocks, head_dim), np.float32)
-        dgate = None if gate is None else _alloc(gate.shape, gate.dtype)
+        if dgate is None and gate is not None:
+            dgate = _alloc(gate.shape, gate.dtype)
         tiles = batch * num_heads * num_blocks
         if tiles == 0 or head_dim == 0:
             return d_coarse, dgate
@@ -297,17 +298,17 @@ def coarse_grad_inputs(dout, gate, coarse, q_block_sizes):
     return d_coarse, dgate
 
 
-def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate):
+def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None):
     """Fine attention plus the coarse combine: see the interface in :mod:`vsa_nd.backends`."""
     from .cuda_attention import block_sparse_fwd as launch
 
-    return launch(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate)
+    return launch(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out)
 
 
 def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
-                     scale, coarse, gate, dq_tile, dk_tile, dv_tile):
+                     scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq=None, dk=None, dv=None):
     """Gradients of the fine stage plus the coarse share: see the interface in :mod:`vsa_nd.backends`."""
     from .cuda_attention import block_sparse_bwd as launch
 
     return launch(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
-                  scale, coarse, gate, dq_tile, dk_tile, dv_tile)
+                  scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq, dk, dv)

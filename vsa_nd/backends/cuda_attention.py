@@ -170,14 +170,14 @@ def _tma_ready(*arrays) -> bool:
     return all(a.size // a.shape[-1] < 2**31 for a in arrays)
 
 
-def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate):
+def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None):
     """See :mod:`vsa_nd.backends`: (out [B, H, Sq_pad, D] q.dtype, lse [B, H, Sq_pad] float32)."""
     b, h, q_len, d = q.shape
     h_kv, kv_len = k.shape[1], k.shape[2]
     tile_volume = q_len // q2k_idx.shape[2]
     ctype = check_kernel_support(q, tile_volume, k=k, v=v, gate=gate)
     with q.device:
-        out = _alloc(q.shape, q.dtype)
+        out = _alloc(q.shape, q.dtype) if out is None else out
         lse = _alloc((b, h, q_len), np.float32)
         coarse = _float32(coarse)
         args = (
@@ -272,7 +272,7 @@ def _dq_ds_layout(tile_bytes: int, stages: int) -> tuple:
 
 
 def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
-                     scale, coarse, gate, dq_tile, dk_tile, dv_tile):
+                     scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq=None, dk=None, dv=None):
     """See :mod:`vsa_nd.backends`: (dq, dk, dv) in the input dtype; deterministic.
 
     By default the dQ pass recomputes S, P, dP and dS itself (seven matrix products per selected
@@ -307,8 +307,9 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
         common = (np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len))
         tile_bytes = _BLOCK_M * d * q.dtype.itemsize
         smem = 6 * tile_bytes  # the cp.async passes: two resident tiles and two stages of two streamed ones
-        dq = _alloc(q.shape, q.dtype)
-        dk, dv = _alloc(k.shape, k.dtype), _alloc(v.shape, v.dtype)
+        dq = _alloc(q.shape, q.dtype) if dq is None else dq
+        dk = _alloc(k.shape, k.dtype) if dk is None else dk
+        dv = _alloc(v.shape, v.dtype) if dv is None else dv
         # dS bytes per (batch, kv head), every selection entry counted (the used ones are known on the device only).
         ds_bytes = group * n_q * length * slices * slices * _DS_BLOCK_BYTES
         handover = dkdv_wgmma and dq_wgmma and d in _DS_HEAD_DIMS and ds_bytes

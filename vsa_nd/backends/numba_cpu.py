@@ -355,8 +355,9 @@ def _coarse_grad_kernel(dout, gate, has_gate, coarse, q_block_sizes, d_coarse, d
             dgate[b, h, i, real:] = 0.0
 
 
-def coarse_grad_inputs(dout, gate, coarse, q_block_sizes):
-    """(d_coarse [B, H, N_q, D] compute dtype, dgate q-shaped in gate's dtype or None)."""
+def coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None):
+    """(d_coarse [B, H, N_q, D] compute dtype, dgate q-shaped in gate's dtype or None; into ``dgate`` if given)."""
+    result = dgate
     dout_c = _compute(dout)
     b, h, s, d = dout.shape
     n = q_block_sizes.shape[0]
@@ -369,11 +370,20 @@ def coarse_grad_inputs(dout, gate, coarse, q_block_sizes):
     _coarse_grad_kernel(dout_c.reshape(tiled), gate_c, has_gate, coarse, _index(q_block_sizes), d_coarse, dgate)
     if not has_gate:
         return d_coarse, None
-    return d_coarse, dgate.reshape(dout.shape).astype(gate.dtype, copy=False)
+    return d_coarse, _into(result, dgate.reshape(dout.shape).astype(gate.dtype, copy=False))
 
 
 # ---------------------------------------------------------------------------------------
 # Fine attention, forward.
+
+
+def _into(buffer, result):
+    """``result``, copied into ``buffer`` when the caller gave one (the kernels compute in the
+    compute dtype, so a result in another dtype is a conversion anyway)."""
+    if buffer is None:
+        return result
+    np.copyto(buffer, result)
+    return buffer
 
 
 def _key_rows(x, num_tiles: int):
@@ -452,8 +462,10 @@ def _fwd_kernel(q, kt, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate,
                     dr[d] = ar[d] * inv + c_row[d]
 
 
-def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate):
-    """(out [B, H, Sq_pad, D] in q's dtype, lse [B, H, Sq_pad] compute dtype); see the package doc."""
+def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None):
+    """(out [B, H, Sq_pad, D] in q's dtype, lse [B, H, Sq_pad] compute dtype; into ``out`` if
+    given); see the package doc."""
+    result = out
     b, h, s_q, d = q.shape
     n_q, n_kv = q2k_idx.shape[2], kv_block_sizes.shape[0]
     volume = s_q // n_q
@@ -473,7 +485,7 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
             _scratch(rows, d, dtype), _scratch(rows, volume, dtype), _scratch(rows, d, dtype),
             _scratch(rows, dtype), _scratch(rows, dtype),
         )
-    return out.reshape(q.shape).astype(q.dtype, copy=False), lse.reshape(b, h, s_q)
+    return _into(result, out.reshape(q.shape).astype(q.dtype, copy=False)), lse.reshape(b, h, s_q)
 
 
 # ---------------------------------------------------------------------------------------
@@ -630,8 +642,10 @@ def _reverse_lists(q2k_idx, q2k_num, kv_heads, kv_tiles):
 
 
 def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
-                     scale, coarse, gate, dq_tile, dk_tile, dv_tile):
-    """(dq, dk, dv) in the input dtype, pad slots zero; see the package doc."""
+                     scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq=None, dk=None, dv=None):
+    """(dq, dk, dv) in the input dtype, pad slots zero (into ``dq``, ``dk``, ``dv`` where given);
+    see the package doc."""
+    results = (dq, dk, dv)
     b, h, s_q, d = q.shape
     h_kv = k.shape[1]
     n_q, n_kv = q_block_sizes.shape[0], kv_block_sizes.shape[0]
@@ -676,4 +690,5 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
             _scratch(rows, d, dtype), _scratch(rows, d, dtype), _scratch(rows, volume, dtype),
             _scratch(rows, volume, dtype), _scratch(rows, d, dtype), _scratch(rows, d, dtype),
         )
-    return tuple(x.reshape(shape).astype(q.dtype, copy=False) for x, shape in ((dq, q.shape), (dk, k.shape), (dv, v.shape)))
+    return tuple(_into(r, x.reshape(shape).astype(q.dtype, copy=False))
+                 for r, x, shape in zip(results, (dq, dk, dv), (q.shape, k.shape, v.shape)))
