@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,10 +93,14 @@ def _device(a):
     return "cpu" if isinstance(a, np.ndarray) else a.device.id
 
 
-def vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float) -> tuple:
-    """:func:`vsa_nd.video_sparse_attn` returning ``(out, *CONTEXT_FIELDS)`` (see :func:`forward_specs`)."""
+def vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float, results=None) -> tuple:
+    """:func:`vsa_nd.video_sparse_attn` returning ``(out, *CONTEXT_FIELDS)`` (see :func:`forward_specs`).
+
+    ``results``: None, or buffers for those results (only ``out``'s is used: the rest are small).
+    """
     out, context = vsa_nd.video_sparse_attn(
-        q, k, v, topk, trusted(q_block_sizes), trusted(kv_block_sizes), gate=gate, scale=scale, return_context=True
+        q, k, v, topk, trusted(q_block_sizes), trusted(kv_block_sizes), gate=gate, scale=scale, return_context=True,
+        out=results[0] if results else None,
     )
     return (out,) + tuple(getattr(context, name) for name in CONTEXT_FIELDS)
 
@@ -105,18 +110,36 @@ def vsa_inference(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale
     return vsa_nd.video_sparse_attn(q, k, v, topk, trusted(q_block_sizes), trusted(kv_block_sizes), gate=gate, scale=scale)
 
 
-def vsa_backward(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context, scale: float) -> tuple:
+def vsa_backward(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context, scale: float, results=None) -> tuple:
     """:func:`vsa_nd.video_sparse_attn_backward` from the results of :func:`vsa_forward`.
 
     ``dout`` [B, H, Sq_pad, D] C-contiguous in q's dtype; block sizes int32 as passed to the
-    forward; ``context`` the ``CONTEXT_FIELDS``.  Returns (dq, dk, dv, dgate or None).
+    forward; ``context`` the ``CONTEXT_FIELDS``; ``results`` None or buffers for
+    (dq, dk, dv[, dgate]).  Returns (dq, dk, dv, dgate or None).
     """
     fields = dict(zip(CONTEXT_FIELDS, context))
     ctx = vsa_nd.VSAContext(
         q=q, k=k, v=v, gate=gate, out=out, q_block_sizes=q_block_sizes, kv_block_sizes=kv_block_sizes,
         scale=scale, **fields,
     )
-    return tuple(vsa_nd.video_sparse_attn_backward(dout, ctx))
+    buffers = None if not results else (*results[:3], results[3] if gate is not None else None)
+    return tuple(vsa_nd.video_sparse_attn_backward(dout, ctx, out=buffers))
+
+
+_EXTERNAL_STREAMS: dict = {}  # (stream pointer, device index) -> cupy.cuda.ExternalStream
+
+
+def external_stream(pointer: int, device: int):
+    """CuPy's handle of a framework's CUDA stream (``cupy.cuda.ExternalStream``), cached per
+    (pointer, device): frameworks keep a few streams per device for the process's life."""
+    stream = _EXTERNAL_STREAMS.get((pointer, device))
+    if stream is None:
+        import cupy
+
+        with warnings.catch_warnings():  # CuPy 14 prefers Stream.from_external, which CuPy 13 lacks
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stream = _EXTERNAL_STREAMS[pointer, device] = cupy.cuda.ExternalStream(pointer, device)
+    return stream
 
 
 def padded_len(seq_shape, tile_shape) -> int:

@@ -14,19 +14,25 @@ bfloat16 on GPU (tile/untile also take float32).  JAX arrays are immutable, so t
 Where it runs:
 
 - **CPU** — the Numba backend, on NumPy views of the operands (zero-copy; results are
-  copied into JAX buffers).  Under ``jax.jit`` (and inside other traced code) the same
-  call goes through ``jax.pure_callback``, so the functions also work in jitted code.
-  Cost of that route: the compiled program hands the operands to Python and back (no
-  fusion across the call, the GIL is taken, results are copied), and vsa_nd's value errors
-  surface as JAX's runtime error carrying vsa_nd's message; ``vmap`` is not supported.
-- **GPU** — eagerly, on CuPy views taken with DLPack (``cupy.from_dlpack`` and
-  ``jax.dlpack.from_dlpack``, zero-copy), on the array's device and CuPy's current stream;
-  JAX has no current-stream notion, and DLPack's stream hand-off orders the work after
-  JAX's producer and JAX's consumers after it.  An XLA program cannot call into CuPy, so
-  on GPU these functions cannot be traced: under ``jax.jit`` they raise ``TypeError``
-  (call them outside jit).  ``jax.grad`` without jit works: the custom VJP runs eagerly.
-  bfloat16 crosses DLPack directly where CuPy reads kDLBfloat, else as int16 with a
-  bitcast on the JAX side (one device copy).
+  copied into JAX buffers).
+- **GPU** — the CUDA backend, on CuPy views of the operands (zero-copy): eagerly through
+  DLPack (``cupy.from_dlpack`` and ``jax.dlpack.from_dlpack``) on the array's device and
+  CuPy's current stream (JAX has no current-stream notion; DLPack's stream hand-off orders
+  the work after JAX's producer and JAX's consumers after it).  bfloat16 crosses DLPack
+  directly where CuPy reads kDLBfloat, else as int16 with a bitcast on the JAX side.
+- **Under** ``jax.jit`` (and inside other traced code), on either: each call is one XLA
+  foreign-function call (``jax.ffi.ffi_call`` of a ``ctypes`` handler, ``_xla_ffi``) that runs
+  the same vsa_nd function on views of XLA's buffers, on GPU on XLA's own stream with no host
+  synchronisation.  vsa_nd writes the large results (out, dq, dk, dv, dgate, tile/untile)
+  straight into XLA's result buffers (``out=``); the small ones (the backward's context) are
+  copied.  Costs of that route: the handler is Python, run on XLA's dispatching thread
+  (0.4-0.5 ms of host time per call besides vsa_nd's own, which a GPU-bound program hides
+  when calls are queued back to back); vsa_nd's intermediates come from CuPy's memory pool,
+  beside XLA's preallocated share; vsa_nd's value errors surface as JAX's runtime error
+  carrying vsa_nd's message; ``vmap`` and sharded (multi-device) inputs are not supported.  Pass a plan's ``variable_block_sizes`` (:func:`tile_plan`) closed over,
+  not as a jitted function's argument: then they are no operand of the program and vsa_nd
+  trusts them; block sizes that are operands are checked in each call, on GPU with a host
+  synchronisation.
 
 Gradients: :func:`video_sparse_attn` differentiates q, k, v and gate through both VSA
 stages, with the top-k selection a constant of the forward; :func:`tile` and
@@ -37,6 +43,7 @@ This module never imports PyTorch, and imports CuPy only for GPU arrays.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -69,43 +76,75 @@ def _platform(x) -> str:
     return "cpu"  # a host array (e.g. a NumPy constant inside a transformation)
 
 
-def _call(name: str, fn, specs, *args, **static):
-    """``fn(*arrays, **static)`` on NumPy (CPU) or CuPy (GPU) views of ``args`` (None passes).
+@jax.tree_util.register_static
+@dataclass(frozen=True)
+class _PlanSizes:
+    """The block sizes of the cached plan of (seq_shape, tile_shape), passed by name.
 
-    ``specs`` is a tuple of ``jax.ShapeDtypeStruct``, one per non-None result of ``fn``;
-    returns a tuple of JAX arrays.  Concrete arrays run eagerly (so vsa_nd's errors reach the
-    caller as they are); traced CPU arrays go through ``jax.pure_callback``, where an error
-    of vsa_nd surfaces as JAX's runtime error carrying vsa_nd's message.
+    Handed to vsa_nd as the plan's own array on the device that runs the call, which vsa_nd
+    trusts without a value check (on GPU a host synchronisation, which inside an XLA program
+    would stall it); under ``jax.jit`` they are no operand of the program at all.  A static
+    pytree: no leaves, nothing to differentiate.
     """
-    present = [a for a in args if a is not None]
-    traced = any(_is_traced(a) for a in present)
-    platform = _platform(present[0])
-    if traced and platform == "cpu":
-        return tuple(jax.pure_callback(functools.partial(_on_host, fn, static), specs, *args))
-    if traced:
-        raise TypeError(
-            f"{name}: got a traced array (inside jax.jit or another transformation) on {platform}; the GPU "
-            f"path runs CuPy kernels eagerly and cannot be part of an XLA program: call {name} outside jax.jit"
-        )
-    if platform == "cpu":
-        return tuple(jnp.asarray(r) for r in _on_host(fn, static, *args))
-    return _on_gpu(present[0], fn, static, args)
+
+    seq_shape: tuple
+    tile_shape: tuple
+    num_blocks: int
+
+    def on(self, like):
+        """The plan's block sizes on ``like``'s device (a NumPy or CuPy array)."""
+        return vsa_nd.tile_plan(self.seq_shape, self.tile_shape, device=device_key(like)).variable_block_sizes
+
+
+def _bind(fn, args, static):
+    """``run(operands, results=None)``: ``fn(*args, **static, results=results)`` with the array
+    arguments taken from ``operands`` (NumPy or CuPy, in order), ``None`` passed as it is and a
+    :class:`_PlanSizes` as its array; the results as a tuple without ``None``.  ``results``
+    (under jit: views of XLA's result buffers) are buffers ``fn`` may fill and return instead
+    of new arrays.  Also a description of the call that names all but the operands (the XLA
+    call's key)."""
+    kinds = tuple(None if a is None else a if isinstance(a, _PlanSizes) else "array" for a in args)
+
+    def run(operands, results=None):
+        arrays = iter(operands)
+        full = [k if k is None else next(arrays) if k == "array" else k.on(operands[0]) for k in kinds]
+        return _present(fn(*full, **static, results=results))
+
+    names = ["-" if k is None else "a" if k == "array" else f"plan{k.seq_shape}{k.tile_shape}" for k in kinds]
+    description = f"{fn.__module__}.{fn.__qualname__}({', '.join(names)}; {sorted(static.items())!r})"
+    return run, description
+
+
+def _call(name: str, fn, specs, *args, **static):
+    """``fn(*arrays, **static)`` on NumPy (CPU) or CuPy (GPU) views of ``args``.
+
+    ``args`` holds JAX arrays, ``None`` (passed as it is) and :class:`_PlanSizes`; ``specs`` is
+    a tuple of ``jax.ShapeDtypeStruct``, one per non-None result of ``fn``; returns a tuple of
+    JAX arrays.  Concrete arrays run eagerly (so vsa_nd's errors reach the caller as they are);
+    traced ones (``jax.jit``) become one XLA foreign-function call (see ``_xla_ffi``), where an
+    error of vsa_nd surfaces as JAX's runtime error carrying vsa_nd's message.
+    """
+    run, description = _bind(fn, args, static)
+    operands = [a for a in args if a is not None and not isinstance(a, _PlanSizes)]
+    if any(_is_traced(a) for a in operands):
+        from . import _xla_ffi
+
+        _xla_ffi.register_call(description, run)
+        return tuple(jax.ffi.ffi_call(_xla_ffi.target(), specs)(*operands, call=description))
+    if _platform(operands[0]) == "cpu":
+        return tuple(jnp.asarray(r) for r in run([np.asarray(a) for a in operands]))
+    return _on_gpu(operands, run)
 
 
 def _present(results) -> tuple:
     return tuple(r for r in (results if isinstance(results, tuple) else (results,)) if r is not None)
 
 
-def _on_host(fn, static, *args):
-    return _present(fn(*(None if a is None else np.asarray(a) for a in args), **static))
-
-
-def _on_gpu(first, fn, static, args) -> tuple:
+def _on_gpu(operands, run) -> tuple:
     import cupy
 
-    with cupy.cuda.Device(next(iter(first.devices())).id):
-        results = fn(*(None if a is None else _to_cupy(a) for a in args), **static)
-        return tuple(_from_cupy(r) for r in _present(results))
+    with cupy.cuda.Device(next(iter(operands[0].devices())).id):
+        return tuple(_from_cupy(r) for r in run([_to_cupy(a) for a in operands]))
 
 
 @functools.cache
@@ -172,6 +211,19 @@ def _int_array(name: str, x):
     return jnp.asarray(x, dtype=jnp.int32)
 
 
+def _block_sizes(name: str, x):
+    """Block sizes: a :class:`_PlanSizes` for a plan's own ``variable_block_sizes`` (see
+    :func:`tile_plan`), else the values as an int32 JAX array."""
+    plan = _PLANS_BY_SIZES.get(id(x))
+    if plan is not None and plan.variable_block_sizes is x:
+        return _PlanSizes(plan.seq_shape, plan.tile_shape, plan.num_blocks)
+    return _int_array(name, x)
+
+
+def _num_blocks(block_sizes) -> int:
+    return block_sizes.num_blocks if isinstance(block_sizes, _PlanSizes) else block_sizes.shape[0]
+
+
 def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
@@ -180,12 +232,12 @@ def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
 # Tiling.
 
 
-def _tile_arrays(x, *, seq_shape, tile_shape):
-    return vsa_nd.tile(x, vsa_nd.tile_plan(seq_shape, tile_shape, device=device_key(x)))
+def _tile_arrays(x, *, seq_shape, tile_shape, results=None):
+    return vsa_nd.tile(x, vsa_nd.tile_plan(seq_shape, tile_shape, device=device_key(x)), out=results and results[0])
 
 
-def _untile_arrays(y, *, seq_shape, tile_shape):
-    return vsa_nd.untile(y, vsa_nd.tile_plan(seq_shape, tile_shape, device=device_key(y)))
+def _untile_arrays(y, *, seq_shape, tile_shape, results=None):
+    return vsa_nd.untile(y, vsa_nd.tile_plan(seq_shape, tile_shape, device=device_key(y)), out=results and results[0])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -221,13 +273,18 @@ def tile_plan(seq_shape, tile_shape=None, *, device=None) -> TilePlan:
 @functools.cache
 def _cached_plan(seq_shape: tuple, tile_shape: tuple, device) -> TilePlan:
     if device.platform == "cpu":
-        array_plan = vsa_nd.tile_plan(seq_shape, tile_shape)
-        return TilePlan.wrap(array_plan, device, lambda a: jax.device_put(a, device))
-    import cupy
+        plan = TilePlan.wrap(vsa_nd.tile_plan(seq_shape, tile_shape), device, lambda a: jax.device_put(a, device))
+    else:
+        import cupy
 
-    with cupy.cuda.Device(device.id):
-        array_plan = vsa_nd.tile_plan(seq_shape, tile_shape, device=f"cuda:{device.id}")
-        return TilePlan.wrap(array_plan, device, _from_cupy)
+        with cupy.cuda.Device(device.id):
+            array_plan = vsa_nd.tile_plan(seq_shape, tile_shape, device=f"cuda:{device.id}")
+            plan = TilePlan.wrap(array_plan, device, _from_cupy)
+    _PLANS_BY_SIZES[id(plan.variable_block_sizes)] = plan  # cached plans live as long as the process
+    return plan
+
+
+_PLANS_BY_SIZES: dict = {}  # id(plan.variable_block_sizes) -> plan, for _block_sizes
 
 
 def build_metadata(latent_shape, patch_size, sparsity: float, tile_shape=None, *, device=None) -> vsa_nd.VSAMetadata:
@@ -265,7 +322,8 @@ def _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float):
 
 
 def _vsa_fwd(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale):
-    specs = _common.forward_specs(q.shape, q.dtype, k.shape, q_block_sizes.shape[0], kv_block_sizes.shape[0], topk)
+    specs = _common.forward_specs(q.shape, q.dtype, k.shape, _num_blocks(q_block_sizes), _num_blocks(kv_block_sizes),
+                                  topk)
     results = _call("video_sparse_attn", _common.vsa_forward, tuple(_spec(*s) for s in specs),
                     q, k, v, gate, q_block_sizes, kv_block_sizes, topk=topk, scale=scale)
     return results[0], (q, k, v, gate, q_block_sizes, kv_block_sizes, results)
@@ -299,12 +357,12 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
         gate = _check_array("gate", gate, _ATTENTION_DTYPES, like=q)
     if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
         raise TypeError(f"topk: expected an int, got {type(topk).__name__} {topk!r}")
-    q_block_sizes = _int_array("q_block_sizes", q_block_sizes)
-    kv_block_sizes = q_block_sizes if kv_block_sizes is None else _int_array("kv_block_sizes", kv_block_sizes)
+    q_block_sizes = _block_sizes("q_block_sizes", q_block_sizes)
+    kv_block_sizes = q_block_sizes if kv_block_sizes is None else _block_sizes("kv_block_sizes", kv_block_sizes)
     return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, int(topk), _common.resolve_scale(scale, q.shape[-1]))
 
 
-def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, *, scale):
+def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, *, scale, results=None):  # no out= there
     return vsa_nd.block_sparse_attn(q, k, v, _common.trusted(kv_block_sizes), q2k_idx, q2k_num, scale=scale,
                                     return_lse=True)
 
@@ -326,6 +384,6 @@ def block_sparse_attn(q, k, v, kv_block_sizes, q2k_idx, q2k_num=None, *, scale=N
     lse_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     specs = (_spec(q.shape, q.dtype), _spec(q.shape[:3], lse_dtype))
     out, lse = _call("block_sparse_attn", _block_sparse_arrays, specs, q, k, v,
-                     _int_array("kv_block_sizes", kv_block_sizes), q2k_idx, q2k_num,
+                     _block_sizes("kv_block_sizes", kv_block_sizes), q2k_idx, q2k_num,
                      scale=_common.resolve_scale(scale, q.shape[-1]))
     return (out, lse) if return_lse else out

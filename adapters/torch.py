@@ -65,7 +65,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -214,24 +213,13 @@ def _cupy_takes_bfloat16(index: int) -> bool:
     return imported.dtype == BFLOAT16 and exported.dtype == torch.bfloat16
 
 
-_EXTERNAL_STREAMS: dict = {}  # (stream pointer, device index) -> cupy.cuda.ExternalStream
-
-
 def _cupy_stream(index: int):
-    """CuPy's handle of torch's current stream on cuda:<index> (a wrapper, cached per pointer).
+    """CuPy's handle of torch's current stream on cuda:<index> (cached per pointer).
 
     ``torch._C._cuda_getCurrentRawStream`` is the pointer getter torch.compile's generated code
     calls before each launch; ``torch.cuda.current_stream`` would build a Stream object first.
     """
-    import cupy
-
-    key = (torch._C._cuda_getCurrentRawStream(index), index)
-    stream = _EXTERNAL_STREAMS.get(key)
-    if stream is None:
-        with warnings.catch_warnings():  # CuPy 14 prefers Stream.from_external, which CuPy 13 lacks
-            warnings.simplefilter("ignore", DeprecationWarning)
-            stream = _EXTERNAL_STREAMS[key] = cupy.cuda.ExternalStream(*key)
-    return stream
+    return _common.external_stream(torch._C._cuda_getCurrentRawStream(index), index)
 
 
 @functools.cache

@@ -1,7 +1,7 @@
 """The JAX adapter against the array-level API and the NumPy reference.
 
-On CPU the adapter runs the Numba backend through ``jax.pure_callback``, so its results equal
-the array API's bit for bit, eagerly and under ``jax.jit``.  Against the float64 reference,
+On CPU the adapter runs the Numba backend (eagerly, and under ``jax.jit`` as an XLA foreign
+function call), so its results equal the array API's bit for bit both ways.  Against the float64 reference,
 relative errors over real rows: forward float32 1e-5, float64 1e-10, float16/bfloat16 2e-2;
 backward float32 1e-4, float64 1e-9, float16/bfloat16 3e-2.
 """
@@ -147,6 +147,33 @@ def test_finite_differences_float64_through_tile_vsa_untile():
     check_grads(layer, inputs, order=1, modes=["rev"], eps=1e-6, atol=1e-7, rtol=1e-7)
 
 
+def test_jitted_calls_are_one_xla_call_each_and_report_vsa_nd_errors():
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, g = tiled_inputs(plan, np.float32)
+    layer = lambda q, sizes: vj.video_sparse_attn(q, k, v, 3, sizes, gate=g)  # noqa: E731
+    # The plan's own block sizes are named in the call's description, not passed as an operand.
+    closed = jax.jit(lambda q: layer(q, plan.variable_block_sizes)).lower(q).as_text()
+    assert closed.count("stablehlo.custom_call @vsa_nd(") == 1
+    assert "vsa_forward(a, a, a, a, plan(3, 5, 6)(2, 4, 4), plan(3, 5, 6)(2, 4, 4); [('scale', 0.25), ('topk', 3)])" in closed
+    other = jnp.asarray(np.asarray(plan.variable_block_sizes))  # equal values, not the plan's array: an operand
+    assert "vsa_forward(a, a, a, a, a, a;" in jax.jit(layer).lower(q, other).as_text()
+    np.testing.assert_array_equal(jax.jit(layer)(q, other), layer(q, plan.variable_block_sizes))
+    bad = jnp.full(plan.num_blocks, plan.tile_volume + 1, jnp.int32)
+    with pytest.raises(Exception, match=r"INVALID_ARGUMENT: ValueError: kv_block_sizes: expected every block size"):
+        jax.jit(layer)(q, bad).block_until_ready()
+    with pytest.raises(Exception, match="vmap"):
+        jax.vmap(jax.jit(lambda q: layer(q, plan.variable_block_sizes)))(q[None])
+
+
+def test_xla_call_without_registered_function_fails_clearly():
+    from vsa_nd.adapters import _xla_ffi
+
+    x = jnp.ones((2, 3), jnp.float32)
+    call = jax.ffi.ffi_call(_xla_ffi.target(), jax.ShapeDtypeStruct(x.shape, x.dtype))
+    with pytest.raises(Exception, match="no vsa_nd function is registered in this process for the XLA call 'nothing'"):
+        jax.jit(lambda x: call(x, call="nothing"))(x).block_until_ready()
+
+
 def test_block_sparse_attn_matches_array_api():
     plan = vj.tile_plan(SEQ, TILE)
     q, k, v, _ = tiled_inputs(plan, np.float32)
@@ -176,37 +203,61 @@ def test_errors_name_the_argument_and_what_was_expected():
         vj.untile(q, SEQ)
 
 
-@pytest.mark.gpu
-def test_gpu_forward_matches_array_api_and_refuses_jit():
-    import cupy
-
+def gpu_problem(dtype=jnp.bfloat16, dim=64, seed=0):
     gpu = jax.devices("gpu")[0]
     plan = vj.tile_plan((4, 8, 8), (4, 4, 4), device=gpu)
-    q, k, v, g = tiled_inputs(plan, jnp.bfloat16, heads=(2, 1, 1, 2), dim=64, device=gpu)
+    return plan, tiled_inputs(plan, dtype, heads=(2, 1, 1, 2), dim=dim, device=gpu, seed=seed)
+
+
+@pytest.mark.gpu
+def test_gpu_forward_matches_array_api_eager_and_jitted():
+    import cupy
+
+    plan, (q, k, v, g) = gpu_problem()
     out = vj.video_sparse_attn(q, k, v, 2, plan.variable_block_sizes, gate=g)
     arrays = [vj._to_cupy(x) for x in (q, k, v, g)]
     expected = vsa_nd.video_sparse_attn(*arrays[:3], 2, plan.array_plan.variable_block_sizes, gate=arrays[3])
     assert cupy.array_equal(vj._to_cupy(out).view(np.uint16), expected.view(np.uint16))
-    with pytest.raises(TypeError, match="call video_sparse_attn outside jax.jit"):
-        jax.jit(lambda q: vj.video_sparse_attn(q, k, v, 2, plan.variable_block_sizes, gate=g))(q)
+    # Under jit, between XLA's own operations on its stream: the plan's block sizes closed over
+    # (no operand of the program), or passed as an argument (an operand, checked in the call).
+    layer = lambda q, k, v, g, sizes: 2 * vj.video_sparse_attn(q * 1.5, k, v, 2, sizes, gate=g) + 1  # noqa: E731
+    eager = layer(q, k, v, g, plan.variable_block_sizes)
+    closed = jax.jit(lambda q, k, v, g: layer(q, k, v, g, plan.variable_block_sizes))
+    assert "plan(4, 8, 8)(4, 4, 4)" in closed.lower(q, k, v, g).as_text()
+    for jitted in (closed(q, k, v, g), jax.jit(layer)(q, k, v, g, plan.variable_block_sizes)):
+        assert jitted.dtype == jnp.bfloat16
+        assert np.array_equal(np.asarray(jitted).view(np.uint16), np.asarray(eager).view(np.uint16))
 
 
 @pytest.mark.gpu
-def test_gpu_gradients_match_reference():
+def test_gpu_errors_under_jit_carry_vsa_nd_message():
+    plan, (q, k, v, g) = gpu_problem()
+    bad = jnp.full(plan.num_blocks, plan.tile_volume + 1, jnp.int32, device=q.devices().pop())
+    attention = jax.jit(lambda q, sizes: vj.video_sparse_attn(q, k, v, 2, sizes, gate=g))
+    with pytest.raises(Exception, match=r"block_sizes: expected every block size in \[1, 64\]"):
+        attention(q, bad).block_until_ready()
+    attention(q, plan.variable_block_sizes).block_until_ready()  # the handler still works afterwards
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gpu_gradients_match_reference_eager_and_jitted(dim):
     from vsa_nd.backends import cuda_attention
 
     if not hasattr(cuda_attention, "block_sparse_bwd"):
         pytest.skip("vsa_nd.backends.cuda_attention.block_sparse_bwd (the CUDA backward kernels) is not written yet")
-    gpu = jax.devices("gpu")[0]
-    plan = vj.tile_plan((4, 8, 8), (4, 4, 4), device=gpu)
-    q, k, v, g = tiled_inputs(plan, jnp.bfloat16, heads=(2, 1, 1, 2), dim=64, device=gpu)
-    dout = jnp.ones_like(q)
-    grads = jax.vjp(lambda *a: vj.video_sparse_attn(*a[:3], 2, plan.variable_block_sizes, gate=a[3]), q, k, v, g)[1](dout)
+    plan, (q, k, v, g) = gpu_problem(dim=dim, seed=dim)
+    dout = jnp.asarray(np.random.default_rng(dim).standard_normal(q.shape), jnp.bfloat16, device=q.devices().pop())
+    attention = lambda *a: vj.video_sparse_attn(*a[:3], 2, plan.variable_block_sizes, gate=a[3])  # noqa: E731
+    grads = jax.vjp(attention, q, k, v, g)[1](dout)
+    jitted = jax.jit(lambda *a: jax.vjp(attention, *a)[1](dout))(q, k, v, g)
     arrays = [np.asarray(x, np.float64) for x in (q, k, v, g)]
     sizes, real = host_sizes(plan), real_rows(plan)
     forward = ref.video_sparse_attn(*arrays[:3], sizes, sizes, 2, plan.tile_volume, gate=arrays[3])
     expected = ref.video_sparse_attn_backward(np.asarray(dout, np.float64), *arrays[:3], sizes, sizes, forward.q2k_idx,
                                               forward.q2k_num, plan.tile_volume, gate=arrays[3])
-    for grad, want in zip(grads, expected):
+    for grad, again, want in zip(grads, jitted, expected):
+        # The backward is deterministic: jitted and eager gradients agree bit for bit.
+        assert np.array_equal(np.asarray(grad).view(np.uint16), np.asarray(again).view(np.uint16))
         # Norms floored at an RMS of 0.2, as in the torch adapter's CUDA backward test.
         assert rel_err(np.asarray(grad, np.float64)[:, :, real], want[:, :, real], 0.2) <= BWD_TOL["bfloat16"]

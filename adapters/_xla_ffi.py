@@ -1,0 +1,297 @@
+"""vsa_nd as an XLA foreign function, so that the JAX adapter runs inside ``jax.jit``.
+
+XLA calls a foreign function (``jax.ffi.ffi_call``) through a C handler with the signature
+``XLA_FFI_Error* handler(XLA_FFI_CallFrame*)`` (``xla/ffi/api/c_api.h``, which jaxlib ships:
+``jax.ffi.include_dir()``).  The handler here is a ``ctypes`` callback into Python, so no
+native code is built: it reads the call frame (operand and result buffers, attributes, and on
+GPU the CUDA stream and device that XLA runs the call on), views the buffers as NumPy or CuPy
+arrays without copying, runs vsa_nd on them and copies the results into XLA's result buffers.
+
+On GPU, vsa_nd's kernels go onto XLA's own stream (``cupy.cuda.ExternalStream``), so they are
+ordered after the operands' producers and before the results' consumers with no host
+synchronisation; the handler returns as soon as the work is queued.  vsa_nd's intermediates
+come from CuPy's memory pool on that stream (stream-ordered reuse), outside XLA's allocator:
+XLA takes 75% of GPU memory at start by default (``XLA_PYTHON_CLIENT_MEM_FRACTION``), and the
+intermediates of one call are small (a few percent of the inputs at the spec's shapes).  The
+handler declares no traits, so XLA never records it into a command buffer (CUDA graph).
+
+One call is described by a string attribute ``call`` that names everything the Python side
+needs besides the buffers (the vsa_nd function, its static arguments, which operands are
+absent or fixed); the handler finds the function registered under that string when the call
+was traced.  The description is the whole key, so an executable compiled by another process
+(JAX's persistent compilation cache) finds the function that the same trace registers there.
+
+An error raised by vsa_nd inside the handler is returned to XLA, which raises it as JAX's
+runtime error carrying vsa_nd's message.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import math
+import threading
+import traceback
+
+import numpy as np
+
+from vsa_nd._xp import BFLOAT16
+
+from . import _common
+
+# ---- the C API's structs, as far as the handler reads them (field order of c_api.h) ----------
+
+
+class _ExtensionBase(C.Structure):
+    pass
+
+
+_ExtensionBase._fields_ = [("struct_size", C.c_size_t), ("type", C.c_int), ("next", C.POINTER(_ExtensionBase))]
+
+
+class _ApiVersion(C.Structure):
+    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("major_version", C.c_int),
+                ("minor_version", C.c_int)]
+
+
+class _Buffer(C.Structure):
+    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("dtype", C.c_int),
+                ("data", C.c_void_p), ("rank", C.c_int64), ("dims", C.POINTER(C.c_int64))]
+
+
+class _List(C.Structure):  # XLA_FFI_Args and XLA_FFI_Rets
+    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("size", C.c_int64),
+                ("types", C.POINTER(C.c_int)), ("items", C.POINTER(C.c_void_p))]
+
+
+class _ByteSpan(C.Structure):
+    _fields_ = [("ptr", C.c_void_p), ("len", C.c_size_t)]
+
+
+class _Attrs(C.Structure):
+    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("size", C.c_int64),
+                ("types", C.POINTER(C.c_int)), ("names", C.POINTER(C.POINTER(_ByteSpan))),
+                ("attrs", C.POINTER(C.c_void_p))]
+
+
+_ApiFunction = C.CFUNCTYPE(C.c_void_p, C.c_void_p)  # XLA_FFI_Error* fn(XLA_FFI_..._Args*)
+_API_FUNCTIONS = ("Error_Create", "Error_GetMessage", "Error_Destroy", "Handler_Register", "Stream_Get",
+                  "Type_Register", "ExecutionContext_Get", "State_Set", "State_Get", "DeviceMemory_Allocate",
+                  "DeviceMemory_Free", "ThreadPool_Schedule", "ThreadPool_NumThreads", "Future_Create",
+                  "Future_SetAvailable", "Future_SetError", "RunId_Get", "DeviceOrdinal_Get")
+
+
+class _Api(C.Structure):
+    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("api_version", _ApiVersion),
+                ("internal_api", C.c_void_p)] + [(name, _ApiFunction) for name in _API_FUNCTIONS]
+
+
+class _CallFrame(C.Structure):
+    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.POINTER(_ExtensionBase)),
+                ("api", C.POINTER(_Api)), ("ctx", C.c_void_p), ("stage", C.c_int), ("args", _List),
+                ("rets", _List), ("attrs", _Attrs)]
+
+
+class _Metadata(C.Structure):
+    _fields_ = [("struct_size", C.c_size_t), ("api_version", _ApiVersion), ("traits", C.c_uint32),
+                ("state_type_id", C.c_int64)]
+
+
+class _MetadataExtension(C.Structure):
+    _fields_ = [("extension_base", _ExtensionBase), ("metadata", C.POINTER(_Metadata))]
+
+
+class _ErrorCreateArgs(C.Structure):
+    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("message", C.c_char_p),
+                ("errc", C.c_int)]
+
+
+class _ContextQuery(C.Structure):  # XLA_FFI_Stream_Get_Args; XLA_FFI_DeviceOrdinal_Get_Args reads an int32 out
+    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("ctx", C.c_void_p),
+                ("out", C.c_void_p)]
+
+
+class _OrdinalQuery(C.Structure):
+    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("ctx", C.c_void_p),
+                ("out", C.c_int32)]
+
+
+_EXTENSION_METADATA = 1
+_STAGE_EXECUTE = 3
+_BUFFER = 1
+_ATTR_STRING = 4
+_API_VERSION = (0, 3)  # of the c_api.h these structs follow
+_ERROR_INVALID_ARGUMENT, _ERROR_INTERNAL = 3, 13
+_DTYPES = {  # XLA_FFI_DataType -> NumPy
+    1: np.dtype(np.bool_), 4: np.dtype(np.int32), 5: np.dtype(np.int64), 10: np.dtype(np.float16),
+    11: np.dtype(np.float32), 12: np.dtype(np.float64), 16: BFLOAT16,
+}
+
+
+def _field_in(struct_size: int, struct, field: str) -> bool:
+    """Whether a struct XLA passed (``struct_size`` bytes, maybe from older headers) holds ``field``."""
+    member = getattr(struct, field)
+    return struct_size >= member.offset + member.size
+
+
+# ---- calls: what the handler runs, by description ------------------------------------------
+
+_CALLS: dict = {}  # description -> run(operands: list of arrays) -> tuple of arrays
+_LOCK = threading.Lock()
+
+
+def register_call(description: str, run) -> None:
+    """Make ``run`` the function of calls described by ``description`` (the first one stays:
+    equal descriptions must mean equal functions)."""
+    with _LOCK:
+        _CALLS.setdefault(description, run)
+
+
+# ---- the handler -------------------------------------------------------------------------------
+
+
+def _buffer(pointer: int):
+    buffer = _Buffer.from_address(pointer)
+    shape = tuple(buffer.dims[: buffer.rank])
+    dtype = _DTYPES.get(buffer.dtype)
+    if dtype is None:
+        raise TypeError(f"vsa_nd's XLA call got a buffer of XLA dtype code {buffer.dtype}, which it does not take")
+    return buffer.data or 0, shape, dtype
+
+
+def _host_array(pointer: int, shape: tuple, dtype):
+    count = math.prod(shape)
+    if count == 0:
+        return np.empty(shape, dtype)
+    return np.frombuffer((C.c_char * (count * dtype.itemsize)).from_address(pointer), dtype).reshape(shape)
+
+
+def _device_array(pointer: int, shape: tuple, dtype, device: int):
+    import cupy
+
+    count = math.prod(shape)
+    if count == 0:
+        return cupy.empty(shape, dtype)
+    memory = cupy.cuda.UnownedMemory(pointer, count * dtype.itemsize, None, device)
+    return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0))
+
+
+def _description(attrs: _Attrs) -> str:
+    for i in range(attrs.size):
+        name = attrs.names[i].contents
+        if C.string_at(name.ptr, name.len) == b"call" and attrs.types[i] == _ATTR_STRING:
+            value = _ByteSpan.from_address(attrs.attrs[i])
+            return C.string_at(value.ptr, value.len).decode()
+    raise RuntimeError("vsa_nd's XLA call has no 'call' attribute")
+
+
+def _check_results(description: str, results, outputs) -> None:
+    if len(results) != len(outputs):
+        raise RuntimeError(f"{description}: {len(results)} results for {len(outputs)} XLA result buffers")
+    for r, o in zip(results, outputs):
+        if r.shape != o.shape or r.dtype != o.dtype:
+            raise RuntimeError(f"{description}: a result of shape {r.shape} and dtype {r.dtype} for an XLA "
+                               f"buffer of shape {o.shape} and dtype {o.dtype}")
+
+
+def _run_on_host(frame: _CallFrame, run, description: str) -> None:
+    operands = [_host_array(*_buffer(frame.args.items[i])) for i in range(frame.args.size)]
+    outputs = [_host_array(*_buffer(frame.rets.items[i])) for i in range(frame.rets.size)]
+    results = run(operands, outputs)
+    _check_results(description, results, outputs)
+    for r, o in zip(results, outputs):
+        if r.ctypes.data != o.ctypes.data:  # a result vsa_nd did not write into its buffer
+            np.copyto(o, r)
+
+
+def _run_on_gpu(frame: _CallFrame, run, description: str) -> None:
+    import cupy
+
+    api = frame.api.contents
+    query = _ContextQuery(C.sizeof(_ContextQuery), None, frame.ctx, None)
+    _raise_if_error(api, api.Stream_Get(C.addressof(query)))
+    stream = query.out or 0
+    if _field_in(api.struct_size, _Api, "DeviceOrdinal_Get"):
+        ordinal = _OrdinalQuery(C.sizeof(_OrdinalQuery), None, frame.ctx, 0)
+        _raise_if_error(api, api.DeviceOrdinal_Get(C.addressof(ordinal)))
+        device = ordinal.out
+    else:  # older XLA: the device whose context XLA made current
+        device = cupy.cuda.runtime.getDevice()
+    with cupy.cuda.Device(device), _common.external_stream(stream, device) as current:
+        operands = [_device_array(*_buffer(frame.args.items[i]), device) for i in range(frame.args.size)]
+        outputs = [_device_array(*_buffer(frame.rets.items[i]), device) for i in range(frame.rets.size)]
+        results = run(operands, outputs)
+        _check_results(description, results, outputs)
+        for r, o in zip(results, outputs):
+            if o.size and r.data.ptr != o.data.ptr:  # a result vsa_nd did not write into its buffer
+                o.data.copy_from_device_async(cupy.ascontiguousarray(r).data, o.nbytes, current)
+
+
+def _raise_if_error(api: _Api, error) -> None:
+    if error:
+        raise RuntimeError("an XLA FFI API call failed")  # XLA's message stays with its error object
+
+
+def _error(api: _Api, exception: BaseException):
+    code = _ERROR_INVALID_ARGUMENT if isinstance(exception, (ValueError, TypeError)) else _ERROR_INTERNAL
+    message = f"{type(exception).__name__}: {exception}"
+    if code == _ERROR_INTERNAL:
+        message += "\n" + "".join(traceback.format_exception(exception))
+    args = _ErrorCreateArgs(C.sizeof(_ErrorCreateArgs), None, message.encode(), code)
+    return api.Error_Create(C.addressof(args))  # XLA copies the message
+
+
+def _handle(frame_pointer: int, on_gpu: bool):
+    frame = _CallFrame.from_address(frame_pointer)
+    api = frame.api.contents
+    try:
+        if frame.extension_start and frame.extension_start.contents.type == _EXTENSION_METADATA:
+            metadata = _MetadataExtension.from_address(C.addressof(frame.extension_start.contents)).metadata.contents
+            xla = (api.api_version.major_version, api.api_version.minor_version)
+            major, minor = min(xla, _API_VERSION) if xla[0] == _API_VERSION[0] else xla
+            metadata.api_version = _ApiVersion(C.sizeof(_ApiVersion), None, major, minor)
+            metadata.traits = 0  # not command-buffer compatible: XLA runs it eagerly on its stream
+            if _field_in(metadata.struct_size, _Metadata, "state_type_id"):
+                metadata.state_type_id = 0
+            return None
+        if frame.stage != _STAGE_EXECUTE:
+            raise RuntimeError(f"vsa_nd's XLA handler called at stage {frame.stage}, not execute")
+        description = _description(frame.attrs)
+        run = _CALLS.get(description)
+        if run is None:
+            raise RuntimeError(f"no vsa_nd function is registered in this process for the XLA call {description!r}")
+        (_run_on_gpu if on_gpu else _run_on_host)(frame, run, description)
+        return None
+    except BaseException as e:  # noqa: BLE001 - every error must reach XLA, not ctypes
+        return _error(api, e)
+
+
+_HANDLER_TYPE = C.CFUNCTYPE(C.c_void_p, C.c_void_p)
+_HANDLERS = {
+    "cpu": _HANDLER_TYPE(lambda frame: _handle(frame, False)),
+    "gpu": _HANDLER_TYPE(lambda frame: _handle(frame, True)),
+}
+_XLA_PLATFORMS = {"cpu": "cpu", "gpu": "CUDA"}
+_TARGET = "vsa_nd"
+_registered: set = set()
+
+
+def target() -> str:
+    """The FFI target name of vsa_nd's handler, registered with XLA on first use for every
+    platform JAX has here (one name: XLA picks the handler of the platform it compiles for)."""
+    with _LOCK:
+        if not _registered:
+            import jax
+
+            platforms = {d.platform for backend in ("cpu", "gpu") for d in _devices(jax, backend)}
+            for platform in sorted(platforms & set(_HANDLERS)):
+                pointer = C.cast(_HANDLERS[platform], C.c_void_p).value
+                jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(pointer), platform=_XLA_PLATFORMS[platform])
+                _registered.add(platform)
+    return _TARGET
+
+
+def _devices(jax, backend: str) -> list:
+    try:
+        return jax.devices(backend)
+    except RuntimeError:  # no such backend here
+        return []
