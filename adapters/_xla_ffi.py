@@ -5,7 +5,8 @@ XLA calls a foreign function (``jax.ffi.ffi_call``) through a C handler with the
 ``jax.ffi.include_dir()``).  The handler here is a ``ctypes`` callback into Python, so no
 native code is built: it reads the call frame (operand and result buffers, attributes, and on
 GPU the CUDA stream and device that XLA runs the call on), views the buffers as NumPy or CuPy
-arrays without copying, runs vsa_nd on them and copies the results into XLA's result buffers.
+arrays without copying and runs vsa_nd on them, which fills XLA's result buffers (results it
+did not write in place, the small ones, are copied there).
 
 On GPU, vsa_nd's kernels go onto XLA's own stream (``cupy.cuda.ExternalStream``), so they are
 ordered after the operands' producers and before the results' consumers with no host
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import ctypes as C
 import math
+import os
 import threading
 import traceback
 
@@ -119,7 +121,7 @@ _EXTENSION_METADATA = 1
 _STAGE_EXECUTE = 3
 _BUFFER = 1
 _ATTR_STRING = 4
-_API_VERSION = (0, 3)  # of the c_api.h these structs follow
+_API_VERSION = (0, 3)  # of the c_api.h these structs follow (XLA accepts handlers of its major version and a minor up to its own)
 _ERROR_INVALID_ARGUMENT, _ERROR_INTERNAL = 3, 13
 _DTYPES = {  # XLA_FFI_DataType -> NumPy
     1: np.dtype(np.bool_), 4: np.dtype(np.int32), 5: np.dtype(np.int64), 10: np.dtype(np.float16),
@@ -193,14 +195,38 @@ def _check_results(description: str, results, outputs) -> None:
                                f"buffer of shape {o.shape} and dtype {o.dtype}")
 
 
+def _written_in_place(result, output) -> bool:
+    """Whether vsa_nd filled ``output`` itself (returned it, or a view of exactly its memory)."""
+    if result is output:
+        return True
+    pointer = result.ctypes.data if isinstance(result, np.ndarray) else result.data.ptr
+    start = output.ctypes.data if isinstance(output, np.ndarray) else output.data.ptr
+    return pointer == start and result.strides == output.strides and result.flags.c_contiguous
+
+
 def _run_on_host(frame: _CallFrame, run, description: str) -> None:
     operands = [_host_array(*_buffer(frame.args.items[i])) for i in range(frame.args.size)]
+    for a in operands:
+        a.flags.writeable = False  # XLA's operands (constants among them): vsa_nd never writes its inputs
     outputs = [_host_array(*_buffer(frame.rets.items[i])) for i in range(frame.rets.size)]
     results = run(operands, outputs)
     _check_results(description, results, outputs)
     for r, o in zip(results, outputs):
-        if r.ctypes.data != o.ctypes.data:  # a result vsa_nd did not write into its buffer
+        if not _written_in_place(r, o):
             np.copyto(o, r)
+
+
+class _XlaError(Exception):
+    """An error XLA's own API returned, handed back to XLA as it is."""
+
+    def __init__(self, pointer: int):
+        super().__init__("an XLA FFI API call failed")
+        self.pointer = pointer
+
+
+def _check_call(error) -> None:
+    if error:
+        raise _XlaError(error)
 
 
 def _run_on_gpu(frame: _CallFrame, run, description: str) -> None:
@@ -208,11 +234,11 @@ def _run_on_gpu(frame: _CallFrame, run, description: str) -> None:
 
     api = frame.api.contents
     query = _ContextQuery(C.sizeof(_ContextQuery), None, frame.ctx, None)
-    _raise_if_error(api, api.Stream_Get(C.addressof(query)))
+    _check_call(api.Stream_Get(C.addressof(query)))
     stream = query.out or 0
     if _field_in(api.struct_size, _Api, "DeviceOrdinal_Get"):
         ordinal = _OrdinalQuery(C.sizeof(_OrdinalQuery), None, frame.ctx, 0)
-        _raise_if_error(api, api.DeviceOrdinal_Get(C.addressof(ordinal)))
+        _check_call(api.DeviceOrdinal_Get(C.addressof(ordinal)))
         device = ordinal.out
     else:  # older XLA: the device whose context XLA made current
         device = cupy.cuda.runtime.getDevice()
@@ -222,47 +248,67 @@ def _run_on_gpu(frame: _CallFrame, run, description: str) -> None:
         results = run(operands, outputs)
         _check_results(description, results, outputs)
         for r, o in zip(results, outputs):
-            if o.size and r.data.ptr != o.data.ptr:  # a result vsa_nd did not write into its buffer
+            if o.size and not _written_in_place(r, o):
                 o.data.copy_from_device_async(cupy.ascontiguousarray(r).data, o.nbytes, current)
 
 
-def _raise_if_error(api: _Api, error) -> None:
-    if error:
-        raise RuntimeError("an XLA FFI API call failed")  # XLA's message stays with its error object
-
-
 def _error(api: _Api, exception: BaseException):
+    """An XLA error carrying ``exception``'s message (with its traceback unless it is a
+    ValueError or TypeError of vsa_nd's checks)."""
+    if isinstance(exception, _XlaError):
+        return exception.pointer
     code = _ERROR_INVALID_ARGUMENT if isinstance(exception, (ValueError, TypeError)) else _ERROR_INTERNAL
-    message = f"{type(exception).__name__}: {exception}"
-    if code == _ERROR_INTERNAL:
-        message += "\n" + "".join(traceback.format_exception(exception))
-    args = _ErrorCreateArgs(C.sizeof(_ErrorCreateArgs), None, message.encode(), code)
+    try:
+        message = f"{type(exception).__name__}: {exception}"
+        if code == _ERROR_INTERNAL:
+            message += "\n" + "".join(traceback.format_exception(exception))
+    except BaseException:  # noqa: BLE001 - an exception that cannot be printed
+        message = f"{type(exception).__name__} (its message could not be formatted)"
+    text = message.encode("utf-8", "backslashreplace")
+    args = _ErrorCreateArgs(C.sizeof(_ErrorCreateArgs), None, text, code)
     return api.Error_Create(C.addressof(args))  # XLA copies the message
 
 
+def _describe_metadata(frame: _CallFrame) -> None:
+    """Answer XLA's metadata query: the C API version these structs follow, no traits (so XLA
+    never records the call into a command buffer), no state.  As api.h's PopulateMetadata does,
+    without touching ``frame.api`` (some XLA versions pass none here)."""
+    extension = _MetadataExtension.from_address(C.addressof(frame.extension_start.contents))
+    if extension.extension_base.struct_size < C.sizeof(_MetadataExtension) or not extension.metadata:
+        raise RuntimeError("XLA's metadata extension is smaller than vsa_nd's handler expects")
+    metadata = extension.metadata.contents
+    if not _field_in(metadata.struct_size, _Metadata, "traits"):
+        raise RuntimeError("XLA's handler metadata is smaller than vsa_nd's handler expects")
+    metadata.api_version = _ApiVersion(C.sizeof(_ApiVersion), None, *_API_VERSION)
+    metadata.traits = 0
+    if _field_in(metadata.struct_size, _Metadata, "state_type_id"):
+        metadata.state_type_id = 0
+
+
+def _handle_or_raise(frame: _CallFrame, on_gpu: bool) -> None:
+    if frame.extension_start and frame.extension_start.contents.type == _EXTENSION_METADATA:
+        return _describe_metadata(frame)
+    if frame.stage != _STAGE_EXECUTE:
+        raise RuntimeError(f"vsa_nd's XLA handler called at stage {frame.stage}, not execute")
+    description = _description(frame.attrs)
+    run = _CALLS.get(description)
+    if run is None:
+        raise RuntimeError(f"no vsa_nd function is registered in this process for the XLA call {description!r}")
+    (_run_on_gpu if on_gpu else _run_on_host)(frame, run, description)
+
+
 def _handle(frame_pointer: int, on_gpu: bool):
-    frame = _CallFrame.from_address(frame_pointer)
-    api = frame.api.contents
+    """The handler: None (success) or an XLA error.  Nothing may escape a ctypes callback (its
+    return value would then be garbage that XLA takes for an error pointer)."""
     try:
-        if frame.extension_start and frame.extension_start.contents.type == _EXTENSION_METADATA:
-            metadata = _MetadataExtension.from_address(C.addressof(frame.extension_start.contents)).metadata.contents
-            xla = (api.api_version.major_version, api.api_version.minor_version)
-            major, minor = min(xla, _API_VERSION) if xla[0] == _API_VERSION[0] else xla
-            metadata.api_version = _ApiVersion(C.sizeof(_ApiVersion), None, major, minor)
-            metadata.traits = 0  # not command-buffer compatible: XLA runs it eagerly on its stream
-            if _field_in(metadata.struct_size, _Metadata, "state_type_id"):
-                metadata.state_type_id = 0
-            return None
-        if frame.stage != _STAGE_EXECUTE:
-            raise RuntimeError(f"vsa_nd's XLA handler called at stage {frame.stage}, not execute")
-        description = _description(frame.attrs)
-        run = _CALLS.get(description)
-        if run is None:
-            raise RuntimeError(f"no vsa_nd function is registered in this process for the XLA call {description!r}")
-        (_run_on_gpu if on_gpu else _run_on_host)(frame, run, description)
-        return None
-    except BaseException as e:  # noqa: BLE001 - every error must reach XLA, not ctypes
-        return _error(api, e)
+        frame = _CallFrame.from_address(frame_pointer)
+        try:
+            return _handle_or_raise(frame, on_gpu)
+        except BaseException as e:  # noqa: BLE001 - every error must reach XLA, not ctypes
+            return _error(frame.api.contents, e)
+    except BaseException:  # noqa: BLE001 - not even an error could be made: stop rather than report success
+        traceback.print_exc()
+        os.abort()
 
 
 _HANDLER_TYPE = C.CFUNCTYPE(C.c_void_p, C.c_void_p)

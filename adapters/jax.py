@@ -93,7 +93,29 @@ class _PlanSizes:
 
     def on(self, like):
         """The plan's block sizes on ``like``'s device (a NumPy or CuPy array)."""
-        return vsa_nd.tile_plan(self.seq_shape, self.tile_shape, device=device_key(like)).variable_block_sizes
+        return _array_plan(self.seq_shape, self.tile_shape, like).variable_block_sizes
+
+
+_BUILT: set = set()  # (seq_shape, tile_shape, device key) of the plans _array_plan has made sure of
+
+
+def _array_plan(seq_shape: tuple, tile_shape: tuple, like):
+    """vsa_nd's cached plan on ``like``'s device (NumPy or CuPy).
+
+    Under jit the caller runs on XLA's stream, while the plan it may build first is cached for
+    every stream of the process: on GPU a plan is therefore built on CuPy's null stream and
+    waited for, once, before anyone uses it.
+    """
+    key = (seq_shape, tile_shape, device_key(like))
+    if key in _BUILT or isinstance(like, np.ndarray):
+        return vsa_nd.tile_plan(seq_shape, tile_shape, device=key[2])
+    import cupy
+
+    with cupy.cuda.Stream.null:
+        plan = vsa_nd.tile_plan(seq_shape, tile_shape, device=key[2])
+        cupy.cuda.Stream.null.synchronize()
+    _BUILT.add(key)
+    return plan
 
 
 def _bind(fn, args, static):
@@ -233,11 +255,11 @@ def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
 
 
 def _tile_arrays(x, *, seq_shape, tile_shape, results=None):
-    return vsa_nd.tile(x, vsa_nd.tile_plan(seq_shape, tile_shape, device=device_key(x)), out=results and results[0])
+    return vsa_nd.tile(x, _array_plan(seq_shape, tile_shape, x), out=results and results[0])
 
 
 def _untile_arrays(y, *, seq_shape, tile_shape, results=None):
-    return vsa_nd.untile(y, vsa_nd.tile_plan(seq_shape, tile_shape, device=device_key(y)), out=results and results[0])
+    return vsa_nd.untile(y, _array_plan(seq_shape, tile_shape, y), out=results and results[0])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))

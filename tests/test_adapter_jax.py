@@ -174,6 +174,30 @@ def test_xla_call_without_registered_function_fails_clearly():
         jax.jit(lambda x: call(x, call="nothing"))(x).block_until_ready()
 
 
+def test_xla_call_errors_reach_jax_whatever_their_message():
+    """An exception in the handler becomes XLA's error, even one whose message is no valid UTF-8
+    (a ctypes callback that raised would hand XLA garbage for an error pointer)."""
+    from vsa_nd.adapters import _xla_ffi
+
+    class Unprintable(Exception):
+        def __str__(self):
+            raise RuntimeError("no message")
+
+    def fails(exception):
+        def run(operands, results=None):
+            raise exception
+        return run
+
+    x = jnp.ones((2, 3), jnp.float32)
+    call = jax.ffi.ffi_call(_xla_ffi.target(), jax.ShapeDtypeStruct(x.shape, x.dtype))
+    _xla_ffi.register_call("test: bad text", fails(ValueError("bad \udcff text")))
+    _xla_ffi.register_call("test: unprintable", fails(Unprintable()))
+    with pytest.raises(Exception, match=r"INVALID_ARGUMENT: ValueError: bad \\udcff text"):
+        jax.jit(lambda x: call(x, call="test: bad text"))(x).block_until_ready()
+    with pytest.raises(Exception, match=r"Unprintable \(its message could not be formatted\)"):
+        jax.jit(lambda x: call(x, call="test: unprintable"))(x).block_until_ready()
+
+
 def test_block_sparse_attn_matches_array_api():
     plan = vj.tile_plan(SEQ, TILE)
     q, k, v, _ = tiled_inputs(plan, np.float32)
