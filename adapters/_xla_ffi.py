@@ -107,19 +107,18 @@ class _ErrorCreateArgs(C.Structure):
                 ("errc", C.c_int)]
 
 
-class _ContextQuery(C.Structure):  # XLA_FFI_Stream_Get_Args; XLA_FFI_DeviceOrdinal_Get_Args reads an int32 out
+class _StreamQuery(C.Structure):  # XLA_FFI_Stream_Get_Args
     _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("ctx", C.c_void_p),
                 ("out", C.c_void_p)]
 
 
-class _OrdinalQuery(C.Structure):
+class _OrdinalQuery(C.Structure):  # XLA_FFI_DeviceOrdinal_Get_Args
     _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("ctx", C.c_void_p),
                 ("out", C.c_int32)]
 
 
 _EXTENSION_METADATA = 1
 _STAGE_EXECUTE = 3
-_BUFFER = 1
 _ATTR_STRING = 4
 _API_VERSION = (0, 3)  # of the c_api.h these structs follow (XLA accepts handlers of its major version and a minor up to its own)
 _ERROR_INVALID_ARGUMENT, _ERROR_INTERNAL = 3, 13
@@ -186,13 +185,18 @@ def _description(attrs: _Attrs) -> str:
     raise RuntimeError("vsa_nd's XLA call has no 'call' attribute")
 
 
-def _check_results(description: str, results, outputs) -> None:
+def _store(description: str, results, outputs, copy) -> None:
+    """Put ``results`` into XLA's result buffers ``outputs``: ``copy(output, result)`` for each
+    one vsa_nd did not write in place."""
     if len(results) != len(outputs):
         raise RuntimeError(f"{description}: {len(results)} results for {len(outputs)} XLA result buffers")
     for r, o in zip(results, outputs):
         if r.shape != o.shape or r.dtype != o.dtype:
             raise RuntimeError(f"{description}: a result of shape {r.shape} and dtype {r.dtype} for an XLA "
                                f"buffer of shape {o.shape} and dtype {o.dtype}")
+    for r, o in zip(results, outputs):
+        if o.size and not _written_in_place(r, o):
+            copy(o, r)
 
 
 def _written_in_place(result, output) -> bool:
@@ -209,11 +213,7 @@ def _run_on_host(frame: _CallFrame, run, description: str) -> None:
     for a in operands:
         a.flags.writeable = False  # XLA's operands (constants among them): vsa_nd never writes its inputs
     outputs = [_host_array(*_buffer(frame.rets.items[i])) for i in range(frame.rets.size)]
-    results = run(operands, outputs)
-    _check_results(description, results, outputs)
-    for r, o in zip(results, outputs):
-        if not _written_in_place(r, o):
-            np.copyto(o, r)
+    _store(description, run(operands, outputs), outputs, np.copyto)
 
 
 class _XlaError(Exception):
@@ -233,7 +233,7 @@ def _run_on_gpu(frame: _CallFrame, run, description: str) -> None:
     import cupy
 
     api = frame.api.contents
-    query = _ContextQuery(C.sizeof(_ContextQuery), None, frame.ctx, None)
+    query = _StreamQuery(C.sizeof(_StreamQuery), None, frame.ctx, None)
     _check_call(api.Stream_Get(C.addressof(query)))
     stream = query.out or 0
     if _field_in(api.struct_size, _Api, "DeviceOrdinal_Get"):
@@ -245,11 +245,8 @@ def _run_on_gpu(frame: _CallFrame, run, description: str) -> None:
     with cupy.cuda.Device(device), _common.external_stream(stream, device) as current:
         operands = [_device_array(*_buffer(frame.args.items[i]), device) for i in range(frame.args.size)]
         outputs = [_device_array(*_buffer(frame.rets.items[i]), device) for i in range(frame.rets.size)]
-        results = run(operands, outputs)
-        _check_results(description, results, outputs)
-        for r, o in zip(results, outputs):
-            if o.size and not _written_in_place(r, o):
-                o.data.copy_from_device_async(cupy.ascontiguousarray(r).data, o.nbytes, current)
+        _store(description, run(operands, outputs), outputs,
+               lambda o, r: o.data.copy_from_device_async(cupy.ascontiguousarray(r).data, o.nbytes, current))
 
 
 def _error(api: _Api, exception: BaseException):

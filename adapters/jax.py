@@ -29,9 +29,10 @@ Where it runs:
   (0.4-0.5 ms of host time per call besides vsa_nd's own, which a GPU-bound program hides
   when calls are queued back to back); vsa_nd's intermediates come from CuPy's memory pool,
   beside XLA's preallocated share; vsa_nd's value errors surface as JAX's runtime error
-  carrying vsa_nd's message; ``vmap`` and sharded (multi-device) inputs are not supported.  Pass a plan's ``variable_block_sizes`` (:func:`tile_plan`) closed over,
-  not as a jitted function's argument: then they are no operand of the program and vsa_nd
-  trusts them; block sizes that are operands are checked in each call, on GPU with a host
+  carrying vsa_nd's message; ``vmap`` and sharded (multi-device) inputs are not supported.
+  Pass a plan's ``variable_block_sizes`` (:func:`tile_plan`) closed over, not as a jitted
+  function's argument: then they are no operand of the program and vsa_nd trusts them;
+  block sizes that are operands are checked in each call, on GPU with a host
   synchronisation.
 
 Gradients: :func:`video_sparse_attn` differentiates q, k, v and gate through both VSA
@@ -137,7 +138,7 @@ def _bind(fn, args, static):
     return run, description
 
 
-def _call(name: str, fn, specs, *args, **static):
+def _call(fn, specs, *args, **static):
     """``fn(*arrays, **static)`` on NumPy (CPU) or CuPy (GPU) views of ``args``.
 
     ``args`` holds JAX arrays, ``None`` (passed as it is) and :class:`_PlanSizes`; ``specs`` is
@@ -266,14 +267,14 @@ def _untile_arrays(y, *, seq_shape, tile_shape, results=None):
 def _tile(x, seq_shape: tuple, tile_shape: tuple):
     b, _, h, d = x.shape
     spec = _spec((b, h, _common.padded_len(seq_shape, tile_shape), d), x.dtype)
-    return _call("tile", _tile_arrays, (spec,), x, seq_shape=seq_shape, tile_shape=tile_shape)[0]
+    return _call(_tile_arrays, (spec,), x, seq_shape=seq_shape, tile_shape=tile_shape)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _untile(y, seq_shape: tuple, tile_shape: tuple):
     b, h, _, d = y.shape
     spec = _spec((b, int(np.prod(seq_shape)), h, d), y.dtype)
-    return _call("untile", _untile_arrays, (spec,), y, seq_shape=seq_shape, tile_shape=tile_shape)[0]
+    return _call(_untile_arrays, (spec,), y, seq_shape=seq_shape, tile_shape=tile_shape)[0]
 
 
 _tile.defvjp(lambda x, s, t: (_tile(x, s, t), None), lambda s, t, _, g: (_untile(g, s, t),))
@@ -346,7 +347,7 @@ def _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float):
 def _vsa_fwd(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale):
     specs = _common.forward_specs(q.shape, q.dtype, k.shape, _num_blocks(q_block_sizes), _num_blocks(kv_block_sizes),
                                   topk)
-    results = _call("video_sparse_attn", _common.vsa_forward, tuple(_spec(*s) for s in specs),
+    results = _call(_common.vsa_forward, tuple(_spec(*s) for s in specs),
                     q, k, v, gate, q_block_sizes, kv_block_sizes, topk=topk, scale=scale)
     return results[0], (q, k, v, gate, q_block_sizes, kv_block_sizes, results)
 
@@ -354,7 +355,7 @@ def _vsa_fwd(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale):
 def _vsa_bwd(topk, scale, residuals, dout):
     q, k, v, gate, q_block_sizes, kv_block_sizes, results = residuals
     specs = tuple(_spec(x.shape, x.dtype) for x in (q, k, v, gate) if x is not None)
-    grads = _call("video_sparse_attn", _common.vsa_backward, specs,
+    grads = _call(_common.vsa_backward, specs,
                   dout, q, k, v, gate, q_block_sizes, kv_block_sizes, *results, scale=scale)
     dgate = grads[3] if gate is not None else None
     return grads[0], grads[1], grads[2], dgate, None, None
@@ -405,7 +406,7 @@ def block_sparse_attn(q, k, v, kv_block_sizes, q2k_idx, q2k_num=None, *, scale=N
     q2k_num = None if q2k_num is None else _int_array("q2k_num", q2k_num)
     lse_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     specs = (_spec(q.shape, q.dtype), _spec(q.shape[:3], lse_dtype))
-    out, lse = _call("block_sparse_attn", _block_sparse_arrays, specs, q, k, v,
+    out, lse = _call(_block_sparse_arrays, specs, q, k, v,
                      _block_sizes("kv_block_sizes", kv_block_sizes), q2k_idx, q2k_num,
                      scale=_common.resolve_scale(scale, q.shape[-1]))
     return (out, lse) if return_lse else out
