@@ -63,7 +63,11 @@
 // add exact zeros.  Slices holding no query row (sub-slices past a short tile's block size,
 // tile volume > 64) are computed all the same (zeros): a branch around them would break the
 // pipeline.  Against the unpipelined loop (all four products done before the refill): 9.19
-// against 9.40 ms for the whole backward (H100, main shape, interleaved runs).
+// against 9.40 ms for the whole backward (H100, main shape, interleaved runs).  A CTA of two
+// warpgroups splitting a step's products (S^T, P^T, dV in one; dP^T, dS^T, dK in the other, P^T
+// passed through shared memory) was slower both at two CTAs per SM (128 registers: each
+// warpgroup must wait for its own accumulator's product before the next scores) and at one
+// (BENCHMARKS.md, "three more experiments").
 //
 // WgmmaProducts, per dQ chunk:
 //   S = Q K^T and dP = dO V^T (shared-memory operands, both K-major) issued together ->
