@@ -29,7 +29,11 @@ Where it runs:
   (0.4-0.5 ms of host time per call besides vsa_nd's own, which a GPU-bound program hides
   when calls are queued back to back); vsa_nd's intermediates come from CuPy's memory pool,
   beside XLA's preallocated share; vsa_nd's value errors surface as JAX's runtime error
-  carrying vsa_nd's message; ``vmap`` and sharded (multi-device) inputs are not supported.
+  carrying vsa_nd's message (so does a dtype the GPU refuses, e.g. float32 attention: at
+  trace time a GPU process cannot tell where XLA will place the program); under ``vmap``
+  XLA loops over the batch and calls vsa_nd once per element (correct, but no faster than a
+  Python loop of jitted calls: fold a batch into B where you can); sharded (multi-device)
+  inputs are not supported.
   Pass a plan's ``variable_block_sizes`` (:func:`tile_plan`) closed over, not as a jitted
   function's argument: then they are no operand of the program and vsa_nd trusts them;
   block sizes that are operands are checked in each call, on GPU with a host
@@ -68,10 +72,11 @@ def _is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _platform(x) -> str:
-    """"cpu" or "gpu": the kind of device that holds x (traced: JAX's default backend)."""
+def _platform(x):
+    """"cpu" or "gpu": the kind of device that holds x.  A traced array's device is known only
+    once XLA places the program: "cpu" when this process has no other backend, else None."""
     if _is_traced(x):
-        return jax.default_backend()
+        return "cpu" if jax.default_backend() == "cpu" else None
     if isinstance(x, jax.Array):
         return next(iter(x.devices())).platform
     return "cpu"  # a host array (e.g. a NumPy constant inside a transformation)
@@ -153,7 +158,10 @@ def _call(fn, specs, *args, **static):
         from . import _xla_ffi
 
         _xla_ffi.register_call(description, run)
-        return tuple(jax.ffi.ffi_call(_xla_ffi.target(), specs)(*operands, call=description))
+        # Under vmap, XLA loops over the batch and calls vsa_nd once per element (unbatched
+        # operands as they are), so the handler only ever sees the shapes it was described with.
+        call = jax.ffi.ffi_call(_xla_ffi.target(), specs, vmap_method="sequential")
+        return tuple(call(*operands, call=description))
     if _platform(operands[0]) == "cpu":
         return tuple(jnp.asarray(r) for r in run([np.asarray(a) for a in operands]))
     return _on_gpu(operands, run)
@@ -208,20 +216,25 @@ _TILE_DTYPES = {"cpu": _common.TILE_DTYPES["cpu"], "gpu": _common.TILE_DTYPES["c
 
 def _check_array(name: str, x, dtypes: dict, like=None, like_name: str = "q"):
     """x as a JAX array (NumPy arrays are put on JAX's default device, as jax.numpy does) on a
-    platform in ``dtypes`` (``like``'s devices), with a dtype that platform takes."""
+    platform in ``dtypes`` (``like``'s devices), with a dtype that platform takes.
+
+    A traced array whose platform is not known yet (a GPU process: see :func:`_platform`) is
+    held to the dtypes some platform takes; one that its platform refuses then fails when the
+    program runs, with vsa_nd's message (e.g. float32 attention on a GPU)."""
     if isinstance(x, np.ndarray):
         x = jnp.asarray(x)
     if not isinstance(x, jax.Array):
         raise TypeError(f"{name}: expected a jax.Array or NumPy array, got {type(x).__name__}")
     platform = _platform(x)
-    if platform not in dtypes:
+    if platform is not None and platform not in dtypes:
         raise TypeError(f"{name}: expected an array on cpu or gpu, got one on {platform}")
     if like is not None and not _is_traced(x) and not _is_traced(like) and x.devices() != like.devices():
         raise TypeError(f"{name}: expected an array on {like.devices()} like {like_name}, got one on {x.devices()}")
-    allowed = dtypes[platform]
+    allowed = dtypes[platform] if platform is not None else tuple(dict.fromkeys(d for ds in dtypes.values() for d in ds))
     if np.dtype(x.dtype) not in allowed:
         names = ", ".join(np.dtype(d).name for d in allowed)
-        raise TypeError(f"{name}: expected dtype in ({names}) on {platform}, got {x.dtype}")
+        where = platform or " or ".join(dtypes)
+        raise TypeError(f"{name}: expected dtype in ({names}) on {where}, got {x.dtype}")
     return x
 
 

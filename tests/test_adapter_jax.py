@@ -161,8 +161,42 @@ def test_jitted_calls_are_one_xla_call_each_and_report_vsa_nd_errors():
     bad = jnp.full(plan.num_blocks, plan.tile_volume + 1, jnp.int32)
     with pytest.raises(Exception, match=r"INVALID_ARGUMENT: ValueError: kv_block_sizes: expected every block size"):
         jax.jit(layer)(q, bad).block_until_ready()
-    with pytest.raises(Exception, match="vmap"):
-        jax.vmap(jax.jit(lambda q: layer(q, plan.variable_block_sizes)))(q[None])
+
+
+def test_traced_dtype_checks_where_the_platform_is_not_known_yet(monkeypatch):
+    """In a process with a GPU, a traced array's platform is known only once XLA places the
+    program: a dtype that some platform takes passes the trace (float32 on CPU runs; on a GPU
+    it fails at run time with vsa_nd's message, see the GPU test), others fail at once."""
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, _ = tiled_inputs(plan, np.float32)
+    eager = vj.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes)
+    layer = jax.jit(lambda q, k, v: vj.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    np.testing.assert_array_equal(layer(q, k, v), eager)
+    with pytest.raises(TypeError, match=r"q: expected dtype in \(float32, float64, float16, bfloat16\) on cpu or gpu, "
+                                        r"got int32"):
+        layer(q.astype(jnp.int32), k, v)
+
+
+def test_vmap_runs_one_call_per_element():
+    """Under vmap (eager, inside jit and around it) XLA loops over the batch: bit-equal to a loop
+    of calls, per-example gradients included, with batched and unbatched operands mixed."""
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, g = tiled_inputs(plan, np.float32)
+    qs, ks = jnp.stack([q, 0.5 * q + 1, -q]), jnp.stack([k, 2 * k, k - 1])
+    layer = lambda q, k: vj.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, gate=g)  # noqa: E731
+    looped = jnp.stack([layer(a, b) for a, b in zip(qs, ks)])
+    for mapped in (jax.vmap(layer), jax.vmap(jax.jit(layer)), jax.jit(jax.vmap(layer))):
+        np.testing.assert_array_equal(mapped(qs, ks), looped)
+    np.testing.assert_array_equal(jax.vmap(layer, in_axes=(0, None))(qs, k), jnp.stack([layer(a, k) for a in qs]))
+    loss = lambda q, k: (layer(q, k) ** 2).sum()  # noqa: E731
+    per_example = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(qs, ks)
+    looped = [jax.grad(loss, argnums=(0, 1))(a, b) for a, b in zip(qs, ks)]
+    for i in range(2):
+        np.testing.assert_array_equal(per_example[i], jnp.stack([grads[i] for grads in looped]))
+    untiled = jnp.stack([vj.untile(x, plan) for x in qs])
+    tiled = jnp.stack([vj.tile(x, plan) for x in untiled])
+    np.testing.assert_array_equal(jax.vmap(lambda x: vj.tile(x, plan))(untiled), tiled)
 
 
 def test_xla_call_without_registered_function_fails_clearly():
@@ -254,6 +288,16 @@ def test_gpu_forward_matches_array_api_eager_and_jitted():
 
 
 @pytest.mark.gpu
+def test_gpu_vmap_matches_a_loop_of_calls():
+    plan, (q, k, v, g) = gpu_problem()
+    qs = jnp.stack([q, q * 0.5, -q])
+    layer = lambda q: vj.video_sparse_attn(q, k, v, 2, plan.variable_block_sizes, gate=g)  # noqa: E731
+    looped = np.asarray(jnp.stack([layer(x) for x in qs])).view(np.uint16)
+    for mapped in (jax.vmap(layer), jax.jit(jax.vmap(layer))):
+        assert np.array_equal(np.asarray(mapped(qs)).view(np.uint16), looped)
+
+
+@pytest.mark.gpu
 def test_gpu_errors_under_jit_carry_vsa_nd_message():
     plan, (q, k, v, g) = gpu_problem()
     bad = jnp.full(plan.num_blocks, plan.tile_volume + 1, jnp.int32, device=q.devices().pop())
@@ -261,6 +305,11 @@ def test_gpu_errors_under_jit_carry_vsa_nd_message():
     with pytest.raises(Exception, match=r"block_sizes: expected every block size in \[1, 64\]"):
         attention(q, bad).block_until_ready()
     attention(q, plan.variable_block_sizes).block_until_ready()  # the handler still works afterwards
+    # A dtype the GPU refuses (float32 attention) passes the trace (a CPU would take it) and
+    # fails when the program runs, with vsa_nd's message.
+    as_f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    with pytest.raises(Exception, match=r"q: .*got float32"):
+        jax.jit(lambda q, k, v: vj.video_sparse_attn(q, k, v, 2, plan.variable_block_sizes))(*as_f32).block_until_ready()
 
 
 @pytest.mark.gpu
