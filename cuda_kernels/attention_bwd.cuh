@@ -93,25 +93,41 @@ __device__ __forceinline__ void dq_pass(const T* q, const T* k, const T* v, cons
     write_rows<T, D>(dq + cta.q_offset, acc, scale, tile_vec, real_q, warp, lane);
 }
 
-// A dK/dV CTA's work (both dK/dV kernels): the 64-key chunk blockIdx.x of (batch, kv head)
-// blockIdx.y, its real keys, where its rows and its tile's coarse share live, and its steps: one
-// per 64-row slice of each query tile on the chunk's KV->Q list.
+// A dK/dV CTA's work (both dK/dV kernels): a 64-key chunk (`chunk`) of a (batch, kv head), its
+// real keys, where its rows and its tile's coarse share live, and its steps: one per 64-row slice
+// of each query tile on the chunk's KV->Q list.  Without `order` the chunk is blockIdx.x of
+// (batch, kv head) blockIdx.y + bh_kv0; with it (kv_lists_order: the launch's lists, long ones
+// first) the CTA's rank in the grid, c = blockIdx.y * gridDim.x + blockIdx.x, takes list
+// order[bh_kv0 * N_kv + c / slices] and its sub-chunk c % slices.
 template <int D> struct DkdvCta {
-    int bh_kv, b, kv_head, group, num_q_blocks, num_kv_blocks, kv_tile, real_k, slices, first, steps;
+    int bh_kv, b, kv_head, group, num_q_blocks, num_kv_blocks, slices, chunk, kv_tile, real_k, first, steps;
     size_t kv_offset;  // element offset of the chunk's first key row in k, v, dk, dv
     size_t tile_row;   // element offset of the key tile's row in dk_tile / dv_tile
 
     __device__ DkdvCta(const int* kv2q_offsets, const int* kv_block_sizes, int num_heads, int num_kv_heads, int q_len,
-                       int kv_len, int tile_volume, int bh_kv0 = 0)  // bh_kv0: (batch, kv head) of blockIdx.y == 0
-        : bh_kv(blockIdx.y + bh_kv0), b(bh_kv / num_kv_heads), kv_head(bh_kv % num_kv_heads), group(num_heads / num_kv_heads),
-          num_q_blocks(q_len / tile_volume), num_kv_blocks(kv_len / tile_volume) {
-        const int key0 = blockIdx.x * ATT_BLOCK_N;
-        kv_tile = key0 / tile_volume;
+                       int kv_len, int tile_volume, int bh_kv0 = 0, const int* order = nullptr)
+        : group(num_heads / num_kv_heads), num_q_blocks(q_len / tile_volume), num_kv_blocks(kv_len / tile_volume),
+          slices(tile_volume / ATT_BLOCK_M) {
+        int list;
+        if (order) {
+            const int c = blockIdx.y * gridDim.x + blockIdx.x;
+            const int rank = slices == 1 ? c : c / slices;
+            list = order[bh_kv0 * num_kv_blocks + rank];
+            bh_kv = list / num_kv_blocks;
+            kv_tile = list - bh_kv * num_kv_blocks;
+            chunk = kv_tile * slices + (c - rank * slices);
+        } else {
+            bh_kv = blockIdx.y + bh_kv0;
+            chunk = blockIdx.x;
+            kv_tile = chunk / slices;
+            list = bh_kv * num_kv_blocks + kv_tile;
+        }
+        b = bh_kv / num_kv_heads;
+        kv_head = bh_kv % num_kv_heads;
+        const int key0 = chunk * ATT_BLOCK_N;
         real_k = real_rows(kv_block_sizes[kv_tile], key0 % tile_volume);
         kv_offset = (static_cast<size_t>(bh_kv) * kv_len + key0) * D;
         tile_row = (static_cast<size_t>(bh_kv) * num_kv_blocks + kv_tile) * D;
-        slices = tile_volume / ATT_BLOCK_M;
-        const int list = bh_kv * num_kv_blocks + kv_tile;
         first = kv2q_offsets[list];
         steps = real_k > 0 ? (kv2q_offsets[list + 1] - first) * slices : 0;
     }
@@ -122,7 +138,7 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
                                           const float* delta, const int* kv2q_code, const int* kv2q_offsets,
                                           const int* q_block_sizes, const int* kv_block_sizes, const float* dk_tile,
                                           const float* dv_tile, T* dk, T* dv, int num_heads, int num_kv_heads,
-                                          int q_len, int kv_len, int tile_volume, float scale) {
+                                          int q_len, int kv_len, int tile_volume, float scale, const int* order) {
     constexpr int TILE = AttentionSmem<D>::TILE;
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sK = smem;
@@ -132,7 +148,7 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
     float* sStats = reinterpret_cast<float*>(smem + 6 * TILE);  // [stage][lse | delta][64]
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const DkdvCta<D> cta(kv2q_offsets, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len, tile_volume);
+    const DkdvCta<D> cta(kv2q_offsets, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len, tile_volume, 0, order);
     const int b = cta.b, kv_head = cta.kv_head, group = cta.group, num_q_blocks = cta.num_q_blocks;
     const int real_k = cta.real_k, slices = cta.slices, first = cta.first, steps = cta.steps;
     const size_t kv_offset = cta.kv_offset;

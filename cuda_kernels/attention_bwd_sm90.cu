@@ -602,12 +602,13 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
     write_rows<T, D>(dq + cta.q_offset, acc, scale, tile_vec, real_q, warp, lane);
 }
 
-// The dK/dV pass with Q and dO by TMA: same arguments as attention_bwd.cu's bwd_dkdv, after the
-// tensor maps of q and dout ([B * H * q_len, D], 64 x 64 boxes, 128-byte swizzle), and then
-// `list_cap` (as in bwd_dq_sm90), `ds_blocks` (null, or the workspace where each step's dS
-// block goes for bwd_dq_ds_sm90) and `bh_kv0` (the (batch, kv head) of blockIdx.y == 0: with
-// dS blocks, a launch may cover a chunk of the kv heads, whose blocks start the workspace);
-// `lse` holds lse * log2(e) here (bwd_delta's lse_log2).
+// The dK/dV pass with Q and dO by TMA: the arguments of attention_bwd.cu's bwd_dkdv but its last
+// (`order`), after the tensor maps of q and dout ([B * H * q_len, D], 64 x 64 boxes, 128-byte
+// swizzle), and then `list_cap` (as in bwd_dq_sm90), `ds_blocks` (null, or the workspace where
+// each step's dS block goes for bwd_dq_ds_sm90), `bh_kv0` (the (batch, kv head) of the launch's
+// first list: with dS blocks, a launch may cover a chunk of the kv heads, whose blocks start the
+// workspace) and `order` (null, or kv_lists_order's schedule: see DkdvCta); `lse` holds
+// lse * log2(e) here (bwd_delta's lse_log2).
 template <typename T, int D>
 __global__ void __launch_bounds__(vsa::ATT_THREADS, 1)
 bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant__ vsa::TmaDesc tma_do,
@@ -617,7 +618,7 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
               const int* __restrict__ kv_block_sizes, const float* __restrict__ dk_tile,
               const float* __restrict__ dv_tile, T* __restrict__ dk, T* __restrict__ dv, int num_heads,
               int num_kv_heads, int q_len, int kv_len, int tile_volume, float scale, int list_cap,
-              T* __restrict__ ds_blocks, int bh_kv0) {
+              T* __restrict__ ds_blocks, int bh_kv0, const int* __restrict__ order) {
     using namespace vsa;
     constexpr int TILE = AttentionSmem<D>::TILE, STAGES = DKDV_STAGES, STATS = DkdvSmem<D>::STATS;
     static_assert(STAGES >= 2 && STAGES <= 4, "stage_rows holds one byte per stage");
@@ -631,7 +632,8 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
     int2* sList = reinterpret_cast<int2*>(bar + STAGES);  // {code, its query tile's block size} per list entry
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const DkdvCta<D> cta(kv2q_offsets, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len, tile_volume, bh_kv0);
+    const DkdvCta<D> cta(kv2q_offsets, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len, tile_volume, bh_kv0,
+                         order);
     const int b = cta.b, kv_head = cta.kv_head, group = cta.group, num_q_blocks = cta.num_q_blocks;
     const int real_k = cta.real_k, slices = cta.slices, first = cta.first, steps = cta.steps;
     const size_t kv_offset = cta.kv_offset;
@@ -643,7 +645,7 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
     const int ds_step_groups = slices * DS_BLOCK_BYTES / 16;
     if (ds_blocks) {
         const int p0 = first - kv2q_offsets[bh_kv0 * cta.num_kv_blocks];
-        const size_t block0 = static_cast<size_t>(p0) * slices * slices + blockIdx.x % slices;
+        const size_t block0 = static_cast<size_t>(p0) * slices * slices + cta.chunk % slices;
         ds_step0 = reinterpret_cast<uint4*>(ds_blocks + block0 * DS_BLOCK_ELEMS) + warp * 32 + lane;
     }
 

@@ -32,6 +32,9 @@
 //                     offsets[lst] + (set bits of the list's bitmap below the code); -1 for an
 //                     unused entry.  It lets the dQ pass find the dS blocks that the dK/dV pass
 //                     wrote in list order.
+//  5. kv_lists_order  (for the dK/dV pass's schedule) one CTA per segment of consecutive lists
+//                     (a launch of the dK/dV pass): order[segment] = its lists, the long ones
+//                     first, longest first, then the others in their own order (see below).
 // No host synchronisation: the counts stay on the device between the launches.
 // Only built-ins are used (no header: NVRTC has no host standard library).
 
@@ -169,4 +172,82 @@ kv_lists_rank(const int* __restrict__ q2k_idx, const int* __restrict__ q2k_num, 
     int rank = __popc(row[code >> 5] & ((1u << (code & 31)) - 1u));
     for (int w = 0; w < (code >> 5); ++w) rank += __popc(row[w]);
     pos[e] = offsets[lst] + rank;
+}
+
+// ---- kv_lists_order: which list each dK/dV CTA takes -------------------------------------------
+//
+// A dK/dV CTA's time is proportional to its list's length.  With VSA's selection on real
+// attention, some key tiles are chosen by many query tiles (in a test with 10 key tiles per head
+// chosen by every query tile, their lists were 10x the mean): in list order such a CTA may start
+// late and finish long after the rest, the pass then waiting for a few SMs.  So lists of at
+// least LONG_FACTOR times the segment's mean length (and at least LONG_MIN) go first, longest
+// first (by count >> shift, 256 buckets; order within a bucket is whatever the atomics give: CTA
+// order changes no result, each CTA writes its own rows and sums in list order), and the others
+// follow in their own order, which keeps the CTAs running at once on a few heads (their Q and dO
+// tiles share L2).  order holds list numbers, as offsets counts them.
+constexpr int ORDER_THREADS = 1024;
+constexpr int ORDER_BUCKETS = 256;
+constexpr int LONG_FACTOR = 2;
+constexpr int LONG_MIN = 16;
+
+__global__ void __launch_bounds__(ORDER_THREADS)
+kv_lists_order(const int* __restrict__ offsets, int* __restrict__ order, long long lists, long long segment) {
+    __shared__ int bucket_start[ORDER_BUCKETS];
+    __shared__ int warp_sums[ORDER_THREADS / 32];
+    __shared__ int shared_max, long_total;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const long long first = static_cast<long long>(blockIdx.x) * segment;
+    const long long n = min(segment, lists - first);
+    const int* __restrict__ off = offsets + first;
+    // Long: count * n >= LONG_FACTOR * (entries of the segment), i.e. LONG_FACTOR x the mean.
+    const long long entries = off[n] - off[0];
+    auto is_long = [&](int count) {
+        return count >= LONG_MIN && static_cast<long long>(count) * n >= LONG_FACTOR * entries;
+    };
+
+    if (tid < ORDER_BUCKETS) bucket_start[tid] = 0;
+    if (tid == 0) shared_max = 0;
+    __syncthreads();
+    int local_max = 0;
+    for (long long i = tid; i < n; i += ORDER_THREADS) {
+        const int count = off[i + 1] - off[i];
+        if (is_long(count)) local_max = max(local_max, count);
+    }
+    atomicMax(&shared_max, local_max);
+    __syncthreads();
+    const int shift = max(0, 32 - __clz(shared_max) - 8);  // shared_max >> shift < 256
+    for (long long i = tid; i < n; i += ORDER_THREADS) {
+        const int count = off[i + 1] - off[i];
+        if (is_long(count)) atomicAdd(bucket_start + (count >> shift), 1);
+    }
+    __syncthreads();
+    if (tid == 0) {  // bucket b's lists start after those of the buckets above it
+        int sum = 0;
+        for (int bucket = ORDER_BUCKETS - 1; bucket >= 0; --bucket) {
+            const int c = bucket_start[bucket];
+            bucket_start[bucket] = sum;
+            sum += c;
+        }
+        long_total = sum;
+    }
+    __syncthreads();
+    int* __restrict__ out = order + first;
+    int carry = long_total;  // where the next short list goes
+    for (long long base = 0; base < n; base += ORDER_THREADS) {
+        const long long i = base + tid;
+        const int count = i < n ? off[i + 1] - off[i] : 0;
+        const bool is_short = i < n && !is_long(count);
+        if (i < n && !is_short) out[atomicAdd(bucket_start + (count >> shift), 1)] = static_cast<int>(first + i);
+        // Short lists keep their order: an exclusive scan of the flags over the block.
+        const unsigned int ballot = __ballot_sync(FULL_MASK, is_short);
+        if (lane == 0) warp_sums[warp] = __popc(ballot);
+        __syncthreads();
+        int before = carry;
+        for (int w = 0; w < warp; ++w) before += warp_sums[w];
+        if (is_short) out[before + __popc(ballot & ((1u << lane) - 1u))] = static_cast<int>(first + i);
+        int total = 0;
+        for (int w = 0; w < ORDER_THREADS / 32; ++w) total += warp_sums[w];
+        carry += total;
+        __syncthreads();  // every thread has read warp_sums before the next round writes it
+    }
 }

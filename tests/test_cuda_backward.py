@@ -79,6 +79,11 @@ def _run(p):
     q_real = reference.valid_slots(q_sizes, p["volume"])
     kv_real = reference.valid_slots(kv_sizes, p["volume"])
     q, k, v = random_inputs(p, rng)
+    if p.get("hot_tiles"):  # those key tiles' means align with every query tile's: all select them
+        c = rng.standard_normal(p["head_dim"]) * 3 / np.sqrt(p["head_dim"])
+        hot = np.isin(np.arange(k.shape[2]) // p["volume"], np.arange(p["hot_tiles"])) & kv_real
+        q = (q.astype(np.float32) + c).astype(dt)
+        k[:, :, hot] = (k[:, :, hot].astype(np.float32) + 3 * c).astype(dt)
     q[:, :, ~q_real] = 0  # as tile() leaves them
     gate = rng.standard_normal(q.shape).astype(dt) if p["gated"] else None
     dout = rng.standard_normal(q.shape).astype(dt)
@@ -88,6 +93,7 @@ def _run(p):
     _, ctx = vsa_nd.video_sparse_attn(gpu(q), gpu(k), gpu(v), p["topk"], gpu(q_sizes), gpu(kv_sizes), gate=gpu(gate),
                                       return_context=True)
     grads = vsa_nd.video_sparse_attn_backward(gpu(dout), ctx)
+    p["selection"] = (ctx.q2k_idx, ctx.q2k_num)
     # The reference recovers the fine output from the kernels' own rounded out, as they must
     # (see reference.video_sparse_attn_backward): what remains is the kernels' arithmetic.
     ref = reference.video_sparse_attn_backward(dout, q, k, v, q_sizes, kv_sizes, cupy.asnumpy(ctx.q2k_idx),
@@ -110,6 +116,25 @@ def test_backward_matches_reference(poisoned, p):
         assert _rel_err(dgate[:, :, q_real], ref.dgate[:, :, q_real]) <= tol
     else:
         assert dgate is None
+
+
+def test_backward_with_skewed_selection(poisoned):
+    """Three key tiles chosen by every query tile: their lists, 32 entries against a mean of 6,
+    go first in the dK/dV pass's schedule (dkdv_order is not the identity here), on every path."""
+    import cupy
+
+    from vsa_nd.backends.cuda_attention import dkdv_order, kv_to_q_lists
+
+    plan = vsa_nd.tile_plan((7, 16, 16))  # 32 tiles, 8 of them partial
+    p = dict(q_plan=plan, kv_plan=plan, volume=64, batch=1, heads=2, kv_heads=2, head_dim=128, dtype=BFLOAT16,
+             topk=6, gated=True, seed=8, hot_tiles=3)
+    (dq, dk, dv, dgate), ref, q_real, kv_real = _run(p)
+    for got, want, real in ((dq, ref.dq, q_real), (dk, ref.dk, kv_real), (dv, ref.dv, kv_real),
+                            (dgate, ref.dgate, q_real)):
+        assert _rel_err(got[:, :, real], want[:, :, real]) <= 3e-2
+    offsets = kv_to_q_lists(*p["selection"], 2, 32)[1]
+    assert np.all(cupy.asnumpy(offsets[[1, 2, 3, 33, 34, 35]] - offsets[[0, 1, 2, 32, 33, 34]]) == 32)
+    assert sorted(cupy.asnumpy(dkdv_order(offsets, 64))[:6]) == [0, 1, 2, 32, 33, 34]
 
 
 @pytest.mark.parametrize("kernel", ["auto", "workspace"])

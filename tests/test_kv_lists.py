@@ -188,3 +188,40 @@ def test_kv_to_q_lists_graph_capture_and_replay():
         want_codes, want_offsets = expected_lists(q2k_idx, q2k_num, h_kv, n_kv)
         np.testing.assert_array_equal(cupy.asnumpy(offsets), want_offsets)
         np.testing.assert_array_equal(cupy.asnumpy(codes)[: int(want_offsets[-1])], want_codes)
+
+
+def expected_order(counts, first: int, segment: int):
+    """dkdv_order's contract for the segment of lists starting at ``first``: (its long lists, at
+    least 16 entries and twice the segment's mean; the shift that brings the longest below 256;
+    the other lists in list order)."""
+    c = counts[first:first + segment]
+    long = (c >= 16) & (c * len(c) >= 2 * c.sum())
+    shift = max(0, int(c[long].max()).bit_length() - 8) if long.any() else 0
+    return first + np.flatnonzero(long), shift, first + np.flatnonzero(~long)
+
+
+@pytest.mark.parametrize("lists, segment", [(9216, 9216), (9216, 768), (3000, 1000), (5, 5), (1025, 1024)])
+def test_dkdv_order(lists, segment):
+    """The dK/dV pass's schedule: a permutation of each segment, its long lists first, longest
+    first (by count >> shift, in any order within a bucket), then the others in list order."""
+    import cupy
+
+    from vsa_nd.backends.cuda_attention import dkdv_order
+
+    rng = np.random.default_rng(lists + segment)
+    counts = rng.poisson(77, lists)
+    hot = rng.random(lists) < 0.02  # a few key tiles chosen by far more query tiles than the others
+    counts[hot] = rng.integers(160, 4000, hot.sum())
+    counts[rng.random(lists) < 0.05] = 0
+    counts[-1] = 3999  # last in list order, first in the schedule
+    offsets = cupy.asarray(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    order = cupy.asnumpy(dkdv_order(offsets, segment))
+    for first in range(0, lists, segment):
+        long_lists, shift, short_lists = expected_order(counts, first, segment)
+        got = order[first:first + segment]
+        head, tail = got[:len(long_lists)], got[len(long_lists):]
+        assert sorted(head) == sorted(long_lists)
+        assert np.all(np.diff(counts[head] >> shift) <= 0), "long lists not longest first"
+        np.testing.assert_array_equal(tail, short_lists)
+    assert len(expected_order(counts, 0, segment)[0]), "the case has long lists"
+    assert not np.array_equal(order, np.arange(lists))

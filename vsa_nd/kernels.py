@@ -65,7 +65,8 @@ def catalogue() -> list:
         KernelSpec("block_mean.cu", tuple(f"block_mean<{t}, {w}>" for t, w in vector_widths)),
         KernelSpec("topk.cu", ("select_topk",)),
         KernelSpec("softmax.cu", ("softmax_rows",)),
-        KernelSpec("kv_lists.cu", ("kv_lists_mark", "kv_lists_scan", "kv_lists_write", "kv_lists_rank")),
+        KernelSpec("kv_lists.cu",
+                   ("kv_lists_mark", "kv_lists_scan", "kv_lists_write", "kv_lists_rank", "kv_lists_order")),
         KernelSpec(
             "gemm_f32.cu",
             tuple(f"gemm_f32<{ta}, {tb}, {bm}, {bn}>" for ta in ("false", "true") for tb in ("false", "true")

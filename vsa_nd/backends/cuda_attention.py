@@ -88,6 +88,9 @@ def check_kernel_support(q, tile_volume: int, **others) -> str:
     return _CUDA_TYPES[dtype]
 
 
+# Whether the dK/dV pass takes its lists long ones first (dkdv_order) rather than in list order.
+DKDV_ORDER = True
+
 # "auto": the wgmma kernels on Hopper (sm_90a), the mma.sync kernels elsewhere; "mma" forces
 # the portable kernels (tests run both on a Hopper card).
 FORWARD_KERNEL = "auto"
@@ -261,6 +264,19 @@ def kv_to_q_lists(q2k_idx, q2k_num, num_kv_heads: int, num_kv_blocks: int, posit
     return codes, offsets, pos
 
 
+def dkdv_order(offsets, lists_per_launch: int):
+    """The dK/dV pass's schedule (``cuda_kernels/kv_lists.cu``'s kv_lists_order): for each
+    launch's ``lists_per_launch`` consecutive lists of ``offsets`` (kv_to_q_lists'), its lists with
+    the long ones first (at least twice the mean length), longest first, then the others in order.
+    int32 [lists]; one launch, one CTA per launch's segment, no host synchronisation."""
+    lists = offsets.shape[0] - 1
+    order = _alloc((lists,), np.int32)
+    if lists:
+        get_function("kv_lists.cu", "kv_lists_order")(
+            (-(-lists // lists_per_launch),), (1024,), (offsets, order, np.int64(lists), np.int64(lists_per_launch)))
+    return order
+
+
 def _dq_ds_layout(tile_bytes: int, stages: int) -> tuple:
     """(shared-memory bytes, staged-list room in entries) of bwd_dq_ds_sm90 with ``stages``
     stages: as many CTAs per SM as DqDsSmem::CTAS (attention_bwd_sm90.cu) counts with the
@@ -281,7 +297,9 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     128 the dK/dV pass runs first and stores every step's dS (64 x 64 in the input dtype: 8 KB
     per pair at tile volume 64), and the dQ pass sums dS K from it: five products per pair.
     A problem needing more than the budget runs in chunks of (batch, kv head) pairs; one pair
-    needing more than all of it takes the recomputing dQ pass.
+    needing more than all of it takes the recomputing dQ pass.  The dK/dV pass takes its lists
+    long ones first (:func:`dkdv_order`; ``DKDV_ORDER``), so that key tiles chosen by many query
+    tiles do not leave a few SMs finishing them after the rest.
     """
     b, h, q_len, d = q.shape
     h_kv, kv_len = k.shape[1], k.shape[2]
@@ -317,7 +335,7 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
         if _DS_CHUNK_PAIRS:
             chunk = min(chunk, _DS_CHUNK_PAIRS)
 
-        def dkdv_pass(codes, offsets, ds_blocks=None, bh_kv0=0, count=b * h_kv):
+        def dkdv_pass(codes, offsets, order, ds_blocks=None, bh_kv0=0, count=b * h_kv):
             args = (q, k, v, dout, lse_log2 if dkdv_wgmma else lse, delta, codes, offsets, q_block_sizes,
                     kv_block_sizes, _null_or(dk_tile), _null_or(dv_tile), dk, dv, *common, np.int32(tile_volume),
                     np.float32(scale))
@@ -329,10 +347,11 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
                 kernel = get_function("attention_bwd_sm90.cu", f"bwd_dkdv_sm90<{ctype}, {d}>")
                 smem_kv = (2 + 2 * _DKDV_STAGES) * tile_bytes + _DKDV_STAGES * (stats + 8) + _LIST_BYTES
                 args = (maps[0].arg, maps[1].arg) + args + (np.int32(_LIST_STAGE_LIMIT), _null_or(ds_blocks),
-                                                            np.int32(bh_kv0))
+                                                            np.int32(bh_kv0), _null_or(order))
             else:
                 kernel = get_function("attention_bwd.cu", f"bwd_dkdv<{ctype}, {d}>")
                 smem_kv = smem + 2 * stats  # K, V and two cp.async stages of Q, dO, lse and delta
+                args += (_null_or(order),)
             kernel.max_dynamic_shared_size_bytes = smem_kv
             kernel((kv_len // _BLOCK_M, count), (128,), args, shared_mem=smem_kv)
 
@@ -341,6 +360,7 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
         if chunk:
             # dK/dV first, storing dS; then dQ from it: per chunk of `chunk` (batch, kv head) pairs.
             codes, offsets, pos = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume, positions=True)
+            order = dkdv_order(offsets, chunk * (kv_len // tile_volume)) if DKDV_ORDER else None
             ds_blocks = _alloc((chunk * ds_bytes // q.dtype.itemsize,), q.dtype)
             kernel = get_function("attention_bwd_sm90.cu", f"bwd_dq_ds_sm90<{ctype}, {d}, {_DQDS_STAGES}>")
             smem_dq, list_room = _dq_ds_layout(tile_bytes, _DQDS_STAGES)
@@ -348,7 +368,7 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
             map_k = _TensorMap(k, b * h_kv * kv_len)
             for bh_kv0 in range(0, b * h_kv, chunk):
                 count = min(chunk, b * h_kv - bh_kv0)
-                dkdv_pass(codes, offsets, ds_blocks, bh_kv0, count)
+                dkdv_pass(codes, offsets, order, ds_blocks, bh_kv0, count)
                 kernel((q_len // _BLOCK_M, count * group), (128,),
                        (map_k.arg, k, ds_blocks, pos, *list_args, np.int32(_LIST_STAGE_LIMIT), offsets,
                         np.int32(bh_kv0 * group), np.int32(list_room)),
@@ -368,5 +388,6 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
             smem_dq = smem  # Q, dO and two cp.async stages of K and V
         kernel.max_dynamic_shared_size_bytes = smem_dq
         kernel((q_len // _BLOCK_M, b * h), (128,), args, shared_mem=smem_dq)
-        dkdv_pass(*kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume))
+        codes, offsets = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume)
+        dkdv_pass(codes, offsets, dkdv_order(offsets, offsets.shape[0] - 1) if DKDV_ORDER else None)
     return dq, dk, dv
