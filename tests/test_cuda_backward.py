@@ -119,21 +119,22 @@ def test_backward_matches_reference(poisoned, p):
 
 
 def test_backward_with_skewed_selection(poisoned):
-    """Three key tiles chosen by every query tile: their lists, 32 entries against a mean of 6,
-    go first in the dK/dV pass's schedule (dkdv_order is not the identity here), on every path."""
+    """Three key tiles chosen by every query tile of a head group (GQA, two query heads per kv
+    head): their lists, 64 entries against a mean of 12, go first in the dK/dV pass's schedule
+    (dkdv_order is not the identity here), on every path."""
     import cupy
 
     from vsa_nd.backends.cuda_attention import dkdv_order, kv_to_q_lists
 
     plan = vsa_nd.tile_plan((7, 16, 16))  # 32 tiles, 8 of them partial
-    p = dict(q_plan=plan, kv_plan=plan, volume=64, batch=1, heads=2, kv_heads=2, head_dim=128, dtype=BFLOAT16,
+    p = dict(q_plan=plan, kv_plan=plan, volume=64, batch=1, heads=4, kv_heads=2, head_dim=128, dtype=BFLOAT16,
              topk=6, gated=True, seed=8, hot_tiles=3)
     (dq, dk, dv, dgate), ref, q_real, kv_real = _run(p)
     for got, want, real in ((dq, ref.dq, q_real), (dk, ref.dk, kv_real), (dv, ref.dv, kv_real),
                             (dgate, ref.dgate, q_real)):
         assert _rel_err(got[:, :, real], want[:, :, real]) <= 3e-2
     offsets = kv_to_q_lists(*p["selection"], 2, 32)[1]
-    assert np.all(cupy.asnumpy(offsets[[1, 2, 3, 33, 34, 35]] - offsets[[0, 1, 2, 32, 33, 34]]) == 32)
+    assert np.all(cupy.asnumpy(offsets[[1, 2, 3, 33, 34, 35]] - offsets[[0, 1, 2, 32, 33, 34]]) == 64)
     assert sorted(cupy.asnumpy(dkdv_order(offsets, 64))[:6]) == [0, 1, 2, 32, 33, 34]
 
 
