@@ -1,0 +1,110 @@
+"""A second GPU: every call follows its arrays' device, whatever device is current (needs two GPUs).
+
+The same problem runs on cuda:0 and on cuda:1, each time with the other device current; the
+results must sit on the arrays' device and agree bit for bit (the kernels are deterministic).
+Covers what is cached per device: compiled kernels, plans, TMA descriptors, streams, the torch
+adapter's allocator and views, the JAX adapter's XLA calls.
+"""
+
+import numpy as np
+import pytest
+
+import vsa_nd
+from vsa_nd._xp import BFLOAT16
+
+pytestmark = pytest.mark.gpu
+
+SEQ = (8, 12, 20)  # 30 tiles of (4, 4, 4), some partial
+HEADS, DIM, TOPK = 4, 128, 7
+
+
+def two_devices():
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+
+
+def host_problem(padded_len: int, seed: int = 0):
+    """q, k, v, gate, dout [1, HEADS, padded_len, DIM] as bfloat16 NumPy arrays."""
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal((1, HEADS, padded_len, DIM)).astype(np.float32) for _ in range(5)]
+    arrays[3] = 1 / (1 + np.exp(-arrays[3]))
+    return [a.astype(BFLOAT16) for a in arrays]
+
+
+def bits(x) -> np.ndarray:
+    x = np.asarray(x)
+    return x.view(np.uint16) if x.dtype.itemsize == 2 else x.view(np.uint32)
+
+
+@pytest.mark.parametrize("workspace", [False, True])
+def test_cupy_forward_and_backward_on_either_device(workspace, monkeypatch):
+    import cupy
+
+    from vsa_nd.backends import cuda_attention
+
+    two_devices()
+    if workspace:
+        monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 1 << 30)
+    host = host_problem(vsa_nd.tile_plan(SEQ).padded_len)
+    results = []
+    for device in (0, 1):
+        with cupy.cuda.Device(device):
+            q, k, v, gate, dout = (cupy.asarray(a) for a in host)
+            sizes = vsa_nd.tile_plan(SEQ, device=f"cuda:{device}").variable_block_sizes
+        with cupy.cuda.Device(1 - device):
+            out, ctx = vsa_nd.video_sparse_attn(q, k, v, TOPK, sizes, gate=gate, return_context=True)
+            grads = vsa_nd.video_sparse_attn_backward(dout, ctx)
+        assert out.device.id == device and all(g.device.id == device for g in grads)
+        results.append([cupy.asnumpy(x) for x in (out, *grads)])
+    for a, b in zip(*results):
+        assert np.array_equal(bits(a), bits(b))
+
+
+def test_torch_adapter_on_either_device():
+    torch = pytest.importorskip("torch")
+    import vsa_nd.adapters.torch as vt
+
+    two_devices()
+    host = host_problem(vsa_nd.tile_plan(SEQ).padded_len, seed=1)
+    results = []
+    for index in (0, 1):
+        device = torch.device("cuda", index)
+        q, k, v, gate, dout = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).to(device) for a in host)
+        q, k, v, gate = (t.requires_grad_() for t in (q, k, v, gate))
+        plan = vt.tile_plan(SEQ, device=device)
+        with torch.cuda.device(1 - index):
+            out = vt.video_sparse_attn(q, k, v, TOPK, plan.variable_block_sizes, gate=gate)
+            out.backward(dout)
+        assert all(t.device == device for t in (out, q.grad, k.grad, v.grad, gate.grad))
+        results.append([t.detach().view(torch.int16).cpu().numpy() for t in (out, q.grad, k.grad, v.grad, gate.grad)])
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
+
+
+def test_jax_adapter_on_either_device():
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    import vsa_nd.adapters.jax as vj
+
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if len(gpus) < 2:
+        pytest.skip("needs two GPUs visible to JAX")
+    host = host_problem(vsa_nd.tile_plan(SEQ).padded_len, seed=2)
+    results = []
+    for device in gpus[:2]:
+        q, k, v, gate, dout = (jax.device_put(jnp.asarray(a), device) for a in host)
+        plan = vj.tile_plan(SEQ, device=device)
+        attention = lambda *a: vj.video_sparse_attn(*a[:3], TOPK, plan.variable_block_sizes, gate=a[3])  # noqa: E731
+        out, vjp = jax.vjp(attention, q, k, v, gate)
+        grads = vjp(dout)
+        jitted = jax.jit(attention)(q, k, v, gate)
+        jitted_grads = jax.jit(lambda *a: jax.vjp(attention, *a[:4])[1](a[4]))(q, k, v, gate, dout)
+        assert all(x.devices() == {device} for x in (out, *grads, jitted, *jitted_grads))
+        for eager, again in zip((out, *grads), (jitted, *jitted_grads)):
+            assert np.array_equal(bits(eager), bits(again))
+        results.append([np.asarray(x) for x in (out, *grads)])
+    for a, b in zip(*results):
+        assert np.array_equal(bits(a), bits(b))
