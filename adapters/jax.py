@@ -74,7 +74,8 @@ def _is_traced(x) -> bool:
 
 def _platform(x):
     """"cpu" or "gpu": the kind of device that holds x.  A traced array's device is known only
-    once XLA places the program: "cpu" when this process has no other backend, else None."""
+    once XLA places the program: "cpu" when JAX's default backend is the CPU, else None (a
+    process whose default backend is a GPU may still place a program on its CPU)."""
     if _is_traced(x):
         return "cpu" if jax.default_backend() == "cpu" else None
     if isinstance(x, jax.Array):
@@ -155,6 +156,9 @@ def _call(fn, specs, *args, **static):
     run, description = _bind(fn, args, static)
     operands = [a for a in args if a is not None and not isinstance(a, _PlanSizes)]
     if any(_is_traced(a) for a in operands):
+        if not hasattr(jax, "ffi"):
+            raise TypeError(f"vsa_nd under jax.jit (or another transformation) needs jax.ffi, which JAX "
+                            f"{jax.__version__} lacks: upgrade JAX, or call vsa_nd outside the transformation")
         from . import _xla_ffi
 
         _xla_ffi.register_call(description, run)

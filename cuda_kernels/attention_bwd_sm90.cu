@@ -605,9 +605,9 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
 // The dK/dV pass with Q and dO by TMA: the arguments of attention_bwd.cu's bwd_dkdv but its last
 // (`order`), after the tensor maps of q and dout ([B * H * q_len, D], 64 x 64 boxes, 128-byte
 // swizzle), and then `list_cap` (as in bwd_dq_sm90), `ds_blocks` (null, or the workspace where
-// each step's dS block goes for bwd_dq_ds_sm90), `bh_kv0` (the (batch, kv head) of the launch's
-// first list: with dS blocks, a launch may cover a chunk of the kv heads, whose blocks start the
-// workspace) and `order` (null, or kv_lists_order's schedule: see DkdvCta); `lse` holds
+// each step's dS block goes for bwd_dq_ds_sm90), `bh_kv0` (the first (batch, kv head) of the
+// launch's lists: with dS blocks, a launch may cover a chunk of the kv heads, whose blocks start
+// the workspace) and `order` (null, or kv_lists_order's schedule: see DkdvCta); `lse` holds
 // lse * log2(e) here (bwd_delta's lse_log2).
 template <typename T, int D>
 __global__ void __launch_bounds__(vsa::ATT_THREADS, 1)

@@ -178,7 +178,15 @@ def test_traced_dtype_checks_where_the_platform_is_not_known_yet(monkeypatch):
         layer(q.astype(jnp.int32), k, v)
 
 
-def test_vmap_runs_one_call_per_element():
+def test_transformation_without_jax_ffi_fails_clearly(monkeypatch):
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, _ = tiled_inputs(plan, np.float32)
+    monkeypatch.delattr(jax, "ffi")
+    with pytest.raises(TypeError, match="needs jax.ffi, which JAX .* lacks: upgrade JAX"):
+        jax.jit(lambda q: vj.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes))(q)
+
+
+def test_vmap_matches_a_loop_of_calls():
     """Under vmap (eager, inside jit and around it) XLA loops over the batch: bit-equal to a loop
     of calls, per-example gradients included, with batched and unbatched operands mixed."""
     plan = vj.tile_plan(SEQ, TILE)

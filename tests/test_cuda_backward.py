@@ -81,7 +81,7 @@ def _run(p):
     q, k, v = random_inputs(p, rng)
     if p.get("hot_tiles"):  # those key tiles' means align with every query tile's: all select them
         c = rng.standard_normal(p["head_dim"]) * 3 / np.sqrt(p["head_dim"])
-        hot = np.isin(np.arange(k.shape[2]) // p["volume"], np.arange(p["hot_tiles"])) & kv_real
+        hot = np.isin(np.arange(k.shape[2]) // p["volume"], p["hot_tiles"]) & kv_real
         q = (q.astype(np.float32) + c).astype(dt)
         k[:, :, hot] = (k[:, :, hot].astype(np.float32) + 3 * c).astype(dt)
     q[:, :, ~q_real] = 0  # as tile() leaves them
@@ -93,7 +93,6 @@ def _run(p):
     _, ctx = vsa_nd.video_sparse_attn(gpu(q), gpu(k), gpu(v), p["topk"], gpu(q_sizes), gpu(kv_sizes), gate=gpu(gate),
                                       return_context=True)
     grads = vsa_nd.video_sparse_attn_backward(gpu(dout), ctx)
-    p["selection"] = (ctx.q2k_idx, ctx.q2k_num)
     # The reference recovers the fine output from the kernels' own rounded out, as they must
     # (see reference.video_sparse_attn_backward): what remains is the kernels' arithmetic.
     ref = reference.video_sparse_attn_backward(dout, q, k, v, q_sizes, kv_sizes, cupy.asnumpy(ctx.q2k_idx),
@@ -118,24 +117,41 @@ def test_backward_matches_reference(poisoned, p):
         assert dgate is None
 
 
-def test_backward_with_skewed_selection(poisoned):
+@pytest.mark.parametrize("tile_shape, hot", [((4, 4, 4), [13, 14, 15]), ((4, 4, 8), [5, 6, 7])])
+def test_backward_with_skewed_selection(poisoned, monkeypatch, tile_shape, hot):
     """Three key tiles chosen by every query tile of a head group (GQA, two query heads per kv
-    head): their lists, 64 entries against a mean of 12, go first in the dK/dV pass's schedule
-    (dkdv_order is not the identity here), on every path."""
-    import cupy
+    head), late in list order: their lists (2 N_q entries: 64 at tile volume 64, 32 at 128,
+    against means of 12 and 6) go first in the dK/dV pass's schedule.  The launcher is checked
+    to use one (a permutation of each launch's lists, not the identity), on every path, at tile
+    volume 128 too (two CTAs per list).  Gradients match the reference and, bit for bit, those
+    of the pass in list order."""
+    from vsa_nd.backends import cuda_attention
 
-    from vsa_nd.backends.cuda_attention import dkdv_order, kv_to_q_lists
+    schedules = []
+    dkdv_order = cuda_attention.dkdv_order
 
-    plan = vsa_nd.tile_plan((7, 16, 16))  # 32 tiles, 8 of them partial
-    p = dict(q_plan=plan, kv_plan=plan, volume=64, batch=1, heads=4, kv_heads=2, head_dim=128, dtype=BFLOAT16,
-             topk=6, gated=True, seed=8, hot_tiles=3)
+    def recorded(offsets, lists_per_launch):
+        order = dkdv_order(offsets, lists_per_launch)
+        schedules.append((order.get(), lists_per_launch))
+        return order
+
+    monkeypatch.setattr(cuda_attention, "dkdv_order", recorded)
+    plan = vsa_nd.tile_plan((7, 16, 16), tile_shape)  # partial tiles in the second time block
+    p = dict(q_plan=plan, kv_plan=plan, volume=plan.tile_volume, batch=1, heads=4, kv_heads=2, head_dim=128,
+             dtype=BFLOAT16, topk=6 * 64 // plan.tile_volume, gated=True, seed=8, hot_tiles=hot)
     (dq, dk, dv, dgate), ref, q_real, kv_real = _run(p)
     for got, want, real in ((dq, ref.dq, q_real), (dk, ref.dk, kv_real), (dv, ref.dv, kv_real),
                             (dgate, ref.dgate, q_real)):
         assert _rel_err(got[:, :, real], want[:, :, real]) <= 3e-2
-    offsets = kv_to_q_lists(*p["selection"], 2, 32)[1]
-    assert np.all(cupy.asnumpy(offsets[[1, 2, 3, 33, 34, 35]] - offsets[[0, 1, 2, 32, 33, 34]]) == 64)
-    assert sorted(cupy.asnumpy(dkdv_order(offsets, 64))[:6]) == [0, 1, 2, 32, 33, 34]
+    assert schedules, "the backward did not ask for a schedule"
+    for order, segment in schedules:
+        lists = np.arange(len(order))
+        assert all(sorted(order[i:i + segment]) == list(lists[i:i + segment]) for i in range(0, len(order), segment))
+        assert not np.array_equal(order, lists), "the hot lists did not move first"
+    monkeypatch.setattr(cuda_attention, "DKDV_ORDER", False)
+    in_list_order = _run(p)[0]
+    for a, b in zip((dq, dk, dv, dgate), in_list_order):
+        assert np.array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
 
 
 @pytest.mark.parametrize("kernel", ["auto", "workspace"])

@@ -63,6 +63,9 @@ def test_cupy_forward_and_backward_on_either_device(workspace, monkeypatch):
 
 
 def test_torch_adapter_on_either_device():
+    """The forward runs with the other device current; autograd runs the backward on its own
+    thread for the tensors' device (so it is current there): the CuPy test above covers the
+    backward with another device current."""
     torch = pytest.importorskip("torch")
     import vsa_nd.adapters.torch as vt
 
@@ -92,16 +95,20 @@ def test_jax_adapter_on_either_device():
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
     if len(gpus) < 2:
         pytest.skip("needs two GPUs visible to JAX")
+    import cupy
+
     host = host_problem(vsa_nd.tile_plan(SEQ).padded_len, seed=2)
     results = []
-    for device in gpus[:2]:
+    for index, device in enumerate(gpus[:2]):
         q, k, v, gate, dout = (jax.device_put(jnp.asarray(a), device) for a in host)
         plan = vj.tile_plan(SEQ, device=device)
         attention = lambda *a: vj.video_sparse_attn(*a[:3], TOPK, plan.variable_block_sizes, gate=a[3])  # noqa: E731
-        out, vjp = jax.vjp(attention, q, k, v, gate)
-        grads = vjp(dout)
-        jitted = jax.jit(attention)(q, k, v, gate)
-        jitted_grads = jax.jit(lambda *a: jax.vjp(attention, *a[:4])[1](a[4]))(q, k, v, gate, dout)
+        other = gpus[1 - index]
+        with cupy.cuda.Device(other.id), jax.default_device(other):  # the eager calls follow their arrays
+            out, vjp = jax.vjp(attention, q, k, v, gate)
+            grads = vjp(dout)
+            jitted = jax.jit(attention)(q, k, v, gate)
+            jitted_grads = jax.jit(lambda *a: jax.vjp(attention, *a[:4])[1](a[4]))(q, k, v, gate, dout)
         assert all(x.devices() == {device} for x in (out, *grads, jitted, *jitted_grads))
         for eager, again in zip((out, *grads), (jitted, *jitted_grads)):
             assert np.array_equal(bits(eager), bits(again))

@@ -267,7 +267,8 @@ def kv_to_q_lists(q2k_idx, q2k_num, num_kv_heads: int, num_kv_blocks: int, posit
 def dkdv_order(offsets, lists_per_launch: int):
     """The dK/dV pass's schedule (``cuda_kernels/kv_lists.cu``'s kv_lists_order): for each
     launch's ``lists_per_launch`` consecutive lists of ``offsets`` (kv_to_q_lists'), its lists with
-    the long ones first (at least twice the mean length), longest first, then the others in order.
+    the long ones first (at least 16 entries and twice the mean length), longest first, then the
+    others in order.
     int32 [lists]; one launch, one CTA per launch's segment, no host synchronisation."""
     lists = offsets.shape[0] - 1
     order = _alloc((lists,), np.int32)
