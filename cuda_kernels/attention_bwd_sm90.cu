@@ -336,18 +336,19 @@ template <class Chunk, class ChunkOf, int STAGES> struct LoadCursor {
     }
 };
 
-__device__ __forceinline__ void bulk_load_evict_first(void* dst, const void* src, unsigned int bytes, unsigned long long* bar) {
-    asm volatile("{\n.reg .b64 policy;\ncreatepolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
-                 "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], policy;\n}\n" ::"r"(
+// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to shared
+// memory; the bytes complete on `bar`.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned int bytes, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
                      smem_u32(dst)),
                  "l"(src), "r"(bytes), "r"(smem_u32(bar))
                  : "memory");
 }
 
-// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to shared
-// memory; the bytes complete on `bar`.
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned int bytes, unsigned long long* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+// bulk_load with the copied lines marked evict-first in L2 (for data read once).
+__device__ __forceinline__ void bulk_load_evict_first(void* dst, const void* src, unsigned int bytes, unsigned long long* bar) {
+    asm volatile("{\n.reg .b64 policy;\ncreatepolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
+                 "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], policy;\n}\n" ::"r"(
                      smem_u32(dst)),
                  "l"(src), "r"(bytes), "r"(smem_u32(bar))
                  : "memory");

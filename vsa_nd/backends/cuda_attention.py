@@ -268,8 +268,8 @@ def dkdv_order(offsets, lists_per_launch: int):
     """The dK/dV pass's schedule (``cuda_kernels/kv_lists.cu``'s kv_lists_order): for each
     launch's ``lists_per_launch`` consecutive lists of ``offsets`` (kv_to_q_lists'), its lists with
     the long ones first (at least 16 entries and twice the mean length), longest first, then the
-    others in order.
-    int32 [lists]; one launch, one CTA per launch's segment, no host synchronisation."""
+    others in order: int32 [lists], from one launch (a CTA per segment), with no host
+    synchronisation."""
     lists = offsets.shape[0] - 1
     order = _alloc((lists,), np.int32)
     if lists:
