@@ -205,12 +205,14 @@ bwd_delta(const T* __restrict__ dout, const T* __restrict__ out, const float* __
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
                         const float2 t = unpack2<T>(tw[j]);
-                        cv[2 * j] *= t.x;
-                        cv[2 * j + 1] *= t.y;
+                        cv[2 * j] = __fmul_rn(cv[2 * j], t.x);
+                        cv[2 * j + 1] = __fmul_rn(cv[2 * j + 1], t.y);
                     }
                 }
+                // Rounded as written (no contraction into an FMA): coarse_grad.cu's ROWS variant
+                // computes the same terms and must give the same bits.
 #pragma unroll
-                for (int j = 0; j < 8; ++j) fine[j] -= cv[j];
+                for (int j = 0; j < 8; ++j) fine[j] = __fsub_rn(fine[j], cv[j]);
             }
 #pragma unroll
             for (int j = 0; j < 8; ++j) acc = fmaf(grad[j], fine[j], acc);

@@ -16,7 +16,6 @@ constexpr int ATT_BLOCK_M = 64;   // query rows per CTA
 constexpr int ATT_BLOCK_N = 64;   // keys per pipeline chunk
 constexpr int ATT_THREADS = 128;  // 4 warps: one warpgroup
 constexpr int ATOM_BYTES = 64 * 128;
-constexpr float LOG2E = 1.4426950408889634f;
 
 // Swizzle-atom layout of a 64-row tile with D 16-bit columns: D/64 atoms of 64 rows x 128
 // bytes, each 1024-byte aligned; 16-byte chunk c of row r of an atom sits at chunk c ^ (r & 7).

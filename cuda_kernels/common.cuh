@@ -24,6 +24,8 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
     return __float2bfloat16_rn(x);
 }
 
+constexpr float LOG2E = 1.4426950408889634f;  // log2(e): exp(x) = exp2(x * LOG2E)
+
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
 // Order-preserving map of a float onto an unsigned int (larger float -> larger key).

@@ -185,6 +185,46 @@ def test_smoke_backward(kernel, monkeypatch):
     assert _rel_err(dv[:, :, kv_real], ref.dv[:, :, kv_real]) <= 3e-2
 
 
+@pytest.mark.parametrize("kernel", ["auto", "mma"])
+@given(problems(max_tokens=700))
+def test_row_terms_from_coarse_grad_match_bwd_delta(kernel, p):
+    """coarse_grad_inputs computes delta and lse * log2(e) in its pass over dout, and bwd_delta
+    then does not run; the gradients are bit-identical to those of the backward with bwd_delta."""
+    from unittest import mock
+
+    from vsa_nd.backends import cuda, cuda_attention
+
+    import cupy
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_kernels(kernel, monkeypatch)
+        poison = lambda shape, dtype: cupy.full(shape, np.nan, dtype)  # noqa: E731
+        monkeypatch.setattr(cuda_attention, "_alloc", poison)
+        monkeypatch.setattr(cuda, "_alloc", poison)
+        launched = []
+        real_get = cuda_attention.get_function
+
+        def spy(source, name):
+            launched.append(name)
+            return real_get(source, name)
+
+        monkeypatch.setattr(cuda_attention, "get_function", spy)
+        fused = _run(p)[0]
+        assert launched and not any(n.startswith("bwd_delta") for n in launched)
+
+        real_inputs = cuda.coarse_grad_inputs
+        without = lambda *a, **kw: real_inputs(*a, **{**kw, "out": None, "lse": None})  # noqa: E731
+        launched.clear()
+        with mock.patch.object(cuda, "coarse_grad_inputs", without):
+            separate = _run(p)[0]
+        assert any(n.startswith("bwd_delta") for n in launched)
+    for a, b in zip(fused, separate):
+        if a is None:
+            assert b is None
+        else:
+            assert np.array_equal(a.view(np.uint16), b.view(np.uint16))
+
+
 def test_misaligned_coarse_is_refused_before_launch():
     """bwd_delta reads the coarse output 16 bytes at a time: a float32 view 4 bytes into its
     allocation is refused with the tensor's name, not faulted on."""

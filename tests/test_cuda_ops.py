@@ -325,17 +325,25 @@ def test_smoke_select_topk(poisoned):
 
 
 def _check_coarse_grad(plan, batch, heads, head_dim, dtype, gated, rng):
+    """d_coarse and dgate against NumPy; with the forward's out and lse also the row terms (delta
+    against float64 where the kernel can take them, lse * log2(e) bit for bit), and d_coarse and
+    dgate the same bits either way."""
     sizes, volume = plan.variable_block_sizes, plan.tile_volume
     shape = (batch, heads, plan.padded_len, head_dim)
     dout_host = _tiled_values(rng, shape, sizes, volume, dtype)
     gate_host = _tiled_values(rng, shape, sizes, volume, dtype) if gated else None
+    out_host = _tiled_values(rng, shape, sizes, volume, dtype)
+    lse_host = rng.standard_normal(shape[:3]).astype(np.float32)
     coarse_host = rng.standard_normal((batch, heads, plan.num_blocks, head_dim)).astype(np.float32)
 
-    def run():
+    def run(with_rows=False):
         gate = None if gate_host is None else cupy.asarray(gate_host)
-        return cuda_backend.coarse_grad_inputs(cupy.asarray(dout_host), gate, cupy.asarray(coarse_host), cupy.asarray(sizes))
+        extra = {"out": cupy.asarray(out_host), "lse": cupy.asarray(lse_host)} if with_rows else {}
+        return cuda_backend.coarse_grad_inputs(cupy.asarray(dout_host), gate, cupy.asarray(coarse_host),
+                                               cupy.asarray(sizes), **extra)
 
-    d_coarse, dgate = run()
+    d_coarse, dgate, terms = run()
+    assert terms is None
     real = reference.valid_slots(sizes, volume)[:, None]
     weighted = dout_host.astype(np.float64) * (1.0 if gate_host is None else gate_host.astype(np.float64))
     expected = np.where(real, weighted, 0.0).reshape(batch, heads, plan.num_blocks, volume, head_dim).sum(axis=3)
@@ -346,6 +354,24 @@ def _check_coarse_grad(plan, batch, heads, head_dim, dtype, gated, rng):
         _assert_same_bits(dgate, np.where(real, product, np.float32(0.0)).astype(dtype))
     else:
         assert dgate is None
+
+    with_rows = run(with_rows=True)
+    _assert_same_bits(with_rows[0], cupy.asnumpy(d_coarse))
+    if gated:
+        _assert_same_bits(with_rows[1], cupy.asnumpy(dgate))
+    terms = with_rows[2]
+    if dtype == np.float32 or head_dim % 8 or (head_dim // 8) & (head_dim // 8 - 1) or head_dim > 256:
+        assert terms is None  # not an attention dtype, no 16-byte vectors, or a tile's lanes not 2^n <= 32
+        return
+    broadcast = np.repeat(coarse_host.astype(np.float64), volume, axis=2)
+    fine = out_host.astype(np.float64) - (broadcast if gate_host is None else gate_host.astype(np.float64) * broadcast)
+    rows = np.where(real, dout_host.astype(np.float64) * fine, 0.0)
+    delta = cupy.asnumpy(terms.delta)
+    assert delta.dtype == np.float32 and np.all(delta[:, :, ~real[:, 0]] == 0.0)
+    # fp32 sums of D products: within D * 2**-24 of the sum of their magnitudes, row by row
+    bound = (head_dim + 4) * 2.0**-24 * np.abs(rows).sum(axis=-1)
+    assert np.all(np.abs(delta - rows.sum(axis=-1)) <= bound)
+    _assert_same_bits(terms.lse_log2, lse_host * np.float32(1.4426950408889634))
 
 
 @gpu
@@ -368,6 +394,8 @@ def test_smoke_coarse_grad_inputs(poisoned):
     plan = vsa_nd.tile_plan((5, 9, 7), (4, 4, 4))
     for gated in (False, True):
         _check_coarse_grad(plan, 2, 3, 128, BFLOAT16, gated, rng)
+        _check_coarse_grad(plan, 2, 1, 64, np.dtype(np.float16), gated, rng)
+        _check_coarse_grad(plan, 1, 2, 256, BFLOAT16, gated, rng)  # a tile's 32 lanes: a whole warp
         _check_coarse_grad(plan, 1, 2, 300, np.dtype(np.float16), gated, rng)  # one element per load
 
 
@@ -399,7 +427,7 @@ def test_kernels_run_on_the_current_stream_and_capture_in_a_graph():
                 vsa_nd.untile(y, plan, out=untiled),
                 vsa_nd.block_mean(y, sizes),
                 *vsa_nd.select_topk_blocks(scores, 5),
-                *cuda_backend.coarse_grad_inputs(y, y, coarse, sizes),
+                *cuda_backend.coarse_grad_inputs(y, y, coarse, sizes)[:2],
             )
 
         run()  # compiles and loads every kernel, builds nothing during the capture

@@ -74,7 +74,9 @@ def catalogue() -> list:
         ),
         KernelSpec(
             "coarse_grad.cu",
-            tuple(f"coarse_grad<{t}, {w}, {g}>" for t, w in vector_widths for g in ("false", "true")),
+            tuple(f"coarse_grad<{t}, {w}, {g}, false>" for t, w in vector_widths for g in ("false", "true"))
+            # with the fine backward's row terms: 16-byte vectors of the attention dtypes only
+            + tuple(f"coarse_grad<{t}, 8, {g}, true>" for t in ATTENTION_DTYPES for g in ("false", "true")),
         ),
         KernelSpec(
             "attention_fwd.cu",

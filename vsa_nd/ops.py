@@ -407,7 +407,9 @@ def video_sparse_attn_backward(dout, context: VSAContext, *, out=None) -> Gradie
 
         check_kernel_support(c.q, c.q.shape[2] // len(c.q_block_sizes), dout=dout)
 
-    d_coarse, dgate = backend.coarse_grad_inputs(dout, c.gate, c.coarse, c.q_block_sizes, dgate=buffers.dgate)
+    # Also the fine backward's per-row terms, where the backend can take them in the same pass.
+    d_coarse, dgate, row_terms = backend.coarse_grad_inputs(dout, c.gate, c.coarse, c.q_block_sizes,
+                                                            dgate=buffers.dgate, out=c.out, lse=c.lse)
     # Backward of o_c = softmax(scale * q_c k_c^T) v_c in the grouped layout of _coarse_scores,
     # with one [N_q, N_kv] temporary: dC = P * (dP - rowsum(dP * P)), and
     # rowsum(dP * P) = rowsum(d_coarse * o_c) since dP = d_coarse v_c^T and o_c = P v_c.
@@ -426,6 +428,7 @@ def video_sparse_attn_backward(dout, context: VSAContext, *, out=None) -> Gradie
     dq, dk, dv = backend.block_sparse_bwd(
         dout, c.q, c.k, c.v, c.out, c.lse, c.q2k_idx, c.q2k_num, c.q_block_sizes, c.kv_block_sizes,
         c.scale, c.coarse, c.gate, dq_token, dk_token, dv_token, dq=buffers.dq, dk=buffers.dk, dv=buffers.dv,
+        row_terms=row_terms,
     )
     return Gradients(dq, dk, dv, dgate)
 

@@ -37,17 +37,22 @@ The interface every backend implements:
     out [B, H, Sq_pad, D] in q's dtype = fine + (gate *) broadcast(coarse), where ``coarse``
     is None or [B, H, N_q, D] in the compute dtype and ``gate`` None or q-shaped;
     lse [B, H, Sq_pad] float32 (float64 for float64 inputs), -inf for a row with no key.
-``coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None) -> (d_coarse, dgate)``
+``coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None, out=None, lse=None) -> (d_coarse, dgate, row_terms)``
     d_coarse [B, H, N_q, D] compute dtype: sum over the real rows of each query tile of
     ``gate * dout`` (``dout`` without a gate); dgate (None without a gate) q-shaped in
-    the gate's dtype: ``dout * broadcast(coarse)`` on real rows, 0 on pad rows.
+    the gate's dtype: ``dout * broadcast(coarse)`` on real rows, 0 on pad rows.  Given the
+    forward's ``out`` and ``lse``, a backend may compute in the same pass the per-row terms of
+    the fine backward (``rowsum(dout * fine)`` ...), returned as ``row_terms`` for
+    :func:`block_sparse_bwd`; else ``row_terms`` is None.
 ``block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
-                   scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq=None, dk=None, dv=None) -> (dq, dk, dv)``
+                   scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq=None, dk=None, dv=None,
+                   row_terms=None) -> (dq, dk, dv)``
     Gradients in the input dtype of ``sum(dout * out)`` over the real query rows for the
     fine branch, with ``fine = out - (gate *) broadcast(coarse)`` recovered from ``out``.
     ``dq_tile`` [B, H, N_q, D] and ``dk_tile``/``dv_tile`` [B, H_kv, N_kv, D] (compute dtype)
     are added to every real token of their tile (the coarse branch's share).  Pad slots of
-    dq, dk, dv are zero.
+    dq, dk, dv are zero.  ``row_terms``: what ``coarse_grad_inputs`` returned for this
+    backward, or None.
 
 A result argument that is not None (``out``, ``dgate``, ``dq``, ``dk``, ``dv``; checked by
 :mod:`vsa_nd.ops`: shape, dtype, device, contiguity, no shared memory) is filled and returned

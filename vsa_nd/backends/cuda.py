@@ -18,6 +18,8 @@ import functools
 import itertools
 import math
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .._xp import BFLOAT16
@@ -268,11 +270,23 @@ def matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0, row_divisor=No
     return out
 
 
-def coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None):
-    """(d_coarse float32 [B, H, N_q, D], dgate in gate's dtype or None), in one pass over dout (and gate).
+class RowTerms(NamedTuple):
+    """Per query row, what the fine backward's passes read: float32 [B, H, Sq_pad] each."""
+
+    delta: object     # rowsum(dout * fine) on real rows, 0 on pad rows
+    lse_log2: object  # lse * log2(e), every row
+
+
+def coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None, out=None, lse=None):
+    """(d_coarse float32 [B, H, N_q, D], dgate in gate's dtype or None, row terms or None), in one
+    pass over dout (and gate).
 
     ``d_coarse[b, h, i]`` sums ``gate * dout`` (``dout`` without a gate) over the real rows of
-    query tile i; ``dgate = dout * broadcast(coarse)`` on real rows and 0 on pad rows.
+    query tile i; ``dgate = dout * broadcast(coarse)`` on real rows and 0 on pad rows.  Given the
+    forward's ``out`` and ``lse`` (q-shaped and [B, H, Sq_pad] float32), the same pass also
+    computes the fine backward's :class:`RowTerms` where it can (fp16/bf16, 16-byte aligned, D
+    eight times a power of two up to 256), which :func:`block_sparse_bwd` then does not
+    recompute: the same values, bit for bit, as its own ``bwd_delta``.
     """
     import cupy
 
@@ -287,15 +301,22 @@ def coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None):
             dgate = _alloc(gate.shape, gate.dtype)
         tiles = batch * num_heads * num_blocks
         if tiles == 0 or head_dim == 0:
-            return d_coarse, dgate
+            return d_coarse, dgate, None
         gated = gate is not None
-        width = _vector_width(dout.itemsize, head_dim, (dout, gate, dgate) if gated else (dout,))
-        grid = _reduce_grid("dout", tiles, head_dim // width)
+        wanted = (dout,) + ((gate, dgate) if gated else ()) + ((out,) if out is not None else ())
+        width = _vector_width(dout.itemsize, head_dim, wanted)
+        cols = head_dim // width
+        rows = (out is not None and lse is not None and element != "float" and width == _VECTOR_BYTES // dout.itemsize
+                and cols <= 32 and cols & (cols - 1) == 0)
+        terms = RowTerms(_alloc(lse.shape, np.float32), _alloc(lse.shape, np.float32)) if rows else None
+        grid = _reduce_grid("dout", tiles, cols)
         args = (dout, gate if gated else _NULL, coarse, q_block_sizes, d_coarse, dgate if gated else _NULL,
-                np.int32(tiles), np.int32(num_blocks), np.int32(volume), np.int32(head_dim))
-        name = f"coarse_grad<{element}, {width}, {'true' if gated else 'false'}>"
+                np.int32(tiles), np.int32(num_blocks), np.int32(volume), np.int32(head_dim),
+                *((out, lse, terms.delta, terms.lse_log2) if rows else (_NULL,) * 4))
+        flag = lambda b: "true" if b else "false"  # noqa: E731
+        name = f"coarse_grad<{element}, {width}, {flag(gated)}, {flag(rows)}>"
         get_function("coarse_grad.cu", name)(grid, (_REDUCE_THREADS,), args)
-    return d_coarse, dgate
+    return d_coarse, dgate, terms
 
 
 def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None):
@@ -306,9 +327,9 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
 
 
 def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
-                     scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq=None, dk=None, dv=None):
+                     scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq=None, dk=None, dv=None, row_terms=None):
     """Gradients of the fine stage plus the coarse share: see the interface in :mod:`vsa_nd.backends`."""
     from .cuda_attention import block_sparse_bwd as launch
 
     return launch(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
-                  scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq, dk, dv)
+                  scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq, dk, dv, row_terms)

@@ -289,8 +289,11 @@ def _dq_ds_layout(tile_bytes: int, stages: int) -> tuple:
 
 
 def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
-                     scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq=None, dk=None, dv=None):
+                     scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq=None, dk=None, dv=None, row_terms=None):
     """See :mod:`vsa_nd.backends`: (dq, dk, dv) in the input dtype; deterministic.
+
+    ``row_terms``: the :class:`vsa_nd.backends.cuda.RowTerms` of this backward from
+    ``coarse_grad_inputs`` (then ``bwd_delta`` does not run), or None.
 
     By default the dQ pass recomputes S, P, dP and dS itself (seven matrix products per selected
     (query tile, key tile) pair over the two passes, no workspace).  Given a dS workspace
@@ -314,14 +317,17 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
         dkdv_wgmma = wgmma and _tma_ready(q, dout)  # else the portable dK/dV kernel
         dq_wgmma = wgmma and _tma_ready(k, v)  # else the portable dQ kernel
         rows = b * h * q_len
-        delta = _alloc((b, h, q_len), np.float32)
-        lse_log2 = _alloc((b, h, q_len), np.float32) if dkdv_wgmma else None  # lse * log2(e), for that pass
-        delta_rows = 128 // (d // 8)  # rows per CTA (BWD_DELTA_ROWS in attention_bwd.cu)
-        get_function("attention_bwd.cu", f"bwd_delta<{ctype}, {d}>")(
-            ((rows + delta_rows - 1) // delta_rows,), (128,),
-            (dout, out, _null_or(coarse), _null_or(gate), q_block_sizes, lse, delta, _null_or(lse_log2),
-             np.int64(rows), np.int32(q_len), np.int32(tile_volume)),
-        )
+        if row_terms is not None:
+            delta, lse_log2 = row_terms
+        else:
+            delta = _alloc((b, h, q_len), np.float32)
+            lse_log2 = _alloc((b, h, q_len), np.float32) if dkdv_wgmma else None  # lse * log2(e), for that pass
+            delta_rows = 128 // (d // 8)  # rows per CTA (BWD_DELTA_ROWS in attention_bwd.cu)
+            get_function("attention_bwd.cu", f"bwd_delta<{ctype}, {d}>")(
+                ((rows + delta_rows - 1) // delta_rows,), (128,),
+                (dout, out, _null_or(coarse), _null_or(gate), q_block_sizes, lse, delta, _null_or(lse_log2),
+                 np.int64(rows), np.int32(q_len), np.int32(tile_volume)),
+            )
         group, length, slices = h // h_kv, q2k_idx.shape[3], tile_volume // _CHUNK
         common = (np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len))
         tile_bytes = _BLOCK_M * d * q.dtype.itemsize

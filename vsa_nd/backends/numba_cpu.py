@@ -355,8 +355,9 @@ def _coarse_grad_kernel(dout, gate, has_gate, coarse, q_block_sizes, d_coarse, d
             dgate[b, h, i, real:] = 0.0
 
 
-def coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None):
-    """(d_coarse [B, H, N_q, D] compute dtype, dgate q-shaped in gate's dtype or None; into ``dgate`` if given)."""
+def coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None, out=None, lse=None):
+    """(d_coarse [B, H, N_q, D] compute dtype, dgate q-shaped in gate's dtype or None; into ``dgate`` if given,
+    None: :func:`block_sparse_bwd` computes its row terms itself; ``out`` and ``lse`` are not used)."""
     result = dgate
     dout_c = _compute(dout)
     b, h, s, d = dout.shape
@@ -369,8 +370,8 @@ def coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None):
     coarse = np.ascontiguousarray(coarse, dtype=dout_c.dtype)
     _coarse_grad_kernel(dout_c.reshape(tiled), gate_c, has_gate, coarse, _index(q_block_sizes), d_coarse, dgate)
     if not has_gate:
-        return d_coarse, None
-    return d_coarse, _into(result, dgate.reshape(dout.shape).astype(gate.dtype, copy=False))
+        return d_coarse, None, None
+    return d_coarse, _into(result, dgate.reshape(dout.shape).astype(gate.dtype, copy=False)), None
 
 
 # ---------------------------------------------------------------------------------------
@@ -642,9 +643,9 @@ def _reverse_lists(q2k_idx, q2k_num, kv_heads, kv_tiles):
 
 
 def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
-                     scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq=None, dk=None, dv=None):
+                     scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq=None, dk=None, dv=None, row_terms=None):
     """(dq, dk, dv) in the input dtype, pad slots zero (into ``dq``, ``dk``, ``dv`` where given);
-    see the package doc."""
+    see the package doc (``row_terms`` is always None here)."""
     results = (dq, dk, dv)
     b, h, s_q, d = q.shape
     h_kv = k.shape[1]
