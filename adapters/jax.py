@@ -229,6 +229,8 @@ def _check_array(name: str, x, dtypes: dict, like=None, like_name: str = "q"):
         x = jnp.asarray(x)
     if not isinstance(x, jax.Array):
         raise TypeError(f"{name}: expected a jax.Array or NumPy array, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{name}: expected 4 dimensions, got shape {tuple(x.shape)}")
     platform = _platform(x)
     if platform is not None and platform not in dtypes:
         raise TypeError(f"{name}: expected an array on cpu or gpu, got one on {platform}")
@@ -242,12 +244,16 @@ def _check_array(name: str, x, dtypes: dict, like=None, like_name: str = "q"):
     return x
 
 
-def _int_array(name: str, x):
-    """Block sizes or index lists as an int32 JAX array."""
+def _int_array(name: str, x, ndim: int):
+    """Block sizes ([N], ``ndim`` 1) or index lists as an int32 JAX array of ``ndim`` dimensions."""
     if not isinstance(x, jax.Array):
         x = np.asarray(x)
     if not np.issubdtype(np.dtype(x.dtype), np.integer):
         raise TypeError(f"{name}: expected ints or an integer array, got {x.dtype} values")
+    if x.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimension{'s' if ndim > 1 else ''}, got shape {tuple(x.shape)}")
+    if isinstance(x, np.ndarray) and x.size and (x.min() < -(2**31) or x.max() > 2**31 - 1):
+        raise ValueError(f"{name}: expected values that fit in int32, got values in [{x.min()}, {x.max()}]")
     return jnp.asarray(x, dtype=jnp.int32)
 
 
@@ -257,7 +263,7 @@ def _block_sizes(name: str, x):
     plan = _PLANS_BY_SIZES.get(id(x))
     if plan is not None and plan.variable_block_sizes is x:
         return _PlanSizes(plan.seq_shape, plan.tile_shape, plan.num_blocks)
-    return _int_array(name, x)
+    return _int_array(name, x, 1)
 
 
 def _num_blocks(block_sizes) -> int:
@@ -300,14 +306,35 @@ _untile.defvjp(lambda y, s, t: (_untile(y, s, t), None), lambda s, t, _, g: (_ti
 
 def tile_plan(seq_shape, tile_shape=None, *, device=None) -> TilePlan:
     """The cached :class:`TilePlan` of ``seq_shape`` cut into ``tile_shape``, its index arrays
-    int32 JAX arrays on ``device`` (default: JAX's default device).
+    int32 JAX arrays on ``device`` (default: JAX's default device; or a str such as "cpu",
+    "gpu:1").
 
     On GPU they are zero-copy views of :func:`vsa_nd.tile_plan`'s CuPy arrays, which lets
     vsa_nd skip re-checking the block sizes (a host synchronisation); on CPU, copies.
     """
-    device = jax.devices()[0] if device is None else device
     seq_shape, tile_shape = vsa_nd.tiling.normalize_shapes(seq_shape, tile_shape)
-    return _cached_plan(seq_shape, tile_shape, device)
+    return _cached_plan(seq_shape, tile_shape, _device(device))
+
+
+def _device(device):
+    """A JAX device from None (JAX's default), a jax.Device, or a str: "cpu", "gpu", "cuda",
+    or one of those with ":<index>"."""
+    if device is None:
+        return jax.devices()[0]
+    if isinstance(device, str):
+        kind, _, index = device.partition(":")
+        if kind in ("cpu", "gpu", "cuda") and (index == "" or index.isdigit()):
+            try:
+                devices = jax.devices("cpu" if kind == "cpu" else "gpu")
+            except RuntimeError:
+                devices = []
+            if int(index or 0) < len(devices):
+                return devices[int(index or 0)]
+            raise ValueError(f"device: expected a device JAX has, got {device!r} (JAX has {jax.devices()})")
+        raise ValueError(f"device: expected 'cpu', 'gpu' or 'cuda', optionally with ':<index>', got {device!r}")
+    if not isinstance(device, jax.Device):
+        raise TypeError(f"device: expected None, a str or a jax.Device, got {type(device).__name__}")
+    return device
 
 
 @functools.cache
@@ -407,6 +434,20 @@ def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, *, scale, re
                                     return_lse=True)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _forward_only(run, *arrays):
+    """``run(*arrays)``; differentiating it raises vsa_nd's message rather than JAX's."""
+    return run(*arrays)
+
+
+def _refuse_gradient(run, residuals, cotangents):
+    raise TypeError("q, k, v: block_sparse_attn has no backward; differentiate video_sparse_attn instead, "
+                    "or pass jax.lax.stop_gradient of the inputs")
+
+
+_forward_only.defvjp(lambda run, *arrays: (run(*arrays), None), _refuse_gradient)
+
+
 def block_sparse_attn(q, k, v, kv_block_sizes, q2k_idx, q2k_num=None, *, scale=None, return_lse=False):
     """Fine stage only (see :func:`vsa_nd.block_sparse_attn`), forward only.
 
@@ -419,11 +460,11 @@ def block_sparse_attn(q, k, v, kv_block_sizes, q2k_idx, q2k_num=None, *, scale=N
     q = _check_array("q", q, _ATTENTION_DTYPES)
     k = _check_array("k", k, _ATTENTION_DTYPES, like=q)
     v = _check_array("v", v, _ATTENTION_DTYPES, like=q)
-    q2k_idx = _int_array("q2k_idx", q2k_idx)
-    q2k_num = None if q2k_num is None else _int_array("q2k_num", q2k_num)
+    q2k_idx = _int_array("q2k_idx", q2k_idx, 4)
+    q2k_num = None if q2k_num is None else _int_array("q2k_num", q2k_num, 3)
     lse_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     specs = (_spec(q.shape, q.dtype), _spec(q.shape[:3], lse_dtype))
-    out, lse = _call(_block_sparse_arrays, specs, q, k, v,
-                     _block_sizes("kv_block_sizes", kv_block_sizes), q2k_idx, q2k_num,
-                     scale=_common.resolve_scale(scale, q.shape[-1]))
+    sizes, scale = _block_sizes("kv_block_sizes", kv_block_sizes), _common.resolve_scale(scale, q.shape[-1])
+    run = lambda q, k, v, idx, num: _call(_block_sparse_arrays, specs, q, k, v, sizes, idx, num, scale=scale)  # noqa: E731
+    out, lse = _forward_only(run, q, k, v, q2k_idx, q2k_num)
     return (out, lse) if return_lse else out

@@ -307,12 +307,19 @@ def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:
         if sizes.dtype.is_floating_point or sizes.dtype.is_complex or sizes.dtype == torch.bool:
             raise TypeError(f"{name}: expected an integer dtype, got {sizes.dtype}")
         if sizes.dtype != torch.int32:  # Tensor.to costs a dispatch even when it returns the tensor itself
+            if torch.iinfo(sizes.dtype).bits > 32 or sizes.dtype == torch.uint32:
+                # saturate, not wrap: vsa_nd's value checks must still see a value beyond int32
+                sizes = sizes.clamp(max(torch.iinfo(sizes.dtype).min, _INT32_MIN), _INT32_MAX)
             sizes = sizes.to(torch.int32)
         return sizes.contiguous()
     array = np.asarray(sizes)
     if not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{name}: expected ints or an integer tensor, got {array.dtype} values")
+    array = np.clip(array, max(np.iinfo(array.dtype).min, _INT32_MIN), min(np.iinfo(array.dtype).max, _INT32_MAX))
     return torch.from_numpy(array.astype(np.int32)).to(device)  # one host-to-device copy on CUDA
+
+
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
 def _needs_grad(*tensors) -> bool:
@@ -742,7 +749,10 @@ class VideoSparseAttention(torch.nn.Module):
                  num_kv_heads: Optional[int] = None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_kv_heads < 1 or num_heads % num_kv_heads:
+        for name, value in (("num_heads", num_heads), ("head_size", head_size), ("num_kv_heads", num_kv_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
+        if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {num_kv_heads}")
         self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
         self.softmax_scale = _common.resolve_scale(softmax_scale, head_size)
@@ -784,12 +794,20 @@ class VideoSparseAttention(torch.nn.Module):
         Returns [B, S, H, D] in query's dtype: ``fine + gate_compress * coarse`` (``fine +
         coarse`` without a gate), with ``metadata.topk`` key tiles per query tile.
         """
-        for name, x, heads in (("query", query, self.num_heads), ("key", key, self.num_kv_heads),
-                               ("value", value, self.num_kv_heads)):
-            if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[2] != heads or x.shape[3] != self.head_size:
-                got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
-                raise ValueError(f"{name}: expected shape [B, S, {heads}, {self.head_size}], got {got}")
+        if not isinstance(metadata, VSAMetadata):
+            raise TypeError(f"metadata: expected the VSAMetadata of build_metadata, got {type(metadata).__name__}")
         plan = metadata.plan
+        checks = [("query", query, self.num_heads), ("key", key, self.num_kv_heads), ("value", value, self.num_kv_heads)]
+        if gate_compress is not None:
+            checks.append(("gate_compress", gate_compress, self.num_heads))
+        for name, x, heads in checks:
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 4 or x.shape[1] != plan.seq_len or x.shape[2] != heads or x.shape[3] != self.head_size:
+                raise ValueError(f"{name}: expected shape [B, {plan.seq_len}, {heads}, {self.head_size}] "
+                                 f"(seq_len of the plan's {plan.seq_shape}), got {list(x.shape)}")
+        if gate_compress is not None and gate_compress.shape != query.shape:
+            raise ValueError(f"gate_compress: expected query's shape {list(query.shape)}, got {list(gate_compress.shape)}")
         q, k, v = (tile(x, plan) for x in (query, key, value))
         gate = None if gate_compress is None else tile(gate_compress, plan)
         out = video_sparse_attn(q, k, v, metadata.topk, plan.variable_block_sizes, gate=gate, scale=self.softmax_scale)

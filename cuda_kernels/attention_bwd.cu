@@ -9,7 +9,8 @@
 // Kernels:
 //   bwd_delta:  delta per query row, with fine = out - gate * coarse recovered from out; 0 on
 //               pad query rows (their dO is treated as 0: pad rows are not part of the output);
-//               and, for the Hopper dK/dV pass, lse * log2(e) per row.
+//               and, for the Hopper dK/dV pass, lse * log2(e) per row.  (A VSA backward takes
+//               both from coarse_grad.cu's ROWS variant instead, in its pass over dout.)
 //   bwd_dq, bwd_dkdv: the two passes of attention_bwd.cuh with MmaProducts: each warp owns 16
 //               rows (query rows in bwd_dq, keys in bwd_dkdv); Q and dO fragments of bwd_dq stay
 //               in registers, everything else is read with ldmatrix per step.

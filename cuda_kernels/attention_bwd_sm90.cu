@@ -3,7 +3,8 @@
 // product on warpgroup MMA (wgmma, sm_90a) and their own pipelines, the streamed tiles arriving
 // by TMA as in the forward (attention_fwd_sm90.cu): one thread issues one bulk tensor copy per
 // 64-column atom, completing on a shared-memory barrier, so the warps spend no instructions on
-// addresses.  delta comes from attention_bwd.cu's bwd_delta.
+// addresses.  delta (and lse * log2(e)) come from coarse_grad.cu's ROWS variant in a VSA backward,
+// else from attention_bwd.cu's bwd_delta (the same values).
 //
 // Two ways to get dQ (the launcher, block_sparse_bwd, picks one per call):
 //   - with a dS workspace (opt-in, D = 128): bwd_dkdv_sm90 runs first and stores each step's

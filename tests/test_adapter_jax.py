@@ -267,6 +267,34 @@ def test_errors_name_the_argument_and_what_was_expected():
         vj.video_sparse_attn(q, k, v, 3, [32.0] * 8)
     with pytest.raises(TypeError, match="plan: expected a TilePlan"):
         vj.untile(q, SEQ)
+    with pytest.raises(ValueError, match=r"q: expected 4 dimensions, got shape \(2, 4, 256\)"):
+        vj.video_sparse_attn(q[:, :, :, 0], k, v, 3, sizes)
+    with pytest.raises(ValueError, match=r"x: expected 4 dimensions"):
+        vj.tile(q[0], plan)
+    with pytest.raises(ValueError, match=r"q_block_sizes: expected 1 dimension, got shape \(\)"):
+        vj.video_sparse_attn(q, k, v, 3, 32)
+    with pytest.raises(ValueError, match="q_block_sizes: expected values that fit in int32"):
+        vj.video_sparse_attn(q, k, v, 3, np.full(8, 2**32 + 32))
+    with pytest.raises(ValueError, match=r"q2k_num: expected 3 dimensions"):
+        vj.block_sparse_attn(q, k, v, sizes, np.zeros((2, 4, 8, 2), np.int32), np.zeros((2, 4), np.int32))
+    with pytest.raises(ValueError, match="device: expected 'cpu', 'gpu' or 'cuda'"):
+        vj.tile_plan(SEQ, TILE, device="tpu")
+    with pytest.raises(TypeError, match="device: expected None, a str or a jax.Device, got int"):
+        vj.tile_plan(SEQ, TILE, device=0)
+
+
+def test_device_names_and_block_sparse_gradient_message():
+    """A plan's device may be named by a str; differentiating block_sparse_attn says what to do."""
+    plan = vj.tile_plan(SEQ, TILE, device="cpu")
+    assert plan is vj.tile_plan(SEQ, TILE, device=jax.devices("cpu")[0])
+    assert vj.build_metadata((6, 10, 12), (2, 2, 2), 0.75, TILE, device="cpu:0").plan is plan
+    q, k, v, _ = tiled_inputs(plan, np.float32)
+    idx = np.tile(np.arange(2, dtype=np.int32), (*q.shape[:2], plan.num_blocks, 1))
+    loss = lambda q: vj.block_sparse_attn(q, k, v, plan.variable_block_sizes, idx).sum()  # noqa: E731
+    assert np.isfinite(float(loss(q)))
+    for grad in (jax.grad(loss), jax.jit(jax.grad(loss))):
+        with pytest.raises(TypeError, match="block_sparse_attn has no backward; differentiate video_sparse_attn"):
+            grad(q)
 
 
 def gpu_problem(dtype=jnp.bfloat16, dim=64, seed=0):

@@ -309,6 +309,11 @@ def test_errors_name_the_argument_and_what_was_expected():
         vt.video_sparse_attn(q, k, v, 2.0, sizes)
     with pytest.raises(ValueError, match=r"block_sizes: expected every block size in \[1, 32\]"):
         vt.video_sparse_attn(q, k, v, 3, [40] * 8)
+    # beyond int32: saturated, so still out of range (not wrapped round to 32)
+    with pytest.raises(ValueError, match=r"block_sizes: expected every block size in \[1, 32\]"):
+        vt.video_sparse_attn(q, k, v, 3, torch.full((8,), 2**32 + 32, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"block_sizes: expected every block size in \[1, 32\]"):
+        vt.video_sparse_attn(q, k, v, 3, [2**32 + 32] * 8)
     with pytest.raises(TypeError, match="plan: expected a TilePlan"):
         vt.tile(q, SEQ)
     with pytest.raises(ValueError, match="x: expected 90 tokens"):
@@ -328,10 +333,20 @@ def test_layer_matches_the_functional_path_and_checks_shapes():
     expected = vt.untile(vt.video_sparse_attn(*(vt.tile(x, plan) for x in (query, key, value)), meta.topk,
                                               plan.variable_block_sizes, gate=vt.tile(gate, plan), scale=0.2), plan)
     assert out.shape == query.shape and torch.equal(out, expected)
-    with pytest.raises(ValueError, match=r"key: expected shape \[B, S, 2, 16\], got \[2, 90, 4, 16\]"):
+    with pytest.raises(ValueError, match=r"key: expected shape \[B, 90, 2, 16\] .*, got \[2, 90, 4, 16\]"):
         layer(query, query, value, None, meta)
+    with pytest.raises(ValueError, match=r"query: expected shape \[B, 90, 4, 16\] \(seq_len of the plan's \(3, 5, 6\)\)"):
+        layer(query[:, :80], key, value, None, meta)
+    with pytest.raises(TypeError, match="query: expected a torch.Tensor, got ndarray"):
+        layer(query.numpy(), key, value, None, meta)
+    with pytest.raises(ValueError, match=r"gate_compress: expected query's shape \[2, 90, 4, 16\], got \[1, 90, 4, 16\]"):
+        layer(query, key, value, gate[:1], meta)
+    with pytest.raises(TypeError, match="metadata: expected the VSAMetadata of build_metadata, got NoneType"):
+        layer(query, key, value, gate, None)
     with pytest.raises(ValueError, match="num_kv_heads: expected a divisor of num_heads=4, got 3"):
         vt.VideoSparseAttention(4, 16, None, num_kv_heads=3)
+    with pytest.raises(TypeError, match="num_kv_heads: expected a positive int, got float 2.0"):
+        vt.VideoSparseAttention(4, 16, None, num_kv_heads=2.0)
 
 
 def test_tile_buffer_aliasing_contract():

@@ -152,13 +152,21 @@ def test_block_mean(shapes, heads, dim, dtype, seed):
 
 
 @given(n_q=st.integers(1, 12), n_kv=st.integers(1, 40), dtype=st.sampled_from([np.float32, np.float64]),
-       levels=st.sampled_from([3, 10, 0]), data=st.data())
-def test_select_topk_blocks(n_q, n_kv, dtype, levels, data):
-    """Exact agreement with the reference, ties included (``levels`` > 0 rounds scores to few values)."""
+       levels=st.sampled_from([3, 10, 0]), specials=st.booleans(), data=st.data())
+def test_select_topk_blocks(n_q, n_kv, dtype, levels, specials, data):
+    """Exact agreement with the reference, ties included (``levels`` > 0 rounds scores to few
+    values); with ``specials``, NaN (below every number), +-inf and -0.0 among the scores."""
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     scores = rng.standard_normal((2, 3, n_q, n_kv))
     if levels:
         scores = np.round(scores * levels / 3)
+    if specials:
+        pick = rng.random(scores.shape)
+        scores[pick < 0.3] = np.nan
+        scores[(pick >= 0.3) & (pick < 0.4)] = -np.inf
+        scores[(pick >= 0.4) & (pick < 0.45)] = np.inf
+        scores[(pick >= 0.45) & (pick < 0.55)] = -0.0
+        scores[0, 0, 0] = np.nan  # a row of NaNs only
     scores = scores.astype(dtype)
     topk = data.draw(st.integers(1, n_kv))
     before = snapshot(scores)
@@ -168,6 +176,42 @@ def test_select_topk_blocks(n_q, n_kv, dtype, levels, data):
     np.testing.assert_array_equal(q2k_idx, expected_idx)
     np.testing.assert_array_equal(q2k_num, expected_num)
     assert snapshot(scores) == before
+
+
+def test_nan_and_inf_propagate_as_in_the_reference():
+    """A NaN query row gives a NaN output row and LSE, and leaves the other rows unchanged; an
+    infinite key gives NaN rows where it is selected (inf - inf); a forward and backward on
+    all-NaN queries run to the end (the selection still lists topk distinct tiles)."""
+    rng = np.random.default_rng(7)
+    plan = vsa_nd.tile_plan((4, 8, 8))
+    q, k, v = (rng.standard_normal((1, 2, plan.padded_len, 32)).astype(np.float32) for _ in range(3))
+    idx = np.tile(np.arange(3, dtype=np.int32), (1, 2, plan.num_blocks, 1))
+    sizes = plan.variable_block_sizes
+    clean, clean_lse = vsa_nd.block_sparse_attn(q, k, v, sizes, idx, return_lse=True)
+    q[0, 1, 70] = np.nan
+    out, lse = vsa_nd.block_sparse_attn(q, k, v, sizes, idx, return_lse=True)
+    assert np.isnan(out[0, 1, 70]).all() and np.isnan(lse[0, 1, 70])
+    others = np.ones(out.shape[2], bool)
+    others[70] = False
+    np.testing.assert_array_equal(out[0, 1, others], clean[0, 1, others])
+    np.testing.assert_array_equal(lse[0, 1, others], clean_lse[0, 1, others])
+    block_map = ref.block_map_from_indices(idx, np.full(idx.shape[:3], 3), plan.num_blocks)
+    with np.errstate(invalid="ignore"):
+        expected, _ = ref.block_sparse_attn(q, k, v, block_map, sizes, plan.tile_volume)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    k[0, 0, 3] = np.inf  # a real key of tile 0, which every query tile selects
+    out, _ = vsa_nd.block_sparse_attn(q, k, v, sizes, idx, return_lse=True)
+    with np.errstate(invalid="ignore"):
+        expected, _ = ref.block_sparse_attn(q, k, v, block_map, sizes, plan.tile_volume)
+    assert np.isnan(out[0, 0, : plan.seq_len]).any()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+
+    q[:] = np.nan
+    out, context = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, return_context=True)
+    assert np.isnan(out[:, :, : plan.seq_len]).all()
+    assert all(len(set(row)) == 3 for row in context.q2k_idx.reshape(-1, 3).tolist())
+    grads = vsa_nd.video_sparse_attn_backward(np.ones_like(out), context)
+    assert np.isnan(grads.dq[:, :, : plan.seq_len]).any()
 
 
 # ---------------------------------------------------------------------------------------

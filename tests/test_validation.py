@@ -48,6 +48,27 @@ def non_contiguous(x):
     return out
 
 
+def _overlapping_call(fn, x, plan, shape):
+    """fn(x', plan, out=buf), x' a copy of x and buf a float32 buffer of ``shape``: overlapping views of one allocation."""
+    size = int(np.prod(shape))
+    base = np.zeros(x.size + size, np.float32)
+    base[: x.size] = x.ravel()
+    return fn(base[: x.size].reshape(x.shape), plan, out=base[x.size // 2: x.size // 2 + size].reshape(shape))
+
+
+def _read_only(shape):
+    out = np.empty(shape, np.float32)
+    out.flags.writeable = False
+    return out
+
+
+def _plan_sizes_for(num_blocks: int, volume: int):
+    """A cached plan's own block sizes: ``num_blocks`` full tiles of ``volume`` tokens."""
+    plan = vsa_nd.tile_plan((num_blocks * volume,), (volume,))
+    assert plan.num_blocks == num_blocks and plan.tile_volume == volume
+    return plan.variable_block_sizes
+
+
 def vsa(p, **kw):
     args = dict(q=p.q, k=p.k, v=p.v, topk=2, q_block_sizes=p.q_sizes, kv_block_sizes=p.kv_sizes)
     return vsa_nd.video_sparse_attn(**(args | kw))
@@ -115,7 +136,8 @@ CASES = [
     ("vsa-topk-bool", lambda p: vsa(p, topk=True), TypeError, ["topk:", "an int", "bool True"]),
     ("vsa-topk-float", lambda p: vsa(p, topk=2.0), TypeError, ["topk:", "an int", "float 2.0"]),
     ("vsa-scale-str", lambda p: vsa(p, scale="0.1"), TypeError, ["scale:", "finite float", "'0.1'"]),
-    ("vsa-scale-nan", lambda p: vsa(p, scale=float("nan")), TypeError, ["scale:", "finite float", "nan"]),
+    ("vsa-scale-nan", lambda p: vsa(p, scale=float("nan")), ValueError, ["scale:", "positive finite float", "nan"]),
+    ("vsa-scale-negative", lambda p: vsa(p, scale=-0.5), ValueError, ["scale:", "positive finite float", "-0.5"]),
     # --- block_sparse_attn
     ("fine-neither", lambda p: fine(p, q2k_idx=None, q2k_num=None), ValueError, ["q2k_idx, block_map", "exactly one", "neither"]),
     ("fine-both", lambda p: fine(p, block_map=p.block_map), ValueError, ["q2k_idx, block_map", "exactly one", "both"]),
@@ -169,7 +191,7 @@ CASES = [
      ["v_c:", "[2, 2, 4, 16]", "[2, 2, 3, 16]"]),
     ("coarse-heads", lambda p: vsa_nd.coarse_attn(p.q_c[:, :3].copy(), p.k_c, p.v_c), ValueError,
      ["k_c:", "dividing the 3 query heads", "got 2"]),
-    ("coarse-scale", lambda p: vsa_nd.coarse_attn(p.q_c, p.k_c, p.v_c, scale=np.inf), TypeError, ["scale:", "inf"]),
+    ("coarse-scale", lambda p: vsa_nd.coarse_attn(p.q_c, p.k_c, p.v_c, scale=np.inf), ValueError, ["scale:", "inf"]),
     # --- select_topk_blocks
     ("topk-scores-3d", lambda p: vsa_nd.select_topk_blocks(p.scores[0], 2), ValueError, ["scores:", "4 dimensions", "(4, 3, 4)"]),
     ("topk-scores-int", lambda p: vsa_nd.select_topk_blocks(p.scores.astype(np.int16), 2), TypeError, ["scores:", "got int16"]),
@@ -201,6 +223,28 @@ CASES = [
      ["out:", "[2, 90, 4, 16]", "[2, 90, 4, 8]"]),
     ("untile-out-dtype", lambda p: vsa_nd.untile(p.y, p.plan, out=np.empty((B, 90, H, D), np.float16)), TypeError,
      ["out:", "float32", "got float16"]),
+    ("tile-out-overlaps-x", lambda p: _overlapping_call(vsa_nd.tile, p.x, p.plan, (B, H, 192, D)), ValueError,
+     ["out:", "shares memory with x"]),
+    ("untile-out-overlaps-y", lambda p: _overlapping_call(vsa_nd.untile, p.y, p.plan, (B, 90, H, D)), ValueError,
+     ["out:", "shares memory with y"]),
+    ("tile-out-read-only", lambda p: vsa_nd.tile(p.x, p.plan, out=_read_only((B, H, 192, D))), ValueError,
+     ["out:", "writeable", "read-only"]),
+    ("vsa-out-read-only", lambda p: vsa(p, out=_read_only(p.q.shape)), ValueError, ["out:", "writeable", "read-only"]),
+    ("tile-x-bool", lambda p: vsa_nd.tile(p.x > 0, p.plan), TypeError, ["x:", "2, 4 or 8 bytes", "got bool"]),
+    ("tile-x-int8", lambda p: vsa_nd.tile(p.x.astype(np.int8), p.plan), TypeError, ["x:", "2, 4 or 8 bytes", "got int8"]),
+    ("untile-y-object", lambda p: vsa_nd.untile(p.y.astype(object), p.plan), TypeError, ["y:", "2, 4 or 8 bytes", "got object"]),
+    # --- index values beyond int32 are refused, not wrapped (2**32 + 8 is not 8)
+    ("vsa-sizes-beyond-int32", lambda p: vsa(p, kv_block_sizes=p.kv_sizes.astype(np.int64) + 2**32), ValueError,
+     ["kv_block_sizes:", "fit in int32", "4294967304"]),
+    ("fine-idx-beyond-int32", lambda p: fine(p, q2k_idx=p.q2k_idx.astype(np.int64) + 2**32), ValueError,
+     ["q2k_idx:", "fit in int32"]),
+    ("vsa-sizes-uint64", lambda p: vsa(p, kv_block_sizes=p.kv_sizes.astype(np.uint64) + np.uint64(2**32)), ValueError,
+     ["kv_block_sizes:", "fit in int32"]),
+    # --- a cached plan's block sizes are trusted only at its own tile volume
+    ("vsa-plan-sizes-of-another-volume", lambda p: vsa(p, kv_block_sizes=_plan_sizes_for(N_KV, 4 * VOL)), ValueError,
+     ["kv_block_sizes:", f"[1, {VOL}]", f"[{4 * VOL}, {4 * VOL}]"]),
+    ("coarse-kc-dtype", lambda p: vsa_nd.coarse_attn(p.q_c, p.k_c.astype(np.float64), p.v_c), TypeError,
+     ["k_c:", "float32 to match q_c", "got float64"]),
     # --- tile_plan
     ("plan-0-dims", lambda p: vsa_nd.tile_plan((), ()), ValueError, ["seq_shape:", "1 to 4 dimensions", "got 0"]),
     ("plan-5-dims", lambda p: vsa_nd.tile_plan((2,) * 5, (1,) * 5), ValueError, ["seq_shape:", "1 to 4 dimensions", "got 5"]),

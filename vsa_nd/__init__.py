@@ -1,7 +1,8 @@
 """vsa_nd: Video Sparse Attention for NumPy, CuPy, PyTorch and JAX.
 
 Importing this package imports neither CuPy, PyTorch nor JAX; the CPU backend (Numba) is
-compiled on first use.  See README.md and VSA_SPEC.md for the operator.
+compiled on first use.  See README.md, and the docstrings of :mod:`vsa_nd.ops` and
+:mod:`vsa_nd.tiling`, for the operator.
 """
 
 from .ops import (

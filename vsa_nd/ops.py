@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import validation as check
-from ._xp import array_module, compute_dtype, device_key, is_cupy_array, on_device_of
+from ._xp import BFLOAT16, array_module, compute_dtype, device_key, is_cupy_array, on_device_of
 from .tiling import TilePlan
 
 
@@ -73,11 +73,21 @@ def _check_out(out, like, shape: tuple, dtype, name: str = "out", others: tuple 
     check.check_array(name, out, len(shape), (np.dtype(dtype),), like)
     check.check_shape(name, out, shape)
     check.check_contiguous(name, out)
+    if not getattr(out.flags, "writeable", True):  # (CuPy arrays are always writeable)
+        raise ValueError(f"{name}: expected a writeable buffer, got a read-only array")
     xp = array_module(out)
     for other_name, other in others:
         if other is not None and xp.may_share_memory(out, other):
             raise ValueError(f"{name}: expected a buffer of its own, got one that shares memory with {other_name}")
     return out
+
+
+def _check_movable(name: str, x):
+    """tile/untile move elements of 2, 4 or 8 bytes (float16/bfloat16/float32/float64, or
+    integers of those sizes)."""
+    dtype = np.dtype(x.dtype)
+    if not (dtype.kind in "fiu" or dtype == BFLOAT16) or dtype.itemsize not in (2, 4, 8):
+        raise TypeError(f"{name}: expected a dtype of 2, 4 or 8 bytes such as float16, bfloat16 or float32, got {dtype}")
 
 
 @_on_input_device
@@ -88,13 +98,14 @@ def tile(x, plan: TilePlan, out=None):
     buffer can serve many layers; the result aliases it.
     """
     check.check_array("x", x, 4)
+    _check_movable("x", x)
     check.check_contiguous("x", x)
     plan = _check_plan(plan, x)
     b, s, h, d = x.shape
     if s != plan.seq_len:
         raise ValueError(f"x: expected {plan.seq_len} tokens (seq_shape {plan.seq_shape}) on axis 1, got shape {list(x.shape)}")
     shape = (b, h, plan.padded_len, d)
-    out = array_module(x).empty(shape, x.dtype) if out is None else _check_out(out, x, shape, x.dtype)
+    out = array_module(x).empty(shape, x.dtype) if out is None else _check_out(out, x, shape, x.dtype, others=(("x", x),))
     return _backend(x).tile(x, plan.slot_token_index, out)
 
 
@@ -102,13 +113,14 @@ def tile(x, plan: TilePlan, out=None):
 def untile(y, plan: TilePlan, out=None):
     """Undo :func:`tile`: y [B, H, S_pad, D] -> [B, S, H, D], pad slots dropped."""
     check.check_array("y", y, 4)
+    _check_movable("y", y)
     check.check_contiguous("y", y)
     plan = _check_plan(plan, y)
     b, h, s_pad, d = y.shape
     if s_pad != plan.padded_len:
         raise ValueError(f"y: expected {plan.padded_len} slots (padded length of {plan.seq_shape}) on axis 2, got shape {list(y.shape)}")
     shape = (b, plan.seq_len, h, d)
-    out = array_module(y).empty(shape, y.dtype) if out is None else _check_out(out, y, shape, y.dtype)
+    out = array_module(y).empty(shape, y.dtype) if out is None else _check_out(out, y, shape, y.dtype, others=(("y", y),))
     return _backend(y).untile(y, plan.untile_index, out)
 
 
@@ -173,6 +185,8 @@ def coarse_attn(q_c, k_c, v_c, scale=None):
     b, h, _, d = q_c.shape
     check.check_float("k_c", k_c, 4, like=q_c)
     check.check_float("v_c", v_c, 4, like=q_c)
+    for name, x in (("k_c", k_c), ("v_c", v_c)):
+        check.check_same_dtype(name, x, q_c, "q_c")
     check.check_shape("k_c", k_c, (b, None, None, d))
     check.check_shape("v_c", v_c, k_c.shape)
     _check_heads(h, k_c.shape[1], "k_c")
@@ -199,10 +213,10 @@ def select_topk_blocks(scores, topk: int):
 def _scale(scale, head_dim: int) -> float:
     if scale is None:
         return float(head_dim) ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not np.isfinite(scale):
-        raise TypeError(f"scale: expected a finite float, got {scale!r}")
-    if scale <= 0:  # the kernels fold the scale into the softmax's max, which needs it positive
-        raise ValueError(f"scale: expected a positive float, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)):
+        raise TypeError(f"scale: expected a finite float, got {type(scale).__name__} {scale!r}")
+    if not np.isfinite(scale) or scale <= 0:  # the kernels fold the scale into the softmax's max, which needs it positive
+        raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
     return float(scale)
 
 
@@ -309,8 +323,10 @@ class VSAContext:
     """What :func:`video_sparse_attn_backward` needs from a forward pass.
 
     Holds references to the forward's inputs and output (not copies) plus the small
-    per-tile tensors: LSE [B, H, Sq_pad]; the selection; the tile means and coarse
-    softmax probabilities [B, H, N_q, N_kv]; o_c [B, H, N_q, D].
+    per-tile tensors: lse [B, H, Sq_pad]; the selection q2k_idx [B, H, N_q, topk] and
+    q2k_num [B, H, N_q]; the tile means q_mean [B, H, N_q, D], k_mean and v_mean
+    [B, H_kv, N_kv, D]; the coarse softmax probabilities coarse_probs [B, H, N_q, N_kv];
+    the coarse output coarse [B, H, N_q, D] (the small ones in the compute dtype).
     """
 
     q: object
@@ -377,10 +393,14 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
 
 
 class Gradients(NamedTuple):
-    dq: object  # [B, H, Sq_pad, D], q's dtype
-    dk: object  # [B, H_kv, Skv_pad, D]
-    dv: object  # [B, H_kv, Skv_pad, D]
-    dgate: object  # q-shaped, or None without a gate
+    """What :func:`video_sparse_attn_backward` returns: dq [B, H, Sq_pad, D] in q's dtype,
+    dk and dv [B, H_kv, Skv_pad, D] in k's dtype, dgate q-shaped (None without a gate);
+    zero in pad slots."""
+
+    dq: object
+    dk: object
+    dv: object
+    dgate: object
 
 
 @_on_input_device

@@ -1,4 +1,4 @@
-"""The NumPy reference of VSA (VSA_SPEC.md section 3): short, obvious and slow.
+"""The NumPy reference of VSA: short, obvious and slow.
 
 Every backend is tested against this module.  It builds dense [S_q, S_kv] score matrices
 with an explicit mask, so keep problems small (a few thousand tokens).  Arithmetic runs in

@@ -9,7 +9,7 @@ their in-tile coordinates) and the remaining slots are pads.
 
 Every index array is computed in closed form (broadcast arithmetic on an index grid) on
 the array module of the device it is built for, and cached per (seq_shape, tile_shape,
-device).  See VSA_SPEC.md section 2 for the definitions.
+device).
 """
 
 from __future__ import annotations
@@ -157,6 +157,15 @@ _PLANS: dict = {}  # (seq_shape, tile_shape, device) -> TilePlan; a handful per 
 def trusted_index_arrays():
     """The block-size arrays of every cached plan: built here, so their values need no check."""
     return [plan.variable_block_sizes for plan in _PLANS.values()]
+
+
+def trusted_tile_volume(block_sizes):
+    """The tile volume of the cached plan whose ``variable_block_sizes`` is ``block_sizes`` (the
+    same object), else None: its values are known to lie in ``[1, tile volume]``."""
+    for plan in _PLANS.values():
+        if plan.variable_block_sizes is block_sizes:
+            return plan.tile_volume
+    return None
 
 
 def block_sizes_per_axis(xp, seq_shape: tuple, tile_shape: tuple) -> list:

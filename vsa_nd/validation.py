@@ -1,4 +1,4 @@
-"""Checks run once at the public boundary (VSA_SPEC.md section 5).
+"""Checks run once at the public boundary.
 
 Each raises ``TypeError`` (wrong kind of object, dtype or device) or ``ValueError`` (wrong
 shape or value) naming the argument, what was expected and what was received.  Value
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._xp import FLOAT_DTYPES, array_module, device_key, is_cupy_array, on_device_of
-from .tiling import trusted_index_arrays
+from .tiling import trusted_tile_volume
 
 
 def describe(x) -> str:
@@ -69,10 +69,6 @@ def check_int_range(name: str, value, low: int, high: int) -> int:
     return int(value)
 
 
-def _is_trusted(x) -> bool:
-    return any(x is a for a in trusted_index_arrays())
-
-
 def as_index_array(name: str, x, like, length: int | None = None, ndim: int = 1):
     """An int32, C-contiguous index array on ``like``'s device (copied only if needed)."""
     xp = array_module(like)
@@ -88,9 +84,21 @@ def as_index_array(name: str, x, like, length: int | None = None, ndim: int = 1)
             raise TypeError(f"{name}: expected an array on {device_key(like)}, got one on {device_key(x)}")
         with on_device_of(like):
             x = xp.asarray(x)
-    if x.dtype != np.int32 or not x.flags.c_contiguous:
-        x = xp.ascontiguousarray(x.astype(np.int32))
+    if x.dtype != np.int32:
+        # Saturate, not wrap: a value beyond int32 stays out of every valid range, so the value
+        # checks that follow still see it (2**32 + 64 must not pass as 64).
+        info = np.iinfo(x.dtype)
+        if info.min < _INT32.min or info.max > _INT32.max:
+            if isinstance(x, np.ndarray) and x.size and (x.min() < _INT32.min or x.max() > _INT32.max):
+                raise ValueError(f"{name}: expected values that fit in int32, got values in [{x.min()}, {x.max()}]")
+            x = xp.clip(x, max(info.min, _INT32.min), min(info.max, _INT32.max))
+        x = x.astype(np.int32)
+    if not x.flags.c_contiguous:
+        x = xp.ascontiguousarray(x)
     return x
+
+
+_INT32 = np.iinfo(np.int32)
 
 
 _CAPTURE_IMPLICIT = 906  # cudaErrorStreamCaptureImplicit
@@ -123,8 +131,9 @@ def refuse_value_check_under_capture(name: str, like, remedy: str):
 
 
 def check_block_sizes(name: str, block_sizes, like, num_blocks: int, tile_volume: int):
-    """int32 block sizes on ``like``'s device, each in ``[1, tile_volume]``."""
-    checked = num_blocks and not _is_trusted(block_sizes)
+    """int32 block sizes on ``like``'s device, each in ``[1, tile_volume]``.  A cached plan's
+    own array for this tile volume is trusted without a check (no host synchronisation)."""
+    checked = num_blocks and trusted_tile_volume(block_sizes) != tile_volume
     if checked:  # before any copy to like's device, which would break the capture too
         refuse_value_check_under_capture(
             name, like, "pass a plan's variable_block_sizes (tile_plan), which vsa_nd trusts without a check")

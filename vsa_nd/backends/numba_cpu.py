@@ -1,8 +1,9 @@
 """Numba CPU backend: the interface of :mod:`vsa_nd.backends` for NumPy arrays.
 
-Kernels are ``@njit(parallel=True, fastmath=True, cache=True)`` and run in the compute dtype
-(float32, or float64 for float64 inputs).  float16/bfloat16 arrays are converted to float32
-at the boundary and results converted back; the caller's arrays are only read.
+Kernels are ``@njit(parallel=True, cache=True)`` with fast-math flags that keep NaN and
+infinity (``_FASTMATH``), and run in the compute dtype (float32, or float64 for float64
+inputs).  float16/bfloat16 arrays are converted to float32 at the boundary and results
+converted back; the caller's arrays are only read.
 
 Fine attention, forward (one work item per (b, h, query tile), ``prange`` over all of them)::
 
@@ -46,8 +47,11 @@ from .._xp import compute_dtype
 _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
 _ROWS = 8  # tile rows are processed in blocks of this many (scratch is padded to a multiple)
-_NO_MAX = -3.0e38  # running max before any key: finite, as fastmath code may assume no infinities
-_KERNEL = dict(parallel=True, fastmath=True, cache=True)
+_NO_MAX = -3.0e38  # running max before any key
+# LLVM's fast-math flags without nnan and ninf: the kernels may reassociate, contract and use
+# approximate functions, but NaN and infinity in the inputs propagate as in the reference.
+_FASTMATH = {"contract", "reassoc", "arcp", "afn", "nsz"}
+_KERNEL = dict(parallel=True, fastmath=_FASTMATH, cache=True)
 
 # ---------------------------------------------------------------------------------------
 # Scalar building blocks that LLVM can vectorise.
@@ -62,7 +66,7 @@ def _fmax(typingctx, a, b):
     def codegen(context, builder, sig, args):
         lty = context.get_value_type(a)
         fn = builder.module.declare_intrinsic("llvm.maxnum", [lty], ir.FunctionType(lty, [lty, lty]))
-        return builder.call(fn, args, fastmath=("fast",))
+        return builder.call(fn, args, fastmath=("nsz",))
 
     return a(a, b), codegen
 
@@ -90,7 +94,7 @@ def _exp2(x):
     raise NotImplementedError  # only called from Numba kernels, see the overload below
 
 
-@overload(_exp2, jit_options={"fastmath": True})
+@overload(_exp2, jit_options={"fastmath": _FASTMATH})
 def _exp2_impl(x):
     if not isinstance(x, types.Float):
         return None
@@ -104,7 +108,7 @@ def _exp2_impl(x):
         c0, c1, c2, c3, c4, c5, c6 = c
 
         def exp2_f32(x):
-            x = _fmax(x, low)
+            x = low if x < low else x  # NaN stays NaN
             n = np.floor(x + half)
             f = x - n
             return (c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))) * _pow2_int(n)
@@ -113,7 +117,7 @@ def _exp2_impl(x):
     c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13 = c
 
     def exp2_f64(x):
-        x = _fmax(x, low)
+        x = low if x < low else x
         n = np.floor(x + half)
         f = x - n
         p = c7 + f * (c8 + f * (c9 + f * (c10 + f * (c11 + f * (c12 + f * c13)))))
@@ -127,7 +131,7 @@ def _exp2_impl(x):
 # Tile products.  ``rows`` is a multiple of _ROWS and at most the scratch's row count.
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=_FASTMATH, cache=True)
 def _scores(out, a, bt, rows, cols):
     """out[r, c] = sum_d a[r, d] * bt[d, c] for r < rows, c < cols.
 
@@ -153,7 +157,7 @@ def _scores(out, a, bt, rows, cols):
                 o3[c] += x3 * y
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=_FASTMATH, cache=True)
 def _accumulate(acc, p, b, rows, inner):
     """acc[r, :] += sum_c p[r, c] * b[c, :] for r < rows, c < inner.
 
@@ -299,24 +303,37 @@ def matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0, row_divisor=No
     return out
 
 
-@njit(**_KERNEL)
-def _select_topk_kernel(scores, topk, q2k_idx, q2k_num, scratch):
+@njit(parallel=True, cache=True)  # no fastmath: NaN tests must hold
+def _select_topk_kernel(scores, bits, sign, topk, q2k_idx, q2k_num, scratch):
+    """Top-k on order-preserving unsigned keys, as topk.cu: NaN below every number (key 0),
+    -0.0 equal to +0.0, ties to the lower index; every row gets exactly ``topk`` entries."""
     rows, n = scores.shape
     for row in prange(rows):
-        values = scratch[numba.get_thread_id()]
-        src = scores[row]
-        values[:] = src
-        values.sort()
-        threshold = values[n - topk]
+        keys = scratch[numba.get_thread_id()]
+        src, src_bits = scores[row], bits[row]
+        for c in range(n):
+            x = src[c]
+            if x != x:
+                keys[c] = 0
+            elif x == 0:
+                keys[c] = sign
+            elif src_bits[c] & sign:
+                keys[c] = ~src_bits[c]
+            else:
+                keys[c] = src_bits[c] | sign
+        row_keys = keys.copy()
+        keys.sort()
+        threshold = keys[n - topk]
         # Everything above the threshold is in; ties at it go to the lowest indices.
         ties = topk
         for c in range(n):
-            if src[c] > threshold:
+            if row_keys[c] > threshold:
                 ties -= 1
         count = 0
         for c in range(n):
-            if src[c] > threshold or (src[c] == threshold and ties > 0):
-                if src[c] == threshold:
+            key = row_keys[c]
+            if key > threshold or (key == threshold and ties > 0):
+                if key == threshold:
                     ties -= 1
                 q2k_idx[row, count] = c
                 count += 1
@@ -328,8 +345,12 @@ def select_topk(scores, topk):
     b, h, n_q, n_kv = scores.shape
     q2k_idx = np.empty((b, h, n_q, topk), np.int32)
     q2k_num = np.empty((b, h, n_q), np.int32)
-    scratch = np.empty((numba.config.NUMBA_NUM_THREADS, n_kv), scores.dtype)
-    _select_topk_kernel(scores.reshape(-1, n_kv), topk, q2k_idx.reshape(-1, topk), q2k_num.reshape(-1), scratch)
+    scores = np.ascontiguousarray(scores.reshape(-1, n_kv))
+    unsigned = np.uint32 if scores.dtype.itemsize == 4 else np.uint64
+    scratch = np.empty((numba.config.NUMBA_NUM_THREADS, n_kv), unsigned)
+    sign = unsigned(1 << (8 * scores.dtype.itemsize - 1))
+    _select_topk_kernel(scores, scores.view(unsigned), sign, topk, q2k_idx.reshape(-1, topk), q2k_num.reshape(-1),
+                        scratch)
     return q2k_idx, q2k_num
 
 
@@ -448,7 +469,7 @@ def _fwd_kernel(q, kt, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate,
         c_row = coarse[b, h, i]
         for r in range(volume):
             ar, dr = acc[r], dst[r]
-            if l[r] > 0:
+            if l[r] != 0:  # (NaN too: it propagates to out and lse, as in the reference)
                 inv = 1 / l[r]
                 lse[b, h, i, r] = (m[r] + np.log2(l[r])) * ln2
             else:  # no key selected: fine output 0
