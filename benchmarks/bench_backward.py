@@ -9,9 +9,11 @@ timed back to back: 20 calls in a row with no flush, per call, as in a training 
 backward once more with an 8 GiB dS workspace (opt-in: ``VSA_ND_DS_WORKSPACE_GIB``).  Under
 sustained load the H100 lowers its SM clock to stay within its power cap, which the longer runs
 feel more (see BENCHMARKS.md): each row also gives the SM clock that ``nvidia-smi`` saw while it
-was timed (blank without ``nvidia-smi``).  ``--out FILE`` also writes the table.
+was timed (blank without ``nvidia-smi``), and ``--rest`` seconds of idle GPU (default 3) come
+before each row, so that a row does not inherit the clock its predecessor left (the card
+recovers its full clock within a second or two of idling).  ``--out FILE`` also writes the table.
 
-    python benchmarks/bench_backward.py [--shapes main,480p] [--out table.md]
+    python benchmarks/bench_backward.py [--shapes main,480p] [--rest 3] [--out table.md]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from _common import ClockSampler, commit, emit, time_back_to_back
 from bench_vsa import SHAPES, _median_ms
 
 
-def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks):
+def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks, rest=0.0):
     import cupy
     import torch
     import torch.nn.functional as F
@@ -49,6 +51,13 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks):
 
     last = time.perf_counter()  # end of the previous row: each row's clock samples are those since
 
+    def settle():
+        """Idle the GPU for ``rest`` seconds; the next row's clock samples start after it."""
+        nonlocal last
+        cupy.cuda.runtime.deviceSynchronize()
+        time.sleep(rest)
+        last = time.perf_counter()
+
     def add(what, ms, tflops=None, clock=None):
         nonlocal last
         now = time.perf_counter()
@@ -60,26 +69,31 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks):
     out, ctx = vsa_nd.video_sparse_attn(q, k, v, topk, sizes, return_context=True)
     fine_fwd = lambda: vsa_nd.block_sparse_attn(  # noqa: E731
         q, k, v, sizes, ctx.q2k_idx, ctx.q2k_num, check_indices=False)
+    settle()
     ms_fwd = _median_ms(fine_fwd)
     add("block-sparse forward", ms_fwd, flops / ms_fwd * 1e-9)
     fine_bwd = lambda: cuda_attention.block_sparse_bwd(  # noqa: E731
         dout, q, k, v, ctx.out, ctx.lse, ctx.q2k_idx, ctx.q2k_num, ctx.q_block_sizes, ctx.kv_block_sizes, ctx.scale,
         ctx.coarse, None, None, None, None)
+    settle()
     ms = _median_ms(fine_bwd)
     add(f"block-sparse backward ({ms / ms_fwd:.2f}x forward)", ms, 2.5 * flops / ms * 1e-9)
     # The same with an 8 GiB dS workspace (the dQ pass sums the dK/dV pass's dS blocks; opt-in).
     workspace, cuda_attention.DS_WORKSPACE_BYTES = cuda_attention.DS_WORKSPACE_BYTES, 8 << 30
     try:
+        settle()
         ms_ws = _median_ms(fine_bwd)
     finally:
         cuda_attention.DS_WORKSPACE_BYTES = workspace
     add(f"block-sparse backward, 8 GiB dS workspace ({ms_ws / ms_fwd:.2f}x forward)", ms_ws, 2.5 * flops / ms_ws * 1e-9)
     # The other way of counting: calls in a row with no L2 flush between them, as in a training loop.
+    settle()
     b2b_fwd, b2b_bwd = time_back_to_back((fine_fwd, fine_bwd), calls=20)
     clock = clocks.between(last, time.perf_counter())  # the two take turns: one window for both
     add("block-sparse forward, back to back", b2b_fwd, flops / b2b_fwd * 1e-9, clock)
     add(f"block-sparse backward, back to back ({b2b_bwd / b2b_fwd:.2f}x forward)", b2b_bwd,
         2.5 * flops / b2b_bwd * 1e-9, clock)
+    settle()
     ms_bwd = _median_ms(lambda: vsa_nd.video_sparse_attn_backward(dout, ctx))
     add("full VSA backward", ms_bwd)
 
@@ -87,6 +101,7 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks):
         _, c = vsa_nd.video_sparse_attn(q, k, v, topk, sizes, return_context=True)
         vsa_nd.video_sparse_attn_backward(dout, c)
 
+    settle()
     ms_vsa = _median_ms(vsa_step)
     add("VSA training step (forward + backward)", ms_vsa)
 
@@ -100,6 +115,7 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks):
             torch.autograd.grad(o, (tq, tk, tv), tdo)
 
         try:
+            settle()
             ms_d = _median_ms(dense_step)
             add(f"dense SDPA ({what}) forward + backward: VSA {ms_d / ms_vsa:.1f}x faster", ms_d)
         except RuntimeError as e:
@@ -109,6 +125,7 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="main,480p")
+    parser.add_argument("--rest", type=float, default=3.0, help="seconds of idle GPU before each row")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -118,7 +135,7 @@ def main():
     rows: list = []
     with ClockSampler() as clocks:
         for shape in args.shapes.split(","):
-            bench_shape(shape, *SHAPES[shape], rows, clocks)
+            bench_shape(shape, *SHAPES[shape], rows, clocks, args.rest)
     lines = [f"### CUDA backward on {name}, {datetime.date.today()}, commit {commit()}", "",
              "| shape | what | time (ms) | TFLOP/s | SM clock while timed (MHz, median / min) |",
              "| --- | --- | ---: | ---: | --- |"]
