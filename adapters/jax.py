@@ -254,6 +254,11 @@ def _int_array(name: str, x, ndim: int):
         raise ValueError(f"{name}: expected {ndim} dimension{'s' if ndim > 1 else ''}, got shape {tuple(x.shape)}")
     if isinstance(x, np.ndarray) and x.size and (x.min() < -(2**31) or x.max() > 2**31 - 1):
         raise ValueError(f"{name}: expected values that fit in int32, got values in [{x.min()}, {x.max()}]")
+    info = np.iinfo(np.dtype(x.dtype))
+    if info.min < -(2**31) or info.max > 2**31 - 1:
+        # A wider JAX array (x64 mode): saturate, not wrap, so that vsa_nd's value checks still
+        # see a value beyond int32 (2**32 + 1 must not pass as 1).  Works under jit too.
+        x = jnp.clip(jnp.asarray(x), max(info.min, -(2**31)), min(info.max, 2**31 - 1))
     return jnp.asarray(x, dtype=jnp.int32)
 
 

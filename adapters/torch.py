@@ -308,8 +308,10 @@ def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:
             raise TypeError(f"{name}: expected an integer dtype, got {sizes.dtype}")
         if sizes.dtype != torch.int32:  # Tensor.to costs a dispatch even when it returns the tensor itself
             if torch.iinfo(sizes.dtype).bits > 32 or sizes.dtype == torch.uint32:
-                # saturate, not wrap: vsa_nd's value checks must still see a value beyond int32
-                sizes = sizes.clamp(max(torch.iinfo(sizes.dtype).min, _INT32_MIN), _INT32_MAX)
+                # Saturate, not wrap: vsa_nd's value checks must still see a value beyond int32.
+                # (clamp is not implemented for unsigned tensors; a uint64 of 2**63 or more turns
+                # negative in int64, which the checks refuse as well.)
+                sizes = sizes.to(torch.int64).clamp(_INT32_MIN, _INT32_MAX)
             sizes = sizes.to(torch.int32)
         return sizes.contiguous()
     array = np.asarray(sizes)

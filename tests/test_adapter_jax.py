@@ -283,6 +283,24 @@ def test_errors_name_the_argument_and_what_was_expected():
         vj.tile_plan(SEQ, TILE, device=0)
 
 
+def test_wide_integer_arrays_saturate_rather_than_wrap():
+    """With x64 on, an int64 JAX array beyond int32 is refused by the value checks (2**32 + 32
+    must not pass as 32, 2**32 + 1 not as tile 1), eagerly and under jit."""
+    enable_x64 = getattr(jax, "enable_x64", None)
+    if enable_x64 is None:
+        from jax.experimental import enable_x64
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, _ = tiled_inputs(plan, np.float32)
+    with enable_x64(True):
+        sizes = jnp.full((plan.num_blocks,), 2**32 + 32, dtype=jnp.int64)
+        assert sizes.dtype == jnp.int64
+        with pytest.raises(ValueError, match=r"block_sizes: expected every block size in \[1, 32\]"):
+            vj.video_sparse_attn(q, k, v, 3, sizes)
+        idx = jnp.tile(jnp.arange(2, dtype=jnp.int64), (*q.shape[:2], plan.num_blocks, 1)) + 2**32
+        with pytest.raises(ValueError, match=r"q2k_idx: expected tile indices in \[0, 8\)"):
+            vj.block_sparse_attn(q, k, v, plan.variable_block_sizes, idx)
+
+
 def test_device_names_and_block_sparse_gradient_message():
     """A plan's device may be named by a str; differentiating block_sparse_attn says what to do."""
     plan = vj.tile_plan(SEQ, TILE, device="cpu")

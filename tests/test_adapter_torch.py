@@ -314,6 +314,11 @@ def test_errors_name_the_argument_and_what_was_expected():
         vt.video_sparse_attn(q, k, v, 3, torch.full((8,), 2**32 + 32, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"block_sizes: expected every block size in \[1, 32\]"):
         vt.video_sparse_attn(q, k, v, 3, [2**32 + 32] * 8)
+    with pytest.raises(ValueError, match=r"block_sizes: expected every block size in \[1, 32\]"):
+        vt.video_sparse_attn(q, k, v, 3, torch.full((8,), 2**32 + 32, dtype=torch.uint64))
+    # unsigned tensors within range work (clamp is not implemented for them: they go through int64)
+    expected = vt.video_sparse_attn(q, k, v, 3, sizes)
+    assert torch.equal(vt.video_sparse_attn(q, k, v, 3, sizes.to(torch.uint32)), expected)
     with pytest.raises(TypeError, match="plan: expected a TilePlan"):
         vt.tile(q, SEQ)
     with pytest.raises(ValueError, match="x: expected 90 tokens"):

@@ -372,6 +372,27 @@ def _check_coarse_grad(plan, batch, heads, head_dim, dtype, gated, rng):
     bound = (head_dim + 4) * 2.0**-24 * np.abs(rows).sum(axis=-1)
     assert np.all(np.abs(delta - rows.sum(axis=-1)) <= bound)
     _assert_same_bits(terms.lse_log2, lse_host * np.float32(1.4426950408889634))
+    if head_dim in (64, 128):  # bwd_delta's head dims: the same bits as that kernel's
+        own = _bwd_delta(dout_host, out_host, gate_host, coarse_host, sizes, lse_host, volume)
+        _assert_same_bits(terms.delta, cupy.asnumpy(own[0]))
+        _assert_same_bits(terms.lse_log2, cupy.asnumpy(own[1]))
+
+
+def _bwd_delta(dout_host, out_host, gate_host, coarse_host, sizes, lse_host, volume):
+    """(delta, lse_log2) of attention_bwd.cu's bwd_delta, launched as block_sparse_bwd does."""
+    from vsa_nd.kernels import get_function
+
+    b, h, q_len, d = dout_host.shape
+    rows = b * h * q_len
+    delta, lse_log2 = cupy.full((b, h, q_len), np.nan, np.float32), cupy.full((b, h, q_len), np.nan, np.float32)
+    ctype = "__half" if dout_host.dtype == np.float16 else "__nv_bfloat16"
+    per_cta = 128 // (d // 8)
+    gate = np.uintp(0) if gate_host is None else cupy.asarray(gate_host)
+    get_function("attention_bwd.cu", f"bwd_delta<{ctype}, {d}>")(
+        (-(-rows // per_cta),), (128,),
+        (cupy.asarray(dout_host), cupy.asarray(out_host), cupy.asarray(coarse_host), gate, cupy.asarray(sizes),
+         cupy.asarray(lse_host), delta, lse_log2, np.int64(rows), np.int32(q_len), np.int32(volume)))
+    return delta, lse_log2
 
 
 @gpu
@@ -379,7 +400,7 @@ def _check_coarse_grad(plan, batch, heads, head_dim, dtype, gated, rng):
     plans(),
     st.integers(1, 2),
     st.integers(1, 3),
-    st.sampled_from([64, 128, 20]),
+    st.sampled_from([64, 128, 256, 20]),
     st.sampled_from(DTYPES),
     st.booleans(),
     st.integers(0, 2**32 - 1),
@@ -397,6 +418,29 @@ def test_smoke_coarse_grad_inputs(poisoned):
         _check_coarse_grad(plan, 2, 1, 64, np.dtype(np.float16), gated, rng)
         _check_coarse_grad(plan, 1, 2, 256, BFLOAT16, gated, rng)  # a tile's 32 lanes: a whole warp
         _check_coarse_grad(plan, 1, 2, 300, np.dtype(np.float16), gated, rng)  # one element per load
+
+
+@gpu
+def test_coarse_grad_row_terms_fall_back_where_the_kernel_cannot_take_them(poisoned):
+    """No row terms (block_sparse_bwd then runs bwd_delta) without lse, or with an out whose rows
+    are not 16-byte aligned; d_coarse and dgate are the same bits either way."""
+    rng = np.random.default_rng(9)
+    plan = vsa_nd.tile_plan((5, 9, 7), (4, 4, 4))
+    shape = (1, 2, plan.padded_len, 64)
+    sizes = cupy.asarray(plan.variable_block_sizes)
+    dout, gate = (cupy.asarray(_tiled_values(rng, shape, plan.variable_block_sizes, 64, BFLOAT16)) for _ in range(2))
+    coarse = cupy.asarray(rng.standard_normal((1, 2, plan.num_blocks, 64)).astype(np.float32))
+    lse = cupy.asarray(rng.standard_normal(shape[:3]).astype(np.float32))
+    out = cupy.asarray(rng.standard_normal(shape).astype(BFLOAT16))
+    misaligned = cupy.empty(out.size + 1, out.dtype)[1:].reshape(shape)
+    misaligned[...] = out
+    base = cuda_backend.coarse_grad_inputs(dout, gate, coarse, sizes)
+    for kwargs in ({"out": out}, {"out": misaligned, "lse": lse}):
+        d_coarse, dgate, terms = cuda_backend.coarse_grad_inputs(dout, gate, coarse, sizes, **kwargs)
+        assert terms is None
+        _assert_same_bits(d_coarse, cupy.asnumpy(base[0]))
+        _assert_same_bits(dgate, cupy.asnumpy(base[1]))
+    assert cuda_backend.coarse_grad_inputs(dout, gate, coarse, sizes, out=out, lse=lse)[2] is not None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -206,6 +206,13 @@ def test_nan_and_inf_propagate_as_in_the_reference():
     assert np.isnan(out[0, 0, : plan.seq_len]).any()
     np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
 
+    # A row whose every score is -inf has no key: out 0 and lse -inf, as in the reference.
+    k[:] = rng.standard_normal(k.shape).astype(np.float32)
+    q[0, 0, 10] = -np.inf
+    k[0, 0, :, :] = np.abs(k[0, 0])  # q . k = -inf for every key of that row
+    out, lse = vsa_nd.block_sparse_attn(q, k, v, sizes, idx, return_lse=True)
+    assert np.all(out[0, 0, 10] == 0) and lse[0, 0, 10] == -np.inf
+
     q[:] = np.nan
     out, context = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, return_context=True)
     assert np.isnan(out[:, :, : plan.seq_len]).all()

@@ -99,11 +99,11 @@ def tile(x, plan: TilePlan, out=None):
     """
     check.check_array("x", x, 4)
     _check_movable("x", x)
-    check.check_contiguous("x", x)
     plan = _check_plan(plan, x)
     b, s, h, d = x.shape
     if s != plan.seq_len:
         raise ValueError(f"x: expected {plan.seq_len} tokens (seq_shape {plan.seq_shape}) on axis 1, got shape {list(x.shape)}")
+    check.check_contiguous("x", x)
     shape = (b, h, plan.padded_len, d)
     out = array_module(x).empty(shape, x.dtype) if out is None else _check_out(out, x, shape, x.dtype, others=(("x", x),))
     return _backend(x).tile(x, plan.slot_token_index, out)
@@ -114,11 +114,11 @@ def untile(y, plan: TilePlan, out=None):
     """Undo :func:`tile`: y [B, H, S_pad, D] -> [B, S, H, D], pad slots dropped."""
     check.check_array("y", y, 4)
     _check_movable("y", y)
-    check.check_contiguous("y", y)
     plan = _check_plan(plan, y)
     b, h, s_pad, d = y.shape
     if s_pad != plan.padded_len:
         raise ValueError(f"y: expected {plan.padded_len} slots (padded length of {plan.seq_shape}) on axis 2, got shape {list(y.shape)}")
+    check.check_contiguous("y", y)
     shape = (b, plan.seq_len, h, d)
     out = array_module(y).empty(shape, y.dtype) if out is None else _check_out(out, y, shape, y.dtype, others=(("y", y),))
     return _backend(y).untile(y, plan.untile_index, out)

@@ -89,9 +89,11 @@ def as_index_array(name: str, x, like, length: int | None = None, ndim: int = 1)
         # checks that follow still see it (2**32 + 64 must not pass as 64).
         info = np.iinfo(x.dtype)
         if info.min < _INT32.min or info.max > _INT32.max:
-            if isinstance(x, np.ndarray) and x.size and (x.min() < _INT32.min or x.max() > _INT32.max):
-                raise ValueError(f"{name}: expected values that fit in int32, got values in [{x.min()}, {x.max()}]")
-            x = xp.clip(x, max(info.min, _INT32.min), min(info.max, _INT32.max))
+            if isinstance(x, np.ndarray):
+                if x.size and (x.min() < _INT32.min or x.max() > _INT32.max):
+                    raise ValueError(f"{name}: expected values that fit in int32, got values in [{x.min()}, {x.max()}]")
+            else:  # a device array: checking would synchronise, so saturate for the value checks to see
+                x = xp.clip(x, max(info.min, _INT32.min), min(info.max, _INT32.max))
         x = x.astype(np.int32)
     if not x.flags.c_contiguous:
         x = xp.ascontiguousarray(x)

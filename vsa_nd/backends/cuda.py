@@ -303,11 +303,12 @@ def coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None, out=None, 
         if tiles == 0 or head_dim == 0:
             return d_coarse, dgate, None
         gated = gate is not None
-        wanted = (dout,) + ((gate, dgate) if gated else ()) + ((out,) if out is not None else ())
-        width = _vector_width(dout.itemsize, head_dim, wanted)
+        arrays = (dout,) + ((gate, dgate) if gated else ())
+        width = _vector_width(dout.itemsize, head_dim, arrays)
         cols = head_dim // width
+        # The row terms: 16-byte vectors of fp16/bf16 (out aligned too), a tile's lanes 2**n <= 32.
         rows = (out is not None and lse is not None and element != "float" and width == _VECTOR_BYTES // dout.itemsize
-                and cols <= 32 and cols & (cols - 1) == 0)
+                and cols <= 32 and cols & (cols - 1) == 0 and _vector_width(out.itemsize, head_dim, (out,)) == width)
         terms = RowTerms(_alloc(lse.shape, np.float32), _alloc(lse.shape, np.float32)) if rows else None
         grid = _reduce_grid("dout", tiles, cols)
         args = (dout, gate if gated else _NULL, coarse, q_block_sizes, d_coarse, dgate if gated else _NULL,

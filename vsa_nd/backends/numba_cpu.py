@@ -90,7 +90,7 @@ def _pow2_int(typingctx, n):
 
 
 def _exp2(x):
-    """2**x for x <= 0 (x below -126 gives 2**-126, negligible next to the row maximum's 1)."""
+    """2**x for x <= 0: 0 below -126 (so exp2(-inf) = 0), NaN for NaN."""
     raise NotImplementedError  # only called from Numba kernels, see the overload below
 
 
@@ -103,26 +103,29 @@ def _exp2_impl(x):
     ftype = np.float32 if x.bitwidth == 32 else np.float64
     degree = 6 if x.bitwidth == 32 else 13
     c = [ftype(_LN2**n / math.factorial(n)) for n in range(degree + 1)]
-    low, half = ftype(-126.0), ftype(0.5)
+    low, half, zero = ftype(-126.0), ftype(0.5), ftype(0.0)
     if degree == 6:
         c0, c1, c2, c3, c4, c5, c6 = c
 
         def exp2_f32(x):
-            x = low if x < low else x  # NaN stays NaN
+            under = x < low  # False for NaN, which stays NaN
+            x = low if under else x
             n = np.floor(x + half)
             f = x - n
-            return (c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))) * _pow2_int(n)
+            p = (c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))) * _pow2_int(n)
+            return zero if under else p
 
         return exp2_f32
     c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13 = c
 
     def exp2_f64(x):
-        x = low if x < low else x
+        under = x < low
+        x = low if under else x
         n = np.floor(x + half)
         f = x - n
         p = c7 + f * (c8 + f * (c9 + f * (c10 + f * (c11 + f * (c12 + f * c13)))))
         p = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * p))))))
-        return p * _pow2_int(n)
+        return zero if under else p * _pow2_int(n)
 
     return exp2_f64
 
@@ -309,7 +312,7 @@ def _select_topk_kernel(scores, bits, sign, topk, q2k_idx, q2k_num, scratch):
     -0.0 equal to +0.0, ties to the lower index; every row gets exactly ``topk`` entries."""
     rows, n = scores.shape
     for row in prange(rows):
-        keys = scratch[numba.get_thread_id()]
+        keys, row_keys = scratch[numba.get_thread_id(), 0], scratch[numba.get_thread_id(), 1]
         src, src_bits = scores[row], bits[row]
         for c in range(n):
             x = src[c]
@@ -321,7 +324,7 @@ def _select_topk_kernel(scores, bits, sign, topk, q2k_idx, q2k_num, scratch):
                 keys[c] = ~src_bits[c]
             else:
                 keys[c] = src_bits[c] | sign
-        row_keys = keys.copy()
+        row_keys[:] = keys
         keys.sort()
         threshold = keys[n - topk]
         # Everything above the threshold is in; ties at it go to the lowest indices.
@@ -347,7 +350,7 @@ def select_topk(scores, topk):
     q2k_num = np.empty((b, h, n_q), np.int32)
     scores = np.ascontiguousarray(scores.reshape(-1, n_kv))
     unsigned = np.uint32 if scores.dtype.itemsize == 4 else np.uint64
-    scratch = np.empty((numba.config.NUMBA_NUM_THREADS, n_kv), unsigned)
+    scratch = np.empty((numba.config.NUMBA_NUM_THREADS, 2, n_kv), unsigned)  # keys to sort, keys in order
     sign = unsigned(1 << (8 * scores.dtype.itemsize - 1))
     _select_topk_kernel(scores, scores.view(unsigned), sign, topk, q2k_idx.reshape(-1, topk), q2k_num.reshape(-1),
                         scratch)
