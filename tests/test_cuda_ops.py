@@ -506,6 +506,24 @@ def test_kernels_run_on_the_current_stream_and_capture_in_a_graph():
 
 
 @gpu
+def test_index_arrays_beyond_int32_are_refused_not_wrapped():
+    """CuPy int64/uint64 block sizes and index lists beyond int32 saturate before the int32 cast
+    (checking them first would synchronise), so the value checks refuse them: 2**32 + 8 must not
+    pass as 8, nor 2**32 + 1 as tile 1."""
+    rng = np.random.default_rng(12)
+    plan = vsa_nd.tile_plan((4, 8, 8), (4, 4, 4))
+    n = plan.num_blocks
+    q, k, v = (cupy.asarray(rng.standard_normal((1, 2, plan.padded_len, 64)).astype(np.float16)) for _ in range(3))
+    for dtype in (np.int64, np.uint64):
+        sizes = cupy.full(n, 2**32 + 8, dtype)
+        with pytest.raises(ValueError, match=r"kv_block_sizes: expected every block size in \[1, 64\]"):
+            vsa_nd.video_sparse_attn(q, k, v, 2, sizes)
+    idx = cupy.tile(cupy.arange(2, dtype=cupy.int64), (1, 2, n, 1)) + 2**32
+    with pytest.raises(ValueError, match=r"q2k_idx: expected tile indices in \[0, 4\)"):
+        vsa_nd.block_sparse_attn(q, k, v, cupy.asarray(plan.variable_block_sizes), idx)
+
+
+@gpu
 def test_every_device_runs_on_its_own_device():
     """Arrays on device i, called while another device is current: the launch follows the array."""
     rng = np.random.default_rng(5)
