@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import vsa_nd
+from vsa_nd import validation as check
 from vsa_nd._xp import BFLOAT16, device_key
 
 from . import _common
@@ -252,13 +253,12 @@ def _int_array(name: str, x, ndim: int):
         raise TypeError(f"{name}: expected ints or an integer array, got {x.dtype} values")
     if x.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} dimension{'s' if ndim > 1 else ''}, got shape {tuple(x.shape)}")
-    if isinstance(x, np.ndarray) and x.size and (x.min() < -(2**31) or x.max() > 2**31 - 1):
-        raise ValueError(f"{name}: expected values that fit in int32, got values in [{x.min()}, {x.max()}]")
-    info = np.iinfo(np.dtype(x.dtype))
-    if info.min < -(2**31) or info.max > 2**31 - 1:
-        # A wider JAX array (x64 mode): saturate, not wrap, so that vsa_nd's value checks still
-        # see a value beyond int32 (2**32 + 1 must not pass as 1).  Works under jit too.
-        x = jnp.clip(jnp.asarray(x), max(info.min, -(2**31)), min(info.max, 2**31 - 1))
+    bounds = check.int32_saturation(x.dtype)
+    if bounds is not None:
+        if isinstance(x, np.ndarray):
+            check.check_fits_int32(name, x)
+        else:  # a wider JAX array (x64 mode): saturated, also under jit, for vsa_nd's value checks
+            x = jnp.clip(x, *bounds)
     return jnp.asarray(x, dtype=jnp.int32)
 
 

@@ -73,6 +73,7 @@ import torch
 from torch import Tensor
 
 import vsa_nd
+from vsa_nd import validation as check
 from vsa_nd._xp import BFLOAT16, device_key
 
 from . import _common
@@ -308,20 +309,19 @@ def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:
             raise TypeError(f"{name}: expected an integer dtype, got {sizes.dtype}")
         if sizes.dtype != torch.int32:  # Tensor.to costs a dispatch even when it returns the tensor itself
             if torch.iinfo(sizes.dtype).bits > 32 or sizes.dtype == torch.uint32:
-                # Saturate, not wrap: vsa_nd's value checks must still see a value beyond int32.
-                # (clamp is not implemented for unsigned tensors; a uint64 of 2**63 or more turns
-                # negative in int64, which the checks refuse as well.)
-                sizes = sizes.to(torch.int64).clamp(_INT32_MIN, _INT32_MAX)
+                # Saturate, not wrap (see vsa_nd.validation.int32_saturation).  clamp is not
+                # implemented for unsigned tensors; a uint64 of 2**63 or more turns negative in
+                # int64, which the checks refuse as well.
+                sizes = sizes.to(torch.int64).clamp(*check.int32_saturation(np.int64))
             sizes = sizes.to(torch.int32)
         return sizes.contiguous()
     array = np.asarray(sizes)
     if not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{name}: expected ints or an integer tensor, got {array.dtype} values")
-    array = np.clip(array, max(np.iinfo(array.dtype).min, _INT32_MIN), min(np.iinfo(array.dtype).max, _INT32_MAX))
+    bounds = check.int32_saturation(array.dtype)
+    if bounds is not None:
+        array = np.clip(array, *bounds)
     return torch.from_numpy(array.astype(np.int32)).to(device)  # one host-to-device copy on CUDA
-
-
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
 def _needs_grad(*tensors) -> bool:

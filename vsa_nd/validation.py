@@ -85,15 +85,12 @@ def as_index_array(name: str, x, like, length: int | None = None, ndim: int = 1)
         with on_device_of(like):
             x = xp.asarray(x)
     if x.dtype != np.int32:
-        # Saturate, not wrap: a value beyond int32 stays out of every valid range, so the value
-        # checks that follow still see it (2**32 + 64 must not pass as 64).
-        info = np.iinfo(x.dtype)
-        if info.min < _INT32.min or info.max > _INT32.max:
+        bounds = int32_saturation(x.dtype)
+        if bounds is not None:
             if isinstance(x, np.ndarray):
-                if x.size and (x.min() < _INT32.min or x.max() > _INT32.max):
-                    raise ValueError(f"{name}: expected values that fit in int32, got values in [{x.min()}, {x.max()}]")
+                check_fits_int32(name, x)
             else:  # a device array: checking would synchronise, so saturate for the value checks to see
-                x = xp.clip(x, max(info.min, _INT32.min), min(info.max, _INT32.max))
+                x = xp.clip(x, *bounds)
         x = x.astype(np.int32)
     if not x.flags.c_contiguous:
         x = xp.ascontiguousarray(x)
@@ -101,6 +98,23 @@ def as_index_array(name: str, x, like, length: int | None = None, ndim: int = 1)
 
 
 _INT32 = np.iinfo(np.int32)
+
+
+def int32_saturation(dtype):
+    """(low, high) that clip an integer ``dtype`` into int32's range, or None where every value of
+    ``dtype`` fits.  Index arrays are saturated, not wrapped, before their int32 cast: a value
+    beyond int32 then stays out of every valid range, so the value checks still see it (2**32 + 64
+    must not pass as 64)."""
+    info = np.iinfo(np.dtype(dtype))
+    if info.min >= _INT32.min and info.max <= _INT32.max:
+        return None
+    return max(info.min, _INT32.min), min(info.max, _INT32.max)
+
+
+def check_fits_int32(name: str, x: np.ndarray):
+    """ValueError naming ``name`` if a value of the NumPy integer array ``x`` lies beyond int32."""
+    if x.size and (x.min() < _INT32.min or x.max() > _INT32.max):
+        raise ValueError(f"{name}: expected values that fit in int32, got values in [{x.min()}, {x.max()}]")
 
 
 _CAPTURE_IMPLICIT = 906  # cudaErrorStreamCaptureImplicit
