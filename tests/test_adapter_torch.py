@@ -643,6 +643,58 @@ def test_cuda_results_never_alias_the_cached_input_views(monkeypatch):
     assert len(converted) >= 20
 
 
+_OUT_OF_MEMORY_SCRIPT = """
+import torch
+import vsa_nd.adapters.torch as vt
+from vsa_nd.backends import cuda_attention
+
+plan = vt.tile_plan((16, 32, 32), (4, 4, 4), device="cuda:0")  # 256 tiles: 128 MB of dS per head at top 64
+gen = torch.Generator(device="cuda").manual_seed(0)
+q, k, v, dout = (torch.randn(1, 4, plan.padded_len, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+                 for _ in range(4))
+
+
+def grads():
+    x = [t.detach().requires_grad_() for t in (q, k, v)]
+    vt.video_sparse_attn(*x, 64, plan.variable_block_sizes).backward(dout)
+    return [t.grad for t in x]
+
+
+launched = []
+real_get = cuda_attention.get_function
+cuda_attention.get_function = lambda src, name: launched.append(name) or real_get(src, name)
+cuda_attention.DS_WORKSPACE_BYTES = 0
+want = grads()
+cuda_attention.DS_WORKSPACE_BYTES = 2 << 30
+assert cuda_attention.ds_schedule(4, 128 << 20, 256, 2 << 30) == (2, 2)  # two 256 MB workspaces
+handed_over = grads()
+assert any(name.startswith("bwd_dq_ds") for name in launched)
+torch.cuda.synchronize()
+torch.cuda.empty_cache()
+total = torch.cuda.get_device_properties(0).total_memory
+torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + (150 << 20)) / total)
+launched.clear()
+got = grads()
+torch.cuda.set_per_process_memory_fraction(1.0)
+assert not any(name.startswith("bwd_dq_ds") for name in launched), "the workspace was allocated"
+assert all(torch.equal(a, b) for a, b in zip(got, want))
+# The hand-over computes dS from S^T, the recomputing dQ pass from S: equal up to rounding.
+assert all(torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2 * float(b.float().abs().max()))
+           for a, b in zip(handed_over, want))
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+def test_backward_recomputes_when_the_ds_workspace_does_not_fit_in_torch_memory():
+    """With torch's allocator capped (``set_per_process_memory_fraction``, in a fresh process) so
+    that the dS blocks cannot be allocated, the backward recomputes dS, without an error: bit for
+    bit the gradients of the backward without a workspace (and close to those with it)."""
+    result = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY_SCRIPT], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
+
+
 @pytest.mark.gpu
 def test_a_cuda_plan_can_be_the_first_cuda_call_of_a_process():
     # The allocator hook's raw calls skip torch's lazy CUDA initialisation; a fresh process
@@ -710,10 +762,18 @@ def test_cuda_graph_capture_and_replay_with_new_inputs(step):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture_of_forward_and_backward():
+@pytest.mark.parametrize("streams", [False, True])
+def test_cuda_graph_capture_of_forward_and_backward(streams, monkeypatch):
     """Forward and backward (through tile, VSA with GQA and a gate, untile) captured in one graph;
     each replay with new inputs and output gradient gives the eager output and gradients bit
-    for bit (the backward is deterministic)."""
+    for bit (the backward is deterministic).  ``streams``: the backward hands dS over one kv
+    head at a time on streams of its own, forked from torch's capturing stream and joined back."""
+    if streams:
+        from vsa_nd.backends import cuda_attention
+
+        monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 1 << 30)
+        monkeypatch.setattr(cuda_attention, "_DS_HEAD_DIMS", (64, 128))
+        monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
     plan = vt.tile_plan((4, 8, 8), (4, 4, 4), device="cuda")
     heads = (4, 2, 2, 4)
 

@@ -21,31 +21,32 @@ pytestmark = pytest.mark.gpu
 TOLERANCE = {np.dtype(np.float16): 1e-2, BFLOAT16: 3e-2}
 
 
-KERNELS = ["auto", "mma", "unstaged", "workspace", "chunked"]
+KERNELS = ["auto", "recompute", "mma", "unstaged", "workspace", "streams"]
 
 
 def use_kernels(kernel, monkeypatch):
     """Select one of the backward's paths:
 
-    - "auto": the default kernels (wgmma on Hopper; no dS workspace: the dQ pass recomputes dS);
+    - "auto": the default (wgmma on Hopper; at head dim 128 the dK/dV pass hands dS to the dQ
+      pass through the default 2 GiB workspace; the test problems take one chunk);
+    - "recompute": the default kernels without a workspace: the dQ pass recomputes dS;
     - "mma": the portable mma.sync kernels;
-    - "unstaged": the default ones with index lists of more than one entry read from global memory
-      rather than staged in shared memory (the path of lists longer than 1024 entries);
-    - "workspace": on Hopper, the dQ pass summing the dK/dV pass's dS blocks (head dim 128), and
-      the "unstaged" lists as well;
-    - "chunked": that workspace used one (batch, kv head) at a time (a launch of each pass per
-      pair), at head dim 64 too.
+    - "unstaged": the recomputing kernels with index lists of more than one entry read from global
+      memory rather than staged in shared memory (the path of lists longer than 1024 entries);
+    - "workspace": the dS hand-over (head dim 128) with the "unstaged" lists as well;
+    - "streams": the hand-over one (batch, kv head) pair per chunk (a launch of each pass per
+      pair), at head dim 64 too, up to three chunks at a time on streams of their own.
     """
     from vsa_nd.backends import cuda_attention
 
     monkeypatch.setattr(cuda_attention, "BACKWARD_KERNEL", "mma" if kernel == "mma" else "auto")
     if kernel in ("unstaged", "workspace"):
         monkeypatch.setattr(cuda_attention, "_LIST_STAGE_LIMIT", 1)
-    if kernel in ("workspace", "chunked"):
-        monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 1 << 30)
-    if kernel == "chunked":
+    monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 0 if kernel in ("recompute", "unstaged") else 1 << 30)
+    if kernel == "streams":
         monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
         monkeypatch.setattr(cuda_attention, "_DS_HEAD_DIMS", (64, 128))
+        monkeypatch.setattr(cuda_attention, "_DS_STREAMS", 3)
 
 
 @pytest.fixture(params=KERNELS)
@@ -154,7 +155,7 @@ def test_backward_with_skewed_selection(poisoned, monkeypatch, tile_shape, hot):
         assert np.array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
 
 
-@pytest.mark.parametrize("kernel", ["auto", "workspace"])
+@pytest.mark.parametrize("kernel", ["auto", "recompute", "workspace", "streams"])
 def test_backward_is_deterministic(kernel, monkeypatch):
     """The same inputs give bit-identical gradients (no atomics anywhere), with or without the dS workspace."""
     import cupy
@@ -170,6 +171,86 @@ def test_backward_is_deterministic(kernel, monkeypatch):
     second = vsa_nd.video_sparse_attn_backward(dout, ctx)
     for a, b in zip(first[:3], second[:3]):
         assert cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16))
+
+
+def _hand_over_problem(seed):
+    """Tiled bf16 q, k, v, dout at head dim 128 with 3 batches x 2 kv heads (6 pairs, each query
+    head sharing its key head with another) and the forward's context."""
+    import cupy
+
+    plan = vsa_nd.tile_plan((8, 12, 20))
+    rng = np.random.default_rng(seed)
+    normal = lambda heads: cupy.asarray(rng.standard_normal((3, heads, plan.padded_len, 128)).astype(BFLOAT16))  # noqa: E731
+    q, dout, k, v = normal(4), normal(4), normal(2), normal(2)
+    _, ctx = vsa_nd.video_sparse_attn(q, k, v, 7, cupy.asarray(plan.variable_block_sizes), return_context=True)
+    return dout, ctx
+
+
+def test_streams_give_the_chunks_results():
+    """Six (batch, kv head) chunks on three streams (and on two), each stream's blocks reused by
+    its next chunk: bit for bit the gradients of one chunk for all pairs (the default here), and
+    the dQ passes summed dS (no recomputing pass ran)."""
+    import cupy
+
+    from vsa_nd.backends import cuda_attention
+
+    dout, ctx = _hand_over_problem(21)
+    results = {}
+    for kernel, streams in (("auto", None), ("streams", 3), ("streams", 2)):
+        with pytest.MonkeyPatch.context() as patch:
+            use_kernels(kernel, patch)
+            if streams:
+                patch.setattr(cuda_attention, "_DS_STREAMS", streams)
+                assert cuda_attention.ds_schedule(6, 1, 1, 1 << 30) == (1, streams)
+            launched = []
+            real_get = cuda_attention.get_function
+            patch.setattr(cuda_attention, "get_function", lambda src, name: launched.append(name) or real_get(src, name))
+            results[kernel, streams] = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
+            names = [name.split("<")[0] for name in launched]
+            assert "bwd_dq_sm90" not in names and "bwd_dq_ds_sm90" in names
+            assert names.count("bwd_dkdv_sm90") == (6 if streams else 1)  # one launch per chunk
+    cupy.cuda.Device().synchronize()
+    for key in (("streams", 3), ("streams", 2)):
+        for a, b in zip(results[key], results["auto", None]):
+            assert cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)), key
+
+
+def test_workspace_out_of_memory_falls_back_to_recomputing(monkeypatch):
+    """When the dS blocks cannot be allocated, the backward recomputes dS instead: no error, and
+    the gradients of the recomputing path bit for bit; other allocation errors propagate."""
+    import cupy
+
+    from vsa_nd.backends import cuda_attention
+
+    dout, ctx = _hand_over_problem(22)
+    use_kernels("recompute", monkeypatch)
+    want = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
+    use_kernels("streams", monkeypatch)
+    real_alloc = cuda_attention._alloc
+    launched = []
+    real_get = cuda_attention.get_function
+    monkeypatch.setattr(cuda_attention, "get_function", lambda src, name: launched.append(name) or real_get(src, name))
+    for error in (cupy.cuda.memory.OutOfMemoryError(1 << 30, 0, 0), RuntimeError("CUDA out of memory. Tried to ...")):
+        def alloc(shape, dtype, error=error):
+            if len(shape) == 1 and np.dtype(dtype) == BFLOAT16:  # the dS blocks
+                raise error
+            return real_alloc(shape, dtype)
+
+        monkeypatch.setattr(cuda_attention, "_alloc", alloc)
+        launched.clear()
+        got = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
+        assert not any(name.startswith("bwd_dq_ds") for name in launched)
+        for a, b in zip(got, want):
+            assert cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16))
+
+    def broken(shape, dtype):
+        if len(shape) == 1 and np.dtype(dtype) == BFLOAT16:
+            raise RuntimeError("something else")
+        return real_alloc(shape, dtype)
+
+    monkeypatch.setattr(cuda_attention, "_alloc", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        vsa_nd.video_sparse_attn_backward(dout, ctx)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

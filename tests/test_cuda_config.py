@@ -1,5 +1,6 @@
 """Host-side settings of the CUDA backward that need no GPU: the dS workspace budget from the
-environment, and the shared-memory layout the launcher gives bwd_dq_ds_sm90."""
+environment, how a call's (batch, kv head) pairs are split within it, and the shared-memory
+layout the launcher gives bwd_dq_ds_sm90."""
 
 import importlib
 
@@ -8,7 +9,7 @@ import pytest
 from vsa_nd.backends import cuda_attention
 
 
-@pytest.mark.parametrize("text, expected", [("", 0), ("0", 0), ("1.5", 3 << 29), (" 16 ", 16 << 30)])
+@pytest.mark.parametrize("text, expected", [("", 2 << 30), ("0", 0), ("1.5", 3 << 29), (" 16 ", 16 << 30)])
 def test_workspace_budget_from_environment(monkeypatch, text, expected):
     monkeypatch.setenv("VSA_ND_DS_WORKSPACE_GIB", text)
     assert cuda_attention._workspace_default() == expected
@@ -42,3 +43,48 @@ def test_dq_ds_layout_fits_its_ctas(head_dim, stages):
     assert cuda_attention._DQDS_MIN_LIST <= room <= cuda_attention._LIST_CAP
     ctas = min(4, 228 * 1024 // (fixed + 12 * cuda_attention._DQDS_MIN_LIST + 1024))
     assert ctas * (smem + 1024) <= 228 * 1024
+
+
+@pytest.mark.parametrize("pairs", [1, 2, 5, 12, 40])
+@pytest.mark.parametrize("pair_ctas", [8, 128, 624, 768, 4096])
+@pytest.mark.parametrize("fit", [0, 1, 2, 3, 7, 100])
+@pytest.mark.parametrize("most_streams", [1, 2, 3])
+def test_ds_schedule_stays_within_the_budget(pairs, pair_ctas, fit, most_streams, monkeypatch):
+    """Chunks cover whole pairs, the blocks of the chunks in flight fit the budget, several chunks
+    always run at least two at a time (never one after another), chunks reach the minimum CTA
+    count where pairs and budget allow, and the room for chunks in flight is used; otherwise
+    no workspace: when a pair exceeds the budget or two chunks cannot be in flight."""
+    monkeypatch.setattr(cuda_attention, "_DS_STREAMS", most_streams)
+    pair_bytes = 484 << 20
+    budget = fit * pair_bytes + pair_bytes // 2
+    chunk, streams = cuda_attention.ds_schedule(pairs, pair_bytes, pair_ctas, budget)
+    want = -(-cuda_attention._DS_MIN_CTAS // pair_ctas)
+    whole = min(pairs, want) if most_streams == 1 or fit >= 2 * min(pairs, want) else None
+    if fit == 0 or (pairs > min(fit, want) and (fit < 2 or most_streams == 1)):
+        assert (chunk, streams) == (0, 0)
+        return
+    chunks = -(-pairs // chunk)
+    assert 1 <= chunk <= min(pairs, want) and streams * chunk * pair_bytes <= budget
+    assert streams == min(most_streams, chunks, fit // chunk)
+    assert chunks == 1 or streams >= 2
+    if whole is not None:
+        assert chunk == whole
+
+
+def test_ds_schedule_at_the_benchmark_shapes():
+    """The default 2 GiB: three heads in flight at 12 x 49152 tokens (77 of 768 tiles) and at
+    Wan2.1 480p (78 of 624); 1 GiB: two; a head's blocks alone: recompute, not one after another."""
+    block = 64 * 64 * 2
+    main, p480 = 768 * 77 * block, 624 * 78 * block
+    assert cuda_attention.ds_schedule(12, main, 768, 2 << 30) == (1, 3)
+    assert cuda_attention.ds_schedule(12, p480, 624, 2 << 30) == (1, 3)
+    assert cuda_attention.ds_schedule(12, main, 768, 1 << 30) == (1, 2)
+    assert cuda_attention.ds_schedule(12, main, 768, main) == (0, 0)
+    assert cuda_attention.ds_schedule(12, main, 768, 0) == (0, 0)
+    assert cuda_attention.ds_schedule(12, main, 768, 12 * main) == (1, 3)
+
+
+def test_ds_schedule_honours_the_pair_cap(monkeypatch):
+    monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
+    assert cuda_attention.ds_schedule(6, 1 << 20, 8, 1 << 30) == (1, cuda_attention._DS_STREAMS)
+    assert cuda_attention.ds_schedule(1, 1 << 20, 8, 1 << 30) == (1, 1)

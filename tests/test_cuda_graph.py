@@ -46,10 +46,19 @@ def _forward(plan, q, k, v, gate, dout):
     return (vsa_nd.video_sparse_attn(q, k, v, TOPK, plan.variable_block_sizes, gate=gate),)
 
 
-@pytest.mark.parametrize("step", [_forward, _forward_and_backward])
-def test_capture_and_replay_with_new_inputs(step):
+@pytest.mark.parametrize("step, streams", [(_forward, False), (_forward_and_backward, False),
+                                          (_forward_and_backward, True)])
+def test_capture_and_replay_with_new_inputs(step, streams, monkeypatch):
+    """``streams``: the backward's dS hand-over one (batch, kv head) at a time on streams of its
+    own, forked from the capturing stream and joined back to it, so they are captured too."""
     import cupy
 
+    from vsa_nd.backends import cuda_attention
+
+    if streams:
+        monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 1 << 30)
+        monkeypatch.setattr(cuda_attention, "_DS_HEAD_DIMS", (64, 128))
+        monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
     plan = vsa_nd.tile_plan(SEQ, TILE, device="cuda:0")
     static = _inputs(plan, seed=0)
     stream = cupy.cuda.Stream(non_blocking=True)

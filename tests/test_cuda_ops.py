@@ -379,19 +379,15 @@ def _check_coarse_grad(plan, batch, heads, head_dim, dtype, gated, rng):
 
 
 def _bwd_delta(dout_host, out_host, gate_host, coarse_host, sizes, lse_host, volume):
-    """(delta, lse_log2) of attention_bwd.cu's bwd_delta, launched as block_sparse_bwd does."""
-    from vsa_nd.kernels import get_function
+    """(delta, lse_log2) of attention_bwd.cu's bwd_delta, by the launcher block_sparse_bwd calls."""
+    from vsa_nd.backends.cuda_attention import bwd_delta
 
-    b, h, q_len, d = dout_host.shape
-    rows = b * h * q_len
-    delta, lse_log2 = cupy.full((b, h, q_len), np.nan, np.float32), cupy.full((b, h, q_len), np.nan, np.float32)
-    ctype = "__half" if dout_host.dtype == np.float16 else "__nv_bfloat16"
-    per_cta = 128 // (d // 8)
-    gate = np.uintp(0) if gate_host is None else cupy.asarray(gate_host)
-    get_function("attention_bwd.cu", f"bwd_delta<{ctype}, {d}>")(
-        (-(-rows // per_cta),), (128,),
-        (cupy.asarray(dout_host), cupy.asarray(out_host), cupy.asarray(coarse_host), gate, cupy.asarray(sizes),
-         cupy.asarray(lse_host), delta, lse_log2, np.int64(rows), np.int32(q_len), np.int32(volume)))
+    shape = dout_host.shape[:3]
+    assert dout_host.shape[2] // len(sizes) == volume
+    delta, lse_log2 = cupy.full(shape, np.nan, np.float32), cupy.full(shape, np.nan, np.float32)
+    gate = None if gate_host is None else cupy.asarray(gate_host)
+    bwd_delta(cupy.asarray(dout_host), cupy.asarray(out_host), cupy.asarray(coarse_host), gate, cupy.asarray(sizes),
+              cupy.asarray(lse_host), delta, lse_log2)
     return delta, lse_log2
 
 

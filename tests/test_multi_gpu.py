@@ -45,8 +45,12 @@ def test_cupy_forward_and_backward_on_either_device(workspace, monkeypatch):
     from vsa_nd.backends import cuda_attention
 
     two_devices()
+    # With the workspace: one (batch, kv head) pair per chunk at either head dim, so that the
+    # chunks run on the backward's own streams, which must be those of the arrays' device.
+    monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", (1 << 30) if workspace else 0)
     if workspace:
-        monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 1 << 30)
+        monkeypatch.setattr(cuda_attention, "_DS_HEAD_DIMS", (64, 128))
+        monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
     host = host_problem(vsa_nd.tile_plan(SEQ).padded_len)
     results = []
     for device in (0, 1):

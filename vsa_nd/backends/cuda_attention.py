@@ -33,10 +33,10 @@ _DQDS_MIN_LIST = 128  # DQDS_MIN_LIST there
 
 
 def _workspace_default() -> int:
-    """DS_WORKSPACE_BYTES from $VSA_ND_DS_WORKSPACE_GIB (a number of GiB); 0 (off) without it."""
+    """DS_WORKSPACE_BYTES from $VSA_ND_DS_WORKSPACE_GIB (a number of GiB; 0 turns it off); 2 GiB without it."""
     text = os.environ.get("VSA_ND_DS_WORKSPACE_GIB", "").strip()
     if not text:
-        return 0
+        return 2 << 30
     try:
         gib = float(text)
     except ValueError:
@@ -46,16 +46,60 @@ def _workspace_default() -> int:
     return int(gib * (1 << 30))
 
 
-# Most bytes of dS blocks one backward call may keep at a time (the Hopper backward whose dK/dV
-# pass hands dS to the dQ pass, see block_sparse_bwd): calls that would need more run in chunks
-# of (batch, kv head) pairs, each within it.  Off (0) by default: the blocks take
-# 8 KB per selected (query tile, key tile) pair, 38x the size of q at 12 heads x 49152 tokens
-# with 77 of 768 tiles (5.8 GB), where they make the backward ~10% faster.
+# Most bytes of dS blocks one backward call may hold at a time (the Hopper backward whose dK/dV
+# pass hands dS to the dQ pass, see block_sparse_bwd).  The blocks take 8 KB per selected (query
+# tile, key tile) pair: 484 MB per head at 12 heads x 49152 tokens with 77 of 768 tiles (5.8 GB
+# in all, 38x the size of q), 399 MB at Wan2.1 480p.  So a call works through its (batch, kv
+# head) pairs in chunks (ds_schedule), each chunk's two passes on a stream of its own, up to
+# _DS_STREAMS chunks at a time, each with its own blocks.  2 GiB by default: three heads at a
+# time at both shapes (1.45 and 1.2 GB), where that made the backward 7-11% faster on an H100.
 DS_WORKSPACE_BYTES = _workspace_default()
 # Head dims that use it: at D = 64 recomputing dS in the dQ pass is cheaper than handing it over
 # (H100, Wan2.1 480p with 24 heads of 64: 9.4 against 9.8 ms).
 _DS_HEAD_DIMS = (128,)
+_DS_STREAMS = 3  # most chunks in flight (each on a stream of its own)
+_DS_MIN_CTAS = 512  # a chunk takes (batch, kv head) pairs until its dK/dV launch has this many CTAs
 _DS_CHUNK_PAIRS = None  # at most this many (batch, kv head) pairs per chunk (tests set 1); None: no cap
+
+
+def ds_schedule(pairs: int, pair_bytes: int, pair_ctas: int, budget: int) -> tuple:
+    """(pairs per chunk, chunks in flight) of the dS hand-over of ``pairs`` (batch, kv head) pairs
+    that need ``pair_bytes`` of dS blocks and ``pair_ctas`` dK/dV CTAs each, within ``budget``
+    bytes; (0, 0) where the dQ pass should recompute dS instead: when one pair does not fit, or
+    when the chunks would have to run one after another (on an H100 that was slower than
+    recomputing: 8.63 against 7.56 ms per call at Wan2.1 480p, one head per chunk)."""
+    fit = budget // pair_bytes if pair_bytes else 0
+    chunk = min(pairs, fit, max(1, -(-_DS_MIN_CTAS // pair_ctas)), _DS_CHUNK_PAIRS or pairs)
+    if 0 < chunk < pairs:  # several chunks: at least two of them in flight
+        chunk = min(chunk, fit // 2) if _DS_STREAMS > 1 else 0
+    if chunk < 1:
+        return 0, 0
+    return chunk, min(_DS_STREAMS, -(-pairs // chunk), fit // chunk)
+
+
+_PIPES: dict = {}  # device id -> (streams, fork event, join events), made on first use
+
+
+def _pipes(device_id: int, count: int) -> tuple:
+    """``count`` CuPy streams of ``device_id`` for the chunks of a dS hand-over, an event to fork
+    them from the caller's stream and one per stream to join it again (cached per device)."""
+    import cupy
+
+    entry = _PIPES.get(device_id)
+    if entry is None or len(entry[0]) < count:
+        with cupy.cuda.Device(device_id):
+            streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(count)]
+            event = lambda: cupy.cuda.Event(disable_timing=True)  # noqa: E731
+            entry = _PIPES[device_id] = (streams, event(), [event() for _ in range(count)])
+    return entry[0][:count], entry[1], entry[2][:count]
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure: CuPy's pool, or an allocator behind it (torch's)."""
+    import cupy
+
+    return isinstance(error, (cupy.cuda.memory.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
 def _alloc(shape, dtype):
@@ -288,6 +332,26 @@ def _dq_ds_layout(tile_bytes: int, stages: int) -> tuple:
     return fixed + room * 12, room
 
 
+def bwd_delta(dout, out, coarse, gate, q_block_sizes, lse, delta, lse_log2=None) -> None:
+    """The backward's row terms by ``attention_bwd.cu``'s ``bwd_delta``, into ``delta`` and ``lse_log2``.
+
+    dout, out [B, H, Sq_pad, D] (D 64 or 128, C-contiguous, one half-precision dtype); coarse
+    [B, H, N_q, D] float32, 16-byte aligned, or None; gate q-shaped or None; q_block_sizes
+    int32 [N_q]; lse float32 [B, H, Sq_pad].  Writes delta = rowsum(dout * (out - gate *
+    coarse)) over real rows (0 in pad rows) and, where ``lse_log2`` is given, lse * log2(e),
+    both float32 [B, H, Sq_pad].  Arguments are not checked: the caller has.
+    """
+    b, h, q_len, d = dout.shape
+    rows = b * h * q_len
+    per_cta = 128 // (d // 8)  # rows per CTA (BWD_DELTA_ROWS in attention_bwd.cu)
+    ctype = _CUDA_TYPES[np.dtype(dout.dtype)]
+    get_function("attention_bwd.cu", f"bwd_delta<{ctype}, {d}>")(
+        (-(-rows // per_cta),), (128,),
+        (dout, out, _null_or(coarse), _null_or(gate), q_block_sizes, lse, delta, _null_or(lse_log2),
+         np.int64(rows), np.int32(q_len), np.int32(q_len // q_block_sizes.shape[0])),
+    )
+
+
 def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
                      scale, coarse, gate, dq_tile, dk_tile, dv_tile, dq=None, dk=None, dv=None, row_terms=None):
     """See :mod:`vsa_nd.backends`: (dq, dk, dv) in the input dtype; deterministic.
@@ -295,15 +359,17 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     ``row_terms``: the :class:`vsa_nd.backends.cuda.RowTerms` of this backward from
     ``coarse_grad_inputs`` (then ``bwd_delta`` does not run), or None.
 
-    By default the dQ pass recomputes S, P, dP and dS itself (seven matrix products per selected
-    (query tile, key tile) pair over the two passes, no workspace).  Given a dS workspace
-    (``DS_WORKSPACE_BYTES`` > 0, e.g. from ``$VSA_ND_DS_WORKSPACE_GIB``), on Hopper at head dim
-    128 the dK/dV pass runs first and stores every step's dS (64 x 64 in the input dtype: 8 KB
-    per pair at tile volume 64), and the dQ pass sums dS K from it: five products per pair.
-    A problem needing more than the budget runs in chunks of (batch, kv head) pairs; one pair
-    needing more than all of it takes the recomputing dQ pass.  The dK/dV pass takes its lists
-    long ones first (:func:`dkdv_order`; ``DKDV_ORDER``), so that key tiles chosen by many query
-    tiles do not leave a few SMs finishing them after the rest.
+    On Hopper at head dim 128, within the dS workspace budget (``DS_WORKSPACE_BYTES``, 2 GiB
+    unless ``$VSA_ND_DS_WORKSPACE_GIB`` says otherwise), the dK/dV pass runs first and stores every
+    step's dS (64 x 64 in the input dtype: 8 KB per pair at tile volume 64), and the dQ pass sums
+    dS K from it: five matrix products per selected (query tile, key tile) pair.  The (batch, kv
+    head) pairs go in chunks (:func:`ds_schedule`), up to ``_DS_STREAMS`` of them at a time on
+    streams of their own, forked from the current stream and joined back to it (so the call stays
+    capturable in a CUDA graph).  Elsewhere, where the schedule finds no room, or when the blocks
+    cannot be allocated, the dQ pass recomputes S, P, dP and dS itself: seven products per pair,
+    no workspace.  The dK/dV pass takes its lists long ones first (:func:`dkdv_order`;
+    ``DKDV_ORDER``), so that key tiles chosen by many query tiles do not leave a few SMs finishing
+    them after the rest.
     """
     b, h, q_len, d = q.shape
     h_kv, kv_len = k.shape[1], k.shape[2]
@@ -322,12 +388,7 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
         else:
             delta = _alloc((b, h, q_len), np.float32)
             lse_log2 = _alloc((b, h, q_len), np.float32) if dkdv_wgmma else None  # lse * log2(e), for that pass
-            delta_rows = 128 // (d // 8)  # rows per CTA (BWD_DELTA_ROWS in attention_bwd.cu)
-            get_function("attention_bwd.cu", f"bwd_delta<{ctype}, {d}>")(
-                ((rows + delta_rows - 1) // delta_rows,), (128,),
-                (dout, out, _null_or(coarse), _null_or(gate), q_block_sizes, lse, delta, _null_or(lse_log2),
-                 np.int64(rows), np.int32(q_len), np.int32(tile_volume)),
-            )
+            bwd_delta(dout, out, coarse, gate, q_block_sizes, lse, delta, lse_log2)
         group, length, slices = h // h_kv, q2k_idx.shape[3], tile_volume // _CHUNK
         common = (np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len))
         tile_bytes = _BLOCK_M * d * q.dtype.itemsize
@@ -337,10 +398,8 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
         dv = _alloc(v.shape, v.dtype) if dv is None else dv
         # dS bytes per (batch, kv head), every selection entry counted (the used ones are known on the device only).
         ds_bytes = group * n_q * length * slices * slices * _DS_BLOCK_BYTES
-        handover = dkdv_wgmma and dq_wgmma and d in _DS_HEAD_DIMS and ds_bytes
-        chunk = min(b * h_kv, DS_WORKSPACE_BYTES // ds_bytes) if handover else 0
-        if _DS_CHUNK_PAIRS:
-            chunk = min(chunk, _DS_CHUNK_PAIRS)
+        handover = dkdv_wgmma and dq_wgmma and d in _DS_HEAD_DIMS
+        chunk, streams = ds_schedule(b * h_kv, ds_bytes, kv_len // _BLOCK_M, DS_WORKSPACE_BYTES) if handover else (0, 0)
 
         def dkdv_pass(codes, offsets, order, ds_blocks=None, bh_kv0=0, count=b * h_kv):
             args = (q, k, v, dout, lse_log2 if dkdv_wgmma else lse, delta, codes, offsets, q_block_sizes,
@@ -364,22 +423,50 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
 
         list_args = (q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, _null_or(dq_tile), dq, *common,
                      np.int32(length), np.int32(tile_volume), np.float32(scale))
+        blocks = []
         if chunk:
-            # dK/dV first, storing dS; then dQ from it: per chunk of `chunk` (batch, kv head) pairs.
+            try:  # blocks for each chunk in flight; without the memory, the passes below recompute dS
+                blocks = [_alloc((chunk * ds_bytes // q.dtype.itemsize,), q.dtype) for _ in range(streams)]
+            except Exception as error:  # noqa: BLE001 - allocators raise their own out-of-memory errors
+                if not _out_of_memory(error):
+                    raise
+        if blocks:
+            # Per chunk of `chunk` (batch, kv head) pairs: the dK/dV pass, storing dS; then the dQ pass
+            # summing dS K.  With several workspaces, chunk c's two passes run on stream c % streams,
+            # so that one chunk's dQ pass (bound by memory) overlaps another's dK/dV pass (bound by
+            # its instructions), and no launch's tail leaves SMs idle.
             codes, offsets, pos = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume, positions=True)
             order = dkdv_order(offsets, chunk * (kv_len // tile_volume)) if DKDV_ORDER else None
-            ds_blocks = _alloc((chunk * ds_bytes // q.dtype.itemsize,), q.dtype)
             kernel = get_function("attention_bwd_sm90.cu", f"bwd_dq_ds_sm90<{ctype}, {d}, {_DQDS_STAGES}>")
             smem_dq, list_room = _dq_ds_layout(tile_bytes, _DQDS_STAGES)
             kernel.max_dynamic_shared_size_bytes = smem_dq
             map_k = _TensorMap(k, b * h_kv * kv_len)
-            for bh_kv0 in range(0, b * h_kv, chunk):
+
+            def chunk_passes(ds_blocks, bh_kv0):
                 count = min(chunk, b * h_kv - bh_kv0)
                 dkdv_pass(codes, offsets, order, ds_blocks, bh_kv0, count)
                 kernel((q_len // _BLOCK_M, count * group), (128,),
                        (map_k.arg, k, ds_blocks, pos, *list_args, np.int32(_LIST_STAGE_LIMIT), offsets,
                         np.int32(bh_kv0 * group), np.int32(list_room)),
                        shared_mem=smem_dq)
+
+            starts = range(0, b * h_kv, chunk)
+            if len(starts) == 1:
+                chunk_passes(blocks[0], 0)
+                return dq, dk, dv
+            import cupy
+
+            caller = cupy.cuda.get_current_stream()
+            pipes, fork, joins = _pipes(q.data.device_id, len(blocks))
+            fork.record(caller)
+            for pipe in pipes:
+                pipe.wait_event(fork)
+            for c, bh_kv0 in enumerate(starts):
+                with pipes[c % len(pipes)]:
+                    chunk_passes(blocks[c % len(pipes)], bh_kv0)
+            for pipe, join in zip(pipes, joins):
+                join.record(pipe)
+                caller.wait_event(join)
             return dq, dk, dv
 
         args = (q, k, v, dout, lse, delta, *list_args)
