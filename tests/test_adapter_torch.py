@@ -663,7 +663,7 @@ def grads():
 launched = []
 real_get = cuda_attention.get_function
 cuda_attention.get_function = lambda src, name: launched.append(name) or real_get(src, name)
-cuda_attention.DS_WORKSPACE_BYTES = 0
+cuda_attention.DS_WORKSPACE_BYTES, cuda_attention._DS_MIN_BYTES = 0, 0
 want = grads()
 cuda_attention.DS_WORKSPACE_BYTES = 2 << 30
 assert cuda_attention.ds_schedule(4, 128 << 20, 256, 2 << 30) == (2, 2)  # two 256 MB workspaces
@@ -774,6 +774,7 @@ def test_cuda_graph_capture_of_forward_and_backward(streams, monkeypatch):
         monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 1 << 30)
         monkeypatch.setattr(cuda_attention, "_DS_HEAD_DIMS", (64, 128))
         monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
+        monkeypatch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)
     plan = vt.tile_plan((4, 8, 8), (4, 4, 4), device="cuda")
     heads = (4, 2, 2, 4)
 

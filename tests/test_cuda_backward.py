@@ -27,13 +27,14 @@ KERNELS = ["auto", "recompute", "mma", "unstaged", "workspace", "streams"]
 def use_kernels(kernel, monkeypatch):
     """Select one of the backward's paths:
 
-    - "auto": the default (wgmma on Hopper; at head dim 128 the dK/dV pass hands dS to the dQ
-      pass through the default 2 GiB workspace; the test problems take one chunk);
+    - "auto": the default kernels and settings (wgmma on Hopper; the test problems are too small
+      for the dS hand-over, so the dQ pass recomputes dS);
     - "recompute": the default kernels without a workspace: the dQ pass recomputes dS;
     - "mma": the portable mma.sync kernels;
     - "unstaged": the recomputing kernels with index lists of more than one entry read from global
       memory rather than staged in shared memory (the path of lists longer than 1024 entries);
-    - "workspace": the dS hand-over (head dim 128) with the "unstaged" lists as well;
+    - "workspace": the dS hand-over (head dim 128, one chunk on these problems) with the
+      "unstaged" lists as well;
     - "streams": the hand-over one (batch, kv head) pair per chunk (a launch of each pass per
       pair), at head dim 64 too, up to three chunks at a time on streams of their own.
     """
@@ -43,6 +44,8 @@ def use_kernels(kernel, monkeypatch):
     if kernel in ("unstaged", "workspace"):
         monkeypatch.setattr(cuda_attention, "_LIST_STAGE_LIMIT", 1)
     monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 0 if kernel in ("recompute", "unstaged") else 1 << 30)
+    if kernel in ("workspace", "streams"):  # test problems are below the size that hands dS over by default
+        monkeypatch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)
     if kernel == "streams":
         monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
         monkeypatch.setattr(cuda_attention, "_DS_HEAD_DIMS", (64, 128))
@@ -188,8 +191,9 @@ def _hand_over_problem(seed):
 
 def test_streams_give_the_chunks_results():
     """Six (batch, kv head) chunks on three streams (and on two), each stream's blocks reused by
-    its next chunk: bit for bit the gradients of one chunk for all pairs (the default here), and
-    the dQ passes summed dS (no recomputing pass ran)."""
+    its next chunk: bit for bit the gradients of the default settings, which take all six pairs
+    in one chunk (with the size threshold lifted), and the dQ passes summed dS (no recomputing
+    pass ran)."""
     import cupy
 
     from vsa_nd.backends import cuda_attention
@@ -199,6 +203,7 @@ def test_streams_give_the_chunks_results():
     for kernel, streams in (("auto", None), ("streams", 3), ("streams", 2)):
         with pytest.MonkeyPatch.context() as patch:
             use_kernels(kernel, patch)
+            patch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)
             if streams:
                 patch.setattr(cuda_attention, "_DS_STREAMS", streams)
                 assert cuda_attention.ds_schedule(6, 1, 1, 1 << 30) == (1, streams)

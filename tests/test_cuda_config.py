@@ -55,6 +55,7 @@ def test_ds_schedule_stays_within_the_budget(pairs, pair_ctas, fit, most_streams
     count where pairs and budget allow, and the room for chunks in flight is used; otherwise
     no workspace: when a pair exceeds the budget or two chunks cannot be in flight."""
     monkeypatch.setattr(cuda_attention, "_DS_STREAMS", most_streams)
+    monkeypatch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)
     pair_bytes = 484 << 20
     budget = fit * pair_bytes + pair_bytes // 2
     chunk, streams = cuda_attention.ds_schedule(pairs, pair_bytes, pair_ctas, budget)
@@ -84,7 +85,16 @@ def test_ds_schedule_at_the_benchmark_shapes():
     assert cuda_attention.ds_schedule(12, main, 768, 12 * main) == (1, 3)
 
 
+def test_ds_schedule_leaves_small_problems_to_recompute():
+    """Below _DS_MIN_BYTES of dS blocks in all the dQ pass recomputes dS, at any budget."""
+    least = cuda_attention._DS_MIN_BYTES
+    assert cuda_attention.ds_schedule(12, -(-least // 12), 128, 1 << 40) != (0, 0)
+    assert cuda_attention.ds_schedule(12, least // 12, 128, 1 << 40) == (0, 0)  # 12 x that is just below
+    assert cuda_attention.ds_schedule(12, 128 * 16 * 8192, 128, 1 << 40) == (0, 0)  # (8, 32, 32), top 16: slower
+
+
 def test_ds_schedule_honours_the_pair_cap(monkeypatch):
     monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
+    monkeypatch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)
     assert cuda_attention.ds_schedule(6, 1 << 20, 8, 1 << 30) == (1, cuda_attention._DS_STREAMS)
     assert cuda_attention.ds_schedule(1, 1 << 20, 8, 1 << 30) == (1, 1)

@@ -59,6 +59,7 @@ def test_capture_and_replay_with_new_inputs(step, streams, monkeypatch):
         monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 1 << 30)
         monkeypatch.setattr(cuda_attention, "_DS_HEAD_DIMS", (64, 128))
         monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
+        monkeypatch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)
     plan = vsa_nd.tile_plan(SEQ, TILE, device="cuda:0")
     static = _inputs(plan, seed=0)
     stream = cupy.cuda.Stream(non_blocking=True)

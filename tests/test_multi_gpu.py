@@ -51,6 +51,7 @@ def test_cupy_forward_and_backward_on_either_device(workspace, monkeypatch):
     if workspace:
         monkeypatch.setattr(cuda_attention, "_DS_HEAD_DIMS", (64, 128))
         monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
+        monkeypatch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)
     host = host_problem(vsa_nd.tile_plan(SEQ).padded_len)
     results = []
     for device in (0, 1):

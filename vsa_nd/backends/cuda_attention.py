@@ -60,14 +60,21 @@ _DS_HEAD_DIMS = (128,)
 _DS_STREAMS = 3  # most chunks in flight (each on a stream of its own)
 _DS_MIN_CTAS = 512  # a chunk takes (batch, kv head) pairs until its dK/dV launch has this many CTAs
 _DS_CHUNK_PAIRS = None  # at most this many (batch, kv head) pairs per chunk (tests set 1); None: no cap
+# Smallest problem (bytes of dS blocks in all) that hands dS over.  On an H100 problems with
+# 8K-25K selected tile pairs ran 10-26% slower with it (one call or back to back) and ones with
+# 98K pairs and more 3-18% faster; the benchmark shapes have 710K (main) and 610K (480p).
+_DS_MIN_BYTES = 512 << 20
 
 
 def ds_schedule(pairs: int, pair_bytes: int, pair_ctas: int, budget: int) -> tuple:
     """(pairs per chunk, chunks in flight) of the dS hand-over of ``pairs`` (batch, kv head) pairs
     that need ``pair_bytes`` of dS blocks and ``pair_ctas`` dK/dV CTAs each, within ``budget``
-    bytes; (0, 0) where the dQ pass should recompute dS instead: when one pair does not fit, or
-    when the chunks would have to run one after another (on an H100 that was slower than
-    recomputing: 8.63 against 7.56 ms per call at Wan2.1 480p, one head per chunk)."""
+    bytes; (0, 0) where the dQ pass should recompute dS instead: on small problems
+    (``_DS_MIN_BYTES``), when one pair does not fit, or when the chunks would have to run one
+    after another (on an H100 that was slower than recomputing: 8.63 against 7.56 ms per call at
+    Wan2.1 480p, one head per chunk)."""
+    if pairs * pair_bytes < _DS_MIN_BYTES:
+        return 0, 0
     fit = budget // pair_bytes if pair_bytes else 0
     chunk = min(pairs, fit, max(1, -(-_DS_MIN_CTAS // pair_ctas)), _DS_CHUNK_PAIRS or pairs)
     if 0 < chunk < pairs:  # several chunks: at least two of them in flight
