@@ -13,7 +13,10 @@ ordered after the operands' producers and before the results' consumers with no 
 synchronisation; the handler returns as soon as the work is queued.  vsa_nd's intermediates
 come from CuPy's memory pool on that stream (stream-ordered reuse), outside XLA's allocator:
 XLA takes 75% of GPU memory at start by default (``XLA_PYTHON_CLIENT_MEM_FRACTION``), and the
-intermediates of one call are small (a few percent of the inputs at the spec's shapes).  The
+intermediates of one call are small (a few percent of the inputs at the spec's shapes), except
+the Hopper backward's dS workspace: up to 2 GiB by default (1.45 GB at 12 heads x 49152
+tokens), which CuPy's pool keeps for the next call; ``VSA_ND_DS_WORKSPACE_GIB`` sets that
+budget (0: none), and when the memory is not there the backward recomputes dS instead.  The
 handler declares no traits, so XLA never records it into a command buffer (CUDA graph).
 
 One call is described by a string attribute ``call`` that names everything the Python side

@@ -27,8 +27,8 @@ KERNELS = ["auto", "recompute", "mma", "unstaged", "workspace", "streams"]
 def use_kernels(kernel, monkeypatch):
     """Select one of the backward's paths:
 
-    - "auto": the default kernels and settings (wgmma on Hopper; the test problems are too small
-      for the dS hand-over, so the dQ pass recomputes dS);
+    - "auto": the default kernels and thresholds (wgmma on Hopper; the test problems are below
+      the size that hands dS over, so the dQ pass recomputes dS), with a 1 GiB budget;
     - "recompute": the default kernels without a workspace: the dQ pass recomputes dS;
     - "mma": the portable mma.sync kernels;
     - "unstaged": the recomputing kernels with index lists of more than one entry read from global
@@ -181,48 +181,138 @@ def _hand_over_problem(seed):
     head sharing its key head with another) and the forward's context."""
     import cupy
 
-    plan = vsa_nd.tile_plan((8, 12, 20))
+    plan = vsa_nd.tile_plan((8, 12, 20), device="cuda:0")  # its block sizes need no value check (capturable)
     rng = np.random.default_rng(seed)
     normal = lambda heads: cupy.asarray(rng.standard_normal((3, heads, plan.padded_len, 128)).astype(BFLOAT16))  # noqa: E731
     q, dout, k, v = normal(4), normal(4), normal(2), normal(2)
-    _, ctx = vsa_nd.video_sparse_attn(q, k, v, 7, cupy.asarray(plan.variable_block_sizes), return_context=True)
+    _, ctx = vsa_nd.video_sparse_attn(q, k, v, 7, plan.variable_block_sizes, return_context=True)
     return dout, ctx
 
 
-def test_streams_give_the_chunks_results():
-    """Six (batch, kv head) chunks on three streams (and on two), each stream's blocks reused by
-    its next chunk: bit for bit the gradients of the default settings, which take all six pairs
-    in one chunk (with the size threshold lifted), and the dQ passes summed dS (no recomputing
-    pass ran)."""
+class _Launches:
+    """Stands in for ``cuda_attention.get_function``: records the name of every kernel launched
+    (``.names``, without template arguments) and can make the ``fail_at``-th launch of a kernel
+    whose name starts with ``fail_name`` raise instead."""
+
+    def __init__(self, real_get, fail_name=None, fail_at=None):
+        self.real_get, self.names, self.fail_name, self.fail_at = real_get, [], fail_name, fail_at
+
+    def __call__(self, source, name):
+        kernel, launches = self.real_get(source, name), self
+
+        class Recorded:
+            def __call__(self, *args, **kwargs):
+                launches.names.append(name.split("<")[0])
+                if launches.fail_name and name.startswith(launches.fail_name) \
+                        and launches.names.count(name.split("<")[0]) == launches.fail_at:
+                    raise RuntimeError("injected launch failure")
+                return kernel(*args, **kwargs)
+
+            def __setattr__(self, attribute, value):
+                setattr(kernel, attribute, value)
+
+        return Recorded()
+
+
+@pytest.mark.parametrize("pairs_per_chunk, streams", [(1, 3), (1, 2), (4, 3)])
+def test_streams_give_the_chunks_results(pairs_per_chunk, streams):
+    """Six (batch, kv head) pairs in chunks on streams of their own (one pair each on three or two
+    streams, each stream's blocks reused by its next chunk; or 4 + 2 pairs, the last chunk
+    smaller): bit for bit the gradients of all six pairs in one chunk on the caller's stream,
+    compared on that stream without a device synchronisation (so a missing join shows), and
+    only dQ passes that sum dS ran."""
     import cupy
 
     from vsa_nd.backends import cuda_attention
 
     dout, ctx = _hand_over_problem(21)
     results = {}
-    for kernel, streams in (("auto", None), ("streams", 3), ("streams", 2)):
+    for key in ("one chunk", "chunks"):
         with pytest.MonkeyPatch.context() as patch:
-            use_kernels(kernel, patch)
-            patch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)
-            if streams:
+            use_kernels("streams" if key == "chunks" else "workspace", patch)
+            patch.setattr(cuda_attention, "_LIST_STAGE_LIMIT", cuda_attention._LIST_CAP)
+            if key == "chunks":
                 patch.setattr(cuda_attention, "_DS_STREAMS", streams)
-                assert cuda_attention.ds_schedule(6, 1, 1, 1 << 30) == (1, streams)
-            launched = []
-            real_get = cuda_attention.get_function
-            patch.setattr(cuda_attention, "get_function", lambda src, name: launched.append(name) or real_get(src, name))
-            results[kernel, streams] = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
-            names = [name.split("<")[0] for name in launched]
-            assert "bwd_dq_sm90" not in names and "bwd_dq_ds_sm90" in names
-            assert names.count("bwd_dkdv_sm90") == (6 if streams else 1)  # one launch per chunk
+                patch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", pairs_per_chunk)
+                chunks = -(-6 // pairs_per_chunk)
+                assert cuda_attention.ds_schedule(6, 1, 1, 1 << 30) == (pairs_per_chunk, min(streams, chunks))
+            launches = _Launches(cuda_attention.get_function)
+            patch.setattr(cuda_attention, "get_function", launches)
+            results[key] = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
+            assert "bwd_dq_sm90" not in launches.names
+            want = 1 if key == "one chunk" else chunks  # one launch of each pass per chunk
+            assert launches.names.count("bwd_dkdv_sm90") == launches.names.count("bwd_dq_ds_sm90") == want
+    for a, b in zip(results["chunks"], results["one chunk"]):
+        assert bool(cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)))
+
+
+_SPIN = r"""
+extern "C" __global__ void spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) {}
+}
+"""
+
+
+def test_hand_over_is_ordered_on_the_callers_stream(monkeypatch):
+    """dout written on the caller's (non-default) stream behind ~0.1 s of GPU work: the chunks'
+    streams must start after it (fork) and the caller's stream must see their results (join);
+    the call returns while the GPU is still busy (no host synchronisation)."""
+    import cupy
+
+    from vsa_nd.backends import cuda_attention
+
+    use_kernels("streams", monkeypatch)
+    assert cuda_attention.ds_schedule(6, 1, 1, 1 << 30) == (1, 3)
+    dout, ctx = _hand_over_problem(23)
+    want = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
+    spin = cupy.RawKernel(_SPIN, "spin")
+    stream = cupy.cuda.Stream(non_blocking=True)
     cupy.cuda.Device().synchronize()
-    for key in (("streams", 3), ("streams", 2)):
-        for a, b in zip(results[key], results["auto", None]):
-            assert cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)), key
+    with stream:
+        late = cupy.full_like(dout, np.nan)
+        spin((1,), (1,), (np.int64(200_000_000),))
+        late[...] = dout
+        got = vsa_nd.video_sparse_attn_backward(late, ctx)[:3]
+        assert not stream.done, "the backward waited for the GPU"
+        for a, b in zip(got, want):
+            assert bool(cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)))
+
+
+def test_a_failing_launch_still_joins_the_streams(monkeypatch):
+    """A launch that raises between fork and join (here the second chunk's dQ pass, inside a CUDA
+    graph capture): the error reaches the caller, and the capture still ends (every stream was
+    joined back); the next call runs as before."""
+    import cupy
+
+    from vsa_nd.backends import cuda_attention
+
+    use_kernels("streams", monkeypatch)
+    dout, ctx = _hand_over_problem(24)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    cupy.cuda.Device().synchronize()
+    with stream:
+        want = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]  # warm-up: kernels, streams, events
+        stream.synchronize()
+        launches = _Launches(cuda_attention.get_function, fail_name="bwd_dq_ds", fail_at=2)
+        monkeypatch.setattr(cuda_attention, "get_function", launches)
+        stream.begin_capture()
+        try:
+            with pytest.raises(RuntimeError, match="injected launch failure"):
+                vsa_nd.video_sparse_attn_backward(dout, ctx)
+        finally:
+            stream.end_capture()  # raises if a forked stream was left unjoined
+        launches.fail_name = None
+        got = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
+        for a, b in zip(got, want):
+            assert bool(cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)))
 
 
 def test_workspace_out_of_memory_falls_back_to_recomputing(monkeypatch):
     """When the dS blocks cannot be allocated, the backward recomputes dS instead: no error, and
-    the gradients of the recomputing path bit for bit; other allocation errors propagate."""
+    the gradients of the recomputing path bit for bit.  The failure is remembered: the next
+    calls of that size do not try to allocate (an allocator's out-of-memory path frees its cache
+    and synchronises), until _DS_RETRY_CALLS of them have passed.  Other errors propagate."""
     import cupy
 
     from vsa_nd.backends import cuda_attention
@@ -231,28 +321,35 @@ def test_workspace_out_of_memory_falls_back_to_recomputing(monkeypatch):
     use_kernels("recompute", monkeypatch)
     want = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
     use_kernels("streams", monkeypatch)
+    monkeypatch.setattr(cuda_attention, "_DS_RETRY_CALLS", 3)
     real_alloc = cuda_attention._alloc
-    launched = []
-    real_get = cuda_attention.get_function
-    monkeypatch.setattr(cuda_attention, "get_function", lambda src, name: launched.append(name) or real_get(src, name))
+    launches = _Launches(cuda_attention.get_function)
+    monkeypatch.setattr(cuda_attention, "get_function", launches)
     for error in (cupy.cuda.memory.OutOfMemoryError(1 << 30, 0, 0), RuntimeError("CUDA out of memory. Tried to ...")):
-        def alloc(shape, dtype, error=error):
+        monkeypatch.setattr(cuda_attention, "_DS_REFUSED", {})
+        tries = []
+
+        def alloc(shape, dtype, error=error, tries=tries):
             if len(shape) == 1 and np.dtype(dtype) == BFLOAT16:  # the dS blocks
+                tries.append(shape)
                 raise error
             return real_alloc(shape, dtype)
 
         monkeypatch.setattr(cuda_attention, "_alloc", alloc)
-        launched.clear()
-        got = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
-        assert not any(name.startswith("bwd_dq_ds") for name in launched)
-        for a, b in zip(got, want):
-            assert cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16))
+        for call in range(5):
+            launches.names.clear()
+            got = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
+            assert "bwd_dq_ds_sm90" not in launches.names and "bwd_dq_sm90" in launches.names
+            for a, b in zip(got, want):
+                assert bool(cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)))
+        assert len(tries) == 2  # the first call, then again after three calls that did not try
 
     def broken(shape, dtype):
         if len(shape) == 1 and np.dtype(dtype) == BFLOAT16:
             raise RuntimeError("something else")
         return real_alloc(shape, dtype)
 
+    monkeypatch.setattr(cuda_attention, "_DS_REFUSED", {})
     monkeypatch.setattr(cuda_attention, "_alloc", broken)
     with pytest.raises(RuntimeError, match="something else"):
         vsa_nd.video_sparse_attn_backward(dout, ctx)

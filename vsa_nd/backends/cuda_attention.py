@@ -1,14 +1,17 @@
 """Launchers of the block-sparse attention kernels (``cuda_kernels/attention_*.cu``).
 
 Inputs are validated by :mod:`vsa_nd.ops`; the checks here are the kernels' own limits
-(dtype, head dim, tile volume) and run before any launch.  Every launch goes to CuPy's
-current stream on the inputs' device, with no host synchronisation.
+(dtype, head dim, tile volume) and run before any launch.  Every launch is ordered on CuPy's
+current stream on the inputs' device, with no host synchronisation: it goes to that stream,
+except the chunks of the backward's dS hand-over, which go to streams of this module forked
+from it by an event and joined back to it before the launcher returns.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import numpy as np
 
@@ -76,7 +79,7 @@ def ds_schedule(pairs: int, pair_bytes: int, pair_ctas: int, budget: int) -> tup
     if pairs * pair_bytes < _DS_MIN_BYTES:
         return 0, 0
     fit = budget // pair_bytes if pair_bytes else 0
-    chunk = min(pairs, fit, max(1, -(-_DS_MIN_CTAS // pair_ctas)), _DS_CHUNK_PAIRS or pairs)
+    chunk = min(pairs, fit, max(1, -(-_DS_MIN_CTAS // max(1, pair_ctas))), _DS_CHUNK_PAIRS or pairs)
     if 0 < chunk < pairs:  # several chunks: at least two of them in flight
         chunk = min(chunk, fit // 2) if _DS_STREAMS > 1 else 0
     if chunk < 1:
@@ -84,21 +87,48 @@ def ds_schedule(pairs: int, pair_bytes: int, pair_ctas: int, budget: int) -> tup
     return chunk, min(_DS_STREAMS, -(-pairs // chunk), fit // chunk)
 
 
-_PIPES: dict = {}  # device id -> (streams, fork event, join events), made on first use
+# Per thread: {device id: (streams, fork event, join events)}.  Per thread, because a fork or join
+# event recorded by one thread must not be re-recorded by another before its waits are queued,
+# and a thread's capture must not take in another thread's work.
+_PIPES = threading.local()
 
 
 def _pipes(device_id: int, count: int) -> tuple:
-    """``count`` CuPy streams of ``device_id`` for the chunks of a dS hand-over, an event to fork
-    them from the caller's stream and one per stream to join it again (cached per device)."""
+    """``count`` (at most _DS_STREAMS) CuPy streams of ``device_id`` for the chunks of a dS
+    hand-over, an event to fork them from the caller's stream and one per stream to join it
+    again; made once per thread and device (warm-up calls make them outside a graph capture)."""
     import cupy
 
-    entry = _PIPES.get(device_id)
+    pipes = getattr(_PIPES, "devices", None)
+    if pipes is None:
+        pipes = _PIPES.devices = {}
+    entry = pipes.get(device_id)
     if entry is None or len(entry[0]) < count:
         with cupy.cuda.Device(device_id):
-            streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(count)]
+            n = max(count, _DS_STREAMS)
             event = lambda: cupy.cuda.Event(disable_timing=True)  # noqa: E731
-            entry = _PIPES[device_id] = (streams, event(), [event() for _ in range(count)])
+            entry = pipes[device_id] = ([cupy.cuda.Stream(non_blocking=True) for _ in range(n)], event(),
+                                        [event() for _ in range(n)])
     return entry[0][:count], entry[1], entry[2][:count]
+
+
+# device id -> [bytes of dS blocks that could not be allocated, calls left before trying again].
+# An allocator that runs out of memory first frees its cache (a device synchronisation) and may
+# report the failure; a job near its memory limit should not pay for that on every backward.
+_DS_REFUSED: dict = {}
+_DS_RETRY_CALLS = 100
+
+
+def _ds_refused(device_id: int, nbytes: int) -> bool:
+    """Whether ``nbytes`` of dS blocks failed to allocate on ``device_id`` recently (at this size or
+    less): then this call recomputes dS, and every _DS_RETRY_CALLS-th such call tries again."""
+    entry = _DS_REFUSED.get(device_id)
+    if entry is None or nbytes < entry[0]:
+        return False
+    entry[1] -= 1
+    if entry[1] <= 0:
+        _DS_REFUSED.pop(device_id, None)
+    return True
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -370,11 +400,12 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     unless ``$VSA_ND_DS_WORKSPACE_GIB`` says otherwise), the dK/dV pass runs first and stores every
     step's dS (64 x 64 in the input dtype: 8 KB per pair at tile volume 64), and the dQ pass sums
     dS K from it: five matrix products per selected (query tile, key tile) pair.  The (batch, kv
-    head) pairs go in chunks (:func:`ds_schedule`), up to ``_DS_STREAMS`` of them at a time on
-    streams of their own, forked from the current stream and joined back to it (so the call stays
-    capturable in a CUDA graph).  Elsewhere, where the schedule finds no room, or when the blocks
-    cannot be allocated, the dQ pass recomputes S, P, dP and dS itself: seven products per pair,
-    no workspace.  The dK/dV pass takes its lists long ones first (:func:`dkdv_order`;
+    head) pairs go in chunks (:func:`ds_schedule`): one chunk on the current stream, or several,
+    up to ``_DS_STREAMS`` at a time on streams of their own, forked from the current stream and
+    joined back to it (so the call stays capturable in a CUDA graph).  Elsewhere, where the
+    schedule declines (small problems, too little budget), or when the blocks cannot be allocated
+    (then calls of that size recompute for a while: ``_ds_refused``), the dQ pass recomputes S,
+    P, dP and dS itself: seven products per pair, no workspace.  The dK/dV pass takes its lists long ones first (:func:`dkdv_order`;
     ``DKDV_ORDER``), so that key tiles chosen by many query tiles do not leave a few SMs finishing
     them after the rest.
     """
@@ -382,10 +413,10 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     h_kv, kv_len = k.shape[1], k.shape[2]
     n_q = q_block_sizes.shape[0]
     tile_volume = q_len // n_q
-    dq_tile, dk_tile, dv_tile, coarse = (_float32(x) for x in (dq_tile, dk_tile, dv_tile, coarse))
-    # coarse too: bwd_delta reads it 16 bytes at a time.
-    ctype = check_kernel_support(q, tile_volume, k=k, v=v, dout=dout, out=out, gate=gate, coarse=coarse)
     with q.device:
+        dq_tile, dk_tile, dv_tile, coarse = (_float32(x) for x in (dq_tile, dk_tile, dv_tile, coarse))
+        # coarse too: bwd_delta reads it 16 bytes at a time.
+        ctype = check_kernel_support(q, tile_volume, k=k, v=v, dout=dout, out=out, gate=gate, coarse=coarse)
         wgmma = _use_wgmma(BACKWARD_KERNEL)
         dkdv_wgmma = wgmma and _tma_ready(q, dout)  # else the portable dK/dV kernel
         dq_wgmma = wgmma and _tma_ready(k, v)  # else the portable dQ kernel
@@ -403,59 +434,67 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
         dq = _alloc(q.shape, q.dtype) if dq is None else dq
         dk = _alloc(k.shape, k.dtype) if dk is None else dk
         dv = _alloc(v.shape, v.dtype) if dv is None else dv
-        # dS bytes per (batch, kv head), every selection entry counted (the used ones are known on the device only).
-        ds_bytes = group * n_q * length * slices * slices * _DS_BLOCK_BYTES
-        handover = dkdv_wgmma and dq_wgmma and d in _DS_HEAD_DIMS
-        chunk, streams = ds_schedule(b * h_kv, ds_bytes, kv_len // _BLOCK_M, DS_WORKSPACE_BYTES) if handover else (0, 0)
+
+        stats = 2 * _BLOCK_M * 4  # lse and delta of one stage
+        if dkdv_wgmma:
+            # Q and dO by TMA: K, V and _DKDV_STAGES stages of Q, dO, lse and delta, one 8-byte barrier per
+            # stage, and the staged list.
+            dkdv_maps = (_TensorMap(q, rows), _TensorMap(dout, rows))
+            dkdv_kernel = get_function("attention_bwd_sm90.cu", f"bwd_dkdv_sm90<{ctype}, {d}>")
+            smem_kv = (2 + 2 * _DKDV_STAGES) * tile_bytes + _DKDV_STAGES * (stats + 8) + _LIST_BYTES
+        else:
+            dkdv_kernel = get_function("attention_bwd.cu", f"bwd_dkdv<{ctype}, {d}>")
+            smem_kv = smem + 2 * stats  # K, V and two cp.async stages of Q, dO, lse and delta
+        dkdv_kernel.max_dynamic_shared_size_bytes = smem_kv
 
         def dkdv_pass(codes, offsets, order, ds_blocks=None, bh_kv0=0, count=b * h_kv):
             args = (q, k, v, dout, lse_log2 if dkdv_wgmma else lse, delta, codes, offsets, q_block_sizes,
                     kv_block_sizes, _null_or(dk_tile), _null_or(dv_tile), dk, dv, *common, np.int32(tile_volume),
                     np.float32(scale))
-            stats = 2 * _BLOCK_M * 4  # lse and delta of one stage
             if dkdv_wgmma:
-                # Q and dO by TMA: K, V and _DKDV_STAGES stages of Q, dO, lse and delta, one 8-byte barrier per
-                # stage, and the staged list.
-                maps = (_TensorMap(q, rows), _TensorMap(dout, rows))
-                kernel = get_function("attention_bwd_sm90.cu", f"bwd_dkdv_sm90<{ctype}, {d}>")
-                smem_kv = (2 + 2 * _DKDV_STAGES) * tile_bytes + _DKDV_STAGES * (stats + 8) + _LIST_BYTES
-                args = (maps[0].arg, maps[1].arg) + args + (np.int32(_LIST_STAGE_LIMIT), _null_or(ds_blocks),
-                                                            np.int32(bh_kv0), _null_or(order))
+                args = (dkdv_maps[0].arg, dkdv_maps[1].arg) + args + (
+                    np.int32(_LIST_STAGE_LIMIT), _null_or(ds_blocks), np.int32(bh_kv0), _null_or(order))
             else:
-                kernel = get_function("attention_bwd.cu", f"bwd_dkdv<{ctype}, {d}>")
-                smem_kv = smem + 2 * stats  # K, V and two cp.async stages of Q, dO, lse and delta
                 args += (_null_or(order),)
-            kernel.max_dynamic_shared_size_bytes = smem_kv
-            kernel((kv_len // _BLOCK_M, count), (128,), args, shared_mem=smem_kv)
+            dkdv_kernel((kv_len // _BLOCK_M, count), (128,), args, shared_mem=smem_kv)
 
         list_args = (q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, _null_or(dq_tile), dq, *common,
                      np.int32(length), np.int32(tile_volume), np.float32(scale))
-        blocks = []
+        # dS bytes per (batch, kv head), every selection entry counted (the used ones are known on the device only).
+        ds_bytes = group * n_q * length * slices * slices * _DS_BLOCK_BYTES
+        chunk = streams = 0
+        if dkdv_wgmma and dq_wgmma and d in _DS_HEAD_DIMS:
+            chunk, streams = ds_schedule(b * h_kv, ds_bytes, kv_len // _BLOCK_M, int(DS_WORKSPACE_BYTES))
+            if chunk and _ds_refused(q.data.device_id, chunk * streams * ds_bytes):
+                chunk = streams = 0
         if chunk:
-            try:  # blocks for each chunk in flight; without the memory, the passes below recompute dS
+            # Per chunk of `chunk` (batch, kv head) pairs: the dK/dV pass, storing dS; then the dQ pass
+            # summing dS K.  With several chunks, chunk c's two passes run on stream c % streams with
+            # blocks of its own, so that one chunk's dQ pass (bound by memory) overlaps another's
+            # dK/dV pass (bound by its instructions), and no launch's tail leaves SMs idle.
+            codes, offsets, pos = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume, positions=True)
+            order = dkdv_order(offsets, chunk * (kv_len // tile_volume)) if DKDV_ORDER else None
+            try:  # last: without the memory for the blocks, the passes below recompute dS
                 blocks = [_alloc((chunk * ds_bytes // q.dtype.itemsize,), q.dtype) for _ in range(streams)]
             except Exception as error:  # noqa: BLE001 - allocators raise their own out-of-memory errors
                 if not _out_of_memory(error):
                     raise
-        if blocks:
-            # Per chunk of `chunk` (batch, kv head) pairs: the dK/dV pass, storing dS; then the dQ pass
-            # summing dS K.  With several workspaces, chunk c's two passes run on stream c % streams,
-            # so that one chunk's dQ pass (bound by memory) overlaps another's dK/dV pass (bound by
-            # its instructions), and no launch's tail leaves SMs idle.
-            codes, offsets, pos = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume, positions=True)
-            order = dkdv_order(offsets, chunk * (kv_len // tile_volume)) if DKDV_ORDER else None
-            kernel = get_function("attention_bwd_sm90.cu", f"bwd_dq_ds_sm90<{ctype}, {d}, {_DQDS_STAGES}>")
+                refused = _DS_REFUSED.get(q.data.device_id, [chunk * streams * ds_bytes])[0]
+                _DS_REFUSED[q.data.device_id] = [min(refused, chunk * streams * ds_bytes), _DS_RETRY_CALLS]
+                chunk = 0
+        if chunk:
+            dq_kernel = get_function("attention_bwd_sm90.cu", f"bwd_dq_ds_sm90<{ctype}, {d}, {_DQDS_STAGES}>")
             smem_dq, list_room = _dq_ds_layout(tile_bytes, _DQDS_STAGES)
-            kernel.max_dynamic_shared_size_bytes = smem_dq
+            dq_kernel.max_dynamic_shared_size_bytes = smem_dq
             map_k = _TensorMap(k, b * h_kv * kv_len)
 
             def chunk_passes(ds_blocks, bh_kv0):
                 count = min(chunk, b * h_kv - bh_kv0)
                 dkdv_pass(codes, offsets, order, ds_blocks, bh_kv0, count)
-                kernel((q_len // _BLOCK_M, count * group), (128,),
-                       (map_k.arg, k, ds_blocks, pos, *list_args, np.int32(_LIST_STAGE_LIMIT), offsets,
-                        np.int32(bh_kv0 * group), np.int32(list_room)),
-                       shared_mem=smem_dq)
+                dq_kernel((q_len // _BLOCK_M, count * group), (128,),
+                          (map_k.arg, k, ds_blocks, pos, *list_args, np.int32(_LIST_STAGE_LIMIT), offsets,
+                           np.int32(bh_kv0 * group), np.int32(list_room)),
+                          shared_mem=smem_dq)
 
             starts = range(0, b * h_kv, chunk)
             if len(starts) == 1:
@@ -463,17 +502,22 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
                 return dq, dk, dv
             import cupy
 
+            # Everything that may fail on the host is done: fork, launch, and join even if a launch
+            # raises (else the caller's stream would free buffers that queued work still uses, and
+            # a capture would end with unjoined streams).
             caller = cupy.cuda.get_current_stream()
             pipes, fork, joins = _pipes(q.data.device_id, len(blocks))
             fork.record(caller)
             for pipe in pipes:
                 pipe.wait_event(fork)
-            for c, bh_kv0 in enumerate(starts):
-                with pipes[c % len(pipes)]:
-                    chunk_passes(blocks[c % len(pipes)], bh_kv0)
-            for pipe, join in zip(pipes, joins):
-                join.record(pipe)
-                caller.wait_event(join)
+            try:
+                for c, bh_kv0 in enumerate(starts):
+                    with pipes[c % len(pipes)]:
+                        chunk_passes(blocks[c % len(pipes)], bh_kv0)
+            finally:
+                for pipe, join in zip(pipes, joins):
+                    join.record(pipe)
+                    caller.wait_event(join)
             return dq, dk, dv
 
         args = (q, k, v, dout, lse, delta, *list_args)
