@@ -368,11 +368,18 @@ def test_gpu_errors_under_jit_carry_vsa_nd_message():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dim", [64, 128])
-def test_gpu_gradients_match_reference_eager_and_jitted(dim):
+@pytest.mark.parametrize("hand_over", [False, True])
+def test_gpu_gradients_match_reference_eager_and_jitted(dim, hand_over, monkeypatch):
+    """``hand_over``: the backward's dS hand-over forced on, one (batch, kv head) pair per chunk
+    on two streams of its own forked from the stream XLA gives the foreign call (under jit)."""
     from vsa_nd.backends import cuda_attention
 
     if not hasattr(cuda_attention, "block_sparse_bwd"):
         pytest.skip("vsa_nd.backends.cuda_attention.block_sparse_bwd (the CUDA backward kernels) is not written yet")
+    if hand_over:
+        for name, value in (("DS_WORKSPACE_BYTES", 1 << 30), ("_DS_MIN_BYTES", 0), ("_DS_CHUNK_PAIRS", 1),
+                            ("_DS_HEAD_DIMS", (64, 128))):
+            monkeypatch.setattr(cuda_attention, name, value)
     plan, (q, k, v, g) = gpu_problem(dim=dim, seed=dim)
     dout = jnp.asarray(np.random.default_rng(dim).standard_normal(q.shape), jnp.bfloat16, device=q.devices().pop())
     attention = lambda *a: vj.video_sparse_attn(*a[:3], 2, plan.variable_block_sizes, gate=a[3])  # noqa: E731
