@@ -405,7 +405,9 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     joined back to it (so the call stays capturable in a CUDA graph).  Elsewhere, where the
     schedule declines (small problems, too little budget), or when the blocks cannot be allocated
     (then calls of that size recompute for a while: ``_ds_refused``), the dQ pass recomputes S,
-    P, dP and dS itself: seven products per pair, no workspace.  The dK/dV pass takes its lists long ones first (:func:`dkdv_order`;
+    P, dP and dS itself: seven products per pair, no workspace.  The side streams and their
+    events are made on a thread's first call with several chunks: warm up before a capture, as
+    for the kernels.  The dK/dV pass takes its lists long ones first (:func:`dkdv_order`;
     ``DKDV_ORDER``), so that key tiles chosen by many query tiles do not leave a few SMs finishing
     them after the rest.
     """
