@@ -321,6 +321,45 @@ def test_smoke_select_topk(poisoned):
 
 
 # ---------------------------------------------------------------------------------------------
+# softmax_grad_rows_ (the coarse branch's softmax backward)
+
+
+def _check_softmax_grad(lead, n, d, rng):
+    """softmax_grad_rows_ in place against float64: within the fp32 rounding of its dot product
+    (d terms), its subtraction and its product; the NumPy backend's version likewise."""
+    from vsa_nd.backends import numba_cpu
+
+    scores = rng.standard_normal((*lead, n)) * 3
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = (probs / probs.sum(axis=-1, keepdims=True)).astype(np.float32)
+    g, d_out, out = (rng.standard_normal(shape).astype(np.float32) for shape in ((*lead, n), (*lead, d), (*lead, d)))
+    terms = d_out.astype(np.float64) * out
+    want = probs * (g - terms.sum(axis=-1, keepdims=True))
+    bound = probs * ((d + 4) * 2.0**-24 * (np.abs(terms).sum(axis=-1, keepdims=True) + np.abs(g))) + 2.0**-23 * np.abs(want)
+    arrays = [cupy.asarray(x) for x in (g, probs, d_out, out)]
+    result = cuda_backend.softmax_grad_rows_(*arrays)
+    assert result is arrays[0]
+    got = cupy.asnumpy(result)
+    assert np.all(np.abs(got - want) <= bound)
+    on_cpu = numba_cpu.softmax_grad_rows_(g.copy(), probs, d_out, out)
+    assert np.all(np.abs(on_cpu - want) <= bound)
+
+
+@gpu
+@given(st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 40)), st.integers(1, 1500),
+       st.sampled_from([1, 3, 31, 32, 33, 64, 128, 160]), st.integers(0, 2**32 - 1))
+def test_softmax_grad_rows_matches_float64(lead, n, d, seed):
+    _check_softmax_grad(lead, n, d, np.random.default_rng(seed))
+
+
+@gpu
+def test_smoke_softmax_grad_rows():
+    rng = np.random.default_rng(4)
+    _check_softmax_grad((1, 3, 13), 768, 128, rng)  # 39 rows: the last CTA has rows beyond the end
+    _check_softmax_grad((2, 1, 1), 1, 64, rng)
+
+
+# ---------------------------------------------------------------------------------------------
 # coarse_grad_inputs
 
 

@@ -436,9 +436,8 @@ def video_sparse_attn_backward(dout, context: VSAContext, *, out=None) -> Gradie
     b, h, n_q, d = c.q_mean.shape
     h_kv = c.k_mean.shape[1]
     probs, d_coarse_g = _grouped(c.coarse_probs, h_kv), _grouped(d_coarse, h_kv)
-    d_scores = backend.matmul(d_coarse_g, c.v_mean, transpose_b=True)
-    d_scores -= _grouped((d_coarse * c.coarse).sum(axis=-1, keepdims=True), h_kv)
-    d_scores *= probs
+    d_scores = backend.softmax_grad_rows_(backend.matmul(d_coarse_g, c.v_mean, transpose_b=True), probs, d_coarse_g,
+                                          _grouped(c.coarse, h_kv))
     # Each tile's gradient is shared by its real tokens: the products divide their rows by the
     # block sizes (rows of a grouped product run over the group's heads, N_q rows per head).
     dq_token = backend.matmul(d_scores, c.k_mean, alpha=c.scale, row_divisor=c.q_block_sizes).reshape(b, h, n_q, d)

@@ -23,6 +23,10 @@ The interface every backend implements:
     :func:`block_mean` of up to three tensors of one dtype, D and V (one launch on CUDA).
 ``softmax_rows_(x) -> x``
     Row softmax of a compute-dtype array [..., n] in place.
+``softmax_grad_rows_(d_probs, probs, d_out, out) -> d_probs``
+    Softmax backward in place: d_probs [..., n] becomes ``probs * (d_probs - rowsum(d_out * out))``
+    for out = probs @ v [..., d] with gradient d_out (so that the row sum equals
+    ``rowsum(d_probs * probs)``); all four in the compute dtype with the same leading axes.
 ``matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0, row_divisor=None) -> [batch..., m, n]``
     ``alpha * op(a) @ op(b)`` for every batch index, in the compute dtype, then row r divided by
     ``row_divisor[r % p]`` when an int32 ``row_divisor`` [p] is given (p divides m): a [batch..., m, k]

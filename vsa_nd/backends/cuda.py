@@ -34,6 +34,7 @@ _TILE_THREADS, _TILE_UNITS = 256, 4  # tile.cu: THREADS, UNITS
 _REDUCE_THREADS = 128  # block_mean.cu and coarse_grad.cu: one thread per (tile, column vector)
 _TOPK_THREADS = 128  # topk.cu
 _SOFTMAX_THREADS = 256  # softmax.cu
+_SOFTMAX_GRAD_WARPS = 8  # GRAD_WARPS there
 _GEMM_THREADS = 256  # gemm_f32.cu
 
 _INT32_HEADROOM = 2**31 - 2**16  # int32 unit / tile indices, with room for a grid's last partial CTA
@@ -187,6 +188,20 @@ def softmax_rows_(x):
             _check_index_range("x", rows, "rows")
             get_function("softmax.cu", "softmax_rows")((rows,), (_SOFTMAX_THREADS,), (x, np.int32(x.shape[-1])))
     return x
+
+
+def softmax_grad_rows_(d_probs, probs, d_out, out):
+    """Softmax backward in place (one launch): float32 d_probs [..., n] (the gradient of probs)
+    becomes ``probs * (d_probs - rowsum(d_out * out))``, where out = probs @ v [..., d] and d_out
+    its gradient (so that rowsum(d_out * out) = rowsum(d_probs * probs)); returns d_probs.
+    All four C-contiguous float32 with the same leading axes."""
+    rows = d_probs.size // d_probs.shape[-1] if d_probs.size else 0
+    with d_probs.device:
+        if rows:
+            get_function("softmax.cu", "softmax_grad_rows")(
+                (-(-rows // _SOFTMAX_GRAD_WARPS),), (_SOFTMAX_GRAD_WARPS * 32,),
+                (d_probs, probs, d_out, out, np.int64(rows), np.int32(d_probs.shape[-1]), np.int32(d_out.shape[-1])))
+    return d_probs
 
 
 @functools.cache

@@ -290,6 +290,14 @@ def softmax_rows_(x):
     return x
 
 
+def softmax_grad_rows_(d_probs, probs, d_out, out):
+    """Softmax backward in place: d_probs [..., n] becomes ``probs * (d_probs - rowsum(d_out *
+    out))``, where out = probs @ v [..., d] and d_out its gradient; returns d_probs."""
+    d_probs -= (d_out * out).sum(axis=-1, keepdims=True)
+    d_probs *= probs
+    return d_probs
+
+
 def matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0, row_divisor=None):
     """``alpha * op(a) @ op(b)`` per batch, NumPy's ``@`` (BLAS) in the inputs' dtype.
 
