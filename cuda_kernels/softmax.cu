@@ -1,54 +1,26 @@
 // Row softmax in place, and its backward.
 //
 // softmax_rows: x [rows, n] fp32 becomes exp(x - max) / sum per row (the coarse stage's
-// probabilities over the N_kv key tiles).  One CTA of THREADS threads per row.  Pass 1 keeps a running (max, sum of exp) per thread
-// over a strided walk of the row (the online-softmax merge), reduced across the CTA through
-// warp shuffles and shared memory; pass 2 rewrites the row.  Two reads and one write of the
-// row (rows of a few thousand floats stay in L1/L2 between the passes).
+// probabilities over the N_kv key tiles): one CTA of THREADS threads per row, by
+// vsa::softmax_row_inplace (softmax.cuh).  The forward's selection does the same in its own
+// kernel (topk.cu, select_topk<true>); this one serves the coarse attention on its own.
 //
 // softmax_grad_rows: the backward of o = softmax(s) v for one row, in place on g = dL/dP:
 // g becomes P * (g - rowsum(g * P)), with rowsum(g * P) = dot(dL/do, o) (as g = dL/do v^T and
 // o = P v), which reads D floats instead of n.  One warp per row: the dot product by shuffles,
 // then one read of P and a read and write of g; (g - dot) and the product round separately.
-#include "common.cuh"
+#include "softmax.cuh"
 
 namespace {
 
 constexpr int THREADS = 256;
 constexpr int GRAD_WARPS = 8;  // rows per CTA of softmax_grad_rows
 
-// Merge (m, s) into (max, sum): sum is kept relative to max.
-__device__ __forceinline__ void merge(float& max, float& sum, float m, float s) {
-    const float top = fmaxf(max, m);
-    if (top == vsa::neg_inf()) return;  // both empty
-    sum = sum * __expf(max - top) + s * __expf(m - top);
-    max = top;
-}
-
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(THREADS) softmax_rows(float* __restrict__ x, int n) {
     __shared__ float shared_max[THREADS / 32], shared_sum[THREADS / 32];
-    float* row = x + static_cast<size_t>(blockIdx.x) * n;
-    float max = vsa::neg_inf(), sum = 0.f;
-    for (int i = threadIdx.x; i < n; i += THREADS) merge(max, sum, row[i], 1.f);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        const float m = __shfl_xor_sync(0xffffffffu, max, offset), s = __shfl_xor_sync(0xffffffffu, sum, offset);
-        merge(max, sum, m, s);
-    }
-    const int warp = threadIdx.x >> 5;
-    if ((threadIdx.x & 31) == 0) {
-        shared_max[warp] = max;
-        shared_sum[warp] = sum;
-    }
-    __syncthreads();
-    max = shared_max[0];
-    sum = shared_sum[0];
-#pragma unroll
-    for (int w = 1; w < THREADS / 32; ++w) merge(max, sum, shared_max[w], shared_sum[w]);
-    const float inv = 1.f / sum;
-    for (int i = threadIdx.x; i < n; i += THREADS) row[i] = __expf(row[i] - max) * inv;
+    vsa::softmax_row_inplace<THREADS>(x + static_cast<size_t>(blockIdx.x) * n, n, shared_max, shared_sum);
 }
 
 extern "C" __global__ void __launch_bounds__(GRAD_WARPS * 32)

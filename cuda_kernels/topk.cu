@@ -22,8 +22,12 @@
 // Rows of any length work: every pass reads the row from global memory (L1/L2 after the first).
 //
 // Memory traffic: each row read from DRAM once (later passes hit L1/L2) and topk + 1 ints written.
+//
+// select_topk<true> then turns the row into its softmax in place (vsa::softmax_row_inplace), as
+// the forward needs next: one launch and one pass over the scores fewer than a separate
+// softmax_rows, with the row still in L1/L2.  select_topk<false> leaves the scores as they are.
 
-#include "common.cuh"
+#include "softmax.cuh"
 
 namespace {
 
@@ -40,16 +44,16 @@ __device__ __forceinline__ unsigned int score_key(float s) {
 
 }  // namespace
 
+template <bool SOFTMAX>
 __global__ void __launch_bounds__(THREADS)
-select_topk(const float* __restrict__ scores, int* __restrict__ q2k_idx, int* __restrict__ q2k_num,
-            int num_kv, int topk) {
+select_topk(float* scores, int* __restrict__ q2k_idx, int* __restrict__ q2k_num, int num_kv, int topk) {
     __shared__ unsigned int hist[2][BINS];  // this pass's histogram and the next one's
     __shared__ unsigned int s_prefix, s_mask;
     __shared__ int s_needed, s_done;
     __shared__ unsigned long long warp_sums[2][WARPS];
 
     const long long row = blockIdx.x;
-    const float* __restrict__ s = scores + row * num_kv;
+    const float* s = scores + row * num_kv;  // not __restrict__: select_topk<true> rewrites the row
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
     for (int i = tid; i < BINS; i += THREADS) hist[0][i] = 0u;
@@ -151,4 +155,10 @@ select_topk(const float* __restrict__ scores, int* __restrict__ q2k_idx, int* __
         if (above_before + min(equal_before, static_cast<unsigned int>(needed)) == static_cast<unsigned int>(topk)) break;
     }
     if (tid == 0) q2k_num[row] = topk;
+    if constexpr (SOFTMAX) {
+        // Every thread is past its last read of the scores above (the scan's exits are uniform);
+        // the softmax's own barrier comes before its writes.
+        __shared__ float shared_max[WARPS], shared_sum[WARPS];
+        vsa::softmax_row_inplace<THREADS>(scores + row * num_kv, num_kv, shared_max, shared_sum);
+    }
 }

@@ -274,12 +274,32 @@ def _scores(rng, shape, kind: str):
 
 
 def _check_topk(scores_host, topk):
+    """The selection against the reference, bit for bit (and again: deterministic); and the
+    forward's fused variant, which also turns the scores into their row softmax in place: the
+    same selection, and probabilities within fp32 rounding of a float64 softmax (NaN where it
+    is NaN: rows with NaN or +inf), as those of the standalone softmax kernel."""
     scores = cupy.asarray(scores_host)
     q2k_idx, q2k_num = vsa_nd.select_topk_blocks(scores, topk)
     expected_idx, expected_num = reference.select_topk(scores_host, topk)
     _assert_same_bits(q2k_idx, expected_idx)
     _assert_same_bits(q2k_num, expected_num)
     _assert_same_bits(vsa_nd.select_topk_blocks(scores, topk)[0], expected_idx)
+    assert cupy.array_equal(scores, cupy.asarray(scores_host), equal_nan=True)  # select_topk_blocks leaves them
+    fused_idx, fused_num, probs = cuda_backend.select_topk_softmax_(scores, topk)
+    assert probs is scores
+    _assert_same_bits(fused_idx, expected_idx)
+    _assert_same_bits(fused_num, expected_num)
+    x = scores_host.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        want = e / e.sum(axis=-1, keepdims=True)
+    n = scores_host.shape[-1]
+    alone = cuda_backend.softmax_rows_(cupy.asarray(scores_host))  # the standalone kernel: the same contract
+    for result in (probs, alone):
+        got = cupy.asnumpy(result).astype(np.float64)
+        assert np.array_equal(np.isnan(got), np.isnan(want))
+        fine = ~np.isnan(want)
+        assert np.all(np.abs(got[fine] - want[fine]) <= 4e-6 * want[fine] + (n + 8) * 2.0**-24 * want[fine] + 1e-30)
 
 
 @gpu

@@ -63,7 +63,7 @@ def catalogue() -> list:
     return [
         KernelSpec("tile.cu", tuple(f"{k}<{u}>" for k in ("tile_rows", "untile_rows") for u in COPY_UNITS)),
         KernelSpec("block_mean.cu", tuple(f"block_mean<{t}, {w}>" for t, w in vector_widths)),
-        KernelSpec("topk.cu", ("select_topk",)),
+        KernelSpec("topk.cu", ("select_topk<false>", "select_topk<true>")),
         KernelSpec("softmax.cu", ("softmax_rows", "softmax_grad_rows")),
         KernelSpec("kv_lists.cu",
                    ("kv_lists_mark", "kv_lists_scan", "kv_lists_write", "kv_lists_rank", "kv_lists_order")),

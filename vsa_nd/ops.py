@@ -378,8 +378,8 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     kv_sizes = problem.kv_block_sizes
     q_mean, k_mean, v_mean = backend.block_means((q, k, v), (q_block_sizes, kv_sizes, kv_sizes))
     scores = _coarse_scores(q_mean, k_mean, problem.scale)
-    q2k_idx, q2k_num = backend.select_topk(scores, topk)
-    probs = backend.softmax_rows_(scores)  # the scores are not needed after the selection
+    # The scores are not needed after the selection: they become the coarse probabilities in place.
+    q2k_idx, q2k_num, probs = backend.select_topk_softmax_(scores, topk)
     coarse = _coarse_output(probs, v_mean)
     out, lse = backend.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, problem.kv_block_sizes, problem.scale, coarse, gate,
                                         out=out)

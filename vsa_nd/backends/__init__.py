@@ -34,6 +34,9 @@ The interface every backend implements:
     [batch..., n, k] with ``transpose_b``), both C-contiguous with the same batch axes.  The
     coarse stage's products; exact fp32 arithmetic on CUDA (no TF32, no cuBLAS, so the
     forward and backward can be captured in a CUDA graph).
+``select_topk_softmax_(scores, topk) -> (q2k_idx, q2k_num, scores)``
+    :func:`select_topk`, then the row softmax of ``scores`` in place (the forward needs both;
+    one launch on CUDA).
 ``select_topk(scores, topk) -> (q2k_idx [B, H, N_q, topk] int32, q2k_num [B, H, N_q] int32)``
     scores [B, H, N_q, N_kv] float; the ``topk`` largest per row, ties to the lower index,
     each row listed in increasing tile order.

@@ -160,11 +160,12 @@ def block_mean(x, block_sizes):
     return block_means([x], [block_sizes])[0]
 
 
-def select_topk(scores, topk: int):
+def select_topk(scores, topk: int, softmax: bool = False):
     """scores float32 [B, H, N_q, N_kv] -> (q2k_idx int32 [B, H, N_q, topk], q2k_num int32 [B, H, N_q]).
 
     The ``topk`` largest per row, ties to the lower index, each row in increasing tile order;
-    NaN counts as the smallest score.
+    NaN counts as the smallest score.  With ``softmax`` the same launch then turns each row of
+    ``scores`` into its softmax in place (as :func:`softmax_rows_`).
     """
     if scores.dtype != np.float32:
         raise TypeError(f"scores: expected dtype float32 on CUDA, got {scores.dtype}")
@@ -176,8 +177,15 @@ def select_topk(scores, topk: int):
         _check_index_range("scores", rows, "rows")
         if rows:
             args = (scores, q2k_idx, q2k_num, np.int32(num_kv), np.int32(topk))
-            get_function("topk.cu", "select_topk")((rows,), (_TOPK_THREADS,), args)
+            get_function("topk.cu", f"select_topk<{'true' if softmax else 'false'}>")((rows,), (_TOPK_THREADS,), args)
     return q2k_idx, q2k_num
+
+
+def select_topk_softmax_(scores, topk: int):
+    """(q2k_idx, q2k_num, probs): :func:`select_topk` of ``scores``, then ``scores`` turned into its
+    row softmax in place (``probs`` is ``scores``); one launch."""
+    q2k_idx, q2k_num = select_topk(scores, topk, softmax=True)
+    return q2k_idx, q2k_num, scores
 
 
 def softmax_rows_(x):

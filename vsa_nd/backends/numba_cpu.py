@@ -365,6 +365,13 @@ def select_topk(scores, topk):
     return q2k_idx, q2k_num
 
 
+def select_topk_softmax_(scores, topk):
+    """(q2k_idx, q2k_num, probs): :func:`select_topk` of ``scores``, then ``scores`` turned into its
+    row softmax in place (``probs`` is ``scores``)."""
+    q2k_idx, q2k_num = select_topk(scores, topk)
+    return q2k_idx, q2k_num, softmax_rows_(scores)
+
+
 @njit(**_KERNEL)
 def _coarse_grad_kernel(dout, gate, has_gate, coarse, q_block_sizes, d_coarse, dgate):
     batch, heads, tiles, volume, dim = dout.shape
