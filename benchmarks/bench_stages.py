@@ -107,6 +107,8 @@ def main():
         "coarse scores (gemm_f32)": lambda: ops._coarse_scores(q_mean, k_mean, scale),
         "top-k selection": lambda: cuda.select_topk(scores, args.topk),
         "softmax in place": lambda: cuda.softmax_rows_(probs),
+        # What the forward runs since 976a3a3 in place of the two rows above (on a copy: in place).
+        "top-k + softmax (one launch, as the forward)": lambda: cuda.select_topk_softmax_(scores.copy(), args.topk),
         "coarse output (gemm_f32)": lambda: ops._coarse_output(probs, v_mean),
         "block-sparse forward + combine": lambda: cuda.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, sizes, scale, coarse,
                                                                         None),

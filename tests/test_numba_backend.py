@@ -178,6 +178,36 @@ def test_select_topk_blocks(n_q, n_kv, dtype, levels, specials, data):
     assert snapshot(scores) == before
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_coarse_softmax_and_its_backward_kernels(dtype):
+    """The CPU backend's coarse-softmax pieces against float64: select_topk_softmax_ (the
+    selection of select_topk, then the row softmax in place; a row holding NaN or +inf, or only
+    -inf, all NaN) and softmax_grad_rows_ (P * (dP - dot(d_out, out)) in place)."""
+    from vsa_nd.backends import numba_cpu
+
+    rng = np.random.default_rng(5)
+    scores = (rng.standard_normal((2, 3, 4, 9)) * 3).astype(dtype)
+    scores[0, 0, 0, 2], scores[0, 0, 1, 5], scores[0, 0, 2] = np.nan, np.inf, -np.inf
+    x = scores.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        want = e / e.sum(axis=-1, keepdims=True)
+    expected_idx, expected_num = numba_cpu.select_topk(scores, 3)
+    with np.errstate(invalid="ignore"):
+        q2k_idx, q2k_num, probs = numba_cpu.select_topk_softmax_(scores, 3)
+    assert probs is scores
+    assert np.array_equal(q2k_idx, expected_idx) and np.array_equal(q2k_num, expected_num)
+    assert np.isnan(probs[0, 0, :3]).all() and not np.isnan(probs[0, 0, 3:]).any()
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    assert np.allclose(probs, want, rtol=tol, atol=tol, equal_nan=True)
+
+    p, g = want[1], rng.standard_normal((3, 4, 9))
+    d_out, out = rng.standard_normal((3, 4, 16)), rng.standard_normal((3, 4, 16))
+    expected = p * (g - (d_out * out).sum(axis=-1, keepdims=True))
+    got = numba_cpu.softmax_grad_rows_(*(a.astype(dtype) for a in (g, p, d_out, out)))
+    assert np.allclose(got, expected, rtol=tol * 10, atol=tol * 10)
+
+
 def test_nan_and_inf_propagate_as_in_the_reference():
     """A NaN query row gives a NaN output row and LSE, and leaves the other rows unchanged; an
     infinite key gives NaN rows where it is selected (inf - inf); a forward and backward on

@@ -22,11 +22,14 @@ The interface every backend implements:
 ``block_means(tensors, block_sizes_list) -> list``
     :func:`block_mean` of up to three tensors of one dtype, D and V (one launch on CUDA).
 ``softmax_rows_(x) -> x``
-    Row softmax of a compute-dtype array [..., n] in place.
+    Row softmax of a compute-dtype array [..., n] in place.  A row holding NaN or +inf, or only
+    -inf, becomes all NaN, as in the reference (the fine stage instead gives 0 and lse -inf for a
+    row with no finite score: its keys are tokens, not tiles).
 ``softmax_grad_rows_(d_probs, probs, d_out, out) -> d_probs``
     Softmax backward in place: d_probs [..., n] becomes ``probs * (d_probs - rowsum(d_out * out))``
     for out = probs @ v [..., d] with gradient d_out (so that the row sum equals
-    ``rowsum(d_probs * probs)``); all four in the compute dtype with the same leading axes.
+    ``rowsum(d_probs * probs)``); all four in the compute dtype with the same leading axes,
+    C-contiguous, d_probs sharing no memory with the others.
 ``matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0, row_divisor=None) -> [batch..., m, n]``
     ``alpha * op(a) @ op(b)`` for every batch index, in the compute dtype, then row r divided by
     ``row_divisor[r % p]`` when an int32 ``row_divisor`` [p] is given (p divides m): a [batch..., m, k]
@@ -34,12 +37,12 @@ The interface every backend implements:
     [batch..., n, k] with ``transpose_b``), both C-contiguous with the same batch axes.  The
     coarse stage's products; exact fp32 arithmetic on CUDA (no TF32, no cuBLAS, so the
     forward and backward can be captured in a CUDA graph).
-``select_topk_softmax_(scores, topk) -> (q2k_idx, q2k_num, scores)``
-    :func:`select_topk`, then the row softmax of ``scores`` in place (the forward needs both;
-    one launch on CUDA).
 ``select_topk(scores, topk) -> (q2k_idx [B, H, N_q, topk] int32, q2k_num [B, H, N_q] int32)``
     scores [B, H, N_q, N_kv] float; the ``topk`` largest per row, ties to the lower index,
     each row listed in increasing tile order.
+``select_topk_softmax_(scores, topk) -> (q2k_idx, q2k_num, scores)``
+    ``select_topk``, then ``softmax_rows_`` of ``scores`` in place (the forward needs both; one
+    launch on CUDA).  NaN counts as the smallest score for the selection only.
 ``block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None) -> (out, lse)``
     out [B, H, Sq_pad, D] in q's dtype = fine + (gate *) broadcast(coarse), where ``coarse``
     is None or [B, H, N_q, D] in the compute dtype and ``gate`` None or q-shaped;
