@@ -340,6 +340,7 @@ def test_workspace_out_of_memory_falls_back_to_recomputing(monkeypatch):
             launches.names.clear()
             got = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
             assert "bwd_dq_ds_sm90" not in launches.names and "bwd_dq_sm90" in launches.names
+            assert "kv_lists_rank" not in launches.names  # the hand-over's lists are built after its blocks
             for a, b in zip(got, want):
                 assert bool(cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)))
         assert len(tries) == 2  # the first call, then again after three calls that did not try
@@ -368,11 +369,13 @@ def test_smoke_backward(kernel, monkeypatch):
     assert _rel_err(dv[:, :, kv_real], ref.dv[:, :, kv_real]) <= 3e-2
 
 
-@pytest.mark.parametrize("kernel", ["auto", "mma"])
+@pytest.mark.parametrize("kernel", ["auto", "mma", "streams"])
 @given(problems(max_tokens=700))
 def test_row_terms_from_coarse_grad_match_bwd_delta(kernel, p):
     """coarse_grad_inputs computes delta and lse * log2(e) in its pass over dout, and bwd_delta
-    then does not run; the gradients are bit-identical to those of the backward with bwd_delta."""
+    then does not run; the gradients are bit-identical to those of the backward with bwd_delta
+    (with "streams", one bwd_delta per chunk on the chunk's stream, its rows only: the rows
+    start as NaN, so a row no chunk wrote would show)."""
     from unittest import mock
 
     from vsa_nd.backends import cuda, cuda_attention
@@ -384,23 +387,19 @@ def test_row_terms_from_coarse_grad_match_bwd_delta(kernel, p):
         poison = lambda shape, dtype: cupy.full(shape, np.nan, dtype)  # noqa: E731
         monkeypatch.setattr(cuda_attention, "_alloc", poison)
         monkeypatch.setattr(cuda, "_alloc", poison)
-        launched = []
-        real_get = cuda_attention.get_function
-
-        def spy(source, name):
-            launched.append(name)
-            return real_get(source, name)
-
-        monkeypatch.setattr(cuda_attention, "get_function", spy)
+        launches = _Launches(cuda_attention.get_function)
+        monkeypatch.setattr(cuda_attention, "get_function", launches)
         fused = _run(p)[0]
-        assert launched and not any(n.startswith("bwd_delta") for n in launched)
+        assert launches.names and "bwd_delta" not in launches.names
 
         real_inputs = cuda.coarse_grad_inputs
         without = lambda *a, **kw: real_inputs(*a, **{**kw, "out": None, "lse": None})  # noqa: E731
-        launched.clear()
+        launches.names.clear()
         with mock.patch.object(cuda, "coarse_grad_inputs", without):
             separate = _run(p)[0]
-        assert any(n.startswith("bwd_delta") for n in launched)
+        assert "bwd_delta" in launches.names
+        if "bwd_dq_ds_sm90" in launches.names:  # the hand-over: one bwd_delta per chunk, before its dK/dV pass
+            assert launches.names.count("bwd_delta") == launches.names.count("bwd_dkdv_sm90")
     for a, b in zip(fused, separate):
         if a is None:
             assert b is None

@@ -131,6 +131,12 @@ def _ds_refused(device_id: int, nbytes: int) -> bool:
     return True
 
 
+def _ds_refuse(device_id: int, nbytes: int) -> None:
+    """Records that ``nbytes`` of dS blocks failed to allocate on ``device_id`` (see _ds_refused)."""
+    refused = _DS_REFUSED.get(device_id, [nbytes])[0]
+    _DS_REFUSED[device_id] = [min(refused, nbytes), _DS_RETRY_CALLS]
+
+
 def _out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is an allocation failure: CuPy's pool, or an allocator behind it (torch's)."""
     import cupy
@@ -423,12 +429,17 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
         dkdv_wgmma = wgmma and _tma_ready(q, dout)  # else the portable dK/dV kernel
         dq_wgmma = wgmma and _tma_ready(k, v)  # else the portable dQ kernel
         rows = b * h * q_len
+        delta_rows = None  # bwd_delta over the (batch, head)s [h0, h1) of B * H, where it must run
         if row_terms is not None:
             delta, lse_log2 = row_terms
         else:
             delta = _alloc((b, h, q_len), np.float32)
             lse_log2 = _alloc((b, h, q_len), np.float32) if dkdv_wgmma else None  # lse * log2(e), for that pass
-            bwd_delta(dout, out, coarse, gate, q_block_sizes, lse, delta, lse_log2)
+
+            def delta_rows(h0, h1):
+                heads = lambda x: None if x is None else x.reshape((1, b * h) + x.shape[2:])[:, h0:h1]  # noqa: E731
+                bwd_delta(*(heads(x) for x in (dout, out, coarse, gate)), q_block_sizes,
+                          *(heads(x) for x in (lse, delta, lse_log2)))
         group, length, slices = h // h_kv, q2k_idx.shape[3], tile_volume // _CHUNK
         common = (np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len))
         tile_bytes = _BLOCK_M * d * q.dtype.itemsize
@@ -467,8 +478,19 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
         chunk = streams = 0
         if dkdv_wgmma and dq_wgmma and d in _DS_HEAD_DIMS:
             chunk, streams = ds_schedule(b * h_kv, ds_bytes, kv_len // _BLOCK_M, int(DS_WORKSPACE_BYTES))
-            if chunk and _ds_refused(q.data.device_id, chunk * streams * ds_bytes):
-                chunk = streams = 0
+            held = chunk * streams * ds_bytes  # bytes of blocks in flight
+            if chunk and _ds_refused(q.data.device_id, held):
+                chunk = 0
+        if chunk:
+            # The blocks first: without the memory for them, the passes below recompute dS (and
+            # build their lists without positions).
+            try:
+                blocks = [_alloc((chunk * ds_bytes // q.dtype.itemsize,), q.dtype) for _ in range(streams)]
+            except Exception as error:  # noqa: BLE001 - allocators raise their own out-of-memory errors
+                if not _out_of_memory(error):
+                    raise
+                _ds_refuse(q.data.device_id, held)
+                chunk = 0
         if chunk:
             # Per chunk of `chunk` (batch, kv head) pairs: the dK/dV pass, storing dS; then the dQ pass
             # summing dS K.  With several chunks, chunk c's two passes run on stream c % streams with
@@ -476,15 +498,6 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
             # dK/dV pass (bound by its instructions), and no launch's tail leaves SMs idle.
             codes, offsets, pos = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume, positions=True)
             order = dkdv_order(offsets, chunk * (kv_len // tile_volume)) if DKDV_ORDER else None
-            try:  # last: without the memory for the blocks, the passes below recompute dS
-                blocks = [_alloc((chunk * ds_bytes // q.dtype.itemsize,), q.dtype) for _ in range(streams)]
-            except Exception as error:  # noqa: BLE001 - allocators raise their own out-of-memory errors
-                if not _out_of_memory(error):
-                    raise
-                refused = _DS_REFUSED.get(q.data.device_id, [chunk * streams * ds_bytes])[0]
-                _DS_REFUSED[q.data.device_id] = [min(refused, chunk * streams * ds_bytes), _DS_RETRY_CALLS]
-                chunk = 0
-        if chunk:
             dq_kernel = get_function("attention_bwd_sm90.cu", f"bwd_dq_ds_sm90<{ctype}, {d}, {_DQDS_STAGES}>")
             smem_dq, list_room = _dq_ds_layout(tile_bytes, _DQDS_STAGES)
             dq_kernel.max_dynamic_shared_size_bytes = smem_dq
@@ -492,6 +505,8 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
 
             def chunk_passes(ds_blocks, bh_kv0):
                 count = min(chunk, b * h_kv - bh_kv0)
+                if delta_rows is not None:
+                    delta_rows(bh_kv0 * group, (bh_kv0 + count) * group)
                 dkdv_pass(codes, offsets, order, ds_blocks, bh_kv0, count)
                 dq_kernel((q_len // _BLOCK_M, count * group), (128,),
                           (map_k.arg, k, ds_blocks, pos, *list_args, np.int32(_LIST_STAGE_LIMIT), offsets,
@@ -506,7 +521,10 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
 
             # Everything that may fail on the host is done: fork, launch, and join even if a launch
             # raises (else the caller's stream would free buffers that queued work still uses, and
-            # a capture would end with unjoined streams).
+            # a capture would end with unjoined streams).  Each chunk's row terms (bwd_delta,
+            # bound by memory) run on its stream just before its dK/dV pass: the first chunk's
+            # pass starts after its heads' rows rather than all of them, and the others' run
+            # beside the passes already going.
             caller = cupy.cuda.get_current_stream()
             pipes, fork, joins = _pipes(q.data.device_id, len(blocks))
             fork.record(caller)
@@ -522,6 +540,8 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
                     caller.wait_event(join)
             return dq, dk, dv
 
+        if delta_rows is not None:
+            delta_rows(0, b * h)
         args = (q, k, v, dout, lse, delta, *list_args)
         if dq_wgmma:
             # K and V by TMA: Q, dO and _DQ_STAGES stages of K and V, one 8-byte barrier per stage of each,
