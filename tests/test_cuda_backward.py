@@ -254,15 +254,21 @@ extern "C" __global__ void spin(long long cycles) {
 """
 
 
-def test_hand_over_is_ordered_on_the_callers_stream(monkeypatch):
+@pytest.mark.parametrize("row_terms", ["from the coarse pass", "by bwd_delta on the chunks' streams"])
+def test_hand_over_is_ordered_on_the_callers_stream(row_terms, monkeypatch):
     """dout written on the caller's (non-default) stream behind ~0.1 s of GPU work: the chunks'
     streams must start after it (fork) and the caller's stream must see their results (join);
-    the call returns while the GPU is still busy (no host synchronisation)."""
+    the call returns while the GPU is still busy (no host synchronisation).  Also with the row
+    terms computed from dout on the chunks' streams (bwd_delta) rather than on the caller's."""
     import cupy
 
-    from vsa_nd.backends import cuda_attention
+    from vsa_nd.backends import cuda, cuda_attention
 
     use_kernels("streams", monkeypatch)
+    if row_terms.startswith("by"):
+        real_inputs = cuda.coarse_grad_inputs
+        without = lambda *a, **kw: real_inputs(*a, **{**kw, "out": None, "lse": None})  # noqa: E731
+        monkeypatch.setattr(cuda, "coarse_grad_inputs", without)
     assert cuda_attention.ds_schedule(6, 1, 1, 1 << 30) == (1, 3)
     dout, ctx = _hand_over_problem(23)
     want = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
@@ -374,8 +380,9 @@ def test_smoke_backward(kernel, monkeypatch):
 def test_row_terms_from_coarse_grad_match_bwd_delta(kernel, p):
     """coarse_grad_inputs computes delta and lse * log2(e) in its pass over dout, and bwd_delta
     then does not run; the gradients are bit-identical to those of the backward with bwd_delta
-    (with "streams", one bwd_delta per chunk on the chunk's stream, its rows only: the rows
-    start as NaN, so a row no chunk wrote would show)."""
+    (with "streams", one bwd_delta per chunk on the chunk's stream, before its dK/dV pass: the
+    launches take consecutive row ranges, in chunk order, that cover every row once; the rows
+    start as NaN, so a row missed or given to the wrong chunk would show)."""
     from unittest import mock
 
     from vsa_nd.backends import cuda, cuda_attention
@@ -395,11 +402,24 @@ def test_row_terms_from_coarse_grad_match_bwd_delta(kernel, p):
         real_inputs = cuda.coarse_grad_inputs
         without = lambda *a, **kw: real_inputs(*a, **{**kw, "out": None, "lse": None})  # noqa: E731
         launches.names.clear()
+        ranges = []  # (address, bytes) of each bwd_delta launch's dout rows, in launch order
+        real_delta = cuda_attention.bwd_delta
+
+        def delta_spy(dout, *rest):
+            ranges.append((dout.data.ptr, dout.nbytes))
+            return real_delta(dout, *rest)
+
+        monkeypatch.setattr(cuda_attention, "bwd_delta", delta_spy)
         with mock.patch.object(cuda, "coarse_grad_inputs", without):
             separate = _run(p)[0]
         assert "bwd_delta" in launches.names
         if "bwd_dq_ds_sm90" in launches.names:  # the hand-over: one bwd_delta per chunk, before its dK/dV pass
             assert launches.names.count("bwd_delta") == launches.names.count("bwd_dkdv_sm90")
+            dkdv_after = [i for i, n in enumerate(launches.names) if n == "bwd_dkdv_sm90"]
+            delta_at = [i for i, n in enumerate(launches.names) if n == "bwd_delta"]
+            assert all(d < k for d, k in zip(delta_at, dkdv_after))
+        assert [a for a, _ in ranges[1:]] == [a + n for a, n in ranges[:-1]]  # consecutive, in order
+        assert sum(n for _, n in ranges) == separate[0].nbytes  # every row of dout (dq's size) once
     for a, b in zip(fused, separate):
         if a is None:
             assert b is None

@@ -375,6 +375,10 @@ def _dq_ds_layout(tile_bytes: int, stages: int) -> tuple:
     return fixed + room * 12, room
 
 
+def _bwd_delta_kernel(dtype, head_dim: int):
+    return get_function("attention_bwd.cu", f"bwd_delta<{_CUDA_TYPES[np.dtype(dtype)]}, {head_dim}>")
+
+
 def bwd_delta(dout, out, coarse, gate, q_block_sizes, lse, delta, lse_log2=None) -> None:
     """The backward's row terms by ``attention_bwd.cu``'s ``bwd_delta``, into ``delta`` and ``lse_log2``.
 
@@ -387,8 +391,7 @@ def bwd_delta(dout, out, coarse, gate, q_block_sizes, lse, delta, lse_log2=None)
     b, h, q_len, d = dout.shape
     rows = b * h * q_len
     per_cta = 128 // (d // 8)  # rows per CTA (BWD_DELTA_ROWS in attention_bwd.cu)
-    ctype = _CUDA_TYPES[np.dtype(dout.dtype)]
-    get_function("attention_bwd.cu", f"bwd_delta<{ctype}, {d}>")(
+    _bwd_delta_kernel(dout.dtype, d)(
         (-(-rows // per_cta),), (128,),
         (dout, out, _null_or(coarse), _null_or(gate), q_block_sizes, lse, delta, _null_or(lse_log2),
          np.int64(rows), np.int32(q_len), np.int32(q_len // q_block_sizes.shape[0])),
@@ -408,10 +411,11 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     dS K from it: five matrix products per selected (query tile, key tile) pair.  The (batch, kv
     head) pairs go in chunks (:func:`ds_schedule`): one chunk on the current stream, or several,
     up to ``_DS_STREAMS`` at a time on streams of their own, forked from the current stream and
-    joined back to it (so the call stays capturable in a CUDA graph).  Elsewhere, where the
-    schedule declines (small problems, too little budget), or when the blocks cannot be allocated
-    (then calls of that size recompute for a while: ``_ds_refused``), the dQ pass recomputes S,
-    P, dP and dS itself: seven products per pair, no workspace.  The side streams and their
+    joined back to it (so the call stays capturable in a CUDA graph); without ``row_terms``, each
+    chunk's rows get their ``bwd_delta`` on its stream, just before its dK/dV pass.  Elsewhere,
+    where the schedule declines (small problems, too little budget), or when the blocks cannot be
+    allocated (then calls of that size recompute for a while: ``_ds_refused``), the dQ pass
+    recomputes S, P, dP and dS itself: seven products per pair, no workspace.  The side streams and their
     events are made on a thread's first call with several chunks: warm up before a capture, as
     for the kernels.  The dK/dV pass takes its lists long ones first (:func:`dkdv_order`;
     ``DKDV_ORDER``), so that key tiles chosen by many query tiles do not leave a few SMs finishing
@@ -436,10 +440,13 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
             delta = _alloc((b, h, q_len), np.float32)
             lse_log2 = _alloc((b, h, q_len), np.float32) if dkdv_wgmma else None  # lse * log2(e), for that pass
 
+            # bwd_delta's arrays as [1, B * H, ...], sliced by (batch, head) per launch.
+            flat = [None if x is None else x.reshape((1, b * h) + x.shape[2:])
+                    for x in (dout, out, coarse, gate, lse, delta, lse_log2)]
+
             def delta_rows(h0, h1):
-                heads = lambda x: None if x is None else x.reshape((1, b * h) + x.shape[2:])[:, h0:h1]  # noqa: E731
-                bwd_delta(*(heads(x) for x in (dout, out, coarse, gate)), q_block_sizes,
-                          *(heads(x) for x in (lse, delta, lse_log2)))
+                dout_, out_, coarse_, gate_, lse_, delta_, log2_ = (None if x is None else x[:, h0:h1] for x in flat)
+                bwd_delta(dout_, out_, coarse_, gate_, q_block_sizes, lse_, delta_, log2_)
         group, length, slices = h // h_kv, q2k_idx.shape[3], tile_volume // _CHUNK
         common = (np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len))
         tile_bytes = _BLOCK_M * d * q.dtype.itemsize
@@ -482,13 +489,16 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
             if chunk and _ds_refused(q.data.device_id, held):
                 chunk = 0
         if chunk:
-            # The blocks first: without the memory for them, the passes below recompute dS (and
-            # build their lists without positions).
+            # Without the memory for the blocks (or for the lists after them), the passes below
+            # recompute dS.
             try:
                 blocks = [_alloc((chunk * ds_bytes // q.dtype.itemsize,), q.dtype) for _ in range(streams)]
+                codes, offsets, pos = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume, positions=True)
+                order = dkdv_order(offsets, chunk * (kv_len // tile_volume)) if DKDV_ORDER else None
             except Exception as error:  # noqa: BLE001 - allocators raise their own out-of-memory errors
                 if not _out_of_memory(error):
                     raise
+                blocks = None
                 _ds_refuse(q.data.device_id, held)
                 chunk = 0
         if chunk:
@@ -496,8 +506,6 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
             # summing dS K.  With several chunks, chunk c's two passes run on stream c % streams with
             # blocks of its own, so that one chunk's dQ pass (bound by memory) overlaps another's
             # dK/dV pass (bound by its instructions), and no launch's tail leaves SMs idle.
-            codes, offsets, pos = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume, positions=True)
-            order = dkdv_order(offsets, chunk * (kv_len // tile_volume)) if DKDV_ORDER else None
             dq_kernel = get_function("attention_bwd_sm90.cu", f"bwd_dq_ds_sm90<{ctype}, {d}, {_DQDS_STAGES}>")
             smem_dq, list_room = _dq_ds_layout(tile_bytes, _DQDS_STAGES)
             dq_kernel.max_dynamic_shared_size_bytes = smem_dq
@@ -519,12 +527,14 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
                 return dq, dk, dv
             import cupy
 
-            # Everything that may fail on the host is done: fork, launch, and join even if a launch
-            # raises (else the caller's stream would free buffers that queued work still uses, and
-            # a capture would end with unjoined streams).  Each chunk's row terms (bwd_delta,
-            # bound by memory) run on its stream just before its dK/dV pass: the first chunk's
-            # pass starts after its heads' rows rather than all of them, and the others' run
-            # beside the passes already going.
+            # Everything that may fail on the host is done (the kernels are loaded): fork, launch,
+            # and join even if a launch raises (else the caller's stream would free buffers that
+            # queued work still uses, and a capture would end with unjoined streams).  Each
+            # chunk's row terms (bwd_delta, bound by memory) run on its stream just before its
+            # dK/dV pass: the first chunk's pass starts after its heads' rows rather than all of
+            # them, and the others' run beside the passes already going.
+            if delta_rows is not None:
+                _bwd_delta_kernel(q.dtype, d)
             caller = cupy.cuda.get_current_stream()
             pipes, fork, joins = _pipes(q.data.device_id, len(blocks))
             fork.record(caller)
