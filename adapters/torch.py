@@ -25,9 +25,10 @@ which vsa_nd trusts without a value check.
 On CUDA each call runs on the tensor's device and on torch's current stream there (wrapped
 as a ``cupy.cuda.ExternalStream``, cached per stream, and made current), with no host
 synchronisation; the backward's dS hand-over also runs chunks on streams of its own, forked
-from that stream by an event and joined back to it before the call returns.  Because both libraries then run on the same stream, nothing crossing
-between them needs the DLPack protocol's stream hand-off: results cross as raw capsules
-(CuPy's ``__dlpack__(stream=-1)`` into ``torch.utils.dlpack.from_dlpack``).  The memory vsa_nd
+from that stream by an event and joined back to it before the call returns.  Because both
+libraries then run on the same stream, nothing crossing between them needs the DLPack
+protocol's stream hand-off: results cross as raw capsules (CuPy's ``__dlpack__(stream=-1)``
+into ``torch.utils.dlpack.from_dlpack``).  The memory vsa_nd
 allocates (outputs and intermediates) comes from torch's caching allocator (raw allocations on
 the current stream), so torch accounts for all memory and, under CUDA-graph capture,
 intermediates come from the graph's private pool.  Every CUDA function can be captured in a CUDA graph, the VSA forward and backward

@@ -8,10 +8,11 @@ of CUDA-event timings (triton.testing.do_bench: calls queued without synchronisi
 timed back to back: 20 calls in a row with no flush, per call, as in a training loop, and the
 backward once more without the dS workspace (``VSA_ND_DS_WORKSPACE_GIB=0``: the dQ pass
 recomputes dS).  Under sustained load the H100 lowers its SM clock to stay within its power
-cap, which the longer runs feel more (see BENCHMARKS.md): each row also gives the SM clock that ``nvidia-smi`` saw while it
-was timed (blank without ``nvidia-smi``), and ``--rest`` seconds of idle GPU (default 3) come
-before each row, so that a row does not inherit the clock its predecessor left (the card
-recovers its full clock within a second or two of idling).  ``--out FILE`` also writes the table.
+cap, which the longer runs feel more (see BENCHMARKS.md): each row also gives the SM clock
+that ``nvidia-smi`` saw while it was timed (blank without ``nvidia-smi``), and ``--rest``
+seconds of idle GPU (default 3) come before each row, so that a row does not inherit the clock
+its predecessor left (the card recovers its full clock within a second or two of idling).
+``--out FILE`` also writes the table.
 
     python benchmarks/bench_backward.py [--shapes main,480p] [--rest 3] [--out table.md]
 """

@@ -7,13 +7,15 @@
 // else from attention_bwd.cu's bwd_delta (the same values).
 //
 // Two ways to get dQ (the launcher, block_sparse_bwd, picks one per call):
-//   - with a dS workspace (opt-in, D = 128): bwd_dkdv_sm90 runs first and stores each step's
-//     dS (8 KB per 64 x 64 block, "dS blocks" below), then bwd_dq_ds_sm90 sums dS K from them:
-//     five matrix products per (query tile, key tile) pair instead of seven.  On the H100 the
-//     block-sparse backward took 8.24 against 9.21 ms at the main shape and 6.79 against 7.80
-//     ms at Wan2.1 480p (one call at a time, interleaved, a warm card; see BENCHMARKS.md);
-//   - without (the default: the workspace is 38x the size of q at the main shape): bwd_dq_sm90
-//     recomputes S, P, dP and dS for its own dQ, before bwd_dkdv_sm90.
+//   - with dS blocks (the default at D = 128 on problems of 512 MiB of blocks and more, in
+//     chunks of (batch, kv head) pairs within a 2 GiB budget): bwd_dkdv_sm90 runs first and
+//     stores each step's dS (8 KB per 64 x 64 block, "dS blocks" below), then bwd_dq_ds_sm90
+//     sums dS K from them: five matrix products per (query tile, key tile) pair instead of
+//     seven.  On the H100 the block-sparse backward took 8.24 against 9.21 ms at the main shape
+//     and 6.79 against 7.80 ms at Wan2.1 480p with all blocks in one chunk (one call at a time,
+//     interleaved, a warm card; see BENCHMARKS.md);
+//   - without (D = 64, small problems, too little budget or memory): bwd_dq_sm90 recomputes S,
+//     P, dP and dS for its own dQ, before bwd_dkdv_sm90.
 //
 // Both passes first copy their CTA's index list into shared memory, one int2 per entry (the dQ
 // pass: key tile and its block size; the dK/dV pass: list code and its query tile's block size),

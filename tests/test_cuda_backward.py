@@ -189,6 +189,12 @@ def _hand_over_problem(seed):
     return dout, ctx
 
 
+def _without_row_terms(coarse_grad_inputs):
+    """``coarse_grad_inputs`` called without the forward's out and lse: it then returns no row
+    terms, and block_sparse_bwd computes them itself (bwd_delta)."""
+    return lambda *args, **kwargs: coarse_grad_inputs(*args, **{**kwargs, "out": None, "lse": None})
+
+
 class _Launches:
     """Stands in for ``cuda_attention.get_function``: records the name of every kernel launched
     (``.names``, without template arguments) and can make the ``fail_at``-th launch of a kernel
@@ -266,9 +272,7 @@ def test_hand_over_is_ordered_on_the_callers_stream(row_terms, monkeypatch):
 
     use_kernels("streams", monkeypatch)
     if row_terms.startswith("by"):
-        real_inputs = cuda.coarse_grad_inputs
-        without = lambda *a, **kw: real_inputs(*a, **{**kw, "out": None, "lse": None})  # noqa: E731
-        monkeypatch.setattr(cuda, "coarse_grad_inputs", without)
+        monkeypatch.setattr(cuda, "coarse_grad_inputs", _without_row_terms(cuda.coarse_grad_inputs))
     assert cuda_attention.ds_schedule(6, 1, 1, 1 << 30) == (1, 3)
     dout, ctx = _hand_over_problem(23)
     want = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
@@ -399,8 +403,7 @@ def test_row_terms_from_coarse_grad_match_bwd_delta(kernel, p):
         fused = _run(p)[0]
         assert launches.names and "bwd_delta" not in launches.names
 
-        real_inputs = cuda.coarse_grad_inputs
-        without = lambda *a, **kw: real_inputs(*a, **{**kw, "out": None, "lse": None})  # noqa: E731
+        without = _without_row_terms(cuda.coarse_grad_inputs)
         launches.names.clear()
         ranges = []  # (address, bytes) of each bwd_delta launch's dout rows, in launch order
         real_delta = cuda_attention.bwd_delta

@@ -415,11 +415,11 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     chunk's rows get their ``bwd_delta`` on its stream, just before its dK/dV pass.  Elsewhere,
     where the schedule declines (small problems, too little budget), or when the blocks cannot be
     allocated (then calls of that size recompute for a while: ``_ds_refused``), the dQ pass
-    recomputes S, P, dP and dS itself: seven products per pair, no workspace.  The side streams and their
-    events are made on a thread's first call with several chunks: warm up before a capture, as
-    for the kernels.  The dK/dV pass takes its lists long ones first (:func:`dkdv_order`;
-    ``DKDV_ORDER``), so that key tiles chosen by many query tiles do not leave a few SMs finishing
-    them after the rest.
+    recomputes S, P, dP and dS itself: seven products per pair, no workspace.  The side streams
+    and their events are made on a thread's first call with several chunks: warm up before a
+    capture, as for the kernels.  The dK/dV pass takes its lists long ones first
+    (:func:`dkdv_order`; ``DKDV_ORDER``), so that key tiles chosen by many query tiles do not
+    leave a few SMs finishing them after the rest.
     """
     b, h, q_len, d = q.shape
     h_kv, kv_len = k.shape[1], k.shape[2]
@@ -498,7 +498,7 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
             except Exception as error:  # noqa: BLE001 - allocators raise their own out-of-memory errors
                 if not _out_of_memory(error):
                     raise
-                blocks = None
+                blocks = None  # freed before the recomputing passes allocate
                 _ds_refuse(q.data.device_id, held)
                 chunk = 0
         if chunk:
