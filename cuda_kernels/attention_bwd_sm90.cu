@@ -4,28 +4,25 @@
 // by TMA as in the forward (attention_fwd_sm90.cu): one thread issues one bulk tensor copy per
 // 64-column atom, completing on a shared-memory barrier, so the warps spend no instructions on
 // addresses.  delta (and lse * log2(e)) come from coarse_grad.cu's ROWS variant in a VSA backward,
-// else from attention_bwd.cu's bwd_delta (the same values).
+// else from attention_bwd.cu's bwd_delta (the same values).  Measurements behind the choices
+// below are in BENCHMARKS.md (the backward sections, H100).
 //
 // Two ways to get dQ (the launcher, block_sparse_bwd, picks one per call):
 //   - with dS blocks (the default at D = 128 on problems of 512 MiB of blocks and more, in
 //     chunks of (batch, kv head) pairs within a 2 GiB budget): bwd_dkdv_sm90 runs first and
 //     stores each step's dS (8 KB per 64 x 64 block, "dS blocks" below), then bwd_dq_ds_sm90
 //     sums dS K from them: five matrix products per (query tile, key tile) pair instead of
-//     seven.  On the H100 the block-sparse backward took 8.24 against 9.21 ms at the main shape
-//     and 6.79 against 7.80 ms at Wan2.1 480p with all blocks in one chunk (one call at a time,
-//     interleaved, a warm card; see BENCHMARKS.md);
+//     seven, 8-13% faster at the benchmark shapes;
 //   - without (D = 64, small problems, too little budget or memory): bwd_dq_sm90 recomputes S,
 //     P, dP and dS for its own dQ, before bwd_dkdv_sm90.
 //
 // Both passes first copy their CTA's index list into shared memory, one int2 per entry (the dQ
 // pass: key tile and its block size; the dK/dV pass: list code and its query tile's block size),
 // when it has at most `list_cap` (and LIST_CAP = 1024) entries; longer lists are read from
-// global memory as the loop goes.  Read from global memory, each chunk's indices are two
-// dependent loads whose latency the warps wait out (Nsight Compute's warp-state samples put ~10%
-// of the dQ pass's warp time and ~5% of the dK/dV pass's on them).  Staged: block-sparse
-// backward 8.58/8.58/8.56 against 8.72/8.73/8.67 ms, the dK/dV pass 5.01 against 5.22 ms under
-// Nsight Compute (H100, main shape, interleaved runs; this change together with the dK/dV
-// refill's below).
+// global memory as the loop goes (two dependent loads per chunk, whose latency the warps would
+// otherwise wait out).  Lists run in increasing tile order, so CTAs that start together sweep
+// their head's tiles together and share them in L2: starting each CTA at a scattered entry of
+// its list made the backward 3-4% slower.
 //
 // bwd_dq_sm90: Q and dO come once by cp.async; K and V chunks by TMA, one barrier per K and per
 // V stage.  K and V have DQ_STAGES = 1 stage (Q + dO + K + V + the staged list = 72 KB at
@@ -33,44 +30,39 @@
 // so a stage is refilled (K and V together) once the chunk's last product is done:
 //   wait K_j, V_j -> dq_chunk (below) -> barrier -> refill the stage with chunk j + DQ_STAGES.
 // With one stage a CTA's copy does not overlap its own products; the other CTAs on the SM hide
-// it, and the third CTA that the smaller footprint admits made the pass faster than two stages
-// and two CTAs (H100, main shape, interleaved runs: 9.30-9.32 ms against 9.60 ms for the whole
-// backward).  The pipeline takes 1 to 4 stages (DQ_STAGES here and _DQ_STAGES in the launcher).
-// Pipelining chunks as the dK/dV pass pipelines steps (chunk j's S and dP issued behind chunk
-// j - 1's dQ product) needs two stages, hence two CTAs per SM at D = 128, and was slower: the
-// pass took 4.27 against 3.63 ms under Nsight Compute, tensor pipes busy 66% against 78%.
-// TMA copies whole 64-key chunks: past a tile's block size the key and value rows are zeroed
-// in shared memory (fenced for the tensor cores) before the products, since both reach dQ
-// (dP = dO V^T, then dS K) and 0 * NaN is NaN.  Chunks holding no key (sub-chunks past a short
-// tile's block size, tile volume > 64) are neither loaded nor computed.
+// it, and the third CTA that the smaller footprint admits beat two stages with two CTAs, also
+// when chunks were pipelined as the dK/dV pass pipelines its steps.  The pipeline takes 1 to 4
+// stages (DQ_STAGES here and _DQ_STAGES in the launcher).  TMA copies whole 64-key chunks: past
+// a tile's block size the key and value rows are zeroed in shared memory (fenced for the tensor
+// cores) before the products, since both reach dQ (dP = dO V^T, then dS K) and 0 * NaN is NaN.
+// Chunks holding no key (sub-chunks past a short tile's block size, tile volume > 64) are
+// neither loaded nor computed.
 //
 // bwd_dkdv_sm90: K and V of the CTA's 64 keys come once by cp.async (pad key rows read as 0).
 // Each step's 64-row Q and dO slices come by TMA and its 64 lse * log2(e) values (bwd_delta's
 // lse_log2) and 64 delta values by two 1-D bulk copies, all completing on one barrier per
 // stage (expecting their summed bytes; lane 0 of warps 0, 1 and 2 each issues a third of them).
-// They have DKDV_STAGES = 2 stages (K + V + 2 x (Q +
-// dO) + 2 x (lse + delta) + the staged list = 105 KB at D = 128, 57 KB at D = 64: two CTAs per
-// SM, as registers allow).  Steps are pipelined: step t's S^T and dP^T are issued behind step t - 1's dV and
-// dK, which are still running; once those two are done, step t - 1's stage is refilled while
-// S^T and dP^T run:
+// They have DKDV_STAGES = 2 stages (K + V + 2 x (Q + dO) + 2 x (lse + delta) + the staged list
+// = 105 KB at D = 128, 57 KB at D = 64: two CTAs per SM, as registers allow; a third stage
+// would not fit beside the second CTA).  Steps are pipelined: step t's S^T and dP^T are issued
+// behind step t - 1's dV and dK, which are still running; once those two are done, step t - 1's
+// stage is refilled while S^T and dP^T run:
 //   wait step t -> issue S^T, dP^T -> wait for step t - 1's dV, dK -> barrier -> refill step
 //   t - 1's stage with step t + 1 -> wait S^T -> P^T, dV, dS^T, dK (dkdv_finish, below; dV
 //   and dK left running).
 // Step 0's products overwrite the accumulators (no zeroing ahead of the loop: a write to them on
 // a path that meets the in-flight products at the loop's head makes ptxas serialize every
 // wgmma; `python -m vsa_nd.compile_check` fails on that).  The refill's list entry is read a
-// step ahead.  TMA copies whole 64-row
-// slices: past a tile's block size the Q and dO rows are zeroed in shared memory (fenced)
-// before the products, since dout's pad rows may hold anything (NaN) and 0 * NaN is NaN; P^T
-// is 0 in those columns whatever lse holds there, and delta is 0 there (bwd_delta), so they
-// add exact zeros.  Slices holding no query row (sub-slices past a short tile's block size,
-// tile volume > 64) are computed all the same (zeros): a branch around them would break the
-// pipeline.  Against the unpipelined loop (all four products done before the refill): 9.19
-// against 9.40 ms for the whole backward (H100, main shape, interleaved runs).  A CTA of two
-// warpgroups splitting a step's products (S^T, P^T, dV in one; dP^T, dS^T, dK in the other, P^T
-// passed through shared memory) was slower both at two CTAs per SM (128 registers: each
-// warpgroup must wait for its own accumulator's product before the next scores) and at one
-// (BENCHMARKS.md, "three more experiments").
+// step ahead.  TMA copies whole 64-row slices: past a tile's block size the Q and dO rows are
+// zeroed in shared memory (fenced) before the products, since dout's pad rows may hold anything
+// (NaN) and 0 * NaN is NaN; P^T is 0 in those columns whatever lse holds there, and delta is 0
+// there (bwd_delta), so they add exact zeros.  Slices holding no query row (sub-slices past a
+// short tile's block size, tile volume > 64) are computed all the same (zeros): a branch around
+// them would break the pipeline.  The pass is bound by its four products (the tensor cores
+// busy ~72% of its time); waits on its Q/dO loads and dS stores take most of the rest, while
+// its exponentials and dS arithmetic hide behind the other CTA's products.  Slower variants
+// tried: the unpipelined loop, a CTA of two warpgroups splitting a step's products, register-A
+// score products, dropping the refill's barrier.
 //
 // WgmmaProducts, per dQ chunk:
 //   S = Q K^T and dP = dO V^T (shared-memory operands, both K-major) issued together ->
@@ -84,14 +76,11 @@
 // Shared memory written by cp.async or by the threads is fenced (fence.proxy.async) before
 // wgmma reads it.
 //
-// bwd_dq_ds_sm90: see its comment.  What the dS hand-over costs the dK/dV pass is four 16-byte
-// stores per thread and step, and more for what they do to L2 than for themselves: 5.41 against
-// 4.92 ms under Nsight Compute at the main shape with the same instruction count, DRAM
-// throughput 62% against 13% (the 5.8 GB of dS passing through L2 evict Q and dO tiles, which
-// then come from DRAM; an evict-last hint on Q and dO did not help).  Found on the way:
-// computing each step's block index with divisions (t / slices, blockIdx.x % slices) cost ~70
-// instructions per warp and step, 16% more instructions and as much time (Nsight Compute), so
-// consecutive steps' blocks are found by one addition instead.
+// bwd_dq_ds_sm90: see its comment.  The dS hand-over costs the dK/dV pass four 16-byte stores
+// per thread and step, and more for their traffic than for the instructions: the 5.8 GB of dS
+// (main shape) pass through L2 to DRAM and evict Q and dO tiles, which then come from DRAM
+// (hints to L2 did not help).  Each step's block index comes by one addition (consecutive steps'
+// blocks lie `slices` blocks apart): the divisions it took before cost 16% of the pass.
 #include "attention_bwd.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
