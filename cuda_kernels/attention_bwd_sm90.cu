@@ -21,8 +21,8 @@
 // when it has at most `list_cap` (and LIST_CAP = 1024) entries; longer lists are read from
 // global memory as the loop goes (two dependent loads per chunk, whose latency the warps would
 // otherwise wait out).  Lists run in increasing tile order, so CTAs that start together sweep
-// their head's tiles together and share them in L2: starting each CTA at a scattered entry of
-// its list made the backward 3-4% slower.
+// their head's tiles together and share them in L2: starting each dK/dV CTA at a scattered
+// entry of its list made the backward 3-4% slower.
 //
 // bwd_dq_sm90: Q and dO come once by cp.async; K and V chunks by TMA, one barrier per K and per
 // V stage.  K and V have DQ_STAGES = 1 stage (Q + dO + K + V + the staged list = 72 KB at
