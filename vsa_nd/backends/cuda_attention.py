@@ -506,6 +506,8 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
             # summing dS K.  With several chunks, chunk c's two passes run on stream c % streams with
             # blocks of its own, so that one chunk's dQ pass (bound by memory) overlaps another's
             # dK/dV pass (bound by its tensor-core products), and no launch's tail leaves SMs idle.
+            # Slower on an H100 (BENCHMARKS.md): one dK/dV pass at a time, and the two passes on
+            # disjoint sets of SMs (green contexts); both passes lean on L2 either way.
             dq_kernel = get_function("attention_bwd_sm90.cu", f"bwd_dq_ds_sm90<{ctype}, {d}, {_DQDS_STAGES}>")
             smem_dq, list_room = _dq_ds_layout(tile_bytes, _DQDS_STAGES)
             dq_kernel.max_dynamic_shared_size_bytes = smem_dq
