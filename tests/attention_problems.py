@@ -55,3 +55,14 @@ def random_inputs(p, rng):
     k[:, :, pads] = np.nan
     v[:, :, pads] = np.nan
     return q, k, v
+
+
+def force_ds_hand_over(monkeypatch):
+    """Make the CUDA backward hand dS over on the tests' small problems, one (batch, kv head)
+    pair per chunk at head dims 64 and 128 (within a 1 GiB budget), so that chunks of more than
+    one pair run on the backward's own streams."""
+    from vsa_nd.backends import cuda_attention
+
+    for name, value in (("DS_WORKSPACE_BYTES", 1 << 30), ("_DS_MIN_BYTES", 0), ("_DS_CHUNK_PAIRS", 1),
+                        ("_DS_HEAD_DIMS", (64, 128))):
+        monkeypatch.setattr(cuda_attention, name, value)

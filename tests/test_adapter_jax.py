@@ -20,6 +20,8 @@ import vsa_nd.adapters.jax as vj
 from vsa_nd import reference as ref
 from vsa_nd._xp import BFLOAT16
 
+from attention_problems import force_ds_hand_over
+
 DTYPES = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BFLOAT16]
 FWD_TOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-2, "bfloat16": 2e-2}
 BWD_TOL = {"float32": 1e-4, "float64": 1e-9, "float16": 3e-2, "bfloat16": 3e-2}
@@ -377,9 +379,7 @@ def test_gpu_gradients_match_reference_eager_and_jitted(dim, hand_over, monkeypa
     if not hasattr(cuda_attention, "block_sparse_bwd"):
         pytest.skip("vsa_nd.backends.cuda_attention.block_sparse_bwd (the CUDA backward kernels) is not written yet")
     if hand_over:
-        for name, value in (("DS_WORKSPACE_BYTES", 1 << 30), ("_DS_MIN_BYTES", 0), ("_DS_CHUNK_PAIRS", 1),
-                            ("_DS_HEAD_DIMS", (64, 128))):
-            monkeypatch.setattr(cuda_attention, name, value)
+        force_ds_hand_over(monkeypatch)
     plan, (q, k, v, g) = gpu_problem(dim=dim, seed=dim)
     dout = jnp.asarray(np.random.default_rng(dim).standard_normal(q.shape), jnp.bfloat16, device=q.devices().pop())
     attention = lambda *a: vj.video_sparse_attn(*a[:3], 2, plan.variable_block_sizes, gate=a[3])  # noqa: E731

@@ -20,6 +20,8 @@ import vsa_nd
 import vsa_nd.adapters.torch as vt
 from vsa_nd import reference as ref
 
+from attention_problems import force_ds_hand_over
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 FWD_TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 BWD_TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 3e-2, torch.bfloat16: 3e-2}
@@ -769,12 +771,7 @@ def test_cuda_graph_capture_of_forward_and_backward(streams, monkeypatch):
     for bit (the backward is deterministic).  ``streams``: the backward hands dS over one kv
     head at a time on streams of its own, forked from torch's capturing stream and joined back."""
     if streams:
-        from vsa_nd.backends import cuda_attention
-
-        monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 1 << 30)
-        monkeypatch.setattr(cuda_attention, "_DS_HEAD_DIMS", (64, 128))
-        monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
-        monkeypatch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)
+        force_ds_hand_over(monkeypatch)
     plan = vt.tile_plan((4, 8, 8), (4, 4, 4), device="cuda")
     heads = (4, 2, 2, 4)
 

@@ -14,7 +14,7 @@ import vsa_nd
 from vsa_nd import reference
 from vsa_nd._xp import BFLOAT16
 
-from attention_problems import problems, random_inputs
+from attention_problems import force_ds_hand_over, problems, random_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -44,11 +44,10 @@ def use_kernels(kernel, monkeypatch):
     if kernel in ("unstaged", "workspace"):
         monkeypatch.setattr(cuda_attention, "_LIST_STAGE_LIMIT", 1)
     monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 0 if kernel in ("recompute", "unstaged") else 1 << 30)
-    if kernel in ("workspace", "streams"):  # test problems are below the size that hands dS over by default
+    if kernel == "workspace":  # test problems are below the size that hands dS over by default
         monkeypatch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)
     if kernel == "streams":
-        monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
-        monkeypatch.setattr(cuda_attention, "_DS_HEAD_DIMS", (64, 128))
+        force_ds_hand_over(monkeypatch)
         monkeypatch.setattr(cuda_attention, "_DS_STREAMS", 3)
 
 

@@ -16,6 +16,8 @@ import pytest
 import vsa_nd
 from vsa_nd._xp import BFLOAT16
 
+from attention_problems import force_ds_hand_over
+
 pytestmark = pytest.mark.gpu
 
 SEQ, TILE, TOPK = (4, 6, 8), (4, 4, 4), 3  # 8 tiles, half of them partial: pads in every kv tile row
@@ -53,13 +55,8 @@ def test_capture_and_replay_with_new_inputs(step, streams, monkeypatch):
     own, forked from the capturing stream and joined back to it, so they are captured too."""
     import cupy
 
-    from vsa_nd.backends import cuda_attention
-
     if streams:
-        monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 1 << 30)
-        monkeypatch.setattr(cuda_attention, "_DS_HEAD_DIMS", (64, 128))
-        monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
-        monkeypatch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)
+        force_ds_hand_over(monkeypatch)
     plan = vsa_nd.tile_plan(SEQ, TILE, device="cuda:0")
     static = _inputs(plan, seed=0)
     stream = cupy.cuda.Stream(non_blocking=True)

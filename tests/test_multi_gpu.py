@@ -12,6 +12,8 @@ import pytest
 import vsa_nd
 from vsa_nd._xp import BFLOAT16
 
+from attention_problems import force_ds_hand_over
+
 pytestmark = pytest.mark.gpu
 
 SEQ = (8, 12, 20)  # 30 tiles of (4, 4, 4), some partial
@@ -47,11 +49,10 @@ def test_cupy_forward_and_backward_on_either_device(workspace, monkeypatch):
     two_devices()
     # With the workspace: one (batch, kv head) pair per chunk at either head dim, so that the
     # chunks run on the backward's own streams, which must be those of the arrays' device.
-    monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", (1 << 30) if workspace else 0)
     if workspace:
-        monkeypatch.setattr(cuda_attention, "_DS_HEAD_DIMS", (64, 128))
-        monkeypatch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", 1)
-        monkeypatch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)
+        force_ds_hand_over(monkeypatch)
+    else:
+        monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 0)
     host = host_problem(vsa_nd.tile_plan(SEQ).padded_len)
     results = []
     for device in (0, 1):
