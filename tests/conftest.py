@@ -10,6 +10,8 @@ from hypothesis import HealthCheck, settings
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 settings.register_profile("default", deadline=None, max_examples=25, suppress_health_check=_QUIET)
 settings.register_profile("gpu", deadline=None, max_examples=60, suppress_health_check=_QUIET)
+# A long search for rare failures, run by hand: HYPOTHESIS_PROFILE=soak make test (or pytest).
+settings.register_profile("soak", deadline=None, max_examples=400, suppress_health_check=_QUIET)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
