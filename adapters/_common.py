@@ -36,6 +36,8 @@ CONTEXT_FIELDS = ("lse", "q2k_idx", "q2k_num", "q_mean", "k_mean", "v_mean", "co
 def resolve_scale(scale, head_dim: int) -> float:
     """The softmax scale as a float (default ``1/sqrt(head_dim)``); vsa_nd checks its value."""
     if scale is None:
+        if head_dim < 1:  # (the tensors' checks refuse empty axes first; a layer's head_size comes here)
+            raise ValueError(f"head dim: expected at least 1, got {head_dim}")
         return float(head_dim) ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale: expected a positive float, got {type(scale).__name__} {scale!r}")
@@ -150,10 +152,10 @@ def padded_len(seq_shape, tile_shape) -> int:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class AdaptedTilePlan:
-    """A :class:`vsa_nd.TilePlan` whose index arrays are a framework's tensors (zero-copy views).
+    """A :class:`vsa_nd.TilePlan` whose index arrays are a framework's tensors.
 
     ``array_plan`` is the NumPy/CuPy plan the tensors view; ``device`` the framework's device.
-    The tensors are shared by every caller of the cached plan: never write to them.
+    The tensors are shared by every caller of the adapter's cached plan: never write to them.
     """
 
     array_plan: vsa_nd.TilePlan

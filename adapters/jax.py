@@ -232,6 +232,7 @@ def _check_array(name: str, x, dtypes: dict, like=None, like_name: str = "q"):
         raise TypeError(f"{name}: expected a jax.Array or NumPy array, got {type(x).__name__}")
     if x.ndim != 4:
         raise ValueError(f"{name}: expected 4 dimensions, got shape {tuple(x.shape)}")
+    check.check_nonempty(name, x)
     platform = _platform(x)
     if platform is not None and platform not in dtypes:
         raise TypeError(f"{name}: expected an array on cpu or gpu, got one on {platform}")
@@ -427,11 +428,11 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     v = _check_array("v", v, _ATTENTION_DTYPES, like=q)
     if gate is not None:
         gate = _check_array("gate", gate, _ATTENTION_DTYPES, like=q)
-    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
-        raise TypeError(f"topk: expected an int, got {type(topk).__name__} {topk!r}")
     q_block_sizes = _block_sizes("q_block_sizes", q_block_sizes)
     kv_block_sizes = q_block_sizes if kv_block_sizes is None else _block_sizes("kv_block_sizes", kv_block_sizes)
-    return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, int(topk), _common.resolve_scale(scale, q.shape[-1]))
+    # Checked here, not only by vsa_nd: under jit, topk is a static shape of the traced results.
+    topk = check.check_int_range("topk", topk, 1, _num_blocks(kv_block_sizes))
+    return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, _common.resolve_scale(scale, q.shape[-1]))
 
 
 def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, *, scale, results=None):  # no out= there

@@ -18,9 +18,11 @@ bfloat16 crosses as int16 and is reinterpreted on the other side (``.view``, no 
 CUDA a contiguous tensor becomes a ``cupy.ndarray`` over its pointer (cheaper than a DLPack
 capsule on a call's critical path, and cached by pointer, shape and dtype: see ``_as_array``), and results come back
 as raw DLPack capsules (see below), bfloat16 directly where CuPy takes kDLBfloat both ways
-(CuPy 14.2 does; probed once), else as int16 too.  A plan's
-``variable_block_sizes`` tensor is not converted at all: it stands for the plan's own array,
-which vsa_nd trusts without a value check.
+(CuPy 14.2 does; probed once), else as int16 too.  A plan's tensors view vsa_nd's cached
+plan arrays on CUDA; on CPU they are copies, since torch cannot keep the NumPy arrays'
+read-only flag and an in-place change would reach every user of the cached plan.  A plan's
+``variable_block_sizes`` tensor is not converted at all: while torch's version counter shows it
+unchanged, it stands for the plan's own array, which vsa_nd trusts without a value check.
 
 On CUDA each call runs on the tensor's device and on torch's current stream there (wrapped
 as a ``cupy.cuda.ExternalStream``, cached per stream, and made current), with no host
@@ -178,16 +180,27 @@ def _as_tensor(a) -> Tensor:
     return torch.utils.dlpack.from_dlpack(a.__dlpack__(stream=-1))
 
 
-# id(tensor) -> (tensor, array): the variable_block_sizes tensor of every cached plan of this
-# module (see _cached_plan) and the plan array it views.  The cache keeps the tensors alive, so
-# an id here is never reused by another object.
+def _plan_copy(a: np.ndarray) -> Tensor:
+    """A CPU tensor holding a copy of the read-only plan array ``a``."""
+    return torch.from_numpy(a.copy())
+
+
+# id(tensor) -> (tensor, array, version): the variable_block_sizes tensor of every cached plan of
+# this module (see _cached_plan), the plan array it views or copies, and its version counter then
+# (an in-place change bumps it).  The cache keeps the tensors alive, so an id here is never
+# reused by another object.
 _PLAN_BLOCK_SIZES: dict = {}
 
 
 def _plan_array(t):
-    """The plan array that ``t`` stands for when it is a cached plan's block-size tensor, else None."""
+    """The plan array that ``t`` stands for when it is a cached plan's block-size tensor, unchanged, else None."""
     plan_entry = _PLAN_BLOCK_SIZES.get(id(t))
-    return plan_entry[1] if plan_entry is not None and plan_entry[0] is t else None
+    if plan_entry is None or plan_entry[0] is not t:
+        return None
+    # A traced program sees no version (the ops it records check again when they run).
+    if not torch.compiler.is_compiling() and t._version != plan_entry[2]:
+        return None
+    return plan_entry[1]
 
 
 def _array_of(t: Optional[Tensor]):
@@ -297,7 +310,7 @@ def _check_tensor(name: str, t, dtypes: dict, like: Optional[Tensor] = None, lik
         raise TypeError(f"{name}: expected dtype in ({names}) on {t.device.type}, got {t.dtype}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}; pass {name}.contiguous()")
-    return t
+    return check.check_nonempty(name, t)
 
 
 def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:
@@ -596,7 +609,10 @@ def _reorder(kind: str, x: Tensor, seq_shape, tile_shape) -> Tensor:
 
 def tile_plan(seq_shape, tile_shape=None, *, device="cpu") -> TilePlan:
     """The cached :class:`TilePlan` of ``seq_shape`` cut into ``tile_shape`` with its index arrays
-    as int32 tensors on ``device`` (views of :func:`vsa_nd.tile_plan`'s arrays; never write to them).
+    as int32 tensors on ``device``, shared by every caller of this plan: views of
+    :func:`vsa_nd.tile_plan`'s arrays on CUDA, copies on CPU.  Do not write to them.  On CUDA a
+    write changes vsa_nd's cached plan itself, which it trusts unchecked (as a write to a CuPy
+    plan array would); on CPU a ``variable_block_sizes`` changed in place is checked on every call.
 
     ``tile_shape`` defaults to (64,), (8, 8) or (4, 4, 4) for 1-, 2- and 3-D sequences.
     """
@@ -613,8 +629,9 @@ def tile_plan(seq_shape, tile_shape=None, *, device="cpu") -> TilePlan:
 def _cached_plan(seq_shape: tuple, tile_shape: tuple, device: torch.device) -> TilePlan:
     with _running_on(device):  # a CUDA plan is built on torch's current stream, like the calls that read it
         array_plan = vsa_nd.tile_plan(seq_shape, tile_shape, device=_device_key(device))
-        plan = TilePlan.wrap(array_plan, device, _as_tensor)
-    _PLAN_BLOCK_SIZES[id(plan.variable_block_sizes)] = (plan.variable_block_sizes, array_plan.variable_block_sizes)
+        plan = TilePlan.wrap(array_plan, device, _as_tensor if device.type == "cuda" else _plan_copy)
+    sizes = plan.variable_block_sizes
+    _PLAN_BLOCK_SIZES[id(sizes)] = (sizes, array_plan.variable_block_sizes, sizes._version)
     if device.type == "cuda":
         # A static address for torch.compile: under mode="reduce-overhead" its CUDA graphs copy
         # every input that is not static into a buffer of their own on each call, and a copy of the
@@ -704,9 +721,11 @@ def video_sparse_attn(q: Tensor, k: Tensor, v: Tensor, topk: int, q_block_sizes,
     q_block_sizes = _int_tensor("q_block_sizes", q_block_sizes, q.device)
     kv_block_sizes = q_block_sizes if kv_block_sizes is None else _int_tensor("kv_block_sizes", kv_block_sizes, q.device)
     scale = _common.resolve_scale(scale, q.shape[-1])
-    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
-        raise TypeError(f"topk: expected an int, got {type(topk).__name__} {topk!r}")
-    return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, int(topk), scale)
+    # Checked here, not only by vsa_nd: a traced program takes topk as a static shape of its results.
+    if kv_block_sizes.dim() != 1:
+        raise ValueError(f"kv_block_sizes: expected 1 dimension, got shape {list(kv_block_sizes.shape)}")
+    topk = check.check_int_range("topk", topk, 1, kv_block_sizes.shape[0])
+    return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale)
 
 
 def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes, q2k_idx: Tensor, q2k_num: Optional[Tensor] = None,

@@ -265,6 +265,12 @@ def test_errors_name_the_argument_and_what_was_expected():
         vj.video_sparse_attn(q, k.astype(jnp.float16), v, 3, sizes)
     with pytest.raises(ValueError, match="topk: expected 1 <= topk <= 8, got 0"):
         vj.video_sparse_attn(q, k, v, 0, sizes)
+    with pytest.raises(ValueError, match="topk: expected 1 <= topk <= 8, got -1"):  # a static shape under jit
+        jax.jit(lambda q, k, v: vj.video_sparse_attn(q, k, v, -1, sizes))(q, k, v)
+    with pytest.raises(ValueError, match=r"q: expected every axis of length at least 1, got shape \[0, 4, 256, 16\]"):
+        vj.video_sparse_attn(q[:0], k[:0], v[:0], 3, sizes)
+    with pytest.raises(ValueError, match=r"q: expected every axis of length at least 1"):
+        vj.video_sparse_attn(q[..., :0], k[..., :0], v[..., :0], 3, sizes)
     with pytest.raises(TypeError, match="q_block_sizes: expected ints or an integer array, got float64 values"):
         vj.video_sparse_attn(q, k, v, 3, [32.0] * 8)
     with pytest.raises(TypeError, match="plan: expected a TilePlan"):

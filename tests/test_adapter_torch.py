@@ -94,18 +94,36 @@ def test_bfloat16_crosses_as_int16_because_numpy_refuses_kdlbfloat():
 def test_plan_tensors_view_the_cached_plan():
     plan = vt.tile_plan(SEQ, TILE)
     assert plan is vt.tile_plan(list(SEQ), TILE, device=torch.device("cpu"))
-    for name in vt.TilePlan.INDEX_FIELDS:
+    for name in vt.TilePlan.INDEX_FIELDS:  # on CPU, copies: torch cannot keep NumPy's read-only flag
         tensor, array = getattr(plan, name), getattr(plan.array_plan, name)
-        assert tensor.dtype == torch.int32 and tensor.data_ptr() == array.ctypes.data
+        assert tensor.dtype == torch.int32 and tensor.data_ptr() != array.ctypes.data
+        np.testing.assert_array_equal(tensor.numpy(), array)
     assert (plan.padded_len, plan.num_blocks, plan.seq_len) == (8 * 32, 8, 90)
 
 
 def test_block_size_tensors_of_a_plan_are_trusted():
     plan = vt.tile_plan(SEQ, TILE)
-    view = vt._as_array(plan.variable_block_sizes)
-    assert view is not plan.array_plan.variable_block_sizes
+    assert vt._array_of(plan.variable_block_sizes) is plan.array_plan.variable_block_sizes
+    view = plan.array_plan.variable_block_sizes.view()  # another array over the plan's memory
     assert vsa_nd.adapters._common.trusted(view) is plan.array_plan.variable_block_sizes
     assert vsa_nd.adapters._common.trusted(view.copy()) is not plan.array_plan.variable_block_sizes
+
+
+def test_a_plan_tensor_changed_in_place_is_checked_and_leaves_vsa_nds_plan_alone():
+    seq, tile = (6, 7), (4, 4)  # a plan of this test's own: the torch plan is cached
+    plan = vt.tile_plan(seq, tile)
+    sizes, expected = plan.variable_block_sizes, plan.array_plan.variable_block_sizes.copy()
+    q = torch.randn(1, 2, plan.padded_len, 8)
+    before = vt.video_sparse_attn(q, q, q, 2, sizes)
+    sizes.sub_(16)
+    try:
+        np.testing.assert_array_equal(vsa_nd.tile_plan(seq, tile).variable_block_sizes, expected)
+        assert vt._array_of(sizes) is not plan.array_plan.variable_block_sizes
+        with pytest.raises(ValueError, match="block_sizes: expected every block size in \\[1, 16\\]"):
+            vt.video_sparse_attn(q, q, q, 2, sizes)
+    finally:
+        sizes.add_(16)
+    torch.testing.assert_close(vt.video_sparse_attn(q, q, q, 2, sizes), before, rtol=0, atol=0)
 
 
 def test_build_metadata_wraps_the_array_level_one():
@@ -309,6 +327,10 @@ def test_errors_name_the_argument_and_what_was_expected():
         vt.video_sparse_attn(q, k, v, 9, sizes)
     with pytest.raises(TypeError, match="topk: expected an int"):
         vt.video_sparse_attn(q, k, v, 2.0, sizes)
+    with pytest.raises(ValueError, match=r"q: expected every axis of length at least 1, got shape \[0, 4, 256, 16\]"):
+        vt.video_sparse_attn(q[:0], k[:0], v[:0], 3, sizes)
+    with pytest.raises(ValueError, match=r"q: expected every axis of length at least 1"):
+        vt.video_sparse_attn(q[..., :0], k[..., :0], v[..., :0], 3, sizes)
     with pytest.raises(ValueError, match=r"block_sizes: expected every block size in \[1, 32\]"):
         vt.video_sparse_attn(q, k, v, 3, [40] * 8)
     # beyond int32: saturated, so still out of range (not wrapped round to 32)

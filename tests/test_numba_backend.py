@@ -443,3 +443,19 @@ def test_result_buffers_are_filled_and_checked(dtype):
     _, no_gate = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, return_context=True)
     with pytest.raises(ValueError, match="out: expected dgate None"):
         vsa_nd.video_sparse_attn_backward(dout, no_gate, out=(None, None, None, np.empty_like(q)))
+
+
+@pytest.mark.parametrize("dtype, magnitude", [(np.float64, 1e20), (np.float32, 1e19)])
+def test_scores_far_below_zero_still_give_a_softmax(dtype, magnitude):
+    """Every score of a row near -2e38 (float32) or -2e40 (float64): finite, so still a softmax
+    (a running max that starts at a finite floor instead of -inf once gave 0 here)."""
+    rng = np.random.default_rng()
+    q = np.full((1, 1, 8, 1), magnitude, dtype)
+    k = (-2.218 * q * rng.uniform(0.99, 1.0, q.shape)).astype(dtype)
+    v = rng.standard_normal(q.shape).astype(dtype)
+    sizes, idx = np.array([4, 4], np.int32), np.array([0, 1], np.int32).reshape(1, 1, 2, 1)
+    out, lse = vsa_nd.block_sparse_attn(q, k, v, sizes, idx, return_lse=True)
+    expect, expect_lse = ref.block_sparse_attn(q, k, v, ref.block_map_from_indices(idx, np.full((1, 1, 2), 1), 2), sizes, 4)
+    assert np.isfinite(out).all() and np.isfinite(lse).all()
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse, expect_lse, rtol=1e-6)

@@ -105,6 +105,11 @@ CASES = [
     ("vsa-q-noncontiguous", lambda p: vsa(p, q=non_contiguous(p.q)), ValueError, ["q:", "C-contiguous", "strides"]),
     ("vsa-k-noncontiguous", lambda p: vsa(p, k=non_contiguous(p.k)), ValueError, ["k:", "C-contiguous", "strides"]),
     ("vsa-v-noncontiguous", lambda p: vsa(p, v=non_contiguous(p.v)), ValueError, ["v:", "C-contiguous", "strides"]),
+    ("vsa-q-batch-0", lambda p: vsa(p, q=p.q[:0]), ValueError, ["q:", "every axis of length at least 1", "[0, 4, 24, 16]"]),
+    ("vsa-q-headdim-0", lambda p: vsa(p, q=p.q[..., :0]), ValueError, ["q:", "at least 1", "[2, 4, 24, 0]"]),
+    ("vsa-k-heads-0", lambda p: vsa(p, k=p.k[:, :0], v=p.v[:, :0]), ValueError, ["k:", "at least 1", "[2, 0, 32, 16]"]),
+    ("coarse-kc-no-tiles", lambda p: vsa_nd.coarse_attn(p.q_c, p.k_c[:, :, :0], p.v_c[:, :, :0]), ValueError,
+     ["k_c:", "at least 1", "[2, 2, 0, 16]"]),
     ("vsa-gate-shape", lambda p: vsa(p, gate=p.gate[:, :2].copy()), ValueError, ["gate:", "[2, 4, 24, 16]", "[2, 2, 24, 16]"]),
     ("vsa-gate-dtype", lambda p: vsa(p, gate=p.gate.astype(np.float64)), TypeError, ["gate:", "float32 to match q", "got float64"]),
     ("vsa-gate-noncontiguous", lambda p: vsa(p, gate=non_contiguous(p.gate)), ValueError, ["gate:", "C-contiguous"]),
@@ -167,6 +172,9 @@ CASES = [
      ["block_map:", "bool", "got int8"]),
     ("fine-map-shape", lambda p: fine(p, q2k_idx=None, q2k_num=None, block_map=p.block_map[..., :3].copy()), ValueError,
      ["block_map:", "[2, 4, *, 4]", "[2, 4, 3, 3]"]),
+    ("fine-idx-out-of-range-unchecked", lambda p: fine(p, q2k_idx=with_value(p.q2k_idx, (1, 2, 0, 0), 50),
+     q2k_num=np.full((B, H, N_Q), 2), check_indices=False), ValueError,  # NumPy lists: always checked
+     ["q2k_idx:", "[0, 4) (N_kv)", "got values in [0, 50]"]),
     ("fine-k-dtype", lambda p: fine(p, k=p.k.astype(np.float64)), TypeError, ["k:", "to match q", "got float64"]),
     ("fine-q-noncontiguous", lambda p: fine(p, q=non_contiguous(p.q)), ValueError, ["q:", "C-contiguous"]),
     ("fine-kv-size-above-volume", lambda p: fine(p, kv_block_sizes=with_value(p.kv_sizes, 1, 9)), ValueError,
@@ -308,6 +316,26 @@ def test_backward_checks_its_context_and_dout():
     for dout, exc, pattern in cases:
         with pytest.raises(exc, match=pattern):
             vsa_nd.video_sparse_attn_backward(dout, context)
+    # A context changed after the forward: refused before any kernel indexes with it.
+    idx = context.q2k_idx
+    broken = [
+        (dict(q2k_idx=np.full_like(idx, 10**6)), ValueError, re.escape("context.q2k_idx: expected tile indices in [0, 4)")),
+        (dict(q2k_num=context.q2k_num + 3), ValueError, re.escape("context.q2k_num: expected counts in [0, 2]")),
+        (dict(kv_block_sizes=np.full(N_KV, 10**6, np.int32)), ValueError,
+         re.escape("context.kv_block_sizes: expected every block size in [1, 8]")),
+        (dict(q_block_sizes=context.q_block_sizes[:2]), ValueError, re.escape("context.k: expected a multiple of the tile volume 12 (context.q's 24 slots over 2 q_block_sizes)")),
+        (dict(k=context.k[:, :, :8].copy()), ValueError, re.escape("context.v: expected shape [2, 2, 8, 16], got [2, 2, 32, 16]")),
+        (dict(lse=context.lse[..., :-1].copy()), ValueError, re.escape("context.lse: expected shape [2, 4, 24]")),
+        (dict(coarse=context.coarse.astype(np.float64)), TypeError, r"context.coarse: expected dtype in \(float32\)"),
+        (dict(q2k_idx=idx.astype(np.int64)), TypeError, r"context.q2k_idx: expected dtype in \(int32\)"),
+        (dict(gate=None), ValueError, r"out: expected dgate None"),
+        (dict(out=p.q[:, :2].copy()), ValueError, re.escape("context.out: expected shape [2, 4, 24, 16]")),
+        (dict(scale=-1.0), ValueError, r"context.scale: expected a positive finite float, got -1.0"),
+    ]
+    buffers = vsa_nd.Gradients(None, None, None, np.empty_like(p.q))
+    for change, exc, pattern in broken:
+        with pytest.raises(exc, match=pattern):
+            vsa_nd.video_sparse_attn_backward(p.q, dataclasses.replace(context, **change), out=buffers)
 
 
 def test_valid_edge_inputs_are_accepted_and_computed_right():

@@ -210,13 +210,13 @@ def select_topk_blocks(scores, topk: int):
     return _backend(scores).select_topk(check.check_contiguous("scores", scores), topk)
 
 
-def _scale(scale, head_dim: int) -> float:
+def _scale(scale, head_dim: int, name: str = "scale") -> float:
     if scale is None:
         return float(head_dim) ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)):
-        raise TypeError(f"scale: expected a finite float, got {type(scale).__name__} {scale!r}")
+        raise TypeError(f"{name}: expected a finite float, got {type(scale).__name__} {scale!r}")
     if not np.isfinite(scale) or scale <= 0:  # the kernels fold the scale into the softmax's max, which needs it positive
-        raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
+        raise ValueError(f"{name}: expected a positive finite float, got {scale!r}")
     return float(scale)
 
 
@@ -288,8 +288,10 @@ def block_sparse_attn(
     Selection by index lists ``q2k_idx`` [B, H, N_q, L] with counts ``q2k_num`` [B, H, N_q]
     (default: all L entries), or by a boolean ``block_map`` [B, H, N_q, N_kv].  Returns
     out [B, H, Sq_pad, D] in q's dtype (and lse [B, H, Sq_pad] with ``return_lse``); a row
-    that selects nothing gets 0 and lse -inf.  Index values are checked unless
-    ``check_indices=False`` (on CuPy the check costs one host synchronisation).
+    that selects nothing gets 0 and lse -inf.  Index values are checked; on CuPy the check
+    costs one host synchronisation, which ``check_indices=False`` skips for lists known to be
+    valid (e.g. from :func:`select_topk_blocks`).  NumPy lists are always checked: it costs
+    little there.
     """
     check.check_float("q", q, 4)
     b, h = q.shape[:2]
@@ -302,7 +304,8 @@ def block_sparse_attn(
         check.check_array("block_map", block_map, 4, (np.dtype(bool),), q)
         check.check_shape("block_map", block_map, (b, h, None, _num_blocks("kv_block_sizes", kv_block_sizes)))
         q2k_idx, q2k_num = _index_lists_from_block_map(block_map)
-        check_indices = False
+    # Lists from a map are valid by construction; the CPU kernels index with unchecked lists unguarded.
+    check_values = block_map is None and (check_indices or not is_cupy_array(q))
     q2k_idx = check.as_index_array("q2k_idx", q2k_idx, q, ndim=4)
     check.check_shape("q2k_idx", q2k_idx, (b, h, None, None))
     xp = array_module(q)
@@ -311,7 +314,7 @@ def block_sparse_attn(
     q2k_num = check.as_index_array("q2k_num", q2k_num, q, ndim=3)
     check.check_shape("q2k_num", q2k_num, q2k_idx.shape[:3])
     problem = _check_attention(q, k, v, kv_block_sizes, q2k_idx.shape[2], scale, q_blocks_name="q2k_idx (axis 2)")
-    check.check_index_lists(q2k_idx, q2k_num, problem.num_kv_blocks, check_indices)
+    check.check_index_lists(q2k_idx, q2k_num, problem.num_kv_blocks, check_values)
     out, lse = _backend(q).block_sparse_fwd(
         q, k, v, q2k_idx, q2k_num, problem.kv_block_sizes, problem.scale, None, None
     )
@@ -413,9 +416,7 @@ def video_sparse_attn_backward(dout, context: VSAContext, *, out=None) -> Gradie
     shape, dtype and device, C-contiguous, sharing no memory with ``dout``, the context's
     arrays or each other (dgate None without a gate).
     """
-    if not isinstance(context, VSAContext):
-        raise TypeError(f"context: expected the VSAContext of video_sparse_attn, got {type(context).__name__}")
-    c = context
+    c = _check_context(context)
     check.check_float("dout", dout, 4, like=c.q)
     check.check_same_dtype("dout", dout, c.q, "q")
     check.check_shape("dout", dout, c.q.shape)
@@ -450,6 +451,54 @@ def video_sparse_attn_backward(dout, context: VSAContext, *, out=None) -> Gradie
         row_terms=row_terms,
     )
     return Gradients(dq, dk, dv, dgate)
+
+
+def _check_context(c) -> VSAContext:
+    """The context's arrays are what :func:`video_sparse_attn` returned for one problem: shapes,
+    dtypes, devices and contiguity always; on NumPy also the values that the CPU kernels index
+    with (block sizes, index lists).  On CuPy those values are the forward's, trusted: checking
+    them would synchronise with the host."""
+    if not isinstance(c, VSAContext):
+        raise TypeError(f"context: expected the VSAContext of video_sparse_attn, got {type(c).__name__}")
+    q, k = c.q, c.k
+    check.check_float("context.q", q, 4)
+    b, h, s_q, d = q.shape
+    check.check_float("context.k", k, 4, like=q)
+    check.check_same_dtype("context.k", k, q, "context.q")
+    check.check_shape("context.k", k, (b, None, None, d))
+    _check_heads(h, k.shape[1], "context.k")
+    h_kv = k.shape[1]
+    on_cpu = isinstance(q, np.ndarray)
+    i32, small = np.dtype(np.int32), compute_dtype(q.dtype)
+
+    def array(name: str, x, shape: tuple, dtype):
+        check.check_array(f"context.{name}", x, len(shape), (dtype,), q)
+        check.check_shape(f"context.{name}", x, shape)
+        return check.check_contiguous(f"context.{name}", x)
+
+    n_q = _num_blocks("context.q_block_sizes", c.q_block_sizes)
+    volume = _tile_volume("context.q", s_q, n_q, "context.q_block_sizes")
+    n_kv = k.shape[2] // volume
+    if k.shape[2] != n_kv * volume:
+        raise ValueError(f"context.k: expected a multiple of the tile volume {volume} (context.q's {s_q} slots over "
+                         f"{n_q} q_block_sizes) on axis 2, got shape {list(k.shape)}")
+    for name, x, shape in (("v", c.v, k.shape), ("out", c.out, q.shape), ("gate", c.gate, q.shape)):
+        if x is not None or name != "gate":
+            array(name, x, shape, q.dtype)
+    for name, n in (("q_block_sizes", n_q), ("kv_block_sizes", n_kv)):
+        sizes = array(name, getattr(c, name), (n,), i32)
+        if on_cpu:
+            check.check_block_sizes(f"context.{name}", sizes, q, n, volume)
+    array("lse", c.lse, (b, h, s_q), small)
+    idx = array("q2k_idx", c.q2k_idx, (b, h, n_q, None), i32)
+    array("q2k_num", c.q2k_num, (b, h, n_q), i32)
+    if on_cpu:
+        check.check_index_lists(idx, c.q2k_num, n_kv, True, prefix="context.")
+    for name, shape in (("q_mean", (b, h, n_q, d)), ("k_mean", (b, h_kv, n_kv, d)), ("v_mean", (b, h_kv, n_kv, d)),
+                        ("coarse_probs", (b, h, n_q, n_kv)), ("coarse", (b, h, n_q, d))):
+        array(name, getattr(c, name), shape, small)
+    _scale(c.scale, d, "context.scale")
+    return c
 
 
 def _check_gradient_buffers(out, dout, c: VSAContext) -> Gradients:

@@ -36,7 +36,16 @@ def check_array(name: str, x, ndim: int | None = None, dtypes=None, like=None):
 
 
 def check_float(name: str, x, ndim: int, like=None):
-    return check_array(name, x, ndim, FLOAT_DTYPES, like)
+    """A floating array as :func:`check_array` checks it, with no axis of length 0."""
+    check_array(name, x, ndim, FLOAT_DTYPES, like)
+    check_nonempty(name, x)
+    return x
+
+
+def check_nonempty(name: str, x):
+    if 0 in tuple(x.shape):
+        raise ValueError(f"{name}: expected every axis of length at least 1, got shape {list(x.shape)}")
+    return x
 
 
 def check_contiguous(name: str, x):
@@ -163,16 +172,18 @@ def check_block_sizes(name: str, block_sizes, like, num_blocks: int, tile_volume
     return out
 
 
-def check_index_lists(q2k_idx, q2k_num, num_kv_blocks: int, check_values: bool):
-    """Index lists: entries ``[0, num)`` of each row inside ``[0, N_kv)`` and distinct."""
+def check_index_lists(q2k_idx, q2k_num, num_kv_blocks: int, check_values: bool, prefix: str = ""):
+    """Index lists: entries ``[0, num)`` of each row inside ``[0, N_kv)`` and distinct.
+
+    ``prefix`` goes before the arguments' names in messages (e.g. "context.")."""
     if not check_values:
         return
-    refuse_value_check_under_capture("q2k_idx", q2k_idx, "pass check_indices=False for lists known to be valid")
+    refuse_value_check_under_capture(f"{prefix}q2k_idx", q2k_idx, "pass check_indices=False for lists known to be valid")
     xp = array_module(q2k_idx)
     num = q2k_num.astype(np.int64)
     if int(num.min(initial=0) if xp is np else num.min()) < 0 or int(num.max()) > q2k_idx.shape[-1]:
         raise ValueError(
-            f"q2k_num: expected counts in [0, {q2k_idx.shape[-1]}] (the list length), "
+            f"{prefix}q2k_num: expected counts in [0, {q2k_idx.shape[-1]}] (the list length), "
             f"got values in [{int(num.min())}, {int(num.max())}]"
         )
     if q2k_idx.shape[-1] == 0:  # empty lists (all counts 0): no entry to check
@@ -181,12 +192,12 @@ def check_index_lists(q2k_idx, q2k_num, num_kv_blocks: int, check_values: bool):
     live = xp.where(used, q2k_idx, 0)
     if int(live.min()) < 0 or int(live.max()) >= num_kv_blocks:
         raise ValueError(
-            f"q2k_idx: expected tile indices in [0, {num_kv_blocks}) (N_kv), got values in [{int(live.min())}, {int(live.max())}]"
+            f"{prefix}q2k_idx: expected tile indices in [0, {num_kv_blocks}) (N_kv), got values in [{int(live.min())}, {int(live.max())}]"
         )
     ordered = xp.sort(xp.where(used, q2k_idx, -1 - xp.arange(q2k_idx.shape[-1], dtype=q2k_idx.dtype)), axis=-1)
     repeated = ordered[..., 1:] == ordered[..., :-1]
     if bool(repeated.any()):
         b, h, i, j = (int(c) for c in xp.argwhere(repeated)[0])
         raise ValueError(
-            f"q2k_idx: expected no tile index twice in one row, got tile {int(ordered[b, h, i, j])} twice in row [{b}, {h}, {i}]"
+            f"{prefix}q2k_idx: expected no tile index twice in one row, got tile {int(ordered[b, h, i, j])} twice in row [{b}, {h}, {i}]"
         )

@@ -47,7 +47,6 @@ from .._xp import compute_dtype
 _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
 _ROWS = 8  # tile rows are processed in blocks of this many (scratch is padded to a multiple)
-_NO_MAX = -3.0e38  # running max before any key
 # LLVM's fast-math flags without nnan and ninf: the kernels may reassociate, contract and use
 # approximate functions, but NaN and infinity in the inputs propagate as in the reference.
 _FASTMATH = {"contract", "reassoc", "arcp", "afn", "nsz"}
@@ -461,7 +460,7 @@ def _fwd_kernel(q, kt, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate,
             for d in range(dim):
                 qs[r, d] = q_tile[r, d] * qscale
         acc[:] = 0.0
-        m[:] = _NO_MAX
+        m[:] = -np.inf  # running max (log2 domain) before any key
         l[:] = 0.0
         for t in range(q2k_num[b, h, i]):
             j = q2k_idx[b, h, i, t]
@@ -472,12 +471,14 @@ def _fwd_kernel(q, kt, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate,
                 row_max = m[r]
                 for c in range(keys):
                     row_max = _fmax(row_max, sr[c])
+                # Every score so far -inf (an overflow) or NaN: shift by 0, so that they give 0 or NaN.
+                shift = row_max if row_max != -np.inf else zero
                 total = zero
                 for c in range(keys):
-                    p = _exp2(sr[c] - row_max)
+                    p = _exp2(sr[c] - shift)
                     sr[c] = p
                     total += p
-                alpha = _exp2(m[r] - row_max)  # 2**-126 (times zeros) on the first tile
+                alpha = _exp2(m[r] - shift)  # 0 on the row's first scores
                 m[r] = row_max
                 l[r] = l[r] * alpha + total
                 for d in range(dim):
