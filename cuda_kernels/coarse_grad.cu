@@ -63,7 +63,8 @@ coarse_grad(const T* __restrict__ dout, const T* __restrict__ gate, const float*
     const int idx = static_cast<int>(thread / cols);
     if (idx >= num_tiles) return;  // (ROWS: a tile's lanes all return or all stay)
     const int c = static_cast<int>(thread - static_cast<long long>(idx) * cols);
-    const int n = q_block_sizes[idx % num_blocks];
+    // Clamped to the tile: a backward context's block sizes are not checked on the host.
+    const int n = min(max(q_block_sizes[idx % num_blocks], 0), volume);
     const long long tile_start = static_cast<long long>(idx) * volume * head_dim;  // elements
     const long long row_start = static_cast<long long>(idx) * head_dim + c * VEC;   // in coarse, d_coarse
     const long long first_row = static_cast<long long>(idx) * volume;               // in delta, lse

@@ -36,6 +36,13 @@
 //                     (a launch of the dK/dV pass): order[segment] = its lists, the long ones
 //                     first, longest first, then the others in their own order (see below).
 // No host synchronisation: the counts stay on the device between the launches.
+//
+// And, before any of them where the lists were not checked on the host (block_sparse_attn with
+// check_indices=False; a backward context, whose lists may have changed since the forward):
+//  0. kv_lists_clean  one thread per row (b, h, i): copies the row's used entries that lie in
+//                     [0, N_kv) to the front of a new row, in order, 0 after them, and their
+//                     number as the new count (a count is first clamped to [0, L]).  Valid lists
+//                     come out unchanged; the attention kernels index with the result unguarded.
 // Only built-ins are used (no header: NVRTC has no host standard library).
 
 namespace {
@@ -154,6 +161,23 @@ kv_lists_write(const unsigned int* __restrict__ bits, const int* __restrict__ of
         }
         pos += __shfl_sync(FULL_MASK, incl, lanes - 1, lanes);  // the group's total
     }
+}
+
+__global__ void __launch_bounds__(MARK_THREADS)
+kv_lists_clean(const int* __restrict__ q2k_idx, const int* __restrict__ q2k_num, int* __restrict__ clean_idx,
+               int* __restrict__ clean_num, int rows, int length, int num_kv) {
+    const unsigned int row = blockIdx.x * MARK_THREADS + threadIdx.x;
+    if (row >= static_cast<unsigned int>(rows)) return;
+    const int used = min(max(q2k_num[row], 0), length);
+    const int* __restrict__ in = q2k_idx + static_cast<size_t>(row) * length;
+    int* __restrict__ out = clean_idx + static_cast<size_t>(row) * length;
+    int kept = 0;
+    for (int l = 0; l < used; ++l) {
+        const int j = in[l];
+        if (static_cast<unsigned int>(j) < static_cast<unsigned int>(num_kv)) out[kept++] = j;
+    }
+    for (int l = kept; l < length; ++l) out[l] = 0;
+    clean_num[row] = kept;
 }
 
 __global__ void __launch_bounds__(MARK_THREADS)

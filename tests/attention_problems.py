@@ -66,3 +66,29 @@ def force_ds_hand_over(monkeypatch):
     for name, value in (("DS_WORKSPACE_BYTES", 1 << 30), ("_DS_MIN_BYTES", 0), ("_DS_CHUNK_PAIRS", 1),
                         ("_DS_HEAD_DIMS", (64, 128))):
         monkeypatch.setattr(cuda_attention, name, value)
+
+
+def spoil_lists(q2k_idx, q2k_num, num_kv_blocks: int, rng):
+    """Copies of the lists with some used entries outside [0, N_kv) (above, negative, int32's
+    largest) and some counts outside [0, L]: what an unchecked list may hold."""
+    idx, num = q2k_idx.copy(), q2k_num.copy()
+    length = idx.shape[-1]
+    used = np.arange(length) < np.clip(num, 0, length)[..., None]
+    spoilt = used & (rng.random(idx.shape) < 0.3)
+    idx[spoilt] = rng.choice([num_kv_blocks, num_kv_blocks + 7, -1, -3, 2**31 - 1], size=int(spoilt.sum()))
+    rows = rng.random(num.shape)
+    num[rows < 0.1] = -2
+    num[rows > 0.9] = length + 5
+    return idx, num
+
+
+def cleaned_lists(q2k_idx, q2k_num, num_kv_blocks: int):
+    """What the CUDA backend makes of unchecked lists (kv_lists.cu's kv_lists_clean): per row, the
+    used entries inside [0, N_kv) in order, then 0; counts clamped to [0, L] first."""
+    length = q2k_idx.shape[-1]
+    idx, num = np.zeros_like(q2k_idx), np.zeros_like(q2k_num)
+    for row in np.ndindex(q2k_num.shape):
+        entries = q2k_idx[row][: min(max(int(q2k_num[row]), 0), length)]
+        kept = entries[(entries >= 0) & (entries < num_kv_blocks)]
+        idx[row][: kept.size], num[row] = kept, kept.size
+    return idx, num

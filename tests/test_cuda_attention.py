@@ -13,7 +13,7 @@ import vsa_nd
 from vsa_nd import reference
 from vsa_nd._xp import BFLOAT16
 
-from attention_problems import problems, random_inputs
+from attention_problems import cleaned_lists, problems, random_inputs, spoil_lists
 
 pytestmark = pytest.mark.gpu
 
@@ -144,6 +144,43 @@ def test_smoke_attention(kernel, head_dim, monkeypatch):
                                       gate=gate)
     real = reference.valid_slots(q_plan.variable_block_sizes, 128)
     assert _rel_err(cupy.asnumpy(out)[:, :, real], ref.out[:, :, real]) <= TOLERANCE[BFLOAT16]
+
+
+def test_smoke_unchecked_lists_never_reach_outside_k_and_v(poisoned):
+    """check_indices=False on CuPy: entries outside [0, N_kv) are dropped and counts clamped to
+    [0, L] on the device (no host check), so the kernels index only inside k and v, and the
+    result is the attention over the entries kept (a case compute-sanitizer runs)."""
+    import cupy
+
+    from vsa_nd.backends.cuda_attention import clean_lists
+
+    rng = np.random.default_rng()
+    plan = vsa_nd.tile_plan((5, 6, 7), (4, 4, 4))
+    p = dict(q_plan=plan, kv_plan=plan, volume=64, batch=2, heads=4, kv_heads=2, head_dim=64, dtype=BFLOAT16)
+    q, k, v = random_inputs(p, rng)
+    n = plan.num_blocks
+    q2k_idx = np.argsort(rng.random((2, 4, n, n)), axis=-1)[..., :5].astype(np.int32)
+    q2k_num = rng.integers(0, 6, size=(2, 4, n)).astype(np.int32)
+    bad_idx, bad_num = spoil_lists(q2k_idx, q2k_num, n, rng)
+    clean_idx, clean_num = cleaned_lists(bad_idx, bad_num, n)
+    got_idx, got_num = clean_lists(cupy.asarray(bad_idx), cupy.asarray(bad_num), n)
+    np.testing.assert_array_equal(cupy.asnumpy(got_idx), clean_idx)
+    np.testing.assert_array_equal(cupy.asnumpy(got_num), clean_num)
+    valid_idx, valid_num = clean_lists(cupy.asarray(q2k_idx), cupy.asarray(q2k_num), n)
+    np.testing.assert_array_equal(cupy.asnumpy(valid_num), q2k_num)  # valid lists come out as they went in
+    assert all((cupy.asnumpy(valid_idx)[r][:c] == q2k_idx[r][:c]).all() for r, c in np.ndenumerate(q2k_num))
+
+    sizes = plan.variable_block_sizes
+    out, lse = vsa_nd.block_sparse_attn(*(cupy.asarray(x) for x in (q, k, v, sizes, bad_idx, bad_num)),
+                                        return_lse=True, check_indices=False)
+    ref_out, ref_lse = reference.block_sparse_attn(q, k, v, reference.block_map_from_indices(clean_idx, clean_num, n),
+                                                   sizes, 64)
+    real = reference.valid_slots(sizes, 64)
+    assert _rel_err(cupy.asnumpy(out)[:, :, real], ref_out[:, :, real]) <= TOLERANCE[BFLOAT16]
+    lse = cupy.asnumpy(lse)
+    empty = np.repeat(clean_num == 0, 64, axis=-1)
+    assert np.all(lse[empty] == -np.inf)
+    assert np.allclose(lse[~empty & real], ref_lse[~empty & real], rtol=1e-3, atol=1e-3)
 
 
 def test_misaligned_views_are_refused_before_launch():

@@ -6,6 +6,8 @@ the norm-relative error (bf16 <= 3e-2, fp16 <= 1e-2) against the reference given
 rounded output (see _run); pad slots of dq, dk, dv, dgate must be 0.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -14,7 +16,7 @@ import vsa_nd
 from vsa_nd import reference
 from vsa_nd._xp import BFLOAT16
 
-from attention_problems import force_ds_hand_over, problems, random_inputs
+from attention_problems import cleaned_lists, force_ds_hand_over, problems, random_inputs, spoil_lists
 
 pytestmark = pytest.mark.gpu
 
@@ -376,6 +378,40 @@ def test_smoke_backward(kernel, monkeypatch):
     assert _rel_err(dq[:, :, q_real], ref.dq[:, :, q_real]) <= 3e-2
     assert _rel_err(dk[:, :, kv_real], ref.dk[:, :, kv_real]) <= 3e-2
     assert _rel_err(dv[:, :, kv_real], ref.dv[:, :, kv_real]) <= 3e-2
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_smoke_backward_of_a_changed_context_stays_inside_its_arrays(kernel, monkeypatch):
+    """A context whose lists and block sizes changed after the forward, values the backward
+    cannot check without the host: the kernels still index only inside their arrays (a case
+    compute-sanitizer runs).  Its lists act as cleaned ones (see block_sparse_attn)."""
+    import cupy
+
+    use_kernels(kernel, monkeypatch)
+    rng = np.random.default_rng()
+    q_plan, kv_plan = vsa_nd.tile_plan((5, 6, 7), (4, 4, 8)), vsa_nd.tile_plan((3, 9, 6), (4, 4, 8))
+    p = dict(q_plan=q_plan, kv_plan=kv_plan, volume=128, batch=2, heads=4, kv_heads=2, head_dim=128, dtype=BFLOAT16)
+    q, k, v = (cupy.asarray(x) for x in random_inputs(p, rng))
+    q_sizes, kv_sizes = cupy.asarray(q_plan.variable_block_sizes), cupy.asarray(kv_plan.variable_block_sizes)
+    gate = cupy.asarray(rng.standard_normal(q.shape).astype(BFLOAT16))
+    dout = cupy.asarray(rng.standard_normal(q.shape).astype(BFLOAT16))
+    _, ctx = vsa_nd.video_sparse_attn(q, k, v, 3, q_sizes, kv_sizes, gate=gate, return_context=True)
+    n_kv = kv_plan.num_blocks
+    bad_idx, bad_num = spoil_lists(cupy.asnumpy(ctx.q2k_idx), cupy.asnumpy(ctx.q2k_num), n_kv, rng)
+    clean_idx, clean_num = cleaned_lists(bad_idx, bad_num, n_kv)
+    spoilt = vsa_nd.video_sparse_attn_backward(
+        dout, dataclasses.replace(ctx, q2k_idx=cupy.asarray(bad_idx), q2k_num=cupy.asarray(bad_num)))
+    cleaned = vsa_nd.video_sparse_attn_backward(
+        dout, dataclasses.replace(ctx, q2k_idx=cupy.asarray(clean_idx), q2k_num=cupy.asarray(clean_num)))
+    for name, a, b in zip(("dq", "dk", "dv", "dgate"), spoilt, cleaned):
+        assert cupy.array_equal(a, b, equal_nan=True), name
+    # Block sizes outside [1, V]: the kernels clamp them to the tile.
+    for size in (10**6, -5):
+        grads = vsa_nd.video_sparse_attn_backward(
+            dout, dataclasses.replace(ctx, q_block_sizes=cupy.full_like(q_sizes, size),
+                                      kv_block_sizes=cupy.full_like(kv_sizes, size)))
+        assert all(g.shape == x.shape for g, x in zip(grads, (q, k, v, gate)))
+    cupy.cuda.get_current_stream().synchronize()
 
 
 @pytest.mark.parametrize("kernel", ["auto", "mma", "streams"])

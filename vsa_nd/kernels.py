@@ -66,7 +66,8 @@ def catalogue() -> list:
         KernelSpec("topk.cu", ("select_topk<false>", "select_topk<true>")),
         KernelSpec("softmax.cu", ("softmax_rows", "softmax_grad_rows")),
         KernelSpec("kv_lists.cu",
-                   ("kv_lists_mark", "kv_lists_scan", "kv_lists_write", "kv_lists_rank", "kv_lists_order")),
+                   ("kv_lists_clean", "kv_lists_mark", "kv_lists_scan", "kv_lists_write", "kv_lists_rank",
+                    "kv_lists_order")),
         KernelSpec(
             "gemm_f32.cu",
             tuple(f"gemm_f32<{ta}, {tb}, {bm}, {bn}>" for ta in ("false", "true") for tb in ("false", "true")

@@ -290,8 +290,9 @@ def block_sparse_attn(
     out [B, H, Sq_pad, D] in q's dtype (and lse [B, H, Sq_pad] with ``return_lse``); a row
     that selects nothing gets 0 and lse -inf.  Index values are checked; on CuPy the check
     costs one host synchronisation, which ``check_indices=False`` skips for lists known to be
-    valid (e.g. from :func:`select_topk_blocks`).  NumPy lists are always checked: it costs
-    little there.
+    valid (e.g. from :func:`select_topk_blocks`); unchecked lists still never make a kernel read
+    outside k and v: entries outside ``[0, N_kv)`` are dropped and counts clamped to ``[0, L]``
+    (duplicates are not found).  NumPy lists are always checked: it costs little there.
     """
     check.check_float("q", q, 4)
     b, h = q.shape[:2]
@@ -315,6 +316,10 @@ def block_sparse_attn(
     check.check_shape("q2k_num", q2k_num, q2k_idx.shape[:3])
     problem = _check_attention(q, k, v, kv_block_sizes, q2k_idx.shape[2], scale, q_blocks_name="q2k_idx (axis 2)")
     check.check_index_lists(q2k_idx, q2k_num, problem.num_kv_blocks, check_values)
+    if not check_values and block_map is None:  # CuPy lists taken unchecked: keep the kernels inside k and v
+        from .backends.cuda_attention import clean_lists
+
+        q2k_idx, q2k_num = clean_lists(q2k_idx, q2k_num, problem.num_kv_blocks)
     out, lse = _backend(q).block_sparse_fwd(
         q, k, v, q2k_idx, q2k_num, problem.kv_block_sizes, problem.scale, None, None
     )
@@ -445,8 +450,13 @@ def video_sparse_attn_backward(dout, context: VSAContext, *, out=None) -> Gradie
     dk_token = backend.matmul(d_scores, _grouped(c.q_mean, h_kv), transpose_a=True, alpha=c.scale,
                               row_divisor=c.kv_block_sizes)
     dv_token = backend.matmul(probs, d_coarse_g, transpose_a=True, row_divisor=c.kv_block_sizes)
+    q2k_idx, q2k_num = c.q2k_idx, c.q2k_num
+    if is_cupy_array(dout):  # the lists may have changed since the forward, unseen (see _check_context)
+        from .backends.cuda_attention import clean_lists
+
+        q2k_idx, q2k_num = clean_lists(q2k_idx, q2k_num, len(c.kv_block_sizes))
     dq, dk, dv = backend.block_sparse_bwd(
-        dout, c.q, c.k, c.v, c.out, c.lse, c.q2k_idx, c.q2k_num, c.q_block_sizes, c.kv_block_sizes,
+        dout, c.q, c.k, c.v, c.out, c.lse, q2k_idx, q2k_num, c.q_block_sizes, c.kv_block_sizes,
         c.scale, c.coarse, c.gate, dq_token, dk_token, dv_token, dq=buffers.dq, dk=buffers.dk, dv=buffers.dv,
         row_terms=row_terms,
     )
@@ -456,8 +466,9 @@ def video_sparse_attn_backward(dout, context: VSAContext, *, out=None) -> Gradie
 def _check_context(c) -> VSAContext:
     """The context's arrays are what :func:`video_sparse_attn` returned for one problem: shapes,
     dtypes, devices and contiguity always; on NumPy also the values that the CPU kernels index
-    with (block sizes, index lists).  On CuPy those values are the forward's, trusted: checking
-    them would synchronise with the host."""
+    with (block sizes, index lists).  On CuPy checking them would synchronise with the host:
+    there the backward cleans the lists instead (see :func:`block_sparse_attn`), and the kernels
+    clamp block sizes to the tile."""
     if not isinstance(c, VSAContext):
         raise TypeError(f"context: expected the VSAContext of video_sparse_attn, got {type(c).__name__}")
     q, k = c.q, c.k

@@ -289,6 +289,29 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
     return out, lse
 
 
+def clean_lists(q2k_idx, q2k_num, num_kv_blocks: int):
+    """Index lists the kernels may index with unguarded, from lists not checked on the host.
+
+    Returns new (q2k_idx, q2k_num) where each row keeps, in order, its used entries inside
+    ``[0, N_kv)`` (counts clamped to ``[0, L]`` first), 0 after them; valid lists come out
+    unchanged.  One launch of ``kv_lists.cu``'s ``kv_lists_clean`` on the current stream, no host
+    synchronisation.  (Duplicates stay: they cannot read out of bounds.)
+    """
+    import cupy
+
+    mark_threads = 256  # MARK_THREADS in kv_lists.cu
+    rows, length = q2k_num.size, q2k_idx.shape[-1]
+    with q2k_idx.device:
+        q2k_idx, q2k_num = cupy.ascontiguousarray(q2k_idx), cupy.ascontiguousarray(q2k_num)
+        clean_idx, clean_num = cupy.empty_like(q2k_idx), cupy.empty_like(q2k_num)
+        if rows:
+            get_function("kv_lists.cu", "kv_lists_clean")(
+                (-(-rows // mark_threads),), (mark_threads,),
+                (q2k_idx, q2k_num, clean_idx, clean_num, np.int32(rows), np.int32(length), np.int32(num_kv_blocks)),
+            )
+    return clean_idx, clean_num
+
+
 def kv_to_q_lists(q2k_idx, q2k_num, num_kv_heads: int, num_kv_blocks: int, positions: bool = False):
     """Invert the selection on the GPU, without a host synchronisation.
 
