@@ -370,6 +370,10 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     ``out`` (optional; q's shape, dtype and device, C-contiguous, no memory shared with the
     inputs) is filled and returned instead of a new array.  The context refers to it: keep it
     unchanged until the backward has run.
+
+    Pad slots of q, k, v and gate never reach a real token's result.  Rows of ``out`` in pad
+    slots are computed from q's (and gate's) pad slots like any other row, so they are finite
+    where those are (:func:`tile` leaves them 0); :func:`untile` drops them.
     """
     check.check_float("q", q, 4)
     if kv_block_sizes is None:
