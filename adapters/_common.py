@@ -125,7 +125,9 @@ def vsa_backward(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, out, *conte
         scale=scale, **fields,
     )
     buffers = None if not results else (*results[:3], results[3] if gate is not None else None)
-    return tuple(vsa_nd.video_sparse_attn_backward(dout, ctx, out=buffers))
+    # The context is the forward's results as the framework kept them: torch's saved tensors
+    # (version-checked) or immutable JAX arrays, so vsa_nd need not check it again.
+    return tuple(vsa_nd.ops.backward_of_unchanged_context(dout, ctx, out=buffers))
 
 
 _EXTERNAL_STREAMS: dict = {}  # (stream pointer, device index) -> cupy.cuda.ExternalStream
@@ -154,7 +156,7 @@ def padded_len(seq_shape, tile_shape) -> int:
 class AdaptedTilePlan:
     """A :class:`vsa_nd.TilePlan` whose index arrays are a framework's tensors.
 
-    ``array_plan`` is the NumPy/CuPy plan the tensors view; ``device`` the framework's device.
+    ``array_plan`` is the NumPy/CuPy plan the tensors view or copy; ``device`` the framework's device.
     The tensors are shared by every caller of the adapter's cached plan: never write to them.
     """
 

@@ -232,7 +232,6 @@ def _check_array(name: str, x, dtypes: dict, like=None, like_name: str = "q"):
         raise TypeError(f"{name}: expected a jax.Array or NumPy array, got {type(x).__name__}")
     if x.ndim != 4:
         raise ValueError(f"{name}: expected 4 dimensions, got shape {tuple(x.shape)}")
-    check.check_nonempty(name, x)
     platform = _platform(x)
     if platform is not None and platform not in dtypes:
         raise TypeError(f"{name}: expected an array on cpu or gpu, got one on {platform}")
@@ -244,6 +243,17 @@ def _check_array(name: str, x, dtypes: dict, like=None, like_name: str = "q"):
         where = platform or " or ".join(dtypes)
         raise TypeError(f"{name}: expected dtype in ({names}) on {where}, got {x.dtype}")
     return x
+
+
+def _check_attention_arrays(q, k, v, gate=None) -> tuple:
+    """q, k, v and gate (or None) as :func:`_check_array` gives them, with no axis of length 0."""
+    q = _check_array("q", q, _ATTENTION_DTYPES)
+    k, v = (_check_array(name, x, _ATTENTION_DTYPES, like=q) for name, x in (("k", k), ("v", v)))
+    gate = None if gate is None else _check_array("gate", gate, _ATTENTION_DTYPES, like=q)
+    for name, x in (("q", q), ("k", k), ("v", v), ("gate", gate)):
+        if x is not None:
+            check.check_nonempty(name, x)
+    return q, k, v, gate
 
 
 def _int_array(name: str, x, ndim: int):
@@ -423,11 +433,7 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     ``scale`` default ``1/sqrt(D)``.  Returns out [B, H, Sq_pad, D] in q's dtype,
     differentiable (``jax.custom_vjp``) with respect to q, k, v and gate.
     """
-    q = _check_array("q", q, _ATTENTION_DTYPES)
-    k = _check_array("k", k, _ATTENTION_DTYPES, like=q)
-    v = _check_array("v", v, _ATTENTION_DTYPES, like=q)
-    if gate is not None:
-        gate = _check_array("gate", gate, _ATTENTION_DTYPES, like=q)
+    q, k, v, gate = _check_attention_arrays(q, k, v, gate)
     q_block_sizes = _block_sizes("q_block_sizes", q_block_sizes)
     kv_block_sizes = q_block_sizes if kv_block_sizes is None else _block_sizes("kv_block_sizes", kv_block_sizes)
     # Checked here, not only by vsa_nd: under jit, topk is a static shape of the traced results.
@@ -463,9 +469,7 @@ def block_sparse_attn(q, k, v, kv_block_sizes, q2k_idx, q2k_num=None, *, scale=N
     inputs, with ``return_lse``).  Not differentiable (vsa_nd has no backward for the fine
     stage alone): differentiate :func:`video_sparse_attn` instead.
     """
-    q = _check_array("q", q, _ATTENTION_DTYPES)
-    k = _check_array("k", k, _ATTENTION_DTYPES, like=q)
-    v = _check_array("v", v, _ATTENTION_DTYPES, like=q)
+    q, k, v, _ = _check_attention_arrays(q, k, v)
     q2k_idx = _int_array("q2k_idx", q2k_idx, 4)
     q2k_num = None if q2k_num is None else _int_array("q2k_num", q2k_num, 3)
     lse_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32

@@ -310,7 +310,15 @@ def _check_tensor(name: str, t, dtypes: dict, like: Optional[Tensor] = None, lik
         raise TypeError(f"{name}: expected dtype in ({names}) on {t.device.type}, got {t.dtype}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}; pass {name}.contiguous()")
-    return check.check_nonempty(name, t)
+    return t
+
+
+def _check_attention_tensors(q, k, v, gate=None):
+    """q, k, v (and gate) as :func:`_check_tensor` checks them, with no axis of length 0."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("gate", gate)):
+        if t is not None or name != "gate":
+            _check_tensor(name, t, _ATTENTION_DTYPES, like=None if name == "q" else q)
+            check.check_nonempty(name, t)
 
 
 def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:
@@ -612,7 +620,10 @@ def tile_plan(seq_shape, tile_shape=None, *, device="cpu") -> TilePlan:
     as int32 tensors on ``device``, shared by every caller of this plan: views of
     :func:`vsa_nd.tile_plan`'s arrays on CUDA, copies on CPU.  Do not write to them.  On CUDA a
     write changes vsa_nd's cached plan itself, which it trusts unchecked (as a write to a CuPy
-    plan array would); on CPU a ``variable_block_sizes`` changed in place is checked on every call.
+    plan array would).  On CPU vsa_nd's plan stays as it was; a ``variable_block_sizes`` changed
+    by an in-place torch operation (which bumps its version counter) is checked on every call,
+    while a write torch does not count (through ``.numpy()`` or ``.data``) goes unseen: calls
+    keep computing with the plan's own values.
 
     ``tile_shape`` defaults to (64,), (8, 8) or (4, 4, 4) for 1-, 2- and 3-D sequences.
     """
@@ -627,7 +638,10 @@ def tile_plan(seq_shape, tile_shape=None, *, device="cpu") -> TilePlan:
 
 @functools.cache
 def _cached_plan(seq_shape: tuple, tile_shape: tuple, device: torch.device) -> TilePlan:
-    with _running_on(device):  # a CUDA plan is built on torch's current stream, like the calls that read it
+    # Not inference tensors, even when first asked for under torch.inference_mode(): the plan is
+    # cached for later calls, which may train (saved for backward) and read its version counter.
+    # A CUDA plan is built on torch's current stream, like the calls that read it.
+    with torch.inference_mode(False), _running_on(device):
         array_plan = vsa_nd.tile_plan(seq_shape, tile_shape, device=_device_key(device))
         plan = TilePlan.wrap(array_plan, device, _as_tensor if device.type == "cuda" else _plan_copy)
     sizes = plan.variable_block_sizes
@@ -713,11 +727,7 @@ def video_sparse_attn(q: Tensor, k: Tensor, v: Tensor, topk: int, q_block_sizes,
     optional, q-shaped; ``scale`` default ``1/sqrt(D)``.  Returns out [B, H, Sq_pad, D] in
     q's dtype, differentiable with respect to q, k, v and gate.
     """
-    _check_tensor("q", q, _ATTENTION_DTYPES)
-    _check_tensor("k", k, _ATTENTION_DTYPES, like=q)
-    _check_tensor("v", v, _ATTENTION_DTYPES, like=q)
-    if gate is not None:
-        _check_tensor("gate", gate, _ATTENTION_DTYPES, like=q)
+    _check_attention_tensors(q, k, v, gate)
     q_block_sizes = _int_tensor("q_block_sizes", q_block_sizes, q.device)
     kv_block_sizes = q_block_sizes if kv_block_sizes is None else _int_tensor("kv_block_sizes", kv_block_sizes, q.device)
     scale = _common.resolve_scale(scale, q.shape[-1])
@@ -736,14 +746,12 @@ def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes, q2k_idx: 
     ``q2k_idx`` [B, H, N_q, L] and ``q2k_num`` [B, H, N_q] (default: all L) integer tensors
     on q's device (or ints).  Returns out [B, H, Sq_pad, D] (and lse [B, H, Sq_pad] float32, float64
     for float64 inputs, with ``return_lse``).  Index values are checked (on CUDA, one host
-    synchronisation, which CUDA graph capture forbids) unless ``check_indices=False`` (for lists
-    known to be valid, e.g. from vsa_nd's own selection).  vsa_nd has no backward for the fine
-    stage alone, so inputs that
-    need a gradient are refused; differentiate :func:`video_sparse_attn` instead.
+    synchronisation, which CUDA graph capture forbids); ``check_indices=False`` skips that on
+    CUDA for lists known to be valid, e.g. from vsa_nd's own selection (what unchecked lists do:
+    :func:`vsa_nd.block_sparse_attn`).  vsa_nd has no backward for the fine stage alone, so
+    inputs that need a gradient are refused; differentiate :func:`video_sparse_attn` instead.
     """
-    _check_tensor("q", q, _ATTENTION_DTYPES)
-    _check_tensor("k", k, _ATTENTION_DTYPES, like=q)
-    _check_tensor("v", v, _ATTENTION_DTYPES, like=q)
+    _check_attention_tensors(q, k, v)
     if _needs_grad(q, k, v):
         raise ValueError("q, k, v: block_sparse_attn has no backward; call it under torch.no_grad() or "
                          "differentiate video_sparse_attn")

@@ -58,7 +58,8 @@ block_mean(const T* __restrict__ x0, const T* __restrict__ x1, const T* __restri
     } else if (idx >= end0) {
         idx -= end0, x = x1, mean = mean1, sizes = sizes1, num_blocks = blocks1;
     }
-    const int n = sizes[idx % num_blocks];
+    // Clamped to the tile: a trusted plan array (never checked) may have been written to.
+    const int n = min(max(sizes[idx % num_blocks], 0), volume);
     const Vec<T, VEC>* column =
         reinterpret_cast<const Vec<T, VEC>*>(x + static_cast<long long>(idx) * volume * head_dim) + c;
 

@@ -271,6 +271,8 @@ def test_errors_name_the_argument_and_what_was_expected():
         vj.video_sparse_attn(q[:0], k[:0], v[:0], 3, sizes)
     with pytest.raises(ValueError, match=r"q: expected every axis of length at least 1"):
         vj.video_sparse_attn(q[..., :0], k[..., :0], v[..., :0], 3, sizes)
+    x = jnp.zeros((0, plan.seq_len, 4, 16))  # tile and untile take an empty batch, as vsa_nd's do
+    assert vj.untile(vj.tile(x, plan), plan).shape == x.shape
     with pytest.raises(TypeError, match="q_block_sizes: expected ints or an integer array, got float64 values"):
         vj.video_sparse_attn(q, k, v, 3, [32.0] * 8)
     with pytest.raises(TypeError, match="plan: expected a TilePlan"):

@@ -91,7 +91,7 @@ def test_bfloat16_crosses_as_int16_because_numpy_refuses_kdlbfloat():
     assert vt._as_array(torch.zeros(2, dtype=torch.bfloat16)).dtype == vsa_nd._xp.BFLOAT16
 
 
-def test_plan_tensors_view_the_cached_plan():
+def test_plan_tensors_copy_the_cached_plan_on_cpu():
     plan = vt.tile_plan(SEQ, TILE)
     assert plan is vt.tile_plan(list(SEQ), TILE, device=torch.device("cpu"))
     for name in vt.TilePlan.INDEX_FIELDS:  # on CPU, copies: torch cannot keep NumPy's read-only flag
@@ -99,6 +99,20 @@ def test_plan_tensors_view_the_cached_plan():
         assert tensor.dtype == torch.int32 and tensor.data_ptr() != array.ctypes.data
         np.testing.assert_array_equal(tensor.numpy(), array)
     assert (plan.padded_len, plan.num_blocks, plan.seq_len) == (8 * 32, 8, 90)
+
+
+def test_a_plan_first_asked_for_in_inference_mode_serves_training_too():
+    seq, tile = (5, 9), (4, 4)  # a plan of this test's own: the torch plan is cached
+    with torch.inference_mode():
+        plan = vt.tile_plan(seq, tile)
+        q = torch.randn(1, 2, plan.padded_len, 8)
+        expected = vt.video_sparse_attn(q, q, q, 2, plan.variable_block_sizes)
+    assert not plan.variable_block_sizes.is_inference()
+    q = q.clone().requires_grad_()
+    out = vt.video_sparse_attn(q, q.detach(), q.detach(), 2, plan.variable_block_sizes)
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
 def test_block_size_tensors_of_a_plan_are_trusted():
@@ -331,6 +345,8 @@ def test_errors_name_the_argument_and_what_was_expected():
         vt.video_sparse_attn(q[:0], k[:0], v[:0], 3, sizes)
     with pytest.raises(ValueError, match=r"q: expected every axis of length at least 1"):
         vt.video_sparse_attn(q[..., :0], k[..., :0], v[..., :0], 3, sizes)
+    x = torch.randn(0, 90, 4, 16)  # tile and untile take an empty batch, as vsa_nd's do
+    assert vt.untile(vt.tile(x, plan), plan).shape == x.shape
     with pytest.raises(ValueError, match=r"block_sizes: expected every block size in \[1, 32\]"):
         vt.video_sparse_attn(q, k, v, 3, [40] * 8)
     # beyond int32: saturated, so still out of range (not wrapped round to 32)

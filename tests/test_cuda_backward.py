@@ -383,12 +383,13 @@ def test_smoke_backward(kernel, monkeypatch):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_smoke_backward_of_a_changed_context_stays_inside_its_arrays(kernel, monkeypatch):
     """A context whose lists and block sizes changed after the forward, values the backward
-    cannot check without the host: the kernels still index only inside their arrays (a case
-    compute-sanitizer runs).  Its lists act as cleaned ones (see block_sparse_attn)."""
+    cannot check without the host: the kernels still index only inside their arrays (what
+    compute-sanitizer, which runs this test, checks).  Its lists act as cleaned ones (see
+    block_sparse_attn); block sizes are clamped to [0, V]."""
     import cupy
 
     use_kernels(kernel, monkeypatch)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(11)
     q_plan, kv_plan = vsa_nd.tile_plan((5, 6, 7), (4, 4, 8)), vsa_nd.tile_plan((3, 9, 6), (4, 4, 8))
     p = dict(q_plan=q_plan, kv_plan=kv_plan, volume=128, batch=2, heads=4, kv_heads=2, head_dim=128, dtype=BFLOAT16)
     q, k, v = (cupy.asarray(x) for x in random_inputs(p, rng))
@@ -405,12 +406,15 @@ def test_smoke_backward_of_a_changed_context_stays_inside_its_arrays(kernel, mon
         dout, dataclasses.replace(ctx, q2k_idx=cupy.asarray(clean_idx), q2k_num=cupy.asarray(clean_num)))
     for name, a, b in zip(("dq", "dk", "dv", "dgate"), spoilt, cleaned):
         assert cupy.array_equal(a, b, equal_nan=True), name
-    # Block sizes outside [1, V]: the kernels clamp them to the tile.
-    for size in (10**6, -5):
+    # Block sizes outside [1, V], clamped to [0, V].  Below 1: no real row anywhere, so every
+    # gradient is 0.  Above V: every slot counts as real (the pads' NaN then reach the results).
+    for size in (-5, 10**6):
         grads = vsa_nd.video_sparse_attn_backward(
             dout, dataclasses.replace(ctx, q_block_sizes=cupy.full_like(q_sizes, size),
                                       kv_block_sizes=cupy.full_like(kv_sizes, size)))
         assert all(g.shape == x.shape for g, x in zip(grads, (q, k, v, gate)))
+        if size < 1:
+            assert all(not cupy.any(g) for g in grads)
     cupy.cuda.get_current_stream().synchronize()
 
 

@@ -425,7 +425,21 @@ def video_sparse_attn_backward(dout, context: VSAContext, *, out=None) -> Gradie
     shape, dtype and device, C-contiguous, sharing no memory with ``dout``, the context's
     arrays or each other (dgate None without a gate).
     """
-    c = _check_context(context)
+    return _backward(dout, _check_context(context), out, unchanged_context=False)
+
+
+@_on_input_device
+def backward_of_unchanged_context(dout, context: VSAContext, *, out=None) -> Gradients:
+    """:func:`video_sparse_attn_backward` for callers that guarantee ``context`` holds the arrays
+    their forward returned, unchanged: the adapters (torch checks its saved tensors' version
+    counters; JAX arrays are immutable).  The context's own checks (metadata, and on CuPy a
+    launch that cleans its lists) are skipped, ``dout`` and ``out`` are checked as there."""
+    if not isinstance(context, VSAContext):
+        raise TypeError(f"context: expected the VSAContext of video_sparse_attn, got {type(context).__name__}")
+    return _backward(dout, context, out, unchanged_context=True)
+
+
+def _backward(dout, c: VSAContext, out, unchanged_context: bool) -> Gradients:
     check.check_float("dout", dout, 4, like=c.q)
     check.check_same_dtype("dout", dout, c.q, "q")
     check.check_shape("dout", dout, c.q.shape)
@@ -455,7 +469,7 @@ def video_sparse_attn_backward(dout, context: VSAContext, *, out=None) -> Gradie
                               row_divisor=c.kv_block_sizes)
     dv_token = backend.matmul(probs, d_coarse_g, transpose_a=True, row_divisor=c.kv_block_sizes)
     q2k_idx, q2k_num = c.q2k_idx, c.q2k_num
-    if is_cupy_array(dout):  # the lists may have changed since the forward, unseen (see _check_context)
+    if is_cupy_array(dout) and not unchanged_context:  # lists changed since the forward go unseen on CuPy
         from .backends.cuda_attention import clean_lists
 
         q2k_idx, q2k_num = clean_lists(q2k_idx, q2k_num, len(c.kv_block_sizes))
