@@ -1,9 +1,11 @@
 """Host-side settings of the CUDA backward that need no GPU: the dS workspace budget from the
-environment, how a call's (batch, kv head) pairs are split within it, and the shared-memory
-layout the launcher gives bwd_dq_ds_sm90."""
+environment, how a call's (batch, kv head) pairs are split within it, the shared-memory
+layout the launcher gives bwd_dq_ds_sm90, and the size limits checked before any launch."""
 
 import importlib
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from vsa_nd.backends import cuda_attention
@@ -98,3 +100,18 @@ def test_ds_schedule_honours_the_pair_cap(monkeypatch):
     monkeypatch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)
     assert cuda_attention.ds_schedule(6, 1 << 20, 8, 1 << 30) == (1, cuda_attention._DS_STREAMS)
     assert cuda_attention.ds_schedule(1, 1 << 20, 8, 1 << 30) == (1, 1)
+
+
+def test_size_limits_are_refused_before_any_launch():
+    """(batch, head) pairs beyond a launch's grid y, and more selection entries than the
+    backward's int32 list offsets hold (an 84 x 45 x 80 latent, 40 heads, B = 8, topk 1332 of
+    5040), raise a ValueError that says so; one pair fewer, or one entry, passes."""
+    def q_like(b, h):  # what check_kernel_support reads of an array: address, dtype, shape
+        return SimpleNamespace(data=SimpleNamespace(ptr=0), dtype=np.float16, shape=(b, h, 64, 64))
+
+    with pytest.raises(ValueError, match=r"at most 65535 \(batch, head\) pairs, got 2 x 32768; split the batch"):
+        cuda_attention.check_kernel_support(q_like(2, 32768), 64)
+    assert cuda_attention.check_kernel_support(q_like(3, 21845), 64) == "__half"
+    with pytest.raises(ValueError, match=r"q2k_idx: expected at most \d+ selection entries for the CUDA backward"):
+        cuda_attention.check_backward_lists((8, 40, 5040, 1332))
+    cuda_attention.check_backward_lists((8, 40, 5040, 1331))

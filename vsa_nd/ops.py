@@ -385,6 +385,10 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     topk = check.check_int_range("topk", topk, 1, problem.num_kv_blocks)
     if out is not None:
         out = _check_out(out, q, q.shape, q.dtype, others=(("q", q), ("k", k), ("v", v), ("gate", gate)))
+    if return_context and is_cupy_array(q):  # refused now rather than by the backward, after this forward's work
+        from .backends.cuda_attention import check_backward_lists
+
+        check_backward_lists((*q.shape[:2], num_q_blocks, topk))
 
     backend = _backend(q)
     kv_sizes = problem.kv_block_sizes
@@ -447,9 +451,10 @@ def _backward(dout, c: VSAContext, out, unchanged_context: bool) -> Gradients:
     buffers = _check_gradient_buffers(out, dout, c)
     backend = _backend(dout)
     if is_cupy_array(dout):  # the kernels' own limits, checked before any launch
-        from .backends.cuda_attention import check_kernel_support
+        from .backends.cuda_attention import check_backward_lists, check_kernel_support
 
         check_kernel_support(c.q, c.q.shape[2] // len(c.q_block_sizes), dout=dout)
+        check_backward_lists(c.q2k_idx.shape)
 
     # Also the fine backward's per-row terms, where the backend can take them in the same pass.
     d_coarse, dgate, row_terms = backend.coarse_grad_inputs(dout, c.gate, c.coarse, c.q_block_sizes,

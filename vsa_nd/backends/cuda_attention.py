@@ -10,6 +10,7 @@ from it by an event and joined back to it before the launcher returns.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 
@@ -152,6 +153,17 @@ def _alloc(shape, dtype):
     return cupy.empty(shape, dtype)
 
 
+_MAX_GRID_Y = 65535
+
+
+def check_backward_lists(lists_shape: tuple):
+    """ValueError if the backward's KV->Q lists (int32 offsets: :func:`kv_to_q_lists`) cannot hold
+    every selection entry of lists shaped ``lists_shape`` [B, H, N_q, L]; checked before any launch."""
+    from .cuda import _check_index_range
+
+    _check_index_range("q2k_idx", math.prod(lists_shape), "selection entries for the CUDA backward")
+
+
 def check_kernel_support(q, tile_volume: int, **others) -> str:
     """The kernels' CUDA element type for q; TypeError/ValueError for what they cannot run.
 
@@ -168,6 +180,9 @@ def check_kernel_support(q, tile_volume: int, **others) -> str:
     dtype = np.dtype(q.dtype)
     if dtype not in _CUDA_TYPES:
         raise TypeError(f"q: the CUDA attention kernels take float16 or bfloat16, got {dtype}")
+    if q.shape[0] * q.shape[1] > _MAX_GRID_Y:  # the (batch, head) pairs are the launches' grid y
+        raise ValueError(f"q: the CUDA attention kernels take at most {_MAX_GRID_Y} (batch, head) pairs, got "
+                         f"{q.shape[0]} x {q.shape[1]}; split the batch")
     if q.shape[-1] not in _HEAD_DIMS:
         raise ValueError(f"q: the CUDA attention kernels take head dim 64 or 128, got {q.shape[-1]}")
     if tile_volume % _CHUNK:
