@@ -3,9 +3,16 @@
 One :class:`KernelSpec` per source file names the template instantiations to build.  The
 same specs and options serve the run-time loader (:func:`get_function`, CuPy) and the CI
 compile check (``python -m vsa_nd.compile_check``, no GPU needed).  NVRTC is reached
-through CuPy's wrapper when CuPy is installed, else through ``cuda.bindings``.  Cubins
-are cached on disk under ``$VSA_ND_CACHE_DIR`` (default ``~/.cache/vsa_nd``), keyed by
-the sources, the options and the NVRTC version.
+through CuPy's wrapper when CuPy is installed, else through ``cuda.bindings``.
+
+Cubins are cached on disk under ``$VSA_ND_CACHE_DIR`` (default ``$XDG_CACHE_HOME/vsa_nd``
+or ``~/.cache/vsa_nd``; where that cannot be written, a folder of the user's in the
+temporary directory), keyed by the sources, the options, the NVRTC version and the CUDA
+headers the sources include.  An entry is a cubin and a ``.json`` holding its lowered names
+and SHA-256, written after the cubin (each through a temporary file and a rename, so a
+reader never sees a partial file); an entry whose digest does not match is compiled again.
+One thread and one process at a time compile a given entry (a lock, and ``flock`` on a lock
+file); the others then read what it wrote.
 """
 
 from __future__ import annotations
@@ -15,9 +22,16 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
+import warnings
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the thread lock alone (concurrent processes may then compile twice)
+    fcntl = None
 
 
 
@@ -128,7 +142,7 @@ class CompileError(RuntimeError):
 
 
 def _source_text(spec: KernelSpec) -> str:
-    return (KERNEL_DIR / spec.source).read_text()
+    return (KERNEL_DIR / spec.source).read_text(encoding="utf-8")
 
 
 def _nvrtc_compile(source: str, filename: str, names: tuple, options: tuple):
@@ -194,26 +208,105 @@ def compile_spec(spec: KernelSpec, arch: str, verbose: bool = False):
     return _nvrtc_compile(_source_text(spec), spec.source, spec.names, spec.options(arch, verbose))
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("VSA_ND_CACHE_DIR", Path.home() / ".cache" / "vsa_nd"))
+# The CUDA headers the kernels include (cuda_fp16.h, cuda_bf16.h and what they pull in): their
+# text goes into the cache key, so a toolkit changed in place does not serve stale cubins.
+_TOOLKIT_HEADERS = ("cuda.h", "cuda_fp16.h", "cuda_fp16.hpp", "cuda_bf16.h", "cuda_bf16.hpp")
+
+
+@functools.cache
+def _toolkit_digest(include_dir: str) -> str:
+    digest = hashlib.sha256()
+    for name in _TOOLKIT_HEADERS:
+        path = Path(include_dir) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _cache_dirs() -> list:
+    """Where cubins may be cached, best first: $VSA_ND_CACHE_DIR, else $XDG_CACHE_HOME/vsa_nd or
+    ~/.cache/vsa_nd (no home directory: none of these); then a folder of this user's in the
+    temporary directory, for a cache that cannot be written."""
+    configured = os.environ.get("VSA_ND_CACHE_DIR")
+    if configured:
+        first = [Path(configured)]
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        first = [Path(base) / "vsa_nd"] if os.path.isabs(base) else []  # "~" unexpanded: no home
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return first + [Path(tempfile.gettempdir()) / f"vsa_nd-{user}"]
+
+
+def _read_entry(cubin_path: Path, names_path: Path):
+    """The lowered names of a complete cache entry, else None (missing, unreadable or damaged)."""
+    try:
+        meta = json.loads(names_path.read_text(encoding="utf-8"))
+        digest = hashlib.sha256(cubin_path.read_bytes()).hexdigest()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("sha256") != digest or not isinstance(meta.get("lowered"), dict):
+        return None
+    return meta["lowered"]
+
+
+def _write_file(path: Path, data: bytes):
+    """``data`` into ``path`` through a temporary file in its folder, flushed to disk and renamed
+    over it (readers see the old file or the new one, never part of one); readable by all."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600: a cache built by one user may be read by another
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+_COMPILE_LOCK = threading.Lock()
 
 
 def cached_cubin(spec: KernelSpec, arch: str) -> tuple:
     """(path of the cubin on disk, {name: lowered name}), compiling on a cache miss."""
-    headers = sorted(p.read_text() for p in KERNEL_DIR.glob("*.cuh"))
+    headers = sorted(p.read_text(encoding="utf-8") for p in KERNEL_DIR.glob("*.cuh"))
+    options = spec.options(arch)
     key = hashlib.sha256(
-        json.dumps([_source_text(spec), headers, spec.names, spec.options(arch), nvrtc_version()]).encode()
+        json.dumps([_source_text(spec), headers, spec.names, options, nvrtc_version(),
+                    _toolkit_digest(cuda_include_dir())]).encode()
     ).hexdigest()[:32]
-    folder = _cache_dir()
-    cubin_path, names_path = folder / f"{spec.source}-{arch}-{key}.cubin", folder / f"{spec.source}-{arch}-{key}.json"
-    if not (cubin_path.is_file() and names_path.is_file()):
-        cubin, lowered, _ = compile_spec(spec, arch)
-        folder.mkdir(parents=True, exist_ok=True)
-        for path, data in ((cubin_path, cubin), (names_path, json.dumps(lowered).encode())):
-            with tempfile.NamedTemporaryFile(dir=folder, delete=False) as f:  # atomic for concurrent runs
-                f.write(data)
-            os.replace(f.name, path)
-    return cubin_path, json.loads(names_path.read_text())
+    stem = f"{spec.source}-{arch}-{key}"
+    for folder in _cache_dirs():
+        cubin_path, names_path = folder / f"{stem}.cubin", folder / f"{stem}.json"
+        lowered = _read_entry(cubin_path, names_path)
+        if lowered is not None:
+            return cubin_path, lowered
+    errors = []
+    for folder in _cache_dirs():
+        cubin_path, names_path = folder / f"{stem}.cubin", folder / f"{stem}.json"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with _COMPILE_LOCK, open(folder / f".{stem}.lock", "a") as lock:
+                if fcntl is not None:
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                lowered = _read_entry(cubin_path, names_path)  # another thread or process may have written it
+                if lowered is None:
+                    cubin, lowered, _ = compile_spec(spec, arch)
+                    _write_file(cubin_path, cubin)
+                    meta = {"lowered": lowered, "sha256": hashlib.sha256(cubin).hexdigest()}
+                    _write_file(names_path, json.dumps(meta).encode())  # last: it marks the entry complete
+            if errors:
+                warnings.warn(f"vsa_nd: cannot write the kernel cache ({'; '.join(errors)}); using {folder} "
+                              "(set VSA_ND_CACHE_DIR to a writable folder)", RuntimeWarning, stacklevel=3)
+            return cubin_path, lowered
+        except OSError as e:
+            errors.append(f"{folder}: {e}")
+    raise RuntimeError("vsa_nd: no writable folder for the kernel cache: " + "; ".join(errors)
+                       + " (set VSA_ND_CACHE_DIR to a writable folder)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,8 +328,11 @@ def get_function(source: str, name: str):
     device_id = cupy.cuda.runtime.getDevice()
     key = (source, device_id)
     if key not in _MODULES:
-        arch = device_arch(device_id)
-        path, lowered = cached_cubin(spec_for(source), arch)
+        arch, spec = device_arch(device_id), spec_for(source)
+        if not spec.builds_for(arch):
+            need = "sm_90a (an H100 or H200)" if spec.needs_sm90a else f"compute capability {spec.min_sm / 10:.1f} or higher"
+            raise RuntimeError(f"{source}: vsa_nd's CUDA kernels need {need}; device {device_id} is {arch}")
+        path, lowered = cached_cubin(spec, arch)
         _MODULES[key] = (cupy.RawModule(path=str(path)), lowered, {})
     module, lowered, functions = _MODULES[key]
     if name not in functions:  # CuPy makes a new handle object per lookup: keep one
