@@ -31,11 +31,14 @@ runtime error carrying vsa_nd's message.
 
 from __future__ import annotations
 
+import atexit
 import ctypes as C
 import math
 import os
+import sys
 import threading
 import traceback
+import types
 
 import numpy as np
 
@@ -139,8 +142,12 @@ def _field_in(struct_size: int, struct, field: str) -> bool:
 
 # ---- calls: what the handler runs, by description ------------------------------------------
 
-_CALLS: dict = {}  # description -> run(operands: list of arrays) -> tuple of arrays
-_LOCK = threading.Lock()
+# What must outlive a reload of this module, or its import under a second name: XLA keeps the
+# handlers' addresses for the life of the process (so their ctypes callbacks must live as long,
+# and reach the calls registered later) and refuses a second registration of the target.
+_STATE = sys.modules.setdefault("vsa_nd._xla_ffi_state", types.ModuleType("vsa_nd._xla_ffi_state"))
+_CALLS: dict = _STATE.__dict__.setdefault("calls", {})  # description -> run(operands: list of arrays) -> tuple of arrays
+_LOCK = _STATE.__dict__.setdefault("lock", threading.Lock())
 
 
 def register_call(description: str, run) -> None:
@@ -286,8 +293,6 @@ def _describe_metadata(frame: _CallFrame) -> None:
 
 
 def _handle_or_raise(frame: _CallFrame, on_gpu: bool) -> None:
-    if frame.extension_start and frame.extension_start.contents.type == _EXTENSION_METADATA:
-        return _describe_metadata(frame)
     if frame.stage != _STAGE_EXECUTE:
         raise RuntimeError(f"vsa_nd's XLA handler called at stage {frame.stage}, not execute")
     description = _description(frame.attrs)
@@ -297,28 +302,66 @@ def _handle_or_raise(frame: _CallFrame, on_gpu: bool) -> None:
     (_run_on_gpu if on_gpu else _run_on_host)(frame, run, description)
 
 
+def _refuse_metadata(frame: _CallFrame, exception: BaseException) -> None:
+    """A metadata query that cannot be answered (XLA passes no ``api`` to make an error with):
+    say why on stderr and answer an API version no XLA takes, so that XLA refuses the handler."""
+    print(f"vsa_nd: cannot answer XLA's metadata query ({exception}); XLA will refuse vsa_nd's calls", file=sys.stderr)
+    try:
+        extension = _MetadataExtension.from_address(C.addressof(frame.extension_start.contents))
+        if extension.metadata:
+            extension.metadata.contents.api_version = _ApiVersion(C.sizeof(_ApiVersion), None, 999, 0)
+    except BaseException:  # noqa: BLE001 - nothing more can be done here
+        pass
+
+
 def _handle(frame_pointer: int, on_gpu: bool):
     """The handler: None (success) or an XLA error.  Nothing may escape a ctypes callback (its
     return value would then be garbage that XLA takes for an error pointer)."""
     try:
         frame = _CallFrame.from_address(frame_pointer)
+        if frame.extension_start and frame.extension_start.contents.type == _EXTENSION_METADATA:
+            try:
+                return _describe_metadata(frame)
+            except BaseException as e:  # noqa: BLE001 - as every error: not through ctypes
+                return _refuse_metadata(frame, e)
         try:
             return _handle_or_raise(frame, on_gpu)
         except BaseException as e:  # noqa: BLE001 - every error must reach XLA, not ctypes
-            return _error(frame.api.contents, e)
+            limit = sys.getrecursionlimit()  # room to report a RecursionError met deep in the caller's stack
+            sys.setrecursionlimit(limit + 200)
+            try:
+                return _error(frame.api.contents, e)
+            finally:
+                sys.setrecursionlimit(limit)
     except BaseException:  # noqa: BLE001 - not even an error could be made: stop rather than report success
-        traceback.print_exc()
-        os.abort()
+        try:
+            traceback.print_exc()
+        finally:
+            os.abort()
 
 
 _HANDLER_TYPE = C.CFUNCTYPE(C.c_void_p, C.c_void_p)
-_HANDLERS = {
+_HANDLERS = _STATE.__dict__.setdefault("handlers", {  # (the first module's, kept by _STATE: see there)
     "cpu": _HANDLER_TYPE(lambda frame: _handle(frame, False)),
     "gpu": _HANDLER_TYPE(lambda frame: _handle(frame, True)),
-}
+})
 _XLA_PLATFORMS = {"cpu": "cpu", "gpu": "CUDA"}
 _TARGET = "vsa_nd"
-_registered: set = set()
+_registered: set = _STATE.__dict__.setdefault("registered", set())
+
+
+def _wait_for_jax() -> None:
+    """At exit, before JAX's own exit hook shuts its clients down (atexit runs hooks in reverse
+    order, and JAX's was registered when it was imported): wait for the arrays still being
+    computed.  A vsa_nd call still running on an XLA thread would otherwise keep that shut-down
+    waiting for ever."""
+    try:
+        import jax
+
+        for array in jax.live_arrays():
+            array.block_until_ready()
+    except BaseException:  # noqa: BLE001 - at exit: never stop the rest of the shut-down
+        pass
 
 
 def target() -> str:
@@ -333,6 +376,7 @@ def target() -> str:
                 pointer = C.cast(_HANDLERS[platform], C.c_void_p).value
                 jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(pointer), platform=_XLA_PLATFORMS[platform])
                 _registered.add(platform)
+            atexit.register(_wait_for_jax)
     return _TARGET
 
 

@@ -242,6 +242,62 @@ def test_xla_call_errors_reach_jax_whatever_their_message():
         jax.jit(lambda x: call(x, call="test: unprintable"))(x).block_until_ready()
 
 
+def test_a_metadata_query_that_cannot_be_answered_is_refused_not_aborted(capfd):
+    """XLA's metadata query has no api to make an error with: the handler answers an API version
+    no XLA takes (so XLA refuses it) and says why, rather than abort the process."""
+    import ctypes as C
+
+    from vsa_nd.adapters import _xla_ffi as X
+
+    metadata = X._Metadata()
+    metadata.struct_size = 8  # an XLA whose metadata is smaller than the handler knows
+    extension = X._MetadataExtension()
+    extension.extension_base.struct_size, extension.extension_base.type = C.sizeof(extension), X._EXTENSION_METADATA
+    extension.metadata = C.pointer(metadata)
+    frame = X._CallFrame()
+    frame.struct_size = C.sizeof(frame)
+    frame.extension_start = C.cast(C.pointer(extension), C.POINTER(X._ExtensionBase))  # api NULL, as XLA passes
+    assert X._handle(C.addressof(frame), False) is None
+    assert metadata.api_version.major_version == 999
+    assert "cannot answer XLA's metadata query" in capfd.readouterr().err
+
+
+def test_reloading_the_ffi_module_keeps_the_handlers_xla_holds():
+    """XLA keeps the handlers' addresses for the process's life: a reload of the module (a
+    notebook's autoreload) must neither free them nor register the target again."""
+    import importlib
+
+    from vsa_nd.adapters import _xla_ffi
+
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, _ = tiled_inputs(plan, np.float32)
+    compiled = jax.jit(lambda q: vj.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes))
+    expected = compiled(q)
+    handlers = dict(_xla_ffi._HANDLERS)
+    importlib.reload(_xla_ffi)
+    assert _xla_ffi._HANDLERS == handlers
+    np.testing.assert_array_equal(compiled(q), expected)
+    traced_anew = jax.jit(lambda q: vj.video_sparse_attn(q * 1, k, v, 3, plan.variable_block_sizes))
+    np.testing.assert_array_equal(traced_anew(q), expected)
+
+
+def test_a_process_exits_while_a_jitted_call_still_runs(tmp_path):
+    """JAX's exit hook waits for XLA's threads; a vsa_nd call still running on one of them used
+    to keep that wait going for ever.  The adapter waits for live arrays first."""
+    script = tmp_path / "exit_early.py"
+    script.write_text(
+        "import jax, jax.numpy as jnp, numpy as np\n"
+        "import vsa_nd.adapters.jax as vj\n"
+        "plan = vj.tile_plan((8, 16, 16), (4, 4, 4))\n"
+        "q = vj.tile(jnp.asarray(np.random.default_rng(0).standard_normal((1, plan.seq_len, 8, 64)), jnp.float32), plan)\n"
+        "f = jax.jit(lambda q: vj.video_sparse_attn(q, q, q, 8, plan.variable_block_sizes))\n"
+        "f(q).block_until_ready()\n"
+        "y = f(q * 2)  # the last call, never waited for\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_block_sparse_attn_matches_array_api():
     plan = vj.tile_plan(SEQ, TILE)
     q, k, v, _ = tiled_inputs(plan, np.float32)

@@ -88,10 +88,14 @@ def ds_schedule(pairs: int, pair_bytes: int, pair_ctas: int, budget: int) -> tup
     return chunk, min(_DS_STREAMS, -(-pairs // chunk), fit // chunk)
 
 
-# Per thread: {device id: (streams, fork event, join events)}.  Per thread, because a fork or join
-# event recorded by one thread must not be re-recorded by another before its waits are queued,
-# and a thread's capture must not take in another thread's work.
-_PIPES = threading.local()
+# (thread ident, device id) -> (streams, fork event, join events).  Per thread, because a fork or
+# join event recorded by one thread must not be re-recorded by another before its waits are
+# queued, and a thread's capture must not take in another thread's work.  Keyed by the OS
+# thread's ident rather than kept in a threading.local: a thread that Python did not start (XLA's,
+# which runs the JAX adapter's calls) gets a fresh Python thread state, so fresh thread-local
+# data, on every call, but keeps its ident.
+_PIPES: dict = {}
+_PIPES_LOCK = threading.Lock()
 
 
 def _pipes(device_id: int, count: int) -> tuple:
@@ -100,16 +104,15 @@ def _pipes(device_id: int, count: int) -> tuple:
     again; made once per thread and device (warm-up calls make them outside a graph capture)."""
     import cupy
 
-    pipes = getattr(_PIPES, "devices", None)
-    if pipes is None:
-        pipes = _PIPES.devices = {}
-    entry = pipes.get(device_id)
+    key = (threading.get_ident(), device_id)
+    entry = _PIPES.get(key)
     if entry is None or len(entry[0]) < count:
         with cupy.cuda.Device(device_id):
             n = max(count, _DS_STREAMS)
             event = lambda: cupy.cuda.Event(disable_timing=True)  # noqa: E731
-            entry = pipes[device_id] = ([cupy.cuda.Stream(non_blocking=True) for _ in range(n)], event(),
-                                        [event() for _ in range(n)])
+            entry = ([cupy.cuda.Stream(non_blocking=True) for _ in range(n)], event(), [event() for _ in range(n)])
+        with _PIPES_LOCK:  # (only this thread writes its key; the lock keeps the dict whole)
+            _PIPES[key] = entry
     return entry[0][:count], entry[1], entry[2][:count]
 
 
