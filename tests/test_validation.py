@@ -331,6 +331,8 @@ def test_backward_checks_its_context_and_dout():
         (dict(gate=None), ValueError, r"out: expected dgate None"),
         (dict(out=p.q[:, :2].copy()), ValueError, re.escape("context.out: expected shape [2, 4, 24, 16]")),
         (dict(scale=-1.0), ValueError, r"context.scale: expected a positive finite float, got -1.0"),
+        (dict(q=non_contiguous(context.q)), ValueError, r"context.q: expected a C-contiguous array"),
+        (dict(v=context.v.astype(np.float64)), TypeError, r"context.v: expected dtype float32 to match context.q"),
     ]
     buffers = vsa_nd.Gradients(None, None, None, np.empty_like(p.q))
     for change, exc, pattern in broken:

@@ -232,27 +232,35 @@ class _Problem(NamedTuple):
     scale: float
 
 
+def _check_qkv(q, k, v, gate, prefix: str = ""):
+    """Shapes, dtypes, devices and contiguity of q, k, v (and gate, unless None); ``prefix`` goes
+    before their names in messages (e.g. "context.")."""
+    nq, nk, nv, ng = (prefix + name for name in ("q", "k", "v", "gate"))
+    check.check_float(nq, q, 4)
+    b, h, s_q, d = q.shape
+    check.check_float(nk, k, 4, like=q)
+    check.check_float(nv, v, 4, like=q)
+    for name, x in ((nk, k), (nv, v)):
+        check.check_same_dtype(name, x, q, nq)
+    check.check_shape(nk, k, (b, None, None, d))
+    check.check_shape(nv, v, k.shape)
+    _check_heads(h, k.shape[1], nk)
+    if gate is not None:
+        check.check_float(ng, gate, 4, like=q)
+        check.check_same_dtype(ng, gate, q, nq)
+        check.check_shape(ng, gate, q.shape)
+    for name, x in ((nq, q), (nk, k), (nv, v), (ng, gate)):
+        if x is not None:
+            check.check_contiguous(name, x)
+
+
 def _check_attention(q, k, v, kv_block_sizes, num_q_blocks: int, scale, gate=None, q_blocks_name="q_block_sizes") -> _Problem:
     """Shapes, dtypes, devices and contiguity of q, k, v (and gate); kv block sizes.
 
     ``num_q_blocks`` is N_q as given by the argument ``q_blocks_name``.
     """
-    check.check_float("q", q, 4)
-    b, h, s_q, d = q.shape
-    check.check_float("k", k, 4, like=q)
-    check.check_float("v", v, 4, like=q)
-    for name, x in (("k", k), ("v", v)):
-        check.check_same_dtype(name, x, q, "q")
-    check.check_shape("k", k, (b, None, None, d))
-    check.check_shape("v", v, k.shape)
-    _check_heads(h, k.shape[1], "k")
-    if gate is not None:
-        check.check_float("gate", gate, 4, like=q)
-        check.check_same_dtype("gate", gate, q, "q")
-        check.check_shape("gate", gate, q.shape)
-    for name, x in (("q", q), ("k", k), ("v", v), ("gate", gate)):
-        if x is not None:
-            check.check_contiguous(name, x)
+    _check_qkv(q, k, v, gate)
+    s_q, d = q.shape[2:]
     volume = _tile_volume("q", s_q, num_q_blocks, q_blocks_name)
     if is_cupy_array(q):  # the kernels' own limits, checked before any launch
         from .backends.cuda_attention import check_kernel_support
@@ -495,12 +503,8 @@ def _check_context(c) -> VSAContext:
     if not isinstance(c, VSAContext):
         raise TypeError(f"context: expected the VSAContext of video_sparse_attn, got {type(c).__name__}")
     q, k = c.q, c.k
-    check.check_float("context.q", q, 4)
+    _check_qkv(q, k, c.v, c.gate, "context.")
     b, h, s_q, d = q.shape
-    check.check_float("context.k", k, 4, like=q)
-    check.check_same_dtype("context.k", k, q, "context.q")
-    check.check_shape("context.k", k, (b, None, None, d))
-    _check_heads(h, k.shape[1], "context.k")
     h_kv = k.shape[1]
     on_cpu = isinstance(q, np.ndarray)
     i32, small = np.dtype(np.int32), compute_dtype(q.dtype)
@@ -516,9 +520,7 @@ def _check_context(c) -> VSAContext:
     if k.shape[2] != n_kv * volume:
         raise ValueError(f"context.k: expected a multiple of the tile volume {volume} (context.q's {s_q} slots over "
                          f"{n_q} q_block_sizes) on axis 2, got shape {list(k.shape)}")
-    for name, x, shape in (("v", c.v, k.shape), ("out", c.out, q.shape), ("gate", c.gate, q.shape)):
-        if x is not None or name != "gate":
-            array(name, x, shape, q.dtype)
+    array("out", c.out, q.shape, q.dtype)
     for name, n in (("q_block_sizes", n_q), ("kv_block_sizes", n_kv)):
         sizes = array(name, getattr(c, name), (n,), i32)
         if on_cpu:

@@ -18,6 +18,7 @@ import numpy as np
 
 from .._xp import BFLOAT16
 from ..kernels import get_function
+from .cuda import _MAX_GRID_Y, _check_index_range
 
 _CUDA_TYPES = {np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16"}
 _HEAD_DIMS = (64, 128)
@@ -156,14 +157,9 @@ def _alloc(shape, dtype):
     return cupy.empty(shape, dtype)
 
 
-_MAX_GRID_Y = 65535
-
-
 def check_backward_lists(lists_shape: tuple):
     """ValueError if the backward's KV->Q lists (int32 offsets: :func:`kv_to_q_lists`) cannot hold
     every selection entry of lists shaped ``lists_shape`` [B, H, N_q, L]; checked before any launch."""
-    from .cuda import _check_index_range
-
     _check_index_range("q2k_idx", math.prod(lists_shape), "selection entries for the CUDA backward")
 
 
@@ -307,6 +303,9 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
     return out, lse
 
 
+_MARK_THREADS = 256  # MARK_THREADS in kv_lists.cu (kv_lists_clean, _mark and _rank)
+
+
 def clean_lists(q2k_idx, q2k_num, num_kv_blocks: int):
     """Index lists the kernels may index with unguarded, from lists not checked on the host.
 
@@ -317,14 +316,13 @@ def clean_lists(q2k_idx, q2k_num, num_kv_blocks: int):
     """
     import cupy
 
-    mark_threads = 256  # MARK_THREADS in kv_lists.cu
     rows, length = q2k_num.size, q2k_idx.shape[-1]
     with q2k_idx.device:
         q2k_idx, q2k_num = cupy.ascontiguousarray(q2k_idx), cupy.ascontiguousarray(q2k_num)
         clean_idx, clean_num = cupy.empty_like(q2k_idx), cupy.empty_like(q2k_num)
         if rows:
             get_function("kv_lists.cu", "kv_lists_clean")(
-                (-(-rows // mark_threads),), (mark_threads,),
+                (-(-rows // _MARK_THREADS),), (_MARK_THREADS,),
                 (q2k_idx, q2k_num, clean_idx, clean_num, np.int32(rows), np.int32(length), np.int32(num_kv_blocks)),
             )
     return clean_idx, clean_num
@@ -348,9 +346,7 @@ def kv_to_q_lists(q2k_idx, q2k_num, num_kv_heads: int, num_kv_blocks: int, posit
     """
     import cupy
 
-    from .cuda import _check_index_range
-
-    mark_threads, scan_threads, write_threads = 256, 1024, 256  # MARK_, SCAN_, WRITE_THREADS in kv_lists.cu
+    mark_threads, scan_threads, write_threads = _MARK_THREADS, 1024, 256  # MARK_, SCAN_, WRITE_THREADS in kv_lists.cu
     num_kv_heads, num_kv_blocks = int(num_kv_heads), int(num_kv_blocks)
     b, h, n_q, length = q2k_idx.shape
     group = h // num_kv_heads
