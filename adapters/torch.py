@@ -315,10 +315,28 @@ def _check_tensor(name: str, t, dtypes: dict, like: Optional[Tensor] = None, lik
 
 def _check_attention_tensors(q, k, v, gate=None):
     """q, k, v (and gate) as :func:`_check_tensor` checks them, with no axis of length 0."""
+    if _usual_attention_tensors(q, k, v, gate):
+        return
     for name, t in (("q", q), ("k", k), ("v", v), ("gate", gate)):
         if t is not None or name != "gate":
             _check_tensor(name, t, _ATTENTION_DTYPES, like=None if name == "q" else q)
             check.check_nonempty(name, t)
+
+
+def _usual_attention_tensors(q, k, v, gate) -> bool:
+    """Whether q, k, v (and gate) pass :func:`_check_attention_tensors` in the usual way: plain
+    tensors of one device and one dtype it takes, contiguous, none empty.  A quick test of the
+    common case on every call's critical path; anything else gets the named checks."""
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+        return False
+    device, dtype = q.device, q.dtype
+    if dtype not in _ATTENTION_DTYPES.get(device.type, ()):
+        return False
+    for t in (q, k, v) if gate is None else (q, k, v, gate):
+        if (type(t) is not Tensor or t.dtype != dtype or not t.is_contiguous() or not t.numel()
+                or (t is not q and t.device != device)):
+            return False
+    return True
 
 
 def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:

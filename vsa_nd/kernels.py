@@ -203,9 +203,13 @@ def nvrtc_version() -> str:
         return f"{major}.{minor}"
 
 
-def compile_spec(spec: KernelSpec, arch: str, verbose: bool = False):
-    """Compile one program for ``arch`` (e.g. ``"sm_90a"``): (cubin, lowered names, log)."""
-    return _nvrtc_compile(_source_text(spec), spec.source, spec.names, spec.options(arch, verbose))
+def compile_spec(spec: KernelSpec, arch: str, verbose: bool = False, source: str | None = None):
+    """Compile one program for ``arch`` (e.g. ``"sm_90a"``): (cubin, lowered names, log).
+
+    ``source``: the program's text when the caller has read it already (default: read it now).
+    """
+    text = _source_text(spec) if source is None else source
+    return _nvrtc_compile(text, spec.source, spec.names, spec.options(arch, verbose))
 
 
 # The CUDA headers the kernels include (cuda_fp16.h, cuda_bf16.h and what they pull in): their
@@ -275,8 +279,9 @@ def cached_cubin(spec: KernelSpec, arch: str) -> tuple:
     """(path of the cubin on disk, {name: lowered name}), compiling on a cache miss."""
     headers = sorted(p.read_text(encoding="utf-8") for p in KERNEL_DIR.glob("*.cuh"))
     options = spec.options(arch)
+    source = _source_text(spec)  # read once: the text compiled on a miss is the text of the key
     key = hashlib.sha256(
-        json.dumps([_source_text(spec), headers, spec.names, options, nvrtc_version(),
+        json.dumps([source, headers, spec.names, options, nvrtc_version(),
                     _toolkit_digest(cuda_include_dir())]).encode()
     ).hexdigest()[:32]
     stem = f"{spec.source}-{arch}-{key}"
@@ -295,7 +300,7 @@ def cached_cubin(spec: KernelSpec, arch: str) -> tuple:
                     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
                 lowered = _read_entry(cubin_path, names_path)  # another thread or process may have written it
                 if lowered is None:
-                    cubin, lowered, _ = compile_spec(spec, arch)
+                    cubin, lowered, _ = compile_spec(spec, arch, source=source)
                     _write_file(cubin_path, cubin)
                     meta = {"lowered": lowered, "sha256": hashlib.sha256(cubin).hexdigest()}
                     _write_file(names_path, json.dumps(meta).encode())  # last: it marks the entry complete
