@@ -197,6 +197,8 @@ def test_coarse_softmax_and_its_backward_kernels(dtype):
         q2k_idx, q2k_num, probs = numba_cpu.select_topk_softmax_(scores, 3)
     assert probs is scores
     assert np.array_equal(q2k_idx, expected_idx) and np.array_equal(q2k_num, expected_num)
+    finite = np.isfinite(x).all(axis=-1)  # and where the rows are finite, the reference's selection
+    assert np.array_equal(q2k_idx[finite], ref.select_topk(x, 3)[0][finite])
     assert np.isnan(probs[0, 0, :3]).all() and not np.isnan(probs[0, 0, 3:]).any()
     tol = 1e-6 if dtype == np.float32 else 1e-14
     assert np.allclose(probs, want, rtol=tol, atol=tol, equal_nan=True)
@@ -242,6 +244,13 @@ def test_nan_and_inf_propagate_as_in_the_reference():
     k[0, 0, :, :] = np.abs(k[0, 0])  # q . k = -inf for every key of that row
     out, lse = vsa_nd.block_sparse_attn(q, k, v, sizes, idx, return_lse=True)
     assert np.all(out[0, 0, 10] == 0) and lse[0, 0, 10] == -np.inf
+    with np.errstate(invalid="ignore"):
+        expected, expected_lse = ref.block_sparse_attn(q, k, v, block_map, sizes, plan.tile_volume)
+    assert np.all(expected[0, 0, 10] == 0) and expected_lse[0, 0, 10] == -np.inf
+    real = np.isfinite(expected_lse)
+    assert real.sum() == real.size - 2  # that row, and the NaN query row from above
+    np.testing.assert_allclose(lse[real], expected_lse[real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
     q[:] = np.nan
     out, context = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, return_context=True)
@@ -249,6 +258,28 @@ def test_nan_and_inf_propagate_as_in_the_reference():
     assert all(len(set(row)) == 3 for row in context.q2k_idx.reshape(-1, 3).tolist())
     grads = vsa_nd.video_sparse_attn_backward(np.ones_like(out), context)
     assert np.isnan(grads.dq[:, :, : plan.seq_len]).any()
+
+
+@pytest.mark.parametrize("dtype, bound", [(np.float32, 5e-7), (np.float64, 1e-15)])
+def test_exp2_of_the_online_softmax(dtype, bound):
+    """The kernels' own 2**x (x <= 0): relative error within a few units of the last place,
+    0 below -126 and for -inf, NaN for NaN."""
+    from numba import njit
+
+    from vsa_nd.backends.numba_cpu import _exp2
+
+    @njit
+    def apply(x):
+        out = np.empty_like(x)
+        for i in range(x.size):
+            out[i] = _exp2(x[i])
+        return out
+
+    x = np.concatenate([np.linspace(-126, 0, 200_001), -126 * np.random.default_rng(8).random(10_000)]).astype(dtype)
+    exact = np.exp2(x.astype(np.float64))
+    assert np.max(np.abs(apply(x) - exact) / exact) <= bound
+    special = apply(np.array([-np.inf, -126.5, -1000.0, np.nan, 0.0], dtype))
+    assert special[:3].tolist() == [0.0, 0.0, 0.0] and np.isnan(special[3]) and special[4] == 1.0
 
 
 # ---------------------------------------------------------------------------------------

@@ -163,6 +163,36 @@ def test_row_that_selects_nothing_gives_zero_and_minus_inf():
     assert np.all(np.isfinite(lse[0, 0, :4])) and np.abs(fine[0, 0, :4]).max() > 0.1
 
 
+def test_selected_keys_that_all_score_minus_inf_give_zero_and_minus_inf():
+    # Keys are selected, but q . k = -inf for every one of them: no usable key, as above.
+    rng = np.random.default_rng(5)
+    q, k, v = make_problem(rng, 1, 1, 1, 4, 4, [4, 4], [4, 4])
+    k = np.abs(k)
+    q[0, 0, 1] = -np.inf
+    fine, lse = ref.block_sparse_attn(q, k, v, np.ones((1, 1, 2, 2), bool), [4, 4], tile_volume=4)
+    np.testing.assert_array_equal(fine[0, 0, 1], 0.0)
+    assert lse[0, 0, 1] == -np.inf
+    others = np.arange(8) != 1
+    assert np.all(np.isfinite(fine[0, 0, others])) and np.all(np.isfinite(lse[0, 0, others]))
+
+
+def test_softmax_of_large_scores():
+    np.testing.assert_allclose(ref.softmax(np.array([1000.0, 999.0])), [1 / (1 + np.exp(-1)), 1 / (1 + np.e)],
+                               rtol=1e-12)
+
+
+def test_scores_far_from_zero_match_the_loop():
+    # Coarse and fine scores in the thousands: every softmax must subtract its row's maximum.
+    rng = np.random.default_rng(6)
+    q, k, v = make_problem(rng, 1, 2, 1, 4, 4, [4, 4, 3, 4], [4, 2, 4, 4])
+    q, k = 40 * q, 40 * k
+    result = ref.video_sparse_attn(q, k, v, [4, 4, 3, 4], [4, 2, 4, 4], 2, 4)
+    out, lse = loop_vsa(q, k, v, [4, 4, 3, 4], [4, 2, 4, 4], 4, topk=2)
+    assert np.abs(lse[np.isfinite(lse)]).max() > 100
+    np.testing.assert_allclose(result.out, out, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(result.lse, lse, rtol=1e-12)
+
+
 def test_ties_go_to_the_lower_tile_index():
     scores = np.array([[[[1.0, 3.0, 3.0, 2.0, 3.0, 0.5]]]])
     assert ref.select_topk(scores, 2)[0].tolist() == [[[[1, 2]]]]

@@ -210,6 +210,27 @@ def test_topk_from_sparsity_of_a_fraction_of_the_tiles(num_kv_blocks, data):
     assert vsa_nd.topk_from_sparsity(skipped / num_kv_blocks, num_kv_blocks) == max(num_kv_blocks - skipped, 1)
 
 
+@given(st.integers(1, 10_000), st.data(), st.sampled_from([1e-8, 1e-7, 1e-6]))
+def test_topk_from_sparsity_rounds_up_just_above_an_integer(num_kv_blocks, data, above):
+    # The slack forgives float error (~1e-16 relative), not a product meant to lie above k.
+    k = data.draw(st.integers(0, num_kv_blocks - 1))
+    sparsity = 1 - (k + above) / num_kv_blocks
+    assert vsa_nd.topk_from_sparsity(sparsity, num_kv_blocks) == k + 1
+
+
+def test_topk_from_sparsity_just_above_an_integer():
+    assert vsa_nd.topk_from_sparsity(0.5999999, 10) == 5  # (1 - s) * 10 = 4.000001
+
+
+def test_padded_length_bound_is_2_to_the_31():
+    normalize = vsa_nd.tiling.normalize_shapes  # shapes only: nothing of this size is allocated
+    assert normalize((2**31 - 1,), (1,)) == ((2**31 - 1,), (1,))
+    assert normalize((1024, 1024, 2044), (4, 4, 4))[0] == (1024, 1024, 2044)
+    for seq, tile in (((2**31 - 1,), (2,)), ((1024, 1024, 2048), (4, 4, 4)), ((1024, 1024, 2045), (4, 4, 4))):
+        with pytest.raises(ValueError, match=r"below 2\*\*31 slots, got 2147483648"):
+            normalize(seq, tile)
+
+
 def test_build_metadata():
     meta = vsa_nd.build_metadata((16, 60, 104), (1, 2, 2), 0.875)  # a Wan2.1-like 480p latent
     assert meta.plan is vsa_nd.tile_plan((16, 30, 52), (4, 4, 4))

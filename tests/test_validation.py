@@ -143,6 +143,8 @@ CASES = [
     ("vsa-scale-str", lambda p: vsa(p, scale="0.1"), TypeError, ["scale:", "finite float", "'0.1'"]),
     ("vsa-scale-nan", lambda p: vsa(p, scale=float("nan")), ValueError, ["scale:", "positive finite float", "nan"]),
     ("vsa-scale-negative", lambda p: vsa(p, scale=-0.5), ValueError, ["scale:", "positive finite float", "-0.5"]),
+    ("vsa-scale-zero", lambda p: vsa(p, scale=0.0), ValueError, ["scale:", "positive finite float", "0.0"]),
+    ("fine-scale-zero", lambda p: fine(p, scale=0.0), ValueError, ["scale:", "positive finite float", "0.0"]),
     # --- block_sparse_attn
     ("fine-neither", lambda p: fine(p, q2k_idx=None, q2k_num=None), ValueError, ["q2k_idx, block_map", "exactly one", "neither"]),
     ("fine-both", lambda p: fine(p, block_map=p.block_map), ValueError, ["q2k_idx, block_map", "exactly one", "both"]),
@@ -200,11 +202,15 @@ CASES = [
     ("coarse-heads", lambda p: vsa_nd.coarse_attn(p.q_c[:, :3].copy(), p.k_c, p.v_c), ValueError,
      ["k_c:", "dividing the 3 query heads", "got 2"]),
     ("coarse-scale", lambda p: vsa_nd.coarse_attn(p.q_c, p.k_c, p.v_c, scale=np.inf), ValueError, ["scale:", "inf"]),
+    ("coarse-scale-zero", lambda p: vsa_nd.coarse_attn(p.q_c, p.k_c, p.v_c, scale=0), ValueError,
+     ["scale:", "positive finite float", "got 0"]),
     # --- select_topk_blocks
     ("topk-scores-3d", lambda p: vsa_nd.select_topk_blocks(p.scores[0], 2), ValueError, ["scores:", "4 dimensions", "(4, 3, 4)"]),
     ("topk-scores-int", lambda p: vsa_nd.select_topk_blocks(p.scores.astype(np.int16), 2), TypeError, ["scores:", "got int16"]),
     ("topk-0", lambda p: vsa_nd.select_topk_blocks(p.scores, 0), ValueError, ["topk:", "1 <= topk <= 4", "got 0"]),
     ("topk-above-nkv", lambda p: vsa_nd.select_topk_blocks(p.scores, 5), ValueError, ["topk:", "1 <= topk <= 4", "got 5"]),
+    ("topk-above-nkv-below-nq", lambda p: vsa_nd.select_topk_blocks(np.ones((1, 1, 8, 3), np.float32), 4), ValueError,
+     ["topk:", "1 <= topk <= 3", "got 4"]),  # N_kv is the last axis, whatever N_q
     ("topk-bool", lambda p: vsa_nd.select_topk_blocks(p.scores, False), TypeError, ["topk:", "an int", "bool False"]),
     ("topk-noncontiguous", lambda p: vsa_nd.select_topk_blocks(non_contiguous(p.scores), 2), ValueError,
      ["scores:", "C-contiguous"]),
