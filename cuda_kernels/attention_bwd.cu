@@ -123,8 +123,8 @@ template <typename T, int D> struct MmaProducts {
 
     __device__ void dkdv_step(float (&acc_k)[D / 2], float (&acc_v)[D / 2], const unsigned char* sK,
                               const unsigned char* sV, const unsigned char* cQ, const unsigned char* cdO,
-                              const float* c_lse, const float* c_delta, int real_k, float scale_log2, int warp,
-                              int lane) {
+                              const float* c_lse, const float* c_delta, int real_k, int real_q, float scale_log2,
+                              int warp, int lane) {
         // P^T (this warp's 16 keys x 64 query rows), kept packed in 16 bits from here on so
         // that it and dP^T are not live in fp32 together (register pressure at D = 128).
         unsigned int pt[4][4];
@@ -137,7 +137,9 @@ template <typename T, int D> struct MmaProducts {
             for (int i = 0; i < 32; ++i) {
                 const int key = warp * 16 + (lane >> 2) + ((i >> 1) & 1) * 8;
                 const int col = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-                st[i] = key < real_k ? fast_exp2(fmaf(st[i], scale_log2, -c_lse[col] * LOG2E)) : 0.f;
+                // 0 for pad keys and pad query rows, whatever lse holds there (NaN where q's pad
+                // slots do: the forward computes those rows like any other).
+                st[i] = key < real_k && col < real_q ? fast_exp2(fmaf(st[i], scale_log2, -c_lse[col] * LOG2E)) : 0.f;
             }
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) p_fragment<T>(st, kk, pt[kk]);

@@ -21,9 +21,10 @@
 // Policy interface (MmaProducts, attention_bwd.cu):
 //   void start_dq(sQ, sdO, warp, lane)      once, when Q and dO have arrived
 //   void dq_chunk(acc, sK, sV, valid, lse_log2, delta, scale_log2, warp, lane)
-//   void dkdv_step(acc_k, acc_v, sK, sV, sQ, sdO, lse, delta, real_k, scale_log2, warp, lane)
-// Pad query rows read as 0 in dO (and Q in dkdv_pass), so they add nothing to any gradient;
-// pad keys read as 0 and get P = 0.  Pad slots of dq, dk and dv are written as zeros.
+//   void dkdv_step(acc_k, acc_v, sK, sV, sQ, sdO, lse, delta, real_k, real_q, scale_log2, warp, lane)
+// Pad query rows read as 0 in dO (and Q in dkdv_pass) and get P^T = 0 whatever lse holds there,
+// so they add nothing to any gradient; pad keys read as 0 and get P = 0.  Pad slots of dq, dk
+// and dv are written as zeros.
 #pragma once
 
 #include "attention_common.cuh"
@@ -153,12 +154,17 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
     const int real_k = cta.real_k, slices = cta.slices, first = cta.first, steps = cta.steps;
     const size_t kv_offset = cta.kv_offset;
 
-    // Step t: query slice t % slices of the t / slices-th query tile that selected this key tile.
+    // Step t: query slice t % slices of the t / slices-th query tile that selected this key tile,
+    // whose first real_q_of(t) rows are real.
+    auto real_q_of = [&](int t) {
+        const int q_tile = kv2q_code[first + t / slices] % num_q_blocks;
+        return real_rows(q_block_sizes[q_tile], (t % slices) * ATT_BLOCK_M);
+    };
     auto load_step = [&](int t) {
         const int code = kv2q_code[first + t / slices], slice = t % slices;
         const int h = kv_head * group + code / num_q_blocks, q_tile = code % num_q_blocks;
         const size_t row0 = static_cast<size_t>(b * num_heads + h) * q_len + q_tile * tile_volume + slice * ATT_BLOCK_M;
-        const int stage = t & 1, real_q = real_rows(q_block_sizes[q_tile], slice * ATT_BLOCK_M);
+        const int stage = t & 1, real_q = real_q_of(t);
         load_tile_async<D>(sQ + stage * TILE, q + row0 * D, real_q, tid);
         load_tile_async<D>(sdO + stage * TILE, dout + row0 * D, real_q, tid);
         if (tid < 32) {  // 64 lse then 64 delta values: 16-byte pieces
@@ -184,7 +190,7 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
         cp_async_commit();
         const float* stats = sStats + (t & 1) * 128;
         products.dkdv_step(acc_k, acc_v, sK, sV, sQ + (t & 1) * TILE, sdO + (t & 1) * TILE, stats, stats + 64, real_k,
-                           scale * LOG2E, warp, lane);
+                           real_q_of(t), scale * LOG2E, warp, lane);
     }
     cp_async_wait<0>();
     write_rows<T, D>(dk + kv_offset, acc_k, scale, dk_tile ? dk_tile + cta.tile_row : nullptr, real_k, warp, lane);

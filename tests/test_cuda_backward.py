@@ -89,15 +89,26 @@ def _run(p):
         hot = np.isin(np.arange(k.shape[2]) // p["volume"], p["hot_tiles"]) & kv_real
         q = (q.astype(np.float32) + c).astype(dt)
         k[:, :, hot] = (k[:, :, hot].astype(np.float32) + 3 * c).astype(dt)
+    if p.get("far_below_zero"):  # every score near -18 sqrt(D): exp(-lse) overflows float32
+        # (keys of 1 + |n|: a common part no larger than their spread, or dq, a sum of dS k
+        # whose dS sum to 0, cancels beyond what bf16 dS can resolve)
+        q = (-10 + 0.5 * q.astype(np.float32)).astype(dt)
+        k[:, :, kv_real] = (1 + np.abs(k[:, :, kv_real].astype(np.float32))).astype(dt)
     q[:, :, ~q_real] = 0  # as tile() leaves them
     gate = rng.standard_normal(q.shape).astype(dt) if p["gated"] else None
     dout = rng.standard_normal(q.shape).astype(dt)
     dout[:, :, ~q_real] = np.nan  # pad rows are not part of the output: the kernels must not read them
 
+    q_in, gate_in = q, gate
+    if p.get("nan_pads"):  # what q and gate hold in pad slots must not matter (tile() leaves 0)
+        q_in, gate_in = (None if x is None else np.where(q_real[:, None], x, np.nan).astype(dt) for x in (q, gate))
+
     gpu = lambda x: None if x is None else cupy.asarray(x)  # noqa: E731
-    _, ctx = vsa_nd.video_sparse_attn(gpu(q), gpu(k), gpu(v), p["topk"], gpu(q_sizes), gpu(kv_sizes), gate=gpu(gate),
-                                      return_context=True)
+    _, ctx = vsa_nd.video_sparse_attn(gpu(q_in), gpu(k), gpu(v), p["topk"], gpu(q_sizes), gpu(kv_sizes),
+                                      gate=gpu(gate_in), return_context=True)
     grads = vsa_nd.video_sparse_attn_backward(gpu(dout), ctx)
+    if p.get("far_below_zero"):  # the set-up did what it is for
+        assert cupy.asnumpy(ctx.lse)[:, :, q_real].max() < -100
     # The reference recovers the fine output from the kernels' own rounded out, as they must
     # (see reference.video_sparse_attn_backward): what remains is the kernels' arithmetic.
     ref = reference.video_sparse_attn_backward(dout, q, k, v, q_sizes, kv_sizes, cupy.asnumpy(ctx.q2k_idx),
@@ -109,6 +120,26 @@ def _run(p):
 
 @given(problems(max_tokens=1000))
 def test_backward_matches_reference(poisoned, p):
+    _check_gradients(p)
+
+
+@given(problems(max_tokens=1000))
+def test_backward_of_scores_far_below_zero(poisoned, p):
+    """lse near -140 (D = 64) or -200 (D = 128): a pad key, zeroed in shared memory, scores 0,
+    and its exp2(0 - lse) overflows; only its mask keeps the inf (and inf * 0) out of the
+    gradients."""
+    _check_gradients(dict(p, far_below_zero=True))
+
+
+@given(problems(max_tokens=1000))
+def test_backward_ignores_what_q_and_gate_hold_in_pad_slots(poisoned, p):
+    """NaN in q's and gate's pad slots (pad rows of out and lse turn NaN): gradients of real
+    tokens as with zeros there, the pad query rows masked out of P^T in the dK/dV pass."""
+    _check_gradients(dict(p, nan_pads=True))
+
+
+def _check_gradients(p):
+    """Every gradient of ``p`` (see _run) within tolerance on real tokens, zero in pad slots."""
     (dq, dk, dv, dgate), ref, q_real, kv_real = _run(p)
     tol = TOLERANCE[p["dtype"]]
     for name, got, want, real in (("dq", dq, ref.dq, q_real), ("dk", dk, ref.dk, kv_real), ("dv", dv, ref.dv, kv_real)):

@@ -390,6 +390,36 @@ def test_video_sparse_attn(p):
     check_video_sparse_attn(p)
 
 
+@settings(max_examples=20)
+@given(p=attention_problems())
+def test_what_q_and_gate_hold_in_pad_slots_reaches_no_real_result(p):
+    """NaN in q's and gate's pad slots: out on real rows and every gradient as with zeros there
+    (bit for bit), and as the reference's given the NaN-padded out."""
+    rng, q, k, v, gate = make_inputs(p)
+    q_sizes, kv_sizes = p["plan_q"].variable_block_sizes, p["plan_kv"].variable_block_sizes
+    volume = p["plan_q"].tile_volume
+    real = ref.valid_slots(q_sizes, volume)
+    dout = normal(rng, q.shape, p["dtype"])
+    runs = []
+    for pad in (0.0, np.nan):
+        q_in, gate_in = (None if x is None else np.where(real[:, None], x, pad).astype(x.dtype) for x in (q, gate))
+        out, context = vsa_nd.video_sparse_attn(q_in, k, v, p["topk"], q_sizes, kv_sizes, gate=gate_in,
+                                                scale=p["scale"], return_context=True)
+        runs.append((out, vsa_nd.video_sparse_attn_backward(dout, context), context))
+    (zero_out, zero_grads, _), (nan_out, nan_grads, context) = runs
+    assert np.isnan(np.asarray(nan_out, np.float64)[:, :, ~real]).all()
+    np.testing.assert_array_equal(nan_out[:, :, real], zero_out[:, :, real])
+    for zero, nan in zip(zero_grads, nan_grads):
+        if zero is not None:
+            np.testing.assert_array_equal(nan, zero)  # pad slots 0 in both
+    want = ref.video_sparse_attn_backward(dout, q_in, k, v, q_sizes, kv_sizes, context.q2k_idx, context.q2k_num,
+                                          volume, p["scale"], gate_in, out=nan_out)
+    for got, expected in zip(nan_grads, want):
+        if expected is not None:
+            assert np.isfinite(expected).all()
+            assert rel_err(got, expected, np.ones(got.shape[2], bool), BWD_FLOOR[p["dtype"].name]) <= BWD_TOL[p["dtype"].name]
+
+
 @settings(max_examples=15)
 @given(p=attention_problems())
 def test_float64_gradients_match_finite_differences(p):

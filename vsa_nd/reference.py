@@ -186,7 +186,9 @@ def video_sparse_attn_backward(
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q_real = valid_slots(q_block_sizes, tile_volume)[:, None]
-    dout = np.where(q_real, dout, 0)  # pad query rows are not part of the output
+    # Pad query rows are not part of the output: whatever dout, q, gate and out hold there
+    # (NaN included) reaches no gradient.
+    dout, q = np.where(q_real, dout, 0), np.where(q_real, q, 0)
 
     # Coarse branch: o_c = softmax(scale q_c k_c^T) v_c, broadcast to the tile's slots.
     q_c = block_mean(q, q_block_sizes, tile_volume, dtype)
@@ -194,7 +196,7 @@ def video_sparse_attn_backward(
     v_c = expand_kv_heads(block_mean(v, kv_block_sizes, tile_volume, dtype), num_heads)
     a = softmax(scale * (q_c @ np.swapaxes(k_c, -1, -2)))
     coarse = broadcast_tiles(a @ v_c, tile_volume)
-    weight = 1.0 if gate is None else np.asarray(gate, dtype=dtype)
+    weight = 1.0 if gate is None else np.where(q_real, np.asarray(gate, dtype=dtype), 0)
     d_coarse = (dout * weight).reshape(*q_c.shape[:3], tile_volume, -1).sum(axis=3)
     da = d_coarse @ np.swapaxes(v_c, -1, -2)
     dc = a * (da - (da * a).sum(axis=-1, keepdims=True))
@@ -210,7 +212,8 @@ def video_sparse_attn_backward(
     if out is None:
         delta = (dp * p).sum(axis=-1, keepdims=True)  # = rowsum(dout * fine), exactly
     else:
-        delta = (dout * (np.asarray(out, dtype=dtype) - weight * coarse)).sum(axis=-1, keepdims=True)
+        fine = np.where(q_real, np.asarray(out, dtype=dtype) - weight * coarse, 0)
+        delta = (dout * fine).sum(axis=-1, keepdims=True)
     ds = p * (dp - delta)
     dq = scale * (ds @ k_h)
     dk_h = scale * (np.swapaxes(ds, -1, -2) @ q)
