@@ -94,11 +94,19 @@ def test_tile_and_untile_match_the_array_api_and_are_each_others_gradient(dtype)
     expected = vsa_nd.tile(np.asarray(x), plan.array_plan)
     assert tiled.dtype == dtype and np.array_equal(np.asarray(tiled).view(np.uint8), expected.view(np.uint8))
     assert np.array_equal(np.asarray(vj.untile(tiled, plan)).view(np.uint8), np.asarray(x).view(np.uint8))
-    weight = jnp.ones_like(tiled)
+    # Gradients: each reordering's is the other one (random cotangents, so a permutation shows).
+    rng = np.random.default_rng(3)
+    weight = jnp.asarray(rng.standard_normal(tiled.shape).astype(np.float32))
     grad = jax.grad(lambda a: (vj.tile(a, plan).astype(jnp.float32) * weight).sum())(x)
-    assert np.array_equal(np.asarray(grad, np.float32), np.ones(x.shape, np.float32))
-    back = jax.grad(lambda y: (vj.untile(y, plan).astype(jnp.float32)).sum())(tiled)
+    assert np.array_equal(np.asarray(grad, np.float32), vsa_nd.untile(np.asarray(weight), plan.array_plan).astype(dtype).astype(np.float32))
+    weight = jnp.asarray(rng.standard_normal(x.shape).astype(np.float32))
+    back = jax.grad(lambda y: (vj.untile(y, plan).astype(jnp.float32) * weight).sum())(tiled)
+    assert np.array_equal(np.asarray(back, np.float32), vsa_nd.tile(np.asarray(weight), plan.array_plan).astype(dtype).astype(np.float32))
     assert not np.asarray(back, np.float32)[:, :, ~real_rows(plan)].any()
+    # Under jit, the same arrays.
+    assert np.array_equal(np.asarray(jax.jit(lambda a: vj.tile(a, plan))(x)).view(np.uint8), expected.view(np.uint8))
+    assert np.array_equal(np.asarray(jax.jit(lambda y: vj.untile(y, plan))(tiled)).view(np.uint8),
+                          np.asarray(x).view(np.uint8))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -136,6 +144,47 @@ def test_gradients_match_the_reference_backward_eager_and_jitted(dtype):
         assert grad.dtype == dtype and np.array_equal(np.asarray(grad), np.asarray(again))
         assert rel_err(np.asarray(grad)[:, :, real], want[:, :, real]) <= BWD_TOL[dtype.name]
         assert not np.asarray(grad)[:, :, ~real].any()  # pad rows get zero
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jitted"])
+def test_cross_attention_gradients_with_gqa_gate_and_custom_scale(jit):
+    """q and kv of different plans, two query heads per kv head, a gate and scale 0.3: the
+    output and all four gradients against the reference."""
+    plan_q, plan_kv = vj.tile_plan(SEQ, TILE), vj.tile_plan((2, 4, 7), TILE)
+    untiled_q, untiled_kv = untiled_inputs(plan_q, np.float64), untiled_inputs(plan_kv, np.float64, seed=1)
+    q, gate = vj.tile(untiled_q[0], plan_q), vj.tile(untiled_q[3], plan_q)
+    k, v = (vj.tile(x, plan_kv) for x in untiled_kv[1:3])
+    dout = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape))
+    attention = lambda *a: vj.video_sparse_attn(*a[:3], 2, plan_q.variable_block_sizes,  # noqa: E731
+                                                plan_kv.variable_block_sizes, gate=a[3], scale=0.3)
+    step = lambda *a: (attention(*a), jax.vjp(attention, *a)[1](dout))  # noqa: E731
+    out, grads = (jax.jit(step) if jit else step)(q, k, v, gate)
+
+    arrays = [np.asarray(x) for x in (q, k, v, gate)]
+    q_sizes, kv_sizes = host_sizes(plan_q), host_sizes(plan_kv)
+    forward = ref.video_sparse_attn(*arrays[:3], q_sizes, kv_sizes, 2, plan_q.tile_volume, scale=0.3, gate=arrays[3])
+    expected = ref.video_sparse_attn_backward(np.asarray(dout), *arrays[:3], q_sizes, kv_sizes, forward.q2k_idx,
+                                              forward.q2k_num, plan_q.tile_volume, scale=0.3, gate=arrays[3])
+    real_q, real_kv = real_rows(plan_q), real_rows(plan_kv)
+    assert rel_err(np.asarray(out)[:, :, real_q], forward.out[:, :, real_q]) <= FWD_TOL["float64"]
+    for grad, want, real in zip(grads, expected, (real_q, real_kv, real_kv, real_q)):
+        assert rel_err(np.asarray(grad)[:, :, real], want[:, :, real]) <= BWD_TOL["float64"]
+
+
+def test_gradients_without_a_gate():
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, _ = tiled_inputs(plan, np.float64, gate=False)
+    dout = np.random.default_rng(4).standard_normal(q.shape)
+    grads = jax.grad(lambda *a: (vj.video_sparse_attn(*a, 3, plan.variable_block_sizes) * dout).sum(),
+                     argnums=(0, 1, 2))(q, k, v)
+    arrays = [np.asarray(x) for x in (q, k, v)]
+    sizes, real = host_sizes(plan), real_rows(plan)
+    forward = ref.video_sparse_attn(*arrays, sizes, sizes, 3, plan.tile_volume)
+    expected = ref.video_sparse_attn_backward(dout, *arrays, sizes, sizes, forward.q2k_idx, forward.q2k_num,
+                                              plan.tile_volume)
+    assert expected.dgate is None
+    for grad, want in zip(grads, expected[:3]):
+        assert rel_err(np.asarray(grad)[:, :, real], want[:, :, real]) <= BWD_TOL["float64"]
 
 
 def test_finite_differences_float64_through_tile_vsa_untile():

@@ -85,6 +85,12 @@ def test_dlpack_conversion_shares_memory(dtype):
     assert back.data_ptr() == t.data_ptr() and back.dtype == dtype
 
 
+def test_dtype_table_pairs_each_torch_dtype_with_its_numpy_namesake():
+    # (on CPU every view goes through DLPack, which would not notice a swapped entry; CUDA views use the table)
+    for torch_dtype, numpy_dtype in vt._NUMPY_DTYPE.items():
+        assert numpy_dtype.name == str(torch_dtype).removeprefix("torch.") and numpy_dtype.itemsize == torch_dtype.itemsize
+
+
 def test_bfloat16_crosses_as_int16_because_numpy_refuses_kdlbfloat():
     with pytest.raises((RuntimeError, BufferError, TypeError)):
         np.from_dlpack(torch.zeros(2, dtype=torch.bfloat16))
@@ -112,7 +118,11 @@ def test_a_plan_first_asked_for_in_inference_mode_serves_training_too():
     out = vt.video_sparse_attn(q, q.detach(), q.detach(), 2, plan.variable_block_sizes)
     torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)
     out.sum().backward()
-    assert q.grad is not None and torch.isfinite(q.grad).all()
+    arrays = vt._as_array(q.detach())
+    _, context = vsa_nd.video_sparse_attn(arrays, arrays, arrays, 2, plan.array_plan.variable_block_sizes,
+                                          return_context=True)
+    expected_dq = vsa_nd.video_sparse_attn_backward(np.ones(arrays.shape, arrays.dtype), context).dq
+    assert np.array_equal(q.grad.numpy(), expected_dq)  # the array API's gradient, bit for bit
 
 
 def test_block_size_tensors_of_a_plan_are_trusted():
@@ -171,6 +181,17 @@ def test_tile_and_untile_are_each_others_gradient():
     y = vt.tile(x.detach(), plan).requires_grad_()
     (vt.untile(y, plan) * x).sum().backward()
     assert torch.equal(y.grad, vt.tile(x.detach(), plan))  # pad slots get zero
+
+
+def test_tile_and_untile_take_broadcast_gradients():
+    # .sum() hands back an expanded (stride 0) gradient: the reorderings must make it contiguous.
+    plan = vt.tile_plan(SEQ, TILE)
+    x = untiled_inputs(plan, torch.float64)[0].requires_grad_()
+    vt.tile(x, plan).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    y = vt.tile(x.detach(), plan).requires_grad_()
+    vt.untile(y, plan).sum().backward()
+    assert torch.equal(y.grad, vt.tile(torch.ones_like(x), plan))
 
 
 def test_tile_into_a_buffer_returns_the_buffer():
@@ -239,6 +260,59 @@ def test_cross_attention_with_block_size_lists_and_custom_scale():
                                      scale=0.3)
     real = real_rows(plan_q)
     assert rel_err(numpy_of(out)[:, :, real], expected.out[:, :, real]) <= FWD_TOL[torch.float64]
+
+
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+def test_cross_attention_gradients_with_gqa_gate_and_custom_scale(path):
+    """q and kv of different plans, two query heads per kv head, a gate and scale 0.3: the
+    output and all four gradients against the reference, by either path (the custom op's when a
+    dispatch mode is active)."""
+    plan_q, plan_kv = vt.tile_plan(SEQ, TILE), vt.tile_plan((2, 4, 7), TILE)
+    untiled_q, untiled_kv = untiled_inputs(plan_q, torch.float64), untiled_inputs(plan_kv, torch.float64, seed=1)
+    leaves = [vt.tile(x, plan).requires_grad_() for x, plan in zip((untiled_q[0], *untiled_kv[1:3], untiled_q[3]),
+                                                                    (plan_q, plan_kv, plan_kv, plan_q))]
+    q_sizes, kv_sizes = (host_sizes(plan).tolist() for plan in (plan_q, plan_kv))
+    dout = torch.randn(leaves[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with RecordVsaOps() if path == "custom op" else contextlib.nullcontext() as mode:
+        out = vt.video_sparse_attn(*leaves[:3], 2, q_sizes, kv_sizes, gate=leaves[3], scale=0.3)
+        out.backward(dout)
+    if mode is not None:
+        assert "video_sparse_attn" in mode.ops
+    q, k, v, gate = (numpy_of(x) for x in leaves)
+    forward = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, 2, plan_q.tile_volume, scale=0.3, gate=gate)
+    expected = ref.video_sparse_attn_backward(numpy_of(dout), q, k, v, q_sizes, kv_sizes, forward.q2k_idx,
+                                              forward.q2k_num, plan_q.tile_volume, scale=0.3, gate=gate)
+    real_q, real_kv = real_rows(plan_q), real_rows(plan_kv)
+    assert rel_err(numpy_of(out)[:, :, real_q], forward.out[:, :, real_q]) <= FWD_TOL[torch.float64]
+    for leaf, want, real in zip(leaves, expected, (real_q, real_kv, real_kv, real_q)):
+        assert rel_err(numpy_of(leaf.grad)[:, :, real], want[:, :, real]) <= BWD_TOL[torch.float64]
+
+
+def test_fake_implementations_give_the_real_shapes_and_dtypes():
+    """What torch.compile traces with: the fake forward, backward and block_sparse_attn ops
+    against the real ones, on a cross-attention problem with two query heads per kv head."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    plan_q, plan_kv = vt.tile_plan(SEQ, TILE), vt.tile_plan((2, 4, 7), TILE)
+    untiled_q, untiled_kv = untiled_inputs(plan_q, torch.float64), untiled_inputs(plan_kv, torch.float64, seed=1)
+    q, gate = vt.tile(untiled_q[0], plan_q), vt.tile(untiled_q[3], plan_q)
+    k, v = (vt.tile(x, plan_kv) for x in untiled_kv[1:3])
+    q_sizes, kv_sizes = plan_q.variable_block_sizes, plan_kv.variable_block_sizes
+    idx = torch.tensor([0, 1], dtype=torch.int32).expand(2, 4, plan_q.num_blocks, 2).contiguous()
+    inputs = (q, k, v, gate, q_sizes, kv_sizes)
+    real = vt._vsa_op(*inputs, 2, 0.3)
+    real_calls = [real, vt._vsa_backward_op(real[0], *inputs, 0.3, real[0], list(real[1:])),
+                  vt._block_sparse_op(q, k, v, kv_sizes, idx, None, 0.3, True)]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_inputs = [mode.from_tensor(x) for x in inputs]
+        fake_out = vt._vsa_op(*fake_inputs, 2, 0.3)
+        fake_calls = [fake_out,
+                      vt._vsa_backward_op(fake_out[0], *fake_inputs, 0.3, fake_out[0], list(fake_out[1:])),
+                      vt._block_sparse_op(*fake_inputs[:3], fake_inputs[5], mode.from_tensor(idx), None, 0.3, True)]
+    for real_results, fake_results in zip(real_calls, fake_calls):
+        assert len(real_results) == len(fake_results)
+        for r, f in zip(real_results, fake_results):
+            assert (tuple(r.shape), r.dtype) == (tuple(f.shape), f.dtype)
 
 
 def test_block_sparse_attn_matches_array_api():
@@ -335,6 +409,12 @@ def test_errors_name_the_argument_and_what_was_expected():
         vt.video_sparse_attn(q, k, v.to("meta"), 3, sizes)
     with pytest.raises(ValueError, match=r"k: expected a contiguous tensor.*k.contiguous\(\)"):
         vt.video_sparse_attn(q, k.transpose(2, 3), v, 3, sizes)
+    with pytest.raises(ValueError, match=r"gate: expected a contiguous tensor.*gate.contiguous\(\)"):
+        vt.video_sparse_attn(q, k, v, 3, sizes, gate=q.transpose(2, 3).contiguous().transpose(2, 3))
+    with pytest.raises(TypeError, match=r"gate: expected a torch.Tensor, got ndarray"):
+        vt.video_sparse_attn(q, k, v, 3, sizes, gate=q.numpy())
+    with pytest.raises(TypeError, match=r"gate: expected a tensor on cpu or cuda, got one on meta"):
+        vt.video_sparse_attn(q, k, v, 3, sizes, gate=q.to("meta"))
     with pytest.raises(TypeError, match="q_block_sizes: expected an integer dtype, got torch.float32"):
         vt.video_sparse_attn(q, k, v, 3, sizes.float())
     with pytest.raises(ValueError, match="topk: expected 1 <= topk <= 8, got 9"):
@@ -413,6 +493,20 @@ def test_tile_buffer_aliasing_contract():
     assert wider is meta.tile_buffer and wider.shape[-1] == 8 and wider is not first
     fresh = layer.tile(a, vt.build_metadata(SEQ, (1, 1, 1), 0.5, TILE))
     assert torch.equal(fresh, kept) and fresh is not kept
+    single = layer.tile(a, meta)
+    double = layer.tile(a.double(), meta)  # the same shape in a new dtype reallocates too
+    assert single.dtype == torch.float32 and double is not single
+    assert double is meta.tile_buffer and double.dtype == torch.float64 and torch.equal(double, vt.tile(a.double(), meta.plan))
+
+
+def test_only_a_whole_plan_array_is_trusted():
+    from vsa_nd.adapters import _common
+
+    sizes = vsa_nd.tile_plan(SEQ, TILE).variable_block_sizes
+    assert _common.trusted(sizes) is sizes
+    assert _common.trusted(sizes.view()) is sizes  # the same memory, shape and dtype: the plan's own
+    prefix = sizes[:4]  # same pointer, not the same array: checked as any other
+    assert _common.trusted(prefix) is prefix
 
 
 # ---------------------------------------------------------------------------------------
@@ -551,7 +645,7 @@ def test_second_order_gradients_match_between_the_paths():
             (dq,) = torch.autograd.grad(vt.video_sparse_attn(q, q, q, 2, plan.variable_block_sizes).sum(), q,
                                         create_graph=True)
             assert dq.requires_grad
-            with pytest.raises(RuntimeError):
+            with pytest.raises(RuntimeError, match="video_sparse_attn_backward.* no autograd formula"):
                 dq.sum().backward()
 
 
