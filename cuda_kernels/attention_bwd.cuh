@@ -154,17 +154,15 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
     const int real_k = cta.real_k, slices = cta.slices, first = cta.first, steps = cta.steps;
     const size_t kv_offset = cta.kv_offset;
 
-    // Step t: query slice t % slices of the t / slices-th query tile that selected this key tile,
-    // whose first real_q_of(t) rows are real.
-    auto real_q_of = [&](int t) {
-        const int q_tile = kv2q_code[first + t / slices] % num_q_blocks;
-        return real_rows(q_block_sizes[q_tile], (t % slices) * ATT_BLOCK_M);
-    };
+    // Step t: query slice t % slices of the t / slices-th query tile that selected this key tile.
+    // stage_rows holds each stage's real query rows (0..64), one byte per stage.
+    unsigned int stage_rows = 0;
     auto load_step = [&](int t) {
         const int code = kv2q_code[first + t / slices], slice = t % slices;
         const int h = kv_head * group + code / num_q_blocks, q_tile = code % num_q_blocks;
         const size_t row0 = static_cast<size_t>(b * num_heads + h) * q_len + q_tile * tile_volume + slice * ATT_BLOCK_M;
-        const int stage = t & 1, real_q = real_q_of(t);
+        const int stage = t & 1, real_q = real_rows(q_block_sizes[q_tile], slice * ATT_BLOCK_M);
+        stage_rows = (stage_rows & ~(0xffu << 8 * stage)) | static_cast<unsigned int>(real_q) << 8 * stage;
         load_tile_async<D>(sQ + stage * TILE, q + row0 * D, real_q, tid);
         load_tile_async<D>(sdO + stage * TILE, dout + row0 * D, real_q, tid);
         if (tid < 32) {  // 64 lse then 64 delta values: 16-byte pieces
@@ -189,8 +187,9 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
         if (t + 1 < steps) load_step(t + 1);
         cp_async_commit();
         const float* stats = sStats + (t & 1) * 128;
+        const int real_q = (stage_rows >> 8 * (t & 1)) & 0xff;
         products.dkdv_step(acc_k, acc_v, sK, sV, sQ + (t & 1) * TILE, sdO + (t & 1) * TILE, stats, stats + 64, real_k,
-                           real_q_of(t), scale * LOG2E, warp, lane);
+                           real_q, scale * LOG2E, warp, lane);
     }
     cp_async_wait<0>();
     write_rows<T, D>(dk + kv_offset, acc_k, scale, dk_tile ? dk_tile + cta.tile_row : nullptr, real_k, warp, lane);

@@ -733,7 +733,7 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
         unsigned char* cdO = sdO + stage * TILE;
         const float* stats = sStats + stage * 2 * ATT_BLOCK_M;
         mbar_wait(bar + stage, (t / STAGES) & 1);
-        // Pad query rows of q and dout (dout's may be NaN) reach dK += dS^T Q and dV += P^T dO.
+        // Pad query rows of q and dout (either may hold NaN) reach dK += dS^T Q and dV += P^T dO.
         // A slice past a short tile's block size (tile volume > 64, rows = 0) is computed all
         // the same (all zeros): skipping it would leave a branch around the wgmma pipeline.
         if (rows < ATT_BLOCK_M) zero_rows_from<D>(cQ, cdO, rows, tid);

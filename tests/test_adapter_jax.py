@@ -150,7 +150,7 @@ def test_gradients_match_the_reference_backward_eager_and_jitted(dtype):
 def test_cross_attention_gradients_with_gqa_gate_and_custom_scale(jit):
     """q and kv of different plans, two query heads per kv head, a gate and scale 0.3: the
     output and all four gradients against the reference."""
-    plan_q, plan_kv = vj.tile_plan(SEQ, TILE), vj.tile_plan((2, 4, 7), TILE)
+    plan_q, plan_kv = vj.tile_plan(SEQ, TILE), vj.tile_plan((4, 8, 7), TILE)
     untiled_q, untiled_kv = untiled_inputs(plan_q, np.float64), untiled_inputs(plan_kv, np.float64, seed=1)
     q, gate = vj.tile(untiled_q[0], plan_q), vj.tile(untiled_q[3], plan_q)
     k, v = (vj.tile(x, plan_kv) for x in untiled_kv[1:3])

@@ -250,7 +250,7 @@ def test_forward_with_and_without_autograd_agree():
 
 
 def test_cross_attention_with_block_size_lists_and_custom_scale():
-    plan_q, plan_kv = vt.tile_plan(SEQ, TILE), vt.tile_plan((2, 4, 7), TILE)
+    plan_q, plan_kv = vt.tile_plan(SEQ, TILE), vt.tile_plan((4, 8, 7), TILE)
     q = vt.tile(untiled_inputs(plan_q, torch.float64)[0], plan_q)
     k, v = (vt.tile(x, plan_kv) for x in untiled_inputs(plan_kv, torch.float64, seed=1)[1:3])
     q_sizes = plan_q.array_plan.variable_block_sizes.tolist()
@@ -267,7 +267,7 @@ def test_cross_attention_gradients_with_gqa_gate_and_custom_scale(path):
     """q and kv of different plans, two query heads per kv head, a gate and scale 0.3: the
     output and all four gradients against the reference, by either path (the custom op's when a
     dispatch mode is active)."""
-    plan_q, plan_kv = vt.tile_plan(SEQ, TILE), vt.tile_plan((2, 4, 7), TILE)
+    plan_q, plan_kv = vt.tile_plan(SEQ, TILE), vt.tile_plan((4, 8, 7), TILE)
     untiled_q, untiled_kv = untiled_inputs(plan_q, torch.float64), untiled_inputs(plan_kv, torch.float64, seed=1)
     leaves = [vt.tile(x, plan).requires_grad_() for x, plan in zip((untiled_q[0], *untiled_kv[1:3], untiled_q[3]),
                                                                     (plan_q, plan_kv, plan_kv, plan_q))]
@@ -277,7 +277,7 @@ def test_cross_attention_gradients_with_gqa_gate_and_custom_scale(path):
         out = vt.video_sparse_attn(*leaves[:3], 2, q_sizes, kv_sizes, gate=leaves[3], scale=0.3)
         out.backward(dout)
     if mode is not None:
-        assert "video_sparse_attn" in mode.ops
+        assert "video_sparse_attn" in mode.ops and "video_sparse_attn_backward" in mode.ops
     q, k, v, gate = (numpy_of(x) for x in leaves)
     forward = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, 2, plan_q.tile_volume, scale=0.3, gate=gate)
     expected = ref.video_sparse_attn_backward(numpy_of(dout), q, k, v, q_sizes, kv_sizes, forward.q2k_idx,
@@ -293,7 +293,7 @@ def test_fake_implementations_give_the_real_shapes_and_dtypes():
     against the real ones, on a cross-attention problem with two query heads per kv head."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    plan_q, plan_kv = vt.tile_plan(SEQ, TILE), vt.tile_plan((2, 4, 7), TILE)
+    plan_q, plan_kv = vt.tile_plan(SEQ, TILE), vt.tile_plan((4, 8, 7), TILE)
     untiled_q, untiled_kv = untiled_inputs(plan_q, torch.float64), untiled_inputs(plan_kv, torch.float64, seed=1)
     q, gate = vt.tile(untiled_q[0], plan_q), vt.tile(untiled_q[3], plan_q)
     k, v = (vt.tile(x, plan_kv) for x in untiled_kv[1:3])
@@ -403,6 +403,8 @@ def test_errors_name_the_argument_and_what_was_expected():
         vt.video_sparse_attn(q.numpy(), k, v, 3, sizes)
     with pytest.raises(TypeError, match=r"q: expected dtype in \(torch.float32, .*\) on cpu, got torch.int64"):
         vt.video_sparse_attn(q.long(), k, v, 3, sizes)
+    with pytest.raises(TypeError, match=r"q: expected dtype in \(torch.float32, .*\) on cpu, got torch.int64"):
+        vt.video_sparse_attn(q.long(), k.long(), v.long(), 3, sizes)  # one dtype, not one q takes
     with pytest.raises(TypeError, match="k: expected dtype float32 to match q, got float64"):
         vt.video_sparse_attn(q, k.double(), v, 3, sizes)
     with pytest.raises(TypeError, match="v: expected a tensor on cpu or cuda, got one on meta"):

@@ -21,8 +21,9 @@ def nvrtc(monkeypatch, tmp_path):
     """A stub compile_spec (its calls counted) and a temporary directory of the test's own."""
     calls = []
 
-    def compile_spec(spec, arch, verbose=False, source=None):
-        assert source == kernels._source_text(spec)  # the text the cache key was made of
+    def compile_spec(spec, arch, verbose=False, source=None, headers=None):
+        # the texts the cache key was made of
+        assert source == kernels._source_text(spec) and headers == kernels.kernel_headers()
         calls.append((spec.source, arch))
         time.sleep(0.05)  # long enough for threads that miss together to overlap
         return b"cubin of " + spec.source.encode() + os.urandom(64), {n: f"_lowered_{i}" for i, n in enumerate(spec.names)}, ""

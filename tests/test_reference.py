@@ -316,6 +316,24 @@ def test_dout_of_pad_query_rows_does_not_reach_any_gradient():
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14, err_msg=name)
 
 
+def test_nan_in_pad_query_rows_of_q_gate_out_and_dout_reaches_no_gradient():
+    rng = np.random.default_rng(8)
+    volume, q_sizes, kv_sizes = 4, [4, 2, 3], [4, 1, 4]
+    q, k, v = make_problem(rng, 2, 4, 2, 3, volume, q_sizes, kv_sizes)
+    gate, dout = rng.standard_normal(q.shape), rng.standard_normal(q.shape)
+    pads = ~ref.valid_slots(q_sizes, volume)
+    fwd = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, 2, volume, gate=gate)
+    clean = ref.video_sparse_attn_backward(dout, q, k, v, q_sizes, kv_sizes, fwd.q2k_idx, fwd.q2k_num, volume,
+                                           gate=gate, out=fwd.out)
+    nan_q, nan_gate, nan_out, nan_dout = (x.copy() for x in (q, gate, fwd.out, dout))
+    for x in (nan_q, nan_gate, nan_out, nan_dout):
+        x[:, :, pads] = np.nan
+    dirty = ref.video_sparse_attn_backward(nan_dout, nan_q, k, v, q_sizes, kv_sizes, fwd.q2k_idx, fwd.q2k_num, volume,
+                                           gate=nan_gate, out=nan_out)
+    for name in ("dq", "dk", "dv", "dgate"):
+        np.testing.assert_array_equal(getattr(dirty, name), getattr(clean, name), err_msg=name)  # pads 0 in both
+
+
 def test_backward_from_a_given_out_matches_the_exact_softmax_term():
     """out= (fine recovered from the stored output) gives the exact gradients when out is exact,
     and differs from them only by the rounding when out is rounded."""

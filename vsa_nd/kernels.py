@@ -7,8 +7,9 @@ through CuPy's wrapper when CuPy is installed, else through ``cuda.bindings``.
 
 Cubins are cached on disk under ``$VSA_ND_CACHE_DIR`` (default ``$XDG_CACHE_HOME/vsa_nd``
 or ``~/.cache/vsa_nd``; where that cannot be written, a folder of the user's in the
-temporary directory), keyed by the sources, the options, the NVRTC version and the CUDA
-headers the sources include.  An entry is a cubin and a ``.json`` holding its lowered names
+temporary directory), keyed by the source and vsa_nd's headers (read once and handed to
+NVRTC in memory, so what is compiled is what the key was made of), the options, the NVRTC
+version and the CUDA headers the sources include.  An entry is a cubin and a ``.json`` holding its lowered names
 and SHA-256, written after the cubin (each through a temporary file and a rename, so a
 reader never sees a partial file); an entry whose digest does not match is compiled again.
 One thread and one process at a time compile a given entry (a lock, and ``flock`` on a lock
@@ -65,7 +66,8 @@ class KernelSpec:
         return sm >= self.min_sm and (not self.needs_sm90a or arch == "sm_90a")
 
     def options(self, arch: str, verbose: bool = False) -> tuple:
-        opts = (f"--gpu-architecture={arch}", "-std=c++17", f"-I{KERNEL_DIR}", f"-I{cuda_include_dir()}")
+        # vsa_nd's own headers go to NVRTC in memory (see kernel_headers); no -I for their folder.
+        opts = (f"--gpu-architecture={arch}", "-std=c++17", f"-I{cuda_include_dir()}")
         return opts + (("--ptxas-options=-v",) if verbose else ())
 
 
@@ -145,14 +147,21 @@ def _source_text(spec: KernelSpec) -> str:
     return (KERNEL_DIR / spec.source).read_text(encoding="utf-8")
 
 
-def _nvrtc_compile(source: str, filename: str, names: tuple, options: tuple):
-    """(cubin bytes, {name: lowered name}, log) through CuPy's NVRTC or cuda.bindings."""
+def kernel_headers() -> dict:
+    """{include name: text} of vsa_nd's headers (``cuda_kernels/*.cuh``), read now.  NVRTC gets
+    them in memory, so a compilation sees exactly the text its cache key was made of."""
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(KERNEL_DIR.glob("*.cuh"))}
+
+
+def _nvrtc_compile(source: str, filename: str, names: tuple, options: tuple, headers: dict):
+    """(cubin bytes, {name: lowered name}, log) through CuPy's NVRTC or cuda.bindings;
+    ``headers`` ({include name: text}) are the program's headers in memory."""
     try:
         from cupy_backends.cuda.libs import nvrtc as cnv
     except ImportError:
         cnv = None
     if cnv is not None:
-        prog = cnv.createProgram(source, filename, (), ())
+        prog = cnv.createProgram(source, filename, tuple(headers.values()), tuple(headers))
         try:
             for n in names:
                 cnv.addNameExpression(prog, n)
@@ -173,7 +182,8 @@ def _nvrtc_compile(source: str, filename: str, names: tuple, options: tuple):
             raise CompileError(f"{filename}: NVRTC error {err}")
         return rest[0] if len(rest) == 1 else rest
 
-    prog = ok(nvrtc.nvrtcCreateProgram(source.encode(), filename.encode(), 0, [], []))
+    prog = ok(nvrtc.nvrtcCreateProgram(source.encode(), filename.encode(), len(headers),
+                                       [h.encode() for h in headers.values()], [n.encode() for n in headers]))
     try:
         for n in names:
             ok(nvrtc.nvrtcAddNameExpression(prog, n.encode()))
@@ -203,13 +213,16 @@ def nvrtc_version() -> str:
         return f"{major}.{minor}"
 
 
-def compile_spec(spec: KernelSpec, arch: str, verbose: bool = False, source: str | None = None):
+def compile_spec(spec: KernelSpec, arch: str, verbose: bool = False, source: str | None = None,
+                 headers: dict | None = None):
     """Compile one program for ``arch`` (e.g. ``"sm_90a"``): (cubin, lowered names, log).
 
-    ``source``: the program's text when the caller has read it already (default: read it now).
+    ``source`` and ``headers`` (:func:`kernel_headers`): the program's text and vsa_nd's headers
+    when the caller has read them already (default: read them now).
     """
     text = _source_text(spec) if source is None else source
-    return _nvrtc_compile(text, spec.source, spec.names, spec.options(arch, verbose))
+    headers = kernel_headers() if headers is None else headers
+    return _nvrtc_compile(text, spec.source, spec.names, spec.options(arch, verbose), headers)
 
 
 # The CUDA headers the kernels include (cuda_fp16.h, cuda_bf16.h and what they pull in): their
@@ -277,11 +290,11 @@ _COMPILE_LOCK = threading.Lock()
 
 def cached_cubin(spec: KernelSpec, arch: str) -> tuple:
     """(path of the cubin on disk, {name: lowered name}), compiling on a cache miss."""
-    headers = sorted(p.read_text(encoding="utf-8") for p in KERNEL_DIR.glob("*.cuh"))
+    # Read once: what a miss compiles is exactly what the key was made of.
+    source, headers = _source_text(spec), kernel_headers()
     options = spec.options(arch)
-    source = _source_text(spec)  # read once: the text compiled on a miss is the text of the key
     key = hashlib.sha256(
-        json.dumps([source, headers, spec.names, options, nvrtc_version(),
+        json.dumps([source, sorted(headers.items()), spec.names, options, nvrtc_version(),
                     _toolkit_digest(cuda_include_dir())]).encode()
     ).hexdigest()[:32]
     stem = f"{spec.source}-{arch}-{key}"
@@ -300,7 +313,7 @@ def cached_cubin(spec: KernelSpec, arch: str) -> tuple:
                     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
                 lowered = _read_entry(cubin_path, names_path)  # another thread or process may have written it
                 if lowered is None:
-                    cubin, lowered, _ = compile_spec(spec, arch, source=source)
+                    cubin, lowered, _ = compile_spec(spec, arch, source=source, headers=headers)
                     _write_file(cubin_path, cubin)
                     meta = {"lowered": lowered, "sha256": hashlib.sha256(cubin).hexdigest()}
                     _write_file(names_path, json.dumps(meta).encode())  # last: it marks the entry complete

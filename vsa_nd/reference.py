@@ -9,7 +9,8 @@ Layout: q [B, H, Sq_pad, D], k and v [B, H_kv, Skv_pad, D] in tiled, head-major 
 
 Pad query rows (slots at or past ``q_block_sizes[i]`` of tile i) are computed like any
 other row in the forward pass; the backward pass treats them as not part of the output
-(their ``dout`` is ignored), so gradients of real tokens never depend on them.
+(what ``dout``, ``q``, ``gate`` and a given ``out`` hold there is ignored, NaN included), so
+gradients of real tokens never depend on them.
 """
 
 from __future__ import annotations
