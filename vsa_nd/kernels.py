@@ -161,7 +161,9 @@ def _nvrtc_compile(source: str, filename: str, names: tuple, options: tuple, hea
     except ImportError:
         cnv = None
     if cnv is not None:
-        prog = cnv.createProgram(source, filename, tuple(headers.values()), tuple(headers))
+        # (CuPy takes the headers and their names as bytes, the source and file name as str)
+        prog = cnv.createProgram(source, filename, tuple(h.encode() for h in headers.values()),
+                                 tuple(n.encode() for n in headers))
         try:
             for n in names:
                 cnv.addNameExpression(prog, n)
