@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import stat
+import sys
 import threading
 import time
 
@@ -84,3 +85,32 @@ def test_threads_that_miss_together_compile_once(nvrtc):
     for t in threads:
         t.join()
     assert len(nvrtc) == 1 and len(results) == 4 and all(r == results[0] for r in results)
+
+
+def test_cupy_nvrtc_wrapper_gets_the_headers_as_bytes(monkeypatch):
+    """CuPy's createProgram (Cython) takes the source and file name as str and the in-memory
+    headers and their include names as bytes; str headers raise a TypeError there (found on the
+    GPU machine).  A stand-in with those types checks what _nvrtc_compile hands it."""
+    import types
+
+    calls = {}
+
+    def create_program(src, name, headers, include_names):
+        assert isinstance(src, str) and isinstance(name, str)
+        assert all(isinstance(x, bytes) for x in (*headers, *include_names)), "headers must be bytes for CuPy"
+        calls["headers"] = dict(zip(include_names, headers))
+        return 1
+
+    nvrtc = types.SimpleNamespace(
+        NVRTCError=RuntimeError, createProgram=create_program, addNameExpression=lambda prog, n: None,
+        compileProgram=lambda prog, options: None, getLoweredName=lambda prog, n: "_lowered_" + n,
+        getCUBIN=lambda prog: b"cubin", getProgramLog=lambda prog: "", destroyProgram=lambda prog: None)
+    libs = types.ModuleType("cupy_backends.cuda.libs")
+    libs.nvrtc = nvrtc
+    for name, module in (("cupy_backends", types.ModuleType("cupy_backends")),
+                         ("cupy_backends.cuda", types.ModuleType("cupy_backends.cuda")),
+                         ("cupy_backends.cuda.libs", libs), ("cupy_backends.cuda.libs.nvrtc", nvrtc)):
+        monkeypatch.setitem(sys.modules, name, module)
+    cubin, lowered, _ = kernels._nvrtc_compile("src", "x.cu", ("k<int>",), ("-arch",), {"a.cuh": "// a\n"})
+    assert cubin == b"cubin" and lowered == {"k<int>": "_lowered_k<int>"}
+    assert calls["headers"] == {b"a.cuh": b"// a\n"}
