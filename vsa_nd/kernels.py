@@ -10,8 +10,9 @@ or ``~/.cache/vsa_nd``; where that cannot be written, a folder of the user's in 
 temporary directory), keyed by the source and vsa_nd's headers (read once and handed to
 NVRTC in memory, so what is compiled is what the key was made of), the options, the NVRTC
 version and the CUDA headers the sources include.  An entry is a cubin and a ``.json``
-holding its lowered names and SHA-256, written after the cubin (each through a temporary file and a rename, so a
-reader never sees a partial file); an entry whose digest does not match is compiled again.
+holding its lowered names and SHA-256, written after the cubin (each through a temporary
+file and a rename, so a reader never sees a partial file); an entry whose digest does not
+match is compiled again.
 One thread and one process at a time compile a given entry (a lock, and ``flock`` on a lock
 file); the others then read what it wrote.
 """
