@@ -6,6 +6,7 @@ relative errors over real rows: forward float32 1e-5, float64 1e-10, float16/bfl
 backward float32 1e-4, float64 1e-9, float16/bfloat16 3e-2.
 """
 
+import os
 import subprocess
 import sys
 
@@ -424,10 +425,31 @@ def test_device_names_and_block_sparse_gradient_message():
     q, k, v, _ = tiled_inputs(plan, np.float32)
     idx = np.tile(np.arange(2, dtype=np.int32), (*q.shape[:2], plan.num_blocks, 1))
     loss = lambda q: vj.block_sparse_attn(q, k, v, plan.variable_block_sizes, idx).sum()  # noqa: E731
-    assert np.isfinite(float(loss(q)))
+    expected = vsa_nd.block_sparse_attn(np.asarray(q), np.asarray(k), np.asarray(v), plan.array_plan.variable_block_sizes,
+                                        idx)
+    assert float(loss(q)) == float(jnp.asarray(expected).sum())  # the array API's output, summed alike
     for grad in (jax.grad(loss), jax.jit(jax.grad(loss))):
         with pytest.raises(TypeError, match="block_sparse_attn has no backward; differentiate video_sparse_attn"):
             grad(q)
+
+
+def test_arrays_on_different_devices_are_refused_by_name():
+    """Two host devices (XLA_FLAGS in a fresh process): k on the second, q on the first."""
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+import vsa_nd.adapters.jax as vj
+cpu0, cpu1 = jax.devices("cpu")[:2]
+plan = vj.tile_plan((3, 5, 6), (2, 4, 4))
+q = jax.device_put(jnp.ones((1, 2, plan.padded_len, 8), jnp.float32), cpu0)
+try:
+    vj.video_sparse_attn(q, jax.device_put(q, cpu1), q, 2, plan.variable_block_sizes)
+except TypeError as e:
+    print(e)
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "k: expected an array on" in result.stdout and "like q, got one on" in result.stdout, result.stdout
 
 
 def gpu_problem(dtype=jnp.bfloat16, dim=64, seed=0):
