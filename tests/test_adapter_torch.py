@@ -1055,3 +1055,15 @@ def test_cuda_dtype_and_device_errors():
         vt.video_sparse_attn(q, k.cpu(), v, 2, plan.variable_block_sizes)
     with pytest.raises(TypeError, match="q_block_sizes: expected a tensor on cuda:0 like q, got one on cpu"):
         vt.video_sparse_attn(q, k, v, 2, plan.variable_block_sizes.cpu())
+
+
+def test_the_training_example_runs_and_its_loss_falls():
+    """examples/train_tiny_video_attention.py (README): it exits non-zero unless the mean loss of
+    its last steps is below half that of its first."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_video_attention.py"
+    result = subprocess.run([sys.executable, str(example), "--steps", "150"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "mean loss of the first 20 steps" in result.stdout
