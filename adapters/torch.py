@@ -327,7 +327,7 @@ def _usual_attention_tensors(q, k, v, gate) -> bool:
     """Whether q, k, v (and gate) pass :func:`_check_attention_tensors` in the usual way: plain
     tensors of one device and one dtype it takes, contiguous, none empty.  A quick test of the
     common case on every call's critical path; anything else gets the named checks."""
-    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+    if type(q) is not Tensor:
         return False
     device, dtype = q.device, q.dtype
     if dtype not in _ATTENTION_DTYPES.get(device.type, ()):

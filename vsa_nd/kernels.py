@@ -12,9 +12,8 @@ NVRTC in memory, so what is compiled is what the key was made of), the options, 
 version and the CUDA headers the sources include.  An entry is a cubin and a ``.json``
 holding its lowered names and SHA-256, written after the cubin (each through a temporary
 file and a rename, so a reader never sees a partial file); an entry whose digest does not
-match is compiled again.
-One thread and one process at a time compile a given entry (a lock, and ``flock`` on a lock
-file); the others then read what it wrote.
+match is compiled again.  One thread and one process at a time compile a given entry (a lock,
+and ``flock`` on a lock file); the others then read what it wrote.
 """
 
 from __future__ import annotations
@@ -301,14 +300,18 @@ def cached_cubin(spec: KernelSpec, arch: str) -> tuple:
                     _toolkit_digest(cuda_include_dir())]).encode()
     ).hexdigest()[:32]
     stem = f"{spec.source}-{arch}-{key}"
+
+    def entry(folder: Path) -> tuple:  # (cubin, .json) of this key in ``folder``
+        return folder / f"{stem}.cubin", folder / f"{stem}.json"
+
     for folder in _cache_dirs():
-        cubin_path, names_path = folder / f"{stem}.cubin", folder / f"{stem}.json"
+        cubin_path, names_path = entry(folder)
         lowered = _read_entry(cubin_path, names_path)
         if lowered is not None:
             return cubin_path, lowered
     errors = []
     for folder in _cache_dirs():
-        cubin_path, names_path = folder / f"{stem}.cubin", folder / f"{stem}.json"
+        cubin_path, names_path = entry(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with _COMPILE_LOCK, open(folder / f".{stem}.lock", "a") as lock:

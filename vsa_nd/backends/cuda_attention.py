@@ -319,7 +319,7 @@ def clean_lists(q2k_idx, q2k_num, num_kv_blocks: int):
     rows, length = q2k_num.size, q2k_idx.shape[-1]
     with q2k_idx.device:
         q2k_idx, q2k_num = cupy.ascontiguousarray(q2k_idx), cupy.ascontiguousarray(q2k_num)
-        clean_idx, clean_num = cupy.empty_like(q2k_idx), cupy.empty_like(q2k_num)
+        clean_idx, clean_num = _alloc(q2k_idx.shape, np.int32), _alloc(q2k_num.shape, np.int32)
         if rows:
             get_function("kv_lists.cu", "kv_lists_clean")(
                 (-(-rows // _MARK_THREADS),), (_MARK_THREADS,),
