@@ -140,11 +140,27 @@ __device__ __forceinline__ void p_fragment(const float (&s)[32], int kk, unsigne
     a[3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
 }
 
+// Real rows of the 64-row slice starting at `first_slot` of a tile with `block_size` tokens.
+__device__ __forceinline__ int real_rows(int block_size, int first_slot) {
+    return min(max(block_size - first_slot, 0), ATT_BLOCK_M);
+}
+
+// Real rows of a forward CTA's 64 query rows: from q_block_sizes (VSA), or all 64 where it is
+// null (block_sparse_attn, which knows no pad rows).  Loaded before the main loop, so the load's
+// latency stays off the epilogue.
+template <typename T, int D>
+__device__ __forceinline__ int forward_real_rows(const int* q_block_sizes, const AttentionCta<T, D>& cta) {
+    return q_block_sizes ? real_rows(q_block_sizes[cta.q_tile], blockIdx.x * ATT_BLOCK_M - cta.q_tile * cta.tile_volume)
+                         : ATT_BLOCK_M;
+}
+
 // out = o / rowsum + gate * coarse (or + coarse, or nothing); lse = ln(rowsum) + max.
+// Rows at or past `valid_rows` are pad slots: out 0 and lse -inf there, whatever q and gate
+// hold in them (NaN included), so the output's pad rows are never NaN or Inf.
 template <typename T, int D>
 __device__ __forceinline__ void write_output(const float (&o)[D / 2], const float (&row_max)[2], const float (&row_sum)[2],
                                              const AttentionCta<T, D>& cta, const float* coarse, const T* gate, T* out,
-                                             float* lse, int q_len, int warp, int lane) {
+                                             float* lse, int valid_rows, int warp, int lane) {
     const float* coarse_row = coarse ? coarse + (static_cast<size_t>(cta.bh) * cta.num_q_blocks + cta.q_tile) * D : nullptr;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -153,12 +169,17 @@ __device__ __forceinline__ void write_output(const float (&o)[D / 2], const floa
         total += __shfl_xor_sync(0xffffffffu, total, 2);
         const float inv = total > 0.f ? 1.f / total : 0.f;
         const int row = warp * 16 + (lane >> 2) + r * 8;
+        const bool real = row < valid_rows;
         const size_t offset = cta.q_offset + static_cast<size_t>(row) * D;
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
             const int col = n * 8 + (lane & 3) * 2;
-            float x0 = o[4 * n + 2 * r] * inv, x1 = o[4 * n + 2 * r + 1] * inv;
-            if (coarse_row) {
+            float x0 = 0.f, x1 = 0.f;
+            if (real) {
+                x0 = o[4 * n + 2 * r] * inv;
+                x1 = o[4 * n + 2 * r + 1] * inv;
+            }
+            if (real && coarse_row) {
                 const float2 c = *reinterpret_cast<const float2*>(coarse_row + col);
                 if (gate) {
                     const float2 g = unpack2<T>(*reinterpret_cast<const unsigned int*>(gate + offset + col));
@@ -172,16 +193,12 @@ __device__ __forceinline__ void write_output(const float (&o)[D / 2], const floa
             *reinterpret_cast<unsigned int*>(out + offset + col) = pack2<T>(x0, x1);
         }
         if ((lane & 3) == 0)
-            lse[cta.q_offset / D + row] = total > 0.f ? (row_max[r] + __log2f(total)) * 0.69314718055994531f : neg_inf();
+            lse[cta.q_offset / D + row] =
+                real && total > 0.f ? (row_max[r] + __log2f(total)) * 0.69314718055994531f : neg_inf();
     }
 }
 
 // ---- backward -----------------------------------------------------------------------
-
-// Real rows of the 64-row slice starting at `first_slot` of a tile with `block_size` tokens.
-__device__ __forceinline__ int real_rows(int block_size, int first_slot) {
-    return min(max(block_size - first_slot, 0), ATT_BLOCK_M);
-}
 
 // Writes rows of acc * scale + tile_vec (fp32, may be null) for real rows and 0 for the others.
 template <typename T, int D>

@@ -11,6 +11,7 @@
 // S = Q K^T (ldmatrix + mma.sync, fp32) -> online softmax in the log2 domain (ex2) ->
 // O += P V with P re-packed from the S accumulators as the A operand.
 // Epilogue: out = O / l + gate * coarse[b,h,i] (or + coarse), lse = ln(sum of exp).
+// Pad query rows (past q_block_sizes[i], when given) get out 0 and lse -inf instead.
 //
 // Memory traffic per CTA: Q and out once (64*D*2 bytes each), gate once if given, and
 // 2 * 64*D*2 bytes of K/V per selected chunk (re-read by every query tile that selects
@@ -21,7 +22,8 @@ template <typename T, int D>
 __global__ void __launch_bounds__(vsa::ATT_THREADS)
 block_sparse_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                  const int* __restrict__ q2k_idx, const int* __restrict__ q2k_num,
-                 const int* __restrict__ kv_block_sizes, const float* __restrict__ coarse,
+                 const int* __restrict__ kv_block_sizes, const int* __restrict__ q_block_sizes,
+                 const float* __restrict__ coarse,
                  const T* __restrict__ gate, T* __restrict__ out, float* __restrict__ lse, int num_heads,
                  int num_kv_heads, int q_len, int kv_len, int list_len, int tile_volume, float scale_log2) {
     using namespace vsa;
@@ -34,6 +36,7 @@ block_sparse_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const AttentionCta<T, D> cta(k, v, q2k_idx, q2k_num, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len,
                                  list_len, tile_volume);
+    const int valid_rows = forward_real_rows(q_block_sizes, cta);
     auto load_chunk = [&](int c) {
         const auto chunk = cta.chunk(c);
         load_tile_async<D>(sK + (c & 1) * TILE, cta.k + chunk.offset, chunk.valid, tid);
@@ -96,5 +99,5 @@ block_sparse_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __re
         }
     }
     cp_async_wait<0>();
-    write_output<T, D>(o, row_max, row_sum, cta, coarse, gate, out, lse, q_len, warp, lane);
+    write_output<T, D>(o, row_max, row_sum, cta, coarse, gate, out, lse, valid_rows, warp, lane);
 }

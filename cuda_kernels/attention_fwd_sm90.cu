@@ -23,7 +23,8 @@ __global__ void __launch_bounds__(vsa::ATT_THREADS, 4)
 block_sparse_fwd_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ vsa::TmaDesc tma_v,
                       const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const int* __restrict__ q2k_idx, const int* __restrict__ q2k_num,
-                      const int* __restrict__ kv_block_sizes, const float* __restrict__ coarse,
+                      const int* __restrict__ kv_block_sizes, const int* __restrict__ q_block_sizes,
+                      const float* __restrict__ coarse,
                       const T* __restrict__ gate, T* __restrict__ out, float* __restrict__ lse, int num_heads,
                       int num_kv_heads, int q_len, int kv_len, int list_len, int tile_volume, float scale_log2) {
     using namespace vsa;
@@ -38,6 +39,7 @@ block_sparse_fwd_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_c
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const AttentionCta<T, D> cta(k, v, q2k_idx, q2k_num, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len,
                                  list_len, tile_volume);
+    const int valid_rows = forward_real_rows(q_block_sizes, cta);
     const int n = cta.n_chunks;
     // Row of the K / V tensor maps ([B * H_kv * kv_len, D]) where chunk c starts.
     const int kv_row0 = static_cast<int>((cta.k - k) / D);
@@ -101,5 +103,5 @@ block_sparse_fwd_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_c
         if (c + 1 < n) issue(sV, &tma_v, bar_v, row_of(next));
         current = next;
     }
-    write_output<T, D>(o, row_max, row_sum, cta, coarse, gate, out, lse, q_len, warp, lane);
+    write_output<T, D>(o, row_max, row_sum, cta, coarse, gate, out, lse, valid_rows, warp, lane);
 }

@@ -80,16 +80,23 @@ def test_video_sparse_attn_matches_reference(poisoned, p, data):
     topk = p["topk"]
     q_sizes, kv_sizes = p["q_plan"].variable_block_sizes, p["kv_plan"].variable_block_sizes
     scale = data.draw(st.sampled_from([None, 0.05]))
+    real = reference.valid_slots(q_sizes, p["volume"])
+    if data.draw(st.booleans(), label="NaN in q's and gate's pad slots"):  # tile() leaves 0 there
+        for x in (q, gate):
+            if x is not None:
+                x[:, :, ~real] = np.nan
 
     gpu = lambda x: None if x is None else cupy.asarray(x)  # noqa: E731
-    out = vsa_nd.video_sparse_attn(
-        gpu(q), gpu(k), gpu(v), topk, gpu(q_sizes), gpu(kv_sizes), gate=gpu(gate), scale=scale
+    out, context = vsa_nd.video_sparse_attn(
+        gpu(q), gpu(k), gpu(v), topk, gpu(q_sizes), gpu(kv_sizes), gate=gpu(gate), scale=scale, return_context=True
     )
     ref = reference.video_sparse_attn(q, k, v, q_sizes, kv_sizes, topk, p["volume"], scale=scale, gate=gate)
-    out = cupy.asnumpy(out)
+    out, lse = cupy.asnumpy(out), cupy.asnumpy(context.lse)
+    # Pad rows are not part of the output: exactly 0 (the poison was NaN), lse -inf.
+    assert (np.asarray(out[:, :, ~real], np.float32) == 0).all() and (lse[:, :, ~real] == -np.inf).all()
     assert np.isfinite(np.asarray(out, np.float32)).all()
-    real = reference.valid_slots(q_sizes, p["volume"])
     assert _rel_err(out[:, :, real], ref.out[:, :, real]) <= TOLERANCE[p["dtype"]]
+    assert np.allclose(lse[:, :, real], ref.lse[:, :, real], rtol=1e-3, atol=1e-3)
 
 
 def test_forward_is_deterministic_and_stream_ordered():

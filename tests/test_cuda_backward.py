@@ -133,8 +133,8 @@ def test_backward_of_scores_far_below_zero(poisoned, p):
 
 @given(problems(max_tokens=1000))
 def test_backward_ignores_what_q_and_gate_hold_in_pad_slots(poisoned, p):
-    """NaN in q's and gate's pad slots (pad rows of out and lse turn NaN): gradients of real
-    tokens as with zeros there, the pad query rows masked out of P^T in the dK/dV pass."""
+    """NaN in q's and gate's pad slots (the forward gives those rows 0 and lse -inf): gradients
+    of real tokens as with zeros there, the pad query rows masked out of P^T in the dK/dV pass."""
     _check_gradients(dict(p, nan_pads=True))
 
 

@@ -393,8 +393,8 @@ def test_video_sparse_attn(p):
 @settings(max_examples=20)
 @given(p=attention_problems())
 def test_what_q_and_gate_hold_in_pad_slots_reaches_no_real_result(p):
-    """NaN in q's and gate's pad slots: out on real rows and every gradient as with zeros there
-    (bit for bit), and as the reference's given the NaN-padded out."""
+    """NaN in q's and gate's pad slots: out (0 on pad rows), lse (-inf there) and every gradient
+    as with zeros there (bit for bit), and as the reference's given the NaN-padded out."""
     rng, q, k, v, gate = make_inputs(p)
     q_sizes, kv_sizes = p["plan_q"].variable_block_sizes, p["plan_kv"].variable_block_sizes
     volume = p["plan_q"].tile_volume
@@ -406,9 +406,11 @@ def test_what_q_and_gate_hold_in_pad_slots_reaches_no_real_result(p):
         out, context = vsa_nd.video_sparse_attn(q_in, k, v, p["topk"], q_sizes, kv_sizes, gate=gate_in,
                                                 scale=p["scale"], return_context=True)
         runs.append((out, vsa_nd.video_sparse_attn_backward(dout, context), context))
-    (zero_out, zero_grads, _), (nan_out, nan_grads, context) = runs
-    assert np.isnan(np.asarray(nan_out, np.float64)[:, :, ~real]).all()
-    np.testing.assert_array_equal(nan_out[:, :, real], zero_out[:, :, real])
+    (zero_out, zero_grads, zero_context), (nan_out, nan_grads, context) = runs
+    assert (np.asarray(nan_out, np.float64)[:, :, ~real] == 0).all()
+    np.testing.assert_array_equal(nan_out, zero_out)
+    assert (context.lse[:, :, ~real] == -np.inf).all()
+    np.testing.assert_array_equal(context.lse, zero_context.lse)
     for zero, nan in zip(zero_grads, nan_grads):
         if zero is not None:
             np.testing.assert_array_equal(nan, zero)  # pad slots 0 in both

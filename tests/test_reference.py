@@ -51,7 +51,7 @@ def loop_vsa(q, k, v, q_sizes, kv_sizes, volume, topk=None, selection=None, gate
                     chosen = selection[b][h][i]
                 keys = [k[b, kh, j * volume + r] for j in chosen for r in range(kv_sizes[j])]
                 values = [v[b, kh, j * volume + r] for j in chosen for r in range(kv_sizes[j])]
-                for r in range(volume):
+                for r in range(q_sizes[i]):  # pad rows are not part of the output: they stay 0, lse -inf
                     row = i * volume + r
                     fine = np.zeros(d)
                     if keys:
@@ -91,11 +91,14 @@ def test_single_tile_is_dense_attention_plus_mean_of_values():
     probs = np.exp(scores - scores.max(axis=1, keepdims=True))
     dense = probs @ values / probs.sum(axis=1, keepdims=True)
     mean_v = values.mean(axis=0)
-    np.testing.assert_allclose(result.fine[0, 0], dense, rtol=1e-12, atol=1e-12)
+    real = slice(0, 6)  # the query tile's 6 real rows; rows 6 and 7 are pad rows: 0, lse -inf
+    np.testing.assert_allclose(result.fine[0, 0, real], dense[real], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(result.coarse[0, 0, 0], mean_v, rtol=1e-12)
-    np.testing.assert_allclose(result.out[0, 0], dense + gate[0, 0] * mean_v, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(result.out[0, 0, real], (dense + gate[0, 0] * mean_v)[real], rtol=1e-12, atol=1e-12)
     lse = scores.max(axis=1) + np.log(probs.sum(axis=1))
-    np.testing.assert_allclose(result.lse[0, 0], lse, rtol=1e-12)
+    np.testing.assert_allclose(result.lse[0, 0, real], lse[real], rtol=1e-12)
+    assert (result.fine[0, 0, 6:] == 0).all() and (result.out[0, 0, 6:] == 0).all()
+    assert (result.lse[0, 0, 6:] == -np.inf).all()
     assert result.q2k_idx.tolist() == [[[[0]]]] and result.q2k_num.tolist() == [[[1]]]
 
 

@@ -380,8 +380,8 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     unchanged until the backward has run.
 
     Pad slots of q, k, v and gate never reach a real token's result.  Rows of ``out`` in pad
-    slots are computed from q's (and gate's) pad slots like any other row, so they are finite
-    where those are (:func:`tile` leaves them 0); :func:`untile` drops them.
+    slots are 0 (and the context's lse -inf there), whatever q and gate hold in them, NaN
+    included; :func:`untile` drops them.
     """
     check.check_float("q", q, 4)
     if kv_block_sizes is None:
@@ -406,7 +406,7 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     q2k_idx, q2k_num, probs = backend.select_topk_softmax_(scores, topk)
     coarse = _coarse_output(probs, v_mean)
     out, lse = backend.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, problem.kv_block_sizes, problem.scale, coarse, gate,
-                                        out=out)
+                                        out=out, q_block_sizes=q_block_sizes)
     if not return_context:
         return out
     context = VSAContext(

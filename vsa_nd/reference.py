@@ -7,10 +7,11 @@ with an explicit mask, so keep problems small (a few thousand tokens).  Arithmet
 Layout: q [B, H, Sq_pad, D], k and v [B, H_kv, Skv_pad, D] in tiled, head-major order,
 ``Sq_pad = N_q * V`` and ``Skv_pad = N_kv * V``; query head h reads kv head h // (H / H_kv).
 
-Pad query rows (slots at or past ``q_block_sizes[i]`` of tile i) are computed like any
-other row in the forward pass; the backward pass treats them as not part of the output
-(what ``dout``, ``q``, ``gate`` and a given ``out`` hold there is ignored, NaN included), so
-gradients of real tokens never depend on them.
+Pad query rows (slots at or past ``q_block_sizes[i]`` of tile i) are not part of the
+output: the VSA forward gives them out 0, fine 0 and lse -inf, and the backward pass ignores
+what ``dout``, ``q``, ``gate`` and a given ``out`` hold there (NaN included), so neither the
+output's pad rows nor the gradients of real tokens depend on them.  (:func:`block_sparse_attn`,
+the fine stage alone, knows no query block sizes and computes every row.)
 """
 
 from __future__ import annotations
@@ -156,6 +157,9 @@ def video_sparse_attn(
 
     weight = 1.0 if gate is None else np.asarray(gate, dtype=dtype)
     out = fine + weight * broadcast_tiles(coarse, tile_volume)
+    q_real = valid_slots(q_block_sizes, tile_volume)
+    out, fine = np.where(q_real[:, None], out, 0), np.where(q_real[:, None], fine, 0)
+    lse = np.where(q_real, lse, -np.inf)
     return Forward(out, fine, coarse, lse, scores, np.asarray(q2k_idx), np.asarray(q2k_num))
 
 

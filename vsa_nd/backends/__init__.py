@@ -43,10 +43,12 @@ The interface every backend implements:
 ``select_topk_softmax_(scores, topk) -> (q2k_idx, q2k_num, scores)``
     ``select_topk``, then ``softmax_rows_`` of ``scores`` in place (the forward needs both; one
     launch on CUDA).  NaN counts as the smallest score for the selection only.
-``block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None) -> (out, lse)``
+``block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None, q_block_sizes=None) -> (out, lse)``
     out [B, H, Sq_pad, D] in q's dtype = fine + (gate *) broadcast(coarse), where ``coarse``
     is None or [B, H, N_q, D] in the compute dtype and ``gate`` None or q-shaped;
     lse [B, H, Sq_pad] float32 (float64 for float64 inputs), -inf for a row with no key.
+    With ``q_block_sizes`` [N_q], rows at or past ``q_block_sizes[i]`` of query tile i are
+    pad rows: out 0 and lse -inf there, whatever q and gate hold in them.
 ``coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None, out=None, lse=None) -> (d_coarse, dgate, row_terms)``
     d_coarse [B, H, N_q, D] compute dtype: sum over the real rows of each query tile of
     ``gate * dout`` (``dout`` without a gate); dgate (None without a gate) q-shaped in

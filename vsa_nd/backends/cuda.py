@@ -342,11 +342,11 @@ def coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None, out=None, 
     return d_coarse, dgate, terms
 
 
-def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None):
+def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None, q_block_sizes=None):
     """Fine attention plus the coarse combine: see the interface in :mod:`vsa_nd.backends`."""
     from .cuda_attention import block_sparse_fwd as launch
 
-    return launch(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out)
+    return launch(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out, q_block_sizes)
 
 
 def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,

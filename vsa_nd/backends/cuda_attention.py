@@ -274,7 +274,7 @@ def _tma_ready(*arrays) -> bool:
     return all(a.size // a.shape[-1] < 2**31 for a in arrays)
 
 
-def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None):
+def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None, q_block_sizes=None):
     """See :mod:`vsa_nd.backends`: (out [B, H, Sq_pad, D] q.dtype, lse [B, H, Sq_pad] float32)."""
     b, h, q_len, d = q.shape
     h_kv, kv_len = k.shape[1], k.shape[2]
@@ -285,7 +285,8 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
         lse = _alloc((b, h, q_len), np.float32)
         coarse = _float32(coarse)
         args = (
-            q, k, v, q2k_idx, q2k_num, kv_block_sizes, _null_or(coarse), _null_or(gate), out, lse,
+            q, k, v, q2k_idx, q2k_num, kv_block_sizes, _null_or(q_block_sizes), _null_or(coarse), _null_or(gate),
+            out, lse,
             np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len), np.int32(q2k_idx.shape[3]),
             np.int32(tile_volume), np.float32(scale * _LOG2E),
         )

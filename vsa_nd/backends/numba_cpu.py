@@ -443,7 +443,7 @@ def _scratch(*shape_and_dtype):
 
 
 @njit(**_KERNEL)
-def _fwd_kernel(q, kt, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, has_gate, out, lse,
+def _fwd_kernel(q, kt, v, q2k_idx, q2k_num, kv_block_sizes, q_block_sizes, scale, coarse, gate, has_gate, out, lse,
                 qs_buf, s_buf, acc_buf, m_buf, l_buf):
     batch, heads, tiles, volume, dim = q.shape
     group = heads // kt.shape[1]
@@ -486,8 +486,13 @@ def _fwd_kernel(q, kt, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate,
             _accumulate(acc, s, v[b, hk, j], rows, keys)
         dst = out[b, h, i]
         c_row = coarse[b, h, i]
+        real = q_block_sizes[i]
         for r in range(volume):
             ar, dr = acc[r], dst[r]
+            if r >= real:  # a pad row: 0 and -inf, whatever q and gate hold there
+                lse[b, h, i, r] = -np.inf
+                dr[:] = 0.0
+                continue
             if l[r] != 0:  # (NaN too: it propagates to out and lse, as in the reference)
                 inv = 1 / l[r]
                 lse[b, h, i, r] = (m[r] + np.log2(l[r])) * ln2
@@ -503,7 +508,7 @@ def _fwd_kernel(q, kt, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate,
                     dr[d] = ar[d] * inv + c_row[d]
 
 
-def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None):
+def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None, q_block_sizes=None):
     """(out [B, H, Sq_pad, D] in q's dtype, lse [B, H, Sq_pad] compute dtype; into ``out`` if
     given); see the package doc."""
     result = out
@@ -519,10 +524,12 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
     out = np.empty(tiled, dtype)
     lse = np.empty((b, h, n_q, volume), dtype)
     rows = _round_rows(volume)
+    # Real rows per query tile: all of them without q_block_sizes (block_sparse_attn knows no pads).
+    real_rows = np.full(n_q, volume, np.int32) if q_block_sizes is None else _index(q_block_sizes)
     with numba.parallel_chunksize(1):
         _fwd_kernel(
             q_c, _transposed(_key_rows(k, n_kv)), _key_rows(v, n_kv), _index(q2k_idx), _index(q2k_num),
-            _index(kv_block_sizes), float(scale), coarse, gate_c, has_gate, out, lse,
+            _index(kv_block_sizes), real_rows, float(scale), coarse, gate_c, has_gate, out, lse,
             _scratch(rows, d, dtype), _scratch(rows, volume, dtype), _scratch(rows, d, dtype),
             _scratch(rows, dtype), _scratch(rows, dtype),
         )
