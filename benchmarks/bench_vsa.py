@@ -4,7 +4,8 @@ For each shape of VSA_SPEC.md section 6: our block-sparse forward (fine stage on
 selection VSA makes), our full VSA forward, our tile/untile, torch SDPA dense attention
 (flash and cuDNN backends) and FlexAttention block-sparse on the same selection.
 Times are medians of CUDA-event timings (triton.testing.do_bench, L2 flushed between
-runs) on random data.  Prints a markdown table; ``--out FILE`` also writes it there.
+runs) on random data; the block-sparse and the full forward take turns over five rounds
+(medians of the rounds), so that their ratio does not follow the card's drift.  Prints a markdown table; ``--out FILE`` also writes it there.
 
     python benchmarks/bench_vsa.py [--shapes main,480p,480p-d64,720p] [--out table.md]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import statistics
 
 import numpy as np
 
@@ -60,6 +62,18 @@ def _median_ms(fn) -> float:
     return float(do_bench(fn, warmup=50, rep=300, return_mode="median"))
 
 
+def _alternating_ms(fns, rounds: int = 5) -> list:
+    """[median over ``rounds`` of :func:`_median_ms`] of each of ``fns``, the functions taking
+    turns round by round: a ratio of two of them then does not depend on which ran while the
+    card was warmer (one run timed the full forward 1.26x the fine one measured back to back,
+    1.07x taking turns)."""
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            times[i].append(_median_ms(fn))
+    return [statistics.median(t) for t in times]
+
+
 def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows):
     import cupy
     import torch
@@ -95,10 +109,9 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows):
               + (f" {tbs:6.2f} TB/s" if tbs else ""), flush=True)
 
     fine = lambda: vsa_nd.block_sparse_attn(q, k, v, sizes, q2k_idx, q2k_num, check_indices=False)  # noqa: E731
-    ms = _median_ms(fine)
-    add("vsa_nd block-sparse forward", ms, flops / ms * 1e-9)
     full = lambda: vsa_nd.video_sparse_attn(q, k, v, topk, sizes)  # noqa: E731
-    ms_full = _median_ms(full)
+    ms, ms_full = _alternating_ms([fine, full])
+    add("vsa_nd block-sparse forward", ms, flops / ms * 1e-9)
     add(f"vsa_nd full VSA forward ({ms_full / ms:.2f}x fine)", ms_full)
 
     tile_bytes = (s + s_pad) * heads * head_dim * 2
