@@ -111,7 +111,7 @@ def main():
         "top-k + softmax (one launch, as the forward)": lambda: cuda.select_topk_softmax_(scores.copy(), args.topk),
         "coarse output (gemm_f32)": lambda: ops._coarse_output(probs, v_mean),
         "block-sparse forward + combine": lambda: cuda.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, sizes, scale, coarse,
-                                                                        None),
+                                                                        None, q_block_sizes=sizes),
         "video_sparse_attn (all, validated)": lambda: vsa_nd.video_sparse_attn(q, k, v, args.topk, sizes),
     }
     for label, fn in stages.items():

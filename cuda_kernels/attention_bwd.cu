@@ -137,8 +137,8 @@ template <typename T, int D> struct MmaProducts {
             for (int i = 0; i < 32; ++i) {
                 const int key = warp * 16 + (lane >> 2) + ((i >> 1) & 1) * 8;
                 const int col = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-                // 0 for pad keys and pad query rows, whatever lse holds there (NaN where q's pad
-                // slots do: the forward computes those rows like any other).
+                // 0 for pad keys and pad query rows, whatever lse holds there (-inf from the
+                // forward, where exp2 gives +inf; anything in a context changed since).
                 st[i] = key < real_k && col < real_q ? fast_exp2(fmaf(st[i], scale_log2, -c_lse[col] * LOG2E)) : 0.f;
             }
 #pragma unroll

@@ -37,6 +37,7 @@ block_sparse_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     const AttentionCta<T, D> cta(k, v, q2k_idx, q2k_num, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len,
                                  list_len, tile_volume);
     const int valid_rows = forward_real_rows(q_block_sizes, cta);
+    const int n = valid_rows > 0 ? cta.n_chunks : 0;  // no real row (tile volume 128, short tile): nothing to attend
     auto load_chunk = [&](int c) {
         const auto chunk = cta.chunk(c);
         load_tile_async<D>(sK + (c & 1) * TILE, cta.k + chunk.offset, chunk.valid, tid);
@@ -44,7 +45,7 @@ block_sparse_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     };
 
     load_tile_async<D>(sQ, q + cta.q_offset, ATT_BLOCK_M, tid);
-    if (cta.n_chunks > 0) load_chunk(0);
+    if (n > 0) load_chunk(0);
     cp_async_commit();
 
     float o[D / 2];
@@ -53,7 +54,7 @@ block_sparse_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __re
     float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.f, 0.f};
     unsigned int qf[D / 16][4];
 
-    for (int c = 0; c < cta.n_chunks; ++c) {
+    for (int c = 0; c < n; ++c) {
         cp_async_wait<0>();
         __syncthreads();  // chunk c visible to all; everyone is done with chunk c-1's buffers
         if (c == 0) {
@@ -61,7 +62,7 @@ block_sparse_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __re
             for (int kk = 0; kk < D / 16; ++kk)
                 ldmatrix_x4(qf[kk], sQ + atom_offset(warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)));
         }
-        if (c + 1 < cta.n_chunks) load_chunk(c + 1);
+        if (c + 1 < n) load_chunk(c + 1);
         cp_async_commit();
 
         const int valid = cta.chunk(c).valid;

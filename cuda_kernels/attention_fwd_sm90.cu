@@ -40,7 +40,7 @@ block_sparse_fwd_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_c
     const AttentionCta<T, D> cta(k, v, q2k_idx, q2k_num, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len,
                                  list_len, tile_volume);
     const int valid_rows = forward_real_rows(q_block_sizes, cta);
-    const int n = cta.n_chunks;
+    const int n = valid_rows > 0 ? cta.n_chunks : 0;  // no real row (tile volume 128, short tile): nothing to attend
     // Row of the K / V tensor maps ([B * H_kv * kv_len, D]) where chunk c starts.
     const int kv_row0 = static_cast<int>((cta.k - k) / D);
     auto issue = [&](unsigned char* tile, const TmaDesc* desc, unsigned long long* bar, int row) {

@@ -130,6 +130,23 @@ def test_forward_matches_array_api_and_reference_eager_and_jitted(dtype, gate):
     assert rel_err(np.asarray(out)[:, :, real], reference.out[:, :, real]) <= FWD_TOL[dtype.name]
 
 
+def test_pad_rows_of_the_output_are_zero_whatever_q_and_gate_hold_there():
+    """NaN in q's and gate's pad slots: out is 0 in pad rows and its real rows are those of zero
+    pads, bit for bit, eager and under jit; the gradients of real tokens are unchanged."""
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, g = tiled_inputs(plan, jnp.float32, True)
+    real = jnp.asarray(real_rows(plan))[:, None]
+    q_nan, g_nan = (jnp.where(real, x, jnp.nan) for x in (q, g))
+    attention = lambda q, k, v, g: vj.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, gate=g)  # noqa: E731
+    expected = np.asarray(attention(q, k, v, g))
+    for fn in (attention, jax.jit(attention)):
+        out = np.asarray(fn(q_nan, k, v, g_nan))
+        assert (out[:, :, ~real_rows(plan)] == 0).all() and np.array_equal(out, expected)
+    loss = lambda q, k, v, g: (attention(q, k, v, g) * jnp.where(real, 1.0, 0.0)).sum()  # noqa: E731
+    for got, want in zip(jax.grad(loss, argnums=(0, 1, 2, 3))(q_nan, k, v, g_nan), jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, g)):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gradients_match_the_reference_backward_eager_and_jitted(dtype):
     plan = vj.tile_plan(SEQ, TILE)

@@ -288,6 +288,28 @@ def test_cross_attention_gradients_with_gqa_gate_and_custom_scale(path):
         assert rel_err(numpy_of(leaf.grad)[:, :, real], want[:, :, real]) <= BWD_TOL[torch.float64]
 
 
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+def test_pad_rows_of_the_output_are_zero_whatever_q_and_gate_hold_there(path):
+    """NaN in q's and gate's pad slots: out is 0 in pad rows, its real rows and every gradient
+    as with zero pads (bit for bit), by either path."""
+    plan = vt.tile_plan(SEQ, TILE)
+    (q, k, v, g), _ = attention(plan, torch.float32)
+    pads = torch.from_numpy(~real_rows(plan))
+    q_nan, g_nan = (x.clone().index_fill_(2, pads.nonzero()[:, 0], float("nan")) for x in (q, g))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+    results = []
+    for inputs in ((q, k, v, g), (q_nan, k, v, g_nan)):
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        with RecordVsaOps() if path == "custom op" else contextlib.nullcontext():
+            out = vt.video_sparse_attn(*leaves[:3], 3, plan.variable_block_sizes, gate=leaves[3])
+            out.backward(dout)
+        results.append((out.detach(), [x.grad for x in leaves]))
+    (out_zero, grads_zero), (out_nan, grads_nan) = results
+    assert torch.isnan(q_nan).any() and (out_nan[:, :, pads] == 0).all() and torch.equal(out_nan, out_zero)
+    for got, want in zip(grads_nan, grads_zero):
+        assert torch.equal(got, want)
+
+
 def test_fake_implementations_give_the_real_shapes_and_dtypes():
     """What torch.compile traces with: the fake forward, backward and block_sparse_attn ops
     against the real ones, on a cross-attention problem with two query heads per kv head."""

@@ -523,12 +523,12 @@ def test_misaligned_coarse_is_refused_before_launch():
 
 @pytest.mark.parametrize("kernel", ["auto", "workspace"])
 def test_result_buffers_are_filled(kernel, monkeypatch):
-    """``out=`` of the forward and backward on CuPy (NaN-poisoned buffers, GQA, gate): filled
-    and returned, bit for bit what the calls return without them."""
+    """``out=`` of the forward and backward on CuPy (NaN-poisoned buffers, GQA, gate, partial
+    tiles): filled and returned, bit for bit what the calls return without them."""
     import cupy
 
     use_kernels(kernel, monkeypatch)
-    plan = vsa_nd.tile_plan((8, 12, 20))
+    plan = vsa_nd.tile_plan((5, 12, 20))  # a partial last tile row: the pad rows of out must be written too
     rng = np.random.default_rng(12)
     normal = lambda heads: cupy.asarray(rng.standard_normal((1, heads, plan.padded_len, 128)).astype(BFLOAT16))  # noqa: E731
     q, gate, dout, k, v = normal(4), normal(4), normal(4), normal(2), normal(2)

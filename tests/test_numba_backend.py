@@ -358,6 +358,7 @@ def check_video_sparse_attn(p):
     real_kv = ref.valid_slots(kv_sizes, volume)
     assert out.dtype == p["dtype"] and out.shape == q.shape
     assert np.isfinite(np.asarray(out, np.float64)).all()  # pad rows included
+    assert (np.asarray(out, np.float64)[:, :, ~real_q] == 0).all() and (context.lse[:, :, ~real_q] == -np.inf).all()
     assert rel_err(out, expected.out, real_q) <= FWD_TOL[name]
 
     grads = vsa_nd.video_sparse_attn_backward(dout, context)

@@ -9,7 +9,7 @@ attention tensors are in tiled, head-major layout (see :func:`tile`):
     kv_block_sizes       [N_kv] int, real tokens per key tile (1..V)
     q2k_idx              [B, H, N_q, L] int32, selected key tiles per query tile
     q2k_num              [B, H, N_q] int32, how many entries of each row are used
-    lse                  [B, H, Sq_pad] float32 (float64 for float64 inputs)
+    lse                  [B, H, Sq_pad] float32 (float64 for float64 inputs); -inf on pad query rows
 
 The tile volume V is implied by the shapes (``Sq_pad // N_q``).  Attention tensors share
 one floating dtype: float32/float64/float16/bfloat16 on NumPy (computed in float32, or

@@ -12,7 +12,7 @@ Fine attention, forward (one work item per (b, h, query tile), ``prange`` over a
         S  = qs @ K_j^T                         # [V, nk], K_j^T pre-transposed to [D, V]
         m' = max(m, rowmax S); P = 2^(S - m')   # online softmax
         l  = l * 2^(m - m') + rowsum P;  acc = acc * 2^(m - m') + P @ V_j
-    out = acc / l + (gate *) coarse;  lse = (m + log2 l) * ln 2
+    out = acc / l + (gate *) coarse;  lse = (m + log2 l) * ln 2   (pad query rows, given q_block_sizes: 0, -inf)
 
 Both products are written with the contiguous axis innermost (so LLVM vectorises it) and
 several rows per pass over the shared operand (register blocking: 4 rows for S, 8 for
