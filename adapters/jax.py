@@ -441,9 +441,10 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, _common.resolve_scale(scale, q.shape[-1]))
 
 
-def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, *, scale, results=None):  # no out= there
+def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, q_block_sizes, *, scale, results=None):  # no out=
     return vsa_nd.block_sparse_attn(q, k, v, _common.trusted(kv_block_sizes), q2k_idx, q2k_num, scale=scale,
-                                    return_lse=True)
+                                    return_lse=True,
+                                    q_block_sizes=None if q_block_sizes is None else _common.trusted(q_block_sizes))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -460,12 +461,14 @@ def _refuse_gradient(run, residuals, cotangents):
 _forward_only.defvjp(lambda run, *arrays: (run(*arrays), None), _refuse_gradient)
 
 
-def block_sparse_attn(q, k, v, kv_block_sizes, q2k_idx, q2k_num=None, *, scale=None, return_lse=False):
+def block_sparse_attn(q, k, v, kv_block_sizes, q2k_idx, q2k_num=None, *, scale=None, return_lse=False,
+                      q_block_sizes=None):
     """Fine stage only (see :func:`vsa_nd.block_sparse_attn`), forward only.
 
     q [B, H, Sq_pad, D]; k, v [B, H_kv, Skv_pad, D]; ``kv_block_sizes`` [N_kv];
-    ``q2k_idx`` [B, H, N_q, L] and ``q2k_num`` [B, H, N_q] (default: all L) integer arrays.
-    Returns out [B, H, Sq_pad, D] (and lse [B, H, Sq_pad], float32 or float64 for float64
+    ``q2k_idx`` [B, H, N_q, L] and ``q2k_num`` [B, H, N_q] (default: all L) integer arrays;
+    ``q_block_sizes`` [N_q] (optional): rows past it in each query tile are pad rows, 0 (lse
+    -inf) whatever q holds there.  Returns out [B, H, Sq_pad, D] (and lse [B, H, Sq_pad], float32 or float64 for float64
     inputs, with ``return_lse``).  Not differentiable (vsa_nd has no backward for the fine
     stage alone): differentiate :func:`video_sparse_attn` instead.
     """
@@ -475,6 +478,8 @@ def block_sparse_attn(q, k, v, kv_block_sizes, q2k_idx, q2k_num=None, *, scale=N
     lse_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     specs = (_spec(q.shape, q.dtype), _spec(q.shape[:3], lse_dtype))
     sizes, scale = _block_sizes("kv_block_sizes", kv_block_sizes), _common.resolve_scale(scale, q.shape[-1])
-    run = lambda q, k, v, idx, num: _call(_block_sparse_arrays, specs, q, k, v, sizes, idx, num, scale=scale)  # noqa: E731
+    q_sizes = None if q_block_sizes is None else _block_sizes("q_block_sizes", q_block_sizes)
+    run = lambda q, k, v, idx, num: _call(_block_sparse_arrays, specs, q, k, v, sizes, idx, num, q_sizes,  # noqa: E731
+                                          scale=scale)
     out, lse = _forward_only(run, q, k, v, q2k_idx, q2k_num)
     return (out, lse) if return_lse else out

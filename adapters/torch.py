@@ -441,15 +441,16 @@ def _vsa_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Optional[
 
 
 def _block_sparse(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes: Tensor, q2k_idx: Tensor, q2k_num: Optional[Tensor],
-                  scale: float, check_indices: bool) -> tuple[Tensor, Tensor]:
+                  q_block_sizes: Optional[Tensor], scale: float, check_indices: bool) -> tuple[Tensor, Tensor]:
     """(out, lse) of the fine stage."""
-    return _run(_block_sparse_arrays, q, k, v, kv_block_sizes, q2k_idx, q2k_num, scale=scale,
+    return _run(_block_sparse_arrays, q, k, v, kv_block_sizes, q2k_idx, q2k_num, q_block_sizes, scale=scale,
                 check_indices=check_indices)
 
 
-def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, scale, check_indices):
+def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, q_block_sizes, scale, check_indices):
     return vsa_nd.block_sparse_attn(q, k, v, _common.trusted(kv_block_sizes), q2k_idx, q2k_num, scale=scale,
-                                    return_lse=True, check_indices=check_indices)
+                                    return_lse=True, check_indices=check_indices,
+                                    q_block_sizes=None if q_block_sizes is None else _common.trusted(q_block_sizes))
 
 
 def _tile(x: Tensor, seq_shape: list[int], tile_shape: list[int]) -> Tensor:
@@ -514,7 +515,7 @@ def _(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, scale, out, context):
 
 
 @_block_sparse_op.register_fake
-def _(q, k, v, kv_block_sizes, q2k_idx, q2k_num, scale, check_indices):
+def _(q, k, v, kv_block_sizes, q2k_idx, q2k_num, q_block_sizes, scale, check_indices):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
@@ -757,13 +758,15 @@ def video_sparse_attn(q: Tensor, k: Tensor, v: Tensor, topk: int, q_block_sizes,
 
 
 def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes, q2k_idx: Tensor, q2k_num: Optional[Tensor] = None,
-                      *, scale: Optional[float] = None, return_lse: bool = False, check_indices: bool = True):
+                      *, scale: Optional[float] = None, return_lse: bool = False, check_indices: bool = True,
+                      q_block_sizes=None):
     """Fine stage only (see :func:`vsa_nd.block_sparse_attn`), forward only.
 
     q [B, H, Sq_pad, D]; k, v [B, H_kv, Skv_pad, D]; ``kv_block_sizes`` [N_kv];
     ``q2k_idx`` [B, H, N_q, L] and ``q2k_num`` [B, H, N_q] (default: all L) integer tensors
-    on q's device (or ints).  Returns out [B, H, Sq_pad, D] (and lse [B, H, Sq_pad] float32, float64
-    for float64 inputs, with ``return_lse``).  Index values are checked (on CUDA, one host
+    on q's device (or ints); ``q_block_sizes`` [N_q] (optional): rows past it in each query
+    tile are pad rows, 0 (lse -inf) whatever q holds there.  Returns out [B, H, Sq_pad, D] (and
+    lse [B, H, Sq_pad] float32, float64 for float64 inputs, with ``return_lse``).  Index values are checked (on CUDA, one host
     synchronisation, which CUDA graph capture forbids); ``check_indices=False`` skips that on
     CUDA for lists known to be valid, e.g. from vsa_nd's own selection (what unchecked lists do:
     :func:`vsa_nd.block_sparse_attn`).  vsa_nd has no backward for the fine stage alone, so
@@ -777,8 +780,11 @@ def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes, q2k_idx: 
     q2k_idx = _int_tensor("q2k_idx", q2k_idx, q.device)
     if q2k_num is not None:
         q2k_num = _int_tensor("q2k_num", q2k_num, q.device)
-    args = (q, k, v, kv_block_sizes, q2k_idx, q2k_num, _common.resolve_scale(scale, q.shape[-1]), bool(check_indices))
-    out, lse = _block_sparse(*args) if _plain_eager(*args[:6]) else _block_sparse_op(*args)
+    if q_block_sizes is not None:
+        q_block_sizes = _int_tensor("q_block_sizes", q_block_sizes, q.device)
+    args = (q, k, v, kv_block_sizes, q2k_idx, q2k_num, q_block_sizes, _common.resolve_scale(scale, q.shape[-1]),
+            bool(check_indices))
+    out, lse = _block_sparse(*args) if _plain_eager(*args[:7]) else _block_sparse_op(*args)
     return (out, lse) if return_lse else out
 
 

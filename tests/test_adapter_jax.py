@@ -378,6 +378,17 @@ def test_block_sparse_attn_matches_array_api():
     expected, expected_lse = vsa_nd.block_sparse_attn(*(np.asarray(x) for x in (q, k, v)),
                                                       plan.array_plan.variable_block_sizes, idx, return_lse=True)
     assert np.array_equal(np.asarray(out), expected) and np.array_equal(np.asarray(lse), expected_lse)
+    # With query block sizes: pad rows 0 (lse -inf) whatever q holds there, eager and under jit.
+    real = real_rows(plan)
+    assert not real.all()
+    q_nan = jnp.where(jnp.asarray(real)[:, None], q, jnp.nan)
+    attention = lambda q: vj.block_sparse_attn(q, k, v, plan.variable_block_sizes, idx, return_lse=True,  # noqa: E731
+                                               q_block_sizes=plan.variable_block_sizes)
+    for fn in (attention, jax.jit(attention)):
+        padded, padded_lse = (np.asarray(x) for x in fn(q_nan))
+        assert (padded[:, :, ~real] == 0).all() and (padded_lse[:, :, ~real] == -np.inf).all()
+        assert np.array_equal(padded[:, :, real], expected[:, :, real])
+        assert np.array_equal(padded_lse[:, :, real], expected_lse[:, :, real])
 
 
 def test_errors_name_the_argument_and_what_was_expected():

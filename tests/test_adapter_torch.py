@@ -324,13 +324,14 @@ def test_fake_implementations_give_the_real_shapes_and_dtypes():
     inputs = (q, k, v, gate, q_sizes, kv_sizes)
     real = vt._vsa_op(*inputs, 2, 0.3)
     real_calls = [real, vt._vsa_backward_op(real[0], *inputs, 0.3, real[0], list(real[1:])),
-                  vt._block_sparse_op(q, k, v, kv_sizes, idx, None, 0.3, True)]
+                  vt._block_sparse_op(q, k, v, kv_sizes, idx, None, q_sizes, 0.3, True)]
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake_inputs = [mode.from_tensor(x) for x in inputs]
         fake_out = vt._vsa_op(*fake_inputs, 2, 0.3)
         fake_calls = [fake_out,
                       vt._vsa_backward_op(fake_out[0], *fake_inputs, 0.3, fake_out[0], list(fake_out[1:])),
-                      vt._block_sparse_op(*fake_inputs[:3], fake_inputs[5], mode.from_tensor(idx), None, 0.3, True)]
+                      vt._block_sparse_op(*fake_inputs[:3], fake_inputs[5], mode.from_tensor(idx), None,
+                                          fake_inputs[4], 0.3, True)]
     for real_results, fake_results in zip(real_calls, fake_calls):
         assert len(real_results) == len(fake_results)
         for r, f in zip(real_results, fake_results):
@@ -349,6 +350,16 @@ def test_block_sparse_attn_matches_array_api():
                                                       plan.array_plan.variable_block_sizes, idx.numpy(), num.numpy(),
                                                       return_lse=True)
     assert np.array_equal(out.numpy(), expected) and np.array_equal(lse.numpy(), expected_lse)
+    # With query block sizes: pad rows 0 (lse -inf) whatever q holds there, by either path.
+    pads = torch.from_numpy(~real_rows(plan))
+    assert pads.any()
+    q_nan = q.clone().index_fill_(2, pads.nonzero()[:, 0], float("nan"))
+    for context in (contextlib.nullcontext(), RecordVsaOps()):
+        with context:
+            padded, padded_lse = vt.block_sparse_attn(q_nan, k, v, plan.variable_block_sizes, idx, num,
+                                                      return_lse=True, q_block_sizes=plan.variable_block_sizes)
+        assert (padded[:, :, pads] == 0).all() and (padded_lse[:, :, pads] == -np.inf).all()
+        assert torch.equal(padded[:, :, ~pads], out[:, :, ~pads]) and torch.equal(padded_lse[:, :, ~pads], lse[:, :, ~pads])
     with pytest.raises(ValueError, match="no backward"):
         vt.block_sparse_attn(q.requires_grad_(), k, v, plan.variable_block_sizes, idx)
 

@@ -54,18 +54,27 @@ def test_block_sparse_attn_matches_reference(poisoned, p, data):
     q2k_idx = np.argsort(rng.random((b, h, n_q, n_kv)), axis=-1)[..., :length].astype(np.int32)
     q2k_num = rng.integers(0, length + 1, size=(b, h, n_q)).astype(np.int32)
     kv_sizes = p["kv_plan"].variable_block_sizes
+    # Half the time with query block sizes, and NaN in q's pad slots: those rows must come out 0, lse -inf.
+    q_sizes = p["q_plan"].variable_block_sizes if data.draw(st.booleans(), label="q_block_sizes") else None
+    real = reference.valid_slots(p["q_plan"].variable_block_sizes, p["volume"])
+    if q_sizes is not None:
+        q[:, :, ~real] = np.nan
 
     out, lse = vsa_nd.block_sparse_attn(
         cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), cupy.asarray(kv_sizes),
         cupy.asarray(q2k_idx), cupy.asarray(q2k_num), return_lse=True,
+        q_block_sizes=None if q_sizes is None else cupy.asarray(q_sizes),
     )
     block_map = reference.block_map_from_indices(q2k_idx, q2k_num, n_kv)
-    ref_out, ref_lse = reference.block_sparse_attn(q, k, v, block_map, kv_sizes, p["volume"])
+    ref_out, ref_lse = reference.block_sparse_attn(q, k, v, block_map, kv_sizes, p["volume"], q_block_sizes=q_sizes)
     out, lse = cupy.asnumpy(out), cupy.asnumpy(lse)
 
     assert np.isfinite(np.asarray(out, np.float32)).all()
     assert _rel_err(out, ref_out) <= TOLERANCE[p["dtype"]]
     empty = np.repeat(q2k_num == 0, p["volume"], axis=-1)
+    if q_sizes is not None:
+        assert (np.asarray(out[:, :, ~real], np.float32) == 0).all()
+        empty |= ~real
     assert np.all(lse[empty] == -np.inf)
     assert np.allclose(lse[~empty], ref_lse[~empty], rtol=1e-3, atol=1e-3)
 

@@ -320,6 +320,36 @@ def test_block_sparse_attn_index_lists(p, data):
 
 
 @settings(max_examples=20)
+@given(p=attention_problems(), data=st.data())
+def test_block_sparse_attn_with_query_block_sizes_zeroes_pad_rows(p, data):
+    """Given q_block_sizes, pad query rows come out 0 with lse -inf whatever q holds there (NaN
+    here), and real rows as without it, bit for bit, and as the reference's."""
+    rng, q, k, v, _ = make_inputs(p)
+    b, h, n_q, n_kv = p["batch"], p["heads"], p["plan_q"].num_blocks, p["plan_kv"].num_blocks
+    length = data.draw(st.integers(1, n_kv))
+    q2k_idx = np.argsort(rng.random((b, h, n_q, n_kv)), axis=-1)[..., :length].astype(np.int32)
+    q_sizes, volume = p["plan_q"].variable_block_sizes, p["plan_q"].tile_volume
+    real = ref.valid_slots(q_sizes, volume)
+    q_nan = np.where(real[:, None], q, np.nan).astype(q.dtype)
+    kv_sizes = p["plan_kv"].variable_block_sizes
+    out, lse = vsa_nd.block_sparse_attn(q_nan, k, v, kv_sizes, q2k_idx, scale=p["scale"], return_lse=True,
+                                        q_block_sizes=q_sizes)
+    plain, plain_lse = vsa_nd.block_sparse_attn(q, k, v, kv_sizes, q2k_idx, scale=p["scale"], return_lse=True)
+    assert (np.asarray(out, np.float64)[:, :, ~real] == 0).all() and (lse[:, :, ~real] == -np.inf).all()
+    np.testing.assert_array_equal(out[:, :, real], plain[:, :, real])
+    np.testing.assert_array_equal(lse[:, :, real], plain_lse[:, :, real])
+    block_map = ref.block_map_from_indices(q2k_idx, np.full((b, h, n_q), length, np.int32), n_kv)
+    expected, expected_lse = ref.block_sparse_attn(q_nan, k, v, block_map, kv_sizes, volume, p["scale"],
+                                                   q_block_sizes=q_sizes)
+    assert (expected[:, :, ~real] == 0).all() and (expected_lse[:, :, ~real] == -np.inf).all()
+    assert rel_err(out, expected) <= FWD_TOL[p["dtype"].name]
+    with pytest.raises(ValueError, match="q_block_sizes: expected"):
+        vsa_nd.block_sparse_attn(q, k, v, kv_sizes, q2k_idx, q_block_sizes=np.append(q_sizes, 1))
+    with pytest.raises(ValueError, match="q_block_sizes: expected every block size"):
+        vsa_nd.block_sparse_attn(q, k, v, kv_sizes, q2k_idx, q_block_sizes=np.full(n_q, volume + 1))
+
+
+@settings(max_examples=20)
 @given(p=attention_problems(), density=st.floats(0.0, 1.0))
 def test_block_sparse_attn_block_map(p, density):
     rng, q, k, v, _ = make_inputs(p)

@@ -289,14 +289,18 @@ def _index_lists_from_block_map(block_map):
 
 @_on_input_device
 def block_sparse_attn(
-    q, k, v, kv_block_sizes, q2k_idx=None, q2k_num=None, *, block_map=None, scale=None, return_lse=False, check_indices=True
+    q, k, v, kv_block_sizes, q2k_idx=None, q2k_num=None, *, block_map=None, scale=None, return_lse=False, check_indices=True,
+    q_block_sizes=None,
 ):
     """Fine stage only: each query tile attends to the real keys of the key tiles it selects.
 
     Selection by index lists ``q2k_idx`` [B, H, N_q, L] with counts ``q2k_num`` [B, H, N_q]
     (default: all L entries), or by a boolean ``block_map`` [B, H, N_q, N_kv].  Returns
     out [B, H, Sq_pad, D] in q's dtype (and lse [B, H, Sq_pad] with ``return_lse``); a row
-    that selects nothing gets 0 and lse -inf.  Index values are checked; on CuPy the check
+    that selects nothing gets 0 and lse -inf.  ``q_block_sizes`` [N_q] (optional) gives the
+    real rows per query tile: the others are pad rows, 0 with lse -inf whatever q holds in
+    them, as in :func:`video_sparse_attn`; without it every row is computed from q.  Block
+    sizes are checked as that function checks them.  Index values are checked; on CuPy the check
     costs one host synchronisation, which ``check_indices=False`` skips for lists known to be
     valid (e.g. from :func:`select_topk_blocks`); unchecked lists still never make a kernel read
     outside k and v: entries outside ``[0, N_kv)`` are dropped and counts clamped to ``[0, L]``
@@ -323,13 +327,16 @@ def block_sparse_attn(
     q2k_num = check.as_index_array("q2k_num", q2k_num, q, ndim=3)
     check.check_shape("q2k_num", q2k_num, q2k_idx.shape[:3])
     problem = _check_attention(q, k, v, kv_block_sizes, q2k_idx.shape[2], scale, q_blocks_name="q2k_idx (axis 2)")
+    if q_block_sizes is not None:  # N_q entries in [1, V]
+        q_block_sizes = check.check_block_sizes("q_block_sizes", q_block_sizes, q, problem.num_q_blocks,
+                                                q.shape[2] // problem.num_q_blocks)
     check.check_index_lists(q2k_idx, q2k_num, problem.num_kv_blocks, check_values)
     if not check_values and block_map is None:  # CuPy lists taken unchecked: keep the kernels inside k and v
         from .backends.cuda_attention import clean_lists
 
         q2k_idx, q2k_num = clean_lists(q2k_idx, q2k_num, problem.num_kv_blocks)
     out, lse = _backend(q).block_sparse_fwd(
-        q, k, v, q2k_idx, q2k_num, problem.kv_block_sizes, problem.scale, None, None
+        q, k, v, q2k_idx, q2k_num, problem.kv_block_sizes, problem.scale, None, None, q_block_sizes=q_block_sizes
     )
     return (out, lse) if return_lse else out
 

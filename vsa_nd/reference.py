@@ -11,7 +11,7 @@ Pad query rows (slots at or past ``q_block_sizes[i]`` of tile i) are not part of
 output: the VSA forward gives them out 0, fine 0 and lse -inf, and the backward pass ignores
 what ``dout``, ``q``, ``gate`` and a given ``out`` hold there (NaN included), so neither the
 output's pad rows nor the gradients of real tokens depend on them.  (:func:`block_sparse_attn`,
-the fine stage alone, knows no query block sizes and computes every row.)
+the fine stage alone, does the same given ``q_block_sizes``, and computes every row without.)
 """
 
 from __future__ import annotations
@@ -108,17 +108,23 @@ def _fine_probabilities(q, k, block_map, kv_block_sizes, tile_volume, scale):
     return p / np.where(total > 0, total, 1), lse
 
 
-def block_sparse_attn(q, k, v, block_map, kv_block_sizes, tile_volume: int, scale=None, dtype=np.float64):
+def block_sparse_attn(q, k, v, block_map, kv_block_sizes, tile_volume: int, scale=None, dtype=np.float64,
+                      q_block_sizes=None):
     """Fine stage only: attention of each query tile to the real keys of its selected tiles.
 
     ``block_map`` [B, H, N_q, N_kv] bool.  Returns (o_f [B, H, Sq_pad, D], lse [B, H, Sq_pad]);
-    a row that selects no key gets o_f = 0 and lse = -inf.
+    a row that selects no key gets o_f = 0 and lse = -inf, and so does a pad row when
+    ``q_block_sizes`` is given (without it every row is computed).
     """
     q, k, v = (np.asarray(a, dtype=dtype) for a in (q, k, v))
     k, v = real_keys(k, kv_block_sizes, tile_volume), real_keys(v, kv_block_sizes, tile_volume)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     p, lse = _fine_probabilities(q, k, np.asarray(block_map, dtype=bool), kv_block_sizes, tile_volume, scale)
-    return p @ expand_kv_heads(v, q.shape[1]), lse
+    out = p @ expand_kv_heads(v, q.shape[1])
+    if q_block_sizes is None:
+        return out, lse
+    q_real = valid_slots(q_block_sizes, tile_volume)
+    return np.where(q_real[:, None], out, 0), np.where(q_real, lse, -np.inf)
 
 
 def broadcast_tiles(x: np.ndarray, tile_volume: int) -> np.ndarray:
@@ -153,13 +159,10 @@ def video_sparse_attn(
     if q2k_idx is None:
         q2k_idx, q2k_num = select_topk(scores, topk)
     block_map = block_map_from_indices(q2k_idx, q2k_num, scores.shape[-1])
-    fine, lse = block_sparse_attn(q, k, v, block_map, kv_block_sizes, tile_volume, scale, dtype)
+    fine, lse = block_sparse_attn(q, k, v, block_map, kv_block_sizes, tile_volume, scale, dtype, q_block_sizes)
 
     weight = 1.0 if gate is None else np.asarray(gate, dtype=dtype)
-    out = fine + weight * broadcast_tiles(coarse, tile_volume)
-    q_real = valid_slots(q_block_sizes, tile_volume)
-    out, fine = np.where(q_real[:, None], out, 0), np.where(q_real[:, None], fine, 0)
-    lse = np.where(q_real, lse, -np.inf)
+    out = np.where(valid_slots(q_block_sizes, tile_volume)[:, None], fine + weight * broadcast_tiles(coarse, tile_volume), 0)
     return Forward(out, fine, coarse, lse, scores, np.asarray(q2k_idx), np.asarray(q2k_num))
 
 
