@@ -468,8 +468,8 @@ def block_sparse_attn(q, k, v, kv_block_sizes, q2k_idx, q2k_num=None, *, scale=N
     q [B, H, Sq_pad, D]; k, v [B, H_kv, Skv_pad, D]; ``kv_block_sizes`` [N_kv];
     ``q2k_idx`` [B, H, N_q, L] and ``q2k_num`` [B, H, N_q] (default: all L) integer arrays;
     ``q_block_sizes`` [N_q] (optional): rows past it in each query tile are pad rows, 0 (lse
-    -inf) whatever q holds there.  Returns out [B, H, Sq_pad, D] (and lse [B, H, Sq_pad], float32 or float64 for float64
-    inputs, with ``return_lse``).  Not differentiable (vsa_nd has no backward for the fine
+    -inf) whatever q holds there.  Returns out [B, H, Sq_pad, D] (and lse [B, H, Sq_pad],
+    float32 or float64 for float64 inputs, with ``return_lse``).  Not differentiable (vsa_nd has no backward for the fine
     stage alone): differentiate :func:`video_sparse_attn` instead.
     """
     q, k, v, _ = _check_attention_arrays(q, k, v)

@@ -765,11 +765,11 @@ def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes, q2k_idx: 
     q [B, H, Sq_pad, D]; k, v [B, H_kv, Skv_pad, D]; ``kv_block_sizes`` [N_kv];
     ``q2k_idx`` [B, H, N_q, L] and ``q2k_num`` [B, H, N_q] (default: all L) integer tensors
     on q's device (or ints); ``q_block_sizes`` [N_q] (optional): rows past it in each query
-    tile are pad rows, 0 (lse -inf) whatever q holds there.  Returns out [B, H, Sq_pad, D] (and
-    lse [B, H, Sq_pad] float32, float64 for float64 inputs, with ``return_lse``).  Index values are checked (on CUDA, one host
-    synchronisation, which CUDA graph capture forbids); ``check_indices=False`` skips that on
-    CUDA for lists known to be valid, e.g. from vsa_nd's own selection (what unchecked lists do:
-    :func:`vsa_nd.block_sparse_attn`).  vsa_nd has no backward for the fine stage alone, so
+    tile are pad rows, 0 (lse -inf) whatever q holds there.  Returns out [B, H, Sq_pad, D]
+    (and lse [B, H, Sq_pad] float32, float64 for float64 inputs, with ``return_lse``).  Index
+    values are checked (on CUDA, one host synchronisation, which CUDA graph capture forbids);
+    ``check_indices=False`` skips that on CUDA for lists known to be valid, e.g. from vsa_nd's
+    own selection (what unchecked lists do: :func:`vsa_nd.block_sparse_attn`).  vsa_nd has no backward for the fine stage alone, so
     inputs that need a gradient are refused; differentiate :func:`video_sparse_attn` instead.
     """
     _check_attention_tensors(q, k, v)

@@ -300,8 +300,8 @@ def block_sparse_attn(
     that selects nothing gets 0 and lse -inf.  ``q_block_sizes`` [N_q] (optional) gives the
     real rows per query tile: the others are pad rows, 0 with lse -inf whatever q holds in
     them, as in :func:`video_sparse_attn`; without it every row is computed from q.  Block
-    sizes are checked as that function checks them.  Index values are checked; on CuPy the check
-    costs one host synchronisation, which ``check_indices=False`` skips for lists known to be
+    sizes are checked as that function checks them.  Index values are checked; on CuPy the
+    check costs one host synchronisation, which ``check_indices=False`` skips for lists known to be
     valid (e.g. from :func:`select_topk_blocks`); unchecked lists still never make a kernel read
     outside k and v: entries outside ``[0, N_kv)`` are dropped and counts clamped to ``[0, L]``
     (duplicates are not found).  NumPy lists are always checked: it costs little there.
