@@ -304,13 +304,14 @@ def cached_cubin(spec: KernelSpec, arch: str) -> tuple:
     def entry(folder: Path) -> tuple:  # (cubin, .json) of this key in ``folder``
         return folder / f"{stem}.cubin", folder / f"{stem}.json"
 
-    for folder in _cache_dirs():
+    folders = _cache_dirs()  # one list for both loops: the folders read are those written
+    for folder in folders:
         cubin_path, names_path = entry(folder)
         lowered = _read_entry(cubin_path, names_path)
         if lowered is not None:
             return cubin_path, lowered
     errors = []
-    for folder in _cache_dirs():
+    for folder in folders:
         cubin_path, names_path = entry(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
