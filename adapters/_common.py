@@ -101,15 +101,27 @@ def vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: 
     ``results``: None, or buffers for those results (only ``out``'s is used: the rest are small).
     """
     out, context = vsa_nd.video_sparse_attn(
-        q, k, v, topk, trusted(q_block_sizes), trusted(kv_block_sizes), gate=gate, scale=scale, return_context=True,
-        out=results[0] if results else None,
+        q, k, v, topk, trusted(q_block_sizes), _kv_sizes(q_block_sizes, kv_block_sizes), gate=gate, scale=scale,
+        return_context=True, out=results[0] if results else None,
     )
     return (out,) + tuple(getattr(context, name) for name in CONTEXT_FIELDS)
 
 
 def vsa_inference(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float):
     """:func:`vsa_nd.video_sparse_attn`'s output alone, for calls that will not be differentiated."""
-    return vsa_nd.video_sparse_attn(q, k, v, topk, trusted(q_block_sizes), trusted(kv_block_sizes), gate=gate, scale=scale)
+    return vsa_nd.video_sparse_attn(q, k, v, topk, trusted(q_block_sizes), _kv_sizes(q_block_sizes, kv_block_sizes),
+                                    gate=gate, scale=scale)
+
+
+def _kv_sizes(q_block_sizes, kv_block_sizes):
+    """``kv_block_sizes`` for vsa_nd: None when it is ``q_block_sizes`` (the same array, or a view of
+    the same memory), so that vsa_nd checks the values once and names q_block_sizes in its errors."""
+    if kv_block_sizes is q_block_sizes or (
+            type(kv_block_sizes) is type(q_block_sizes) and kv_block_sizes.shape == q_block_sizes.shape
+            and kv_block_sizes.dtype == q_block_sizes.dtype and _device(kv_block_sizes) == _device(q_block_sizes)
+            and _data_pointer(kv_block_sizes) == _data_pointer(q_block_sizes)):
+        return None
+    return trusted(kv_block_sizes)
 
 
 def vsa_backward(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context, scale: float, results=None) -> tuple:

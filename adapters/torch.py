@@ -50,7 +50,9 @@ with a fake implementation and, where differentiable, registered autograd.  That
 ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` record, and the one taken under a
 torch dispatch mode (FakeTensor, functionalization, FlopCounterMode, ...), a torch function mode
 (``torch.device`` as a context manager or ``torch.set_default_device`` among them), a functorch
-transform (``vmap``, ``torch.func.grad``) or with a tensor subclass as an argument.  Dispatching
+transform (``vmap`` works, as a loop of calls; torch refuses ``torch.func.grad``, ``vjp`` and the
+other autograd transforms for custom ops with registered autograd: differentiate with
+``torch.autograd``) or with a tensor subclass as an argument.  Dispatching
 a custom op costs tens of microseconds of host time per call, and more with autograd, against a
 few hundred for a whole VSA call on small shapes.  So a call in plain eager mode (none of the
 above, every tensor exactly a ``torch.Tensor``: :func:`_plain_eager`) runs the same
@@ -361,7 +363,7 @@ def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:
         raise TypeError(f"{name}: expected ints or an integer tensor, got {array.dtype} values")
     bounds = check.int32_saturation(array.dtype)
     if bounds is not None:
-        array = np.clip(array, *bounds)
+        array = np.asarray(np.clip(array, *bounds))  # (np.clip makes a 0-d array a NumPy scalar)
     return torch.from_numpy(array.astype(np.int32)).to(device)  # one host-to-device copy on CUDA
 
 
@@ -646,11 +648,16 @@ def tile_plan(seq_shape, tile_shape=None, *, device="cpu") -> TilePlan:
 
     ``tile_shape`` defaults to (64,), (8, 8) or (4, 4, 4) for 1-, 2- and 3-D sequences.
     """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TypeError(f"device: expected a cpu or cuda device like 'cpu' or 'cuda:0', got {device!r}") from None
     if device.type not in ("cpu", "cuda"):
         raise TypeError(f"device: expected a cpu or cuda device, got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} asked for, but torch sees no CUDA device here")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     seq_shape, tile_shape = vsa_nd.tiling.normalize_shapes(seq_shape, tile_shape)
     return _cached_plan(seq_shape, tile_shape, device)
 
@@ -719,6 +726,9 @@ def tile(x: Tensor, plan, out: Optional[Tensor] = None) -> Tensor:
     if _needs_grad(x):
         raise ValueError("out: tiling into a buffer is not differentiable; call tile(x, plan) without out "
                          "when x needs a gradient")
+    if out.requires_grad and torch.is_grad_enabled():
+        raise ValueError("out: expected a buffer that does not require grad (tiling into it is an in-place write), "
+                         "got one that does")
     if _plain_eager(x, out):
         _tile_into(x, out, seq_shape, tile_shape)
         torch.autograd.graph.increment_version(out)  # as the op's mutates_args does: in-place checks see out change
@@ -748,11 +758,13 @@ def video_sparse_attn(q: Tensor, k: Tensor, v: Tensor, topk: int, q_block_sizes,
     """
     _check_attention_tensors(q, k, v, gate)
     q_block_sizes = _int_tensor("q_block_sizes", q_block_sizes, q.device)
+    kv_name = "q_block_sizes" if kv_block_sizes is None else "kv_block_sizes"
     kv_block_sizes = q_block_sizes if kv_block_sizes is None else _int_tensor("kv_block_sizes", kv_block_sizes, q.device)
     scale = _common.resolve_scale(scale, q.shape[-1])
-    # Checked here, not only by vsa_nd: a traced program takes topk as a static shape of its results.
-    if kv_block_sizes.dim() != 1:
-        raise ValueError(f"kv_block_sizes: expected 1 dimension, got shape {list(kv_block_sizes.shape)}")
+    # Checked here, not only by vsa_nd: a traced program takes their lengths and topk as static shapes of its results.
+    for name, sizes in (("q_block_sizes", q_block_sizes), (kv_name, kv_block_sizes)):
+        if sizes.dim() != 1:
+            raise ValueError(f"{name}: expected 1 dimension, got shape {list(sizes.shape)}")
     topk = check.check_int_range("topk", topk, 1, kv_block_sizes.shape[0])
     return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale)
 
@@ -811,6 +823,8 @@ class VideoSparseAttention(torch.nn.Module):
             raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {num_kv_heads}")
         self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
         self.softmax_scale = _common.resolve_scale(softmax_scale, head_size)
+        if not (math.isfinite(self.softmax_scale) and self.softmax_scale > 0):
+            raise ValueError(f"softmax_scale: expected a positive finite float, got {softmax_scale!r}")
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_size={self.head_size}, num_kv_heads={self.num_kv_heads}, "
@@ -850,7 +864,8 @@ class VideoSparseAttention(torch.nn.Module):
         coarse`` without a gate), with ``metadata.topk`` key tiles per query tile.
         """
         if not isinstance(metadata, VSAMetadata):
-            raise TypeError(f"metadata: expected the VSAMetadata of build_metadata, got {type(metadata).__name__}")
+            raise TypeError(f"metadata: expected the VSAMetadata of vsa_nd.adapters.torch.build_metadata, got "
+                            f"{type(metadata).__module__}.{type(metadata).__name__}")
         plan = metadata.plan
         checks = [("query", query, self.num_heads), ("key", key, self.num_kv_heads), ("value", value, self.num_kv_heads)]
         if gate_compress is not None:
@@ -863,6 +878,10 @@ class VideoSparseAttention(torch.nn.Module):
                                  f"(seq_len of the plan's {plan.seq_shape}), got {list(x.shape)}")
         if gate_compress is not None and gate_compress.shape != query.shape:
             raise ValueError(f"gate_compress: expected query's shape {list(query.shape)}, got {list(gate_compress.shape)}")
+        for name, x, _ in checks:  # named here: tile and video_sparse_attn would call them x, q, k, v and gate
+            _check_tensor(name, x, _ATTENTION_DTYPES, like=None if x is query else query, like_name="query")
+            if x.dtype != query.dtype:
+                raise TypeError(f"{name}: expected dtype {query.dtype} to match query, got {x.dtype}")
         q, k, v = (tile(x, plan) for x in (query, key, value))
         gate = None if gate_compress is None else tile(gate_compress, plan)
         out = video_sparse_attn(q, k, v, metadata.topk, plan.variable_block_sizes, gate=gate, scale=self.softmax_scale)

@@ -232,8 +232,13 @@ def test_jitted_calls_are_one_xla_call_each_and_report_vsa_nd_errors():
     assert "vsa_forward(a, a, a, a, a, a;" in jax.jit(layer).lower(q, other).as_text()
     np.testing.assert_array_equal(jax.jit(layer)(q, other), layer(q, plan.variable_block_sizes))
     bad = jnp.full(plan.num_blocks, plan.tile_volume + 1, jnp.int32)
-    with pytest.raises(Exception, match=r"INVALID_ARGUMENT: ValueError: kv_block_sizes: expected every block size"):
+    # (the layer passes q's block sizes alone: the error names them, not the kv_block_sizes they stand for)
+    with pytest.raises(Exception, match=r"INVALID_ARGUMENT: ValueError: q_block_sizes: expected every block size"):
         jax.jit(layer)(q, bad).block_until_ready()
+    with pytest.raises(ValueError, match=r"q_block_sizes: expected every block size"):
+        layer(q, bad)
+    with pytest.raises(ValueError, match=r"kv_block_sizes: expected every block size"):
+        vj.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, bad)
 
 
 def test_traced_dtype_checks_where_the_platform_is_not_known_yet(monkeypatch):

@@ -204,6 +204,12 @@ def test_tile_into_a_buffer_returns_the_buffer():
         vt.tile(x.requires_grad_(), plan, out=buffer)
     with pytest.raises(TypeError, match="out: expected dtype torch.float32"):
         vt.tile(x.detach(), plan, out=buffer.double())
+    leaf = torch.zeros_like(buffer, requires_grad=True)  # torch's own in-place ops refuse such a leaf too
+    with pytest.raises(ValueError, match="out: expected a buffer that does not require grad"):
+        vt.tile(x.detach(), plan, out=leaf)
+    assert torch.equal(leaf, torch.zeros_like(leaf))
+    with torch.no_grad():  # where torch allows the write (initialising a parameter, say), so does tile
+        assert vt.tile(x.detach(), plan, out=leaf) is leaf and torch.equal(leaf, buffer)
 
 
 # ---------------------------------------------------------------------------------------
@@ -478,6 +484,28 @@ def test_errors_name_the_argument_and_what_was_expected():
         vt.tile(q, SEQ)
     with pytest.raises(ValueError, match="x: expected 90 tokens"):
         vt.tile(q, plan)
+    # block sizes given as one int, or bad ones given once for both: named as the caller passed them
+    with pytest.raises(ValueError, match=r"q_block_sizes: expected 1 dimension, got shape \[\]"):
+        vt.video_sparse_attn(q, k, v, 3, 32)
+    with pytest.raises(ValueError, match=r"kv_block_sizes: expected 1 dimension, got shape \[\]"):
+        vt.video_sparse_attn(q, k, v, 3, sizes, 32)
+    with pytest.raises(ValueError, match=r"q_block_sizes: expected 1 dimension, got shape \[1, 8\]"):
+        vt.video_sparse_attn(q, k, v, 3, sizes[None])
+    bad = sizes.clone()
+    bad[2] = 0
+    with pytest.raises(ValueError, match=r"q_block_sizes: expected every block size in \[1, 32\]"):
+        vt.video_sparse_attn(q, k, v, 3, bad)
+    with pytest.raises(ValueError, match=r"kv_block_sizes: expected every block size in \[1, 32\]"):
+        vt.video_sparse_attn(q, k, v, 3, sizes, bad)
+    idx = torch.zeros(*q.shape[:2], 8, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"q2k_num: expected 3 dimensions, got shape \(\)"):
+        vt.block_sparse_attn(q, k, v, sizes, idx, 1)
+    # tile_plan's device
+    with pytest.raises(TypeError, match="device: expected a cpu or cuda device like 'cpu' or 'cuda:0', got 'gpu'"):
+        vt.tile_plan(SEQ, TILE, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: cuda asked for, but torch sees no CUDA device here"):
+            vt.tile_plan(SEQ, TILE, device="cuda")
 
 
 # ---------------------------------------------------------------------------------------
@@ -501,8 +529,21 @@ def test_layer_matches_the_functional_path_and_checks_shapes():
         layer(query.numpy(), key, value, None, meta)
     with pytest.raises(ValueError, match=r"gate_compress: expected query's shape \[2, 90, 4, 16\], got \[1, 90, 4, 16\]"):
         layer(query, key, value, gate[:1], meta)
-    with pytest.raises(TypeError, match="metadata: expected the VSAMetadata of build_metadata, got NoneType"):
+    with pytest.raises(TypeError, match="metadata: expected the VSAMetadata of vsa_nd.adapters.torch.build_metadata, "
+                                        "got builtins.NoneType"):
         layer(query, key, value, gate, None)
+    with pytest.raises(TypeError, match="metadata: .*build_metadata, got vsa_nd.tiling.VSAMetadata"):
+        layer(query, key, value, gate, vsa_nd.build_metadata((6, 10, 12), (2, 2, 2), 0.6, TILE))
+    # the layer's own argument names, not those of the functions it calls
+    with pytest.raises(ValueError, match=r"value: expected a contiguous tensor.*value.contiguous\(\)"):
+        layer(query, key, value.transpose(1, 2).contiguous().transpose(1, 2), None, meta)
+    with pytest.raises(TypeError, match="key: expected dtype torch.float32 to match query, got torch.float64"):
+        layer(query, key.double(), value, None, meta)
+    with pytest.raises(TypeError, match=r"gate_compress: expected dtype in \(torch.float32, .*\) on cpu, got torch.int64"):
+        layer(query, key, value, gate.long(), meta)
+    for scale in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="softmax_scale: expected a positive finite float"):
+            vt.VideoSparseAttention(4, 16, scale)
     with pytest.raises(ValueError, match="num_kv_heads: expected a divisor of num_heads=4, got 3"):
         vt.VideoSparseAttention(4, 16, None, num_kv_heads=3)
     with pytest.raises(TypeError, match="num_kv_heads: expected a positive int, got float 2.0"):

@@ -254,10 +254,12 @@ def _check_qkv(q, k, v, gate, prefix: str = ""):
             check.check_contiguous(name, x)
 
 
-def _check_attention(q, k, v, kv_block_sizes, num_q_blocks: int, scale, gate=None, q_blocks_name="q_block_sizes") -> _Problem:
+def _check_attention(q, k, v, kv_block_sizes, num_q_blocks: int, scale, gate=None, q_blocks_name="q_block_sizes",
+                     kv_blocks_name="kv_block_sizes") -> _Problem:
     """Shapes, dtypes, devices and contiguity of q, k, v (and gate); kv block sizes.
 
-    ``num_q_blocks`` is N_q as given by the argument ``q_blocks_name``.
+    ``num_q_blocks`` is N_q as given by the argument ``q_blocks_name``; ``kv_blocks_name`` is the
+    argument that gave ``kv_block_sizes`` (q_block_sizes, when they default to those).
     """
     _check_qkv(q, k, v, gate)
     s_q, d = q.shape[2:]
@@ -266,13 +268,14 @@ def _check_attention(q, k, v, kv_block_sizes, num_q_blocks: int, scale, gate=Non
         from .backends.cuda_attention import check_kernel_support
 
         check_kernel_support(q, volume, k=k, v=v, gate=gate)
-    num_kv_blocks = _num_blocks("kv_block_sizes", kv_block_sizes)
+    num_kv_blocks = _num_blocks(kv_blocks_name, kv_block_sizes)
     if k.shape[2] != num_kv_blocks * volume:
         raise ValueError(
-            f"k: expected {num_kv_blocks} tiles of {volume} slots ({num_kv_blocks * volume}) on axis 2 "
-            f"to match kv_block_sizes and q, got shape {list(k.shape)}"
+            f"k: expected {num_kv_blocks} tiles of {volume} slots ({num_kv_blocks * volume}) on axis 2 to match "
+            f"{kv_blocks_name} and the tile volume of q ({s_q} slots in the {num_q_blocks} tiles of {q_blocks_name}), "
+            f"got shape {list(k.shape)}"
         )
-    kv_block_sizes = check.check_block_sizes("kv_block_sizes", kv_block_sizes, q, num_kv_blocks, volume)
+    kv_block_sizes = check.check_block_sizes(kv_blocks_name, kv_block_sizes, q, num_kv_blocks, volume)
     return _Problem(kv_block_sizes, num_q_blocks, num_kv_blocks, _scale(scale, d))
 
 
@@ -391,12 +394,14 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     included; :func:`untile` drops them.
     """
     check.check_float("q", q, 4)
-    if kv_block_sizes is None:
-        kv_block_sizes = q_block_sizes
     num_q_blocks = _num_blocks("q_block_sizes", q_block_sizes)
-    problem = _check_attention(q, k, v, kv_block_sizes, num_q_blocks, scale, gate)
-    volume = q.shape[2] // num_q_blocks
-    q_block_sizes = check.check_block_sizes("q_block_sizes", q_block_sizes, q, num_q_blocks, volume)
+    if kv_block_sizes is None:  # checked once, under the name the caller used
+        problem = _check_attention(q, k, v, q_block_sizes, num_q_blocks, scale, gate, kv_blocks_name="q_block_sizes")
+        q_block_sizes = problem.kv_block_sizes
+    else:
+        problem = _check_attention(q, k, v, kv_block_sizes, num_q_blocks, scale, gate)
+        volume = q.shape[2] // num_q_blocks
+        q_block_sizes = check.check_block_sizes("q_block_sizes", q_block_sizes, q, num_q_blocks, volume)
     topk = check.check_int_range("topk", topk, 1, problem.num_kv_blocks)
     if out is not None:
         out = _check_out(out, q, q.shape, q.dtype, others=(("q", q), ("k", k), ("v", v), ("gate", gate)))

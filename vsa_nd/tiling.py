@@ -88,7 +88,7 @@ def _positive_int_tuple(name: str, value) -> tuple:
         if isinstance(value, str):  # iterable, but its characters are no shape
             raise TypeError
         out = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
         raise TypeError(f"{name}: expected a sequence of ints, got {value!r}") from None
     if any(int(v) != v for v in value):
         raise TypeError(f"{name}: expected integers, got {value!r}")
@@ -123,7 +123,8 @@ def normalize_shapes(seq_shape, tile_shape=None) -> tuple:
 def _array_module_for(device: str):
     if device == "cpu":
         return np
-    if device.startswith("cuda:"):
+    index = device.removeprefix("cuda:")
+    if index != device and index.isdigit() and index.isascii():
         import cupy
 
         return cupy

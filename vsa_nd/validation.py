@@ -82,7 +82,7 @@ def as_index_array(name: str, x, like, length: int | None = None, ndim: int = 1)
     """An int32, C-contiguous index array on ``like``'s device (copied only if needed)."""
     xp = array_module(like)
     if isinstance(x, (list, tuple)):
-        x = np.asarray(x)
+        x = _list_array(name, x)
     check_array(name, x, ndim)
     if not np.issubdtype(np.dtype(x.dtype), np.integer):
         raise TypeError(f"{name}: expected an integer dtype, got {x.dtype}")
@@ -104,6 +104,14 @@ def as_index_array(name: str, x, like, length: int | None = None, ndim: int = 1)
     if not x.flags.c_contiguous:
         x = xp.ascontiguousarray(x)
     return x
+
+
+def _list_array(name: str, x):
+    """``np.asarray`` of a list or tuple, with a ValueError naming ``name`` for a ragged one."""
+    try:
+        return np.asarray(x)
+    except ValueError:
+        raise ValueError(f"{name}: expected a rectangular list of ints, got a ragged one: {x!r}") from None
 
 
 _INT32 = np.iinfo(np.int32)

@@ -48,7 +48,9 @@ _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
 _ROWS = 8  # tile rows are processed in blocks of this many (scratch is padded to a multiple)
 # LLVM's fast-math flags without nnan and ninf: the kernels may reassociate, contract and use
-# approximate functions, but NaN and infinity in the inputs propagate as in the reference.
+# approximate functions, but NaN and infinity in the inputs propagate as in the reference (within
+# the selected tiles: the kernels never read the others, whose infinities the reference's dense
+# masked product turns into NaN, 0 * inf).
 _FASTMATH = {"contract", "reassoc", "arcp", "afn", "nsz"}
 _KERNEL = dict(parallel=True, fastmath=_FASTMATH, cache=True)
 
