@@ -1,6 +1,8 @@
 """JAX adapter: vsa_nd on ``jax.Array``, with ``jax.custom_vjp`` gradients.
 
-The functions take and return JAX arrays in the layouts of :mod:`vsa_nd.ops`::
+The functions take and return JAX arrays (they also take NumPy arrays, and any other array with
+``__dlpack__``, a torch tensor say, viewed through ``jax.dlpack.from_dlpack``) in the layouts of
+:mod:`vsa_nd.ops`::
 
     x                    [B, S, H, D]           tokens in row-major order of seq_shape
     q, gate, out         [B, H, Sq_pad, D]      tiled (see tile), head-major
@@ -228,6 +230,8 @@ def _check_array(name: str, x, dtypes: dict, like=None, like_name: str = "q"):
     program runs, with vsa_nd's message (e.g. float32 attention on a GPU)."""
     if isinstance(x, np.ndarray):
         x = jnp.asarray(x)
+    elif not isinstance(x, jax.Array) and hasattr(x, "__dlpack__"):  # another framework's array (VSA_SPEC section 4)
+        x = _from_dlpack(name, x)
     if not isinstance(x, jax.Array):
         raise TypeError(f"{name}: expected a jax.Array or NumPy array, got {type(x).__name__}")
     if x.ndim != 4:
@@ -243,6 +247,15 @@ def _check_array(name: str, x, dtypes: dict, like=None, like_name: str = "q"):
         where = platform or " or ".join(dtypes)
         raise TypeError(f"{name}: expected dtype in ({names}) on {where}, got {x.dtype}")
     return x
+
+
+def _from_dlpack(name: str, x):
+    """A JAX array over the memory of ``x``, an object with ``__dlpack__`` (a torch tensor, a CuPy array)."""
+    try:
+        return jax.dlpack.from_dlpack(x)
+    except (BufferError, RuntimeError, TypeError, ValueError) as error:
+        raise TypeError(f"{name}: expected a jax.Array or an array JAX can view through DLPack, got a "
+                        f"{type(x).__name__} it refused ({error})") from None
 
 
 def _check_attention_arrays(q, k, v, gate=None) -> tuple:

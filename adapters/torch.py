@@ -1,6 +1,7 @@
 """PyTorch adapter: vsa_nd on ``torch.Tensor`` (CPU and CUDA), through zero-copy views, with autograd.
 
-Every function takes and returns torch tensors in the layouts of :mod:`vsa_nd.ops`::
+Every function takes and returns torch tensors (it also takes any other array with ``__dlpack__``,
+a NumPy, CuPy or JAX array say, as a torch view of its memory) in the layouts of :mod:`vsa_nd.ops`::
 
     x, gate_untiled      [B, S, H, D]           tokens in row-major order of seq_shape
     q, gate, out         [B, H, Sq_pad, D]      tiled (see tile), head-major
@@ -315,6 +316,20 @@ def _check_tensor(name: str, t, dtypes: dict, like: Optional[Tensor] = None, lik
     return t
 
 
+def _viewed(name: str, x):
+    """``x`` if it is a torch.Tensor (or None); another framework's array, any object with
+    ``__dlpack__`` (a NumPy, CuPy or JAX array: VSA_SPEC section 4), as a torch view of its memory
+    (``torch.from_dlpack``, which orders a CUDA array's stream before torch's); anything else as it
+    is, for the checks to refuse by name."""
+    if x is None or isinstance(x, Tensor) or not hasattr(x, "__dlpack__"):
+        return x
+    try:
+        return torch.from_dlpack(x)
+    except (BufferError, RuntimeError, TypeError, ValueError) as error:
+        raise TypeError(f"{name}: expected a torch.Tensor or an array torch can view through DLPack, got a "
+                        f"{type(x).__name__} it refused ({error})") from None
+
+
 def _check_attention_tensors(q, k, v, gate=None):
     """q, k, v (and gate) as :func:`_check_tensor` checks them, with no axis of length 0."""
     if _usual_attention_tensors(q, k, v, gate):
@@ -343,6 +358,7 @@ def _usual_attention_tensors(q, k, v, gate) -> bool:
 
 def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:
     """Block sizes or index lists as a contiguous int32 tensor on ``device`` (plan tensors pass as they are)."""
+    sizes = _viewed(name, sizes)
     if isinstance(sizes, Tensor):
         if _plan_array(sizes) is not None and sizes.device == device:
             return sizes  # a cached plan's int32 tensor, contiguous: nothing to check or convert
@@ -717,6 +733,7 @@ def tile(x: Tensor, plan, out: Optional[Tensor] = None) -> Tensor:
     aliases the buffer, and is not differentiable.
     """
     seq_shape, tile_shape = _common.plan_shapes(plan)
+    x, out = _viewed("x", x), _viewed("out", out)
     _check_tensor("x", x, _TILE_DTYPES)
     if out is None:
         return _reorder("tile", x, seq_shape, tile_shape)
@@ -741,6 +758,7 @@ def untile(y: Tensor, plan) -> Tensor:
     """Undo :func:`tile`: y [B, H, S_pad, D] -> [B, S, H, D], pad slots dropped.  Differentiable
     (the gradient is :func:`tile` of the incoming one: pad slots get zero)."""
     seq_shape, tile_shape = _common.plan_shapes(plan)
+    y = _viewed("y", y)
     _check_tensor("y", y, _TILE_DTYPES)
     return _reorder("untile", y, seq_shape, tile_shape)
 
@@ -756,6 +774,8 @@ def video_sparse_attn(q: Tensor, k: Tensor, v: Tensor, topk: int, q_block_sizes,
     optional, q-shaped; ``scale`` default ``1/sqrt(D)``.  Returns out [B, H, Sq_pad, D] in
     q's dtype, differentiable with respect to q, k, v and gate.
     """
+    if not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and (gate is None or type(gate) is Tensor)):
+        q, k, v, gate = (_viewed(name, x) for name, x in (("q", q), ("k", k), ("v", v), ("gate", gate)))
     _check_attention_tensors(q, k, v, gate)
     q_block_sizes = _int_tensor("q_block_sizes", q_block_sizes, q.device)
     kv_name = "q_block_sizes" if kv_block_sizes is None else "kv_block_sizes"
@@ -784,6 +804,7 @@ def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes, q2k_idx: 
     own selection (what unchecked lists do: :func:`vsa_nd.block_sparse_attn`).  vsa_nd has no backward for the fine stage alone, so
     inputs that need a gradient are refused; differentiate :func:`video_sparse_attn` instead.
     """
+    q, k, v = (_viewed(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
     _check_attention_tensors(q, k, v)
     if _needs_grad(q, k, v):
         raise ValueError("q, k, v: block_sparse_attn has no backward; call it under torch.no_grad() or "
@@ -867,6 +888,8 @@ class VideoSparseAttention(torch.nn.Module):
             raise TypeError(f"metadata: expected the VSAMetadata of vsa_nd.adapters.torch.build_metadata, got "
                             f"{type(metadata).__module__}.{type(metadata).__name__}")
         plan = metadata.plan
+        query, key, value, gate_compress = (_viewed(name, x) for name, x in (
+            ("query", query), ("key", key), ("value", value), ("gate_compress", gate_compress)))
         checks = [("query", query, self.num_heads), ("key", key, self.num_kv_heads), ("value", value, self.num_kv_heads)]
         if gate_compress is not None:
             checks.append(("gate_compress", gate_compress, self.num_heads))

@@ -402,6 +402,12 @@ def test_errors_name_the_argument_and_what_was_expected():
     sizes = plan.variable_block_sizes
     with pytest.raises(TypeError, match="q: expected a jax.Array or NumPy array, got list"):
         vj.video_sparse_attn(np.asarray(q).tolist(), k, v, 3, sizes)
+    # any other array with __dlpack__ (VSA_SPEC section 4) is viewed: a torch tensor here
+    torch = pytest.importorskip("torch")
+    expected = vj.video_sparse_attn(q, k, v, 3, sizes)
+    np.testing.assert_array_equal(vj.video_sparse_attn(torch.from_numpy(np.asarray(q).copy()), k, v, 3, sizes), expected)
+    with pytest.raises(TypeError, match="q: expected a jax.Array or an array JAX can view through DLPack, got a Tensor"):
+        vj.video_sparse_attn(torch.zeros(q.shape, requires_grad=True), k, v, 3, sizes)
     with pytest.raises(TypeError, match=r"q: expected dtype in \(float32, float64, float16, bfloat16\) on cpu, got int32"):
         vj.video_sparse_attn(q.astype(jnp.int32), k, v, 3, sizes)
     with pytest.raises(TypeError, match="k: expected dtype float32 to match q, got float16"):

@@ -434,12 +434,49 @@ def test_selection_is_a_constant_of_the_forward():
 # Errors.
 
 
+class Refusing:
+    """An object with ``__dlpack__`` whose export fails."""
+
+    def __dlpack__(self, *args, **kwargs):
+        raise BufferError("no")
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
+def test_other_frameworks_arrays_are_viewed_through_dlpack():
+    """VSA_SPEC section 4: any object with ``__dlpack__`` is taken, viewed without a copy, by every
+    function (NumPy here; JAX where installed): the results are those of the same tensors."""
+    plan = vt.tile_plan(SEQ, TILE)
+    (q, k, v, g), (x, *_) = attention(plan, torch.float32)
+    sizes = plan.variable_block_sizes
+    expected = vt.video_sparse_attn(q, k, v, 3, sizes, gate=g)
+    assert torch.equal(vt.video_sparse_attn(q.numpy(), k.numpy(), v, 3, sizes.numpy(), gate=g.numpy()), expected)
+    idx = torch.tensor([[0, 3], [1, 2], [5, 7], [6, 0], [2, 4], [1, 7], [0, 5], [3, 6]], dtype=torch.int32)
+    idx = idx.expand(q.shape[0], q.shape[1], -1, -1).contiguous()
+    assert torch.equal(vt.block_sparse_attn(q.numpy(), k.numpy(), v.numpy(), sizes.numpy(), idx.numpy()),
+                       vt.block_sparse_attn(q, k, v, sizes, idx))
+    buffer = torch.zeros_like(q).numpy()
+    assert torch.equal(vt.tile(x.numpy(), plan, out=buffer), vt.tile(x, plan))  # written through the view
+    assert np.array_equal(buffer, vt.tile(x, plan).numpy())
+    assert torch.equal(vt.untile(q.numpy(), plan), vt.untile(q, plan))
+    layer = vt.VideoSparseAttention(4, 16, num_kv_heads=2)
+    meta = vt.build_metadata(SEQ, (1, 1, 1), 0.6, TILE)
+    untiled = untiled_inputs(meta.plan, torch.float32)
+    assert torch.equal(layer(*(t.numpy() for t in untiled), meta), layer(*untiled, meta))
+    jnp = pytest.importorskip("jax.numpy")
+    assert torch.equal(vt.video_sparse_attn(jnp.asarray(q.numpy()), k, v, 3, sizes, gate=g), expected)
+
+
 def test_errors_name_the_argument_and_what_was_expected():
     plan = vt.tile_plan(SEQ, TILE)
     (q, k, v, _), _ = attention(plan, torch.float32)
     sizes = plan.variable_block_sizes
-    with pytest.raises(TypeError, match=r"q: expected a torch.Tensor, got ndarray"):
-        vt.video_sparse_attn(q.numpy(), k, v, 3, sizes)
+    with pytest.raises(TypeError, match=r"q: expected a torch.Tensor, got list"):
+        vt.video_sparse_attn(q.tolist(), k, v, 3, sizes)
+    with pytest.raises(TypeError, match=r"q: expected a torch.Tensor or an array torch can view through DLPack, "
+                                        r"got a Refusing it refused \(no\)"):
+        vt.video_sparse_attn(Refusing(), k, v, 3, sizes)
     with pytest.raises(TypeError, match=r"q: expected dtype in \(torch.float32, .*\) on cpu, got torch.int64"):
         vt.video_sparse_attn(q.long(), k, v, 3, sizes)
     with pytest.raises(TypeError, match=r"q: expected dtype in \(torch.float32, .*\) on cpu, got torch.int64"):
@@ -452,8 +489,8 @@ def test_errors_name_the_argument_and_what_was_expected():
         vt.video_sparse_attn(q, k.transpose(2, 3), v, 3, sizes)
     with pytest.raises(ValueError, match=r"gate: expected a contiguous tensor.*gate.contiguous\(\)"):
         vt.video_sparse_attn(q, k, v, 3, sizes, gate=q.transpose(2, 3).contiguous().transpose(2, 3))
-    with pytest.raises(TypeError, match=r"gate: expected a torch.Tensor, got ndarray"):
-        vt.video_sparse_attn(q, k, v, 3, sizes, gate=q.numpy())
+    with pytest.raises(TypeError, match=r"gate: expected a torch.Tensor, got str"):
+        vt.video_sparse_attn(q, k, v, 3, sizes, gate="q")
     with pytest.raises(TypeError, match=r"gate: expected a tensor on cpu or cuda, got one on meta"):
         vt.video_sparse_attn(q, k, v, 3, sizes, gate=q.to("meta"))
     with pytest.raises(TypeError, match="q_block_sizes: expected an integer dtype, got torch.float32"):
@@ -525,8 +562,8 @@ def test_layer_matches_the_functional_path_and_checks_shapes():
         layer(query, query, value, None, meta)
     with pytest.raises(ValueError, match=r"query: expected shape \[B, 90, 4, 16\] \(seq_len of the plan's \(3, 5, 6\)\)"):
         layer(query[:, :80], key, value, None, meta)
-    with pytest.raises(TypeError, match="query: expected a torch.Tensor, got ndarray"):
-        layer(query.numpy(), key, value, None, meta)
+    with pytest.raises(TypeError, match="query: expected a torch.Tensor, got list"):
+        layer(query.tolist(), key, value, None, meta)
     with pytest.raises(ValueError, match=r"gate_compress: expected query's shape \[2, 90, 4, 16\], got \[1, 90, 4, 16\]"):
         layer(query, key, value, gate[:1], meta)
     with pytest.raises(TypeError, match="metadata: expected the VSAMetadata of vsa_nd.adapters.torch.build_metadata, "
