@@ -1153,6 +1153,9 @@ def test_cuda_mixed_torch_and_cupy():
     out = vt.video_sparse_attn(*tensors[:3], 2, plan.variable_block_sizes, gate=tensors[3])
     torch.cuda.synchronize()
     assert cupy.array_equal(cupy.from_dlpack(out), expected)
+    # CuPy arrays passed as they are: viewed through DLPack (VSA_SPEC section 4)
+    direct = vt.video_sparse_attn(*arrays[:3], 2, plan.array_plan.variable_block_sizes, gate=arrays[3])
+    assert direct.is_cuda and torch.equal(direct, out)
     assert cupy.array_equal(vsa_nd.untile(cupy.from_dlpack(out), plan.array_plan),
                             cupy.from_dlpack(vt.untile(out, plan)))
 
