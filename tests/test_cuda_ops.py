@@ -574,8 +574,10 @@ def test_index_arrays_beyond_int32_are_refused_not_wrapped():
     q, k, v = (cupy.asarray(rng.standard_normal((1, 2, plan.padded_len, 64)).astype(np.float16)) for _ in range(3))
     for dtype in (np.int64, np.uint64):
         sizes = cupy.full(n, 2**32 + 8, dtype)
+        with pytest.raises(ValueError, match=r"q_block_sizes: expected every block size in \[1, 64\]"):
+            vsa_nd.video_sparse_attn(q, k, v, 2, sizes)  # (kv_block_sizes default to them)
         with pytest.raises(ValueError, match=r"kv_block_sizes: expected every block size in \[1, 64\]"):
-            vsa_nd.video_sparse_attn(q, k, v, 2, sizes)
+            vsa_nd.video_sparse_attn(q, k, v, 2, plan.variable_block_sizes, sizes)
     idx = cupy.tile(cupy.arange(2, dtype=cupy.int64), (1, 2, n, 1)) + 2**32
     with pytest.raises(ValueError, match=r"q2k_idx: expected tile indices in \[0, 4\)"):
         vsa_nd.block_sparse_attn(q, k, v, cupy.asarray(plan.variable_block_sizes), idx)
