@@ -573,3 +573,23 @@ def test_gpu_gradients_match_reference_eager_and_jitted(dim, hand_over, monkeypa
         assert np.array_equal(np.asarray(grad).view(np.uint16), np.asarray(again).view(np.uint16))
         # Norms floored at an RMS of 0.2, as in the torch adapter's CUDA backward test.
         assert rel_err(np.asarray(grad, np.float64)[:, :, real], want[:, :, real], 0.2) <= BWD_TOL["bfloat16"]
+
+
+def test_a_device_index_jax_lacks_is_refused_by_name():
+    n = len(jax.devices("cpu"))
+    with pytest.raises(ValueError, match=f"device: expected a device JAX has, got 'cpu:{n}'"):
+        vj.tile_plan(SEQ, TILE, device=f"cpu:{n}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_jitted_block_sparse_attn_gives_the_array_calls_dtypes_and_bits(dtype):
+    plan = vj.tile_plan(SEQ, TILE)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 2, plan.padded_len, 8)).astype(dtype)) for _ in range(3))
+    idx = np.tile(np.arange(2, dtype=np.int32), (1, 2, plan.num_blocks, 1))
+    out, lse = jax.jit(lambda q: vj.block_sparse_attn(q, k, v, plan.variable_block_sizes, idx, return_lse=True))(q)
+    want_out, want_lse = vsa_nd.block_sparse_attn(*(np.asarray(x) for x in (q, k, v)),
+                                                  plan.array_plan.variable_block_sizes, idx, return_lse=True)
+    assert out.dtype == want_out.dtype and lse.dtype == want_lse.dtype
+    np.testing.assert_array_equal(np.asarray(out), want_out)
+    np.testing.assert_array_equal(np.asarray(lse), want_lse)

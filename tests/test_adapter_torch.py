@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vsa_nd
@@ -762,6 +763,77 @@ def test_second_order_gradients_match_between_the_paths():
                 dq.sum().backward()
 
 
+def test_layer_refuses_a_head_dim_other_than_its_head_size():
+    """A D that is not head_size would run at the wrong default scale (1/sqrt(head_size))."""
+    meta = vt.build_metadata(SEQ, (1, 1, 1), 0.5, TILE)
+    x = untiled_inputs(meta.plan, torch.float32, heads=(4, 4, 4, 4), dim=8)[0]
+    with pytest.raises(ValueError, match=r"query: expected shape \[B, 90, 4, 16\]"):
+        vt.VideoSparseAttention(num_heads=4, head_size=16)(x, x, x, None, meta)
+
+
+@pytest.mark.parametrize("scale", [True, False, "0.1"])
+def test_a_scale_of_the_wrong_type_is_refused(scale):
+    plan = vt.tile_plan(SEQ, TILE)
+    (q, k, v, _), _ = attention(plan, torch.float32)
+    with pytest.raises(TypeError, match="scale: expected a positive float, got"):
+        vt.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, scale=scale)
+    with pytest.raises(TypeError, match="scale: expected a positive float, got"):
+        vt.VideoSparseAttention(4, 16, softmax_scale=scale)
+
+
+def test_wide_integer_tensors_are_left_as_they_were():
+    """Block sizes and index lists beyond int32 saturate on a copy, never in the caller's tensor."""
+    plan = vt.tile_plan(SEQ, TILE)
+    (q, k, v, _), _ = attention(plan, torch.float32)
+    sizes = torch.full((plan.num_blocks,), 2**32 + 32, dtype=torch.int64)
+    with pytest.raises(ValueError, match="block_sizes"):
+        vt.video_sparse_attn(q, k, v, 3, sizes)
+    assert (sizes == 2**32 + 32).all()
+    idx = torch.tensor([0, 3, 2**40], dtype=torch.int64).expand(*q.shape[:2], plan.num_blocks, 3).contiguous()
+    num = torch.full(idx.shape[:3], 2, dtype=torch.int32)  # the third entry is unused: never checked
+    before = idx.clone()
+    vt.block_sparse_attn(q, k, v, plan.variable_block_sizes, idx, num)
+    assert torch.equal(idx, before)
+
+
+def test_a_torch_function_mode_sees_the_custom_ops():
+    """Inside a torch function mode (the module docstring's promise) calls take the custom-op path,
+    so the mode sees vsa_nd's ops; the results are the eager path's."""
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    plan = vt.tile_plan(SEQ, TILE)
+    (q, k, v, g), (x, *_) = attention(plan, torch.float32)
+    expected = vt.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, gate=g)
+    with Seen() as mode:
+        out = vt.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, gate=g)
+        vt.tile(x, plan)
+    assert any("video_sparse_attn_inference" in name for name in mode.names)
+    assert any("vsa_nd.tile" in name for name in mode.names)
+    assert torch.equal(out, expected)
+
+
+def test_vmap_gives_a_loop_of_calls():
+    plan = vt.tile_plan(SEQ, TILE)
+    (q, k, v, g), _ = attention(plan, torch.float32)
+    qs = torch.stack([q, 0.5 * q + 1, -q])
+    layer = lambda q: vt.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, gate=g)  # noqa: E731
+    assert torch.equal(torch.vmap(layer)(qs), torch.stack([layer(x) for x in qs]))
+
+
+def test_topk_may_be_every_key_tile():
+    plan = vt.tile_plan(SEQ, TILE)
+    (q, k, v, g), _ = attention(plan, torch.float32)
+    out = vt.video_sparse_attn(q, k, v, plan.num_blocks, plan.variable_block_sizes, gate=g)
+    expected = reference_forward(plan, (q, k, v, g), plan.num_blocks).out
+    real = real_rows(plan)
+    assert rel_err(numpy_of(out)[:, :, real], expected[:, :, real]) <= 1e-5
 # ---------------------------------------------------------------------------------------
 # CUDA.
 

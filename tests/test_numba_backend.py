@@ -555,3 +555,21 @@ def test_scores_far_below_zero_still_give_a_softmax(dtype, magnitude):
     assert np.isfinite(out).all() and np.isfinite(lse).all()
     np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(lse, expect_lse, rtol=1e-6)
+
+
+def test_coarse_attn_returns_the_scores_and_the_coarse_output():
+    """The public coarse_attn (video_sparse_attn does not call it): raw scaled scores (not their
+    softmax) with the default scale 1/sqrt(D), and softmax(scores) v, kv heads shared by GQA groups."""
+    rng = np.random.default_rng(1)
+    b, h, h_kv, n_q, n_kv, d = 2, 4, 2, 3, 5, 16
+    q_c = rng.standard_normal((b, h, n_q, d))
+    k_c, v_c = (rng.standard_normal((b, h_kv, n_kv, d)) for _ in range(2))
+    scores, o_c = vsa_nd.coarse_attn(q_c, k_c, v_c)
+    k_rep, v_rep = (np.repeat(x, h // h_kv, axis=1) for x in (k_c, v_c))
+    want = q_c @ k_rep.transpose(0, 1, 3, 2) / np.sqrt(d)
+    np.testing.assert_allclose(scores, want, rtol=1e-12, atol=1e-12)
+    p = np.exp(want - want.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(o_c, p @ v_rep, rtol=1e-12, atol=1e-12)
+    scores_half, _ = vsa_nd.coarse_attn(q_c, k_c, v_c, scale=0.5)
+    np.testing.assert_allclose(scores_half, want * np.sqrt(d) * 0.5, rtol=1e-12, atol=1e-12)

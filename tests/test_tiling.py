@@ -253,3 +253,9 @@ def test_plans_are_cached_and_read_only():
         assert not array.flags.writeable, name
         with pytest.raises(ValueError, match="read-only"):
             array[0] = 1
+
+
+@pytest.mark.parametrize("seq_shape, tile_shape", [((100,), (64,)), ((9, 17), (8, 8)), ((5, 6, 7), (4, 4, 4))])
+def test_default_tile_shapes_are_the_documented_ones(seq_shape, tile_shape):
+    assert vsa_nd.tile_plan(seq_shape).tile_shape == tile_shape
+    assert vsa_nd.build_metadata(seq_shape, (1,) * len(seq_shape), 0.5).plan.tile_shape == tile_shape

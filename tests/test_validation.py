@@ -390,3 +390,17 @@ def test_arrays_on_different_devices_are_refused():
     k, v = (x.astype(np.float16) for x in (p.k, p.v))
     with pytest.raises(TypeError, match=r"k: expected an array on cuda:0, got one on cpu"):
         vsa_nd.video_sparse_attn(q, k, v, 2, p.q_sizes, p.kv_sizes)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "gate"])
+def test_forward_out_may_not_be_an_input(name):
+    """An ``out`` that is one of the inputs would overwrite it (and a context's later backward would
+    read the output as q): refused, the input left alone."""
+    plan = vsa_nd.tile_plan((5, 6), (4, 4))
+    rng = np.random.default_rng(0)
+    arrays = {n: rng.standard_normal((1, 2, plan.padded_len, 16)).astype(np.float32) for n in ("q", "k", "v", "gate")}
+    before = arrays[name].copy()
+    with pytest.raises(ValueError, match=f"out: expected a buffer of its own, got one that shares memory with {name}"):
+        vsa_nd.video_sparse_attn(arrays["q"], arrays["k"], arrays["v"], 3, plan.variable_block_sizes,
+                                 gate=arrays["gate"], out=arrays[name])
+    np.testing.assert_array_equal(arrays[name], before)
