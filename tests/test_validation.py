@@ -239,7 +239,7 @@ CASES = [
     ("tile-out-dtype", lambda p: vsa_nd.tile(p.x, p.plan, out=np.empty((B, H, 192, D), np.float64)), TypeError,
      ["out:", "float32", "got float64"]),
     ("tile-out-noncontiguous", lambda p: vsa_nd.tile(p.x, p.plan, out=non_contiguous(np.empty((B, H, 192, D), np.float32))),
-     ValueError, ["out:", "C-contiguous"]),
+     ValueError, ["out:", "C-contiguous", "pass a C-contiguous buffer"]),
     ("tile-out-list", lambda p: vsa_nd.tile(p.x, p.plan, out=[]), TypeError, ["out:", "NumPy or CuPy array", "got list"]),
     ("untile-y-slots", lambda p: vsa_nd.untile(p.y[:, :, :180].copy(), p.plan), ValueError,
      ["y:", "192 slots", "[2, 4, 180, 16]"]),

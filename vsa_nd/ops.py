@@ -72,7 +72,7 @@ def _check_out(out, like, shape: tuple, dtype, name: str = "out", others: tuple 
     the other result buffers)."""
     check.check_array(name, out, len(shape), (np.dtype(dtype),), like)
     check.check_shape(name, out, shape)
-    check.check_contiguous(name, out)
+    check.check_contiguous(name, out, "pass a C-contiguous buffer (a copy would leave yours unfilled)")
     if not getattr(out.flags, "writeable", True):  # (CuPy arrays are always writeable)
         raise ValueError(f"{name}: expected a writeable buffer, got a read-only array")
     xp = array_module(out)

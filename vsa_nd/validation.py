@@ -48,9 +48,10 @@ def check_nonempty(name: str, x):
     return x
 
 
-def check_contiguous(name: str, x):
+def check_contiguous(name: str, x, remedy: str = "pass xp.ascontiguousarray(x)"):
+    """``x`` if C-contiguous; else a ValueError naming ``name`` and suggesting ``remedy``."""
     if not x.flags.c_contiguous:
-        raise ValueError(f"{name}: expected a C-contiguous array, got strides {x.strides}; pass xp.ascontiguousarray(x)")
+        raise ValueError(f"{name}: expected a C-contiguous array, got strides {x.strides}; {remedy}")
     return x
 
 
