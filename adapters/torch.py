@@ -358,7 +358,8 @@ def _usual_attention_tensors(q, k, v, gate) -> bool:
 
 def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:
     """Block sizes or index lists as a contiguous int32 tensor on ``device`` (plan tensors pass as they are)."""
-    sizes = _viewed(name, sizes)
+    if not isinstance(sizes, np.ndarray):  # (NumPy values, like lists, are copied to the device below)
+        sizes = _viewed(name, sizes)
     if isinstance(sizes, Tensor):
         if _plan_array(sizes) is not None and sizes.device == device:
             return sizes  # a cached plan's int32 tensor, contiguous: nothing to check or convert

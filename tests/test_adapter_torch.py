@@ -1228,6 +1228,10 @@ def test_cuda_mixed_torch_and_cupy():
     # CuPy arrays passed as they are: viewed through DLPack (VSA_SPEC section 4)
     direct = vt.video_sparse_attn(*arrays[:3], 2, plan.array_plan.variable_block_sizes, gate=arrays[3])
     assert direct.is_cuda and torch.equal(direct, out)
+    # block sizes as NumPy values (or a list) are copied to the tensors' device, as before
+    host_sizes = cupy.asnumpy(plan.array_plan.variable_block_sizes)
+    for sizes in (host_sizes, host_sizes.tolist()):
+        assert torch.equal(vt.video_sparse_attn(*tensors[:3], 2, sizes, gate=tensors[3]), out)
     assert cupy.array_equal(vsa_nd.untile(cupy.from_dlpack(out), plan.array_plan),
                             cupy.from_dlpack(vt.untile(out, plan)))
 
