@@ -289,6 +289,7 @@ CASES = [
     ("plan-device-index", lambda p: vsa_nd.tile_plan((8,), (4,), device="cuda:x"), ValueError,
      ["device:", "'cpu' or 'cuda:<id>'", "'cuda:x'"]),
     ("plan-side-inf", lambda p: vsa_nd.tile_plan((8, float("inf")), (4, 4)), TypeError, ["seq_shape:", "ints", "inf"]),
+    ("plan-side-bool", lambda p: vsa_nd.tile_plan((True, 4), (1, 2)), TypeError, ["seq_shape:", "ints", "(True, 4)"]),
     ("plan-device-int", lambda p: vsa_nd.tile_plan((8,), (4,), device=0), TypeError, ["device:", "str", "got 0"]),
     # --- build_metadata / topk_from_sparsity
     ("meta-patch-not-dividing", lambda p: vsa_nd.build_metadata((16, 60, 104), (1, 7, 2), 0.9), ValueError,

@@ -85,7 +85,8 @@ class TilePlan:
 
 def _positive_int_tuple(name: str, value) -> tuple:
     try:
-        if isinstance(value, str):  # iterable, but its characters are no shape
+        # A str is iterable and a bool int-like, but neither is a shape.
+        if isinstance(value, str) or any(isinstance(v, (bool, np.bool_)) for v in value):
             raise TypeError
         out = tuple(int(v) for v in value)
     except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
