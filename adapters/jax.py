@@ -254,8 +254,8 @@ def _from_dlpack(name: str, x):
     try:
         return jax.dlpack.from_dlpack(x)
     except (BufferError, RuntimeError, TypeError, ValueError) as error:
-        raise TypeError(f"{name}: expected a jax.Array or an array JAX can view through DLPack, got a "
-                        f"{type(x).__name__} it refused ({error})") from None
+        raise TypeError(f"{name}: expected a jax.Array or an array JAX can view through DLPack; "
+                        f"jax.dlpack.from_dlpack refused this {type(x).__name__} ({error})") from None
 
 
 def _check_attention_arrays(q, k, v, gate=None) -> tuple:

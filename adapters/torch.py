@@ -318,16 +318,18 @@ def _check_tensor(name: str, t, dtypes: dict, like: Optional[Tensor] = None, lik
 
 def _viewed(name: str, x):
     """``x`` if it is a torch.Tensor (or None); another framework's array, any object with
-    ``__dlpack__`` (a NumPy, CuPy or JAX array: VSA_SPEC section 4), as a torch view of its memory
-    (``torch.from_dlpack``, which orders a CUDA array's stream before torch's); anything else as it
-    is, for the checks to refuse by name."""
+    ``__dlpack__`` (a NumPy, CuPy or JAX array: VSA_SPEC section 4), as a torch view of its memory;
+    anything else as it is, for the checks to refuse by name.  Inputs only: torch.from_dlpack
+    drops a read-only flag, so no result is ever written through such a view.  On CUDA the
+    DLPack hand-off orders the array's stream before torch's; ordering the other framework after
+    the call's work on torch's stream is the caller's (as for any DLPack consumer)."""
     if x is None or isinstance(x, Tensor) or not hasattr(x, "__dlpack__"):
         return x
     try:
         return torch.from_dlpack(x)
     except (BufferError, RuntimeError, TypeError, ValueError) as error:
-        raise TypeError(f"{name}: expected a torch.Tensor or an array torch can view through DLPack, got a "
-                        f"{type(x).__name__} it refused ({error})") from None
+        raise TypeError(f"{name}: expected a torch.Tensor or an array torch can view through DLPack; "
+                        f"torch.from_dlpack refused this {type(x).__name__} ({error})") from None
 
 
 def _check_attention_tensors(q, k, v, gate=None):
@@ -358,8 +360,10 @@ def _usual_attention_tensors(q, k, v, gate) -> bool:
 
 def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:
     """Block sizes or index lists as a contiguous int32 tensor on ``device`` (plan tensors pass as they are)."""
-    if not isinstance(sizes, np.ndarray):  # (NumPy values, like lists, are copied to the device below)
+    if not isinstance(sizes, (Tensor, np.ndarray)):  # (NumPy values, like lists, are copied to the device below)
         sizes = _viewed(name, sizes)
+        if isinstance(sizes, Tensor) and sizes.device != device:  # another framework's values, elsewhere:
+            sizes = sizes.to(device)                              # copied, as lists are
     if isinstance(sizes, Tensor):
         if _plan_array(sizes) is not None and sizes.device == device:
             return sizes  # a cached plan's int32 tensor, contiguous: nothing to check or convert
@@ -734,7 +738,7 @@ def tile(x: Tensor, plan, out: Optional[Tensor] = None) -> Tensor:
     aliases the buffer, and is not differentiable.
     """
     seq_shape, tile_shape = _common.plan_shapes(plan)
-    x, out = _viewed("x", x), _viewed("out", out)
+    x = _viewed("x", x)  # (out is written, so it must be a tensor: see _viewed)
     _check_tensor("x", x, _TILE_DTYPES)
     if out is None:
         return _reorder("tile", x, seq_shape, tile_shape)
@@ -783,9 +787,10 @@ def video_sparse_attn(q: Tensor, k: Tensor, v: Tensor, topk: int, q_block_sizes,
     kv_block_sizes = q_block_sizes if kv_block_sizes is None else _int_tensor("kv_block_sizes", kv_block_sizes, q.device)
     scale = _common.resolve_scale(scale, q.shape[-1])
     # Checked here, not only by vsa_nd: a traced program takes their lengths and topk as static shapes of its results.
-    for name, sizes in (("q_block_sizes", q_block_sizes), (kv_name, kv_block_sizes)):
-        if sizes.dim() != 1:
-            raise ValueError(f"{name}: expected 1 dimension, got shape {list(sizes.shape)}")
+    if q_block_sizes.dim() != 1 or kv_block_sizes.dim() != 1:
+        for name, sizes in (("q_block_sizes", q_block_sizes), (kv_name, kv_block_sizes)):
+            if sizes.dim() != 1:
+                raise ValueError(f"{name}: expected 1 dimension, got shape {list(sizes.shape)}")
     topk = check.check_int_range("topk", topk, 1, kv_block_sizes.shape[0])
     return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale)
 
@@ -863,6 +868,7 @@ class VideoSparseAttention(torch.nn.Module):
         """
         if not metadata.reuse_tile_buffer:
             return tile(x, metadata.plan)
+        x = _viewed("x", x)
         b, _, h, d = x.shape
         shape = (b, h, metadata.plan.padded_len, d)
         buffer = metadata.tile_buffer
@@ -889,8 +895,10 @@ class VideoSparseAttention(torch.nn.Module):
             raise TypeError(f"metadata: expected the VSAMetadata of vsa_nd.adapters.torch.build_metadata, got "
                             f"{type(metadata).__module__}.{type(metadata).__name__}")
         plan = metadata.plan
-        query, key, value, gate_compress = (_viewed(name, x) for name, x in (
-            ("query", query), ("key", key), ("value", value), ("gate_compress", gate_compress)))
+        usual = _usual_attention_tensors(query, key, value, gate_compress)
+        if not usual:
+            query, key, value, gate_compress = (_viewed(name, x) for name, x in (
+                ("query", query), ("key", key), ("value", value), ("gate_compress", gate_compress)))
         checks = [("query", query, self.num_heads), ("key", key, self.num_kv_heads), ("value", value, self.num_kv_heads)]
         if gate_compress is not None:
             checks.append(("gate_compress", gate_compress, self.num_heads))
@@ -902,7 +910,7 @@ class VideoSparseAttention(torch.nn.Module):
                                  f"(seq_len of the plan's {plan.seq_shape}), got {list(x.shape)}")
         if gate_compress is not None and gate_compress.shape != query.shape:
             raise ValueError(f"gate_compress: expected query's shape {list(query.shape)}, got {list(gate_compress.shape)}")
-        for name, x, _ in checks:  # named here: tile and video_sparse_attn would call them x, q, k, v and gate
+        for name, x, _ in () if usual else checks:  # named here: tile and video_sparse_attn would say x, q, k, v, gate
             _check_tensor(name, x, _ATTENTION_DTYPES, like=None if x is query else query, like_name="query")
             if x.dtype != query.dtype:
                 raise TypeError(f"{name}: expected dtype {query.dtype} to match query, got {x.dtype}")

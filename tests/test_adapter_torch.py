@@ -205,7 +205,7 @@ def test_tile_into_a_buffer_returns_the_buffer():
         vt.tile(x.requires_grad_(), plan, out=buffer)
     with pytest.raises(TypeError, match="out: expected dtype torch.float32"):
         vt.tile(x.detach(), plan, out=buffer.double())
-    leaf = torch.zeros_like(buffer, requires_grad=True)  # torch's own in-place ops refuse such a leaf too
+    leaf = torch.zeros_like(buffer, requires_grad=True)  # (torch's own in-place ops refuse such a leaf too)
     with pytest.raises(ValueError, match="out: expected a buffer that does not require grad"):
         vt.tile(x.detach(), plan, out=leaf)
     assert torch.equal(leaf, torch.zeros_like(leaf))
@@ -457,14 +457,27 @@ def test_other_frameworks_arrays_are_viewed_through_dlpack():
     idx = idx.expand(q.shape[0], q.shape[1], -1, -1).contiguous()
     assert torch.equal(vt.block_sparse_attn(q.numpy(), k.numpy(), v.numpy(), sizes.numpy(), idx.numpy()),
                        vt.block_sparse_attn(q, k, v, sizes, idx))
-    buffer = torch.zeros_like(q).numpy()
-    assert torch.equal(vt.tile(x.numpy(), plan, out=buffer), vt.tile(x, plan))  # written through the view
-    assert np.array_equal(buffer, vt.tile(x, plan).numpy())
+    buffer = torch.zeros_like(q)
+    assert vt.tile(x.numpy(), plan, out=buffer) is buffer and torch.equal(buffer, vt.tile(x, plan))
+    # out is written, so it must be a tensor: a view would drop a read-only array's flag
+    read_only = np.zeros(q.shape, np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(TypeError, match="out: expected a torch.Tensor, got ndarray"):
+        vt.tile(x, plan, out=read_only)
+    assert not read_only.any()
+    view = vt._viewed("q", q.numpy())  # a view, not a copy
+    assert view.data_ptr() == q.numpy().ctypes.data
+    # another framework's block sizes on another device are copied there, as lists are
+    jnp = pytest.importorskip("jax.numpy")
+    moved = vt._int_tensor("q_block_sizes", jnp.asarray(np.int32([8, 8, 5])), torch.device("meta"))
+    assert moved.device.type == "meta" and moved.dtype == torch.int32 and moved.shape == (3,)
     assert torch.equal(vt.untile(q.numpy(), plan), vt.untile(q, plan))
     layer = vt.VideoSparseAttention(4, 16, num_kv_heads=2)
     meta = vt.build_metadata(SEQ, (1, 1, 1), 0.6, TILE)
     untiled = untiled_inputs(meta.plan, torch.float32)
     assert torch.equal(layer(*(t.numpy() for t in untiled), meta), layer(*untiled, meta))
+    reuse = vt.build_metadata(SEQ, (1, 1, 1), 0.6, TILE, reuse_tile_buffer=True)
+    assert torch.equal(layer.tile(untiled[0].numpy(), reuse), vt.tile(untiled[0], reuse.plan))
     jnp = pytest.importorskip("jax.numpy")
     assert torch.equal(vt.video_sparse_attn(jnp.asarray(q.numpy()), k, v, 3, sizes, gate=g), expected)
 
@@ -475,8 +488,8 @@ def test_errors_name_the_argument_and_what_was_expected():
     sizes = plan.variable_block_sizes
     with pytest.raises(TypeError, match=r"q: expected a torch.Tensor, got list"):
         vt.video_sparse_attn(q.tolist(), k, v, 3, sizes)
-    with pytest.raises(TypeError, match=r"q: expected a torch.Tensor or an array torch can view through DLPack, "
-                                        r"got a Refusing it refused \(no\)"):
+    with pytest.raises(TypeError, match=r"q: expected a torch.Tensor or an array torch can view through DLPack; "
+                                        r"torch.from_dlpack refused this Refusing \(no\)"):
         vt.video_sparse_attn(Refusing(), k, v, 3, sizes)
     with pytest.raises(TypeError, match=r"q: expected dtype in \(torch.float32, .*\) on cpu, got torch.int64"):
         vt.video_sparse_attn(q.long(), k, v, 3, sizes)

@@ -259,3 +259,11 @@ def test_plans_are_cached_and_read_only():
 def test_default_tile_shapes_are_the_documented_ones(seq_shape, tile_shape):
     assert vsa_nd.tile_plan(seq_shape).tile_shape == tile_shape
     assert vsa_nd.build_metadata(seq_shape, (1,) * len(seq_shape), 0.5).plan.tile_shape == tile_shape
+
+
+def test_shapes_may_come_from_iterators():
+    """A generator or map of sides is read once (a check that iterated it first would see nothing left)."""
+    plan = vsa_nd.tile_plan((s for s in (3, 5, 6)), map(int, "222"))
+    assert plan.seq_shape == (3, 5, 6) and plan.tile_shape == (2, 2, 2)
+    with pytest.raises(TypeError, match=r"seq_shape: expected integers, got \(3.5, 5\)"):
+        vsa_nd.tile_plan((s for s in (3.5, 5)), (2, 2))

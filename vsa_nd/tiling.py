@@ -85,14 +85,16 @@ class TilePlan:
 
 def _positive_int_tuple(name: str, value) -> tuple:
     try:
-        # A str is iterable and a bool int-like, but neither is a shape.
-        if isinstance(value, str) or any(isinstance(v, (bool, np.bool_)) for v in value):
+        if isinstance(value, str):  # iterable, but its characters are no shape
             raise TypeError
-        out = tuple(int(v) for v in value)
+        items = tuple(value)  # once: an iterator is used up by reading it
+        if any(isinstance(v, (bool, np.bool_)) for v in items):  # int-like, but no side
+            raise TypeError
+        out = tuple(int(v) for v in items)
     except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
         raise TypeError(f"{name}: expected a sequence of ints, got {value!r}") from None
-    if any(int(v) != v for v in value):
-        raise TypeError(f"{name}: expected integers, got {value!r}")
+    if any(int(v) != v for v in items):
+        raise TypeError(f"{name}: expected integers, got {items!r}")
     if not 1 <= len(out) <= MAX_DIMS:
         raise ValueError(f"{name}: expected 1 to {MAX_DIMS} dimensions, got {len(out)} ({out})")
     if any(v < 1 for v in out):
