@@ -868,7 +868,7 @@ class VideoSparseAttention(torch.nn.Module):
         """
         if not metadata.reuse_tile_buffer:
             return tile(x, metadata.plan)
-        x = _viewed("x", x)
+        x = _check_tensor("x", _viewed("x", x), _TILE_DTYPES)
         b, _, h, d = x.shape
         shape = (b, h, metadata.plan.padded_len, d)
         buffer = metadata.tile_buffer
