@@ -79,12 +79,17 @@ def trusted(block_sizes):
     candidates = trusted_index_arrays()
     if any(candidate is block_sizes for candidate in candidates):
         return block_sizes
-    ptr = _data_pointer(block_sizes)
     for candidate in candidates:
-        if (_data_pointer(candidate) == ptr and candidate.shape == block_sizes.shape
-                and candidate.dtype == block_sizes.dtype and _device(candidate) == _device(block_sizes)):
+        if _same_memory(candidate, block_sizes):
             return candidate
     return block_sizes
+
+
+def _same_memory(a, b) -> bool:
+    """Whether NumPy/CuPy arrays ``a`` and ``b`` view the same memory the same way (pointer,
+    device, shape and dtype; the arrays compared here are contiguous)."""
+    return (_data_pointer(a) == _data_pointer(b) and _device(a) == _device(b) and a.shape == b.shape
+            and a.dtype == b.dtype)
 
 
 def _data_pointer(a) -> int:
@@ -116,10 +121,7 @@ def vsa_inference(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale
 def _kv_sizes(q_block_sizes, kv_block_sizes):
     """``kv_block_sizes`` for vsa_nd: None when it is ``q_block_sizes`` (the same array, or a view of
     the same memory), so that vsa_nd checks the values once and names q_block_sizes in its errors."""
-    if kv_block_sizes is q_block_sizes or (
-            type(kv_block_sizes) is type(q_block_sizes) and kv_block_sizes.shape == q_block_sizes.shape
-            and kv_block_sizes.dtype == q_block_sizes.dtype and _device(kv_block_sizes) == _device(q_block_sizes)
-            and _data_pointer(kv_block_sizes) == _data_pointer(q_block_sizes)):
+    if kv_block_sizes is q_block_sizes or _same_memory(kv_block_sizes, q_block_sizes):
         return None
     return trusted(kv_block_sizes)
 

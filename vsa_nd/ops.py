@@ -229,6 +229,7 @@ class _Problem(NamedTuple):
     kv_block_sizes: object
     num_q_blocks: int
     num_kv_blocks: int
+    tile_volume: int
     scale: float
 
 
@@ -276,7 +277,7 @@ def _check_attention(q, k, v, kv_block_sizes, num_q_blocks: int, scale, gate=Non
             f"got shape {list(k.shape)}"
         )
     kv_block_sizes = check.check_block_sizes(kv_blocks_name, kv_block_sizes, q, num_kv_blocks, volume)
-    return _Problem(kv_block_sizes, num_q_blocks, num_kv_blocks, _scale(scale, d))
+    return _Problem(kv_block_sizes, num_q_blocks, num_kv_blocks, volume, _scale(scale, d))
 
 
 def _index_lists_from_block_map(block_map):
@@ -332,7 +333,7 @@ def block_sparse_attn(
     problem = _check_attention(q, k, v, kv_block_sizes, q2k_idx.shape[2], scale, q_blocks_name="q2k_idx (axis 2)")
     if q_block_sizes is not None:  # N_q entries in [1, V]
         q_block_sizes = check.check_block_sizes("q_block_sizes", q_block_sizes, q, problem.num_q_blocks,
-                                                q.shape[2] // problem.num_q_blocks)
+                                                problem.tile_volume)
     check.check_index_lists(q2k_idx, q2k_num, problem.num_kv_blocks, check_values)
     if not check_values and block_map is None:  # CuPy lists taken unchecked: keep the kernels inside k and v
         from .backends.cuda_attention import clean_lists
@@ -400,8 +401,7 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
         q_block_sizes = problem.kv_block_sizes
     else:
         problem = _check_attention(q, k, v, kv_block_sizes, num_q_blocks, scale, gate)
-        volume = q.shape[2] // num_q_blocks
-        q_block_sizes = check.check_block_sizes("q_block_sizes", q_block_sizes, q, num_q_blocks, volume)
+        q_block_sizes = check.check_block_sizes("q_block_sizes", q_block_sizes, q, num_q_blocks, problem.tile_volume)
     topk = check.check_int_range("topk", topk, 1, problem.num_kv_blocks)
     if out is not None:
         out = _check_out(out, q, q.shape, q.dtype, others=(("q", q), ("k", k), ("v", v), ("gate", gate)))
