@@ -73,7 +73,7 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -402,15 +402,18 @@ def _plain_eager(*tensors) -> bool:
     torch function mode, no functorch transform, and no tensor subclass (a FakeTensor, DTensor
     or ``__torch_function__`` subclass expects the dispatcher; Parameters, rare here, take it too).
     """
-    if torch.compiler.is_compiling():
-        return False
-    if (torch._C._get_tracing_state() is not None or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
+    if torch.compiler.is_compiling() or _mode_active():
         return False
     for t in tensors:
         if t is not None and type(t) is not Tensor:
             return False
     return True
+
+
+def _mode_active() -> bool:
+    """Whether ``torch.jit.trace``, a torch dispatch or function mode or a functorch transform is active."""
+    return (torch._C._get_tracing_state() is not None or bool(torch._C._len_torch_dispatch_stack())
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active())
 
 
 # ---------------------------------------------------------------------------------------
@@ -614,15 +617,119 @@ class _VSAFunction(torch.autograd.Function):
         return _vsa_input_grads(ctx, dout)  # 8 entries, one per forward argument
 
 
-def _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float) -> Tensor:
-    """The VSA output by the path that fits the call; with autograd when an input needs a gradient."""
+def _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float, signature=None) -> Tensor:
+    """The VSA output by the path that fits the call; with autograd when an input needs a gradient.
+    ``signature``: the call's :func:`_forward_signature`, remembered when the checked call succeeds."""
     args = (q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale)
     needs_grad = _needs_grad(q, k, v, gate)
     if _plain_eager(q, k, v, gate, q_block_sizes, kv_block_sizes):
         if not needs_grad:
-            return _vsa_inference(*args)
-        return _VSAFunction.apply(q, k, v, gate, q_block_sizes, kv_block_sizes, scale, _vsa_forward(*args))
+            out = _vsa_inference(*args)
+        else:
+            out = _VSAFunction.apply(q, k, v, gate, q_block_sizes, kv_block_sizes, scale, _vsa_forward(*args))
+        if signature is not None and q.is_cuda:
+            _remember_checked(signature, q, k, q_block_sizes, kv_block_sizes, topk, scale)
+        return out
     return _vsa_op(*args)[0] if needs_grad else _vsa_inference_op(*args)
+
+
+# The torch side of vsa_nd.video_sparse_attn's fast path (see _CHECKED_FORWARDS in vsa_nd.ops).
+# A plain eager call on CUDA tensors whose signature (below) equals that of a call which passed
+# every check, with a plan's block-size tensors (unchanged since: their version counters),
+# differs from it only in its tensors' memory.  After the checks of that (device, contiguity,
+# 16-byte alignment, the current device) and of torch's modes, it runs the prepared launches of
+# vsa_nd.backends.cuda_vsa on the tensors' addresses, on torch's current stream, with results
+# from torch's allocator: no other check, CuPy view, context or conversion.  Outputs and
+# gradients are those of the checked path, bit for bit.
+class _CheckedForward(NamedTuple):
+    q_block_sizes: Tensor  # the plan tensors, kept so that their ids stay theirs
+    kv_block_sizes: Tensor  # (q_block_sizes when the caller gave none)
+    device_index: int
+    problem: tuple  # the arguments of cuda_vsa.forward_launches but the kernel choice
+    scale: float
+
+
+_CHECKED_FORWARDS: dict = {}  # signature -> _CheckedForward
+_CHECKED_FORWARDS_MAX = 256  # cleared when full
+
+
+def _forward_signature(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale):
+    """Everything but the tensors' memory that the checks of a :func:`video_sparse_attn` call
+    depend on, hashable; None for a call the prepared path does not take (under torch.compile's
+    tracing, arguments that are not exactly tensors, a topk or scale of another type than int,
+    or None and float)."""
+    if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces nothing after it
+        return None
+    if not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and (gate is None or type(gate) is Tensor)
+            and type(q_block_sizes) is Tensor and (kv_block_sizes is None or type(kv_block_sizes) is Tensor)
+            and type(topk) is int and (scale is None or type(scale) is float)):
+        return None
+    return (q.shape, q.dtype, k.shape, k.dtype, v.shape, v.dtype, None if gate is None else (gate.shape, gate.dtype),
+            topk, scale, id(q_block_sizes), id(kv_block_sizes), _needs_grad(q, k, v, gate))
+
+
+def _remember_checked(signature: tuple, q, k, q_block_sizes, kv_block_sizes, topk: int, scale: float):
+    """After a checked call of ``signature`` (on CUDA, in plain eager mode): later calls of it may
+    take the prepared launches, when the block sizes are plan tensors (the caller's own: the
+    signature holds their ids)."""
+    if _plan_array(q_block_sizes) is None or _plan_array(kv_block_sizes) is None:
+        return
+    if signature[-3] != id(q_block_sizes) or signature[-2] not in (id(kv_block_sizes), id(None)):
+        return
+    if len(_CHECKED_FORWARDS) >= _CHECKED_FORWARDS_MAX:
+        _CHECKED_FORWARDS.clear()
+    index = q.get_device()
+    problem = (tuple(q.shape), tuple(k.shape), _NUMPY_DTYPE[q.dtype], q_block_sizes.shape[0], kv_block_sizes.shape[0],
+               topk, scale, index)
+    _CHECKED_FORWARDS[signature] = _CheckedForward(q_block_sizes, kv_block_sizes, index, problem, scale)
+
+
+@functools.cache
+def _cuda_backend():
+    """(vsa_nd.backends.cuda_attention, vsa_nd.backends.cuda_vsa), imported on first use (they import CuPy)."""
+    from vsa_nd.backends import cuda_attention, cuda_vsa
+
+    return cuda_attention, cuda_vsa
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every result buffer of the prepared path (the tests swap in a poisoned one)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _prepared_forward(signature: tuple, q, k, v, gate):
+    """The output of a call like one that passed every check, by the prepared launches; None when
+    the call is not one, or its tensors' memory or torch's modes need the checked path."""
+    checked = _CHECKED_FORWARDS.get(signature)
+    if checked is None:
+        return None
+    index = checked.device_index
+    q_sizes, kv_sizes = _plan_array(checked.q_block_sizes), _plan_array(checked.kv_block_sizes)
+    if q_sizes is None or kv_sizes is None or torch._C._cuda_getDevice() != index:
+        return None
+    tensors = (q, k, v) if gate is None else (q, k, v, gate)
+    for t in tensors:
+        if t.get_device() != index or not t.is_contiguous() or t.data_ptr() % 16:
+            return None
+    if _mode_active():  # (see _plain_eager)
+        return None
+    cuda_attention, cuda_vsa = _cuda_backend()
+    launches = cuda_vsa.forward_launches(*checked.problem, cuda_attention.FORWARD_KERNEL)
+    needs_grad = signature[-1]
+    device = q.device
+    (out_shape, _), *small = launches.results
+    out = _empty(out_shape, q.dtype, device)
+    if needs_grad:  # the context, as tensors the autograd node saves
+        results = (out, *(_empty(shape, _TORCH_DTYPE[dtype], device) for shape, dtype in small))
+        addresses = tuple(r.data_ptr() for r in results)
+    else:  # (kept until the launches are queued; freed on return, in the stream's order)
+        workspace = _empty((launches.workspace_bytes,), torch.uint8, device)
+        addresses = (out.data_ptr(), *(workspace.data_ptr() + offset for offset in launches.offsets))
+    launches(q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if gate is None else gate.data_ptr(), q_sizes.data.ptr,
+             kv_sizes.data.ptr, addresses, _cupy_stream(index))
+    if not needs_grad:
+        return out
+    return _VSAFunction.apply(q, k, v, gate, checked.q_block_sizes, checked.kv_block_sizes, checked.scale, results)
 
 
 # kind -> (implementation, custom op, the other kind: its gradient)
@@ -779,6 +886,11 @@ def video_sparse_attn(q: Tensor, k: Tensor, v: Tensor, topk: int, q_block_sizes,
     optional, q-shaped; ``scale`` default ``1/sqrt(D)``.  Returns out [B, H, Sq_pad, D] in
     q's dtype, differentiable with respect to q, k, v and gate.
     """
+    signature = _forward_signature(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale)
+    if signature is not None:
+        out = _prepared_forward(signature, q, k, v, gate)
+        if out is not None:
+            return out
     if not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and (gate is None or type(gate) is Tensor)):
         q, k, v, gate = (_viewed(name, x) for name, x in (("q", q), ("k", k), ("v", v), ("gate", gate)))
     _check_attention_tensors(q, k, v, gate)
@@ -792,7 +904,7 @@ def video_sparse_attn(q: Tensor, k: Tensor, v: Tensor, topk: int, q_block_sizes,
             if sizes.dim() != 1:
                 raise ValueError(f"{name}: expected 1 dimension, got shape {list(sizes.shape)}")
     topk = check.check_int_range("topk", topk, 1, kv_block_sizes.shape[0])
-    return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale)
+    return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale, signature)
 
 
 def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes, q2k_idx: Tensor, q2k_num: Optional[Tensor] = None,

@@ -163,10 +163,10 @@ def _breakdown(cases, label: str, reps: int = 50):
     import vsa_nd
     import vsa_nd.adapters.torch as vt
     from vsa_nd.adapters import _common
-    from vsa_nd.backends import cuda, cuda_attention
+    from vsa_nd.backends import cuda_attention, cuda_vsa
 
     points = [(_common, "vsa_forward"), (_common, "vsa_inference"), (vsa_nd, "video_sparse_attn"),
-              (cuda, "block_means"), (cuda, "select_topk"), (cuda_attention, "block_sparse_fwd"),
+              (cuda_vsa, "vsa_forward"), (cuda_vsa.ForwardLaunches, "__call__"),
               (vt, "_vsa_input_grads"), (_common, "vsa_backward"), (vsa_nd, "video_sparse_attn_backward"),
               (cuda_attention, "kv_to_q_lists"), (cuda_attention, "block_sparse_bwd")]
     originals = [getattr(owner, name) for owner, name in points]

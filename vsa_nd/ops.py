@@ -27,7 +27,7 @@ import numpy as np
 
 from . import validation as check
 from ._xp import BFLOAT16, array_module, compute_dtype, device_key, is_cupy_array, on_device_of
-from .tiling import TilePlan
+from .tiling import TilePlan, trusted_tile_volume
 
 
 def _backend(x):
@@ -374,7 +374,6 @@ class VSAContext:
     coarse: object
 
 
-@_on_input_device
 def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *, gate=None, scale=None,
                       return_context=False, out=None):
     """Video Sparse Attention: coarse tile attention, top-k tile selection, fine attention.
@@ -394,6 +393,22 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     slots are 0 (and the context's lse -inf there), whatever q and gate hold in them, NaN
     included; :func:`untile` drops them.
     """
+    if out is None and is_cupy_array(q):  # a call like one checked before: the cheap checks only
+        checked = _checked_before(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale, return_context)
+        if checked is not None:
+            results = _backend_module(True).vsa_forward(q, k, v, gate, q_block_sizes, checked.kv_block_sizes, topk,
+                                                        checked.scale, keep=return_context)
+            return _vsa_results(q, k, v, gate, q_block_sizes, checked.kv_block_sizes, checked.scale, results,
+                                return_context)
+    return _video_sparse_attn(q, k, v, topk, q_block_sizes, kv_block_sizes, gate=gate, scale=scale,
+                              return_context=return_context, out=out)
+
+
+@_on_input_device
+def _video_sparse_attn(q, k, v, topk, q_block_sizes, kv_block_sizes, *, gate, scale, return_context, out):
+    """:func:`video_sparse_attn` with every check."""
+    signature = _forward_signature(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale, return_context)
+    given_q_sizes, given_kv_sizes = q_block_sizes, kv_block_sizes
     check.check_float("q", q, 4)
     num_q_blocks = _num_blocks("q_block_sizes", q_block_sizes)
     if kv_block_sizes is None:  # checked once, under the name the caller used
@@ -405,27 +420,98 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     topk = check.check_int_range("topk", topk, 1, problem.num_kv_blocks)
     if out is not None:
         out = _check_out(out, q, q.shape, q.dtype, others=(("q", q), ("k", k), ("v", v), ("gate", gate)))
-    if return_context and is_cupy_array(q):  # refused now rather than by the backward, after this forward's work
+    kv_sizes = problem.kv_block_sizes
+    if not is_cupy_array(q):
+        results = _staged_forward(_backend(q), q, k, v, gate, q_block_sizes, kv_sizes, topk, problem.scale, out)
+        return _vsa_results(q, k, v, gate, q_block_sizes, kv_sizes, problem.scale, results, return_context)
+    if return_context:  # refused now rather than by the backward, after this forward's work
         from .backends.cuda_attention import check_backward_lists
 
         check_backward_lists((*q.shape[:2], num_q_blocks, topk))
+    results = _backend(q).vsa_forward(q, k, v, gate, q_block_sizes, kv_sizes, topk, problem.scale, out=out,
+                                      keep=return_context)
+    # The fast path uses the caller's arrays as they are: only when the checks returned them unchanged.
+    if (signature is not None and out is None and q_block_sizes is given_q_sizes
+            and kv_sizes is (q_block_sizes if given_kv_sizes is None else given_kv_sizes)):
+        _remember_checked(signature, q_block_sizes, kv_sizes, problem)
+    return _vsa_results(q, k, v, gate, q_block_sizes, kv_sizes, problem.scale, results, return_context)
 
-    backend = _backend(q)
-    kv_sizes = problem.kv_block_sizes
-    q_mean, k_mean, v_mean = backend.block_means((q, k, v), (q_block_sizes, kv_sizes, kv_sizes))
-    scores = _coarse_scores(q_mean, k_mean, problem.scale)
+
+def _staged_forward(backend, q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float, out) -> tuple:
+    """The forward stage by stage through ``backend``'s functions (the CPU's way): the results
+    of :data:`vsa_nd.backends.cuda_vsa.RESULTS`, in that order."""
+    q_mean, k_mean, v_mean = backend.block_means((q, k, v), (q_block_sizes, kv_block_sizes, kv_block_sizes))
+    scores = _coarse_scores(q_mean, k_mean, scale)
     # The scores are not needed after the selection: they become the coarse probabilities in place.
     q2k_idx, q2k_num, probs = backend.select_topk_softmax_(scores, topk)
     coarse = _coarse_output(probs, v_mean)
-    out, lse = backend.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, problem.kv_block_sizes, problem.scale, coarse, gate,
-                                        out=out, q_block_sizes=q_block_sizes)
+    out, lse = backend.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=out,
+                                        q_block_sizes=q_block_sizes)
+    return out, lse, q2k_idx, q2k_num, q_mean, k_mean, v_mean, probs, coarse
+
+
+def _vsa_results(q, k, v, gate, q_block_sizes, kv_block_sizes, scale: float, results: tuple, return_context: bool):
+    """What :func:`video_sparse_attn` returns, from the forward's ``results`` (``out`` first)."""
     if not return_context:
-        return out
-    context = VSAContext(
-        q, k, v, gate, out, lse, q2k_idx, q2k_num, q_block_sizes, problem.kv_block_sizes,
-        problem.scale, q_mean, k_mean, v_mean, probs, coarse,
-    )
+        return results[0]
+    out, lse, q2k_idx, q2k_num, q_mean, k_mean, v_mean, probs, coarse = results
+    context = VSAContext(q, k, v, gate, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, scale, q_mean, k_mean,
+                         v_mean, probs, coarse)
     return out, context
+
+
+# The fast path of video_sparse_attn on CuPy arrays.  A call whose signature (below) equals one
+# that passed every check, with block sizes that are a cached plan's own arrays (trusted by
+# identity, as check_block_sizes trusts them, and alive as long as the process), differs from
+# it only in its arrays' memory: the fast path checks that (device, 16-byte alignment,
+# contiguity, the current device) and runs the prepared launches, skipping the rest.  Any
+# other call, or one whose memory checks fail, takes the full checks (and their messages).
+class _CheckedForward(NamedTuple):
+    q_block_sizes: object  # the caller's block-size arrays, kept so that their ids stay theirs
+    kv_block_sizes: object  # (q_block_sizes when the caller gave none)
+    scale: float
+    device_id: int
+
+
+_CHECKED_FORWARDS: dict = {}  # signature -> _CheckedForward
+_CHECKED_FORWARDS_MAX = 256  # a model has a handful of attention shapes; cleared when full
+
+
+def _forward_signature(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale, return_context):
+    """What determines every check of :func:`video_sparse_attn` but the arrays' memory, as a
+    hashable tuple; None for a call the fast path does not take (mixed array types, or a topk,
+    scale or return_context of another type than int, float or None, and bool)."""
+    kind = type(q)
+    if (type(k) is not kind or type(v) is not kind or (gate is not None and type(gate) is not kind)
+            or type(topk) is not int or type(return_context) is not bool or not (scale is None or type(scale) is float)):
+        return None
+    return (kind, q.shape, q.dtype, k.shape, k.dtype, v.shape, v.dtype, None if gate is None else (gate.shape, gate.dtype),
+            topk, scale, return_context, id(q_block_sizes), id(kv_block_sizes))
+
+
+def _remember_checked(signature: tuple, q_block_sizes, kv_block_sizes, problem: _Problem):
+    """Let later calls of ``signature`` take the fast path, if both block-size arrays are trusted plan arrays."""
+    volume = problem.tile_volume
+    if trusted_tile_volume(q_block_sizes) == volume and trusted_tile_volume(kv_block_sizes) == volume:
+        if len(_CHECKED_FORWARDS) >= _CHECKED_FORWARDS_MAX:
+            _CHECKED_FORWARDS.clear()
+        _CHECKED_FORWARDS[signature] = _CheckedForward(q_block_sizes, kv_block_sizes, problem.scale,
+                                                       q_block_sizes.data.device_id)
+
+
+def _checked_before(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale, return_context):
+    """The :class:`_CheckedForward` of a CuPy call like one checked before, whose arrays' memory
+    passes the checks that depend on it; else None."""
+    signature = _forward_signature(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale, return_context)
+    checked = None if signature is None else _CHECKED_FORWARDS.get(signature)
+    if checked is None:
+        return None
+    device = checked.device_id
+    for x in (q, k, v) if gate is None else (q, k, v, gate):
+        memory = x.data
+        if memory.device_id != device or memory.ptr % 16 or not x.flags.c_contiguous:
+            return None
+    return checked if _backend_module(True).current_device() == device else None
 
 
 class Gradients(NamedTuple):

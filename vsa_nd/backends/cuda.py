@@ -42,6 +42,32 @@ _MAX_GRID_Y = 65535
 _NULL = np.uintp(0)  # a null pointer argument (CuPy passes None as no value at all)
 
 
+class Launch(NamedTuple):
+    """One kernel launch, fixed but for its leading pointer arguments: ``launch(pointers, stream)``.
+
+    ``pointers`` (CuPy arrays or ``np.uintp`` addresses) are the kernel's first parameters and
+    ``tail`` the rest, fixed when the launch is made; ``stream`` is a CuPy stream, or None for
+    CuPy's current stream.  Made by the ``*_launch`` functions of the backend with the device it
+    is for current (kernel handles are per device), and launched with that device current."""
+
+    function: object  # cupy.cuda.function.Function
+    grid: tuple
+    block: tuple
+    tail: tuple = ()
+    shared_mem: int = 0
+
+    def __call__(self, pointers: tuple, stream=None):
+        self.function(self.grid, self.block, pointers + self.tail, self.shared_mem, stream)
+
+
+def make_launch(source: str, name: str, grid: tuple, block: tuple, tail: tuple = (), shared_mem: int = 0) -> Launch:
+    """The :class:`Launch` of kernel ``name`` of ``source`` on CuPy's current device."""
+    kernel = get_function(source, name)
+    if shared_mem:
+        kernel.max_dynamic_shared_size_bytes = shared_mem
+    return Launch(kernel.kernel, grid, block, tail, shared_mem)
+
+
 def _alloc(shape, dtype):
     """Every output buffer this module allocates (the tests swap in a poisoned one)."""
     import cupy
@@ -139,20 +165,26 @@ def block_means(tensors, block_sizes_list) -> list:
 
     with first.device:
         means = [_alloc((x.shape[0], x.shape[1], len(s), head_dim), np.float32) for x, s in zip(tensors, block_sizes_list)]
-        tiles = [m.shape[0] * m.shape[1] * m.shape[2] for m in means]
-        total = sum(tiles)
-        if total == 0 or head_dim == 0:
-            return means
-        width = _vector_width(first.itemsize, head_dim, tensors)
-        grid = _reduce_grid("tensors", total, head_dim // width)
-        padded = lambda items, fill: list(items) + [fill] * (3 - len(items))  # noqa: E731
-        xs, outs, sizes = padded(tensors, _NULL), padded(means, _NULL), padded(block_sizes_list, _NULL)
-        ends = itertools.accumulate(padded(tiles, 0))
-        blocks = padded([len(s) for s in block_sizes_list], 1)
-        args = (*xs, *outs, *sizes, *(np.int32(e) for e in ends), *(np.int32(n) for n in blocks),
-                np.int32(volume), np.int32(head_dim))
-        get_function("block_mean.cu", f"block_mean<{element}, {width}>")(grid, (_REDUCE_THREADS,), args)
+        launch = block_mean_launch(element, _vector_width(first.itemsize, head_dim, tensors), head_dim, volume,
+                                   [m.shape[0] * m.shape[1] * m.shape[2] for m in means], [len(s) for s in block_sizes_list])
+        if launch is not None:
+            padded = lambda items: tuple(items) + (_NULL,) * (3 - len(items))  # noqa: E731
+            launch(padded(tensors) + padded(means) + padded(block_sizes_list))
     return means
+
+
+def block_mean_launch(element: str, width: int, head_dim: int, volume: int, tiles: list, blocks: list):
+    """The :class:`Launch` of block_mean.cu for up to three tensors (``tiles[j]`` = B * H_j * N_j
+    tiles of N_j = ``blocks[j]``), whose pointers are (x0, x1, x2, mean0, mean1, mean2, sizes0,
+    sizes1, sizes2), null past the last tensor; None when there is nothing to compute."""
+    total = sum(tiles)
+    if total == 0 or head_dim == 0:
+        return None
+    grid = _reduce_grid("tensors", total, head_dim // width)
+    padded = lambda items, fill: list(items) + [fill] * (3 - len(items))  # noqa: E731
+    ends = itertools.accumulate(padded(tiles, 0))
+    tail = (*(np.int32(e) for e in ends), *(np.int32(n) for n in padded(blocks, 1)), np.int32(volume), np.int32(head_dim))
+    return make_launch("block_mean.cu", f"block_mean<{element}, {width}>", grid, (_REDUCE_THREADS,), tail)
 
 
 def block_mean(x, block_sizes):
@@ -174,11 +206,17 @@ def select_topk(scores, topk: int, softmax: bool = False):
     with scores.device:
         q2k_idx = _alloc((*lead, topk), np.int32)
         q2k_num = _alloc(tuple(lead), np.int32)
-        _check_index_range("scores", rows, "rows")
         if rows:
-            args = (scores, q2k_idx, q2k_num, np.int32(num_kv), np.int32(topk))
-            get_function("topk.cu", f"select_topk<{'true' if softmax else 'false'}>")((rows,), (_TOPK_THREADS,), args)
+            topk_launch(rows, num_kv, topk, softmax)((scores, q2k_idx, q2k_num))
     return q2k_idx, q2k_num
+
+
+def topk_launch(rows: int, num_kv: int, topk: int, softmax: bool) -> Launch:
+    """The :class:`Launch` of topk.cu over ``rows`` rows of ``num_kv`` scores; pointers (scores,
+    q2k_idx, q2k_num)."""
+    _check_index_range("scores", rows, "rows")
+    return make_launch("topk.cu", f"select_topk<{'true' if softmax else 'false'}>", (rows,), (_TOPK_THREADS,),
+                       (np.int32(num_kv), np.int32(topk)))
 
 
 def select_topk_softmax_(scores, topk: int):
@@ -243,17 +281,24 @@ def _launch_gemm(a, b, out, transpose_a: bool, transpose_b: bool, alpha: float, 
     device (see :func:`matmul`, which checks the operands)."""
     *lead, m, n = out.shape
     k = a.shape[-2] if transpose_a else a.shape[-1]
-    batches = math.prod(lead)
+    gemm_launch(m, n, k, math.prod(lead), transpose_a, transpose_b, alpha, tile, row_divisor)((a, b, out))
+    return out
+
+
+def gemm_launch(m: int, n: int, k: int, batches: int, transpose_a: bool, transpose_b: bool, alpha: float,
+                tile: tuple, row_divisor=None) -> Launch:
+    """The :class:`Launch` of gemm_f32.cu with output tiles ``tile`` = (BM, BN) for ``batches``
+    products [m, k] x [k, n]; pointers (a, b, out).  ``row_divisor`` (an int32 array, or None)
+    is one of the fixed arguments, as the kernel takes it after the scalars."""
     bm, bn = tile
     grid = (-(-n // bn), -(-m // bm), min(batches, _MAX_GRID_Y))
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(f"a: expected at most {_MAX_GRID_Y * bm} rows (m), got {m}")
     flag = lambda t: "true" if t else "false"  # noqa: E731
-    kernel = get_function("gemm_f32.cu", f"gemm_f32<{flag(transpose_a)}, {flag(transpose_b)}, {bm}, {bn}>")
-    divisor, period = (np.uintp(0), 1) if row_divisor is None else (row_divisor, row_divisor.shape[0])
-    kernel(grid, (_GEMM_THREADS,), (a, b, out, np.int32(m), np.int32(n), np.int32(k), np.int32(batches), np.float32(alpha),
-                                    divisor, np.int32(period)))
-    return out
+    divisor, period = (_NULL, 1) if row_divisor is None else (row_divisor, row_divisor.shape[0])
+    tail = (np.int32(m), np.int32(n), np.int32(k), np.int32(batches), np.float32(alpha), divisor, np.int32(period))
+    return make_launch("gemm_f32.cu", f"gemm_f32<{flag(transpose_a)}, {flag(transpose_b)}, {bm}, {bn}>", grid,
+                       (_GEMM_THREADS,), tail)
 
 
 def matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0, row_divisor=None):
@@ -340,6 +385,20 @@ def coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None, out=None, 
         name = f"coarse_grad<{element}, {width}, {flag(gated)}, {flag(rows)}>"
         get_function("coarse_grad.cu", name)(grid, (_REDUCE_THREADS,), args)
     return d_coarse, dgate, terms
+
+
+def vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float, out=None, keep: bool = True):
+    """The whole VSA forward in five prepared launches: see :mod:`vsa_nd.backends.cuda_vsa`."""
+    from .cuda_vsa import vsa_forward as launch
+
+    return launch(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale, out, keep)
+
+
+def current_device() -> int:
+    """CuPy's (the CUDA runtime's) current device."""
+    import cupy
+
+    return cupy.cuda.runtime.getDevice()
 
 
 def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None, q_block_sizes=None):

@@ -13,12 +13,13 @@ import functools
 import math
 import os
 import threading
+from typing import NamedTuple
 
 import numpy as np
 
 from .._xp import BFLOAT16
 from ..kernels import get_function
-from .cuda import _MAX_GRID_Y, _check_index_range
+from .cuda import _MAX_GRID_Y, Launch, _check_index_range, make_launch
 
 _CUDA_TYPES = {np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16"}
 _HEAD_DIMS = (64, 128)
@@ -277,31 +278,59 @@ def _tma_ready(*arrays) -> bool:
 def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None, q_block_sizes=None):
     """See :mod:`vsa_nd.backends`: (out [B, H, Sq_pad, D] q.dtype, lse [B, H, Sq_pad] float32)."""
     b, h, q_len, d = q.shape
-    h_kv, kv_len = k.shape[1], k.shape[2]
     tile_volume = q_len // q2k_idx.shape[2]
-    ctype = check_kernel_support(q, tile_volume, k=k, v=v, gate=gate)
+    check_kernel_support(q, tile_volume, k=k, v=v, gate=gate)
     with q.device:
         out = _alloc(q.shape, q.dtype) if out is None else out
         lse = _alloc((b, h, q_len), np.float32)
-        coarse = _float32(coarse)
-        args = (
-            q, k, v, q2k_idx, q2k_num, kv_block_sizes, _null_or(q_block_sizes), _null_or(coarse), _null_or(gate),
-            out, lse,
-            np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len), np.int32(q2k_idx.shape[3]),
-            np.int32(tile_volume), np.float32(scale * _LOG2E),
-        )
-        tile_bytes = _BLOCK_M * d * q.dtype.itemsize
-        if _use_wgmma(FORWARD_KERNEL) and _tma_ready(k, v):  # else the portable kernel
-            # K and V by TMA: Q, K and V tiles plus two 8-byte barriers.
-            maps = (_TensorMap(k, b * h_kv * kv_len), _TensorMap(v, b * h_kv * kv_len))
-            kernel = get_function("attention_fwd_sm90.cu", f"block_sparse_fwd_sm90<{ctype}, {d}>")
-            smem, args = 3 * tile_bytes + 16, (maps[0].arg, maps[1].arg) + args
-        else:
-            kernel = get_function("attention_fwd.cu", f"block_sparse_fwd<{ctype}, {d}>")
-            smem = 5 * tile_bytes  # Q and two stages of K and V
-        kernel.max_dynamic_shared_size_bytes = smem
-        kernel((q_len // _BLOCK_M, b * h), (128,), args, shared_mem=smem)
+        launch = forward_launch(q.shape, k.shape, q.dtype, q2k_idx.shape[3], tile_volume, scale, FORWARD_KERNEL)
+        launch((q, k, v, q2k_idx, q2k_num, kv_block_sizes, _null_or(q_block_sizes), _null_or(_float32(coarse)),
+                _null_or(gate), out, lse), k.data.ptr, v.data.ptr)
     return out, lse
+
+
+class ForwardLaunch(NamedTuple):
+    """The fine stage's :class:`~vsa_nd.backends.cuda.Launch` (attention_fwd*.cu), made by
+    :func:`forward_launch`.  Called with the pointers (q, k, v, q2k_idx, q2k_num, kv_block_sizes,
+    q_block_sizes or null, coarse or null, gate or null, out, lse) and the addresses of k and v,
+    whose TMA maps the Hopper kernel takes first (``tma_rows`` > 0: the rows of those maps)."""
+
+    launch: Launch
+    tma_rows: int
+    head_dim: int
+    dtype: np.dtype
+    device_id: int
+
+    def __call__(self, pointers: tuple, k_address: int, v_address: int, stream=None):
+        if self.tma_rows:
+            maps = (_encoded_map(a, self.tma_rows, self.head_dim, self.dtype, self.device_id).arg
+                    for a in (k_address, v_address))
+            pointers = (*maps, *pointers)
+        self.launch(pointers, stream)
+
+
+def forward_launch(q_shape: tuple, kv_shape: tuple, dtype, list_len: int, tile_volume: int, scale: float,
+                   kernel_choice: str) -> ForwardLaunch:
+    """The :class:`ForwardLaunch` of the fine stage on CuPy's current device for q [B, H, Sq_pad, D],
+    k and v ``kv_shape`` [B, H_kv, Skv_pad, D] of ``dtype``, index lists of ``list_len`` entries:
+    the wgmma kernel with K and V by TMA on Hopper (``kernel_choice`` "auto"), else the portable one."""
+    import cupy
+
+    b, h, q_len, d = q_shape
+    h_kv, kv_len = kv_shape[1], kv_shape[2]
+    dtype = np.dtype(dtype)
+    tail = (np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len), np.int32(list_len), np.int32(tile_volume),
+            np.float32(scale * _LOG2E))
+    grid, tile_bytes, ctype = (q_len // _BLOCK_M, b * h), _BLOCK_M * d * dtype.itemsize, _CUDA_TYPES[dtype]
+    tma_rows = b * h_kv * kv_len
+    if _use_wgmma(kernel_choice) and tma_rows < 2**31:  # TMA coordinates are int32; else the portable kernel
+        # K and V by TMA: Q, K and V tiles plus two 8-byte barriers.
+        launch = make_launch("attention_fwd_sm90.cu", f"block_sparse_fwd_sm90<{ctype}, {d}>", grid, (128,), tail,
+                             3 * tile_bytes + 16)
+    else:  # Q and two stages of K and V
+        launch, tma_rows = make_launch("attention_fwd.cu", f"block_sparse_fwd<{ctype}, {d}>", grid, (128,), tail,
+                                       5 * tile_bytes), 0
+    return ForwardLaunch(launch, tma_rows, d, dtype, cupy.cuda.runtime.getDevice())
 
 
 _MARK_THREADS = 256  # MARK_THREADS in kv_lists.cu (kv_lists_clean, _mark and _rank)

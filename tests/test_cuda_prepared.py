@@ -1,0 +1,302 @@
+"""The VSA forward's prepared launches (``vsa_nd.backends.cuda_vsa``) and the fast paths that
+run them for a call like one checked before: ``vsa_nd.video_sparse_attn`` on CuPy arrays and the
+torch adapter on CUDA tensors (GPU only).
+
+A fast-path call skips every check but those of its arrays' memory, so each test here makes a
+first call (checked) and then more with fresh random inputs of the same signature, and holds
+them to the reference, to the checked path bit for bit, and to the checked path's errors."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import vsa_nd
+from vsa_nd import ops, reference
+from vsa_nd._xp import BFLOAT16
+
+from attention_problems import problems, random_inputs
+
+pytestmark = pytest.mark.gpu
+
+TOLERANCE = {np.dtype(np.float16): 1e-2, BFLOAT16: 2e-2}
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every array the CUDA backend allocates (the forward's results and its workspace) starts as NaN bytes."""
+    import cupy
+
+    from vsa_nd.backends import cuda, cuda_attention
+
+    def alloc(shape, dtype):
+        out = cupy.empty(shape, dtype)
+        out.view(cupy.uint8).fill(0xFF)  # NaN in every float type, -1 in int32
+        return out
+
+    monkeypatch.setattr(cuda, "_alloc", alloc)
+    monkeypatch.setattr(cuda_attention, "_alloc", alloc)
+
+
+def _rel_err(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1.0)
+
+
+@pytest.fixture
+def checked_calls(monkeypatch):
+    """A list that grows by one at each checked call of ``vsa_nd.video_sparse_attn`` (the other
+    calls take the fast path), with no call checked before."""
+    checked = []
+    full = ops._video_sparse_attn
+
+    def counted(*args, **kwargs):
+        checked.append(1)
+        return full(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "_video_sparse_attn", counted)
+    monkeypatch.setattr(ops, "_CHECKED_FORWARDS", {})
+    return checked
+
+
+@given(problems(max_tokens=1200, groups=(1, 3)), st.data())
+def test_later_calls_take_the_fast_path_and_match_the_reference(poisoned, checked_calls, p, data):
+    """Three calls of one signature on fresh inputs: the first checked, the others on the fast
+    path; each against the reference (pad rows 0, lse -inf), the context's small arrays equal to
+    the checked call's on the same inputs, and the backward of a fast-path context equal to the
+    checked one's, bit for bit."""
+    import cupy
+
+    ops._CHECKED_FORWARDS.clear()
+    checked_calls.clear()
+    q_plan, kv_plan = p["q_plan"].to("cuda:0"), p["kv_plan"].to("cuda:0")
+    same_sizes = q_plan is kv_plan and data.draw(st.booleans(), label="kv_block_sizes left to default")
+    kv_sizes = None if same_sizes else kv_plan.variable_block_sizes
+    scale = data.draw(st.sampled_from([None, 0.05]))
+    with_context = data.draw(st.booleans(), label="return_context")
+    q_sizes, kv_host = p["q_plan"].variable_block_sizes, p["kv_plan"].variable_block_sizes
+    real = reference.valid_slots(q_sizes, p["volume"])
+    for call in range(3):
+        rng = np.random.default_rng(p["seed"] + call)
+        q, k, v = random_inputs(p, rng)
+        gate = rng.standard_normal(q.shape).astype(p["dtype"]) if p["gated"] else None
+        gpu = lambda x: None if x is None else cupy.asarray(x)  # noqa: E731
+        args = (gpu(q), gpu(k), gpu(v), p["topk"], q_plan.variable_block_sizes, kv_sizes)
+        result = vsa_nd.video_sparse_attn(*args, gate=gpu(gate), scale=scale, return_context=with_context)
+        assert len(checked_calls) == 1
+        out = cupy.asnumpy(result[0] if with_context else result)
+        ref = reference.video_sparse_attn(q, k, v, q_sizes, kv_host, p["topk"], p["volume"], scale=scale, gate=gate)
+        assert (np.asarray(out[:, :, ~real], np.float32) == 0).all()
+        assert np.isfinite(np.asarray(out, np.float32)).all()
+        assert _rel_err(out[:, :, real], ref.out[:, :, real]) <= TOLERANCE[p["dtype"]]
+        if not with_context:
+            continue
+        context = result[1]
+        assert context.kv_block_sizes is (kv_sizes if kv_sizes is not None else q_plan.variable_block_sizes)
+        # The checked path on the same inputs (a new out buffer makes the call a checked one).
+        expected_out, expected = vsa_nd.video_sparse_attn(*args, gate=gpu(gate), scale=scale, return_context=True,
+                                                          out=cupy.empty_like(args[0]))
+        for name in ("out", "lse", "q2k_idx", "q2k_num", "q_mean", "k_mean", "v_mean", "coarse_probs", "coarse"):
+            got, want = getattr(context, name), getattr(expected, name)
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert cupy.array_equal(got.view(np.uint8), want.view(np.uint8)), name
+        dout = gpu(rng.standard_normal(q.shape).astype(p["dtype"]))
+        for got, want in zip(vsa_nd.video_sparse_attn_backward(dout, context),
+                             vsa_nd.video_sparse_attn_backward(dout, expected)):
+            assert (got is None) == (want is None)
+            if got is not None:
+                assert cupy.array_equal(got.view(np.uint8), want.view(np.uint8))
+        del checked_calls[1:]  # the call with out=, checked
+
+
+def _problem(dtype=BFLOAT16, heads=4, kv_heads=2, dim=64, seed=0):
+    import cupy
+
+    plan = vsa_nd.tile_plan((4, 6, 8), (4, 4, 4), device="cuda:0")
+    rng = np.random.default_rng(seed)
+    q, gate = (cupy.asarray(rng.standard_normal((1, heads, plan.padded_len, dim)).astype(dtype)) for _ in range(2))
+    k, v = (cupy.asarray(rng.standard_normal((1, kv_heads, plan.padded_len, dim)).astype(dtype)) for _ in range(2))
+    return plan, q, k, v, gate
+
+
+def test_fast_path_refers_memory_it_cannot_take_to_the_checks(checked_calls):
+    """After a checked call, a call of the same signature whose arrays are not contiguous, not
+    16-byte aligned or on another current device goes through every check again, and gets its
+    error there."""
+    import cupy
+
+    checked = checked_calls
+    plan, q, k, v, gate = _problem()
+    sizes = plan.variable_block_sizes
+    vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate)
+    vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate)
+    assert len(checked) == 1
+    strided = cupy.empty((1, 4, plan.padded_len, 128), q.dtype)[..., ::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        vsa_nd.video_sparse_attn(strided, k, v, 3, sizes, gate=gate)
+    shifted = cupy.empty(q.size + 1, q.dtype)[1:].reshape(q.shape)
+    shifted[...] = q
+    with pytest.raises(ValueError, match="16-byte boundary"):
+        vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=shifted)
+    assert len(checked) == 3
+    # A topk or scale of another type than the checked call's is checked again: bool is refused.
+    with pytest.raises(TypeError, match="scale"):
+        vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate, scale=True)
+    vsa_nd.video_sparse_attn(q, k, v, 1, sizes, gate=gate)
+    with pytest.raises(TypeError, match="topk"):
+        vsa_nd.video_sparse_attn(q, k, v, True, sizes, gate=gate)
+    # Block sizes equal to the plan's but not its own array: checked on every call.
+    copied = cupy.array(sizes)
+    before = len(checked)
+    for _ in range(2):
+        vsa_nd.video_sparse_attn(q, k, v, 3, copied, gate=gate)
+    assert len(checked) == before + 2
+
+
+def test_fast_path_follows_the_kernel_choice(checked_calls, monkeypatch):
+    """The prepared launches are per kernel choice: switching FORWARD_KERNEL between two calls of
+    one signature runs the portable kernel, with the same results within the tolerance."""
+    import cupy
+
+    from vsa_nd.backends import cuda_attention
+
+    plan, q, k, v, gate = _problem()
+    sizes = plan.variable_block_sizes
+    made = []
+    make_launch = cuda_attention.make_launch
+
+    def recorded(source, *args, **kwargs):
+        made.append(source)
+        return make_launch(source, *args, **kwargs)
+
+    monkeypatch.setattr(cuda_attention, "make_launch", recorded)
+    first = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate, scale=0.11)
+    monkeypatch.setattr(cuda_attention, "FORWARD_KERNEL", "mma")
+    second = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate, scale=0.11)
+    assert len(checked_calls) == 1 and made[-1] == "attention_fwd.cu"
+    assert _rel_err(cupy.asnumpy(second), cupy.asnumpy(first)) <= TOLERANCE[BFLOAT16]
+
+
+def test_fast_path_is_ordered_on_the_current_stream(checked_calls):
+    """A fast-path call on a side stream reads inputs written on that stream and its result is
+    the default stream's, bit for bit."""
+    import cupy
+
+    plan, q, k, v, gate = _problem(seed=3)
+    sizes = plan.variable_block_sizes
+    vsa_nd.video_sparse_attn(q, k, v, 2, sizes, gate=gate)  # checked
+    expected = vsa_nd.video_sparse_attn(q, k, v, 2, sizes, gate=gate)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        q2 = cupy.empty_like(q)
+        q2[...] = q
+        got = vsa_nd.video_sparse_attn(q2, k, v, 2, sizes, gate=gate)
+    stream.synchronize()
+    assert len(checked_calls) == 1
+    assert cupy.array_equal(got.view(np.uint16), expected.view(np.uint16))
+
+
+# ---------------------------------------------------------------------------------------
+# The torch adapter's fast path.
+
+
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_torch_fast_path_matches_the_checked_path(needs_grad, monkeypatch):
+    """Torch calls of one signature: the first through vsa_nd's checks, later ones on the
+    prepared launches with torch's allocator (poisoned here); outputs, the autograd context and
+    gradients equal the checked path's bit for bit, on fresh inputs each call."""
+    torch = pytest.importorskip("torch")
+    import vsa_nd.adapters.torch as vt
+
+    monkeypatch.setattr(vt, "_CHECKED_FORWARDS", {})
+    empty = vt._empty
+
+    def poisoned(shape, dtype, device):
+        out = empty(shape, dtype, device)
+        out.view(torch.uint8).fill_(0xFF)
+        return out
+
+    monkeypatch.setattr(vt, "_empty", poisoned)
+    prepared = []
+    run = vt._prepared_forward
+
+    def recorded(*args):
+        results = run(*args)
+        prepared.append(results is not None)
+        return results
+
+    monkeypatch.setattr(vt, "_prepared_forward", recorded)
+    plan = vt.tile_plan((4, 6, 8), (4, 4, 4), device="cuda")
+    sizes = plan.variable_block_sizes
+    generator = torch.Generator(device="cuda")
+    for seed in range(3):
+        generator.manual_seed(seed)
+        x = [torch.randn(1, plan.seq_len, h, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+             for h in (4, 2, 2, 4)]
+        q, k, v, g = (vt.tile(t, plan).requires_grad_(needs_grad) for t in x)
+        out = vt.video_sparse_attn(q, k, v, 3, sizes, gate=g)
+        # The checked path on the same inputs: the custom op (under a function mode) never takes the fast path.
+        with torch.device("cuda"):
+            expected = vt.video_sparse_attn(q, k, v, 3, sizes, gate=g)
+        assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+        if needs_grad:
+            dout = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=generator)
+            for got, want in zip(torch.autograd.grad(out, (q, k, v, g), dout),
+                                 torch.autograd.grad(expected, (q, k, v, g), dout)):
+                assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert prepared[0::2] == [False, True, True]  # (the calls under the function mode never are)
+
+
+def test_torch_fast_path_leaves_changed_plan_tensors_to_the_checked_path(monkeypatch):
+    """A plan's block-size tensor changed in place (its version counter moved) no longer stands
+    for the plan's array: the next call takes the checked path."""
+    torch = pytest.importorskip("torch")
+    import vsa_nd.adapters.torch as vt
+
+    monkeypatch.setattr(vt, "_CHECKED_FORWARDS", {})
+    prepared = []
+    run = vt._prepared_forward
+    monkeypatch.setattr(vt, "_prepared_forward", lambda *args: prepared.append(run(*args)) or prepared[-1])
+    plan = vt.tile_plan((4, 6, 9), (4, 4, 4), device="cuda")
+    q, k, v, g = (vt.tile(torch.randn(1, plan.seq_len, 2, 64, device="cuda", dtype=torch.float16), plan)
+                  for _ in range(4))
+    sizes = plan.variable_block_sizes
+    for _ in range(2):
+        vt.video_sparse_attn(q, k, v, 2, sizes, gate=g)
+    assert [r is not None for r in prepared] == [False, True]  # checked, then prepared
+    sizes.add_(0)  # the same values, a new version
+    try:
+        vt.video_sparse_attn(q, k, v, 2, sizes, gate=g)
+        assert [r is not None for r in prepared] == [False, True, False]
+    finally:  # the plan's tensor trusted again, at its new version, for whoever uses this plan next
+        entry = vt._PLAN_BLOCK_SIZES[id(sizes)]
+        vt._PLAN_BLOCK_SIZES[id(sizes)] = (sizes, entry[1], sizes._version)
+
+
+def test_torch_fast_path_under_cuda_graph_capture():
+    """The fast path allocates from torch's allocator on the capturing stream: a captured call
+    replays with new inputs and gives the eager call's results."""
+    torch = pytest.importorskip("torch")
+    import vsa_nd.adapters.torch as vt
+
+    plan = vt.tile_plan((4, 6, 8), (4, 4, 4), device="cuda")
+    sizes = plan.variable_block_sizes
+    static = [vt.tile(torch.randn(1, plan.seq_len, 2, 64, device="cuda", dtype=torch.bfloat16), plan) for _ in range(4)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # checked, then the fast path
+            vt.video_sparse_attn(*static[:3], 3, sizes, gate=static[3])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = vt.video_sparse_attn(*static[:3], 3, sizes, gate=static[3])
+    for seed in range(2):
+        fresh = [vt.tile(torch.randn(1, plan.seq_len, 2, 64, device="cuda", dtype=torch.bfloat16,
+                                     generator=torch.Generator(device="cuda").manual_seed(seed + 10 * i)), plan)
+                 for i in range(4)]
+        for s, f in zip(static, fresh):
+            s.copy_(f)
+        graph.replay()
+        expected = vt.video_sparse_attn(*fresh[:3], 3, sizes, gate=fresh[3])
+        assert torch.equal(captured.view(torch.int16), expected.view(torch.int16))

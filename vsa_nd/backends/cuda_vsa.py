@@ -1,0 +1,128 @@
+"""The VSA forward on CUDA as one prepared sequence of five launches.
+
+:func:`vsa_nd.video_sparse_attn` is, on the GPU, five kernel launches: the tile means of q, k and
+v (block_mean.cu); the coarse scores ``scale * q_mean k_mean^T`` (gemm_f32.cu); the top-k
+selection, which also turns the scores into their row softmax in place (topk.cu); the coarse
+output ``probs v_mean`` (gemm_f32.cu); the fine attention with the coarse combine
+(attention_fwd*.cu).  Everything about them but the pointers follows from the problem: shapes,
+dtype, top-k, scale, device and kernel choice.  :func:`forward_launches` works it out once per
+problem (cached), so that a call is its allocations and five launches: on small problems,
+where the whole call is host time, that is about a third of the host time of building each
+launch afresh.
+
+Two callers run them: :func:`vsa_forward` on CuPy arrays (what ``vsa_nd.video_sparse_attn``
+does on CuPy), and the torch adapter on CUDA tensors' addresses, with buffers from torch's
+allocator.  Nothing here checks its inputs: :mod:`vsa_nd.ops` (or, for a call it has checked
+before, the cheap checks of its fast path) does.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from . import cuda, cuda_attention
+
+# The forward's results, in the order of ForwardLaunches.results (out, then the VSAContext's small arrays).
+RESULTS = ("out", "lse", "q2k_idx", "q2k_num", "q_mean", "k_mean", "v_mean", "coarse_probs", "coarse")
+_ALIGN = 256  # bytes: where each result starts in a shared workspace (CuPy's and torch's allocators align as much)
+
+
+class ForwardLaunches(NamedTuple):
+    """The five launches of one problem's forward (see the module docstring) and its results'
+    shapes: ``results`` holds a (shape, NumPy dtype) pair per name of :data:`RESULTS`;
+    ``offsets`` and ``workspace_bytes`` place every result but ``out`` in one byte buffer, for
+    calls that keep none of them."""
+
+    means: object  # cuda.Launch, or None when there is nothing to average
+    scores: cuda.Launch
+    select: cuda.Launch
+    coarse: cuda.Launch
+    fine: cuda_attention.ForwardLaunch
+    results: tuple
+    offsets: tuple
+    workspace_bytes: int
+
+    def __call__(self, q: int, k: int, v: int, gate: int, q_block_sizes: int, kv_block_sizes: int, results: tuple,
+                 stream=None):
+        """Launch on ``stream`` (None: CuPy's current stream), with the launches' device current.
+
+        Every argument is an address (``gate`` 0 for none); ``results`` holds the nine results'
+        buffers' addresses in :data:`RESULTS` order."""
+        q, k, v, gate, q_sizes, kv_sizes = (np.uintp(a) for a in (q, k, v, gate, q_block_sizes, kv_block_sizes))
+        out, lse, q2k_idx, q2k_num, q_mean, k_mean, v_mean, probs, coarse = (np.uintp(a) for a in results)
+        if self.means is not None:
+            self.means((q, k, v, q_mean, k_mean, v_mean, q_sizes, kv_sizes, kv_sizes), stream)
+        self.scores((q_mean, k_mean, probs), stream)
+        self.select((probs, q2k_idx, q2k_num), stream)
+        self.coarse((probs, v_mean, coarse), stream)
+        self.fine((q, k, v, q2k_idx, q2k_num, kv_sizes, q_sizes, coarse, gate, out, lse), int(k), int(v), stream)
+
+
+@functools.lru_cache(maxsize=256)
+def forward_launches(q_shape: tuple, kv_shape: tuple, dtype: np.dtype, num_q_blocks: int, num_kv_blocks: int,
+                     topk: int, scale: float, device_id: int, kernel_choice: str) -> ForwardLaunches:
+    """The :class:`ForwardLaunches` of a checked problem: q [B, H, Sq_pad, D] and k, v ``kv_shape``
+    [B, H_kv, Skv_pad, D] of ``dtype`` (float16 or bfloat16; every array 16-byte aligned), N_q and
+    N_kv tiles, ``topk``, the softmax ``scale``, on ``device_id`` (which must be CuPy's current
+    device), with ``kernel_choice`` (``cuda_attention.FORWARD_KERNEL``) for the fine stage.
+    Raises what the launchers raise for problems the kernels cannot index."""
+    b, h, q_len, d = q_shape
+    h_kv = kv_shape[1]
+    group = h // h_kv
+    volume = q_len // num_q_blocks
+    f32, i32 = np.dtype(np.float32), np.dtype(np.int32)
+    results = (
+        (q_shape, dtype),  # out
+        ((b, h, q_len), f32),  # lse
+        ((b, h, num_q_blocks, topk), i32),  # q2k_idx
+        ((b, h, num_q_blocks), i32),  # q2k_num
+        ((b, h, num_q_blocks, d), f32),  # q_mean
+        ((b, h_kv, num_kv_blocks, d), f32),  # k_mean
+        ((b, h_kv, num_kv_blocks, d), f32),  # v_mean
+        ((b, h, num_q_blocks, num_kv_blocks), f32),  # coarse_probs
+        ((b, h, num_q_blocks, d), f32),  # coarse
+    )
+    offsets, end = [], 0
+    for shape, result_dtype in results[1:]:
+        offsets.append(end)
+        end += -(-math.prod(shape) * result_dtype.itemsize // _ALIGN) * _ALIGN
+    element = cuda_attention._CUDA_TYPES[dtype]
+    means = cuda.block_mean_launch(element, cuda._VECTOR_BYTES // dtype.itemsize, d, volume,
+                                   [b * h * num_q_blocks, b * h_kv * num_kv_blocks, b * h_kv * num_kv_blocks],
+                                   [num_q_blocks, num_kv_blocks, num_kv_blocks])
+    # The coarse products in the grouped layout of ops._coarse_scores: the query heads of a kv
+    # group side by side, [B, H_kv, G * N_q, .], so shared kv heads are not copied.
+    sm_count, batches, rows = cuda._sm_count(device_id), b * h_kv, group * num_q_blocks
+    scores = cuda.gemm_launch(rows, num_kv_blocks, d, batches, False, True, scale,
+                              cuda._gemm_tile(rows, num_kv_blocks, batches, sm_count))
+    select = cuda.topk_launch(b * h * num_q_blocks, num_kv_blocks, topk, softmax=True)
+    coarse = cuda.gemm_launch(rows, d, num_kv_blocks, batches, False, False, 1.0, cuda._gemm_tile(rows, d, batches, sm_count))
+    fine = cuda_attention.forward_launch(q_shape, kv_shape, dtype, topk, volume, scale, kernel_choice)
+    return ForwardLaunches(means, scores, select, coarse, fine, results, tuple(offsets), end)
+
+
+def vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float, out=None, keep: bool = True):
+    """The forward on checked CuPy arrays, on CuPy's current device (q's) and stream: a tuple of
+    the nine results of :data:`RESULTS` (``out`` filled when given); with ``keep`` False only
+    ``out``, the rest in a workspace freed on return."""
+    launches = forward_launches(q.shape, k.shape, np.dtype(q.dtype), len(q_block_sizes), len(kv_block_sizes), topk,
+                                scale, q.data.device_id, cuda_attention.FORWARD_KERNEL)
+    (out_shape, out_dtype), *small = launches.results
+    # Allocated as the launchers' own results are (out and lse by cuda_attention, the rest by
+    # cuda), so a test that poisons either allocator sees these too.
+    out = cuda_attention._alloc(out_shape, out_dtype) if out is None else out
+    if keep:
+        lse = cuda_attention._alloc(*small[0])
+        results = (out, lse, *(cuda._alloc(shape, dtype) for shape, dtype in small[1:]))
+        addresses = tuple(r.data.ptr for r in results)
+    else:  # (kept until the launches are queued; freed on return, in the stream's order)
+        workspace = cuda._alloc((launches.workspace_bytes,), np.uint8)
+        results = (out,)
+        addresses = (out.data.ptr, *(workspace.data.ptr + offset for offset in launches.offsets))
+    launches(q.data.ptr, k.data.ptr, v.data.ptr, 0 if gate is None else gate.data.ptr, q_block_sizes.data.ptr,
+             kv_block_sizes.data.ptr, addresses)
+    return results
