@@ -481,12 +481,46 @@ def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, q_block_size
 
 def _tile(x: Tensor, seq_shape: list[int], tile_shape: list[int]) -> Tensor:
     """x [B, S, H, D] -> [B, H, S_pad, D], pads zero."""
-    return _run(_tile_arrays, x, seq_shape=tuple(seq_shape), tile_shape=tuple(tile_shape))
+    return _reordered("tile", _tile_arrays, x, tuple(seq_shape), tuple(tile_shape))
 
 
 def _untile(y: Tensor, seq_shape: list[int], tile_shape: list[int]) -> Tensor:
     """y [B, H, S_pad, D] -> [B, S, H, D]."""
-    return _run(_untile_arrays, y, seq_shape=tuple(seq_shape), tile_shape=tuple(tile_shape))
+    return _reordered("untile", _untile_arrays, y, tuple(seq_shape), tuple(tile_shape))
+
+
+# tile and untile's side of the prepared path (see _CHECKED_FORWARDS): a CUDA call whose kind,
+# shape, dtype, device and plan shapes equal those of a checked call only checks contiguity and
+# the current device, and launches tile.cu on the addresses, into a tensor of torch's allocator.
+class _CheckedReorder(NamedTuple):
+    index: object  # the CuPy plan's slot_token_index (tile) or untile_index (untile)
+    shape: tuple  # the result's
+    other_len: int  # S_pad (tile) or S (untile): see vsa_nd.backends.cuda.reorder
+
+
+_CHECKED_REORDERS: dict = {}  # (kind, shape, dtype, device index, seq_shape, tile_shape) -> _CheckedReorder
+
+
+def _reordered(kind: str, arrays_fn, x: Tensor, seq_shape: tuple, tile_shape: tuple) -> Tensor:
+    """tile or untile of ``x`` (``arrays_fn`` on its arrays), by the prepared path where it may."""
+    if not x.is_cuda:
+        return _run(arrays_fn, x, seq_shape=seq_shape, tile_shape=tile_shape)
+    index = x.get_device()
+    key = (kind, x.shape, x.dtype, index, seq_shape, tile_shape)
+    checked = _CHECKED_REORDERS.get(key)
+    if checked is not None and x.is_contiguous() and torch._C._cuda_getDevice() == index:
+        out = _empty(checked.shape, x.dtype, x.device)
+        _cuda_backend()[0].reorder(kind, x.data_ptr(), checked.index.data.ptr, out.data_ptr(), x.shape, x.element_size(),
+                                   checked.other_len, _cupy_stream(index))
+        return out
+    out = _run(arrays_fn, x, seq_shape=seq_shape, tile_shape=tile_shape)
+    if len(_CHECKED_REORDERS) >= _CHECKED_FORWARDS_MAX:
+        _CHECKED_REORDERS.clear()
+    plan = _array_plan(seq_shape, tile_shape, _device_key(x.device))
+    other_len = out.shape[2] if kind == "tile" else out.shape[1]
+    _CHECKED_REORDERS[key] = _CheckedReorder(plan.slot_token_index if kind == "tile" else plan.untile_index,
+                                             tuple(out.shape), other_len)
+    return out
 
 
 def _tile_into(x: Tensor, out: Tensor, seq_shape: list[int], tile_shape: list[int]) -> None:
@@ -686,10 +720,10 @@ def _remember_checked(signature: tuple, q, k, q_block_sizes, kv_block_sizes, top
 
 @functools.cache
 def _cuda_backend():
-    """(vsa_nd.backends.cuda_attention, vsa_nd.backends.cuda_vsa), imported on first use (they import CuPy)."""
-    from vsa_nd.backends import cuda_attention, cuda_vsa
+    """(vsa_nd.backends.cuda, .cuda_attention, .cuda_vsa), imported on first use (they import CuPy)."""
+    from vsa_nd.backends import cuda, cuda_attention, cuda_vsa
 
-    return cuda_attention, cuda_vsa
+    return cuda, cuda_attention, cuda_vsa
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -713,7 +747,7 @@ def _prepared_forward(signature: tuple, q, k, v, gate):
             return None
     if _mode_active():  # (see _plain_eager)
         return None
-    cuda_attention, cuda_vsa = _cuda_backend()
+    _, cuda_attention, cuda_vsa = _cuda_backend()
     launches = cuda_vsa.forward_launches(*checked.problem, cuda_attention.FORWARD_KERNEL)
     needs_grad = signature[-1]
     device = q.device

@@ -300,3 +300,68 @@ def test_torch_fast_path_under_cuda_graph_capture():
         graph.replay()
         expected = vt.video_sparse_attn(*fresh[:3], 3, sizes, gate=fresh[3])
         assert torch.equal(captured.view(torch.int16), expected.view(torch.int16))
+
+
+# ---------------------------------------------------------------------------------------
+# tile and untile.
+
+
+def test_tile_and_untile_fast_paths_match_the_host(poisoned, monkeypatch):
+    """Repeated tile/untile calls of one signature on CuPy arrays (the first checked, the others
+    prepared, into poisoned buffers), with an input that starts 2 bytes into its allocation
+    among them (a narrower copy unit), equal the NumPy backend's results; a strided input of
+    the same shape is refused by the checks."""
+    import cupy
+
+    monkeypatch.setattr(ops, "_CHECKED_REORDERS", {})
+    plan = vsa_nd.tile_plan((3, 5, 6), (2, 4, 4), device="cuda:0")
+    host_plan = plan.to("cpu")
+    shape = (2, plan.seq_len, 3, 40)
+    rng = np.random.default_rng(5)
+    for call in range(4):
+        x = rng.standard_normal(shape).astype(np.float16)
+        if call == 2:  # 2 bytes in: the copy unit drops from 16 bytes to 2
+            device_x = cupy.empty(x.size + 1, x.dtype)[1:].reshape(shape)
+            device_x.set(x)
+        else:
+            device_x = cupy.asarray(x)
+        tiled = vsa_nd.tile(device_x, plan)
+        expected = vsa_nd.tile(x, host_plan)
+        assert np.array_equal(cupy.asnumpy(tiled).view(np.uint16), expected.view(np.uint16))
+        back = vsa_nd.untile(tiled, plan)
+        assert np.array_equal(cupy.asnumpy(back).view(np.uint16), x.view(np.uint16))
+    assert len(ops._CHECKED_REORDERS) == 2
+    strided = cupy.empty((2, plan.seq_len, 3, 80), np.float16)[..., ::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        vsa_nd.tile(strided, plan)
+
+
+def test_torch_tile_and_untile_fast_paths_match_the_checked_path(monkeypatch):
+    """Repeated torch tile/untile calls on CUDA (the first checked, the others prepared, into
+    poisoned buffers; with and without grad) equal the CPU adapter's results, and the gradient
+    through tile is untile's."""
+    torch = pytest.importorskip("torch")
+    import vsa_nd.adapters.torch as vt
+
+    monkeypatch.setattr(vt, "_CHECKED_REORDERS", {})
+    empty = vt._empty
+
+    def poisoned(shape, dtype, device):
+        out = empty(shape, dtype, device)
+        out.view(torch.uint8).fill_(0xFF)
+        return out
+
+    monkeypatch.setattr(vt, "_empty", poisoned)
+    plan, host_plan = vt.tile_plan((3, 5, 6), (2, 4, 4), device="cuda"), vt.tile_plan((3, 5, 6), (2, 4, 4))
+    for call in range(3):
+        x = torch.randn(2, plan.seq_len, 3, 64, dtype=torch.bfloat16)
+        device_x = x.to("cuda").requires_grad_(call == 2)
+        tiled = vt.tile(device_x, plan)
+        assert torch.equal(tiled.cpu().view(torch.int16), vt.tile(x, host_plan).view(torch.int16))
+        back = vt.untile(tiled, plan)
+        assert torch.equal(back.detach().cpu().view(torch.int16), x.view(torch.int16))
+        if call == 2:
+            grad = torch.randn(tiled.shape, dtype=torch.bfloat16, device="cuda")
+            (got,) = torch.autograd.grad(tiled, device_x, grad)
+            assert torch.equal(got.view(torch.int16), vt.untile(grad, plan).view(torch.int16))
+    assert {key[0] for key in vt._CHECKED_REORDERS} == {"tile", "untile"}

@@ -90,38 +90,98 @@ def _check_movable(name: str, x):
         raise TypeError(f"{name}: expected a dtype of 2, 4 or 8 bytes such as float16, bfloat16 or float32, got {dtype}")
 
 
-@_on_input_device
 def tile(x, plan: TilePlan, out=None):
     """Reorder tokens into tiles: x [B, S, H, D] -> [B, H, S_pad, D], pad slots zero.
 
     ``out`` (optional, [B, H, S_pad, D], x's dtype and device) is filled and returned, so one
     buffer can serve many layers; the result aliases it.
     """
+    if out is None and is_cupy_array(x):  # a call like one checked before: the cheap checks only
+        result = _prepared_reorder("tile", x, plan)
+        if result is not None:
+            return result
+    return _tile(x, plan, out)
+
+
+def untile(y, plan: TilePlan, out=None):
+    """Undo :func:`tile`: y [B, H, S_pad, D] -> [B, S, H, D], pad slots dropped."""
+    if out is None and is_cupy_array(y):
+        result = _prepared_reorder("untile", y, plan)
+        if result is not None:
+            return result
+    return _untile(y, plan, out)
+
+
+@_on_input_device
+def _tile(x, plan, out):
+    """:func:`tile` with every check."""
     check.check_array("x", x, 4)
     _check_movable("x", x)
-    plan = _check_plan(plan, x)
+    given_plan, plan = plan, _check_plan(plan, x)
     b, s, h, d = x.shape
     if s != plan.seq_len:
         raise ValueError(f"x: expected {plan.seq_len} tokens (seq_shape {plan.seq_shape}) on axis 1, got shape {list(x.shape)}")
     check.check_contiguous("x", x)
     shape = (b, h, plan.padded_len, d)
-    out = array_module(x).empty(shape, x.dtype) if out is None else _check_out(out, x, shape, x.dtype, others=(("x", x),))
-    return _backend(x).tile(x, plan.slot_token_index, out)
+    if out is not None:
+        return _backend(x).tile(x, plan.slot_token_index, _check_out(out, x, shape, x.dtype, others=(("x", x),)))
+    result = _backend(x).tile(x, plan.slot_token_index, array_module(x).empty(shape, x.dtype))
+    if is_cupy_array(x):
+        _remember_reorder("tile", x, given_plan, plan.slot_token_index, shape)
+    return result
 
 
 @_on_input_device
-def untile(y, plan: TilePlan, out=None):
-    """Undo :func:`tile`: y [B, H, S_pad, D] -> [B, S, H, D], pad slots dropped."""
+def _untile(y, plan, out):
+    """:func:`untile` with every check."""
     check.check_array("y", y, 4)
     _check_movable("y", y)
-    plan = _check_plan(plan, y)
+    given_plan, plan = plan, _check_plan(plan, y)
     b, h, s_pad, d = y.shape
     if s_pad != plan.padded_len:
         raise ValueError(f"y: expected {plan.padded_len} slots (padded length of {plan.seq_shape}) on axis 2, got shape {list(y.shape)}")
     check.check_contiguous("y", y)
     shape = (b, plan.seq_len, h, d)
-    out = array_module(y).empty(shape, y.dtype) if out is None else _check_out(out, y, shape, y.dtype, others=(("y", y),))
-    return _backend(y).untile(y, plan.untile_index, out)
+    if out is not None:
+        return _backend(y).untile(y, plan.untile_index, _check_out(out, y, shape, y.dtype, others=(("y", y),)))
+    result = _backend(y).untile(y, plan.untile_index, array_module(y).empty(shape, y.dtype))
+    if is_cupy_array(y):
+        _remember_reorder("untile", y, given_plan, plan.untile_index, shape)
+    return result
+
+
+# The fast path of tile and untile on CuPy arrays, as video_sparse_attn's (see _CHECKED_FORWARDS):
+# a call whose kind, array type, shape and dtype and plan (the same object) equal those of a
+# checked call only checks its array's memory (device, contiguity, the current device).
+class _CheckedReorder(NamedTuple):
+    plan: TilePlan  # the caller's plan, kept so that its id stays its own
+    index: object  # the device plan's slot_token_index (tile) or untile_index (untile)
+    shape: tuple  # the result's
+    device_id: int
+
+
+_CHECKED_REORDERS: dict = {}  # (kind, type, shape, dtype, id(plan)) -> _CheckedReorder
+
+
+def _remember_reorder(kind: str, x, plan, index, shape: tuple):
+    """After a checked :func:`tile` or :func:`untile` call on a CuPy array."""
+    if len(_CHECKED_REORDERS) >= _CHECKED_FORWARDS_MAX:
+        _CHECKED_REORDERS.clear()
+    _CHECKED_REORDERS[(kind, type(x), x.shape, x.dtype, id(plan))] = _CheckedReorder(plan, index, shape, x.data.device_id)
+
+
+def _prepared_reorder(kind: str, x, plan):
+    """The result of a :func:`tile` or :func:`untile` call like one checked before, else None."""
+    checked = _CHECKED_REORDERS.get((kind, type(x), x.shape, x.dtype, id(plan)))
+    if checked is None:
+        return None
+    cuda = _backend_module(True)
+    device = checked.device_id
+    if x.data.device_id != device or not x.flags.c_contiguous or cuda.current_device() != device:
+        return None
+    out = cuda._alloc(checked.shape, x.dtype)
+    cuda.reorder(kind, x.data.ptr, checked.index.data.ptr, out.data.ptr, x.shape, x.itemsize, out.shape[2 if kind == "tile" else 1])
+    return out
 
 
 def _num_blocks(name: str, block_sizes) -> int:

@@ -101,43 +101,57 @@ def _reduce_grid(name: str, tiles: int, columns: int) -> tuple:
     return (ctas,)
 
 
-def _copy_unit(name: str, row_bytes: int, arrays) -> tuple:
-    """(bytes, C type) of the widest copy unit dividing the row bytes and every pointer."""
+def _copy_unit(name: str, row_bytes: int, addresses) -> tuple:
+    """(bytes, C type) of the widest copy unit dividing the row bytes and every address."""
     for size, unit in _COPY_UNITS:
-        if row_bytes % size == 0 and all(a.data.ptr % size == 0 for a in arrays):
+        if row_bytes % size == 0 and all(a % size == 0 for a in addresses):
             return size, unit
     raise TypeError(f"{name}: expected rows (D * itemsize) of an even number of bytes on CUDA, got {row_bytes} bytes")
 
 
-def _launch_copy(kernel_name: str, src_name: str, src, index, out, seq_len: int, num_heads: int, padded_len: int,
-                 units_per_batch: int):
-    batch, head_dim = src.shape[0], src.shape[3]
-    unit_bytes, unit = _copy_unit(src_name, head_dim * src.itemsize, (src, out))
-    row_units = head_dim * src.itemsize // unit_bytes
+def reorder(kind: str, src: int, index: int, out: int, src_shape: tuple, itemsize: int, other_len: int, stream=None):
+    """tile.cu on addresses, on CuPy's current device: ``kind`` "tile" (src x [B, S, H, D], index
+    the plan's slot_token_index, out [B, H, S_pad, D], ``other_len`` S_pad) or "untile" (src y
+    [B, H, S_pad, D], index the plan's untile_index, out [B, S, H, D], ``other_len`` S), in the
+    widest copy unit that divides the rows and both addresses; ``stream`` None for CuPy's current."""
+    size, unit = _copy_unit("x" if kind == "tile" else "y", src_shape[3] * itemsize, (src, out))
+    launch = _reorder_launch(kind, tuple(src_shape), itemsize, other_len, size, unit, current_device())
+    if launch is not None:
+        launch((np.uintp(src), np.uintp(index), np.uintp(out)), stream)
+
+
+@functools.lru_cache(maxsize=256)
+def _reorder_launch(kind: str, src_shape: tuple, itemsize: int, other_len: int, unit_bytes: int, unit: str,
+                    device_id: int):
+    """The :class:`Launch` of :func:`reorder` (pointers src, index, out), or None when there is nothing to copy."""
+    if kind == "tile":
+        batch, seq_len, num_heads, head_dim = src_shape
+        padded_len, units_per_batch = other_len, num_heads * other_len
+    else:
+        batch, num_heads, padded_len, head_dim = src_shape
+        seq_len, units_per_batch = other_len, other_len * num_heads
+    row_units = head_dim * itemsize // unit_bytes
     units = units_per_batch * row_units
     _check_index_range("out", units, "copy units per batch element")
     if units == 0 or batch == 0:
-        return out
-    per_cta = _TILE_THREADS * _TILE_UNITS
-    grid = (-(-units // per_cta), min(batch, _MAX_GRID_Y))
-    args = (src, index, out, np.int32(seq_len), np.int32(num_heads), np.int32(padded_len), np.int32(row_units), np.int32(batch))
-    with src.device:
-        get_function("tile.cu", f"{kernel_name}<{unit}>")(grid, (_TILE_THREADS,), args)
-    return out
+        return None
+    grid = (-(-units // (_TILE_THREADS * _TILE_UNITS)), min(batch, _MAX_GRID_Y))
+    tail = (np.int32(seq_len), np.int32(num_heads), np.int32(padded_len), np.int32(row_units), np.int32(batch))
+    return make_launch("tile.cu", f"{kind}_rows<{unit}>", grid, (_TILE_THREADS,), tail)
 
 
 def tile(x, slot_token_index, out):
     """x [B, S, H, D] -> out [B, H, S_pad, D]; ``out[b, h, s] = x[b, slot_token_index[s], h]``, 0 where < 0."""
-    _, seq_len, num_heads, _ = x.shape
-    padded_len = out.shape[2]
-    return _launch_copy("tile_rows", "x", x, slot_token_index, out, seq_len, num_heads, padded_len, num_heads * padded_len)
+    with x.device:
+        reorder("tile", x.data.ptr, slot_token_index.data.ptr, out.data.ptr, x.shape, x.itemsize, out.shape[2])
+    return out
 
 
 def untile(y, untile_index, out):
     """y [B, H, S_pad, D] -> out [B, S, H, D]; ``out[b, t, h] = y[b, h, untile_index[t]]``."""
-    _, num_heads, padded_len, _ = y.shape
-    seq_len = out.shape[1]
-    return _launch_copy("untile_rows", "y", y, untile_index, out, seq_len, num_heads, padded_len, seq_len * num_heads)
+    with y.device:
+        reorder("untile", y.data.ptr, untile_index.data.ptr, out.data.ptr, y.shape, y.itemsize, out.shape[1])
+    return out
 
 
 def block_means(tensors, block_sizes_list) -> list:
