@@ -65,6 +65,18 @@ paths compute on the same views, so outputs and gradients are bit-identical.  On
 VSA backward is not differentiable itself (a second backward through it raises), tile and
 untile differentiate to any order, and ``tile(..., out=buffer)`` bumps the buffer's version
 counter.
+
+A prepared path for calls like one already made.  On CUDA, a plain eager call of
+:func:`video_sparse_attn`, :func:`tile` or :func:`untile` whose signature (shapes, dtypes,
+device, the plan or a plan's block-size tensors, topk, scale, whether it needs a gradient)
+equals that of an earlier call which passed every check differs from it only in its tensors'
+memory.  It checks just that (devices, contiguity, 16-byte alignment, the current device,
+torch's modes, the plan tensors' version counters) and runs vsa_nd's prepared launches
+(:mod:`vsa_nd.backends.cuda_vsa`, ``vsa_nd.backends.cuda.reorder``) on the tensors'
+addresses, on torch's current stream, into tensors from torch's allocator: no CuPy view,
+context or conversion.  Outputs, the autograd context and gradients are those of the checked
+path, bit for bit; any other call takes the checked path, with its messages.  On small problems
+this is most of a call's host time (``BENCHMARKS.md``).
 """
 
 from __future__ import annotations

@@ -452,6 +452,11 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     Pad slots of q, k, v and gate never reach a real token's result.  Rows of ``out`` in pad
     slots are 0 (and the context's lse -inf there), whatever q and gate hold in them, NaN
     included; :func:`untile` drops them.
+
+    On CuPy, a call like one already checked (the same array types, shapes and dtypes, topk,
+    scale, return_context, and a plan's own block-size arrays, without ``out``) only has its
+    arrays' memory checked (device, contiguity, alignment) before its five prepared launches
+    (:mod:`vsa_nd.backends.cuda_vsa`); other calls are checked in full.
     """
     if out is None and is_cupy_array(q):  # a call like one checked before: the cheap checks only
         checked = _checked_before(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale, return_context)

@@ -66,6 +66,12 @@ The interface every backend implements:
     dq, dk, dv are zero.  ``row_terms``: what ``coarse_grad_inputs`` returned for this
     backward, or None.
 
+The CUDA backend also has ``vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale,
+out=None, keep=True)``, the whole VSA forward as five prepared launches (the results of
+``block_means`` to ``block_sparse_fwd`` above, in the order of
+``vsa_nd.backends.cuda_vsa.RESULTS``; see that module), and ``reorder``, tile/untile on
+addresses; ``vsa_nd.ops`` runs the stages one by one on the CPU.
+
 A result argument that is not None (``out``, ``dgate``, ``dq``, ``dk``, ``dv``; checked by
 :mod:`vsa_nd.ops`: shape, dtype, device, contiguity, no shared memory) is filled and returned
 in place of a new array.
