@@ -94,6 +94,7 @@ from torch import Tensor
 import vsa_nd
 from vsa_nd import validation as check
 from vsa_nd._xp import BFLOAT16, device_key
+from vsa_nd.tiling import trusted_tile_volume
 
 from . import _common
 
@@ -118,7 +119,7 @@ _NUMPY_DTYPE = {
     torch.bfloat16: BFLOAT16,
     torch.int32: np.dtype(np.int32),
 }
-_TORCH_DTYPE = {v: k for k, v in _NUMPY_DTYPE.items()}
+_TORCH_DTYPE = {v: k for k, v in _NUMPY_DTYPE.items()} | {np.dtype(np.uint8): torch.uint8}  # (uint8: workspaces)
 
 # _common's tables of accepted dtypes per device type, in torch dtypes (same order, for the messages).
 _ATTENTION_DTYPES, _TILE_DTYPES = ({device: tuple(_TORCH_DTYPE[d] for d in dtypes) for device, dtypes in table.items()}
@@ -511,6 +512,7 @@ class _CheckedReorder(NamedTuple):
 
 
 _CHECKED_REORDERS: dict = {}  # (kind, shape, dtype, device index, seq_shape, tile_shape) -> _CheckedReorder
+_CHECKED_REORDERS_MAX = 256  # cleared when full
 
 
 def _reordered(kind: str, arrays_fn, x: Tensor, seq_shape: tuple, tile_shape: tuple) -> Tensor:
@@ -526,7 +528,7 @@ def _reordered(kind: str, arrays_fn, x: Tensor, seq_shape: tuple, tile_shape: tu
                                    checked.other_len, _cupy_stream(index))
         return out
     out = _run(arrays_fn, x, seq_shape=seq_shape, tile_shape=tile_shape)
-    if len(_CHECKED_REORDERS) >= _CHECKED_FORWARDS_MAX:
+    if len(_CHECKED_REORDERS) >= _CHECKED_REORDERS_MAX:
         _CHECKED_REORDERS.clear()
     plan = _array_plan(seq_shape, tile_shape, _device_key(x.device))
     other_len = out.shape[2] if kind == "tile" else out.shape[1]
@@ -718,9 +720,13 @@ def _remember_checked(signature: tuple, q, k, q_block_sizes, kv_block_sizes, top
     """After a checked call of ``signature`` (on CUDA, in plain eager mode): later calls of it may
     take the prepared launches, when the block sizes are plan tensors (the caller's own: the
     signature holds their ids)."""
-    if _plan_array(q_block_sizes) is None or _plan_array(kv_block_sizes) is None:
+    q_sizes, kv_sizes = _plan_array(q_block_sizes), _plan_array(kv_block_sizes)
+    if q_sizes is None or kv_sizes is None:
         return
     if signature[-3] != id(q_block_sizes) or signature[-2] not in (id(kv_block_sizes), id(None)):
+        return
+    volume = q.shape[2] // q_block_sizes.shape[0]  # trusted by vsa_nd only as block sizes of tiles of their plan's volume
+    if trusted_tile_volume(q_sizes) != volume or trusted_tile_volume(kv_sizes) != volume:
         return
     if len(_CHECKED_FORWARDS) >= _CHECKED_FORWARDS_MAX:
         _CHECKED_FORWARDS.clear()
@@ -763,19 +769,15 @@ def _prepared_forward(signature: tuple, q, k, v, gate):
     launches = cuda_vsa.forward_launches(*checked.problem, cuda_attention.FORWARD_KERNEL)
     needs_grad = signature[-1]
     device = q.device
-    (out_shape, _), *small = launches.results
-    out = _empty(out_shape, q.dtype, device)
-    if needs_grad:  # the context, as tensors the autograd node saves
-        results = (out, *(_empty(shape, _TORCH_DTYPE[dtype], device) for shape, dtype in small))
-        addresses = tuple(r.data_ptr() for r in results)
-    else:  # (kept until the launches are queued; freed on return, in the stream's order)
-        workspace = _empty((launches.workspace_bytes,), torch.uint8, device)
-        addresses = (out.data_ptr(), *(workspace.data_ptr() + offset for offset in launches.offsets))
+    # With grad the results are the context's tensors, which the autograd node saves; without,
+    # a workspace holds all but out, kept until the launches are queued (freed in the stream's order).
+    buffers, addresses = launches.buffers(lambda shape, dtype: _empty(shape, _TORCH_DTYPE[dtype], device),
+                                          Tensor.data_ptr, needs_grad)
     launches(q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if gate is None else gate.data_ptr(), q_sizes.data.ptr,
              kv_sizes.data.ptr, addresses, _cupy_stream(index))
     if not needs_grad:
-        return out
-    return _VSAFunction.apply(q, k, v, gate, checked.q_block_sizes, checked.kv_block_sizes, checked.scale, results)
+        return buffers[0]
+    return _VSAFunction.apply(q, k, v, gate, checked.q_block_sizes, checked.kv_block_sizes, checked.scale, buffers)
 
 
 # kind -> (implementation, custom op, the other kind: its gradient)

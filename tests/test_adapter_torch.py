@@ -8,6 +8,7 @@ norms floored, see HALF_BWD_FLOOR).
 """
 
 import contextlib
+import dataclasses
 import subprocess
 import sys
 
@@ -1270,3 +1271,23 @@ def test_the_training_example_runs_and_its_loss_falls():
                             timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "mean loss of the first 20 steps" in result.stdout
+
+
+def test_prepared_forward_results_are_the_context_fields_in_order():
+    """The CUDA backend's prepared forward returns ``out`` then the context's arrays in the order
+    the adapters save and rebuild them (``_common.CONTEXT_FIELDS``), and ``VSAContext`` holds
+    them by those names."""
+    from vsa_nd.adapters import _common
+    from vsa_nd.backends import cuda_vsa
+
+    assert cuda_vsa.RESULTS == ("out", *_common.CONTEXT_FIELDS)
+    assert set(cuda_vsa.RESULTS) <= {field.name for field in dataclasses.fields(vsa_nd.VSAContext)}
+
+
+def test_gemm_launches_refuse_what_the_kernel_cannot_index():
+    """gemm_f32.cu indexes one batch element with int32: larger products are refused before a
+    kernel is looked up (so also when the VSA forward's launches are made)."""
+    from vsa_nd.backends import cuda
+
+    with pytest.raises(ValueError, match="int32 indexing"):
+        cuda.gemm_launch(16 * 12000, 128, 12000, 1, False, False, 1.0, (128, 64))

@@ -22,15 +22,20 @@ TOLERANCE = {np.dtype(np.float16): 1e-2, BFLOAT16: 2e-2}
 
 @pytest.fixture(params=["auto", "mma"])
 def poisoned(request, monkeypatch):
-    """Every output the attention launcher allocates starts as NaN; runs each test with the
-    default kernel (wgmma on Hopper) and with the portable mma.sync kernel."""
+    """Every array the CUDA backend allocates (the attention launcher's outputs and the VSA
+    forward's results and workspace) starts as 0xFF bytes (NaN in every float type, -1 in
+    int32); runs each test with the default kernel (wgmma on Hopper) and with the portable
+    mma.sync kernel."""
     import cupy
 
-    from vsa_nd.backends import cuda_attention
+    from vsa_nd.backends import cuda, cuda_attention
 
     def alloc(shape, dtype):
-        return cupy.full(shape, np.nan, dtype)
+        out = cupy.empty(shape, dtype)
+        out.view(cupy.uint8).fill(0xFF)
+        return out
 
+    monkeypatch.setattr(cuda, "_alloc", alloc)
     monkeypatch.setattr(cuda_attention, "_alloc", alloc)
     monkeypatch.setattr(cuda_attention, "FORWARD_KERNEL", request.param)
 

@@ -155,10 +155,11 @@ def test_fast_path_refers_memory_it_cannot_take_to_the_checks(checked_calls):
 
 def test_fast_path_follows_the_kernel_choice(checked_calls, monkeypatch):
     """The prepared launches are per kernel choice: switching FORWARD_KERNEL between two calls of
-    one signature runs the portable kernel, with the same results within the tolerance."""
+    one signature makes the fast path build the portable kernel's launch, with the same results
+    within the tolerance."""
     import cupy
 
-    from vsa_nd.backends import cuda_attention
+    from vsa_nd.backends import cuda_attention, cuda_vsa
 
     plan, q, k, v, gate = _problem()
     sizes = plan.variable_block_sizes
@@ -170,25 +171,51 @@ def test_fast_path_follows_the_kernel_choice(checked_calls, monkeypatch):
         return make_launch(source, *args, **kwargs)
 
     monkeypatch.setattr(cuda_attention, "make_launch", recorded)
+    cuda_vsa.forward_launches.cache_clear()  # (launches made by earlier tests are not made again)
     first = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate, scale=0.11)
+    assert len(made) == 1
     monkeypatch.setattr(cuda_attention, "FORWARD_KERNEL", "mma")
     second = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate, scale=0.11)
-    assert len(checked_calls) == 1 and made[-1] == "attention_fwd.cu"
+    assert len(checked_calls) == 1 and made[1:] == ["attention_fwd.cu"]
     assert _rel_err(cupy.asnumpy(second), cupy.asnumpy(first)) <= TOLERANCE[BFLOAT16]
+    cuda_vsa.forward_launches.cache_clear()  # (none of the recorded launches outlives the test)
+
+
+def test_prepared_launches_refuse_what_the_products_cannot_index():
+    """A problem whose coarse product would overflow the GEMM kernel's int32 offsets is refused
+    with a ValueError when its launches are made, before anything runs (here 12000 tiles of 64
+    and 16 query heads per kv head: probs [16 * 12000, 12000] as one operand)."""
+    from vsa_nd.backends import cuda_attention, cuda_vsa
+
+    n = 12000
+    with pytest.raises(ValueError, match="int32 indexing"):
+        cuda_vsa.forward_launches((1, 16, n * 64, 128), (1, 1, n * 64, 128), BFLOAT16, n, n, 77, 0.1, 0,
+                                  cuda_attention.FORWARD_KERNEL)
+
+
+_SPIN = r"""
+extern "C" __global__ void spin(long long cycles) {
+    const long long start = clock64();
+    while (clock64() - start < cycles) {}
+}
+"""
 
 
 def test_fast_path_is_ordered_on_the_current_stream(checked_calls):
-    """A fast-path call on a side stream reads inputs written on that stream and its result is
-    the default stream's, bit for bit."""
+    """A fast-path call on a side stream runs after the work queued there before it: q is
+    written on that stream behind a long spin, and the result is that of the written q (a
+    launch on another stream would read the zeros q held before)."""
     import cupy
 
     plan, q, k, v, gate = _problem(seed=3)
     sizes = plan.variable_block_sizes
     vsa_nd.video_sparse_attn(q, k, v, 2, sizes, gate=gate)  # checked
     expected = vsa_nd.video_sparse_attn(q, k, v, 2, sizes, gate=gate)
+    q2 = cupy.zeros_like(q)
+    cupy.cuda.Device().synchronize()
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        q2 = cupy.empty_like(q)
+        cupy.RawKernel(_SPIN, "spin")((1,), (1,), (np.int64(200_000_000),))  # ~0.1 s
         q2[...] = q
         got = vsa_nd.video_sparse_attn(q2, k, v, 2, sizes, gate=gate)
     stream.synchronize()
@@ -244,7 +271,33 @@ def test_torch_fast_path_matches_the_checked_path(needs_grad, monkeypatch):
             for got, want in zip(torch.autograd.grad(out, (q, k, v, g), dout),
                                  torch.autograd.grad(expected, (q, k, v, g), dout)):
                 assert torch.equal(got.view(torch.int16), want.view(torch.int16))
-    assert prepared[0::2] == [False, True, True]  # (the calls under the function mode never are)
+    assert prepared[0::2] == [False, True, True] and not any(prepared[1::2])  # never under the function mode
+
+
+def test_torch_fast_path_leaves_calls_under_a_dispatch_mode_to_the_custom_op(monkeypatch):
+    """After a plain call has been checked, the same call under a torch dispatch mode goes to
+    vsa_nd's custom op, which the mode sees, not to the prepared launches."""
+    torch = pytest.importorskip("torch")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import vsa_nd.adapters.torch as vt
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(vt, "_CHECKED_FORWARDS", {})
+    plan = vt.tile_plan((4, 6, 8), (4, 4, 4), device="cuda")
+    q, k, v, g = (vt.tile(torch.randn(1, plan.seq_len, 2, 64, device="cuda", dtype=torch.bfloat16), plan)
+                  for _ in range(4))
+    sizes = plan.variable_block_sizes
+    expected = [vt.video_sparse_attn(q, k, v, 3, sizes, gate=g) for _ in range(2)][-1]  # checked, prepared
+    seen = []
+    with Recorder():
+        out = vt.video_sparse_attn(q, k, v, 3, sizes, gate=g)
+    assert any(name.startswith("vsa_nd.video_sparse_attn") for name in seen), seen
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
 
 
 def test_torch_fast_path_leaves_changed_plan_tensors_to_the_checked_path(monkeypatch):
@@ -275,7 +328,7 @@ def test_torch_fast_path_leaves_changed_plan_tensors_to_the_checked_path(monkeyp
 
 def test_torch_fast_path_under_cuda_graph_capture():
     """The fast path allocates from torch's allocator on the capturing stream: a captured call
-    replays with new inputs and gives the eager call's results."""
+    replays with new inputs and gives the checked path's results."""
     torch = pytest.importorskip("torch")
     import vsa_nd.adapters.torch as vt
 
@@ -298,7 +351,8 @@ def test_torch_fast_path_under_cuda_graph_capture():
         for s, f in zip(static, fresh):
             s.copy_(f)
         graph.replay()
-        expected = vt.video_sparse_attn(*fresh[:3], 3, sizes, gate=fresh[3])
+        with torch.device("cuda"):  # the checked path (the custom op, under a function mode)
+            expected = vt.video_sparse_attn(*fresh[:3], 3, sizes, gate=fresh[3])
         assert torch.equal(captured.view(torch.int16), expected.view(torch.int16))
 
 
@@ -314,6 +368,11 @@ def test_tile_and_untile_fast_paths_match_the_host(poisoned, monkeypatch):
     import cupy
 
     monkeypatch.setattr(ops, "_CHECKED_REORDERS", {})
+    checked = []
+    for name in ("_tile", "_untile"):
+        full = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda x, *args, full=full, name=name:
+                            checked.append((name, type(x).__module__.split(".")[0])) or full(x, *args))
     plan = vsa_nd.tile_plan((3, 5, 6), (2, 4, 4), device="cuda:0")
     host_plan = plan.to("cpu")
     shape = (2, plan.seq_len, 3, 40)
@@ -330,7 +389,8 @@ def test_tile_and_untile_fast_paths_match_the_host(poisoned, monkeypatch):
         assert np.array_equal(cupy.asnumpy(tiled).view(np.uint16), expected.view(np.uint16))
         back = vsa_nd.untile(tiled, plan)
         assert np.array_equal(cupy.asnumpy(back).view(np.uint16), x.view(np.uint16))
-    assert len(ops._CHECKED_REORDERS) == 2
+    # On the GPU only the first call of each was checked; the others were prepared.
+    assert [call for call in checked if call[1] == "cupy"] == [("_tile", "cupy"), ("_untile", "cupy")]
     strided = cupy.empty((2, plan.seq_len, 3, 80), np.float16)[..., ::2]
     with pytest.raises(ValueError, match="contiguous"):
         vsa_nd.tile(strided, plan)
@@ -352,6 +412,9 @@ def test_torch_tile_and_untile_fast_paths_match_the_checked_path(monkeypatch):
         return out
 
     monkeypatch.setattr(vt, "_empty", poisoned)
+    run = vt._run
+    checked = []
+    monkeypatch.setattr(vt, "_run", lambda fn, x, *args, **kwargs: checked.append(x.is_cuda) or run(fn, x, *args, **kwargs))
     plan, host_plan = vt.tile_plan((3, 5, 6), (2, 4, 4), device="cuda"), vt.tile_plan((3, 5, 6), (2, 4, 4))
     for call in range(3):
         x = torch.randn(2, plan.seq_len, 3, 64, dtype=torch.bfloat16)
@@ -364,4 +427,4 @@ def test_torch_tile_and_untile_fast_paths_match_the_checked_path(monkeypatch):
             grad = torch.randn(tiled.shape, dtype=torch.bfloat16, device="cuda")
             (got,) = torch.autograd.grad(tiled, device_x, grad)
             assert torch.equal(got.view(torch.int16), vt.untile(grad, plan).view(torch.int16))
-    assert {key[0] for key in vt._CHECKED_REORDERS} == {"tile", "untile"}
+    assert checked.count(True) == 2  # on CUDA, the first tile and untile (the others prepared, the gradient's too)

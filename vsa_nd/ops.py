@@ -151,8 +151,8 @@ def _untile(y, plan, out):
 
 
 # The fast path of tile and untile on CuPy arrays, as video_sparse_attn's (see _CHECKED_FORWARDS):
-# a call whose kind, array type, shape and dtype and plan (the same object) equal those of a
-# checked call only checks its array's memory (device, contiguity, the current device).
+# a call whose kind, array type, shape, dtype, device and plan (the same object) equal those of
+# a checked call only checks its array's contiguity and the current device.
 class _CheckedReorder(NamedTuple):
     plan: TilePlan  # the caller's plan, kept so that its id stays its own
     index: object  # the device plan's slot_token_index (tile) or untile_index (untile)
@@ -160,24 +160,25 @@ class _CheckedReorder(NamedTuple):
     device_id: int
 
 
-_CHECKED_REORDERS: dict = {}  # (kind, type, shape, dtype, id(plan)) -> _CheckedReorder
+_CHECKED_REORDERS: dict = {}  # (kind, type, shape, dtype, device, id(plan)) -> _CheckedReorder
 
 
 def _remember_reorder(kind: str, x, plan, index, shape: tuple):
     """After a checked :func:`tile` or :func:`untile` call on a CuPy array."""
     if len(_CHECKED_REORDERS) >= _CHECKED_FORWARDS_MAX:
         _CHECKED_REORDERS.clear()
-    _CHECKED_REORDERS[(kind, type(x), x.shape, x.dtype, id(plan))] = _CheckedReorder(plan, index, shape, x.data.device_id)
+    device = x.data.device_id
+    _CHECKED_REORDERS[(kind, type(x), x.shape, x.dtype, device, id(plan))] = _CheckedReorder(plan, index, shape, device)
 
 
 def _prepared_reorder(kind: str, x, plan):
     """The result of a :func:`tile` or :func:`untile` call like one checked before, else None."""
-    checked = _CHECKED_REORDERS.get((kind, type(x), x.shape, x.dtype, id(plan)))
+    device = x.data.device_id
+    checked = _CHECKED_REORDERS.get((kind, type(x), x.shape, x.dtype, device, id(plan)))
     if checked is None:
         return None
     cuda = _backend_module(True)
-    device = checked.device_id
-    if x.data.device_id != device or not x.flags.c_contiguous or cuda.current_device() != device:
+    if not x.flags.c_contiguous or cuda.current_device() != device:
         return None
     out = cuda._alloc(checked.shape, x.dtype)
     cuda.reorder(kind, x.data.ptr, checked.index.data.ptr, out.data.ptr, x.shape, x.itemsize, out.shape[2 if kind == "tile" else 1])
@@ -472,9 +473,11 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
 @_on_input_device
 def _video_sparse_attn(q, k, v, topk, q_block_sizes, kv_block_sizes, *, gate, scale, return_context, out):
     """:func:`video_sparse_attn` with every check."""
-    signature = _forward_signature(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale, return_context)
-    given_q_sizes, given_kv_sizes = q_block_sizes, kv_block_sizes
     check.check_float("q", q, 4)
+    signature = None
+    if is_cupy_array(q):  # (taken before the checks replace the caller's block sizes)
+        signature = _forward_signature(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale, return_context)
+    given_q_sizes, given_kv_sizes = q_block_sizes, kv_block_sizes
     num_q_blocks = _num_blocks("q_block_sizes", q_block_sizes)
     if kv_block_sizes is None:  # checked once, under the name the caller used
         problem = _check_attention(q, k, v, q_block_sizes, num_q_blocks, scale, gate, kv_blocks_name="q_block_sizes")

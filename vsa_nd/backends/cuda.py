@@ -299,11 +299,20 @@ def _launch_gemm(a, b, out, transpose_a: bool, transpose_b: bool, alpha: float, 
     return out
 
 
+def _check_gemm_range(m: int, n: int, k: int, batches: int):
+    """ValueError for products gemm_f32.cu cannot index: it indexes inside one batch element with
+    int32, tiles rounded up included."""
+    _check_index_range("a", (m + 128) * (k + 16), "elements per batch element, padded to whole tiles (m x k)")
+    _check_index_range("b", (n + 128) * (k + 16), "elements per batch element, padded to whole tiles (k x n)")
+    _check_index_range("a, b", batches, "batches")
+
+
 def gemm_launch(m: int, n: int, k: int, batches: int, transpose_a: bool, transpose_b: bool, alpha: float,
                 tile: tuple, row_divisor=None) -> Launch:
     """The :class:`Launch` of gemm_f32.cu with output tiles ``tile`` = (BM, BN) for ``batches``
     products [m, k] x [k, n]; pointers (a, b, out).  ``row_divisor`` (an int32 array, or None)
     is one of the fixed arguments, as the kernel takes it after the scalars."""
+    _check_gemm_range(m, n, k, batches)
     bm, bn = tile
     grid = (-(-n // bn), -(-m // bm), min(batches, _MAX_GRID_Y))
     if grid[1] > _MAX_GRID_Y:
@@ -339,10 +348,7 @@ def matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0, row_divisor=No
             f"(transpose_a={transpose_a}, transpose_b={transpose_b}), got shape {list(b.shape)}"
         )
     batches = math.prod(a.shape[:-2])
-    # The kernel indexes inside one batch element with int32, tiles rounded up included.
-    _check_index_range("a", (m + 128) * (k + 16), "elements per batch element, padded to whole tiles (m x k)")
-    _check_index_range("b", (n + 128) * (k + 16), "elements per batch element, padded to whole tiles (k x n)")
-    _check_index_range("a, b", batches, "batches")
+    _check_gemm_range(m, n, k, batches)  # before allocating (gemm_launch checks again)
     with a.device:
         out = _alloc((*a.shape[:-2], m, n), np.float32)
         if out.size:

@@ -302,10 +302,10 @@ class ForwardLaunch(NamedTuple):
     device_id: int
 
     def __call__(self, pointers: tuple, k_address: int, v_address: int, stream=None):
-        if self.tma_rows:
-            maps = (_encoded_map(a, self.tma_rows, self.head_dim, self.dtype, self.device_id).arg
-                    for a in (k_address, v_address))
-            pointers = (*maps, *pointers)
+        if self.tma_rows:  # (the maps are held until the launch has copied them: another thread may evict them from the cache)
+            maps = tuple(_encoded_map(a, self.tma_rows, self.head_dim, self.dtype, self.device_id)
+                         for a in (k_address, v_address))
+            pointers = (maps[0].arg, maps[1].arg, *pointers)
         self.launch(pointers, stream)
 
 

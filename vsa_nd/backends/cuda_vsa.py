@@ -61,6 +61,21 @@ class ForwardLaunches(NamedTuple):
         self.coarse((probs, v_mean, coarse), stream)
         self.fine((q, k, v, q2k_idx, q2k_num, kv_sizes, q_sizes, coarse, gate, out, lse), int(k), int(v), stream)
 
+    def buffers(self, alloc, address, keep: bool, out=None) -> tuple:
+        """(buffers, addresses) for a call: ``alloc(shape, NumPy dtype)`` makes a buffer and
+        ``address(buffer)`` gives its address.  With ``keep`` the buffers are the nine results
+        (``out`` used when given); else ``out`` and one workspace holding the other eight, which
+        the caller keeps until the launches are queued and may then drop (freed in the stream's
+        order).  ``addresses`` are the nine results', for :meth:`__call__`."""
+        (out_shape, out_dtype), *small = self.results
+        out = alloc(out_shape, out_dtype) if out is None else out
+        if keep:
+            buffers = (out, *(alloc(shape, dtype) for shape, dtype in small))
+            return buffers, tuple(address(b) for b in buffers)
+        workspace = alloc((self.workspace_bytes,), np.dtype(np.uint8))
+        base = address(workspace)
+        return (out, workspace), (address(out), *(base + offset for offset in self.offsets))
+
 
 @functools.lru_cache(maxsize=256)
 def forward_launches(q_shape: tuple, kv_shape: tuple, dtype: np.dtype, num_q_blocks: int, num_kv_blocks: int,
@@ -111,18 +126,11 @@ def vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: 
     ``out``, the rest in a workspace freed on return."""
     launches = forward_launches(q.shape, k.shape, np.dtype(q.dtype), len(q_block_sizes), len(kv_block_sizes), topk,
                                 scale, q.data.device_id, cuda_attention.FORWARD_KERNEL)
-    (out_shape, out_dtype), *small = launches.results
-    # Allocated as the launchers' own results are (out and lse by cuda_attention, the rest by
-    # cuda), so a test that poisons either allocator sees these too.
-    out = cuda_attention._alloc(out_shape, out_dtype) if out is None else out
-    if keep:
-        lse = cuda_attention._alloc(*small[0])
-        results = (out, lse, *(cuda._alloc(shape, dtype) for shape, dtype in small[1:]))
-        addresses = tuple(r.data.ptr for r in results)
-    else:  # (kept until the launches are queued; freed on return, in the stream's order)
-        workspace = cuda._alloc((launches.workspace_bytes,), np.uint8)
-        results = (out,)
-        addresses = (out.data.ptr, *(workspace.data.ptr + offset for offset in launches.offsets))
+    buffers, addresses = launches.buffers(cuda._alloc, _address, keep, out)
     launches(q.data.ptr, k.data.ptr, v.data.ptr, 0 if gate is None else gate.data.ptr, q_block_sizes.data.ptr,
              kv_block_sizes.data.ptr, addresses)
-    return results
+    return buffers if keep else buffers[:1]
+
+
+def _address(array) -> int:
+    return array.data.ptr
