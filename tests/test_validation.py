@@ -405,3 +405,10 @@ def test_forward_out_may_not_be_an_input(name):
         vsa_nd.video_sparse_attn(arrays["q"], arrays["k"], arrays["v"], 3, plan.variable_block_sizes,
                                  gate=arrays["gate"], out=arrays[name])
     np.testing.assert_array_equal(arrays[name], before)
+
+
+@pytest.mark.parametrize("q", [[1.0], None, "q"])
+def test_video_sparse_attn_names_q_that_is_no_array(q):
+    """q, k and v of one type that is not an array: q is named, whatever else the call holds."""
+    with pytest.raises(TypeError, match="q: expected a NumPy or CuPy array"):
+        vsa_nd.video_sparse_attn(q, q, q, 1, [1])
