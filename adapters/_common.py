@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 import vsa_nd
-from vsa_nd._xp import BFLOAT16, compute_dtype
+from vsa_nd._xp import BFLOAT16
+from vsa_nd.backends import FORWARD_RESULTS
+from vsa_nd.backends import forward_result_specs as forward_specs
 from vsa_nd.tiling import trusted_index_arrays
 
 _F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
@@ -29,8 +31,8 @@ _F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float
 ATTENTION_DTYPES = {"cpu": (_F32, _F64, _F16, BFLOAT16), "cuda": (_F16, BFLOAT16)}
 TILE_DTYPES = {"cpu": (_F32, _F64, _F16, BFLOAT16), "cuda": (_F32, _F16, BFLOAT16)}
 
-# The forward's results after ``out``, in this order (VSAContext field names).
-CONTEXT_FIELDS = ("lse", "q2k_idx", "q2k_num", "q_mean", "k_mean", "v_mean", "coarse_probs", "coarse")
+# The forward's results after ``out``, in this order (VSAContext field names), and their shapes.
+CONTEXT_FIELDS = FORWARD_RESULTS[1:]
 
 
 def resolve_scale(scale, head_dim: int) -> float:
@@ -42,29 +44,6 @@ def resolve_scale(scale, head_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale: expected a positive float, got {type(scale).__name__} {scale!r}")
     return float(scale)
-
-
-def forward_specs(q_shape, q_dtype, kv_shape, num_q_blocks: int, num_kv_blocks: int, topk: int) -> list:
-    """(shape, NumPy dtype) of each result of :func:`vsa_forward`: ``out`` then ``CONTEXT_FIELDS``.
-
-    q_shape [B, H, Sq_pad, D]; kv_shape [B, H_kv, Skv_pad, D].  The small tensors are in the
-    compute dtype (float64 for float64 inputs, else float32), the selection in int32.
-    """
-    b, h, s_q, d = q_shape
-    h_kv = kv_shape[1]
-    c = compute_dtype(q_dtype)
-    i32 = np.dtype(np.int32)
-    return [
-        ((b, h, s_q, d), np.dtype(q_dtype)),  # out
-        ((b, h, s_q), c),  # lse
-        ((b, h, num_q_blocks, topk), i32),  # q2k_idx
-        ((b, h, num_q_blocks), i32),  # q2k_num
-        ((b, h, num_q_blocks, d), c),  # q_mean
-        ((b, h_kv, num_kv_blocks, d), c),  # k_mean
-        ((b, h_kv, num_kv_blocks, d), c),  # v_mean
-        ((b, h, num_q_blocks, num_kv_blocks), c),  # coarse_probs
-        ((b, h, num_q_blocks, d), c),  # coarse
-    ]
 
 
 def trusted(block_sizes):

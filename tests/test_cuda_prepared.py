@@ -227,15 +227,12 @@ def test_fast_path_is_ordered_on_the_current_stream(checked_calls):
 # The torch adapter's fast path.
 
 
-@pytest.mark.parametrize("needs_grad", [False, True])
-def test_torch_fast_path_matches_the_checked_path(needs_grad, monkeypatch):
-    """Torch calls of one signature: the first through vsa_nd's checks, later ones on the
-    prepared launches with torch's allocator (poisoned here); outputs, the autograd context and
-    gradients equal the checked path's bit for bit, on fresh inputs each call."""
+@pytest.fixture
+def poisoned_torch(monkeypatch):
+    """Every buffer the torch adapter's prepared path allocates starts as 0xFF bytes."""
     torch = pytest.importorskip("torch")
     import vsa_nd.adapters.torch as vt
 
-    monkeypatch.setattr(vt, "_CHECKED_FORWARDS", {})
     empty = vt._empty
 
     def poisoned(shape, dtype, device):
@@ -244,6 +241,17 @@ def test_torch_fast_path_matches_the_checked_path(needs_grad, monkeypatch):
         return out
 
     monkeypatch.setattr(vt, "_empty", poisoned)
+
+
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_torch_fast_path_matches_the_checked_path(needs_grad, poisoned_torch, monkeypatch):
+    """Torch calls of one signature: the first through vsa_nd's checks, later ones on the
+    prepared launches with torch's allocator (poisoned here); outputs, the autograd context and
+    gradients equal the checked path's bit for bit, on fresh inputs each call."""
+    torch = pytest.importorskip("torch")
+    import vsa_nd.adapters.torch as vt
+
+    monkeypatch.setattr(vt, "_CHECKED_FORWARDS", {})
     prepared = []
     run = vt._prepared_forward
 
@@ -396,7 +404,7 @@ def test_tile_and_untile_fast_paths_match_the_host(poisoned, monkeypatch):
         vsa_nd.tile(strided, plan)
 
 
-def test_torch_tile_and_untile_fast_paths_match_the_checked_path(monkeypatch):
+def test_torch_tile_and_untile_fast_paths_match_the_checked_path(poisoned_torch, monkeypatch):
     """Repeated torch tile/untile calls on CUDA (the first checked, the others prepared, into
     poisoned buffers; with and without grad) equal the CPU adapter's results, and the gradient
     through tile is untile's."""
@@ -404,14 +412,6 @@ def test_torch_tile_and_untile_fast_paths_match_the_checked_path(monkeypatch):
     import vsa_nd.adapters.torch as vt
 
     monkeypatch.setattr(vt, "_CHECKED_REORDERS", {})
-    empty = vt._empty
-
-    def poisoned(shape, dtype, device):
-        out = empty(shape, dtype, device)
-        out.view(torch.uint8).fill_(0xFF)
-        return out
-
-    monkeypatch.setattr(vt, "_empty", poisoned)
     run = vt._run
     checked = []
     monkeypatch.setattr(vt, "_run", lambda fn, x, *args, **kwargs: checked.append(x.is_cuda) or run(fn, x, *args, **kwargs))

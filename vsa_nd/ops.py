@@ -123,12 +123,7 @@ def _tile(x, plan, out):
         raise ValueError(f"x: expected {plan.seq_len} tokens (seq_shape {plan.seq_shape}) on axis 1, got shape {list(x.shape)}")
     check.check_contiguous("x", x)
     shape = (b, h, plan.padded_len, d)
-    if out is not None:
-        return _backend(x).tile(x, plan.slot_token_index, _check_out(out, x, shape, x.dtype, others=(("x", x),)))
-    result = _backend(x).tile(x, plan.slot_token_index, array_module(x).empty(shape, x.dtype))
-    if is_cupy_array(x):
-        _remember_reorder("tile", x, given_plan, plan.slot_token_index, shape)
-    return result
+    return _checked_reorder("tile", "x", x, given_plan, plan.slot_token_index, shape, out)
 
 
 @_on_input_device
@@ -142,11 +137,18 @@ def _untile(y, plan, out):
         raise ValueError(f"y: expected {plan.padded_len} slots (padded length of {plan.seq_shape}) on axis 2, got shape {list(y.shape)}")
     check.check_contiguous("y", y)
     shape = (b, plan.seq_len, h, d)
+    return _checked_reorder("untile", "y", y, given_plan, plan.untile_index, shape, out)
+
+
+def _checked_reorder(kind: str, name: str, x, given_plan, index, shape: tuple, out):
+    """The launch of a checked :func:`tile` or :func:`untile` call (``name`` its array's) into
+    ``out`` (checked here) or a new array; the call is remembered for the fast path."""
+    launch = getattr(_backend(x), kind)
     if out is not None:
-        return _backend(y).untile(y, plan.untile_index, _check_out(out, y, shape, y.dtype, others=(("y", y),)))
-    result = _backend(y).untile(y, plan.untile_index, array_module(y).empty(shape, y.dtype))
-    if is_cupy_array(y):
-        _remember_reorder("untile", y, given_plan, plan.untile_index, shape)
+        return launch(x, index, _check_out(out, x, shape, x.dtype, others=((name, x),)))
+    result = launch(x, index, array_module(x).empty(shape, x.dtype))
+    if is_cupy_array(x):
+        _remember_reorder(kind, x, given_plan, index, shape)
     return result
 
 

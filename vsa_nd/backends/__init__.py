@@ -76,3 +76,35 @@ A result argument that is not None (``out``, ``dgate``, ``dq``, ``dk``, ``dv``; 
 :mod:`vsa_nd.ops`: shape, dtype, device, contiguity, no shared memory) is filled and returned
 in place of a new array.
 """
+
+import numpy as np
+
+from .._xp import compute_dtype
+
+# The VSA forward's results: its output, then the small arrays of vsa_nd.VSAContext that the
+# backward needs, in the order the CUDA backend's prepared forward returns them and the
+# adapters save them.
+FORWARD_RESULTS = ("out", "lse", "q2k_idx", "q2k_num", "q_mean", "k_mean", "v_mean", "coarse_probs", "coarse")
+
+
+def forward_result_specs(q_shape, q_dtype, kv_shape, num_q_blocks: int, num_kv_blocks: int, topk: int) -> list:
+    """(shape, NumPy dtype) of each of the VSA forward's results, in :data:`FORWARD_RESULTS` order.
+
+    q_shape [B, H, Sq_pad, D]; kv_shape [B, H_kv, Skv_pad, D].  The small tensors are in the
+    compute dtype (float64 for float64 inputs, else float32), the selection in int32.
+    """
+    b, h, s_q, d = q_shape
+    h_kv = kv_shape[1]
+    c = compute_dtype(q_dtype)
+    i32 = np.dtype(np.int32)
+    return [
+        ((b, h, s_q, d), np.dtype(q_dtype)),  # out
+        ((b, h, s_q), c),  # lse
+        ((b, h, num_q_blocks, topk), i32),  # q2k_idx
+        ((b, h, num_q_blocks), i32),  # q2k_num
+        ((b, h, num_q_blocks, d), c),  # q_mean
+        ((b, h_kv, num_kv_blocks, d), c),  # k_mean
+        ((b, h_kv, num_kv_blocks, d), c),  # v_mean
+        ((b, h, num_q_blocks, num_kv_blocks), c),  # coarse_probs
+        ((b, h, num_q_blocks, d), c),  # coarse
+    ]

@@ -24,10 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import cuda, cuda_attention
-
-# The forward's results, in the order of ForwardLaunches.results (out, then the VSAContext's small arrays).
-RESULTS = ("out", "lse", "q2k_idx", "q2k_num", "q_mean", "k_mean", "v_mean", "coarse_probs", "coarse")
+from . import FORWARD_RESULTS as RESULTS  # the order of ForwardLaunches.results: out, then the context's small arrays
+from . import cuda, cuda_attention, forward_result_specs
 _ALIGN = 256  # bytes: where each result starts in a shared workspace (CuPy's and torch's allocators align as much)
 
 
@@ -89,18 +87,7 @@ def forward_launches(q_shape: tuple, kv_shape: tuple, dtype: np.dtype, num_q_blo
     h_kv = kv_shape[1]
     group = h // h_kv
     volume = q_len // num_q_blocks
-    f32, i32 = np.dtype(np.float32), np.dtype(np.int32)
-    results = (
-        (q_shape, dtype),  # out
-        ((b, h, q_len), f32),  # lse
-        ((b, h, num_q_blocks, topk), i32),  # q2k_idx
-        ((b, h, num_q_blocks), i32),  # q2k_num
-        ((b, h, num_q_blocks, d), f32),  # q_mean
-        ((b, h_kv, num_kv_blocks, d), f32),  # k_mean
-        ((b, h_kv, num_kv_blocks, d), f32),  # v_mean
-        ((b, h, num_q_blocks, num_kv_blocks), f32),  # coarse_probs
-        ((b, h, num_q_blocks, d), f32),  # coarse
-    )
+    results = tuple(forward_result_specs(q_shape, dtype, kv_shape, num_q_blocks, num_kv_blocks, topk))
     offsets, end = [], 0
     for shape, result_dtype in results[1:]:
         offsets.append(end)
