@@ -21,7 +21,7 @@ import numpy as np
 import vsa_nd
 from vsa_nd._xp import BFLOAT16
 from vsa_nd.backends import FORWARD_RESULTS
-from vsa_nd.backends import forward_result_specs as forward_specs
+from vsa_nd.backends import forward_result_specs as forward_specs  # noqa: F401 - the adapters' name for it
 from vsa_nd.tiling import trusted_index_arrays
 
 _F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)

@@ -172,13 +172,15 @@ def test_fast_path_follows_the_kernel_choice(checked_calls, monkeypatch):
 
     monkeypatch.setattr(cuda_attention, "make_launch", recorded)
     cuda_vsa.forward_launches.cache_clear()  # (launches made by earlier tests are not made again)
-    first = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate, scale=0.11)
-    assert len(made) == 1
-    monkeypatch.setattr(cuda_attention, "FORWARD_KERNEL", "mma")
-    second = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate, scale=0.11)
-    assert len(checked_calls) == 1 and made[1:] == ["attention_fwd.cu"]
-    assert _rel_err(cupy.asnumpy(second), cupy.asnumpy(first)) <= TOLERANCE[BFLOAT16]
-    cuda_vsa.forward_launches.cache_clear()  # (none of the recorded launches outlives the test)
+    try:
+        first = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate, scale=0.11)
+        assert len(made) == 1
+        monkeypatch.setattr(cuda_attention, "FORWARD_KERNEL", "mma")
+        second = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate, scale=0.11)
+        assert len(checked_calls) == 1 and made[1:] == ["attention_fwd.cu"]
+        assert _rel_err(cupy.asnumpy(second), cupy.asnumpy(first)) <= TOLERANCE[BFLOAT16]
+    finally:
+        cuda_vsa.forward_launches.cache_clear()  # (none of the recorded launches outlives the test)
 
 
 def test_prepared_launches_refuse_what_the_products_cannot_index():
@@ -334,12 +336,16 @@ def test_torch_fast_path_leaves_changed_plan_tensors_to_the_checked_path(monkeyp
         vt._PLAN_BLOCK_SIZES[id(sizes)] = (sizes, entry[1], sizes._version)
 
 
-def test_torch_fast_path_under_cuda_graph_capture():
-    """The fast path allocates from torch's allocator on the capturing stream: a captured call
-    replays with new inputs and gives the checked path's results."""
+def test_torch_fast_path_under_cuda_graph_capture(monkeypatch):
+    """The fast path allocates from torch's allocator on the capturing stream: a call captured on
+    it replays with new inputs and gives the checked path's results."""
     torch = pytest.importorskip("torch")
     import vsa_nd.adapters.torch as vt
 
+    monkeypatch.setattr(vt, "_CHECKED_FORWARDS", {})
+    prepared = []
+    run = vt._prepared_forward
+    monkeypatch.setattr(vt, "_prepared_forward", lambda *args: prepared.append(run(*args)) or prepared[-1])
     plan = vt.tile_plan((4, 6, 8), (4, 4, 4), device="cuda")
     sizes = plan.variable_block_sizes
     static = [vt.tile(torch.randn(1, plan.seq_len, 2, 64, device="cuda", dtype=torch.bfloat16), plan) for _ in range(4)]
@@ -352,6 +358,7 @@ def test_torch_fast_path_under_cuda_graph_capture():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = vt.video_sparse_attn(*static[:3], 3, sizes, gate=static[3])
+    assert [r is not None for r in prepared] == [False, True, True]  # checked, prepared, prepared under capture
     for seed in range(2):
         fresh = [vt.tile(torch.randn(1, plan.seq_len, 2, 64, device="cuda", dtype=torch.bfloat16,
                                      generator=torch.Generator(device="cuda").manual_seed(seed + 10 * i)), plan)

@@ -208,3 +208,12 @@ def test_cuda_matmul_errors():
         cuda.matmul(a, cupy.zeros((2, 4, 8), np.float32))
     with pytest.raises(ValueError, match=r"b: expected batch axes \[2\]"):
         cuda.matmul(a, cupy.zeros((3, 8, 4), np.float32))
+
+
+def test_gemm_launches_refuse_what_the_kernel_cannot_index():
+    """gemm_f32.cu indexes one batch element with int32: larger products are refused before a
+    kernel is looked up (so also when the VSA forward's launches are made)."""
+    from vsa_nd.backends import cuda  # (imports no CuPy: the range check runs first)
+
+    with pytest.raises(ValueError, match="int32 indexing"):
+        cuda.gemm_launch(16 * 12000, 128, 12000, 1, False, False, 1.0, (128, 64))

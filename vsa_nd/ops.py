@@ -163,11 +163,12 @@ class _CheckedReorder(NamedTuple):
 
 
 _CHECKED_REORDERS: dict = {}  # (kind, type, shape, dtype, device, id(plan)) -> _CheckedReorder
+_CHECKED_REORDERS_MAX = 256  # cleared when full
 
 
 def _remember_reorder(kind: str, x, plan, index, shape: tuple):
     """After a checked :func:`tile` or :func:`untile` call on a CuPy array."""
-    if len(_CHECKED_REORDERS) >= _CHECKED_FORWARDS_MAX:
+    if len(_CHECKED_REORDERS) >= _CHECKED_REORDERS_MAX:
         _CHECKED_REORDERS.clear()
     device = x.data.device_id
     _CHECKED_REORDERS[(kind, type(x), x.shape, x.dtype, device, id(plan))] = _CheckedReorder(plan, index, shape, device)
@@ -509,7 +510,7 @@ def _video_sparse_attn(q, k, v, topk, q_block_sizes, kv_block_sizes, *, gate, sc
 
 def _staged_forward(backend, q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float, out) -> tuple:
     """The forward stage by stage through ``backend``'s functions (the CPU's way): the results
-    of :data:`vsa_nd.backends.cuda_vsa.RESULTS`, in that order."""
+    of :data:`vsa_nd.backends.FORWARD_RESULTS`, in that order."""
     q_mean, k_mean, v_mean = backend.block_means((q, k, v), (q_block_sizes, kv_block_sizes, kv_block_sizes))
     scores = _coarse_scores(q_mean, k_mean, scale)
     # The scores are not needed after the selection: they become the coarse probabilities in place.

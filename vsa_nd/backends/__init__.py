@@ -69,7 +69,7 @@ The interface every backend implements:
 The CUDA backend also has ``vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale,
 out=None, keep=True)``, the whole VSA forward as five prepared launches (the results of
 ``block_means`` to ``block_sparse_fwd`` above, in the order of
-``vsa_nd.backends.cuda_vsa.RESULTS``; see that module), and ``reorder``, tile/untile on
+:data:`FORWARD_RESULTS`; see ``vsa_nd.backends.cuda_vsa``), and ``reorder``, tile/untile on
 addresses; ``vsa_nd.ops`` runs the stages one by one on the CPU.
 
 A result argument that is not None (``out``, ``dgate``, ``dq``, ``dk``, ``dv``; checked by

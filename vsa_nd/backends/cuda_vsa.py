@@ -24,8 +24,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import FORWARD_RESULTS as RESULTS  # the order of ForwardLaunches.results: out, then the context's small arrays
+from . import FORWARD_RESULTS as RESULTS  # noqa: F401 - the order of ForwardLaunches.results
 from . import cuda, cuda_attention, forward_result_specs
+
 _ALIGN = 256  # bytes: where each result starts in a shared workspace (CuPy's and torch's allocators align as much)
 
 
