@@ -230,6 +230,25 @@ def test_fast_path_is_ordered_on_the_current_stream(checked_calls):
 
 
 @pytest.fixture
+def prepared_calls(monkeypatch):
+    """A list that records, for each call the torch adapter considers for its prepared path,
+    whether it took it (True) or the checked path (False); no call remembered before."""
+    import vsa_nd.adapters.torch as vt
+
+    taken = []
+    run = vt._prepared_forward
+
+    def recorded(*args):
+        out = run(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(vt, "_prepared_forward", recorded)
+    monkeypatch.setattr(vt, "_CHECKED_FORWARDS", {})
+    return taken
+
+
+@pytest.fixture
 def poisoned_torch(monkeypatch):
     """Every buffer the torch adapter's prepared path allocates starts as 0xFF bytes."""
     torch = pytest.importorskip("torch")
@@ -246,23 +265,14 @@ def poisoned_torch(monkeypatch):
 
 
 @pytest.mark.parametrize("needs_grad", [False, True])
-def test_torch_fast_path_matches_the_checked_path(needs_grad, poisoned_torch, monkeypatch):
+def test_torch_fast_path_matches_the_checked_path(needs_grad, poisoned_torch, prepared_calls):
     """Torch calls of one signature: the first through vsa_nd's checks, later ones on the
     prepared launches with torch's allocator (poisoned here); outputs, the autograd context and
     gradients equal the checked path's bit for bit, on fresh inputs each call."""
     torch = pytest.importorskip("torch")
     import vsa_nd.adapters.torch as vt
 
-    monkeypatch.setattr(vt, "_CHECKED_FORWARDS", {})
-    prepared = []
-    run = vt._prepared_forward
-
-    def recorded(*args):
-        results = run(*args)
-        prepared.append(results is not None)
-        return results
-
-    monkeypatch.setattr(vt, "_prepared_forward", recorded)
+    prepared = prepared_calls
     plan = vt.tile_plan((4, 6, 8), (4, 4, 4), device="cuda")
     sizes = plan.variable_block_sizes
     generator = torch.Generator(device="cuda")
@@ -310,42 +320,36 @@ def test_torch_fast_path_leaves_calls_under_a_dispatch_mode_to_the_custom_op(mon
     assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
 
 
-def test_torch_fast_path_leaves_changed_plan_tensors_to_the_checked_path(monkeypatch):
+def test_torch_fast_path_leaves_changed_plan_tensors_to_the_checked_path(prepared_calls):
     """A plan's block-size tensor changed in place (its version counter moved) no longer stands
     for the plan's array: the next call takes the checked path."""
     torch = pytest.importorskip("torch")
     import vsa_nd.adapters.torch as vt
 
-    monkeypatch.setattr(vt, "_CHECKED_FORWARDS", {})
-    prepared = []
-    run = vt._prepared_forward
-    monkeypatch.setattr(vt, "_prepared_forward", lambda *args: prepared.append(run(*args)) or prepared[-1])
+    prepared = prepared_calls
     plan = vt.tile_plan((4, 6, 9), (4, 4, 4), device="cuda")
     q, k, v, g = (vt.tile(torch.randn(1, plan.seq_len, 2, 64, device="cuda", dtype=torch.float16), plan)
                   for _ in range(4))
     sizes = plan.variable_block_sizes
     for _ in range(2):
         vt.video_sparse_attn(q, k, v, 2, sizes, gate=g)
-    assert [r is not None for r in prepared] == [False, True]  # checked, then prepared
+    assert prepared == [False, True]  # checked, then prepared
     sizes.add_(0)  # the same values, a new version
     try:
         vt.video_sparse_attn(q, k, v, 2, sizes, gate=g)
-        assert [r is not None for r in prepared] == [False, True, False]
+        assert prepared == [False, True, False]
     finally:  # the plan's tensor trusted again, at its new version, for whoever uses this plan next
         entry = vt._PLAN_BLOCK_SIZES[id(sizes)]
         vt._PLAN_BLOCK_SIZES[id(sizes)] = (sizes, entry[1], sizes._version)
 
 
-def test_torch_fast_path_under_cuda_graph_capture(monkeypatch):
+def test_torch_fast_path_under_cuda_graph_capture(prepared_calls):
     """The fast path allocates from torch's allocator on the capturing stream: a call captured on
     it replays with new inputs and gives the checked path's results."""
     torch = pytest.importorskip("torch")
     import vsa_nd.adapters.torch as vt
 
-    monkeypatch.setattr(vt, "_CHECKED_FORWARDS", {})
-    prepared = []
-    run = vt._prepared_forward
-    monkeypatch.setattr(vt, "_prepared_forward", lambda *args: prepared.append(run(*args)) or prepared[-1])
+    prepared = prepared_calls
     plan = vt.tile_plan((4, 6, 8), (4, 4, 4), device="cuda")
     sizes = plan.variable_block_sizes
     static = [vt.tile(torch.randn(1, plan.seq_len, 2, 64, device="cuda", dtype=torch.bfloat16), plan) for _ in range(4)]
@@ -358,7 +362,7 @@ def test_torch_fast_path_under_cuda_graph_capture(monkeypatch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = vt.video_sparse_attn(*static[:3], 3, sizes, gate=static[3])
-    assert [r is not None for r in prepared] == [False, True, True]  # checked, prepared, prepared under capture
+    assert prepared == [False, True, True]  # checked, prepared, prepared under capture
     for seed in range(2):
         fresh = [vt.tile(torch.randn(1, plan.seq_len, 2, 64, device="cuda", dtype=torch.bfloat16,
                                      generator=torch.Generator(device="cuda").manual_seed(seed + 10 * i)), plan)
