@@ -462,24 +462,24 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     arrays' memory checked (device, contiguity, alignment) before its five prepared launches
     (:mod:`vsa_nd.backends.cuda_vsa`); other calls are checked in full.
     """
+    signature = None
     if out is None and is_cupy_array(q):  # a call like one checked before: the cheap checks only
-        checked = _checked_before(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale, return_context)
+        signature = _forward_signature(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale, return_context)
+        checked = _checked_before(signature, q, k, v, gate)
         if checked is not None:
             results = _backend_module(True).vsa_forward(q, k, v, gate, q_block_sizes, checked.kv_block_sizes, topk,
                                                         checked.scale, keep=return_context)
             return _vsa_results(q, k, v, gate, q_block_sizes, checked.kv_block_sizes, checked.scale, results,
                                 return_context)
     return _video_sparse_attn(q, k, v, topk, q_block_sizes, kv_block_sizes, gate=gate, scale=scale,
-                              return_context=return_context, out=out)
+                              return_context=return_context, out=out, signature=signature)
 
 
 @_on_input_device
-def _video_sparse_attn(q, k, v, topk, q_block_sizes, kv_block_sizes, *, gate, scale, return_context, out):
-    """:func:`video_sparse_attn` with every check."""
+def _video_sparse_attn(q, k, v, topk, q_block_sizes, kv_block_sizes, *, gate, scale, return_context, out, signature):
+    """:func:`video_sparse_attn` with every check; ``signature`` the call's :func:`_forward_signature`
+    (None: not to be remembered), taken before the checks replace the caller's block sizes."""
     check.check_float("q", q, 4)
-    signature = None
-    if is_cupy_array(q):  # (taken before the checks replace the caller's block sizes)
-        signature = _forward_signature(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale, return_context)
     given_q_sizes, given_kv_sizes = q_block_sizes, kv_block_sizes
     num_q_blocks = _num_blocks("q_block_sizes", q_block_sizes)
     if kv_block_sizes is None:  # checked once, under the name the caller used
@@ -502,7 +502,7 @@ def _video_sparse_attn(q, k, v, topk, q_block_sizes, kv_block_sizes, *, gate, sc
     results = _backend(q).vsa_forward(q, k, v, gate, q_block_sizes, kv_sizes, topk, problem.scale, out=out,
                                       keep=return_context)
     # The fast path uses the caller's arrays as they are: only when the checks returned them unchanged.
-    if (signature is not None and out is None and q_block_sizes is given_q_sizes
+    if (signature is not None and q_block_sizes is given_q_sizes
             and kv_sizes is (q_block_sizes if given_kv_sizes is None else given_kv_sizes)):
         _remember_checked(signature, q_block_sizes, kv_sizes, problem)
     return _vsa_results(q, k, v, gate, q_block_sizes, kv_sizes, problem.scale, results, return_context)
@@ -570,10 +570,9 @@ def _remember_checked(signature: tuple, q_block_sizes, kv_block_sizes, problem: 
                                                        q_block_sizes.data.device_id)
 
 
-def _checked_before(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale, return_context):
-    """The :class:`_CheckedForward` of a CuPy call like one checked before, whose arrays' memory
-    passes the checks that depend on it; else None."""
-    signature = _forward_signature(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale, return_context)
+def _checked_before(signature, q, k, v, gate):
+    """The :class:`_CheckedForward` of a CuPy call of ``signature`` (:func:`_forward_signature`)
+    like one checked before, whose arrays' memory passes the checks that depend on it; else None."""
     checked = None if signature is None else _CHECKED_FORWARDS.get(signature)
     if checked is None:
         return None
