@@ -617,6 +617,9 @@ def _vsa_input_grads(ctx, dout) -> tuple:
     """Gradients of the forward's inputs from what it saved (q, k, v, gate, block sizes, out, context),
     for both paths; the custom op when the backward itself must be traced or differentiated."""
     q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context = ctx.saved_tensors
+    layout = getattr(ctx, "context_layout", None)
+    if layout is not None:  # the prepared forward saved its workspace: the context is views of it
+        context = _context_views(context[0], layout)
     # The incoming gradient may be broadcast or strided (e.g. from .sum()); the kernels read rows.
     args = (dout.contiguous(), q, k, v, gate, q_block_sizes, kv_block_sizes, ctx.scale, out, context)
     if _plain_eager(*args[:7], out, *context) and not _needs_grad(*args[:5]):
@@ -654,15 +657,21 @@ class _VSAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, gate, q_block_sizes, kv_block_sizes, scale, results):
+    def forward(ctx, q, k, v, gate, q_block_sizes, kv_block_sizes, scale, results, context_layout=None):
+        """``results``: (out, *CONTEXT_FIELDS), or with ``context_layout`` (the prepared path's
+        :func:`_context_layout`) (out, workspace), the context tensors then made in the backward."""
         out, *context = results
-        ctx.scale = scale
+        ctx.scale, ctx.context_layout = scale, context_layout
         ctx.save_for_backward(q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context)
         return out
 
     @staticmethod
     def backward(ctx, dout):  # under create_graph=True this calls the backward op, as the custom op's autograd does
-        return _vsa_input_grads(ctx, dout)  # 8 entries, one per forward argument
+        return *_vsa_input_grads(ctx, dout), None  # one entry per forward argument
+
+
+_apply_vsa = torch._C._FunctionBase.__dict__["apply"].__get__(None, _VSAFunction)  # see _prepared_forward
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float, signature=None) -> Tensor:
@@ -695,6 +704,7 @@ class _CheckedForward(NamedTuple):
     device_index: int
     problem: tuple  # the arguments of cuda_vsa.forward_launches but the kernel choice
     scale: float
+    context: tuple  # _context_layout(problem)
 
 
 _CHECKED_FORWARDS: dict = {}  # signature -> _CheckedForward
@@ -733,7 +743,27 @@ def _remember_checked(signature: tuple, q, k, q_block_sizes, kv_block_sizes, top
     index = q.get_device()
     problem = (tuple(q.shape), tuple(k.shape), _NUMPY_DTYPE[q.dtype], q_block_sizes.shape[0], kv_block_sizes.shape[0],
                topk, scale, index)
-    _CHECKED_FORWARDS[signature] = _CheckedForward(q_block_sizes, kv_block_sizes, index, problem, scale)
+    _CHECKED_FORWARDS[signature] = _CheckedForward(q_block_sizes, kv_block_sizes, index, problem, scale,
+                                                   _context_layout(problem))
+
+
+def _context_layout(problem: tuple) -> tuple:
+    """Where the context's eight tensors (every result but out) lie in the workspace of
+    ``ForwardLaunches.buffers`` for ``problem``: (torch dtype, shape, strides, offset in elements)
+    each, for ``as_strided`` views of the workspace viewed as that dtype.  One allocation and
+    eight views cost less host time than eight allocations (``torch.empty`` ~4 µs each)."""
+    results, offsets, _ = _cuda_backend()[2].result_layout(*problem[:6])
+    layout = []
+    for (shape, dtype), offset in zip(results[1:], offsets):
+        strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        layout.append((_TORCH_DTYPE[dtype], shape, strides, offset // dtype.itemsize))
+    return tuple(layout)
+
+
+def _context_views(workspace: Tensor, layout: tuple) -> tuple:
+    """The context's tensors (CONTEXT_FIELDS order) as views of a prepared forward's workspace."""
+    typed = {torch.float32: workspace.view(torch.float32), torch.int32: workspace.view(torch.int32)}
+    return tuple(typed[dtype].as_strided(shape, strides, offset) for dtype, shape, strides, offset in layout)
 
 
 @functools.cache
@@ -760,8 +790,8 @@ def _prepared_forward(signature: tuple, q, k, v, gate):
     if q_sizes is None or kv_sizes is None or torch._C._cuda_getDevice() != index:
         return None
     tensors = (q, k, v) if gate is None else (q, k, v, gate)
-    for t in tensors:
-        if t.get_device() != index or not t.is_contiguous() or t.data_ptr() % 16:
+    for t in tensors:  # (a functorch wrapper, say one that escaped a transform, has no data pointer)
+        if t.get_device() != index or not t.is_contiguous() or _is_functorch_wrapped(t) or t.data_ptr() % 16:
             return None
     if _mode_active():  # (see _plain_eager)
         return None
@@ -769,15 +799,19 @@ def _prepared_forward(signature: tuple, q, k, v, gate):
     launches = cuda_vsa.forward_launches(*checked.problem, cuda_attention.FORWARD_KERNEL)
     needs_grad = signature[-1]
     device = q.device
-    # With grad the results are the context's tensors, which the autograd node saves; without,
-    # a workspace holds all but out, kept until the launches are queued (freed in the stream's order).
+    # A workspace holds every result but out: without grad it is kept until the launches are
+    # queued (then freed in the stream's order); with grad it is the context, saved for the backward.
     buffers, addresses = launches.buffers(lambda shape, dtype: _empty(shape, _TORCH_DTYPE[dtype], device),
-                                          Tensor.data_ptr, needs_grad)
+                                          Tensor.data_ptr, False)
     launches(q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if gate is None else gate.data_ptr(), q_sizes.data.ptr,
              kv_sizes.data.ptr, addresses, _cupy_stream(index))
     if not needs_grad:
         return buffers[0]
-    return _VSAFunction.apply(q, k, v, gate, checked.q_block_sizes, checked.kv_block_sizes, checked.scale, buffers)
+    # The autograd node saves the workspace, and the backward makes the context's tensors from
+    # it.  The base class's apply: Function.apply's own work is for functorch (no transform is
+    # active, no input is a functorch wrapper) and binding default arguments (all are given).
+    return _apply_vsa(q, k, v, gate, checked.q_block_sizes, checked.kv_block_sizes, checked.scale, buffers,
+                      checked.context)
 
 
 # kind -> (implementation, custom op, the other kind: its gradient)

@@ -286,6 +286,14 @@ def test_torch_fast_path_matches_the_checked_path(needs_grad, poisoned_torch, pr
         with torch.device("cuda"):
             expected = vt.video_sparse_attn(q, k, v, 3, sizes, gate=g)
         assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+        if needs_grad and seed:  # a prepared call: its node saved one workspace, the context's tensors made from it
+            node = out.grad_fn
+            assert len(node.saved_tensors) == 8 and node.saved_tensors[7].dtype == torch.uint8
+            want = vt._vsa_forward(*(t.detach() for t in (q, k, v, g)), sizes, sizes, 3, 0.125)[1:]
+            got = vt._context_views(node.saved_tensors[7], node.context_layout)
+            assert len(got) == len(want) == 8
+            for a, b in zip(got, want):
+                assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
         if needs_grad:
             dout = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=generator)
             for got, want in zip(torch.autograd.grad(out, (q, k, v, g), dout),

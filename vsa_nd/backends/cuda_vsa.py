@@ -88,11 +88,7 @@ def forward_launches(q_shape: tuple, kv_shape: tuple, dtype: np.dtype, num_q_blo
     h_kv = kv_shape[1]
     group = h // h_kv
     volume = q_len // num_q_blocks
-    results = tuple(forward_result_specs(q_shape, dtype, kv_shape, num_q_blocks, num_kv_blocks, topk))
-    offsets, end = [], 0
-    for shape, result_dtype in results[1:]:
-        offsets.append(end)
-        end += -(-math.prod(shape) * result_dtype.itemsize // _ALIGN) * _ALIGN
+    results, offsets, end = result_layout(q_shape, kv_shape, dtype, num_q_blocks, num_kv_blocks, topk)
     element = cuda_attention._CUDA_TYPES[dtype]
     means = cuda.block_mean_launch(element, cuda._VECTOR_BYTES // dtype.itemsize, d, volume,
                                    [b * h * num_q_blocks, b * h_kv * num_kv_blocks, b * h_kv * num_kv_blocks],
@@ -105,7 +101,19 @@ def forward_launches(q_shape: tuple, kv_shape: tuple, dtype: np.dtype, num_q_blo
     select = cuda.topk_launch(b * h * num_q_blocks, num_kv_blocks, topk, softmax=True)
     coarse = cuda.gemm_launch(rows, d, num_kv_blocks, batches, False, False, 1.0, cuda._gemm_tile(rows, d, batches, sm_count))
     fine = cuda_attention.forward_launch(q_shape, kv_shape, dtype, topk, volume, scale, kernel_choice)
-    return ForwardLaunches(means, scores, select, coarse, fine, results, tuple(offsets), end)
+    return ForwardLaunches(means, scores, select, coarse, fine, results, offsets, end)
+
+
+def result_layout(q_shape: tuple, kv_shape: tuple, dtype: np.dtype, num_q_blocks: int, num_kv_blocks: int,
+                  topk: int) -> tuple:
+    """(results, offsets, workspace_bytes) of :class:`ForwardLaunches` for a problem (see there);
+    the same on any device."""
+    results = tuple(forward_result_specs(q_shape, dtype, kv_shape, num_q_blocks, num_kv_blocks, topk))
+    offsets, end = [], 0
+    for shape, result_dtype in results[1:]:
+        offsets.append(end)
+        end += -(-math.prod(shape) * result_dtype.itemsize // _ALIGN) * _ALIGN
+    return results, tuple(offsets), end
 
 
 def vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float, out=None, keep: bool = True):
