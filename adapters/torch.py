@@ -617,11 +617,15 @@ def _vsa_input_grads(ctx, dout) -> tuple:
     """Gradients of the forward's inputs from what it saved (q, k, v, gate, block sizes, out, context),
     for both paths; the custom op when the backward itself must be traced or differentiated."""
     q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context = ctx.saved_tensors
-    layout = getattr(ctx, "context_layout", None)
-    if layout is not None:  # the prepared forward saved its workspace: the context is views of it
-        context = _context_views(context[0], layout)
     # The incoming gradient may be broadcast or strided (e.g. from .sum()); the kernels read rows.
-    args = (dout.contiguous(), q, k, v, gate, q_block_sizes, kv_block_sizes, ctx.scale, out, context)
+    dout = dout.contiguous()
+    prepared = getattr(ctx, "prepared", None)
+    if prepared is not None:  # the prepared forward saved its workspace: the context is views of it
+        grads = _prepared_backward(prepared, dout, q, k, v, gate, out, context[0])
+        if grads is not None:
+            return *grads, None, None, None, None
+        context = _context_views(context[0], prepared.context)
+    args = (dout, q, k, v, gate, q_block_sizes, kv_block_sizes, ctx.scale, out, context)
     if _plain_eager(*args[:7], out, *context) and not _needs_grad(*args[:5]):
         grads = _vsa_backward(*args)
     else:  # e.g. create_graph=True: the op's missing autograd formula then refuses a second backward
@@ -657,11 +661,11 @@ class _VSAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, gate, q_block_sizes, kv_block_sizes, scale, results, context_layout=None):
-        """``results``: (out, *CONTEXT_FIELDS), or with ``context_layout`` (the prepared path's
-        :func:`_context_layout`) (out, workspace), the context tensors then made in the backward."""
+    def forward(ctx, q, k, v, gate, q_block_sizes, kv_block_sizes, scale, results, prepared=None):
+        """``results``: (out, *CONTEXT_FIELDS), or with ``prepared`` (the prepared path's
+        :class:`_CheckedForward`) (out, workspace), the context tensors then made in the backward."""
         out, *context = results
-        ctx.scale, ctx.context_layout = scale, context_layout
+        ctx.scale, ctx.prepared = scale, prepared
         ctx.save_for_backward(q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context)
         return out
 
@@ -810,8 +814,40 @@ def _prepared_forward(signature: tuple, q, k, v, gate):
     # The autograd node saves the workspace, and the backward makes the context's tensors from
     # it.  The base class's apply: Function.apply's own work is for functorch (no transform is
     # active, no input is a functorch wrapper) and binding default arguments (all are given).
-    return _apply_vsa(q, k, v, gate, checked.q_block_sizes, checked.kv_block_sizes, checked.scale, buffers,
-                      checked.context)
+    return _apply_vsa(q, k, v, gate, checked.q_block_sizes, checked.kv_block_sizes, checked.scale, buffers, checked)
+
+
+def _prepared_backward(checked: _CheckedForward, dout, q, k, v, gate, out, workspace):
+    """(dq, dk, dv, dgate or None) of a prepared forward's node by the prepared backward launches
+    (``cuda_vsa.BackwardLaunches``) on the tensors' addresses, on torch's current stream, with
+    results and temporaries from torch's allocator; None where the call needs the checked path
+    (a backward to be differentiated, an active mode, a dout of other memory or type)."""
+    index = checked.device_index
+    if (type(dout) is not Tensor or dout.dtype != q.dtype or dout.shape != q.shape or dout.get_device() != index
+            or _is_functorch_wrapped(dout) or dout.data_ptr() % 16 or _mode_active()
+            or torch._C._cuda_getDevice() != index or _needs_grad(dout, q, k, v, gate)):
+        return None
+    q_sizes, kv_sizes = _plan_array(checked.q_block_sizes), _plan_array(checked.kv_block_sizes)
+    if q_sizes is None or kv_sizes is None:
+        return None
+    _, _, cuda_vsa = _cuda_backend()
+    q_shape, kv_shape, dtype, n_q, n_kv, topk, scale, _ = checked.problem
+    launches = cuda_vsa.backward_launches(q_shape, kv_shape, dtype, n_q, n_kv, topk, scale, gate is not None, index)
+    device = q.device
+    grads = (_empty(q.shape, q.dtype, device), _empty(k.shape, k.dtype, device), _empty(v.shape, v.dtype, device),
+             None if gate is None else _empty(gate.shape, gate.dtype, device))
+    # The context's eight tensors, float32 and int32 (4-byte elements), in the workspace (CONTEXT_FIELDS order).
+    base = workspace.data_ptr()
+    lse, q2k_idx, q2k_num, q_mean, k_mean, v_mean, probs, coarse = (np.uintp(base + 4 * offset)
+                                                                    for *_, offset in checked.context)
+    address = lambda t: np.uintp(0 if t is None else t.data_ptr())  # noqa: E731
+    pointers = cuda_vsa.BackwardPointers(
+        address(dout), address(q), address(k), address(v), address(gate), address(out), lse, q2k_idx, q2k_num,
+        np.uintp(q_sizes.data.ptr), np.uintp(kv_sizes.data.ptr), q_mean, k_mean, v_mean, probs, coarse,
+        *(address(g) for g in grads))
+    launches(pointers, False, lambda shape, dtype: _empty(shape, _TORCH_DTYPE[dtype], device), Tensor.data_ptr,
+             _cupy_stream(index))
+    return grads
 
 
 # kind -> (implementation, custom op, the other kind: its gradient)

@@ -168,7 +168,8 @@ def _breakdown(cases, label: str, reps: int = 50):
     points = [(_common, "vsa_forward"), (_common, "vsa_inference"), (vsa_nd, "video_sparse_attn"),
               (cuda_vsa, "vsa_forward"), (cuda_vsa.ForwardLaunches, "__call__"),
               (vt, "_vsa_input_grads"), (_common, "vsa_backward"), (vsa_nd, "video_sparse_attn_backward"),
-              (cuda_attention, "kv_to_q_lists"), (cuda_attention, "block_sparse_bwd")]
+              (cuda_vsa, "vsa_backward"), (cuda_vsa.BackwardLaunches, "__call__"),
+              (cuda_attention.FineBackward, "__call__")]
     originals = [getattr(owner, name) for owner, name in points]
     marks = {}
 
@@ -181,7 +182,7 @@ def _breakdown(cases, label: str, reps: int = 50):
         return wrapper
 
     for (owner, name), fn in zip(points, originals):
-        setattr(owner, name, marked(name, fn))
+        setattr(owner, name, marked(f"{owner.__name__.rsplit('.', 1)[-1]}.{name}", fn))
     try:
         for what, array_fn, torch_fn in cases[:3]:
             for side, fn in (("array", array_fn), ("torch", torch_fn)):

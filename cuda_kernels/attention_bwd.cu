@@ -247,8 +247,8 @@ bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
          const float* __restrict__ lse, const float* __restrict__ delta, const int* __restrict__ kv2q_code,
          const int* __restrict__ kv2q_offsets, const int* __restrict__ q_block_sizes,
          const int* __restrict__ kv_block_sizes, const float* __restrict__ dk_tile, const float* __restrict__ dv_tile,
-         T* __restrict__ dk, T* __restrict__ dv, int num_heads, int num_kv_heads, int q_len, int kv_len,
-         int tile_volume, float scale, const int* __restrict__ order) {
+         T* __restrict__ dk, T* __restrict__ dv, const int* __restrict__ order, int num_heads, int num_kv_heads,
+         int q_len, int kv_len, int tile_volume, float scale) {
     vsa::dkdv_pass<T, D, vsa::MmaProducts<T, D>>(q, k, v, dout, lse, delta, kv2q_code, kv2q_offsets, q_block_sizes,
                                                  kv_block_sizes, dk_tile, dv_tile, dk, dv, num_heads, num_kv_heads,
                                                  q_len, kv_len, tile_volume, scale, order);

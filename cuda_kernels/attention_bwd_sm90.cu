@@ -481,9 +481,9 @@ __global__ void __launch_bounds__(vsa::ATT_THREADS, vsa::DqDsSmem<D, STAGES>::CT
 bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__ k, const T* __restrict__ ds_blocks,
                const int* __restrict__ pos, const int* __restrict__ q2k_idx, const int* __restrict__ q2k_num,
                const int* __restrict__ q_block_sizes, const int* __restrict__ kv_block_sizes,
-               const float* __restrict__ dq_tile, T* __restrict__ dq, int num_heads, int num_kv_heads, int q_len,
-               int kv_len, int list_len, int tile_volume, float scale, int list_cap, const int* __restrict__ kv2q_offsets,
-               int bh0, int list_room) {
+               const float* __restrict__ dq_tile, T* __restrict__ dq, const int* __restrict__ kv2q_offsets,
+               int num_heads, int num_kv_heads, int q_len, int kv_len, int list_len, int tile_volume, float scale,
+               int list_cap, int bh0, int list_room) {
     using namespace vsa;
     constexpr int TILE = AttentionSmem<D>::TILE, STAGE = DqDsSmem<D, STAGES>::STAGE;
     // Chunk j + 1's fragments are read while chunk j's product runs (step, below), so chunk j + 1
@@ -609,9 +609,9 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
               const float* __restrict__ lse, const float* __restrict__ delta, const int* __restrict__ kv2q_code,
               const int* __restrict__ kv2q_offsets, const int* __restrict__ q_block_sizes,
               const int* __restrict__ kv_block_sizes, const float* __restrict__ dk_tile,
-              const float* __restrict__ dv_tile, T* __restrict__ dk, T* __restrict__ dv, int num_heads,
-              int num_kv_heads, int q_len, int kv_len, int tile_volume, float scale, int list_cap,
-              T* __restrict__ ds_blocks, int bh_kv0, const int* __restrict__ order) {
+              const float* __restrict__ dv_tile, T* __restrict__ dk, T* __restrict__ dv, T* __restrict__ ds_blocks,
+              const int* __restrict__ order, int num_heads, int num_kv_heads, int q_len, int kv_len, int tile_volume,
+              float scale, int list_cap, int bh_kv0) {
     using namespace vsa;
     constexpr int TILE = AttentionSmem<D>::TILE, STAGES = DKDV_STAGES, STATS = DkdvSmem<D>::STATS;
     static_assert(STAGES >= 2 && STAGES <= 4, "stage_rows holds one byte per stage");

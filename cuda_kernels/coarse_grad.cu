@@ -53,8 +53,8 @@ template <typename T, int VEC, bool GATED, bool ROWS>
 __global__ void __launch_bounds__(THREADS, (MIN_CTAS<GATED, ROWS>))
 coarse_grad(const T* __restrict__ dout, const T* __restrict__ gate, const float* __restrict__ coarse,
             const int* __restrict__ q_block_sizes, float* __restrict__ d_coarse, T* __restrict__ dgate,
-            int num_tiles, int num_blocks, int volume, int head_dim, const T* __restrict__ out,
-            const float* __restrict__ lse, float* __restrict__ delta, float* __restrict__ lse_log2) {
+            const T* __restrict__ out, const float* __restrict__ lse, float* __restrict__ delta,
+            float* __restrict__ lse_log2, int num_tiles, int num_blocks, int volume, int head_dim) {
     using V = Vec<T, VEC>;
     constexpr int UNROLL = ROWS_PER_BATCH<GATED, ROWS>;
 

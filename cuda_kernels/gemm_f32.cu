@@ -111,8 +111,8 @@ struct MinCtas {
 
 template <bool TRANS_A, bool TRANS_B, int BM, int BN>
 __global__ void __launch_bounds__(THREADS, MinCtas<BM, BN>::value)
-gemm_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c, int m, int n, int k,
-         int batches, float alpha, const int* __restrict__ row_divisor, int divisor_period) {
+gemm_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c,
+         const int* __restrict__ row_divisor, int m, int n, int k, int batches, float alpha, int divisor_period) {
     static_assert(BM % 64 == 0 && BN % 64 == 0, "a thread's rows and columns are 4-wide groups 64 apart");
     constexpr int TM = BM / 16, TN = BN / 16;
     __shared__ __align__(16) float a_tile[2][BK][BM + PAD];

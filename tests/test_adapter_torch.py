@@ -954,6 +954,7 @@ def test_cuda_results_never_alias_the_cached_input_views(monkeypatch):
     sizes = plan.variable_block_sizes
     monkeypatch.setattr(vt, "_as_array", recording_as_array)
     monkeypatch.setattr(vt, "_as_tensor", checking_as_tensor)
+    monkeypatch.setattr(vt, "_CHECKED_FORWARDS", {})  # every call converts (none takes the prepared launches)
 
     def call(fn):  # views handed out by one call, all of whose inputs are alive meanwhile
         handed_out.clear()
@@ -979,7 +980,7 @@ def test_cuda_results_never_alias_the_cached_input_views(monkeypatch):
 _OUT_OF_MEMORY_SCRIPT = """
 import torch
 import vsa_nd.adapters.torch as vt
-from vsa_nd.backends import cuda_attention
+from vsa_nd.backends import cuda, cuda_attention
 
 plan = vt.tile_plan((16, 32, 32), (4, 4, 4), device="cuda:0")  # 256 tiles: 128 MB of dS per head at top 64
 gen = torch.Generator(device="cuda").manual_seed(0)
@@ -994,8 +995,8 @@ def grads():
 
 
 launched = []
-real_get = cuda_attention.get_function
-cuda_attention.get_function = lambda src, name: launched.append(name) or real_get(src, name)
+real_call = cuda.Launch.__call__
+cuda.Launch.__call__ = lambda launch, pointers, stream=None: launched.append(launch.name) or real_call(launch, pointers, stream)
 cuda_attention.DS_WORKSPACE_BYTES, cuda_attention._DS_MIN_BYTES = 0, 0
 want = grads()
 cuda_attention.DS_WORKSPACE_BYTES = 2 << 30

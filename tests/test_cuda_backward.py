@@ -164,14 +164,12 @@ def test_backward_with_skewed_selection(poisoned, monkeypatch, tile_shape, hot):
     from vsa_nd.backends import cuda_attention
 
     schedules = []
-    dkdv_order = cuda_attention.dkdv_order
 
-    def recorded(offsets, lists_per_launch):
-        order = dkdv_order(offsets, lists_per_launch)
-        schedules.append((order.get(), lists_per_launch))
-        return order
+    def recorded(launch, pointers):  # kv_lists_order's (offsets, order), tail (lists, lists per launch)
+        lists, lists_per_launch = int(launch.tail[0]), int(launch.tail[1])
+        schedules.append((_device_ints(pointers[1], lists), lists_per_launch))
 
-    monkeypatch.setattr(cuda_attention, "dkdv_order", recorded)
+    _Launches(monkeypatch, after={"kv_lists_order": recorded})
     plan = vsa_nd.tile_plan((7, 16, 16), tile_shape)  # partial tiles in the second time block
     p = dict(q_plan=plan, kv_plan=plan, volume=plan.tile_volume, batch=1, heads=4, kv_heads=2, head_dim=128,
              dtype=BFLOAT16, topk=6 * 64 // plan.tile_volume, gated=True, seed=8, hot_tiles=hot)
@@ -221,35 +219,39 @@ def _hand_over_problem(seed):
     return dout, ctx
 
 
-def _without_row_terms(coarse_grad_inputs):
-    """``coarse_grad_inputs`` called without the forward's out and lse: it then returns no row
-    terms, and block_sparse_bwd computes them itself (bwd_delta)."""
-    return lambda *args, **kwargs: coarse_grad_inputs(*args, **{**kwargs, "out": None, "lse": None})
+def _device_ints(address, count: int) -> np.ndarray:
+    """A copy of ``count`` int32 at a device ``address`` (after the current stream's work)."""
+    import cupy
+
+    memory = cupy.cuda.UnownedMemory(int(address), 4 * count, None)
+    return cupy.ndarray((count,), np.int32, cupy.cuda.MemoryPointer(memory, 0)).get()
 
 
 class _Launches:
-    """Stands in for ``cuda_attention.get_function``: records the name of every kernel launched
-    (``.names``, without template arguments) and can make the ``fail_at``-th launch of a kernel
-    whose name starts with ``fail_name`` raise instead."""
+    """Records every kernel launched through the backends' ``Launch`` objects while installed on
+    ``monkeypatch``: ``names`` (without template arguments) and ``calls`` (name, launch, pointers),
+    in launch order.  It can make the ``fail_at``-th launch of a kernel whose name starts with
+    ``fail_name`` raise instead, and call ``after[name](launch, pointers)`` after a launch."""
 
-    def __init__(self, real_get, fail_name=None, fail_at=None):
-        self.real_get, self.names, self.fail_name, self.fail_at = real_get, [], fail_name, fail_at
+    def __init__(self, monkeypatch, fail_name=None, fail_at=None, after=None):
+        from vsa_nd.backends import cuda
 
-    def __call__(self, source, name):
-        kernel, launches = self.real_get(source, name), self
+        self.names, self.calls, self.fail_name, self.fail_at, self.after = [], [], fail_name, fail_at, after or {}
+        real, launches = cuda.Launch.__call__, self
 
-        class Recorded:
-            def __call__(self, *args, **kwargs):
-                launches.names.append(name.split("<")[0])
-                if launches.fail_name and name.startswith(launches.fail_name) \
-                        and launches.names.count(name.split("<")[0]) == launches.fail_at:
-                    raise RuntimeError("injected launch failure")
-                return kernel(*args, **kwargs)
+        def recorded(launch, pointers, stream=None):
+            name = launch.name.split("<")[0]
+            launches.names.append(name)
+            launches.calls.append((name, launch, pointers))
+            if launches.fail_name and launch.name.startswith(launches.fail_name) \
+                    and launches.names.count(name) == launches.fail_at:
+                raise RuntimeError("injected launch failure")
+            result = real(launch, pointers, stream)
+            if name in launches.after:
+                launches.after[name](launch, pointers)
+            return result
 
-            def __setattr__(self, attribute, value):
-                setattr(kernel, attribute, value)
-
-        return Recorded()
+        monkeypatch.setattr(cuda.Launch, "__call__", recorded)
 
 
 @pytest.mark.parametrize("pairs_per_chunk, streams", [(1, 3), (1, 2), (4, 3)])
@@ -274,8 +276,7 @@ def test_streams_give_the_chunks_results(pairs_per_chunk, streams):
                 patch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", pairs_per_chunk)
                 chunks = -(-6 // pairs_per_chunk)
                 assert cuda_attention.ds_schedule(6, 1, 1, 1 << 30) == (pairs_per_chunk, min(streams, chunks))
-            launches = _Launches(cuda_attention.get_function)
-            patch.setattr(cuda_attention, "get_function", launches)
+            launches = _Launches(patch)
             results[key] = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
             assert "bwd_dq_sm90" not in launches.names
             want = 1 if key == "one chunk" else chunks  # one launch of each pass per chunk
@@ -300,11 +301,11 @@ def test_hand_over_is_ordered_on_the_callers_stream(row_terms, monkeypatch):
     terms computed from dout on the chunks' streams (bwd_delta) rather than on the caller's."""
     import cupy
 
-    from vsa_nd.backends import cuda, cuda_attention
+    from vsa_nd.backends import cuda_attention, cuda_vsa
 
     use_kernels("streams", monkeypatch)
     if row_terms.startswith("by"):
-        monkeypatch.setattr(cuda, "coarse_grad_inputs", _without_row_terms(cuda.coarse_grad_inputs))
+        monkeypatch.setattr(cuda_vsa, "ROW_TERMS", False)
     assert cuda_attention.ds_schedule(6, 1, 1, 1 << 30) == (1, 3)
     dout, ctx = _hand_over_problem(23)
     want = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
@@ -336,8 +337,7 @@ def test_a_failing_launch_still_joins_the_streams(monkeypatch):
     with stream:
         want = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]  # warm-up: kernels, streams, events
         stream.synchronize()
-        launches = _Launches(cuda_attention.get_function, fail_name="bwd_dq_ds", fail_at=2)
-        monkeypatch.setattr(cuda_attention, "get_function", launches)
+        launches = _Launches(monkeypatch, fail_name="bwd_dq_ds", fail_at=2)
         stream.begin_capture()
         try:
             with pytest.raises(RuntimeError, match="injected launch failure"):
@@ -357,7 +357,7 @@ def test_workspace_out_of_memory_falls_back_to_recomputing(monkeypatch):
     and synchronises), until _DS_RETRY_CALLS of them have passed.  Other errors propagate."""
     import cupy
 
-    from vsa_nd.backends import cuda_attention
+    from vsa_nd.backends import cuda, cuda_attention
 
     dout, ctx = _hand_over_problem(22)
     use_kernels("recompute", monkeypatch)
@@ -365,8 +365,7 @@ def test_workspace_out_of_memory_falls_back_to_recomputing(monkeypatch):
     use_kernels("streams", monkeypatch)
     monkeypatch.setattr(cuda_attention, "_DS_RETRY_CALLS", 3)
     real_alloc = cuda_attention._alloc
-    launches = _Launches(cuda_attention.get_function)
-    monkeypatch.setattr(cuda_attention, "get_function", launches)
+    launches = _Launches(monkeypatch)
     for error in (cupy.cuda.memory.OutOfMemoryError(1 << 30, 0, 0), RuntimeError("CUDA out of memory. Tried to ...")):
         monkeypatch.setattr(cuda_attention, "_DS_REFUSED", {})
         tries = []
@@ -377,7 +376,8 @@ def test_workspace_out_of_memory_falls_back_to_recomputing(monkeypatch):
                 raise error
             return real_alloc(shape, dtype)
 
-        monkeypatch.setattr(cuda_attention, "_alloc", alloc)
+        monkeypatch.setattr(cuda_attention, "_alloc", alloc)  # (the fine backward's own callers allocate here,
+        monkeypatch.setattr(cuda, "_alloc", alloc)  # the whole VSA backward here)
         for call in range(5):
             launches.names.clear()
             got = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
@@ -394,6 +394,7 @@ def test_workspace_out_of_memory_falls_back_to_recomputing(monkeypatch):
 
     monkeypatch.setattr(cuda_attention, "_DS_REFUSED", {})
     monkeypatch.setattr(cuda_attention, "_alloc", broken)
+    monkeypatch.setattr(cuda, "_alloc", broken)
     with pytest.raises(RuntimeError, match="something else"):
         vsa_nd.video_sparse_attn_backward(dout, ctx)
 
@@ -452,39 +453,34 @@ def test_smoke_backward_of_a_changed_context_stays_inside_its_arrays(kernel, mon
 @pytest.mark.parametrize("kernel", ["auto", "mma", "streams"])
 @given(problems(max_tokens=700))
 def test_row_terms_from_coarse_grad_match_bwd_delta(kernel, p):
-    """coarse_grad_inputs computes delta and lse * log2(e) in its pass over dout, and bwd_delta
+    """The coarse-gradient pass computes delta and lse * log2(e) in its pass over dout, and bwd_delta
     then does not run; the gradients are bit-identical to those of the backward with bwd_delta
+    (``cuda_vsa.ROW_TERMS`` off)
     (with "streams", one bwd_delta per chunk on the chunk's stream, before its dK/dV pass: the
     launches take consecutive row ranges, in chunk order, that cover every row once; the rows
     start as NaN, so a row missed or given to the wrong chunk would show)."""
-    from unittest import mock
-
-    from vsa_nd.backends import cuda, cuda_attention
-
     import cupy
+
+    from vsa_nd.backends import cuda, cuda_attention, cuda_vsa
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         use_kernels(kernel, monkeypatch)
         poison = lambda shape, dtype: cupy.full(shape, np.nan, dtype)  # noqa: E731
         monkeypatch.setattr(cuda_attention, "_alloc", poison)
         monkeypatch.setattr(cuda, "_alloc", poison)
-        launches = _Launches(cuda_attention.get_function)
-        monkeypatch.setattr(cuda_attention, "get_function", launches)
+        launches = _Launches(monkeypatch)
         fused = _run(p)[0]
         assert launches.names and "bwd_delta" not in launches.names
 
-        without = _without_row_terms(cuda.coarse_grad_inputs)
         launches.names.clear()
-        ranges = []  # (address, bytes) of each bwd_delta launch's dout rows, in launch order
-        real_delta = cuda_attention.bwd_delta
-
-        def delta_spy(dout, *rest):
-            ranges.append((dout.data.ptr, dout.nbytes))
-            return real_delta(dout, *rest)
-
-        monkeypatch.setattr(cuda_attention, "bwd_delta", delta_spy)
-        with mock.patch.object(cuda, "coarse_grad_inputs", without):
-            separate = _run(p)[0]
+        launches.calls.clear()
+        monkeypatch.setattr(cuda_vsa, "ROW_TERMS", False)
+        separate = _run(p)[0]
+        # (address, bytes) of each bwd_delta launch's dout rows, in launch order: its pointers
+        # start with dout, its fixed arguments with the rows.
+        row_bytes = p["head_dim"] * np.dtype(p["dtype"]).itemsize
+        ranges = [(int(pointers[0]), int(launch.tail[0]) * row_bytes)
+                  for name, launch, pointers in launches.calls if name == "bwd_delta"]
         assert "bwd_delta" in launches.names
         if "bwd_dq_ds_sm90" in launches.names:  # the hand-over: one bwd_delta per chunk, before its dK/dV pass
             assert launches.names.count("bwd_delta") == launches.names.count("bwd_dkdv_sm90")
@@ -542,3 +538,31 @@ def test_result_buffers_are_filled(kernel, monkeypatch):
     filled = vsa_nd.video_sparse_attn_backward(dout, ctx_out, out=buffers)
     for got, buffer, want in zip(filled, buffers, grads):
         assert got is buffer and cupy.array_equal(got.view(cupy.uint16), want.view(cupy.uint16))
+
+
+def test_unaligned_dgate_buffer_takes_the_staged_backward(monkeypatch):
+    """A dgate buffer 2 bytes past a 16-byte boundary (a view into a larger array): the backward
+    cannot take its prepared launches, which load 16 bytes at a time, and runs its stages one by
+    one instead (the coarse pass with narrow loads); the gradients are bit for bit those of the
+    prepared launches."""
+    import cupy
+
+    from vsa_nd.backends import cuda
+
+    plan = vsa_nd.tile_plan((5, 12, 20))
+    rng = np.random.default_rng(13)
+    normal = lambda heads: cupy.asarray(rng.standard_normal((1, heads, plan.padded_len, 128)).astype(BFLOAT16))  # noqa: E731
+    q, gate, dout, k, v = normal(4), normal(4), normal(4), normal(2), normal(2)
+    _, ctx = vsa_nd.video_sparse_attn(q, k, v, 7, cupy.asarray(plan.variable_block_sizes), gate=gate,
+                                      return_context=True)
+    prepared = []
+    vsa_backward = cuda.vsa_backward
+    monkeypatch.setattr(cuda, "vsa_backward", lambda *args, **kwargs: prepared.append(1) or vsa_backward(*args, **kwargs))
+    want = vsa_nd.video_sparse_attn_backward(dout, ctx)
+    assert prepared == [1]
+    dgate = cupy.full(gate.size + 1, np.nan, BFLOAT16)[1:].reshape(gate.shape)
+    assert dgate.data.ptr % 16 == 2
+    got = vsa_nd.video_sparse_attn_backward(dout, ctx, out=vsa_nd.Gradients(None, None, None, dgate))
+    assert prepared == [1] and got.dgate is dgate
+    for a, b in zip(got, want):
+        assert cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16))

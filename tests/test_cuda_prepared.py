@@ -265,14 +265,17 @@ def poisoned_torch(monkeypatch):
 
 
 @pytest.mark.parametrize("needs_grad", [False, True])
-def test_torch_fast_path_matches_the_checked_path(needs_grad, poisoned_torch, prepared_calls):
+def test_torch_fast_path_matches_the_checked_path(needs_grad, poisoned_torch, prepared_calls, monkeypatch):
     """Torch calls of one signature: the first through vsa_nd's checks, later ones on the
-    prepared launches with torch's allocator (poisoned here); outputs, the autograd context and
-    gradients equal the checked path's bit for bit, on fresh inputs each call."""
+    prepared launches with torch's allocator (poisoned here), their backward too; outputs, the
+    autograd context and gradients equal the checked path's bit for bit, on fresh inputs each call."""
     torch = pytest.importorskip("torch")
     import vsa_nd.adapters.torch as vt
 
     prepared = prepared_calls
+    backward = vt._prepared_backward
+    backwards = []  # whether each prepared node's backward took the prepared launches
+    monkeypatch.setattr(vt, "_prepared_backward", lambda *args: backwards.append(backward(*args)) or backwards[-1])
     plan = vt.tile_plan((4, 6, 8), (4, 4, 4), device="cuda")
     sizes = plan.variable_block_sizes
     generator = torch.Generator(device="cuda")
@@ -290,7 +293,7 @@ def test_torch_fast_path_matches_the_checked_path(needs_grad, poisoned_torch, pr
             node = out.grad_fn
             assert len(node.saved_tensors) == 8 and node.saved_tensors[7].dtype == torch.uint8
             want = vt._vsa_forward(*(t.detach() for t in (q, k, v, g)), sizes, sizes, 3, 0.125)[1:]
-            got = vt._context_views(node.saved_tensors[7], node.context_layout)
+            got = vt._context_views(node.saved_tensors[7], node.prepared.context)
             assert len(got) == len(want) == 8
             for a, b in zip(got, want):
                 assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
@@ -300,6 +303,7 @@ def test_torch_fast_path_matches_the_checked_path(needs_grad, poisoned_torch, pr
                                  torch.autograd.grad(expected, (q, k, v, g), dout)):
                 assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     assert prepared[0::2] == [False, True, True] and not any(prepared[1::2])  # never under the function mode
+    assert [b is not None for b in backwards] == ([True, True] if needs_grad else [])
 
 
 def test_torch_fast_path_leaves_calls_under_a_dispatch_mode_to_the_custom_op(monkeypatch):

@@ -631,6 +631,11 @@ def _backward(dout, c: VSAContext, out, unchanged_context: bool) -> Gradients:
 
         check_kernel_support(c.q, c.q.shape[2] // len(c.q_block_sizes), dout=dout)
         check_backward_lists(c.q2k_idx.shape)
+        if _aligned(dout, c.q, c.k, c.v, c.gate, c.out, c.lse, c.q2k_idx, c.q2k_num, c.q_mean, c.k_mean, c.v_mean,
+                    c.coarse_probs, c.coarse, *buffers):
+            return Gradients(*backend.vsa_backward(dout, c, *buffers, clean=not unchanged_context))
+        # Else the stages one by one: a dgate buffer that is not aligned takes the coarse pass's
+        # narrow loads; other arrays that are not are refused by the fine backward.
 
     # Also the fine backward's per-row terms, where the backend can take them in the same pass.
     d_coarse, dgate, row_terms = backend.coarse_grad_inputs(dout, c.gate, c.coarse, c.q_block_sizes,
@@ -660,6 +665,11 @@ def _backward(dout, c: VSAContext, out, unchanged_context: bool) -> Gradients:
         row_terms=row_terms,
     )
     return Gradients(dq, dk, dv, dgate)
+
+
+def _aligned(*arrays) -> bool:
+    """Whether every CuPy array of ``arrays`` (None allowed) starts on a 16-byte boundary."""
+    return all(x is None or x.data.ptr % 16 == 0 for x in arrays)
 
 
 def _check_context(c) -> VSAContext:

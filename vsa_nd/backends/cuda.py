@@ -55,6 +55,7 @@ class Launch(NamedTuple):
     block: tuple
     tail: tuple = ()
     shared_mem: int = 0
+    name: str = ""  # the kernel's name, template arguments included
 
     def __call__(self, pointers: tuple, stream=None):
         self.function(self.grid, self.block, pointers + self.tail, self.shared_mem, stream)
@@ -65,7 +66,7 @@ def make_launch(source: str, name: str, grid: tuple, block: tuple, tail: tuple =
     kernel = get_function(source, name)
     if shared_mem:
         kernel.max_dynamic_shared_size_bytes = shared_mem
-    return Launch(kernel.kernel, grid, block, tail, shared_mem)
+    return Launch(kernel.kernel, grid, block, tail, shared_mem, name)
 
 
 def _alloc(shape, dtype):
@@ -258,10 +259,15 @@ def softmax_grad_rows_(d_probs, probs, d_out, out):
     rows = d_probs.size // d_probs.shape[-1] if d_probs.size else 0
     with d_probs.device:
         if rows:
-            get_function("softmax.cu", "softmax_grad_rows")(
-                (-(-rows // _SOFTMAX_GRAD_WARPS),), (_SOFTMAX_GRAD_WARPS * 32,),
-                (d_probs, probs, d_out, out, np.int64(rows), np.int32(d_probs.shape[-1]), np.int32(d_out.shape[-1])))
+            softmax_grad_launch(rows, d_probs.shape[-1], d_out.shape[-1])((d_probs, probs, d_out, out))
     return d_probs
+
+
+def softmax_grad_launch(rows: int, n: int, d: int) -> Launch:
+    """The :class:`Launch` of :func:`softmax_grad_rows_` over ``rows`` rows (at least one) of ``n``
+    probabilities and ``d`` output columns; pointers (d_probs, probs, d_out, out)."""
+    return make_launch("softmax.cu", "softmax_grad_rows", (-(-rows // _SOFTMAX_GRAD_WARPS),), (_SOFTMAX_GRAD_WARPS * 32,),
+                       (np.int64(rows), np.int32(n), np.int32(d)))
 
 
 @functools.cache
@@ -295,7 +301,9 @@ def _launch_gemm(a, b, out, transpose_a: bool, transpose_b: bool, alpha: float, 
     device (see :func:`matmul`, which checks the operands)."""
     *lead, m, n = out.shape
     k = a.shape[-2] if transpose_a else a.shape[-1]
-    gemm_launch(m, n, k, math.prod(lead), transpose_a, transpose_b, alpha, tile, row_divisor)((a, b, out))
+    period = 1 if row_divisor is None else row_divisor.shape[0]
+    gemm_launch(m, n, k, math.prod(lead), transpose_a, transpose_b, alpha, tile, period)(
+        (a, b, out, _NULL if row_divisor is None else row_divisor))
     return out
 
 
@@ -308,18 +316,17 @@ def _check_gemm_range(m: int, n: int, k: int, batches: int):
 
 
 def gemm_launch(m: int, n: int, k: int, batches: int, transpose_a: bool, transpose_b: bool, alpha: float,
-                tile: tuple, row_divisor=None) -> Launch:
+                tile: tuple, divisor_period: int = 1) -> Launch:
     """The :class:`Launch` of gemm_f32.cu with output tiles ``tile`` = (BM, BN) for ``batches``
-    products [m, k] x [k, n]; pointers (a, b, out).  ``row_divisor`` (an int32 array, or None)
-    is one of the fixed arguments, as the kernel takes it after the scalars."""
+    products [m, k] x [k, n]; pointers (a, b, out, row_divisor), the last null for none, else
+    ``divisor_period`` int32 entries (see :func:`matmul`)."""
     _check_gemm_range(m, n, k, batches)
     bm, bn = tile
     grid = (-(-n // bn), -(-m // bm), min(batches, _MAX_GRID_Y))
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(f"a: expected at most {_MAX_GRID_Y * bm} rows (m), got {m}")
     flag = lambda t: "true" if t else "false"  # noqa: E731
-    divisor, period = (_NULL, 1) if row_divisor is None else (row_divisor, row_divisor.shape[0])
-    tail = (np.int32(m), np.int32(n), np.int32(k), np.int32(batches), np.float32(alpha), divisor, np.int32(period))
+    tail = (np.int32(m), np.int32(n), np.int32(k), np.int32(batches), np.float32(alpha), np.int32(divisor_period))
     return make_launch("gemm_f32.cu", f"gemm_f32<{flag(transpose_a)}, {flag(transpose_b)}, {bm}, {bn}>", grid,
                        (_GEMM_THREADS,), tail)
 
@@ -392,19 +399,30 @@ def coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None, out=None, 
         gated = gate is not None
         arrays = (dout,) + ((gate, dgate) if gated else ())
         width = _vector_width(dout.itemsize, head_dim, arrays)
-        cols = head_dim // width
-        # The row terms: 16-byte vectors of fp16/bf16 (out aligned too), a tile's lanes 2**n <= 32.
-        rows = (out is not None and lse is not None and element != "float" and width == _VECTOR_BYTES // dout.itemsize
-                and cols <= 32 and cols & (cols - 1) == 0 and _vector_width(out.itemsize, head_dim, (out,)) == width)
+        rows = (out is not None and lse is not None and _vector_width(out.itemsize, head_dim, (out,)) == width
+                and row_terms_fit(element, width, head_dim))
         terms = RowTerms(_alloc(lse.shape, np.float32), _alloc(lse.shape, np.float32)) if rows else None
-        grid = _reduce_grid("dout", tiles, cols)
-        args = (dout, gate if gated else _NULL, coarse, q_block_sizes, d_coarse, dgate if gated else _NULL,
-                np.int32(tiles), np.int32(num_blocks), np.int32(volume), np.int32(head_dim),
-                *((out, lse, terms.delta, terms.lse_log2) if rows else (_NULL,) * 4))
-        flag = lambda b: "true" if b else "false"  # noqa: E731
-        name = f"coarse_grad<{element}, {width}, {flag(gated)}, {flag(rows)}>"
-        get_function("coarse_grad.cu", name)(grid, (_REDUCE_THREADS,), args)
+        launch = coarse_grad_launch(element, width, gated, rows, tiles, num_blocks, volume, head_dim)
+        launch((dout, gate if gated else _NULL, coarse, q_block_sizes, d_coarse, dgate if gated else _NULL,
+                *((out, lse, terms.delta, terms.lse_log2) if rows else (_NULL,) * 4)))
     return d_coarse, dgate, terms
+
+
+def row_terms_fit(element: str, width: int, head_dim: int) -> bool:
+    """Whether coarse_grad.cu can compute the row terms: 16-byte vectors of fp16/bf16, a tile's lanes 2**n <= 32."""
+    cols = head_dim // width
+    return element != "float" and width * 2 == _VECTOR_BYTES and cols <= 32 and cols & (cols - 1) == 0
+
+
+def coarse_grad_launch(element: str, width: int, gated: bool, rows: bool, tiles: int, num_blocks: int, volume: int,
+                       head_dim: int) -> Launch:
+    """The :class:`Launch` of coarse_grad.cu (see :func:`coarse_grad_inputs`) over ``tiles`` (at
+    least one) query tiles; pointers (dout, gate, coarse, q_block_sizes, d_coarse, dgate, out, lse,
+    delta, lse_log2), null where not ``gated`` or not computing the ``rows`` terms."""
+    flag = lambda b: "true" if b else "false"  # noqa: E731
+    return make_launch("coarse_grad.cu", f"coarse_grad<{element}, {width}, {flag(gated)}, {flag(rows)}>",
+                       _reduce_grid("dout", tiles, head_dim // width), (_REDUCE_THREADS,),
+                       (np.int32(tiles), np.int32(num_blocks), np.int32(volume), np.int32(head_dim)))
 
 
 def vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float, out=None, keep: bool = True):
@@ -412,6 +430,13 @@ def vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: 
     from .cuda_vsa import vsa_forward as launch
 
     return launch(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale, out, keep)
+
+
+def vsa_backward(dout, context, dq=None, dk=None, dv=None, dgate=None, clean: bool = True) -> tuple:
+    """The whole VSA backward in prepared launches: see :mod:`vsa_nd.backends.cuda_vsa`."""
+    from .cuda_vsa import vsa_backward as launch
+
+    return launch(dout, context, dq, dk, dv, dgate, clean)
 
 
 def current_device() -> int:

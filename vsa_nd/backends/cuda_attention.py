@@ -221,16 +221,12 @@ _TMA_DTYPE = {np.dtype(np.float16): 6, BFLOAT16: 9}  # CU_TENSOR_MAP_DATA_TYPE_F
 _TMA_SWIZZLE_128B, _TMA_L2_PROMOTION_128B = 3, 2
 
 
-def _TensorMap(x, rows: int):
-    """The :class:`_EncodedTensorMap` of ``x`` viewed as [rows, D], from a small cache keyed by
-    what the map encodes (address, rows, D, dtype, device): a training loop's tensors come back
-    at the same addresses from the caching allocators, and encoding costs ~10 µs of host time
-    per map on a call's critical path.  Equal keys encode equal maps, so a hit is exact."""
-    return _encoded_map(x.data.ptr, rows, x.shape[-1], np.dtype(x.dtype), x.data.device_id)
-
-
 @functools.lru_cache(maxsize=64)
 def _encoded_map(address: int, rows: int, head_dim: int, dtype, device_id: int):
+    """The :class:`_EncodedTensorMap` of the tensor at ``address`` viewed as [rows, D], from a small
+    cache keyed by what the map encodes: a training loop's tensors come back at the same addresses
+    from the caching allocators, and encoding costs ~10 µs of host time per map on a call's
+    critical path.  Equal keys encode equal maps, so a hit is exact."""
     return _EncodedTensorMap(address, rows, head_dim, dtype)
 
 
@@ -268,11 +264,6 @@ def _libcuda():
         _LIBCUDA = ctypes.CDLL("libcuda.so.1")
         _LIBCUDA.cuTensorMapEncodeTiled.restype = ctypes.c_int
     return _LIBCUDA
-
-
-def _tma_ready(*arrays) -> bool:
-    """TMA coordinates are int32: the rows of each tensor must fit them."""
-    return all(a.size // a.shape[-1] < 2**31 for a in arrays)
 
 
 def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None, q_block_sizes=None):
@@ -334,6 +325,28 @@ def forward_launch(q_shape: tuple, kv_shape: tuple, dtype, list_len: int, tile_v
 
 
 _MARK_THREADS = 256  # MARK_THREADS in kv_lists.cu (kv_lists_clean, _mark and _rank)
+_SCAN_THREADS, _WRITE_THREADS, _ORDER_THREADS = 1024, 256, 1024  # SCAN_, WRITE_ and ORDER_THREADS there
+
+
+def _address(x) -> np.uintp:
+    """A CuPy array's address as a kernel argument (null for None)."""
+    return np.uintp(0 if x is None else x.data.ptr)
+
+
+def _memset(address: int, value: int, nbytes: int, stream=None) -> None:
+    """Set ``nbytes`` bytes at ``address`` to ``value`` on ``stream`` (None: CuPy's current stream)."""
+    import cupy
+
+    if nbytes:
+        stream = cupy.cuda.get_current_stream() if stream is None else stream
+        cupy.cuda.runtime.memsetAsync(int(address), value, nbytes, stream.ptr)
+
+
+def clean_lists_launch(rows: int, length: int, num_kv_blocks: int) -> Launch:
+    """The :class:`Launch` of :func:`clean_lists` over ``rows`` (at least one) lists of ``length``
+    entries; pointers (q2k_idx, q2k_num, clean_idx, clean_num)."""
+    return make_launch("kv_lists.cu", "kv_lists_clean", (-(-rows // _MARK_THREADS),), (_MARK_THREADS,),
+                       (np.int32(rows), np.int32(length), np.int32(num_kv_blocks)))
 
 
 def clean_lists(q2k_idx, q2k_num, num_kv_blocks: int):
@@ -351,11 +364,64 @@ def clean_lists(q2k_idx, q2k_num, num_kv_blocks: int):
         q2k_idx, q2k_num = cupy.ascontiguousarray(q2k_idx), cupy.ascontiguousarray(q2k_num)
         clean_idx, clean_num = _alloc(q2k_idx.shape, np.int32), _alloc(q2k_num.shape, np.int32)
         if rows:
-            get_function("kv_lists.cu", "kv_lists_clean")(
-                (-(-rows // _MARK_THREADS),), (_MARK_THREADS,),
-                (q2k_idx, q2k_num, clean_idx, clean_num, np.int32(rows), np.int32(length), np.int32(num_kv_blocks)),
-            )
+            clean_lists_launch(rows, length, num_kv_blocks)((q2k_idx, q2k_num, clean_idx, clean_num))
     return clean_idx, clean_num
+
+
+class KvListLaunches(NamedTuple):
+    """The launches of :func:`kv_to_q_lists` for one shape of the selection.
+
+    ``work_ints`` int32 must be zeroed before ``mark``: the offsets (``lists + 1``, counts first)
+    then the bitmap (``lists * words``).  Pointers: ``mark`` (q2k_idx, q2k_num, bits, offsets),
+    ``scan`` (offsets,), ``write`` (bits, offsets, codes), ``rank`` (q2k_idx, q2k_num, bits,
+    offsets, pos).  ``mark`` is None when there is nothing to invert."""
+
+    mark: object
+    scan: object
+    write: object
+    rank: object
+    lists: int
+    entries: int  # codes' (and pos') entries: every selection entry
+    work_ints: int
+
+
+def kv_lists_launches(lists_shape: tuple, num_kv_heads: int, num_kv_blocks: int) -> KvListLaunches:
+    """The :class:`KvListLaunches` for lists ``lists_shape`` [B, H, N_q, L] of ``num_kv_blocks``
+    key tiles per kv head; ValueError for more selection entries than int32 offsets hold."""
+    b, h, n_q, length = lists_shape
+    group = h // num_kv_heads
+    lists = b * num_kv_heads * num_kv_blocks
+    entries = b * h * n_q * length
+    words = -(-(group * n_q) // 32)  # bitmap words per list (a kv head's codes: group * N_q)
+    _check_index_range("q2k_idx", entries, "selection entries")  # offsets and codes are int32
+    work_ints = lists + 1 + lists * words
+    if not (entries and lists):
+        return KvListLaunches(None, None, None, None, lists, entries, work_ints)
+    shape_args = (np.int32(entries), np.int32(length), np.int32(n_q), np.int32(h), np.int32(group),
+                  np.int32(num_kv_heads), np.int32(num_kv_blocks), np.int32(words))
+    entry_grid = (-(-entries // _MARK_THREADS),)
+    lanes_log2 = min(5, (words - 1).bit_length())  # lanes per list: a power of two >= words, at most 32
+    return KvListLaunches(
+        make_launch("kv_lists.cu", "kv_lists_mark", entry_grid, (_MARK_THREADS,), shape_args),
+        make_launch("kv_lists.cu", "kv_lists_scan", (1,), (_SCAN_THREADS,), (np.int64(lists),)),
+        make_launch("kv_lists.cu", "kv_lists_write", (-(-(lists << lanes_log2) // _WRITE_THREADS),), (_WRITE_THREADS,),
+                    (np.int64(lists), np.int32(words), np.int32(lanes_log2))),
+        make_launch("kv_lists.cu", "kv_lists_rank", entry_grid, (_MARK_THREADS,), shape_args),
+        lists, entries, work_ints)
+
+
+def _invert(launches: KvListLaunches, q2k_idx, q2k_num, work, codes, pos=None, stream=None) -> None:
+    """Run ``launches`` on addresses, ``work`` already zeroed (``pos`` 0: no ranks)."""
+    if launches.mark is None:
+        if pos:
+            _memset(pos, 0xFF, launches.entries * 4, stream)  # -1: no entry is used
+        return
+    offsets, bits = work, work + 4 * (launches.lists + 1)
+    launches.mark((q2k_idx, q2k_num, bits, offsets), stream)
+    launches.scan((offsets,), stream)
+    launches.write((bits, offsets, codes), stream)
+    if pos:
+        launches.rank((q2k_idx, q2k_num, bits, offsets, pos), stream)
 
 
 def kv_to_q_lists(q2k_idx, q2k_num, num_kv_heads: int, num_kv_blocks: int, positions: bool = False):
@@ -376,46 +442,21 @@ def kv_to_q_lists(q2k_idx, q2k_num, num_kv_heads: int, num_kv_blocks: int, posit
     """
     import cupy
 
-    mark_threads, scan_threads, write_threads = _MARK_THREADS, 1024, 256  # MARK_, SCAN_, WRITE_THREADS in kv_lists.cu
-    num_kv_heads, num_kv_blocks = int(num_kv_heads), int(num_kv_blocks)
-    b, h, n_q, length = q2k_idx.shape
-    group = h // num_kv_heads
-    span = group * n_q  # codes per kv head
-    lists = b * num_kv_heads * num_kv_blocks
-    entries = b * h * n_q * length
-    words = -(-span // 32)  # bitmap words per list
-    _check_index_range("q2k_idx", entries, "selection entries")  # offsets and codes are int32
+    launches = kv_lists_launches(q2k_idx.shape, int(num_kv_heads), int(num_kv_blocks))
     with q2k_idx.device:
         q2k_idx, q2k_num = cupy.ascontiguousarray(q2k_idx), cupy.ascontiguousarray(q2k_num)
-        # One zeroed buffer: offsets [lists + 1] (the counts first), then the bitmap [lists, words].
-        work = cupy.zeros(lists + 1 + lists * words, np.int32)
-        offsets, bits = work[: lists + 1], work[lists + 1:]
-        codes = cupy.empty(entries, np.int32)
-        if entries and lists:
-            get_function("kv_lists.cu", "kv_lists_mark")(
-                (-(-entries // mark_threads),), (mark_threads,),
-                (q2k_idx, q2k_num, bits, offsets, np.int32(entries), np.int32(length), np.int32(n_q), np.int32(h),
-                 np.int32(group), np.int32(num_kv_heads), np.int32(num_kv_blocks), np.int32(words)),
-            )
-            get_function("kv_lists.cu", "kv_lists_scan")((1,), (scan_threads,), (offsets, np.int64(lists)))
-            lanes_log2 = min(5, (words - 1).bit_length())  # lanes per list: a power of two >= words, at most 32
-            threads = lists << lanes_log2
-            get_function("kv_lists.cu", "kv_lists_write")(
-                (-(-threads // write_threads),), (write_threads,),
-                (bits, offsets, codes, np.int64(lists), np.int32(words), np.int32(lanes_log2)),
-            )
-        if not positions:
-            return codes, offsets
-        pos = cupy.empty(q2k_idx.shape, np.int32)
-        if entries and lists:
-            get_function("kv_lists.cu", "kv_lists_rank")(
-                (-(-entries // mark_threads),), (mark_threads,),
-                (q2k_idx, q2k_num, bits, offsets, pos, np.int32(entries), np.int32(length), np.int32(n_q), np.int32(h),
-                 np.int32(group), np.int32(num_kv_heads), np.int32(num_kv_blocks), np.int32(words)),
-            )
-        else:
-            pos.fill(-1)
-    return codes, offsets, pos
+        work = cupy.zeros(launches.work_ints, np.int32)  # offsets [lists + 1] (the counts first), then the bitmap
+        codes = cupy.empty(launches.entries, np.int32)
+        pos = cupy.empty(q2k_idx.shape, np.int32) if positions else None
+        _invert(launches, _address(q2k_idx), _address(q2k_num), _address(work), _address(codes), _address(pos))
+    offsets = work[: launches.lists + 1]
+    return (codes, offsets, pos) if positions else (codes, offsets)
+
+
+def order_launch(lists: int, lists_per_launch: int) -> Launch:
+    """The :class:`Launch` of :func:`dkdv_order` for ``lists`` (at least one) lists; pointers (offsets, order)."""
+    return make_launch("kv_lists.cu", "kv_lists_order", (-(-lists // lists_per_launch),), (_ORDER_THREADS,),
+                       (np.int64(lists), np.int64(lists_per_launch)))
 
 
 def dkdv_order(offsets, lists_per_launch: int):
@@ -427,8 +468,7 @@ def dkdv_order(offsets, lists_per_launch: int):
     lists = offsets.shape[0] - 1
     order = _alloc((lists,), np.int32)
     if lists:
-        get_function("kv_lists.cu", "kv_lists_order")(
-            (-(-lists // lists_per_launch),), (1024,), (offsets, order, np.int64(lists), np.int64(lists_per_launch)))
+        order_launch(lists, lists_per_launch)((offsets, order))
     return order
 
 
@@ -442,8 +482,13 @@ def _dq_ds_layout(tile_bytes: int, stages: int) -> tuple:
     return fixed + room * 12, room
 
 
-def _bwd_delta_kernel(dtype, head_dim: int):
-    return get_function("attention_bwd.cu", f"bwd_delta<{_CUDA_TYPES[np.dtype(dtype)]}, {head_dim}>")
+def bwd_delta_launch(dtype, head_dim: int, rows: int, q_len: int, tile_volume: int) -> Launch:
+    """The :class:`Launch` of :func:`bwd_delta` over ``rows`` (at least one) query rows; pointers
+    (dout, out, coarse, gate, q_block_sizes, lse, delta, lse_log2), null for no coarse, gate or
+    lse_log2."""
+    per_cta = 128 // (head_dim // 8)  # rows per CTA (BWD_DELTA_ROWS in attention_bwd.cu)
+    return make_launch("attention_bwd.cu", f"bwd_delta<{_CUDA_TYPES[np.dtype(dtype)]}, {head_dim}>",
+                       (-(-rows // per_cta),), (128,), (np.int64(rows), np.int32(q_len), np.int32(tile_volume)))
 
 
 def bwd_delta(dout, out, coarse, gate, q_block_sizes, lse, delta, lse_log2=None) -> None:
@@ -456,13 +501,264 @@ def bwd_delta(dout, out, coarse, gate, q_block_sizes, lse, delta, lse_log2=None)
     both float32 [B, H, Sq_pad].  Arguments are not checked: the caller has.
     """
     b, h, q_len, d = dout.shape
-    rows = b * h * q_len
-    per_cta = 128 // (d // 8)  # rows per CTA (BWD_DELTA_ROWS in attention_bwd.cu)
-    _bwd_delta_kernel(dout.dtype, d)(
-        (-(-rows // per_cta),), (128,),
-        (dout, out, _null_or(coarse), _null_or(gate), q_block_sizes, lse, delta, _null_or(lse_log2),
-         np.int64(rows), np.int32(q_len), np.int32(q_len // q_block_sizes.shape[0])),
-    )
+    launch = bwd_delta_launch(dout.dtype, d, b * h * q_len, q_len, q_len // q_block_sizes.shape[0])
+    launch(tuple(_address(x) for x in (dout, out, coarse, gate, q_block_sizes, lse, delta, lse_log2)))
+
+
+def backward_knobs() -> tuple:
+    """The module's settings that shape a backward's launches, as a cache key (tests change them)."""
+    return (BACKWARD_KERNEL, DKDV_ORDER, _LIST_STAGE_LIMIT, DS_WORKSPACE_BYTES, _DS_MIN_BYTES, _DS_CHUNK_PAIRS,
+            _DS_HEAD_DIMS, _DS_STREAMS, _DS_MIN_CTAS, _DQDS_STAGES)
+
+
+class FinePointers(NamedTuple):
+    """The addresses of one fine backward (:class:`FineBackward`), ``np.uintp`` each, 0 for none
+    (coarse, gate, the tile gradients; delta and lse_log2 when the backward computes them)."""
+
+    dout: object
+    q: object
+    k: object
+    v: object
+    out: object
+    lse: object
+    q2k_idx: object
+    q2k_num: object
+    q_block_sizes: object
+    kv_block_sizes: object
+    coarse: object
+    gate: object
+    dq_tile: object
+    dk_tile: object
+    dv_tile: object
+    dq: object
+    dk: object
+    dv: object
+    delta: object
+    lse_log2: object
+
+
+class _TmaLaunch(NamedTuple):
+    """A Hopper pass's :class:`Launch` whose TMA maps, passed first, are of the tensors at
+    ``sources`` (attribute names of :class:`FinePointers`), each viewed as [rows, D]."""
+
+    launch: Launch
+    sources: tuple
+    rows: tuple
+    head_dim: int
+    dtype: np.dtype
+    device_id: int
+
+    def __call__(self, p: FinePointers, pointers: tuple, stream=None):
+        # (the maps are held until the launch has copied them: another thread may evict them from the cache)
+        maps = tuple(_encoded_map(int(getattr(p, name)), rows, self.head_dim, self.dtype, self.device_id)
+                     for name, rows in zip(self.sources, self.rows))
+        self.launch(tuple(m.arg for m in maps) + pointers, stream)
+
+
+def _launch_or_mapped(launch: Launch, p: FinePointers, pointers: tuple, stream) -> None:
+    if isinstance(launch, _TmaLaunch):
+        launch(p, pointers, stream)
+    else:
+        launch(pointers, stream)
+
+
+class _Chunk(NamedTuple):
+    """One chunk of the dS hand-over: its row terms' launch (None when given) with its first
+    (batch, head), and its two passes."""
+
+    delta: object  # (Launch, first batch * head) or None
+    dkdv: object
+    dq_ds: object
+
+
+class FineBackward(NamedTuple):
+    """The fine backward's launches for one problem, from :func:`fine_backward` (see
+    :func:`block_sparse_bwd` for what they do), run on addresses by ``__call__``."""
+
+    device_id: int
+    dtype: np.dtype
+    head_dim: int
+    q_len: int
+    q_blocks: int
+    delta_all: object  # bwd_delta over every row (None: the row terms are given)
+    own_log2: bool  # whether bwd_delta also writes lse * log2(e) (for the Hopper dK/dV pass)
+    dq: object  # the recomputing dQ pass
+    dkdv: object  # the dK/dV pass over every (batch, kv head), with no dS blocks
+    lists: KvListLaunches
+    order_all: object  # dkdv_order over all lists in one segment, or None (DKDV_ORDER off)
+    order_chunk: object  # ... in segments of a chunk's lists (hand-over only)
+    chunks: tuple  # the hand-over's _Chunk's, () when it does not run
+    streams: int
+    block_elements: int  # dS blocks per stream, in elements of dtype
+    workspace: tuple  # byte offsets (delta, lse_log2, work, codes, pos, order) in one workspace
+    workspace_bytes: int
+
+    def __call__(self, p: FinePointers, alloc, address, stream=None):
+        """Launch on ``stream`` (None: CuPy's current stream) with the device current, temporaries
+        from ``alloc(shape, NumPy dtype)`` (``address(buffer)`` its address), kept until the
+        launches are queued.  The hand-over's chunks go to streams of this module forked from
+        ``stream`` and joined back to it."""
+        chunked = bool(self.chunks)
+        held = self.streams * self.block_elements * self.dtype.itemsize  # bytes of blocks in flight
+        if chunked and _ds_refused(self.device_id, held):
+            chunked = False
+        blocks = workspace = None
+        if chunked:  # without the memory for the blocks (or the lists after them), the passes below recompute dS
+            try:
+                blocks = [alloc((self.block_elements,), self.dtype) for _ in range(self.streams)]
+                workspace = alloc((self.workspace_bytes,), np.dtype(np.uint8))
+            except Exception as error:  # noqa: BLE001 - allocators raise their own out-of-memory errors
+                if not _out_of_memory(error):
+                    raise
+                blocks = None  # freed before the recomputing passes allocate
+                _ds_refuse(self.device_id, held)
+                chunked = False
+        if workspace is None:
+            workspace = alloc((self.workspace_bytes,), np.dtype(np.uint8))
+        base = address(workspace)
+        delta_at, log2_at, work, codes, pos, order = (np.uintp(base + offset) for offset in self.workspace)
+        if self.delta_all is not None:
+            p = p._replace(delta=delta_at, lse_log2=log2_at if self.own_log2 else np.uintp(0))
+        _memset(work, 0, 4 * self.lists.work_ints, stream)
+        if not chunked:
+            if self.delta_all is not None:
+                self.delta_all((p.dout, p.out, p.coarse, p.gate, p.q_block_sizes, p.lse, p.delta, p.lse_log2), stream)
+            _launch_or_mapped(self.dq, p, (p.q, p.k, p.v, p.dout, p.lse, p.delta, p.q2k_idx, p.q2k_num, p.q_block_sizes,
+                                           p.kv_block_sizes, p.dq_tile, p.dq), stream)
+            _invert(self.lists, p.q2k_idx, p.q2k_num, work, codes, stream=stream)
+            if self.order_all is None:
+                order = np.uintp(0)
+            else:
+                self.order_all((work, order), stream)
+            _launch_or_mapped(self.dkdv, p, self._dkdv_pointers(p, codes, work, np.uintp(0), order), stream)
+            return
+        _invert(self.lists, p.q2k_idx, p.q2k_num, work, codes, pos, stream)
+        if self.order_chunk is None:
+            order = np.uintp(0)
+        else:
+            self.order_chunk((work, order), stream)
+        at = [np.uintp(address(b)) for b in blocks]  # (the blocks themselves are held until the launches are queued)
+        if len(self.chunks) == 1:
+            self._chunk(self.chunks[0], p, at[0], codes, work, pos, order, stream)
+            return
+        import cupy
+
+        # Everything that may fail on the host is done (the kernels are loaded): fork, launch, and
+        # join even if a launch raises (else the caller's stream would free buffers that queued
+        # work still uses, and a capture would end with unjoined streams).
+        caller = cupy.cuda.get_current_stream() if stream is None else stream
+        pipes, fork, joins = _pipes(self.device_id, len(at))
+        fork.record(caller)
+        for pipe in pipes:
+            pipe.wait_event(fork)
+        try:
+            for c, chunk in enumerate(self.chunks):
+                self._chunk(chunk, p, at[c % len(pipes)], codes, work, pos, order, pipes[c % len(pipes)])
+        finally:
+            for pipe, join in zip(pipes, joins):
+                join.record(pipe)
+                caller.wait_event(join)
+
+    def _dkdv_pointers(self, p: FinePointers, codes, offsets, ds_blocks, order) -> tuple:
+        pointers = (p.q, p.k, p.v, p.dout, p.lse_log2 if isinstance(self.dkdv, _TmaLaunch) else p.lse, p.delta, codes,
+                    offsets, p.q_block_sizes, p.kv_block_sizes, p.dk_tile, p.dv_tile, p.dk, p.dv)
+        return pointers + ((ds_blocks, order) if isinstance(self.dkdv, _TmaLaunch) else (order,))
+
+    def _chunk(self, chunk: _Chunk, p: FinePointers, ds_blocks, codes, offsets, pos, order, stream) -> None:
+        """One chunk's row terms (where not given), dK/dV pass storing dS, and dQ pass summing dS K."""
+        if chunk.delta is not None:  # its (batch, head)s' rows, from the bh-th on
+            launch, bh = chunk.delta
+            at = lambda x, nbytes: np.uintp(x + bh * nbytes) if x else x  # noqa: E731
+            row_bytes, stat_bytes = self.q_len * self.head_dim * self.dtype.itemsize, self.q_len * 4
+            launch((at(p.dout, row_bytes), at(p.out, row_bytes), at(p.coarse, self.q_blocks * self.head_dim * 4),
+                    at(p.gate, row_bytes), p.q_block_sizes, at(p.lse, stat_bytes), at(p.delta, stat_bytes),
+                    at(p.lse_log2, stat_bytes)), stream)
+        chunk.dkdv(p, self._dkdv_pointers(p, codes, offsets, ds_blocks, order), stream)
+        chunk.dq_ds(p, (p.k, ds_blocks, pos, p.q2k_idx, p.q2k_num, p.q_block_sizes, p.kv_block_sizes, p.dq_tile, p.dq,
+                        offsets), stream)
+
+
+def fine_backward(q_shape: tuple, kv_shape: tuple, dtype, num_q_blocks: int, list_len: int, scale: float,
+                  row_terms_given: bool, device_id: int, knobs: tuple) -> FineBackward:
+    """The :class:`FineBackward` of a checked problem on ``device_id`` (CuPy's current device): q
+    [B, H, Sq_pad, D], k and v ``kv_shape``, ``dtype`` float16 or bfloat16, index lists of
+    ``list_len`` entries; ``knobs`` is :func:`backward_knobs` (read by the caller).  Cached."""
+    return _fine_backward(tuple(q_shape), tuple(kv_shape), np.dtype(dtype), num_q_blocks, list_len, float(scale),
+                          row_terms_given, device_id, knobs)
+
+
+@functools.lru_cache(maxsize=256)
+def _fine_backward(q_shape, kv_shape, dtype, n_q, length, scale, row_terms_given, device_id, knobs) -> FineBackward:
+    b, h, q_len, d = q_shape
+    h_kv, kv_len = kv_shape[1], kv_shape[2]
+    group, volume = h // h_kv, q_len // n_q
+    n_kv, slices = kv_len // volume, volume // _CHUNK
+    ctype, item = _CUDA_TYPES[dtype], dtype.itemsize
+    wgmma = _use_wgmma(BACKWARD_KERNEL)
+    q_rows, kv_rows = b * h * q_len, b * h_kv * kv_len
+    dkdv_wgmma = wgmma and q_rows < 2**31  # TMA coordinates are int32: else the portable kernels
+    dq_wgmma = wgmma and kv_rows < 2**31
+    common = (np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len))
+    tile_bytes = _BLOCK_M * d * item
+    smem = 6 * tile_bytes  # the cp.async passes: two resident tiles and two stages of two streamed ones
+    stats = 2 * _BLOCK_M * 4  # lse and delta of one stage
+
+    def delta(first_bh: int, count: int):
+        return bwd_delta_launch(dtype, d, count * q_len, q_len, volume)
+
+    def dkdv(count: int, bh_kv0: int = 0):
+        grid, tail = (kv_len // _BLOCK_M, count), (*common, np.int32(volume), np.float32(scale))
+        if dkdv_wgmma:  # Q and dO by TMA: K, V, stages of Q, dO, lse and delta, a barrier per stage, the staged list
+            shared = (2 + 2 * _DKDV_STAGES) * tile_bytes + _DKDV_STAGES * (stats + 8) + _LIST_BYTES
+            launch = make_launch("attention_bwd_sm90.cu", f"bwd_dkdv_sm90<{ctype}, {d}>", grid, (128,),
+                                 tail + (np.int32(_LIST_STAGE_LIMIT), np.int32(bh_kv0)), shared)
+            return _TmaLaunch(launch, ("q", "dout"), (q_rows, q_rows), d, dtype, device_id)
+        return make_launch("attention_bwd.cu", f"bwd_dkdv<{ctype}, {d}>", grid, (128,), tail, smem + 2 * stats)
+
+    list_tail = (*common, np.int32(length), np.int32(volume), np.float32(scale))
+    if dq_wgmma:  # K and V by TMA: Q, dO, stages of K and V, a barrier per stage of each, the staged list
+        shared = (2 + 2 * _DQ_STAGES) * tile_bytes + 16 * _DQ_STAGES + _LIST_BYTES
+        dq = _TmaLaunch(make_launch("attention_bwd_sm90.cu", f"bwd_dq_sm90<{ctype}, {d}>", (q_len // _BLOCK_M, b * h),
+                                    (128,), list_tail + (np.int32(_LIST_STAGE_LIMIT),), shared),
+                        ("k", "v"), (kv_rows, kv_rows), d, dtype, device_id)
+    else:
+        dq = make_launch("attention_bwd.cu", f"bwd_dq<{ctype}, {d}>", (q_len // _BLOCK_M, b * h), (128,), list_tail,
+                         smem)
+    lists = kv_lists_launches((b, h, n_q, length), h_kv, n_kv)
+    order_all = order_launch(lists.lists, lists.lists) if DKDV_ORDER and lists.lists else None
+
+    # The hand-over (see block_sparse_bwd): dS bytes per (batch, kv head), every selection entry
+    # counted (the used ones are known on the device only).
+    chunk = streams = 0
+    if dkdv_wgmma and dq_wgmma and d in _DS_HEAD_DIMS:
+        ds_bytes = group * n_q * length * slices * slices * _DS_BLOCK_BYTES
+        chunk, streams = ds_schedule(b * h_kv, ds_bytes, kv_len // _BLOCK_M, int(DS_WORKSPACE_BYTES))
+    chunks, order_chunk, block_elements = (), None, 0
+    if chunk:
+        shared, list_room = _dq_ds_layout(tile_bytes, _DQDS_STAGES)
+        built = []
+        for bh_kv0 in range(0, b * h_kv, chunk):
+            count = min(chunk, b * h_kv - bh_kv0)
+            dq_ds = make_launch("attention_bwd_sm90.cu", f"bwd_dq_ds_sm90<{ctype}, {d}, {_DQDS_STAGES}>",
+                                (q_len // _BLOCK_M, count * group), (128,),
+                                list_tail + (np.int32(_LIST_STAGE_LIMIT), np.int32(bh_kv0 * group), np.int32(list_room)),
+                                shared)
+            built.append(_Chunk(None if row_terms_given else (delta(bh_kv0 * group, count * group), bh_kv0 * group),
+                                dkdv(count, bh_kv0), _TmaLaunch(dq_ds, ("k",), (kv_rows,), d, dtype, device_id)))
+        chunks = tuple(built)
+        order_chunk = order_launch(lists.lists, chunk * n_kv) if DKDV_ORDER and lists.lists else None
+        block_elements = chunk * ds_bytes // item
+    # One workspace: delta and lse_log2 (where not given), the lists' work and codes, pos, the order.
+    own_log2 = dkdv_wgmma and not row_terms_given
+    sizes = ((0 if row_terms_given else 4 * q_rows), (4 * q_rows if own_log2 else 0), 4 * lists.work_ints,
+             4 * lists.entries, 4 * lists.entries if chunk else 0, 4 * lists.lists)
+    offsets, end = [], 0
+    for size in sizes:
+        offsets.append(end)
+        end += -(-size // 256) * 256
+    return FineBackward(device_id, dtype, d, q_len, n_q, None if row_terms_given else delta(0, b * h), own_log2, dq,
+                        dkdv(b * h_kv), lists, order_all, order_chunk, chunks, streams, block_elements, tuple(offsets),
+                        max(end, 256))
 
 
 def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
@@ -486,154 +782,24 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     and their events are made on a thread's first call with several chunks: warm up before a
     capture, as for the kernels.  The dK/dV pass takes its lists long ones first
     (:func:`dkdv_order`; ``DKDV_ORDER``), so that key tiles chosen by many query tiles do not
-    leave a few SMs finishing them after the rest.
+    leave a few SMs finishing them after the rest.  The launches are worked out once per
+    problem (:func:`fine_backward`) and run on addresses.
     """
-    b, h, q_len, d = q.shape
-    h_kv, kv_len = k.shape[1], k.shape[2]
-    n_q = q_block_sizes.shape[0]
-    tile_volume = q_len // n_q
+    q_len = q.shape[2]
+    tile_volume = q_len // q_block_sizes.shape[0]
     with q.device:
         dq_tile, dk_tile, dv_tile, coarse = (_float32(x) for x in (dq_tile, dk_tile, dv_tile, coarse))
         # coarse too: bwd_delta reads it 16 bytes at a time.
-        ctype = check_kernel_support(q, tile_volume, k=k, v=v, dout=dout, out=out, gate=gate, coarse=coarse)
-        wgmma = _use_wgmma(BACKWARD_KERNEL)
-        dkdv_wgmma = wgmma and _tma_ready(q, dout)  # else the portable dK/dV kernel
-        dq_wgmma = wgmma and _tma_ready(k, v)  # else the portable dQ kernel
-        rows = b * h * q_len
-        delta_rows = None  # bwd_delta over the (batch, head)s [h0, h1) of B * H, where it must run
-        if row_terms is not None:
-            delta, lse_log2 = row_terms
-        else:
-            delta = _alloc((b, h, q_len), np.float32)
-            lse_log2 = _alloc((b, h, q_len), np.float32) if dkdv_wgmma else None  # lse * log2(e), for that pass
-
-            # bwd_delta's arrays as [1, B * H, ...], sliced by (batch, head) per launch.
-            flat = [None if x is None else x.reshape((1, b * h) + x.shape[2:])
-                    for x in (dout, out, coarse, gate, lse, delta, lse_log2)]
-
-            def delta_rows(h0, h1):
-                dout_, out_, coarse_, gate_, lse_, delta_, log2_ = (None if x is None else x[:, h0:h1] for x in flat)
-                bwd_delta(dout_, out_, coarse_, gate_, q_block_sizes, lse_, delta_, log2_)
-        group, length, slices = h // h_kv, q2k_idx.shape[3], tile_volume // _CHUNK
-        common = (np.int32(h), np.int32(h_kv), np.int32(q_len), np.int32(kv_len))
-        tile_bytes = _BLOCK_M * d * q.dtype.itemsize
-        smem = 6 * tile_bytes  # the cp.async passes: two resident tiles and two stages of two streamed ones
+        check_kernel_support(q, tile_volume, k=k, v=v, dout=dout, out=out, gate=gate, coarse=coarse)
+        plan = fine_backward(q.shape, k.shape, q.dtype, q_block_sizes.shape[0], q2k_idx.shape[3], scale,
+                             row_terms is not None, q.data.device_id, backward_knobs())
         dq = _alloc(q.shape, q.dtype) if dq is None else dq
         dk = _alloc(k.shape, k.dtype) if dk is None else dk
         dv = _alloc(v.shape, v.dtype) if dv is None else dv
-
-        stats = 2 * _BLOCK_M * 4  # lse and delta of one stage
-        if dkdv_wgmma:
-            # Q and dO by TMA: K, V and _DKDV_STAGES stages of Q, dO, lse and delta, one 8-byte barrier per
-            # stage, and the staged list.
-            dkdv_maps = (_TensorMap(q, rows), _TensorMap(dout, rows))
-            dkdv_kernel = get_function("attention_bwd_sm90.cu", f"bwd_dkdv_sm90<{ctype}, {d}>")
-            smem_kv = (2 + 2 * _DKDV_STAGES) * tile_bytes + _DKDV_STAGES * (stats + 8) + _LIST_BYTES
-        else:
-            dkdv_kernel = get_function("attention_bwd.cu", f"bwd_dkdv<{ctype}, {d}>")
-            smem_kv = smem + 2 * stats  # K, V and two cp.async stages of Q, dO, lse and delta
-        dkdv_kernel.max_dynamic_shared_size_bytes = smem_kv
-
-        def dkdv_pass(codes, offsets, order, ds_blocks=None, bh_kv0=0, count=b * h_kv):
-            args = (q, k, v, dout, lse_log2 if dkdv_wgmma else lse, delta, codes, offsets, q_block_sizes,
-                    kv_block_sizes, _null_or(dk_tile), _null_or(dv_tile), dk, dv, *common, np.int32(tile_volume),
-                    np.float32(scale))
-            if dkdv_wgmma:
-                args = (dkdv_maps[0].arg, dkdv_maps[1].arg) + args + (
-                    np.int32(_LIST_STAGE_LIMIT), _null_or(ds_blocks), np.int32(bh_kv0), _null_or(order))
-            else:
-                args += (_null_or(order),)
-            dkdv_kernel((kv_len // _BLOCK_M, count), (128,), args, shared_mem=smem_kv)
-
-        list_args = (q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, _null_or(dq_tile), dq, *common,
-                     np.int32(length), np.int32(tile_volume), np.float32(scale))
-        # dS bytes per (batch, kv head), every selection entry counted (the used ones are known on the device only).
-        ds_bytes = group * n_q * length * slices * slices * _DS_BLOCK_BYTES
-        chunk = streams = 0
-        if dkdv_wgmma and dq_wgmma and d in _DS_HEAD_DIMS:
-            chunk, streams = ds_schedule(b * h_kv, ds_bytes, kv_len // _BLOCK_M, int(DS_WORKSPACE_BYTES))
-            held = chunk * streams * ds_bytes  # bytes of blocks in flight
-            if chunk and _ds_refused(q.data.device_id, held):
-                chunk = 0
-        if chunk:
-            # Without the memory for the blocks (or for the lists after them), the passes below
-            # recompute dS.
-            try:
-                blocks = [_alloc((chunk * ds_bytes // q.dtype.itemsize,), q.dtype) for _ in range(streams)]
-                codes, offsets, pos = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume, positions=True)
-                order = dkdv_order(offsets, chunk * (kv_len // tile_volume)) if DKDV_ORDER else None
-            except Exception as error:  # noqa: BLE001 - allocators raise their own out-of-memory errors
-                if not _out_of_memory(error):
-                    raise
-                blocks = None  # freed before the recomputing passes allocate
-                _ds_refuse(q.data.device_id, held)
-                chunk = 0
-        if chunk:
-            # Per chunk of `chunk` (batch, kv head) pairs: the dK/dV pass, storing dS; then the dQ pass
-            # summing dS K.  With several chunks, chunk c's two passes run on stream c % streams with
-            # blocks of its own, so that one chunk's dQ pass (bound by memory) overlaps another's
-            # dK/dV pass (bound by its tensor-core products), and no launch's tail leaves SMs idle.
-            # Slower on an H100 (BENCHMARKS.md): one dK/dV pass at a time, and the two passes on
-            # disjoint sets of SMs (green contexts); both passes lean on L2 either way.
-            dq_kernel = get_function("attention_bwd_sm90.cu", f"bwd_dq_ds_sm90<{ctype}, {d}, {_DQDS_STAGES}>")
-            smem_dq, list_room = _dq_ds_layout(tile_bytes, _DQDS_STAGES)
-            dq_kernel.max_dynamic_shared_size_bytes = smem_dq
-            map_k = _TensorMap(k, b * h_kv * kv_len)
-
-            def chunk_passes(ds_blocks, bh_kv0):
-                count = min(chunk, b * h_kv - bh_kv0)
-                if delta_rows is not None:
-                    delta_rows(bh_kv0 * group, (bh_kv0 + count) * group)
-                dkdv_pass(codes, offsets, order, ds_blocks, bh_kv0, count)
-                dq_kernel((q_len // _BLOCK_M, count * group), (128,),
-                          (map_k.arg, k, ds_blocks, pos, *list_args, np.int32(_LIST_STAGE_LIMIT), offsets,
-                           np.int32(bh_kv0 * group), np.int32(list_room)),
-                          shared_mem=smem_dq)
-
-            starts = range(0, b * h_kv, chunk)
-            if len(starts) == 1:
-                chunk_passes(blocks[0], 0)
-                return dq, dk, dv
-            import cupy
-
-            # Everything that may fail on the host is done (the kernels are loaded): fork, launch,
-            # and join even if a launch raises (else the caller's stream would free buffers that
-            # queued work still uses, and a capture would end with unjoined streams).  Each
-            # chunk's row terms (bwd_delta, bound by memory) run on its stream just before its
-            # dK/dV pass: the first chunk's pass starts after its heads' rows rather than all of
-            # them, and the others' run beside the passes already going.
-            if delta_rows is not None:
-                _bwd_delta_kernel(q.dtype, d)
-            caller = cupy.cuda.get_current_stream()
-            pipes, fork, joins = _pipes(q.data.device_id, len(blocks))
-            fork.record(caller)
-            for pipe in pipes:
-                pipe.wait_event(fork)
-            try:
-                for c, bh_kv0 in enumerate(starts):
-                    with pipes[c % len(pipes)]:
-                        chunk_passes(blocks[c % len(pipes)], bh_kv0)
-            finally:
-                for pipe, join in zip(pipes, joins):
-                    join.record(pipe)
-                    caller.wait_event(join)
-            return dq, dk, dv
-
-        if delta_rows is not None:
-            delta_rows(0, b * h)
-        args = (q, k, v, dout, lse, delta, *list_args)
-        if dq_wgmma:
-            # K and V by TMA: Q, dO and _DQ_STAGES stages of K and V, one 8-byte barrier per stage of each,
-            # and the staged list.
-            maps = (_TensorMap(k, b * h_kv * kv_len), _TensorMap(v, b * h_kv * kv_len))
-            kernel = get_function("attention_bwd_sm90.cu", f"bwd_dq_sm90<{ctype}, {d}>")
-            smem_dq = (2 + 2 * _DQ_STAGES) * tile_bytes + 16 * _DQ_STAGES + _LIST_BYTES
-            args = (maps[0].arg, maps[1].arg) + args + (np.int32(_LIST_STAGE_LIMIT),)
-        else:
-            kernel = get_function("attention_bwd.cu", f"bwd_dq<{ctype}, {d}>")
-            smem_dq = smem  # Q, dO and two cp.async stages of K and V
-        kernel.max_dynamic_shared_size_bytes = smem_dq
-        kernel((q_len // _BLOCK_M, b * h), (128,), args, shared_mem=smem_dq)
-        codes, offsets = kv_to_q_lists(q2k_idx, q2k_num, h_kv, kv_len // tile_volume)
-        dkdv_pass(codes, offsets, dkdv_order(offsets, offsets.shape[0] - 1) if DKDV_ORDER else None)
+        q2k_idx, q2k_num = (x if x.flags.c_contiguous else x.copy() for x in (q2k_idx, q2k_num))
+        delta, lse_log2 = (None, None) if row_terms is None else row_terms
+        pointers = FinePointers(*(_address(x) for x in (dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes,
+                                                        kv_block_sizes, coarse, gate, dq_tile, dk_tile, dv_tile, dq, dk,
+                                                        dv, delta, lse_log2)))
+        plan(pointers, lambda shape, dtype: _alloc(shape, dtype), _address)
     return dq, dk, dv

@@ -27,6 +27,7 @@ import numpy as np
 from . import FORWARD_RESULTS as RESULTS  # noqa: F401 - the order of ForwardLaunches.results
 from . import cuda, cuda_attention, forward_result_specs
 
+_NULL = np.uintp(0)
 _ALIGN = 256  # bytes: where each result starts in a shared workspace (CuPy's and torch's allocators align as much)
 
 
@@ -55,9 +56,9 @@ class ForwardLaunches(NamedTuple):
         out, lse, q2k_idx, q2k_num, q_mean, k_mean, v_mean, probs, coarse = (np.uintp(a) for a in results)
         if self.means is not None:
             self.means((q, k, v, q_mean, k_mean, v_mean, q_sizes, kv_sizes, kv_sizes), stream)
-        self.scores((q_mean, k_mean, probs), stream)
+        self.scores((q_mean, k_mean, probs, _NULL), stream)
         self.select((probs, q2k_idx, q2k_num), stream)
-        self.coarse((probs, v_mean, coarse), stream)
+        self.coarse((probs, v_mean, coarse, _NULL), stream)
         self.fine((q, k, v, q2k_idx, q2k_num, kv_sizes, q_sizes, coarse, gate, out, lse), int(k), int(v), stream)
 
     def buffers(self, alloc, address, keep: bool, out=None) -> tuple:
@@ -130,3 +131,150 @@ def vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: 
 
 def _address(array) -> int:
     return array.data.ptr
+
+
+# ---------------------------------------------------------------------------------------
+# The backward: :func:`vsa_nd.video_sparse_attn_backward` on the GPU, prepared the same way.
+
+# Whether the coarse-gradient pass also computes the fine backward's row terms (delta and
+# lse * log2(e)); False: the fine backward's bwd_delta does (an ablation, and a test switch).
+ROW_TERMS = True
+
+
+class BackwardPointers(NamedTuple):
+    """The addresses of one VSA backward: ``dout``, the forward's context (``gate`` 0 for none),
+    and the gradients' buffers (``dgate`` 0 without a gate)."""
+
+    dout: object
+    q: object
+    k: object
+    v: object
+    gate: object
+    out: object
+    lse: object
+    q2k_idx: object
+    q2k_num: object
+    q_block_sizes: object
+    kv_block_sizes: object
+    q_mean: object
+    k_mean: object
+    v_mean: object
+    coarse_probs: object
+    coarse: object
+    dq: object
+    dk: object
+    dv: object
+    dgate: object
+
+
+class BackwardLaunches(NamedTuple):
+    """The launches of one problem's backward, from :func:`backward_launches`: the coarse branch's
+    (the coarse gradient and the row terms in one pass over dout, dP = d_coarse v_mean^T, the
+    softmax backward in place, the three tile gradients), the lists' clean-up for contexts
+    that may have changed, and the fine backward (``cuda_attention.FineBackward``).  Every
+    temporary lies in one workspace (``offsets``)."""
+
+    coarse_grad: cuda.Launch
+    d_probs: cuda.Launch
+    softmax_grad: cuda.Launch
+    dq_tile: cuda.Launch
+    dk_tile: cuda.Launch
+    dv_tile: cuda.Launch
+    clean: cuda.Launch
+    fine: object
+    row_terms: bool
+    offsets: tuple  # d_coarse, delta, lse_log2, d_probs, dq_tile, dk_tile, dv_tile, clean q2k_idx, clean q2k_num
+    workspace_bytes: int
+
+    def __call__(self, p: BackwardPointers, clean: bool, alloc, address, stream=None):
+        """Launch on ``stream`` (None: CuPy's current stream) with the launches' device current;
+        ``clean``: run the lists through ``kv_lists_clean`` first (a context the caller cannot
+        vouch for).  Temporaries come from ``alloc(shape, NumPy dtype)``, ``address(buffer)``
+        giving their addresses, and are kept until the launches are queued."""
+        workspace = alloc((self.workspace_bytes,), np.dtype(np.uint8))
+        base = address(workspace)
+        d_coarse, delta, lse_log2, d_probs, dq_tile, dk_tile, dv_tile, clean_idx, clean_num = (
+            np.uintp(base + offset) for offset in self.offsets)
+        if not self.row_terms:
+            delta = lse_log2 = _NULL
+        self.coarse_grad((p.dout, p.gate, p.coarse, p.q_block_sizes, d_coarse, p.dgate, p.out if self.row_terms else _NULL,
+                          p.lse if self.row_terms else _NULL, delta, lse_log2), stream)
+        # The coarse attention's backward in the grouped layout of the forward's products.
+        self.d_probs((d_coarse, p.v_mean, d_probs, _NULL), stream)
+        self.softmax_grad((d_probs, p.coarse_probs, d_coarse, p.coarse), stream)
+        self.dq_tile((d_probs, p.k_mean, dq_tile, p.q_block_sizes), stream)
+        self.dk_tile((d_probs, p.q_mean, dk_tile, p.kv_block_sizes), stream)
+        self.dv_tile((p.coarse_probs, d_coarse, dv_tile, p.kv_block_sizes), stream)
+        q2k_idx, q2k_num = p.q2k_idx, p.q2k_num
+        if clean:
+            self.clean((q2k_idx, q2k_num, clean_idx, clean_num), stream)
+            q2k_idx, q2k_num = clean_idx, clean_num
+        fine = cuda_attention.FinePointers(
+            p.dout, p.q, p.k, p.v, p.out, p.lse, q2k_idx, q2k_num, p.q_block_sizes, p.kv_block_sizes, p.coarse, p.gate,
+            dq_tile, dk_tile, dv_tile, p.dq, p.dk, p.dv, delta, lse_log2)
+        self.fine(fine, alloc, address, stream)
+
+
+def backward_launches(q_shape: tuple, kv_shape: tuple, dtype, num_q_blocks: int, num_kv_blocks: int, topk: int,
+                      scale: float, gated: bool, device_id: int) -> BackwardLaunches:
+    """The :class:`BackwardLaunches` of a checked problem (q [B, H, Sq_pad, D], k and v
+    ``kv_shape``, ``dtype`` float16 or bfloat16, every array 16-byte aligned) on ``device_id``,
+    which must be CuPy's current device; cached, by the problem and the settings read here."""
+    return _backward_launches(tuple(q_shape), tuple(kv_shape), np.dtype(dtype), num_q_blocks, num_kv_blocks, topk,
+                              float(scale), gated, device_id, cuda_attention.backward_knobs(), ROW_TERMS)
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_launches(q_shape, kv_shape, dtype, n_q, n_kv, topk, scale, gated, device_id, knobs,
+                       row_terms) -> BackwardLaunches:
+    b, h, q_len, d = q_shape
+    h_kv = kv_shape[1]
+    group, volume = h // h_kv, q_len // n_q
+    element = cuda_attention._CUDA_TYPES[dtype]
+    width = cuda._VECTOR_BYTES // dtype.itemsize
+    row_terms = row_terms and cuda.row_terms_fit(element, width, d)
+    tiles = b * h * n_q
+    coarse_grad = cuda.coarse_grad_launch(element, width, gated, row_terms, tiles, n_q, volume, d)
+    sm_count, batches, rows = cuda._sm_count(device_id), b * h_kv, group * n_q
+
+    def gemm(m, n, k, transpose_a, transpose_b, alpha, period):
+        tile = cuda._gemm_tile(m, n, batches, sm_count)
+        return cuda.gemm_launch(m, n, k, batches, transpose_a, transpose_b, alpha, tile, period)
+
+    d_probs = gemm(rows, n_kv, d, False, True, 1.0, 1)
+    softmax_grad = cuda.softmax_grad_launch(tiles, n_kv, d)
+    dq_tile = gemm(rows, d, n_kv, False, False, scale, n_q)
+    dk_tile = gemm(n_kv, d, rows, True, False, scale, n_kv)
+    dv_tile = gemm(n_kv, d, rows, True, False, 1.0, n_kv)
+    clean = cuda_attention.clean_lists_launch(tiles, topk, n_kv)
+    fine = cuda_attention.fine_backward(q_shape, kv_shape, dtype, n_q, topk, scale, row_terms, device_id, knobs)
+    f32 = 4
+    sizes = (tiles * d * f32, b * h * q_len * f32, b * h * q_len * f32, tiles * n_kv * f32, tiles * d * f32,
+             b * h_kv * n_kv * d * f32, b * h_kv * n_kv * d * f32, tiles * topk * 4, tiles * 4)
+    offsets, end = [], 0
+    for size in sizes:
+        offsets.append(end)
+        end += -(-size // _ALIGN) * _ALIGN
+    return BackwardLaunches(coarse_grad, d_probs, softmax_grad, dq_tile, dk_tile, dv_tile, clean, fine, row_terms,
+                            tuple(offsets), end)
+
+
+def vsa_backward(dout, c, dq=None, dk=None, dv=None, dgate=None, clean: bool = True) -> tuple:
+    """The backward on CuPy arrays on CuPy's current device (q's) and stream: (dq, dk, dv, dgate or
+    None) from ``dout`` and the forward's context ``c`` (a ``vsa_nd.VSAContext``, checked, every
+    array and buffer 16-byte aligned); buffers filled where given.  ``clean``: see
+    :meth:`BackwardLaunches.__call__`."""
+    q, k = c.q, c.k
+    launches = backward_launches(q.shape, k.shape, q.dtype, len(c.q_block_sizes), len(c.kv_block_sizes),
+                                 c.q2k_idx.shape[3], c.scale, c.gate is not None, q.data.device_id)
+    alloc = lambda shape, dtype: cuda._alloc(shape, dtype)  # noqa: E731 - (looked up per call: tests poison it)
+    dq = alloc(q.shape, q.dtype) if dq is None else dq
+    dk = alloc(k.shape, k.dtype) if dk is None else dk
+    dv = alloc(c.v.shape, c.v.dtype) if dv is None else dv
+    if c.gate is not None and dgate is None:
+        dgate = alloc(c.gate.shape, c.gate.dtype)
+    pointers = BackwardPointers(*(np.uintp(0 if x is None else x.data.ptr) for x in (
+        dout, q, k, c.v, c.gate, c.out, c.lse, c.q2k_idx, c.q2k_num, c.q_block_sizes, c.kv_block_sizes, c.q_mean,
+        c.k_mean, c.v_mean, c.coarse_probs, c.coarse, dq, dk, dv, dgate)))
+    launches(pointers, clean, alloc, _address)
+    return dq, dk, dv, dgate
