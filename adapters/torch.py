@@ -74,9 +74,11 @@ memory.  It checks just that (devices, contiguity, 16-byte alignment, the curren
 torch's modes, the plan tensors' version counters) and runs vsa_nd's prepared launches
 (:mod:`vsa_nd.backends.cuda_vsa`, ``vsa_nd.backends.cuda.reorder``) on the tensors'
 addresses, on torch's current stream, into tensors from torch's allocator: no CuPy view,
-context or conversion.  Outputs, the autograd context and gradients are those of the checked
-path, bit for bit; any other call takes the checked path, with its messages.  On small problems
-this is most of a call's host time (``BENCHMARKS.md``).
+context or conversion.  With grad, its autograd node saves the context's small tensors as one
+workspace, and its backward runs the prepared backward launches the same way (unless the
+backward is itself differentiated, or runs under a mode).  Outputs, the autograd context and
+gradients are those of the checked path, bit for bit; any other call takes the checked path,
+with its messages.  On small problems this is most of a call's host time (``BENCHMARKS.md``).
 """
 
 from __future__ import annotations

@@ -69,8 +69,11 @@ The interface every backend implements:
 The CUDA backend also has ``vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale,
 out=None, keep=True)``, the whole VSA forward as five prepared launches (the results of
 ``block_means`` to ``block_sparse_fwd`` above, in the order of
-:data:`FORWARD_RESULTS`; see ``vsa_nd.backends.cuda_vsa``), and ``reorder``, tile/untile on
-addresses; ``vsa_nd.ops`` runs the stages one by one on the CPU.
+:data:`FORWARD_RESULTS`; see ``vsa_nd.backends.cuda_vsa``), ``vsa_backward(dout, context, dq=None,
+dk=None, dv=None, dgate=None, clean=True) -> (dq, dk, dv, dgate)``, the whole backward the same
+way (``coarse_grad_inputs`` to ``block_sparse_bwd`` and the coarse products between them, for
+contexts whose arrays are all 16-byte aligned), and ``reorder``, tile/untile on addresses;
+``vsa_nd.ops`` runs the stages one by one on the CPU, and the backward's on CUDA for other contexts.
 
 A result argument that is not None (``out``, ``dgate``, ``dq``, ``dk``, ``dv``; checked by
 :mod:`vsa_nd.ops`: shape, dtype, device, contiguity, no shared memory) is filled and returned

@@ -1,4 +1,4 @@
-"""The VSA forward on CUDA as one prepared sequence of five launches.
+"""The VSA forward and backward on CUDA, each as one prepared sequence of launches.
 
 :func:`vsa_nd.video_sparse_attn` is, on the GPU, five kernel launches: the tile means of q, k and
 v (block_mean.cu); the coarse scores ``scale * q_mean k_mean^T`` (gemm_f32.cu); the top-k
@@ -8,12 +8,14 @@ output ``probs v_mean`` (gemm_f32.cu); the fine attention with the coarse combin
 dtype, top-k, scale, device and kernel choice.  :func:`forward_launches` works it out once per
 problem (cached), so that a call is its allocations and five launches: on small problems,
 where the whole call is host time, that is about a third of the host time of building each
-launch afresh.
+launch afresh.  :func:`backward_launches` does the same for the backward's dozen launches (the
+coarse branch's gradient pass and products, then the fine backward,
+``cuda_attention.FineBackward``).
 
-Two callers run them: :func:`vsa_forward` on CuPy arrays (what ``vsa_nd.video_sparse_attn``
-does on CuPy), and the torch adapter on CUDA tensors' addresses, with buffers from torch's
-allocator.  Nothing here checks its inputs: :mod:`vsa_nd.ops` (or, for a call it has checked
-before, the cheap checks of its fast path) does.
+Two callers run them: :func:`vsa_forward` and :func:`vsa_backward` on CuPy arrays (what
+``vsa_nd.video_sparse_attn`` and its backward do on CuPy), and the torch adapter on CUDA
+tensors' addresses, with buffers from torch's allocator.  Nothing here checks its inputs:
+:mod:`vsa_nd.ops` (or, for a call it has checked before, the cheap checks of its fast path) does.
 """
 
 from __future__ import annotations
