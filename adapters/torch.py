@@ -825,10 +825,13 @@ def _prepared_backward(checked: _CheckedForward, dout, q, k, v, gate, out, works
     results and temporaries from torch's allocator; None where the call needs the checked path
     (a backward to be differentiated, an active mode, a dout of other memory or type)."""
     index = checked.device_index
-    if (type(dout) is not Tensor or dout.dtype != q.dtype or dout.shape != q.shape or dout.get_device() != index
-            or _is_functorch_wrapped(dout) or dout.data_ptr() % 16 or _mode_active()
+    if (type(dout) is not Tensor or dout.dtype != q.dtype or dout.shape != q.shape or _mode_active()
             or torch._C._cuda_getDevice() != index or _needs_grad(dout, q, k, v, gate)):
         return None
+    # The saved tensors are the forward's unless a saved-tensor hook made new ones: all checked.
+    for t in (dout, q, k, v, out, workspace) if gate is None else (dout, q, k, v, gate, out, workspace):
+        if t.get_device() != index or not t.is_contiguous() or _is_functorch_wrapped(t) or t.data_ptr() % 16:
+            return None
     q_sizes, kv_sizes = _plan_array(checked.q_block_sizes), _plan_array(checked.kv_block_sizes)
     if q_sizes is None or kv_sizes is None:
         return None
@@ -838,10 +841,10 @@ def _prepared_backward(checked: _CheckedForward, dout, q, k, v, gate, out, works
     device = q.device
     grads = (_empty(q.shape, q.dtype, device), _empty(k.shape, k.dtype, device), _empty(v.shape, v.dtype, device),
              None if gate is None else _empty(gate.shape, gate.dtype, device))
-    # The context's eight tensors, float32 and int32 (4-byte elements), in the workspace (CONTEXT_FIELDS order).
+    # The context's eight tensors in the workspace (CONTEXT_FIELDS order).
     base = workspace.data_ptr()
-    lse, q2k_idx, q2k_num, q_mean, k_mean, v_mean, probs, coarse = (np.uintp(base + 4 * offset)
-                                                                    for *_, offset in checked.context)
+    lse, q2k_idx, q2k_num, q_mean, k_mean, v_mean, probs, coarse = (
+        np.uintp(base + offset * dtype.itemsize) for dtype, _, _, offset in checked.context)
     address = lambda t: np.uintp(0 if t is None else t.data_ptr())  # noqa: E731
     pointers = cuda_vsa.BackwardPointers(
         address(dout), address(q), address(k), address(v), address(gate), address(out), lse, q2k_idx, q2k_num,

@@ -53,16 +53,23 @@ def use_kernels(kernel, monkeypatch):
         monkeypatch.setattr(cuda_attention, "_DS_STREAMS", 3)
 
 
-@pytest.fixture(params=KERNELS)
-def poisoned(request, monkeypatch):
-    """Outputs and the dS workspace start as NaN; each test runs every path of use_kernels."""
+def _poisoned_alloc(shape, dtype):
+    """A new CuPy array of 0xFF bytes (NaN in float types; a workspace of bytes gets them too)."""
     import cupy
 
+    out = cupy.empty(shape, dtype)
+    out.view(cupy.uint8).fill(0xFF)
+    return out
+
+
+@pytest.fixture(params=KERNELS)
+def poisoned(request, monkeypatch):
+    """Every buffer the backends allocate (outputs, the workspaces of temporaries, the dS blocks)
+    starts as 0xFF bytes: NaN in every float type, -1 in int32; each test runs every path of
+    use_kernels."""
     from vsa_nd.backends import cuda, cuda_attention
 
-    def alloc(shape, dtype):
-        return cupy.full(shape, np.nan, dtype)
-
+    alloc = _poisoned_alloc
     monkeypatch.setattr(cuda_attention, "_alloc", alloc)
     monkeypatch.setattr(cuda, "_alloc", alloc)
     use_kernels(request.param, monkeypatch)
@@ -465,7 +472,7 @@ def test_row_terms_from_coarse_grad_match_bwd_delta(kernel, p):
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         use_kernels(kernel, monkeypatch)
-        poison = lambda shape, dtype: cupy.full(shape, np.nan, dtype)  # noqa: E731
+        poison = _poisoned_alloc
         monkeypatch.setattr(cuda_attention, "_alloc", poison)
         monkeypatch.setattr(cuda, "_alloc", poison)
         launches = _Launches(monkeypatch)
