@@ -451,3 +451,47 @@ def test_torch_tile_and_untile_fast_paths_match_the_checked_path(poisoned_torch,
             (got,) = torch.autograd.grad(tiled, device_x, grad)
             assert torch.equal(got.view(torch.int16), vt.untile(grad, plan).view(torch.int16))
     assert checked.count(True) == 2  # on CUDA, the first tile and untile (the others prepared, the gradient's too)
+
+
+def test_torch_prepared_backward_hands_ds_over_on_streams(poisoned_torch, prepared_calls, monkeypatch):
+    """The prepared backward of torch calls (head dim 128, GQA, gate) with the dS hand-over in
+    chunks of one (batch, kv head) pair on three streams of its own, into poisoned buffers:
+    gradients bit for bit those of the checked path (the custom op's backward, by vsa_nd's
+    CuPy arrays), and each chunk's two passes ran."""
+    torch = pytest.importorskip("torch")
+    import vsa_nd.adapters.torch as vt
+    from vsa_nd.backends import cuda, cuda_attention
+
+    from vsa_nd.kernels import device_arch
+
+    from attention_problems import force_ds_hand_over
+
+    if device_arch(torch.cuda.current_device()) != "sm_90a":
+        pytest.skip("the dS hand-over runs on Hopper only")
+    force_ds_hand_over(monkeypatch)
+    monkeypatch.setattr(cuda_attention, "_DS_STREAMS", 3)
+    names = []
+    launch = cuda.Launch.__call__
+    monkeypatch.setattr(cuda.Launch, "__call__",
+                        lambda self, pointers, stream=None: names.append(self.name.split("<")[0]) or launch(self, pointers, stream))
+    backward = vt._prepared_backward
+    backwards = []
+    monkeypatch.setattr(vt, "_prepared_backward", lambda *args: backwards.append(backward(*args)) or backwards[-1])
+    plan = vt.tile_plan((6, 12, 10), (4, 4, 4), device="cuda")  # 18 tiles, partial ones included
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    pairs = 2 * 2  # batch x kv heads: one chunk each
+    for call in range(3):
+        x = [torch.randn(2, plan.seq_len, h, 128, device="cuda", dtype=torch.bfloat16, generator=generator)
+             for h in (4, 2, 2, 4)]
+        q, k, v, g = (vt.tile(t, plan).requires_grad_() for t in x)
+        dout = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=generator)
+        names.clear()
+        got = torch.autograd.grad(vt.video_sparse_attn(q, k, v, 5, plan.variable_block_sizes, gate=g), (q, k, v, g), dout)
+        if call:
+            assert backwards[-1] is not None  # the prepared backward ran
+            assert names.count("bwd_dkdv_sm90") == names.count("bwd_dq_ds_sm90") == pairs
+        with torch.device("cuda"):  # the custom op: the checked path, forward and backward
+            expected = vt.video_sparse_attn(q, k, v, 5, plan.variable_block_sizes, gate=g)
+        for a, b in zip(got, torch.autograd.grad(expected, (q, k, v, g), dout)):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    assert prepared_calls[0::2] == [False, True, True] and len(backwards) == 2
