@@ -844,11 +844,11 @@ def _prepared_backward(checked: _CheckedForward, dout, q, k, v, gate, out, works
     # The context's eight tensors in the workspace (CONTEXT_FIELDS order).
     base = workspace.data_ptr()
     lse, q2k_idx, q2k_num, q_mean, k_mean, v_mean, probs, coarse = (
-        np.uintp(base + offset * dtype.itemsize) for dtype, _, _, offset in checked.context)
-    address = lambda t: np.uintp(0 if t is None else t.data_ptr())  # noqa: E731
+        base + offset * dtype.itemsize for dtype, _, _, offset in checked.context)
+    address = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     pointers = cuda_vsa.BackwardPointers(
         address(dout), address(q), address(k), address(v), address(gate), address(out), lse, q2k_idx, q2k_num,
-        np.uintp(q_sizes.data.ptr), np.uintp(kv_sizes.data.ptr), q_mean, k_mean, v_mean, probs, coarse,
+        q_sizes.data.ptr, kv_sizes.data.ptr, q_mean, k_mean, v_mean, probs, coarse,
         *(address(g) for g in grads))
     launches(pointers, False, lambda shape, dtype: _empty(shape, _TORCH_DTYPE[dtype], device), Tensor.data_ptr,
              _cupy_stream(index))

@@ -328,9 +328,9 @@ _MARK_THREADS = 256  # MARK_THREADS in kv_lists.cu (kv_lists_clean, _mark and _r
 _SCAN_THREADS, _WRITE_THREADS, _ORDER_THREADS = 1024, 256, 1024  # SCAN_, WRITE_ and ORDER_THREADS there
 
 
-def _address(x) -> np.uintp:
-    """A CuPy array's address as a kernel argument (null for None)."""
-    return np.uintp(0 if x is None else x.data.ptr)
+def _address(x) -> int:
+    """A CuPy array's address as a kernel argument (0, null, for None)."""
+    return 0 if x is None else x.data.ptr
 
 
 def _memset(address: int, value: int, nbytes: int, stream=None) -> None:
@@ -512,7 +512,7 @@ def backward_knobs() -> tuple:
 
 
 class FinePointers(NamedTuple):
-    """The addresses of one fine backward (:class:`FineBackward`), ``np.uintp`` each, 0 for none
+    """The addresses of one fine backward (:class:`FineBackward`), Python ints, 0 for none
     (coarse, gate, the tile gradients; delta and lse_log2 when the backward computes them)."""
 
     dout: object
@@ -550,7 +550,7 @@ class _TmaLaunch(NamedTuple):
 
     def __call__(self, p: FinePointers, pointers: tuple, stream=None):
         # (the maps are held until the launch has copied them: another thread may evict them from the cache)
-        maps = tuple(_encoded_map(int(getattr(p, name)), rows, self.head_dim, self.dtype, self.device_id)
+        maps = tuple(_encoded_map(getattr(p, name), rows, self.head_dim, self.dtype, self.device_id)
                      for name, rows in zip(self.sources, self.rows))
         self.launch(tuple(m.arg for m in maps) + pointers, stream)
 
@@ -616,9 +616,9 @@ class FineBackward(NamedTuple):
         if workspace is None:
             workspace = alloc((self.workspace_bytes,), np.dtype(np.uint8))
         base = address(workspace)
-        delta_at, log2_at, work, codes, pos, order = (np.uintp(base + offset) for offset in self.workspace)
+        delta_at, log2_at, work, codes, pos, order = (base + offset for offset in self.workspace)
         if self.delta_all is not None:
-            p = p._replace(delta=delta_at, lse_log2=log2_at if self.own_log2 else np.uintp(0))
+            p = p._replace(delta=delta_at, lse_log2=log2_at if self.own_log2 else 0)
         _memset(work, 0, 4 * self.lists.work_ints, stream)
         if not chunked:
             if self.delta_all is not None:
@@ -627,17 +627,17 @@ class FineBackward(NamedTuple):
                                            p.kv_block_sizes, p.dq_tile, p.dq), stream)
             _invert(self.lists, p.q2k_idx, p.q2k_num, work, codes, stream=stream)
             if self.order_all is None:
-                order = np.uintp(0)
+                order = 0
             else:
                 self.order_all((work, order), stream)
-            _launch_or_mapped(self.dkdv, p, self._dkdv_pointers(p, codes, work, np.uintp(0), order), stream)
+            _launch_or_mapped(self.dkdv, p, self._dkdv_pointers(p, codes, work, 0, order), stream)
             return
         _invert(self.lists, p.q2k_idx, p.q2k_num, work, codes, pos, stream)
         if self.order_chunk is None:
-            order = np.uintp(0)
+            order = 0
         else:
             self.order_chunk((work, order), stream)
-        at = [np.uintp(address(b)) for b in blocks]  # (the blocks themselves are held until the launches are queued)
+        at = [address(b) for b in blocks]  # (the blocks themselves are held until the launches are queued)
         if len(self.chunks) == 1:
             self._chunk(self.chunks[0], p, at[0], codes, work, pos, order, stream)
             return
@@ -668,7 +668,7 @@ class FineBackward(NamedTuple):
         """One chunk's row terms (where not given), dK/dV pass storing dS, and dQ pass summing dS K."""
         if chunk.delta is not None:  # its (batch, head)s' rows, from the bh-th on
             launch, bh = chunk.delta
-            at = lambda x, nbytes: np.uintp(x + bh * nbytes) if x else x  # noqa: E731
+            at = lambda x, nbytes: x + bh * nbytes if x else x  # noqa: E731
             row_bytes, stat_bytes = self.q_len * self.head_dim * self.dtype.itemsize, self.q_len * 4
             launch((at(p.dout, row_bytes), at(p.out, row_bytes), at(p.coarse, self.q_blocks * self.head_dim * 4),
                     at(p.gate, row_bytes), p.q_block_sizes, at(p.lse, stat_bytes), at(p.delta, stat_bytes),

@@ -29,7 +29,7 @@ import numpy as np
 from . import FORWARD_RESULTS as RESULTS  # noqa: F401 - the order of ForwardLaunches.results
 from . import cuda, cuda_attention, forward_result_specs
 
-_NULL = np.uintp(0)
+_NULL = 0  # a null pointer (addresses are Python ints: see cuda.Launch)
 _ALIGN = 256  # bytes: where each result starts in a shared workspace (CuPy's and torch's allocators align as much)
 
 
@@ -52,16 +52,16 @@ class ForwardLaunches(NamedTuple):
                  stream=None):
         """Launch on ``stream`` (None: CuPy's current stream), with the launches' device current.
 
-        Every argument is an address (``gate`` 0 for none); ``results`` holds the nine results'
-        buffers' addresses in :data:`RESULTS` order."""
-        q, k, v, gate, q_sizes, kv_sizes = (np.uintp(a) for a in (q, k, v, gate, q_block_sizes, kv_block_sizes))
-        out, lse, q2k_idx, q2k_num, q_mean, k_mean, v_mean, probs, coarse = (np.uintp(a) for a in results)
+        Every argument is an address, a Python int (``gate`` 0 for none); ``results`` holds the
+        nine results' buffers' addresses in :data:`RESULTS` order."""
+        q_sizes, kv_sizes = q_block_sizes, kv_block_sizes
+        out, lse, q2k_idx, q2k_num, q_mean, k_mean, v_mean, probs, coarse = results
         if self.means is not None:
             self.means((q, k, v, q_mean, k_mean, v_mean, q_sizes, kv_sizes, kv_sizes), stream)
         self.scores((q_mean, k_mean, probs, _NULL), stream)
         self.select((probs, q2k_idx, q2k_num), stream)
         self.coarse((probs, v_mean, coarse, _NULL), stream)
-        self.fine((q, k, v, q2k_idx, q2k_num, kv_sizes, q_sizes, coarse, gate, out, lse), int(k), int(v), stream)
+        self.fine((q, k, v, q2k_idx, q2k_num, kv_sizes, q_sizes, coarse, gate, out, lse), k, v, stream)
 
     def buffers(self, alloc, address, keep: bool, out=None) -> tuple:
         """(buffers, addresses) for a call: ``alloc(shape, NumPy dtype)`` makes a buffer and
@@ -144,8 +144,8 @@ ROW_TERMS = True
 
 
 class BackwardPointers(NamedTuple):
-    """The addresses of one VSA backward: ``dout``, the forward's context (``gate`` 0 for none),
-    and the gradients' buffers (``dgate`` 0 without a gate)."""
+    """The addresses (Python ints) of one VSA backward: ``dout``, the forward's context (``gate`` 0
+    for none), and the gradients' buffers (``dgate`` 0 without a gate)."""
 
     dout: object
     q: object
@@ -196,7 +196,7 @@ class BackwardLaunches(NamedTuple):
         workspace = alloc((self.workspace_bytes,), np.dtype(np.uint8))
         base = address(workspace)
         d_coarse, delta, lse_log2, d_probs, dq_tile, dk_tile, dv_tile, clean_idx, clean_num = (
-            np.uintp(base + offset) for offset in self.offsets)
+            base + offset for offset in self.offsets)
         if not self.row_terms:
             delta = lse_log2 = _NULL
         self.coarse_grad((p.dout, p.gate, p.coarse, p.q_block_sizes, d_coarse, p.dgate, p.out if self.row_terms else _NULL,
@@ -275,7 +275,7 @@ def vsa_backward(dout, c, dq=None, dk=None, dv=None, dgate=None, clean: bool = T
     dv = alloc(c.v.shape, c.v.dtype) if dv is None else dv
     if c.gate is not None and dgate is None:
         dgate = alloc(c.gate.shape, c.gate.dtype)
-    pointers = BackwardPointers(*(np.uintp(0 if x is None else x.data.ptr) for x in (
+    pointers = BackwardPointers(*(0 if x is None else x.data.ptr for x in (
         dout, q, k, c.v, c.gate, c.out, c.lse, c.q2k_idx, c.q2k_num, c.q_block_sizes, c.kv_block_sizes, c.q_mean,
         c.k_mean, c.v_mean, c.coarse_probs, c.coarse, dq, dk, dv, dgate)))
     launches(pointers, clean, alloc, _address)
