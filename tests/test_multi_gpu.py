@@ -68,14 +68,18 @@ def test_cupy_forward_and_backward_on_either_device(workspace, monkeypatch):
         assert np.array_equal(bits(a), bits(b))
 
 
-def test_torch_adapter_on_either_device():
+def test_torch_adapter_on_either_device(monkeypatch):
     """The forward runs with the other device current; autograd runs the backward on its own
     thread for the tensors' device (so it is current there): the CuPy test above covers the
-    backward with another device current."""
+    backward with another device current.  Then, with the tensors' device current, calls like
+    it take the prepared forward and backward on that device: the same results, bit for bit."""
     torch = pytest.importorskip("torch")
     import vsa_nd.adapters.torch as vt
 
     two_devices()
+    backward = vt._prepared_backward
+    prepared = []
+    monkeypatch.setattr(vt, "_prepared_backward", lambda *args: prepared.append(backward(*args)) or prepared[-1])
     host = host_problem(vsa_nd.tile_plan(SEQ).padded_len, seed=1)
     results = []
     for index in (0, 1):
@@ -88,6 +92,14 @@ def test_torch_adapter_on_either_device():
             out.backward(dout)
         assert all(t.device == device for t in (out, q.grad, k.grad, v.grad, gate.grad))
         results.append([t.detach().view(torch.int16).cpu().numpy() for t in (out, q.grad, k.grad, v.grad, gate.grad)])
+        with torch.cuda.device(index):
+            for _ in range(2):  # like the call above, which was checked: prepared, forward and backward
+                del prepared[:]
+                grads = torch.autograd.grad(vt.video_sparse_attn(q, k, v, TOPK, plan.variable_block_sizes, gate=gate),
+                                            (q, k, v, gate), dout)
+                assert [g is not None for g in prepared] == [True]
+                for got, want in zip(grads, results[-1][1:]):
+                    assert got.device == device and np.array_equal(got.view(torch.int16).cpu().numpy(), want)
     for a, b in zip(*results):
         assert np.array_equal(a, b)
 
