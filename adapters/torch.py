@@ -795,11 +795,7 @@ def _prepared_forward(signature: tuple, q, k, v, gate):
     q_sizes, kv_sizes = _plan_array(checked.q_block_sizes), _plan_array(checked.kv_block_sizes)
     if q_sizes is None or kv_sizes is None or torch._C._cuda_getDevice() != index:
         return None
-    tensors = (q, k, v) if gate is None else (q, k, v, gate)
-    for t in tensors:  # (a functorch wrapper, say one that escaped a transform, has no data pointer)
-        if t.get_device() != index or not t.is_contiguous() or _is_functorch_wrapped(t) or t.data_ptr() % 16:
-            return None
-    if _mode_active():  # (see _plain_eager)
+    if not _launchable(index, q, k, v, gate) or _mode_active():  # (modes: see _plain_eager)
         return None
     _, cuda_attention, cuda_vsa = _cuda_backend()
     launches = cuda_vsa.forward_launches(*checked.problem, cuda_attention.FORWARD_KERNEL)
@@ -819,6 +815,17 @@ def _prepared_forward(signature: tuple, q, k, v, gate):
     return _apply_vsa(q, k, v, gate, checked.q_block_sizes, checked.kv_block_sizes, checked.scale, buffers, checked)
 
 
+def _launchable(index: int, *tensors) -> bool:
+    """Whether every tensor of ``tensors`` (None allowed) lies on cuda:<index>, contiguous, at a
+    16-byte aligned address: all the prepared launches ask of their memory.  (A functorch
+    wrapper, say one that escaped a transform, has no data pointer.)"""
+    for t in tensors:
+        if t is not None and (t.get_device() != index or not t.is_contiguous() or _is_functorch_wrapped(t)
+                              or t.data_ptr() % 16):
+            return False
+    return True
+
+
 def _prepared_backward(checked: _CheckedForward, dout, q, k, v, gate, out, workspace):
     """(dq, dk, dv, dgate or None) of a prepared forward's node by the prepared backward launches
     (``cuda_vsa.BackwardLaunches``) on the tensors' addresses, on torch's current stream, with
@@ -829,9 +836,8 @@ def _prepared_backward(checked: _CheckedForward, dout, q, k, v, gate, out, works
             or torch._C._cuda_getDevice() != index or _needs_grad(dout, q, k, v, gate)):
         return None
     # The saved tensors are the forward's unless a saved-tensor hook made new ones: all checked.
-    for t in (dout, q, k, v, out, workspace) if gate is None else (dout, q, k, v, gate, out, workspace):
-        if t.get_device() != index or not t.is_contiguous() or _is_functorch_wrapped(t) or t.data_ptr() % 16:
-            return None
+    if not _launchable(index, dout, q, k, v, gate, out, workspace):
+        return None
     q_sizes, kv_sizes = _plan_array(checked.q_block_sizes), _plan_array(checked.kv_block_sizes)
     if q_sizes is None or kv_sizes is None:
         return None

@@ -87,6 +87,19 @@ def make_launch(source: str, name: str, grid: tuple, block: tuple, tail: tuple =
     return Launch(kernel.kernel, grid, block, tuple(tail), shared_mem, name, packed, c_values)
 
 
+_WORKSPACE_ALIGN = 256  # bytes: where each piece of a shared workspace starts (CuPy's and torch's allocators align as much)
+
+
+def workspace_layout(sizes) -> tuple:
+    """(offsets, total bytes) of pieces of ``sizes`` bytes laid one after another in one workspace,
+    each starting on a 256-byte boundary."""
+    offsets, end = [], 0
+    for size in sizes:
+        offsets.append(end)
+        end += -(-size // _WORKSPACE_ALIGN) * _WORKSPACE_ALIGN
+    return tuple(offsets), end
+
+
 def _alloc(shape, dtype):
     """Every output buffer this module allocates (the tests swap in a poisoned one)."""
     import cupy

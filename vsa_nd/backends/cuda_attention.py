@@ -19,7 +19,7 @@ import numpy as np
 
 from .._xp import BFLOAT16
 from ..kernels import get_function
-from .cuda import _MAX_GRID_Y, Launch, _check_index_range, make_launch
+from .cuda import _MAX_GRID_Y, Launch, _check_index_range, make_launch, workspace_layout
 
 _CUDA_TYPES = {np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16"}
 _HEAD_DIMS = (64, 128)
@@ -703,7 +703,7 @@ def _fine_backward(q_shape, kv_shape, dtype, n_q, length, scale, row_terms_given
     smem = 6 * tile_bytes  # the cp.async passes: two resident tiles and two stages of two streamed ones
     stats = 2 * _BLOCK_M * 4  # lse and delta of one stage
 
-    def delta(first_bh: int, count: int):
+    def delta(count: int):  # bwd_delta over the rows of `count` (batch, head)s; the caller offsets the pointers
         return bwd_delta_launch(dtype, d, count * q_len, q_len, volume)
 
     def dkdv(count: int, bh_kv0: int = 0):
@@ -743,7 +743,7 @@ def _fine_backward(q_shape, kv_shape, dtype, n_q, length, scale, row_terms_given
                                 (q_len // _BLOCK_M, count * group), (128,),
                                 list_tail + (np.int32(_LIST_STAGE_LIMIT), np.int32(bh_kv0 * group), np.int32(list_room)),
                                 shared)
-            built.append(_Chunk(None if row_terms_given else (delta(bh_kv0 * group, count * group), bh_kv0 * group),
+            built.append(_Chunk(None if row_terms_given else (delta(count * group), bh_kv0 * group),
                                 dkdv(count, bh_kv0), _TmaLaunch(dq_ds, ("k",), (kv_rows,), d, dtype, device_id)))
         chunks = tuple(built)
         order_chunk = order_launch(lists.lists, chunk * n_kv) if DKDV_ORDER and lists.lists else None
@@ -752,12 +752,9 @@ def _fine_backward(q_shape, kv_shape, dtype, n_q, length, scale, row_terms_given
     own_log2 = dkdv_wgmma and not row_terms_given
     sizes = ((0 if row_terms_given else 4 * q_rows), (4 * q_rows if own_log2 else 0), 4 * lists.work_ints,
              4 * lists.entries, 4 * lists.entries if chunk else 0, 4 * lists.lists)
-    offsets, end = [], 0
-    for size in sizes:
-        offsets.append(end)
-        end += -(-size // 256) * 256
-    return FineBackward(device_id, dtype, d, q_len, n_q, None if row_terms_given else delta(0, b * h), own_log2, dq,
-                        dkdv(b * h_kv), lists, order_all, order_chunk, chunks, streams, block_elements, tuple(offsets),
+    offsets, end = workspace_layout(sizes)
+    return FineBackward(device_id, dtype, d, q_len, n_q, None if row_terms_given else delta(b * h), own_log2, dq,
+                        dkdv(b * h_kv), lists, order_all, order_chunk, chunks, streams, block_elements, offsets,
                         max(end, 256))
 
 

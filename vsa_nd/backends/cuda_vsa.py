@@ -30,7 +30,6 @@ from . import FORWARD_RESULTS as RESULTS  # noqa: F401 - the order of ForwardLau
 from . import cuda, cuda_attention, forward_result_specs
 
 _NULL = 0  # a null pointer (addresses are Python ints: see cuda.Launch)
-_ALIGN = 256  # bytes: where each result starts in a shared workspace (CuPy's and torch's allocators align as much)
 
 
 class ForwardLaunches(NamedTuple):
@@ -112,11 +111,8 @@ def result_layout(q_shape: tuple, kv_shape: tuple, dtype: np.dtype, num_q_blocks
     """(results, offsets, workspace_bytes) of :class:`ForwardLaunches` for a problem (see there);
     the same on any device."""
     results = tuple(forward_result_specs(q_shape, dtype, kv_shape, num_q_blocks, num_kv_blocks, topk))
-    offsets, end = [], 0
-    for shape, result_dtype in results[1:]:
-        offsets.append(end)
-        end += -(-math.prod(shape) * result_dtype.itemsize // _ALIGN) * _ALIGN
-    return results, tuple(offsets), end
+    offsets, end = cuda.workspace_layout(math.prod(shape) * result_dtype.itemsize for shape, result_dtype in results[1:])
+    return results, offsets, end
 
 
 def vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float, out=None, keep: bool = True):
@@ -125,14 +121,10 @@ def vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: 
     ``out``, the rest in a workspace freed on return."""
     launches = forward_launches(q.shape, k.shape, np.dtype(q.dtype), len(q_block_sizes), len(kv_block_sizes), topk,
                                 scale, q.data.device_id, cuda_attention.FORWARD_KERNEL)
-    buffers, addresses = launches.buffers(cuda._alloc, _address, keep, out)
+    buffers, addresses = launches.buffers(cuda._alloc, cuda_attention._address, keep, out)
     launches(q.data.ptr, k.data.ptr, v.data.ptr, 0 if gate is None else gate.data.ptr, q_block_sizes.data.ptr,
              kv_block_sizes.data.ptr, addresses)
     return buffers if keep else buffers[:1]
-
-
-def _address(array) -> int:
-    return array.data.ptr
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,12 +245,8 @@ def _backward_launches(q_shape, kv_shape, dtype, n_q, n_kv, topk, scale, gated, 
     f32 = 4
     sizes = (tiles * d * f32, b * h * q_len * f32, b * h * q_len * f32, tiles * n_kv * f32, tiles * d * f32,
              b * h_kv * n_kv * d * f32, b * h_kv * n_kv * d * f32, tiles * topk * 4, tiles * 4)
-    offsets, end = [], 0
-    for size in sizes:
-        offsets.append(end)
-        end += -(-size // _ALIGN) * _ALIGN
     return BackwardLaunches(coarse_grad, d_probs, softmax_grad, dq_tile, dk_tile, dv_tile, clean, fine, row_terms,
-                            tuple(offsets), end)
+                            *cuda.workspace_layout(sizes))
 
 
 def vsa_backward(dout, c, dq=None, dk=None, dv=None, dgate=None, clean: bool = True) -> tuple:
@@ -269,14 +257,14 @@ def vsa_backward(dout, c, dq=None, dk=None, dv=None, dgate=None, clean: bool = T
     q, k = c.q, c.k
     launches = backward_launches(q.shape, k.shape, q.dtype, len(c.q_block_sizes), len(c.kv_block_sizes),
                                  c.q2k_idx.shape[3], c.scale, c.gate is not None, q.data.device_id)
-    alloc = lambda shape, dtype: cuda._alloc(shape, dtype)  # noqa: E731 - (looked up per call: tests poison it)
+    alloc = cuda._alloc  # (looked up per call: tests poison it)
     dq = alloc(q.shape, q.dtype) if dq is None else dq
     dk = alloc(k.shape, k.dtype) if dk is None else dk
     dv = alloc(c.v.shape, c.v.dtype) if dv is None else dv
     if c.gate is not None and dgate is None:
         dgate = alloc(c.gate.shape, c.gate.dtype)
-    pointers = BackwardPointers(*(0 if x is None else x.data.ptr for x in (
+    pointers = BackwardPointers(*(cuda_attention._address(x) for x in (
         dout, q, k, c.v, c.gate, c.out, c.lse, c.q2k_idx, c.q2k_num, c.q_block_sizes, c.kv_block_sizes, c.q_mean,
         c.k_mean, c.v_mean, c.coarse_probs, c.coarse, dq, dk, dv, dgate)))
-    launches(pointers, clean, alloc, _address)
+    launches(pointers, clean, alloc, cuda_attention._address)
     return dq, dk, dv, dgate
