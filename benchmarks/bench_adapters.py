@@ -15,6 +15,10 @@ run by run), so that the machine's drift, a few percent on the GPU between runs,
 ``host us`` is the median wall time of the Python call itself; on CPU (float32, Numba backend,
 small shapes where the per-call cost shows) it is the only column.  Target (CUDA): the torch
 call within 3% (or 20 us) of the array call; the verdict is given for both ways of counting.
+On CUDA two more rows per shape time torch's autograd floor: a trivial Python autograd.Function
+of the same four inputs, and torch's own ``q * 2``, each against the same torch operations called
+directly (what the autograd engine costs any such node); a last row gives the forward + backward
+extra less the first floor.
 Also reports whether this CuPy takes DLPack's bfloat16 (kDLBfloat) directly.
 
     python benchmarks/bench_adapters.py [--device cuda|cpu] [--shapes small,mid,main] [--reps 50]
@@ -262,6 +266,9 @@ def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile
         ("VSA forward + backward", array_train_step, torch_train_step),
         ("tile", array_tile, lambda: vt.tile(x[0], plan)),
     ]
+    if cuda:
+        cases.append((FLOOR, *_autograd_floor(q, k, v, gate, graded, dout)))
+        cases.append((NATIVE_FLOOR, lambda: (q * 2, dout * 2), lambda: torch.autograd.grad(graded[0] * 2, graded[0], dout)))
     if profile:
         _profile(cases, label=name)
         return
@@ -273,13 +280,16 @@ def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile
         return
     tiles = "" if tile_shape is None else f" in {tile_shape} tiles"
     label = f"{name}: {seq_shape}{tiles}, {heads}h, D={head_dim}, top {topk}/{plan.num_blocks}"
+    extras = {}  # call -> (extra us, array ms) single and back to back
     for what, array_fn, torch_fn in cases:
         (a_gpu, a_host), (t_gpu, t_host) = _time((array_fn, torch_fn), reps, cuda)
         if not cuda:
             print(f"| {label} | {what} | {a_host:.1f} | {t_host:.1f} | {t_host - a_host:+.1f} "
                   f"({100 * (t_host / a_host - 1):+.1f}%) |", flush=True)
             continue
-        _cuda_row(label, what, array_fn, torch_fn, (a_gpu, a_host), (t_gpu, t_host), reps)
+        extras[what] = _cuda_row(label, what, array_fn, torch_fn, (a_gpu, a_host), (t_gpu, t_host), reps)
+    if cuda:
+        _net_of_floor(label, extras)
     if cuda and graphs:
         _graph_replay(label, torch_train_step, reps)
     if cuda and compiled:
@@ -297,6 +307,49 @@ def _cuda_row(label: str, what: str, array_fn, torch_fn, array_single, torch_sin
           f"| {_verdict(extra_us, a_gpu)} | {a_b2b:.3f} | {t_b2b:.3f} | {b2b_us:+.1f} "
           f"({100 * (t_b2b / a_b2b - 1):+.1f}%) | {_verdict(b2b_us, a_b2b)} | {a_host:.0f} / {t_host:.0f} |",
           flush=True)
+    return (extra_us, a_gpu), (b2b_us, a_b2b)
+
+
+FLOOR = "torch's autograd floor: a Python autograd.Function of q, k, v, gate (one torch op forward, four backward)"
+NATIVE_FLOOR = "torch's autograd floor for its own operations: q * 2 and its gradient"
+
+
+def _autograd_floor(q, k, v, gate, graded, dout):
+    """(direct, autograd) calls of the same five torch operations: ``q * 2``, then ``dout * 2``
+    four times, called directly or as the forward and backward of a Python
+    ``torch.autograd.Function`` of four inputs through ``torch.autograd.grad``, as the VSA
+    forward + backward row is.  Their difference is what torch's autograd engine costs any such
+    node (handing the backward to its device thread, waking the caller), whatever the node does:
+    the part of the forward + backward row's extra that no adapter can remove."""
+    import torch
+
+    class Scaled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, gate):
+            return q * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2, grad * 2, grad * 2, grad * 2
+
+    def direct():
+        q * 2
+        for _ in range(4):
+            dout * 2
+
+    def autograd():
+        torch.autograd.grad(Scaled.apply(*graded), graded, dout)
+
+    return direct, autograd
+
+
+def _net_of_floor(label: str, extras: dict):
+    """The forward + backward row's extra less the floor's (see :func:`_autograd_floor`)."""
+    (fb_single, fb_ms), (fb_b2b, fb_b2b_ms) = extras["VSA forward + backward"]
+    (floor_single, _), (floor_b2b, _) = extras[FLOOR]
+    single, b2b = fb_single - floor_single, fb_b2b - floor_b2b
+    print(f"| {label} | VSA forward + backward, torch extra less the floor's | | | {single:+.1f} "
+          f"| {_verdict(single, fb_ms)} | | | {b2b:+.1f} | {_verdict(b2b, fb_b2b_ms)} | |", flush=True)
 
 
 def _compiled_calls(label: str, cases, inputs, graded, dout, topk: int, sizes, reps: int):
