@@ -267,7 +267,7 @@ def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile
         ("tile", array_tile, lambda: vt.tile(x[0], plan)),
     ]
     if cuda:
-        cases.append((FLOOR, *_autograd_floor(q, k, v, gate, graded, dout)))
+        cases.append((FLOOR, *_autograd_floor(q, graded, dout)))
         cases.append((NATIVE_FLOOR, lambda: (q * 2, dout * 2), lambda: torch.autograd.grad(graded[0] * 2, graded[0], dout)))
     if profile:
         _profile(cases, label=name)
@@ -314,7 +314,7 @@ FLOOR = "torch's autograd floor: a Python autograd.Function of q, k, v, gate (on
 NATIVE_FLOOR = "torch's autograd floor for its own operations: q * 2 and its gradient"
 
 
-def _autograd_floor(q, k, v, gate, graded, dout):
+def _autograd_floor(q, graded, dout):
     """(direct, autograd) calls of the same five torch operations: ``q * 2``, then ``dout * 2``
     four times, called directly or as the forward and backward of a Python
     ``torch.autograd.Function`` of four inputs through ``torch.autograd.grad``, as the VSA
