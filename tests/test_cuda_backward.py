@@ -7,6 +7,7 @@ rounded output (see _run); pad slots of dq, dk, dv, dgate must be 0.
 """
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -530,6 +531,47 @@ def test_misaligned_coarse_is_refused_before_launch():
     with pytest.raises(ValueError, match="coarse: the CUDA attention kernels need arrays starting on a 16-byte"):
         cuda_attention.block_sparse_bwd(dout, q, k, v, ctx.out, ctx.lse, ctx.q2k_idx, ctx.q2k_num, ctx.q_block_sizes,
                                         ctx.kv_block_sizes, ctx.scale, shifted, None, None, None, None)
+
+
+def test_misaligned_result_buffers_are_refused_before_launch():
+    """Result buffers 2 bytes past a 16-byte boundary (views into larger arrays): the fine kernels
+    store pairs of elements, and every array they touch must start on a 16-byte boundary.  The
+    forward's ``out`` and the backward's dq, dk and dv are refused with their names before any
+    kernel runs: the NaN-poisoned buffers, and an aligned dgate buffer beside them, stay as they
+    were.  So is a context whose lse was moved off the boundary."""
+    import cupy
+
+    plan = vsa_nd.tile_plan((4, 8, 8))
+    rng = np.random.default_rng(14)
+    normal = lambda: cupy.asarray(rng.standard_normal((1, 2, plan.padded_len, 64)).astype(BFLOAT16))  # noqa: E731
+    q, k, v, gate, dout = (normal() for _ in range(5))
+    sizes = cupy.asarray(plan.variable_block_sizes)
+    shifted = lambda like: cupy.full(like.size + 1, np.nan, like.dtype)[1:].reshape(like.shape)  # noqa: E731
+    message = "{}: the CUDA attention kernels need arrays starting on a 16-byte boundary, got address 0x"
+
+    out = shifted(q)
+    assert out.data.ptr % 16 == 2
+    with pytest.raises(ValueError, match=re.escape(message.format("out")) + ".*pass a buffer that starts on one"):
+        vsa_nd.video_sparse_attn(q, k, v, 2, sizes, gate=gate, out=out)
+    assert bool(cupy.isnan(out).all())
+
+    _, ctx = vsa_nd.video_sparse_attn(q, k, v, 2, sizes, gate=gate, return_context=True)
+    for name, like in (("dq", q), ("dk", k), ("dv", v)):
+        buffers = dict(dq=None, dk=None, dv=None, dgate=cupy.full_like(gate, np.nan))
+        buffers[name] = shifted(like)
+        with pytest.raises(ValueError, match=re.escape(message.format(f"out.{name}"))):
+            vsa_nd.video_sparse_attn_backward(dout, ctx, out=vsa_nd.Gradients(**buffers))
+        cupy.cuda.get_current_stream().synchronize()
+        assert bool(cupy.isnan(buffers[name]).all()) and bool(cupy.isnan(buffers["dgate"]).all()), name
+
+    lse = cupy.empty(ctx.lse.size + 1, np.float32)[1:].reshape(ctx.lse.shape)
+    lse[...] = ctx.lse
+    dgate = cupy.full_like(gate, np.nan)
+    with pytest.raises(ValueError, match=re.escape(message.format("context.lse")) + r".*pass a copy"):
+        vsa_nd.video_sparse_attn_backward(dout, dataclasses.replace(ctx, lse=lse),
+                                          out=vsa_nd.Gradients(None, None, None, dgate))
+    cupy.cuda.get_current_stream().synchronize()
+    assert bool(cupy.isnan(dgate).all())
 
 
 @pytest.mark.parametrize("kernel", ["auto", "workspace"])

@@ -239,6 +239,10 @@ def test_build_metadata():
     meta_2d = vsa_nd.build_metadata([64, 48], [2, 2], 0.9, tile_shape=(4, 8))
     assert meta_2d.plan.seq_shape == (32, 24) and meta_2d.plan.tile_shape == (4, 8)
     assert meta_2d.topk == math.ceil(0.1 * 8 * 3)
+    # Sides that patches do not divide round down (the spec's latent // patch), as a patch
+    # embedding whose stride is its patch size does; a patch side may equal its latent side.
+    assert vsa_nd.build_metadata((21, 45, 81), (1, 2, 2), 0.875).plan.seq_shape == (21, 22, 40)
+    assert vsa_nd.build_metadata((3, 7), (3, 2), 0.5).plan.seq_shape == (1, 3)
 
 
 def test_plans_are_cached_and_read_only():

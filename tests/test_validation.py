@@ -292,8 +292,8 @@ CASES = [
     ("plan-side-bool", lambda p: vsa_nd.tile_plan((True, 4), (1, 2)), TypeError, ["seq_shape:", "ints", "(True, 4)"]),
     ("plan-device-int", lambda p: vsa_nd.tile_plan((8,), (4,), device=0), TypeError, ["device:", "str", "got 0"]),
     # --- build_metadata / topk_from_sparsity
-    ("meta-patch-not-dividing", lambda p: vsa_nd.build_metadata((16, 60, 104), (1, 7, 2), 0.9), ValueError,
-     ["patch_size:", "dividing latent_shape (16, 60, 104)", "(1, 7, 2)"]),
+    ("meta-patch-above-latent", lambda p: vsa_nd.build_metadata((16, 60, 104), (1, 2, 105), 0.9), ValueError,
+     ["patch_size:", "no larger than latent_shape (16, 60, 104)", "(1, 2, 105)"]),
     ("meta-patch-length", lambda p: vsa_nd.build_metadata((16, 60, 104), (2, 2), 0.9), ValueError,
      ["patch_size:", "3 sides", "(2, 2)"]),
     ("meta-latent-0-dims", lambda p: vsa_nd.build_metadata((), (), 0.9), ValueError, ["latent_shape:", "1 to 4", "got 0"]),
@@ -354,6 +354,7 @@ def test_backward_checks_its_context_and_dout():
         (dict(gate=None), ValueError, r"out: expected dgate None"),
         (dict(out=p.q[:, :2].copy()), ValueError, re.escape("context.out: expected shape [2, 4, 24, 16]")),
         (dict(scale=-1.0), ValueError, r"context.scale: expected a positive finite float, got -1.0"),
+        (dict(scale=None), TypeError, r"context.scale: expected a positive finite float, got None"),
         (dict(q=non_contiguous(context.q)), ValueError, r"context.q: expected a C-contiguous array"),
         (dict(v=context.v.astype(np.float64)), TypeError, r"context.v: expected dtype float32 to match context.q"),
     ]
@@ -361,6 +362,26 @@ def test_backward_checks_its_context_and_dout():
     for change, exc, pattern in broken:
         with pytest.raises(exc, match=pattern):
             vsa_nd.video_sparse_attn_backward(p.q, dataclasses.replace(context, **change), out=buffers)
+
+
+def test_scale_takes_any_real_number():
+    """A NumPy integer or float scale gives what the Python float of its value gives."""
+    p = Inputs()
+    want = fine(p, scale=2.0)
+    for scale in (2, np.int64(2), np.int32(2), np.float32(2.0), np.float64(2.0)):
+        np.testing.assert_array_equal(fine(p, scale=scale), want)
+    with pytest.raises(TypeError, match="scale: expected a positive finite float, got bool"):
+        fine(p, scale=np.True_)
+
+
+def test_a_device_plan_without_cupy_names_the_device(monkeypatch):
+    """Where CuPy is missing, a plan on a GPU is refused with the device named, not an ImportError
+    from inside."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy then raises ImportError
+    with pytest.raises(ValueError, match=r"device: 'cuda:7' needs CuPy, which is not installed here"):
+        vsa_nd.tile_plan((8, 8), (4, 4), device="cuda:7")
 
 
 def test_valid_edge_inputs_are_accepted_and_computed_right():

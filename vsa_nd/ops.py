@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -277,8 +278,8 @@ def select_topk_blocks(scores, topk: int):
 def _scale(scale, head_dim: int, name: str = "scale") -> float:
     if scale is None:
         return float(head_dim) ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)):
-        raise TypeError(f"{name}: expected a finite float, got {type(scale).__name__} {scale!r}")
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{name}: expected a positive finite float, got {type(scale).__name__} {scale!r}")
     if not np.isfinite(scale) or scale <= 0:  # the kernels fold the scale into the softmax's max, which needs it positive
         raise ValueError(f"{name}: expected a positive finite float, got {scale!r}")
     return float(scale)
@@ -302,21 +303,46 @@ def _check_qkv(q, k, v, gate, prefix: str = ""):
     before their names in messages (e.g. "context.")."""
     nq, nk, nv, ng = (prefix + name for name in ("q", "k", "v", "gate"))
     check.check_float(nq, q, 4)
-    b, h, s_q, d = q.shape
     check.check_float(nk, k, 4, like=q)
     check.check_float(nv, v, 4, like=q)
+    if gate is not None:
+        check.check_float(ng, gate, 4, like=q)
+    check_qkv_layout(q, k, v, gate, prefix)
+    for name, x in ((nq, q), (nk, k), (nv, v), (ng, gate)):
+        if x is not None:
+            check.check_contiguous(name, x)
+
+
+def check_qkv_layout(q, k, v, gate, prefix: str = ""):
+    """What the shapes and dtypes of 4-D q, k, v (and gate, unless None) must agree on: k's batch
+    and head dim, v shaped as k, query heads grouped over k's, gate shaped as q, one dtype.  Any
+    objects with ``shape`` and ``dtype`` (the JAX adapter checks traced arrays at trace time)."""
+    nq, nk, nv, ng = (prefix + name for name in ("q", "k", "v", "gate"))
+    b, h, s_q, d = q.shape
     for name, x in ((nk, k), (nv, v)):
         check.check_same_dtype(name, x, q, nq)
     check.check_shape(nk, k, (b, None, None, d))
     check.check_shape(nv, v, k.shape)
     _check_heads(h, k.shape[1], nk)
     if gate is not None:
-        check.check_float(ng, gate, 4, like=q)
         check.check_same_dtype(ng, gate, q, nq)
         check.check_shape(ng, gate, q.shape)
-    for name, x in ((nq, q), (nk, k), (nv, v), (ng, gate)):
-        if x is not None:
-            check.check_contiguous(name, x)
+
+
+def check_tiles(q, k, num_q_blocks: int, num_kv_blocks: int, q_blocks_name: str = "q_block_sizes",
+                kv_blocks_name: str = "kv_block_sizes") -> int:
+    """The tile volume V: the ``num_q_blocks`` tiles (counted by the argument ``q_blocks_name``)
+    divide q's axis 2 into V slots each, and k's axis 2 holds ``num_kv_blocks`` of them (counted by
+    ``kv_blocks_name``).  Any objects with ``shape``, as :func:`check_qkv_layout`."""
+    s_q = q.shape[2]
+    volume = _tile_volume("q", s_q, num_q_blocks, q_blocks_name)
+    if k.shape[2] != num_kv_blocks * volume:
+        raise ValueError(
+            f"k: expected {num_kv_blocks} tiles of {volume} slots ({num_kv_blocks * volume}) on axis 2 to match "
+            f"{kv_blocks_name} and the tile volume of q ({s_q} slots in the {num_q_blocks} tiles of {q_blocks_name}), "
+            f"got shape {list(k.shape)}"
+        )
+    return volume
 
 
 def _check_attention(q, k, v, kv_block_sizes, num_q_blocks: int, scale, gate=None, q_blocks_name="q_block_sizes",
@@ -327,21 +353,14 @@ def _check_attention(q, k, v, kv_block_sizes, num_q_blocks: int, scale, gate=Non
     argument that gave ``kv_block_sizes`` (q_block_sizes, when they default to those).
     """
     _check_qkv(q, k, v, gate)
-    s_q, d = q.shape[2:]
-    volume = _tile_volume("q", s_q, num_q_blocks, q_blocks_name)
+    num_kv_blocks = _num_blocks(kv_blocks_name, kv_block_sizes)
+    volume = check_tiles(q, k, num_q_blocks, num_kv_blocks, q_blocks_name, kv_blocks_name)
     if is_cupy_array(q):  # the kernels' own limits, checked before any launch
         from .backends.cuda_attention import check_kernel_support
 
         check_kernel_support(q, volume, k=k, v=v, gate=gate)
-    num_kv_blocks = _num_blocks(kv_blocks_name, kv_block_sizes)
-    if k.shape[2] != num_kv_blocks * volume:
-        raise ValueError(
-            f"k: expected {num_kv_blocks} tiles of {volume} slots ({num_kv_blocks * volume}) on axis 2 to match "
-            f"{kv_blocks_name} and the tile volume of q ({s_q} slots in the {num_q_blocks} tiles of {q_blocks_name}), "
-            f"got shape {list(k.shape)}"
-        )
     kv_block_sizes = check.check_block_sizes(kv_blocks_name, kv_block_sizes, q, num_kv_blocks, volume)
-    return _Problem(kv_block_sizes, num_q_blocks, num_kv_blocks, volume, _scale(scale, d))
+    return _Problem(kv_block_sizes, num_q_blocks, num_kv_blocks, volume, _scale(scale, q.shape[3]))
 
 
 def _index_lists_from_block_map(block_map):
@@ -491,6 +510,10 @@ def _video_sparse_attn(q, k, v, topk, q_block_sizes, kv_block_sizes, *, gate, sc
     topk = check.check_int_range("topk", topk, 1, problem.num_kv_blocks)
     if out is not None:
         out = _check_out(out, q, q.shape, q.dtype, others=(("q", q), ("k", k), ("v", v), ("gate", gate)))
+        if is_cupy_array(q):  # the fine kernel writes it in 4-byte pairs (and the checks ask 16 bytes, as of inputs)
+            from .backends.cuda_attention import check_aligned
+
+            check_aligned(("out",), out=out)
     kv_sizes = problem.kv_block_sizes
     if not is_cupy_array(q):
         results = _staged_forward(_backend(q), q, k, v, gate, q_block_sizes, kv_sizes, topk, problem.scale, out)
@@ -629,13 +652,19 @@ def _backward(dout, c: VSAContext, out, unchanged_context: bool) -> Gradients:
     if is_cupy_array(dout):  # the kernels' own limits, checked before any launch
         from .backends.cuda_attention import check_backward_lists, check_kernel_support
 
-        check_kernel_support(c.q, c.q.shape[2] // len(c.q_block_sizes), dout=dout)
+        # Every array the fine backward's kernels read or write, so that none is refused after the
+        # coarse stages have run (a dgate buffer that is not aligned takes narrow loads, below).
+        fine_arrays = {"dout": dout, "context.k": c.k, "context.v": c.v, "context.gate": c.gate, "context.out": c.out,
+                       "context.lse": c.lse, "context.coarse": c.coarse, "out.dq": buffers.dq, "out.dk": buffers.dk,
+                       "out.dv": buffers.dv}
+        check_kernel_support(c.q, c.q.shape[2] // len(c.q_block_sizes), ("out.dq", "out.dk", "out.dv"), "context.q",
+                             **fine_arrays)
         check_backward_lists(c.q2k_idx.shape)
         if _aligned(dout, c.q, c.k, c.v, c.gate, c.out, c.lse, c.q2k_idx, c.q2k_num, c.q_mean, c.k_mean, c.v_mean,
                     c.coarse_probs, c.coarse, *buffers):
             return Gradients(*backend.vsa_backward(dout, c, *buffers, clean=not unchanged_context))
-        # Else the stages one by one: a dgate buffer that is not aligned takes the coarse pass's
-        # narrow loads; other arrays that are not are refused by the fine backward.
+        # Else the stages one by one: the coarse pass takes narrow loads where its arrays (dgate, the
+        # tile means, the coarse probabilities) are not aligned.
 
     # Also the fine backward's per-row terms, where the backend can take them in the same pass.
     d_coarse, dgate, row_terms = backend.coarse_grad_inputs(dout, c.gate, c.coarse, c.q_block_sizes,
@@ -711,6 +740,8 @@ def _check_context(c) -> VSAContext:
     for name, shape in (("q_mean", (b, h, n_q, d)), ("k_mean", (b, h_kv, n_kv, d)), ("v_mean", (b, h_kv, n_kv, d)),
                         ("coarse_probs", (b, h, n_q, n_kv)), ("coarse", (b, h, n_q, d))):
         array(name, getattr(c, name), shape, small)
+    if c.scale is None:  # the forward's scale as it used it, never the default's None
+        raise TypeError("context.scale: expected a positive finite float, got None")
     _scale(c.scale, d, "context.scale")
     return c
 

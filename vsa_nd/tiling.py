@@ -128,8 +128,11 @@ def _array_module_for(device: str):
         return np
     index = device.removeprefix("cuda:")
     if index != device and index.isdigit() and index.isascii():
-        import cupy
-
+        try:
+            import cupy
+        except ImportError as error:
+            raise ValueError(f"device: {device!r} needs CuPy, which is not installed here (the extra vsa_nd[cuda12] "
+                             f"or vsa_nd[cuda13] installs it)") from error
         return cupy
     raise ValueError(f"device: expected 'cpu' or 'cuda:<id>', got {device!r}")
 
@@ -277,7 +280,8 @@ def build_metadata(
 ) -> VSAMetadata:
     """Plan and ``topk`` for a latent of ``latent_shape`` patchified by ``patch_size``.
 
-    ``seq_shape = latent_shape // patch_size`` per axis (each side must divide evenly);
+    ``seq_shape = latent_shape // patch_size`` per axis, rounded down as a patch embedding whose
+    stride is its patch size does (each patch side at most its latent side);
     ``topk = topk_from_sparsity(sparsity, N)`` for self-attention over the N tiles.
     """
     latent_shape = _positive_int_tuple("latent_shape", latent_shape)
@@ -286,8 +290,8 @@ def build_metadata(
         raise ValueError(
             f"patch_size: expected {len(latent_shape)} sides to match latent_shape {latent_shape}, got {patch_size}"
         )
-    if any(n % p for n, p in zip(latent_shape, patch_size)):
-        raise ValueError(f"patch_size: expected sides dividing latent_shape {latent_shape}, got {patch_size}")
+    if any(p > n for n, p in zip(latent_shape, patch_size)):
+        raise ValueError(f"patch_size: expected sides no larger than latent_shape {latent_shape}, got {patch_size}")
     seq_shape = tuple(n // p for n, p in zip(latent_shape, patch_size))
     plan = tile_plan(seq_shape, tile_shape, device=device)
     return VSAMetadata(plan=plan, topk=topk_from_sparsity(sparsity, plan.num_blocks), sparsity=float(sparsity))

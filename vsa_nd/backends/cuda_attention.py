@@ -164,29 +164,39 @@ def check_backward_lists(lists_shape: tuple):
     _check_index_range("q2k_idx", math.prod(lists_shape), "selection entries for the CUDA backward")
 
 
-def check_kernel_support(q, tile_volume: int, **others) -> str:
-    """The kernels' CUDA element type for q; TypeError/ValueError for what they cannot run.
-
-    ``others`` (name=array or None) are the other tensors of the call: like q, they must start
-    on a 16-byte boundary (the kernels move 16-byte pieces); arrays CuPy allocates always do,
-    only views that start at an offset may not.
-    """
-    for name, x in (("q", q), *others.items()):
+def check_aligned(results: tuple = (), **arrays) -> None:
+    """ValueError naming the first of ``arrays`` (name=CuPy array or None) that does not start on
+    a 16-byte boundary: the attention kernels move 16-byte pieces.  Arrays CuPy allocates always
+    start on one; only views that start at an offset may not.  ``results``: the names of result
+    buffers among them (the message's remedy differs)."""
+    for name, x in arrays.items():
         if x is not None and x.data.ptr % 16:
+            remedy = "pass a buffer that starts on one" if name in results else "pass a copy (cupy.array(x))"
             raise ValueError(
                 f"{name}: the CUDA attention kernels need arrays starting on a 16-byte boundary, got address "
-                f"{x.data.ptr:#x}; pass a copy (cupy.array(x))"
+                f"{x.data.ptr:#x}; {remedy}"
             )
+
+
+def check_kernel_support(q, tile_volume: int, results: tuple = (), q_name: str = "q", **others) -> str:
+    """The kernels' CUDA element type for q; TypeError/ValueError for what they cannot run.
+
+    ``others`` (name=array or None) are the other tensors of the call, inputs and result buffers
+    (``results`` names these): like q, they must start on a 16-byte boundary (:func:`check_aligned`).
+    ``q_name``: q's name in messages.
+    """
+    check_aligned(results, **{q_name: q}, **others)
     dtype = np.dtype(q.dtype)
     if dtype not in _CUDA_TYPES:
-        raise TypeError(f"q: the CUDA attention kernels take float16 or bfloat16, got {dtype}")
+        raise TypeError(f"{q_name}: the CUDA attention kernels take float16 or bfloat16, got {dtype}")
     if q.shape[0] * q.shape[1] > _MAX_GRID_Y:  # the (batch, head) pairs are the launches' grid y
-        raise ValueError(f"q: the CUDA attention kernels take at most {_MAX_GRID_Y} (batch, head) pairs, got "
+        raise ValueError(f"{q_name}: the CUDA attention kernels take at most {_MAX_GRID_Y} (batch, head) pairs, got "
                          f"{q.shape[0]} x {q.shape[1]}; split the batch")
     if q.shape[-1] not in _HEAD_DIMS:
-        raise ValueError(f"q: the CUDA attention kernels take head dim 64 or 128, got {q.shape[-1]}")
+        raise ValueError(f"{q_name}: the CUDA attention kernels take head dim 64 or 128, got {q.shape[-1]}")
     if tile_volume % _CHUNK:
-        raise ValueError(f"q: the CUDA attention kernels take tile volumes that are multiples of {_CHUNK}, got {tile_volume}")
+        raise ValueError(f"{q_name}: the CUDA attention kernels take tile volumes that are multiples of {_CHUNK}, "
+                         f"got {tile_volume}")
     return _CUDA_TYPES[dtype]
 
 
@@ -270,7 +280,7 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
     """See :mod:`vsa_nd.backends`: (out [B, H, Sq_pad, D] q.dtype, lse [B, H, Sq_pad] float32)."""
     b, h, q_len, d = q.shape
     tile_volume = q_len // q2k_idx.shape[2]
-    check_kernel_support(q, tile_volume, k=k, v=v, gate=gate)
+    check_kernel_support(q, tile_volume, ("out",), k=k, v=v, gate=gate, out=out)
     with q.device:
         out = _alloc(q.shape, q.dtype) if out is None else out
         lse = _alloc((b, h, q_len), np.float32)
@@ -787,7 +797,8 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     with q.device:
         dq_tile, dk_tile, dv_tile, coarse = (_float32(x) for x in (dq_tile, dk_tile, dv_tile, coarse))
         # coarse too: bwd_delta reads it 16 bytes at a time.
-        check_kernel_support(q, tile_volume, k=k, v=v, dout=dout, out=out, gate=gate, coarse=coarse)
+        check_kernel_support(q, tile_volume, ("dq", "dk", "dv"), k=k, v=v, dout=dout, out=out, gate=gate, coarse=coarse,
+                             lse=lse, dq=dq, dk=dk, dv=dv)
         plan = fine_backward(q.shape, k.shape, q.dtype, q_block_sizes.shape[0], q2k_idx.shape[3], scale,
                              row_terms is not None, q.data.device_id, backward_knobs())
         dq = _alloc(q.shape, q.dtype) if dq is None else dq
