@@ -30,9 +30,10 @@ Where it runs:
   copied.  Costs of that route: the handler is Python, run on XLA's dispatching thread
   (0.4-0.5 ms of host time per call besides vsa_nd's own, which a GPU-bound program hides
   when calls are queued back to back); vsa_nd's intermediates come from CuPy's memory pool,
-  beside XLA's preallocated share; vsa_nd's value errors surface as JAX's runtime error
-  carrying vsa_nd's message (so does a dtype the GPU refuses, e.g. float32 attention: at
-  trace time a GPU process cannot tell where XLA will place the program); under ``vmap``
+  beside XLA's preallocated share; errors that shapes and dtypes decide are raised while
+  tracing, but vsa_nd's value errors surface as JAX's runtime error carrying vsa_nd's
+  message (so does a dtype the GPU refuses, e.g. float32 attention: at trace time a GPU
+  process cannot tell where XLA will place the program); under ``vmap``
   XLA loops over the batch and calls vsa_nd once per element (correct, but no faster than a
   Python loop of jitted calls: fold a batch into B where you can); sharded (multi-device)
   inputs are not supported.
@@ -57,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import vsa_nd
+from vsa_nd import ops
 from vsa_nd import validation as check
 from vsa_nd._xp import BFLOAT16, device_key
 
@@ -447,9 +449,13 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     differentiable (``jax.custom_vjp``) with respect to q, k, v and gate.
     """
     q, k, v, gate = _check_attention_arrays(q, k, v, gate)
+    kv_name = "q_block_sizes" if kv_block_sizes is None else "kv_block_sizes"
     q_block_sizes = _block_sizes("q_block_sizes", q_block_sizes)
     kv_block_sizes = q_block_sizes if kv_block_sizes is None else _block_sizes("kv_block_sizes", kv_block_sizes)
-    # Checked here, not only by vsa_nd: under jit, topk is a static shape of the traced results.
+    # What shapes and dtypes decide is checked here too, so that under jit it fails at trace time
+    # rather than as JAX's runtime error when the program runs; and topk is a static shape there.
+    ops.check_qkv_layout(q, k, v, gate)
+    ops.check_tiles(q, k, _num_blocks(q_block_sizes), _num_blocks(kv_block_sizes), kv_blocks_name=kv_name)
     topk = check.check_int_range("topk", topk, 1, _num_blocks(kv_block_sizes))
     return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, _common.resolve_scale(scale, q.shape[-1]))
 
@@ -488,10 +494,16 @@ def block_sparse_attn(q, k, v, kv_block_sizes, q2k_idx, q2k_num=None, *, scale=N
     q, k, v, _ = _check_attention_arrays(q, k, v)
     q2k_idx = _int_array("q2k_idx", q2k_idx, 4)
     q2k_num = None if q2k_num is None else _int_array("q2k_num", q2k_num, 3)
+    # What shapes and dtypes decide, at trace time under jit (as in video_sparse_attn).
+    ops.check_qkv_layout(q, k, v, None)
+    check.check_shape("q2k_idx", q2k_idx, (*q.shape[:2], None, None))
+    if q2k_num is not None:
+        check.check_shape("q2k_num", q2k_num, q2k_idx.shape[:3])
     lse_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     specs = (_spec(q.shape, q.dtype), _spec(q.shape[:3], lse_dtype))
     sizes, scale = _block_sizes("kv_block_sizes", kv_block_sizes), _common.resolve_scale(scale, q.shape[-1])
     q_sizes = None if q_block_sizes is None else _block_sizes("q_block_sizes", q_block_sizes)
+    ops.check_tiles(q, k, q2k_idx.shape[2], _num_blocks(sizes), "q2k_idx (axis 2)")
     run = lambda q, k, v, idx, num: _call(_block_sparse_arrays, specs, q, k, v, sizes, idx, num, q_sizes,  # noqa: E731
                                           scale=scale)
     out, lse = _forward_only(run, q, k, v, q2k_idx, q2k_num)

@@ -340,6 +340,8 @@ def _viewed(name: str, x):
     the call's work on torch's stream is the caller's (as for any DLPack consumer)."""
     if x is None or isinstance(x, Tensor) or not hasattr(x, "__dlpack__"):
         return x
+    if isinstance(x, np.ndarray) and x.dtype == BFLOAT16:  # DLPack has no ml_dtypes bfloat16: its bits, as torch's
+        return _as_tensor(x)
     try:
         return torch.from_dlpack(x)
     except (BufferError, RuntimeError, TypeError, ValueError) as error:
@@ -404,7 +406,15 @@ def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:
 
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Grad mode on and a tensor requiring grad: inside a functorch transform (``vmap``), the
+    tensor a wrapper wraps, since the wrapper itself says False."""
+    return torch.is_grad_enabled() and any(t is not None and _requires_grad(t) for t in tensors)
+
+
+def _requires_grad(t: Tensor) -> bool:
+    while not t.requires_grad and torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t.requires_grad
 
 
 def _plain_eager(*tensors) -> bool:
@@ -1104,12 +1114,15 @@ class VideoSparseAttention(torch.nn.Module):
         Aliasing contract: with ``metadata.reuse_tile_buffer`` the result *is*
         ``metadata.tile_buffer`` and is valid only until the next :meth:`tile` /
         :meth:`preprocess_qkv` call with the same metadata, which overwrites it; consume or
-        copy it before then.  It is not differentiable.  Without the flag the result is a
-        new, differentiable tensor.
+        copy it before then.  It is not differentiable: an ``x`` that needs a gradient is
+        refused.  Without the flag the result is a new, differentiable tensor.
         """
         if not metadata.reuse_tile_buffer:
             return tile(x, metadata.plan)
         x = _check_tensor("x", _viewed("x", x), _TILE_DTYPES)
+        if _needs_grad(x):
+            raise ValueError("x: tiling into the metadata's reused buffer (reuse_tile_buffer=True) is not "
+                             "differentiable; build the metadata without reuse_tile_buffer when x needs a gradient")
         b, _, h, d = x.shape
         shape = (b, h, metadata.plan.padded_len, d)
         buffer = metadata.tile_buffer

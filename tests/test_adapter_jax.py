@@ -7,6 +7,7 @@ backward float32 1e-4, float64 1e-9, float16/bfloat16 3e-2.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -239,6 +240,31 @@ def test_jitted_calls_are_one_xla_call_each_and_report_vsa_nd_errors():
         layer(q, bad)
     with pytest.raises(ValueError, match=r"kv_block_sizes: expected every block size"):
         vj.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, bad)
+
+
+def test_what_shapes_and_dtypes_decide_fails_at_trace_time():
+    """Under jit, disagreeing dtypes, shapes, head groups and tile counts raise vsa_nd's
+    TypeError/ValueError while tracing (``lower``), not JAX's runtime error when the program runs."""
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, g = tiled_inputs(plan, np.float32)
+    sizes = plan.variable_block_sizes
+    idx = jnp.zeros((*q.shape[:2], plan.num_blocks, 2), jnp.int32)
+    fwd = lambda *a, **kw: jax.jit(lambda q, k, v: vj.video_sparse_attn(q, k, v, 3, *a, **kw)).lower  # noqa: E731
+    fine = lambda *a: jax.jit(lambda q, k, v, idx: vj.block_sparse_attn(q, k, v, *a, idx)).lower  # noqa: E731
+    cases = [
+        (fwd(sizes), (q, k.astype(jnp.float16), v), TypeError, "k: expected dtype float32 to match q, got float16"),
+        (fwd(sizes), (q, k, v[..., :8]), ValueError, re.escape("v: expected shape [2, 2, 256, 16], got [2, 2, 256, 8]")),
+        (fwd(sizes), (q, k[:, :1].repeat(3, 1), v[:, :1].repeat(3, 1)), ValueError,
+         "k: expected a head count dividing the 4 query heads, got 3"),
+        (fwd(sizes, gate=g[..., :8]), (q, k, v), ValueError, re.escape("gate: expected shape [2, 4, 256, 16]")),
+        (fwd(sizes[:3]), (q, k, v), ValueError, "q_block_sizes: expected a tile count that divides the 256 slots"),
+        (fwd(sizes, sizes[:4]), (q, k, v), ValueError, "k: expected 4 tiles of 32 slots"),
+        (fine(sizes), (q, k, v, idx[:, :1]), ValueError, re.escape("q2k_idx: expected shape [2, 4, *, *]")),
+        (fine(sizes), (q, k, v, idx[:, :, :3]), ValueError, re.escape("q2k_idx (axis 2): expected a tile count")),
+    ]
+    for lower, args, error, message in cases:
+        with pytest.raises(error, match=message):
+            lower(*args)
 
 
 def test_traced_dtype_checks_where_the_platform_is_not_known_yet(monkeypatch):

@@ -479,6 +479,12 @@ def test_other_frameworks_arrays_are_viewed_through_dlpack():
     assert torch.equal(layer(*(t.numpy() for t in untiled), meta), layer(*untiled, meta))
     reuse = vt.build_metadata(SEQ, (1, 1, 1), 0.6, TILE, reuse_tile_buffer=True)
     assert torch.equal(layer.tile(untiled[0].numpy(), reuse), vt.tile(untiled[0], reuse.plan))
+    # NumPy's bfloat16 (ml_dtypes), which DLPack cannot name, by its bits
+    halves = [t.to(torch.bfloat16) for t in (q, k, v, g)]
+    arrays = [t.view(torch.int16).numpy().view(vsa_nd._xp.BFLOAT16) for t in halves]
+    assert vt._viewed("q", arrays[0]).data_ptr() == arrays[0].ctypes.data
+    assert torch.equal(vt.video_sparse_attn(*arrays[:3], 3, sizes, gate=arrays[3]),
+                       vt.video_sparse_attn(*halves[:3], 3, sizes, gate=halves[3]))
     jnp = pytest.importorskip("jax.numpy")
     assert torch.equal(vt.video_sparse_attn(jnp.asarray(q.numpy()), k, v, 3, sizes, gate=g), expected)
 
@@ -625,6 +631,13 @@ def test_tile_buffer_aliasing_contract():
     double = layer.tile(a.double(), meta)  # the same shape in a new dtype reallocates too
     assert single.dtype == torch.float32 and double is not single
     assert double is meta.tile_buffer and double.dtype == torch.float64 and torch.equal(double, vt.tile(a.double(), meta.plan))
+    # The buffer is written in place: an x that needs a gradient is refused, naming the flag, buffer untouched
+    kept = meta.tile_buffer.clone()
+    with pytest.raises(ValueError, match=r"x: tiling into the metadata's reused buffer \(reuse_tile_buffer=True\) is not"):
+        layer.tile(b.double().requires_grad_(), meta)
+    assert torch.equal(meta.tile_buffer, kept)
+    with torch.no_grad():
+        assert layer.tile(b.double().requires_grad_(), meta) is meta.tile_buffer
 
 
 def test_only_a_whole_plan_array_is_trusted():
@@ -839,6 +852,31 @@ def test_vmap_gives_a_loop_of_calls():
     qs = torch.stack([q, 0.5 * q + 1, -q])
     layer = lambda q: vt.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, gate=g)  # noqa: E731
     assert torch.equal(torch.vmap(layer)(qs), torch.stack([layer(x) for x in qs]))
+
+
+def test_vmap_differentiates_with_autograd():
+    """Inside vmap a batched tensor says it needs no gradient whatever it wraps: the call must see
+    through it, or its output would come from the op without autograd (an error at backward).
+    The gradients are those of the loop of calls; block_sparse_attn refuses as outside vmap."""
+    plan = vt.tile_plan(SEQ, TILE)
+    (q, k, v, g), _ = attention(plan, torch.float32)
+    sizes = plan.variable_block_sizes
+    qs = torch.stack([q, 0.5 * q + 1, -q])
+    weights = torch.randn(qs.shape[0], *q.shape, generator=torch.Generator().manual_seed(5))
+    for k_grad in (False, True):  # (k needing one, outside vmap, would hide the batched q's)
+        grads = []
+        for batched in (True, False):
+            a, b = qs.clone().requires_grad_(), k.clone().requires_grad_(k_grad)
+            layer = lambda x: vt.video_sparse_attn(x, b, v, 3, sizes, gate=g)  # noqa: E731
+            out = torch.vmap(layer)(a) if batched else torch.stack([layer(x) for x in a])
+            (out * weights).sum().backward()
+            grads.append((a.grad, b.grad))
+        for got, want in zip(*grads):
+            assert (got is None) == (want is None) and (got is None or torch.allclose(got, want, rtol=1e-5, atol=1e-6))
+        assert grads[0][0] is not None and (grads[0][1] is not None) == k_grad
+    idx = torch.zeros(*q.shape[:2], plan.num_blocks, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="q, k, v: block_sparse_attn has no backward"):
+        torch.vmap(lambda x: vt.block_sparse_attn(x, k, v, sizes, idx))(qs.clone().requires_grad_())
 
 
 def test_topk_may_be_every_key_tile():
