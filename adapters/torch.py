@@ -408,13 +408,19 @@ def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:
 def _needs_grad(*tensors) -> bool:
     """Grad mode on and a tensor requiring grad: inside a functorch transform (``vmap``), the
     tensor a wrapper wraps, since the wrapper itself says False."""
-    return torch.is_grad_enabled() and any(t is not None and _requires_grad(t) for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    if any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return torch._C._are_functorch_transforms_active() and any(_wraps_grad(t) for t in tensors if t is not None)
 
 
-def _requires_grad(t: Tensor) -> bool:
-    while not t.requires_grad and torch._C._functorch.is_functorch_wrapped_tensor(t):
+def _wraps_grad(t: Tensor) -> bool:
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
         t = torch._C._functorch.get_unwrapped(t)
-    return t.requires_grad
+        if t.requires_grad:
+            return True
+    return False
 
 
 def _plain_eager(*tensors) -> bool:
