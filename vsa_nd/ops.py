@@ -660,8 +660,8 @@ def _backward(dout, c: VSAContext, out, unchanged_context: bool) -> Gradients:
         check_kernel_support(c.q, c.q.shape[2] // len(c.q_block_sizes), ("out.dq", "out.dk", "out.dv"), "context.q",
                              **fine_arrays)
         check_backward_lists(c.q2k_idx.shape)
-        if _aligned(dout, c.q, c.k, c.v, c.gate, c.out, c.lse, c.q2k_idx, c.q2k_num, c.q_mean, c.k_mean, c.v_mean,
-                    c.coarse_probs, c.coarse, *buffers):
+        # The prepared launches load 16 bytes at a time from the rest too (the above are aligned).
+        if _aligned(c.q2k_idx, c.q2k_num, c.q_mean, c.k_mean, c.v_mean, c.coarse_probs, buffers.dgate):
             return Gradients(*backend.vsa_backward(dout, c, *buffers, clean=not unchanged_context))
         # Else the stages one by one: the coarse pass takes narrow loads where its arrays (dgate, the
         # tile means, the coarse probabilities) are not aligned.
