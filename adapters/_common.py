@@ -91,10 +91,11 @@ def vsa_forward(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: 
     return (out,) + tuple(getattr(context, name) for name in CONTEXT_FIELDS)
 
 
-def vsa_inference(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float):
-    """:func:`vsa_nd.video_sparse_attn`'s output alone, for calls that will not be differentiated."""
+def vsa_inference(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float, results=None):
+    """:func:`vsa_nd.video_sparse_attn`'s output alone, for calls that will not be differentiated
+    (``results``: None, or a buffer for it, first)."""
     return vsa_nd.video_sparse_attn(q, k, v, topk, trusted(q_block_sizes), _kv_sizes(q_block_sizes, kv_block_sizes),
-                                    gate=gate, scale=scale)
+                                    gate=gate, scale=scale, out=results[0] if results else None)
 
 
 def _kv_sizes(q_block_sizes, kv_block_sizes):

@@ -34,7 +34,11 @@ protocol's stream hand-off: results cross as raw capsules (CuPy's ``__dlpack__(s
 into ``torch.utils.dlpack.from_dlpack``).  The memory vsa_nd
 allocates (outputs and intermediates) comes from torch's caching allocator (raw allocations on
 the current stream), so torch accounts for all memory and, under CUDA-graph capture,
-intermediates come from the graph's private pool.  Every CUDA function can be captured in a CUDA graph, the VSA forward and backward
+intermediates come from the graph's private pool.  The large results (the VSA output, the
+gradients, tile's and untile's results) are tensors torch allocated and vsa_nd wrote, so
+``Tensor.record_stream`` works on them as on any torch result; it does nothing on the rest,
+views of raw allocations: :func:`block_sparse_attn`'s output and lse, and the autograd context's
+small tensors.  Every CUDA function can be captured in a CUDA graph, the VSA forward and backward
 included (warm them up eagerly first: kernels compile and plans build on first use), given
 block sizes from a plan and, for :func:`block_sparse_attn`, ``check_indices=False``: value
 checks need the host, and under capture they raise a ValueError saying so.  CuPy
@@ -76,7 +80,10 @@ torch's modes, the plan tensors' version counters) and runs vsa_nd's prepared la
 addresses, on torch's current stream, into tensors from torch's allocator: no CuPy view,
 context or conversion.  With grad, its autograd node saves the context's small tensors as one
 workspace, and its backward runs the prepared backward launches the same way (unless the
-backward is itself differentiated, or runs under a mode).  Outputs, the autograd context and
+backward is itself differentiated, or runs under a mode).  Since that node saves fewer tensors,
+a call with grad under saved-tensor hooks (activation checkpointing, which recomputes the
+forward and wants the same tensors saved again; offloading) takes the checked path, whose node
+saves what the custom op's does.  Outputs, the autograd context and
 gradients are those of the checked path, bit for bit; any other call takes the checked path,
 with its messages.  On small problems this is most of a call's host time (``BENCHMARKS.md``).
 """
@@ -151,8 +158,9 @@ def _as_array(t: Tensor):
     hand-off, so the caller orders the two libraries' streams (inside :func:`_running_on` they
     are the same stream).  The cached views do not keep their tensors alive, so no view may
     outlive the call it was made for: no array this module turns into a tensor is an input's view
-    (vsa_nd's results are fresh arrays, except tile/untile with ``out=``, which return ``out``
-    itself: ``_tile_arrays`` drops that result).  A GPU test checks every adapter call for it.
+    (vsa_nd's results are fresh arrays, except those written into buffers: tile/untile with
+    ``out=``, which return ``out`` itself and ``_tile_arrays`` drops, and ``_run``'s ``into``,
+    returned as the tensors they view).  A GPU test checks every adapter call for it.
     """
     if t.is_cuda:
         if t.is_contiguous():
@@ -452,26 +460,41 @@ def _mode_active() -> bool:
 # functions.  The custom ops below are these functions; a plain eager call runs them directly.
 
 
-def _run(fn, *tensors, **static):
+def _run(fn, *tensors, into: tuple = (), **static):
     """``fn`` on the arrays of ``tensors`` (:func:`_array_of`; the first one is not None and gives
-    the device), its array results (an array, a tuple with None allowed, or None) as tensors."""
+    the device), its array results (an array, a tuple with None allowed, or None) as tensors.
+
+    ``into``: tensors (None allowed) for ``fn``'s leading results, handed to it as ``results=``
+    (their arrays) and returned in their place.  On CUDA the large results come from torch's
+    allocator this way (:func:`_results_on`): a tensor viewing memory vsa_nd allocated, even
+    from torch's caching allocator, is not the allocator's, and its ``record_stream`` does nothing."""
     first = tensors[0]
     if first.is_cuda:  # _running_on's contexts, entered directly: this is every CUDA call's critical path
         index = first.get_device()
         cuda = _cupy_parts()[0].cuda
         with cuda.Device(index), _cupy_stream(index), cuda.using_allocator(_torch_allocator(index)):
-            return _call(fn, tensors, static)
-    return _call(fn, tensors, static)
+            return _call(fn, tensors, static, into)
+    return _call(fn, tensors, static, into)
 
 
-def _call(fn, tensors, static):
+def _call(fn, tensors, static, into: tuple = ()):
     """:func:`_run` once the device is set up."""
+    if into:
+        static = dict(static, results=tuple(_array_of(t) for t in into))
     results = fn(*(_array_of(t) for t in tensors), **static)
     if results is None:
         return None
     if isinstance(results, tuple):
-        return tuple(None if r is None else _as_tensor(r) for r in results)
-    return _as_tensor(results)
+        return tuple(into) + tuple(None if r is None else _as_tensor(r) for r in results[len(into):])
+    return into[0] if into else _as_tensor(results)
+
+
+def _results_on(device: torch.device, *likes) -> tuple:
+    """New tensors shaped as ``likes`` (None: None) for a call's large results on CUDA (see
+    :func:`_run`); () elsewhere, where vsa_nd allocates them."""
+    if device.type != "cuda":
+        return ()
+    return tuple(None if t is None else _empty(t.shape, t.dtype, device) for t in likes)
 
 
 _FORWARD_RESULTS = tuple[(Tensor,) * (1 + len(_common.CONTEXT_FIELDS))]
@@ -480,20 +503,24 @@ _FORWARD_RESULTS = tuple[(Tensor,) * (1 + len(_common.CONTEXT_FIELDS))]
 def _vsa_forward(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], q_block_sizes: Tensor,
                  kv_block_sizes: Tensor, topk: int, scale: float) -> _FORWARD_RESULTS:
     """(out, *CONTEXT_FIELDS): the output and what the backward pass needs."""
-    return _run(_common.vsa_forward, q, k, v, gate, q_block_sizes, kv_block_sizes, topk=topk, scale=scale)
+    return _run(_common.vsa_forward, q, k, v, gate, q_block_sizes, kv_block_sizes, topk=topk, scale=scale,
+                into=_results_on(q.device, q))
 
 
 def _vsa_inference(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], q_block_sizes: Tensor,
                    kv_block_sizes: Tensor, topk: int, scale: float) -> Tensor:
     """The output alone: no context to build, convert and free when nothing will be differentiated."""
-    return _run(_common.vsa_inference, q, k, v, gate, q_block_sizes, kv_block_sizes, topk=topk, scale=scale)
+    return _run(_common.vsa_inference, q, k, v, gate, q_block_sizes, kv_block_sizes, topk=topk, scale=scale,
+                into=_results_on(q.device, q))
 
 
 def _vsa_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], q_block_sizes: Tensor,
                   kv_block_sizes: Tensor, scale: float, out: Tensor, context: list[Tensor]) -> list[Tensor]:
     """[dq, dk, dv] and dgate when there is a gate."""
+    if dout.is_cuda and dout.data_ptr() % 16:  # the kernels load 16 bytes at a time; autograd's dout may
+        dout = dout.clone()  # be a view starting anywhere (torch.cat's backward narrows its gradient)
     grads = _run(_common.vsa_backward, dout, q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context,
-                 scale=scale)
+                 scale=scale, into=_results_on(q.device, q, k, v, gate))
     return [g for g in grads if g is not None]
 
 
@@ -545,7 +572,13 @@ def _reordered(kind: str, arrays_fn, x: Tensor, seq_shape: tuple, tile_shape: tu
         _cuda_backend()[0].reorder(kind, x.data_ptr(), checked.index.data.ptr, out.data_ptr(), x.shape, x.element_size(),
                                    checked.other_len, _cupy_stream(index))
         return out
-    out = _run(arrays_fn, x, seq_shape=seq_shape, tile_shape=tile_shape)
+    if x.dim() == 4:  # the result from torch's allocator (see _run); vsa_nd refuses other x by name
+        b, a, c, d = x.shape
+        shape = (b, c, _common.padded_len(seq_shape, tile_shape), d) if kind == "tile" else (b, math.prod(seq_shape), a, d)
+        out = _empty(shape, x.dtype, x.device)
+        _run(arrays_fn, x, out, seq_shape=seq_shape, tile_shape=tile_shape)
+    else:
+        out = _run(arrays_fn, x, seq_shape=seq_shape, tile_shape=tile_shape)
     if len(_CHECKED_REORDERS) >= _CHECKED_REORDERS_MAX:
         _CHECKED_REORDERS.clear()
     plan = _array_plan(seq_shape, tile_shape, _device_key(x.device))
@@ -571,8 +604,9 @@ def _tile_arrays(x, out=None, *, seq_shape, tile_shape):
     return None if out is not None else result  # the caller already holds the buffer
 
 
-def _untile_arrays(y, *, seq_shape, tile_shape):
-    return vsa_nd.untile(y, _array_plan(seq_shape, tile_shape, device_key(y)))
+def _untile_arrays(y, out=None, *, seq_shape, tile_shape):
+    result = vsa_nd.untile(y, _array_plan(seq_shape, tile_shape, device_key(y)), out=out)
+    return None if out is not None else result  # the caller already holds the buffer
 
 
 # ---------------------------------------------------------------------------------------
@@ -816,6 +850,8 @@ def _prepared_forward(signature: tuple, q, k, v, gate):
     _, cuda_attention, cuda_vsa = _cuda_backend()
     launches = cuda_vsa.forward_launches(*checked.problem, cuda_attention.FORWARD_KERNEL)
     needs_grad = signature[-1]
+    if needs_grad and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return None  # saved-tensor hooks see what a node saves: the checked path's node (module docstring)
     device = q.device
     # A workspace holds every result but out: without grad it is kept until the launches are
     # queued (then freed in the stream's order); with grad it is the context, saved for the backward.

@@ -1012,7 +1012,7 @@ def test_cuda_results_never_alias_the_cached_input_views(monkeypatch):
         out = call(lambda: vt.video_sparse_attn(q, k, v, 2, sizes, gate=g))
         dout = torch.ones_like(out)
         call(lambda: out.backward(dout))
-    assert len(converted) >= 20
+    assert len(converted) >= 18  # (the large results are written into torch's tensors: those are not converted)
 
 
 _OUT_OF_MEMORY_SCRIPT = """

@@ -306,6 +306,107 @@ def test_torch_fast_path_matches_the_checked_path(needs_grad, poisoned_torch, pr
     assert [b is not None for b in backwards] == ([True, True] if needs_grad else [])
 
 
+def _torch_problem(seed: int):
+    """A bf16 GQA problem with a gate, tiled by a CUDA plan: (block sizes, q, k, v, gate), each
+    needing a gradient, and a dout."""
+    torch = pytest.importorskip("torch")
+    import vsa_nd.adapters.torch as vt
+
+    plan = vt.tile_plan((4, 6, 8), (4, 4, 4), device="cuda")
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    x = [torch.randn(1, plan.seq_len, h, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+         for h in (4, 2, 2, 4)]
+    q, k, v, g = (vt.tile(t, plan).requires_grad_() for t in x)
+    dout = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=generator)
+    return plan.variable_block_sizes, q, k, v, g, dout
+
+
+def test_torch_checkpointing_saves_the_same_tensors_when_it_recomputes(prepared_calls):
+    """Non-reentrant activation checkpointing runs the forward under saved-tensor hooks, runs it
+    again in the backward and wants the same tensors saved both times; the prepared path's node
+    saves fewer than the checked path's.  So under such hooks every call takes the checked path:
+    a signature first seen under checkpointing, and one seen before.  Gradients equal those of the
+    calls without checkpointing, bit for bit; without it the same signature takes the prepared path."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.checkpoint import checkpoint
+
+    import vsa_nd.adapters.torch as vt
+
+    sizes, q, k, v, g, dout = _torch_problem(seed=21)
+    layer = lambda q, k, v, g: vt.video_sparse_attn(q, k, v, 3, sizes, gate=g)  # noqa: E731
+    grads = []
+    for checkpointed in (True, True, False, False):
+        out = checkpoint(layer, q, k, v, g, use_reentrant=False) if checkpointed else layer(q, k, v, g)
+        grads.append(torch.autograd.grad(out, (q, k, v, g), dout))
+    assert prepared_calls == [False] * 4 + [True, True]  # two checkpointed calls, each run twice; then two plain ones
+    for got in grads[:2] + grads[3:]:
+        for a, b in zip(got, grads[2]):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_torch_backward_takes_an_incoming_gradient_at_any_address(prepared_calls):
+    """torch.cat's backward hands each input a narrowed view of the gradient, which may start at
+    any element: the kernels load 16 bytes at a time, so the adapter copies such a dout rather
+    than have vsa_nd refuse it.  Checked and prepared nodes alike; gradients equal those of an
+    aligned dout, bit for bit."""
+    torch = pytest.importorskip("torch")
+
+    import vsa_nd.adapters.torch as vt
+
+    sizes, q, k, v, g, dout = _torch_problem(seed=22)
+    for _ in range(2):  # checked, then prepared
+        out = vt.video_sparse_attn(q, k, v, 3, sizes, gate=g)
+        flat = torch.cat([torch.zeros(3, device="cuda", dtype=out.dtype), out.reshape(-1)])
+        got = torch.autograd.grad(flat, (q, k, v, g), torch.cat([flat.new_zeros(3), dout.reshape(-1)]))
+        want = torch.autograd.grad(vt.video_sparse_attn(q, k, v, 3, sizes, gate=g), (q, k, v, g), dout)
+        for a, b in zip(got, want):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    assert prepared_calls == [False, True, True, True]
+
+
+def _kept_for_a_side_stream(torch, make) -> bool:
+    """Whether the tensor ``make()`` returns stays intact for a side stream that reads it late,
+    after the caller dropped it with ``record_stream`` (what torch's caching allocator honours
+    for its own blocks): a block handed back at once is the next allocation's, overwritten here."""
+    result = make()
+    want = result.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s
+        seen = result.clone()
+    result.record_stream(side)
+    del result
+    torch.full_like(want, 7)  # on the current stream, while the side stream still sleeps
+    torch.cuda.synchronize()
+    return torch.equal(seen.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_torch_results_honour_record_stream(prepared_calls, monkeypatch):
+    """The checked path's results (first calls) come from torch's allocator like the prepared
+    path's, not as views of memory vsa_nd allocated (torch ignores record_stream on those): the
+    forward's output, the gradients, tile's and untile's results."""
+    torch = pytest.importorskip("torch")
+
+    import vsa_nd.adapters.torch as vt
+
+    monkeypatch.setattr(vt, "_CHECKED_REORDERS", {})
+    sizes, q, k, v, g, dout = _torch_problem(seed=23)
+    plan = vt.tile_plan((4, 6, 8), (4, 4, 4), device="cuda")
+    x = torch.randn(1, plan.seq_len, 3, 64, device="cuda", dtype=torch.float16)  # tile and untile shapes of their own
+    y = torch.randn(1, 3, plan.padded_len, 64, device="cuda", dtype=torch.float16)
+    for _ in range(2):  # checked, then prepared
+        with torch.no_grad():
+            assert _kept_for_a_side_stream(torch, lambda: vt.video_sparse_attn(q, k, v, 3, sizes, gate=g))
+        out = vt.video_sparse_attn(q, k, v, 3, sizes, gate=g)
+        assert _kept_for_a_side_stream(torch, lambda: torch.autograd.grad(out, k, dout)[0])
+        assert _kept_for_a_side_stream(torch, lambda: vt.tile(x, plan))
+        assert _kept_for_a_side_stream(torch, lambda: vt.untile(y, plan))
+    assert prepared_calls == [False, False, True, True]  # (no grad and grad: two signatures)
+    checked = {key[:3] for key in vt._CHECKED_REORDERS}
+    assert ("tile", x.shape, x.dtype) in checked and ("untile", y.shape, y.dtype) in checked
+
+
 def test_torch_fast_path_leaves_calls_under_a_dispatch_mode_to_the_custom_op(monkeypatch):
     """After a plain call has been checked, the same call under a torch dispatch mode goes to
     vsa_nd's custom op, which the mode sees, not to the prepared launches."""

@@ -477,17 +477,18 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     included; :func:`untile` drops them.
 
     On CuPy, a call like one already checked (the same array types, shapes and dtypes, topk,
-    scale, return_context, and a plan's own block-size arrays, without ``out``) only has its
-    arrays' memory checked (device, contiguity, alignment) before its five prepared launches
+    scale, return_context, and a plan's own block-size arrays) only has its arrays' memory
+    checked (device, contiguity, alignment; and ``out``'s type, shape, dtype and overlap with the
+    inputs, when given) before its five prepared launches
     (:mod:`vsa_nd.backends.cuda_vsa`); other calls are checked in full.
     """
     signature = None
-    if out is None and is_cupy_array(q):  # a call like one checked before: the cheap checks only
+    if is_cupy_array(q):  # a call like one checked before: the cheap checks only
         signature = _forward_signature(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale, return_context)
-        checked = _checked_before(signature, q, k, v, gate)
+        checked = _checked_before(signature, q, k, v, gate, out)
         if checked is not None:
             results = _backend_module(True).vsa_forward(q, k, v, gate, q_block_sizes, checked.kv_block_sizes, topk,
-                                                        checked.scale, keep=return_context)
+                                                        checked.scale, out=out, keep=return_context)
             return _vsa_results(q, k, v, gate, q_block_sizes, checked.kv_block_sizes, checked.scale, results,
                                 return_context)
     return _video_sparse_attn(q, k, v, topk, q_block_sizes, kv_block_sizes, gate=gate, scale=scale,
@@ -593,9 +594,11 @@ def _remember_checked(signature: tuple, q_block_sizes, kv_block_sizes, problem: 
                                                        q_block_sizes.data.device_id)
 
 
-def _checked_before(signature, q, k, v, gate):
+def _checked_before(signature, q, k, v, gate, out=None):
     """The :class:`_CheckedForward` of a CuPy call of ``signature`` (:func:`_forward_signature`)
-    like one checked before, whose arrays' memory passes the checks that depend on it; else None."""
+    like one checked before, whose arrays' memory passes the checks that depend on it; else None.
+    ``out`` (None allowed): a result buffer, which must also be of q's type, shape and dtype and
+    share no memory with the inputs."""
     checked = None if signature is None else _CHECKED_FORWARDS.get(signature)
     if checked is None:
         return None
@@ -604,6 +607,16 @@ def _checked_before(signature, q, k, v, gate):
         memory = x.data
         if memory.device_id != device or memory.ptr % 16 or not x.flags.c_contiguous:
             return None
+    if out is not None:
+        if type(out) is not type(q) or out.shape != q.shape or out.dtype != q.dtype:
+            return None
+        memory = out.data
+        if memory.device_id != device or memory.ptr % 16 or not out.flags.c_contiguous:
+            return None
+        start, end = memory.ptr, memory.ptr + out.nbytes  # (every array here is C-contiguous: exact ranges)
+        for x in (q, k, v, gate):
+            if x is not None and x.data.ptr < end and start < x.data.ptr + x.nbytes:
+                return None
     return checked if _backend_module(True).current_device() == device else None
 
 
