@@ -133,3 +133,34 @@ def test_jax_adapter_on_either_device():
         results.append([np.asarray(x) for x in (out, *grads)])
     for a, b in zip(*results):
         assert np.array_equal(bits(a), bits(b))
+
+
+_CUDA1_ONLY = """
+import torch
+import vsa_nd.adapters.torch as vt
+
+plan = vt.tile_plan((8, 8, 8), (4, 4, 4), device="cuda:1")
+gen = torch.Generator(device="cuda:1").manual_seed(0)
+q, k, v = (torch.randn(1, 2, plan.padded_len, 64, device="cuda:1", dtype=torch.bfloat16, generator=gen, requires_grad=True)
+           for _ in range(3))
+out = vt.video_sparse_attn(q, k, v, 2, plan.variable_block_sizes)
+out.backward(torch.ones_like(out))
+torch.cuda.synchronize(1)
+print(torch.cuda.memory_stats(0).get("allocation.all.allocated", 0), torch.cuda.memory_stats(1)["allocation.all.allocated"])
+"""
+
+
+def test_torch_adapter_books_memory_on_the_tensors_device_in_a_fresh_process():
+    """A process that only ever uses cuda:1: torch sets devices lazily, so its current device may
+    stay 0 while the CUDA runtime's is 1, and torch's raw allocations go to the pool of torch's
+    current device.  vsa_nd's intermediates must still be booked on cuda:1, none on cuda:0
+    (where a later cuda:0 tensor could be given a block of cuda:1's memory)."""
+    import subprocess
+    import sys
+
+    two_devices()
+    pytest.importorskip("torch")
+    run = subprocess.run([sys.executable, "-c", _CUDA1_ONLY], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    on_0, on_1 = map(int, run.stdout.split()[-2:])
+    assert on_0 == 0 and on_1 > 0, run.stdout
