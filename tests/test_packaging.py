@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import vsa_nd
 from vsa_nd import cli, kernels, reference
@@ -96,6 +97,26 @@ def test_demo_exits_non_zero_when_the_error_exceeds_the_tolerance(monkeypatch, c
     printed = capsys.readouterr().out
     assert 5e-4 < float(re.search(r"max relative error\s+(\S+)", printed).group(1)) < 2e-3
     assert "FAIL" in printed
+
+
+@pytest.mark.parametrize("seq", ["", "8,,16", "8,16,"])
+def test_demo_refuses_empty_sides(seq, capsys):
+    """An empty --seq, or an empty side in it, is an error, not the default or a problem of fewer dimensions."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--backend", "cpu", "--seq", seq])
+    assert exit_info.value.code == 2
+    assert f"argument --seq: expected comma-separated ints like 8,16,16, got {seq!r}" in capsys.readouterr().err
+
+
+def test_demo_reports_a_problem_too_large_for_memory(monkeypatch, capsys):
+    """Out of memory: one line and exit status 2, not a traceback."""
+    def too_large(*args, **kwargs):
+        raise MemoryError("Unable to allocate 1.00 TiB")
+
+    monkeypatch.setattr(vsa_nd, "video_sparse_attn", too_large)
+    assert cli.main(DEMO_ARGS) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "vsa-nd demo: not enough memory for this problem; try smaller sizes (Unable to allocate 1.00 TiB)")
 
 
 def test_console_script_is_installed():

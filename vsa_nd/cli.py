@@ -81,8 +81,10 @@ class Progress:
 
 
 def _ints(text: str) -> tuple:
+    """Sides such as "8,16,16" or "8x16x16"; an empty side is refused rather than dropped (a typo
+    such as "8,,16" would otherwise run a problem of fewer dimensions)."""
     try:
-        return tuple(int(part) for part in text.replace("x", ",").split(",") if part)
+        return tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints like 8,16,16, got {text!r}") from None
 
@@ -342,4 +344,8 @@ def demo(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    return demo(args)
+    try:
+        return demo(args)
+    except MemoryError as error:  # (CuPy's OutOfMemoryError too) a problem too large for this machine
+        print(f"vsa-nd demo: not enough memory for this problem; try smaller sizes ({error})", file=sys.stderr)
+        return 2
