@@ -280,6 +280,8 @@ def test_exp2_of_the_online_softmax(dtype, bound):
     assert np.max(np.abs(apply(x) - exact) / exact) <= bound
     special = apply(np.array([-np.inf, -126.5, -1000.0, np.nan, 0.0], dtype))
     assert special[:3].tolist() == [0.0, 0.0, 0.0] and np.isnan(special[3]) and special[4] == 1.0
+    # Above 0 (a probability's exponent that rounding pushed up) it saturates at 1.
+    assert apply(np.array([1e-7, 0.5, 127.6, 130.0, 300.0, np.inf], dtype)).tolist() == [1.0] * 6
 
 
 # ---------------------------------------------------------------------------------------
@@ -555,6 +557,23 @@ def test_scores_far_below_zero_still_give_a_softmax(dtype, magnitude):
     assert np.isfinite(out).all() and np.isfinite(lse).all()
     np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(lse, expect_lse, rtol=1e-6)
+
+
+def test_backward_with_a_huge_lse_stays_bounded():
+    """The backward rebuilds P = 2**(s - lse) from the float32 lse, whose rounding grows with
+    |lse|: near |lse| = 3e9 an exponent comes out above 0, even above 128, where the kernels'
+    2**x gave garbage (-1.8e13 at 300).  P saturates at 1, so every gradient stays finite and dv
+    within its bound: sum over the query rows of |dout|, once for the fine stage and once for the
+    coarse one.  (The gradients are not accurate there: fp32 cannot resolve such an lse.)"""
+    rng = np.random.default_rng(5)
+    plan = vsa_nd.tile_plan((32,), (8,))
+    q, k = ((3e4 * rng.standard_normal((1, 1, 32, 4))).astype(np.float32) for _ in range(2))
+    v, dout = (rng.standard_normal((1, 1, 32, 4)).astype(np.float32) for _ in range(2))
+    out, ctx = vsa_nd.video_sparse_attn(q, k, v, 2, plan.variable_block_sizes, return_context=True)
+    assert np.abs(ctx.lse).max() > 1e9 and np.isfinite(out).all()
+    grads = vsa_nd.video_sparse_attn_backward(dout, ctx)
+    assert all(np.isfinite(g).all() for g in grads[:3])
+    assert (np.abs(grads.dv) <= 2 * np.abs(dout).sum(axis=2, keepdims=True) * (1 + 1e-5)).all()
 
 
 def test_coarse_attn_returns_the_scores_and_the_coarse_output():

@@ -91,7 +91,11 @@ def _pow2_int(typingctx, n):
 
 
 def _exp2(x):
-    """2**x for x <= 0: 0 below -126 (so exp2(-inf) = 0), NaN for NaN."""
+    """2**x for x <= 0: 0 below -126 (so exp2(-inf) = 0), NaN for NaN, and 1 above 0.
+
+    Every caller's argument is a probability's exponent, at most 0 but for rounding.  In the
+    backward that rounding grows with |lse| (lse is fp32, as the spec fixes it): at |lse| of 1e9
+    an exponent may exceed 128, where the polynomial below would give garbage, so it saturates."""
     raise NotImplementedError  # only called from Numba kernels, see the overload below
 
 
@@ -110,7 +114,7 @@ def _exp2_impl(x):
 
         def exp2_f32(x):
             under = x < low  # False for NaN, which stays NaN
-            x = low if under else x
+            x = low if under else (zero if x > zero else x)
             n = np.floor(x + half)
             f = x - n
             p = (c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))) * _pow2_int(n)
@@ -121,7 +125,7 @@ def _exp2_impl(x):
 
     def exp2_f64(x):
         under = x < low
-        x = low if under else x
+        x = low if under else (zero if x > zero else x)
         n = np.floor(x + half)
         f = x - n
         p = c7 + f * (c8 + f * (c9 + f * (c10 + f * (c11 + f * (c12 + f * c13)))))
