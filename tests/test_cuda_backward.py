@@ -574,6 +574,45 @@ def test_misaligned_result_buffers_are_refused_before_launch():
     assert bool(cupy.isnan(dgate).all())
 
 
+def test_result_buffers_overlapping_an_input_through_another_allocation_are_refused():
+    """Views of one buffer that reached CuPy as separate allocations (``UnownedMemory``, as the
+    torch adapter's views and DLPack imports do): CuPy's may_share_memory compares allocations
+    and calls them disjoint, so the checks compare byte ranges.  An out overlapping q in part or
+    exactly, a tile buffer overlapping x, and a dq buffer overlapping dout are refused, on the
+    checked and on the fast path, and nothing is written."""
+    import cupy
+
+    plan = vsa_nd.tile_plan((4, 8, 8))
+    sizes = plan.variable_block_sizes
+    shape = (1, 2, plan.padded_len, 64)
+    n = int(np.prod(shape))
+    rng = np.random.default_rng(15)
+    base = cupy.asarray(rng.standard_normal(2 * n).astype(BFLOAT16))
+
+    def view(start: int, shape=shape):  # a view of base from element start, as an allocation of its own
+        memory = cupy.cuda.UnownedMemory(base.data.ptr + 2 * start, 2 * int(np.prod(shape)), base)
+        return cupy.ndarray(shape, BFLOAT16, cupy.cuda.MemoryPointer(memory, 0))
+
+    q = view(0)
+    k, v = (cupy.asarray(rng.standard_normal(shape).astype(BFLOAT16)) for _ in range(2))
+    assert not cupy.may_share_memory(q, view(n // 2))  # what CuPy's own test says
+    before = base.copy()
+    vsa_nd.video_sparse_attn(q.copy(), k, v, 2, sizes)  # checked: later calls of the signature try the fast path
+    for start in (n // 2, 0, 8):  # in part, exactly, a few elements on
+        for _ in range(2):
+            with pytest.raises(ValueError, match="out: expected a buffer of its own, got one that shares memory with q"):
+                vsa_nd.video_sparse_attn(q, k, v, 2, sizes, out=view(start))
+    x = view(0, (1, plan.seq_len, 2, 64))
+    with pytest.raises(ValueError, match="out: expected a buffer of its own, got one that shares memory with x"):
+        vsa_nd.tile(x, plan, out=view(n // 4))
+    _, ctx = vsa_nd.video_sparse_attn(q.copy(), k, v, 2, sizes, return_context=True)
+    dout = view(0)
+    with pytest.raises(ValueError, match="out.dq: expected a buffer of its own, got one that shares memory with dout"):
+        vsa_nd.video_sparse_attn_backward(dout, ctx, out=vsa_nd.Gradients(view(n // 2), None, None, None))
+    cupy.cuda.get_current_stream().synchronize()
+    assert cupy.array_equal(base.view(np.uint16), before.view(np.uint16))
+
+
 @pytest.mark.parametrize("kernel", ["auto", "workspace"])
 def test_result_buffers_are_filled(kernel, monkeypatch):
     """``out=`` of the forward and backward on CuPy (NaN-poisoned buffers, GQA, gate, partial

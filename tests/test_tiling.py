@@ -259,6 +259,37 @@ def test_plans_are_cached_and_read_only():
             array[0] = 1
 
 
+def test_threads_asking_for_a_new_plan_at_once_get_the_same_trusted_one():
+    """The calls trust a cached plan's block sizes by identity: two threads that ask for the same
+    new plan at once must get the one cached plan, not one each (the loser's sizes would then be
+    checked in every call, with a host synchronisation on CUDA, and refused under graph capture)."""
+    import sys
+    import threading
+
+    from vsa_nd.tiling import trusted_tile_volume
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, inside the plan's build too
+    try:
+        for n in range(40):
+            seq = (3, 5 + n, 7)
+            barrier, plans = threading.Barrier(2), []
+
+            def ask():
+                barrier.wait()
+                plans.append(vsa_nd.tile_plan(seq, (2, 4, 4)))
+
+            threads = [threading.Thread(target=ask) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert plans[0] is plans[1], seq
+            assert trusted_tile_volume(plans[0].variable_block_sizes) == 32
+    finally:
+        sys.setswitchinterval(interval)
+
+
 @pytest.mark.parametrize("seq_shape, tile_shape", [((100,), (64,)), ((9, 17), (8, 8)), ((5, 6, 7), (4, 4, 4))])
 def test_default_tile_shapes_are_the_documented_ones(seq_shape, tile_shape):
     assert vsa_nd.tile_plan(seq_shape).tile_shape == tile_shape

@@ -76,11 +76,34 @@ def _check_out(out, like, shape: tuple, dtype, name: str = "out", others: tuple 
     check.check_contiguous(name, out, "pass a C-contiguous buffer (a copy would leave yours unfilled)")
     if not getattr(out.flags, "writeable", True):  # (CuPy arrays are always writeable)
         raise ValueError(f"{name}: expected a writeable buffer, got a read-only array")
-    xp = array_module(out)
     for other_name, other in others:
-        if other is not None and xp.may_share_memory(out, other):
+        if other is not None and _may_overlap(out, other):
             raise ValueError(f"{name}: expected a buffer of its own, got one that shares memory with {other_name}")
     return out
+
+
+def _may_overlap(a, b) -> bool:
+    """Whether the memory spans of arrays ``a`` and ``b`` (of one kind) intersect.  NumPy's
+    ``may_share_memory`` compares spans; CuPy's compares allocations first, and so misses views
+    of one buffer that reached CuPy as separate allocations (DLPack, ``UnownedMemory``: the
+    torch adapter's views), so on CuPy the spans are compared here."""
+    if not is_cupy_array(a):
+        return np.may_share_memory(a, b)
+    if a.size == 0 or b.size == 0:
+        return False
+    (low_a, high_a), (low_b, high_b) = _span(a), _span(b)
+    return low_a < high_b and low_b < high_a
+
+
+def _span(x) -> tuple:
+    """[first, last + 1) byte addresses of a non-empty CuPy array."""
+    low = high = x.data.ptr
+    for n, stride in zip(x.shape, x.strides):
+        if stride > 0:
+            high += (n - 1) * stride
+        else:
+            low += (n - 1) * stride
+    return low, high + x.itemsize
 
 
 def _check_movable(name: str, x):
@@ -613,10 +636,8 @@ def _checked_before(signature, q, k, v, gate, out=None):
         memory = out.data
         if memory.device_id != device or memory.ptr % 16 or not out.flags.c_contiguous:
             return None
-        start, end = memory.ptr, memory.ptr + out.nbytes  # (every array here is C-contiguous: exact ranges)
-        for x in (q, k, v, gate):
-            if x is not None and x.data.ptr < end and start < x.data.ptr + x.nbytes:
-                return None
+        if any(x is not None and _may_overlap(out, x) for x in (q, k, v, gate)):
+            return None
     return checked if _backend_module(True).current_device() == device else None
 
 

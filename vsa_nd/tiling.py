@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,30 +150,34 @@ def tile_plan(seq_shape, tile_shape=None, *, device: str = "cpu") -> TilePlan:
     plan = _PLANS.get(key)
     if plan is None:
         xp = _array_module_for(device)
-        if xp is np:
-            plan = _build_plan(np, seq_shape, tile_shape, device)
-        else:
-            with xp.cuda.Device(int(device.split(":")[1])):
-                plan = _build_plan(xp, seq_shape, tile_shape, device)
-        _PLANS[key] = plan
+        with _PLANS_LOCK:  # one plan per key, also when threads ask at once: only its arrays are trusted
+            plan = _PLANS.get(key)
+            if plan is None:
+                if xp is np:
+                    plan = _build_plan(np, seq_shape, tile_shape, device)
+                else:
+                    with xp.cuda.Device(int(device.split(":")[1])):
+                        plan = _build_plan(xp, seq_shape, tile_shape, device)
+                _TRUSTED[id(plan.variable_block_sizes)] = plan
+                _PLANS[key] = plan
     return plan
 
 
 _PLANS: dict = {}  # (seq_shape, tile_shape, device) -> TilePlan; a handful per model
+_TRUSTED: dict = {}  # id(plan.variable_block_sizes) -> plan (cached plans live as long as the process)
+_PLANS_LOCK = threading.Lock()
 
 
 def trusted_index_arrays():
     """The block-size arrays of every cached plan: built here, so their values need no check."""
-    return [plan.variable_block_sizes for plan in _PLANS.values()]
+    return [plan.variable_block_sizes for plan in list(_TRUSTED.values())]
 
 
 def trusted_tile_volume(block_sizes):
     """The tile volume of the cached plan whose ``variable_block_sizes`` is ``block_sizes`` (the
     same object), else None: its values are known to lie in ``[1, tile volume]``."""
-    for plan in _PLANS.values():
-        if plan.variable_block_sizes is block_sizes:
-            return plan.tile_volume
-    return None
+    plan = _TRUSTED.get(id(block_sizes))
+    return plan.tile_volume if plan is not None and plan.variable_block_sizes is block_sizes else None
 
 
 def block_sizes_per_axis(xp, seq_shape: tuple, tile_shape: tuple) -> list:
