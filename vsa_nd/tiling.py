@@ -132,8 +132,8 @@ def _array_module_for(device: str):
         try:
             import cupy
         except ImportError as error:
-            raise ValueError(f"device: {device!r} needs CuPy, which is not installed here (the extra vsa_nd[cuda12] "
-                             f"or vsa_nd[cuda13] installs it)") from error
+            raise ValueError(f"device: {device!r} needs CuPy, which could not be imported here ({error}; the extra "
+                             f"vsa_nd[cuda12] or vsa_nd[cuda13] installs it)") from error
         return cupy
     raise ValueError(f"device: expected 'cpu' or 'cuda:<id>', got {device!r}")
 
