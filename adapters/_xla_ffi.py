@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes as C
+import functools
 import math
 import os
 import sys
@@ -316,7 +317,13 @@ def _refuse_metadata(frame: _CallFrame, exception: BaseException) -> None:
 
 def _handle(frame_pointer: int, on_gpu: bool):
     """The handler: None (success) or an XLA error.  Nothing may escape a ctypes callback (its
-    return value would then be garbage that XLA takes for an error pointer)."""
+    return value would then be garbage that XLA takes for an error pointer, or a success whose
+    results were never written).
+
+    The ctypes callbacks are C-level partial objects of this function, so that Python code runs
+    only from its first line on, inside the ``try``.  Python may still run a pending signal's
+    handler on entering the function itself (Ctrl-C while XLA runs the program on the main
+    thread): such a KeyboardInterrupt escapes, which pure Python cannot prevent."""
     try:
         frame = _CallFrame.from_address(frame_pointer)
         if frame.extension_start and frame.extension_start.contents.type == _EXTENSION_METADATA:
@@ -327,23 +334,46 @@ def _handle(frame_pointer: int, on_gpu: bool):
         try:
             return _handle_or_raise(frame, on_gpu)
         except BaseException as e:  # noqa: BLE001 - every error must reach XLA, not ctypes
-            limit = sys.getrecursionlimit()  # room to report a RecursionError met deep in the caller's stack
-            sys.setrecursionlimit(limit + 200)
-            try:
-                return _error(frame.api.contents, e)
-            finally:
-                sys.setrecursionlimit(limit)
-    except BaseException:  # noqa: BLE001 - not even an error could be made: stop rather than report success
+            return _error_with_room(frame.api.contents, e)
+    except BaseException as e:  # noqa: BLE001 - e.g. Ctrl-C while reporting: report that instead
         try:
-            traceback.print_exc()
-        finally:
-            os.abort()
+            return _error(_CallFrame.from_address(frame_pointer).api.contents, e)
+        except BaseException:  # noqa: BLE001 - not even an error could be made: stop rather than report success
+            try:
+                traceback.print_exc()
+            finally:
+                os.abort()
+
+
+# Recursion room for reporting errors: the limit is the interpreter's, and XLA may run several
+# handlers at once on its threads.  The first reporter raises it, the last one out restores it
+# (unless the caller changed it meanwhile); an unlocked save-raise-restore left it raised by
+# 200 for good whenever two reports interleaved.
+_ROOM_LOCK = threading.Lock()
+_ROOM = {"reporters": 0, "limit": 0}
+
+
+def _error_with_room(api: _Api, exception: BaseException):
+    """:func:`_error` with 200 frames more of recursion limit: room to report a RecursionError
+    met deep in the caller's stack."""
+    with _ROOM_LOCK:
+        if _ROOM["reporters"] == 0:
+            _ROOM["limit"] = sys.getrecursionlimit()
+            sys.setrecursionlimit(_ROOM["limit"] + 200)
+        _ROOM["reporters"] += 1
+    try:
+        return _error(api, exception)
+    finally:
+        with _ROOM_LOCK:
+            _ROOM["reporters"] -= 1
+            if _ROOM["reporters"] == 0 and sys.getrecursionlimit() == _ROOM["limit"] + 200:
+                sys.setrecursionlimit(_ROOM["limit"])
 
 
 _HANDLER_TYPE = C.CFUNCTYPE(C.c_void_p, C.c_void_p)
 _HANDLERS = _STATE.__dict__.setdefault("handlers", {  # (the first module's, kept by _STATE: see there)
-    "cpu": _HANDLER_TYPE(lambda frame: _handle(frame, False)),
-    "gpu": _HANDLER_TYPE(lambda frame: _handle(frame, True)),
+    "cpu": _HANDLER_TYPE(functools.partial(_handle, on_gpu=False)),  # (no lambda: see _handle)
+    "gpu": _HANDLER_TYPE(functools.partial(_handle, on_gpu=True)),
 })
 _XLA_PLATFORMS = {"cpu": "cpu", "gpu": "CUDA"}
 _TARGET = "vsa_nd"

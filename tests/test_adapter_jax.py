@@ -267,6 +267,42 @@ def test_what_shapes_and_dtypes_decide_fails_at_trace_time():
             lower(*args)
 
 
+def test_failing_calls_from_threads_leave_the_recursion_limit_as_they_found_it():
+    """A failing XLA call raises the interpreter's recursion limit while it reports its error
+    (room for a RecursionError's report); XLA runs calls from several threads at once, and the
+    limit must come back to where it was (an unlocked save-raise-restore left it 200 higher for
+    good each time two reports interleaved)."""
+    import sys
+    import threading
+
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, _ = tiled_inputs(plan, np.float32)
+    bad = jnp.full(plan.num_blocks, plan.tile_volume + 1, jnp.int32)
+    layer = jax.jit(lambda q, sizes: vj.video_sparse_attn(q, k, v, 3, sizes))
+    with pytest.raises(Exception, match="q_block_sizes: expected every block size"):
+        layer(q, bad).block_until_ready()  # compiled
+    limit, interval, missing = sys.getrecursionlimit(), sys.getswitchinterval(), []
+
+    def fail():
+        for _ in range(150):
+            try:
+                layer(q, bad).block_until_ready()
+            except Exception:  # noqa: BLE001 - JAX's runtime error, expected
+                continue
+            missing.append("a call with bad block sizes did not fail")
+
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can
+    try:
+        threads = [threading.Thread(target=fail) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not missing and sys.getrecursionlimit() == limit
+
+
 def test_traced_dtype_checks_where_the_platform_is_not_known_yet(monkeypatch):
     """In a process with a GPU, a traced array's platform is known only once XLA places the
     program: a dtype that some platform takes passes the trace (float32 on CPU runs; on a GPU
