@@ -573,9 +573,7 @@ def _reordered(kind: str, arrays_fn, x: Tensor, seq_shape: tuple, tile_shape: tu
                                    checked.other_len, _cupy_stream(index))
         return out
     if x.dim() == 4:  # the result from torch's allocator (see _run); vsa_nd refuses other x by name
-        b, a, c, d = x.shape
-        shape = (b, c, _common.padded_len(seq_shape, tile_shape), d) if kind == "tile" else (b, math.prod(seq_shape), a, d)
-        out = _empty(shape, x.dtype, x.device)
+        out = _empty(_reordered_shape(kind, x.shape, seq_shape, tile_shape), x.dtype, x.device)
         _run(arrays_fn, x, out, seq_shape=seq_shape, tile_shape=tile_shape)
     else:
         out = _run(arrays_fn, x, seq_shape=seq_shape, tile_shape=tile_shape)
@@ -602,6 +600,15 @@ def _array_plan(seq_shape: tuple, tile_shape: tuple, device: str) -> vsa_nd.Tile
 def _tile_arrays(x, out=None, *, seq_shape, tile_shape):
     result = vsa_nd.tile(x, _array_plan(seq_shape, tile_shape, device_key(x)), out=out)
     return None if out is not None else result  # the caller already holds the buffer
+
+
+def _reordered_shape(kind: str, shape, seq_shape, tile_shape) -> tuple:
+    """The shape of tile's or untile's result for an input of ``shape``."""
+    if kind == "tile":  # x [B, S, H, D] -> [B, H, S_pad, D]
+        b, _, h, d = shape
+        return (b, h, _common.padded_len(seq_shape, tile_shape), d)
+    b, h, _, d = shape  # y [B, H, S_pad, D] -> [B, S, H, D]
+    return (b, math.prod(seq_shape), h, d)
 
 
 def _untile_arrays(y, out=None, *, seq_shape, tile_shape):
@@ -648,14 +655,12 @@ def _(q, k, v, kv_block_sizes, q2k_idx, q2k_num, q_block_sizes, scale, check_ind
 
 @_tile_op.register_fake
 def _(x, seq_shape, tile_shape):
-    b, _, h, d = x.shape
-    return x.new_empty((b, h, _common.padded_len(seq_shape, tile_shape), d))
+    return x.new_empty(_reordered_shape("tile", x.shape, seq_shape, tile_shape))
 
 
 @_untile_op.register_fake
 def _(y, seq_shape, tile_shape):
-    b, h, _, d = y.shape
-    return y.new_empty((b, math.prod(seq_shape), h, d))
+    return y.new_empty(_reordered_shape("untile", y.shape, seq_shape, tile_shape))
 
 
 def _vsa_setup_context(ctx, inputs, output):

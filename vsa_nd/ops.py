@@ -625,18 +625,15 @@ def _checked_before(signature, q, k, v, gate, out=None):
     checked = None if signature is None else _CHECKED_FORWARDS.get(signature)
     if checked is None:
         return None
+    if out is not None and (type(out) is not type(q) or out.shape != q.shape or out.dtype != q.dtype
+                            or any(x is not None and _may_overlap(out, x) for x in (q, k, v, gate))):
+        return None
     device = checked.device_id
-    for x in (q, k, v) if gate is None else (q, k, v, gate):
+    for x in (q, k, v, gate, out):
+        if x is None:
+            continue
         memory = x.data
         if memory.device_id != device or memory.ptr % 16 or not x.flags.c_contiguous:
-            return None
-    if out is not None:
-        if type(out) is not type(q) or out.shape != q.shape or out.dtype != q.dtype:
-            return None
-        memory = out.data
-        if memory.device_id != device or memory.ptr % 16 or not out.flags.c_contiguous:
-            return None
-        if any(x is not None and _may_overlap(out, x) for x in (q, k, v, gate)):
             return None
     return checked if _backend_module(True).current_device() == device else None
 
