@@ -42,14 +42,15 @@
 // Each step's 64-row Q and dO slices come by TMA and its 64 lse * log2(e) values (bwd_delta's
 // lse_log2) and 64 delta values by two 1-D bulk copies, all completing on one barrier per
 // stage (expecting their summed bytes; lane 0 of warps 0, 1 and 2 each issues a third of them).
-// They have DKDV_STAGES = 2 stages (K + V + 2 x (Q + dO) + 2 x (lse + delta) + the staged list
-// = 105 KB at D = 128, 57 KB at D = 64: two CTAs per SM, as registers allow; a third stage
-// would not fit beside the second CTA).  Steps are pipelined: step t's S^T and dP^T are issued
-// behind step t - 1's dV and dK, which are still running; once those two are done, step t - 1's
-// stage is refilled while S^T and dP^T run:
+// They have DKDV_STAGES<D> stages: two at D = 128 (K + V + 2 x (Q + dO) + 2 x (lse + delta) +
+// the staged list = 105 KB: two CTAs per SM, as registers allow; a third stage would not fit
+// beside the second CTA), three at D = 64 (74 KB; 2% faster than two).  Steps are pipelined:
+// step t's S^T and dP^T are issued behind step t - 1's dV and dK, which are still running; once
+// those two are done, step t - 1's stage is refilled (with step t - 1 + STAGES) while S^T and
+// dP^T run:
 //   wait step t -> issue S^T, dP^T -> wait for step t - 1's dV, dK -> barrier -> refill step
-//   t - 1's stage with step t + 1 -> wait S^T -> P^T, dV, dS^T, dK (dkdv_finish, below; dV
-//   and dK left running).
+//   t - 1's stage with step t - 1 + STAGES -> wait S^T -> P^T, dV, dS^T, dK (dkdv_finish,
+//   below; dV and dK left running).
 // Step 0's products overwrite the accumulators (no zeroing ahead of the loop: a write to them on
 // a path that meets the in-flight products at the loop's head makes ptxas serialize every
 // wgmma; `python -m vsa_nd.compile_check` fails on that).  The refill's list entry is read a
@@ -253,12 +254,15 @@ template <int D> struct DqSmem {
 // bwd_dkdv_sm90: stages of (Q, dO, lse, delta) (the launcher's _DKDV_STAGES must match),
 // shared memory (K, V, the Q and dO stages, 64 lse and 64 delta floats per stage, one 8-byte
 // barrier per stage).  Two CTAs per SM at D = 128 (shared memory allows two) and at D = 64
-// (registers allow two; asking for three, i.e. <= 168 registers, makes it spill).
-constexpr int DKDV_STAGES = 2;
+// (registers allow two: asking for three, i.e. <= 168 registers, makes ptxas serialize the
+// wgmma).  At D = 64 the room two CTAs leave takes a third stage, which gives each step's
+// copies one more step to arrive: 2% faster than two at Wan2.1 480p with 24 heads of 64
+// (BENCHMARKS.md).
+template <int D> constexpr int DKDV_STAGES = D == 64 ? 3 : 2;
 template <int D> struct DkdvSmem {
     static constexpr int STATS = 2 * ATT_BLOCK_M * 4;  // bytes of one stage's lse and delta
     static constexpr int BYTES =
-        (2 + 2 * DKDV_STAGES) * AttentionSmem<D>::TILE + DKDV_STAGES * (STATS + 8) + LIST_BYTES;
+        (2 + 2 * DKDV_STAGES<D>) * AttentionSmem<D>::TILE + DKDV_STAGES<D> * (STATS + 8) + LIST_BYTES;
     static_assert(228 * 1024 / (BYTES + 1024) >= 2, "two CTAs per SM");
 };
 
@@ -613,7 +617,7 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
               const int* __restrict__ order, int num_heads, int num_kv_heads, int q_len, int kv_len, int tile_volume,
               float scale, int list_cap, int bh_kv0) {
     using namespace vsa;
-    constexpr int TILE = AttentionSmem<D>::TILE, STAGES = DKDV_STAGES, STATS = DkdvSmem<D>::STATS;
+    constexpr int TILE = AttentionSmem<D>::TILE, STAGES = DKDV_STAGES<D>, STATS = DkdvSmem<D>::STATS;
     static_assert(STAGES >= 2 && STAGES <= 4, "stage_rows holds one byte per stage");
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sK = smem;

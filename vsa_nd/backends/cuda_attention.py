@@ -26,7 +26,7 @@ _HEAD_DIMS = (64, 128)
 _BLOCK_M = 64  # query rows per CTA (FWD_BLOCK_M in attention_fwd.cu)
 _CHUNK = 64  # keys per pipeline chunk; tile volumes must be multiples of it
 _DQ_STAGES = 1  # K and V stages of bwd_dq_sm90 (DQ_STAGES in attention_bwd_sm90.cu)
-_DKDV_STAGES = 2  # Q, dO, lse and delta stages of bwd_dkdv_sm90 (DKDV_STAGES in attention_bwd_sm90.cu)
+_DKDV_STAGES = {64: 3, 128: 2}  # Q, dO, lse and delta stages of bwd_dkdv_sm90 per head dim (DKDV_STAGES<D> there)
 _LIST_CAP = 1024  # entries of both sm90 backward passes' staged index list (LIST_CAP in attention_bwd_sm90.cu)
 _LIST_BYTES = _LIST_CAP * 8  # one int2 per entry (LIST_BYTES there)
 # Longest list those passes stage in shared memory (the kernels also cap it at LIST_CAP); longer
@@ -719,7 +719,8 @@ def _fine_backward(q_shape, kv_shape, dtype, n_q, length, scale, row_terms_given
     def dkdv(count: int, bh_kv0: int = 0):
         grid, tail = (kv_len // _BLOCK_M, count), (*common, np.int32(volume), np.float32(scale))
         if dkdv_wgmma:  # Q and dO by TMA: K, V, stages of Q, dO, lse and delta, a barrier per stage, the staged list
-            shared = (2 + 2 * _DKDV_STAGES) * tile_bytes + _DKDV_STAGES * (stats + 8) + _LIST_BYTES
+            stages = _DKDV_STAGES[d]
+            shared = (2 + 2 * stages) * tile_bytes + stages * (stats + 8) + _LIST_BYTES
             launch = make_launch("attention_bwd_sm90.cu", f"bwd_dkdv_sm90<{ctype}, {d}>", grid, (128,),
                                  tail + (np.int32(_LIST_STAGE_LIMIT), np.int32(bh_kv0)), shared)
             return _TmaLaunch(launch, ("q", "dout"), (q_rows, q_rows), d, dtype, device_id)
