@@ -1,13 +1,15 @@
 """Host-side settings of the CUDA backward that need no GPU: the dS workspace budget from the
 environment, how a call's (batch, kv head) pairs are split within it, the shared-memory
-layout the launcher gives bwd_dq_ds_sm90, and the size limits checked before any launch."""
+layout the launcher gives bwd_dq_ds_sm90 and bwd_dkdv_sm90, and the size limits checked before any launch."""
 
 import importlib
+import re
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from vsa_nd import kernels
 from vsa_nd.backends import cuda_attention
 
 
@@ -45,6 +47,20 @@ def test_dq_ds_layout_fits_its_ctas(head_dim, stages):
     assert cuda_attention._DQDS_MIN_LIST <= room <= cuda_attention._LIST_CAP
     ctas = min(4, 228 * 1024 // (fixed + 12 * cuda_attention._DQDS_MIN_LIST + 1024))
     assert ctas * (smem + 1024) <= 228 * 1024
+
+
+def test_dkdv_stages_are_the_kernels_and_leave_room_for_two_ctas():
+    """The launcher's Q/dO stage count per head dim is the kernel's DKDV_STAGES<D> (read from its
+    source: the kernel does not check the shared memory it is given), and the shared memory the
+    launcher asks for with it lets two CTAs share an SM (228 KB, 1 KB reserved per CTA)."""
+    source = (kernels.KERNEL_DIR / "attention_bwd_sm90.cu").read_text(encoding="utf-8")
+    found = re.search(r"constexpr int DKDV_STAGES = D == 64 \? (\d) : (\d);", source)
+    assert found, "DKDV_STAGES<D> not found in attention_bwd_sm90.cu"
+    assert cuda_attention._DKDV_STAGES == {64: int(found[1]), 128: int(found[2])}
+    for head_dim, stages in cuda_attention._DKDV_STAGES.items():
+        tile = 64 * head_dim * 2
+        shared = (2 + 2 * stages) * tile + stages * (2 * 64 * 4 + 8) + cuda_attention._LIST_BYTES
+        assert 2 * (shared + 1024) <= 228 * 1024, head_dim
 
 
 @pytest.mark.parametrize("pairs", [1, 2, 5, 12, 40])
