@@ -63,6 +63,20 @@ def test_dkdv_stages_are_the_kernels_and_leave_room_for_two_ctas():
         assert 2 * (shared + 1024) <= 228 * 1024, head_dim
 
 
+def test_forward_stages_are_the_kernels_and_leave_room_for_four_ctas():
+    """The launcher's K/V stage count per head dim is block_sparse_fwd_sm90's FWD_STAGES<D> (read
+    from its source), and the shared memory it asks for with it (Q, the K and V stages, a barrier
+    per stage) lets the four CTAs per SM of its __launch_bounds__ share an SM."""
+    source = (kernels.KERNEL_DIR / "attention_fwd_sm90.cu").read_text(encoding="utf-8")
+    found = re.search(r"constexpr int FWD_STAGES = D == 64 \? (\d) : (\d);", source)
+    assert found, "FWD_STAGES<D> not found in attention_fwd_sm90.cu"
+    assert cuda_attention._FWD_STAGES == {64: int(found[1]), 128: int(found[2])}
+    assert "__launch_bounds__(vsa::ATT_THREADS, 4)" in source
+    for head_dim, stages in cuda_attention._FWD_STAGES.items():
+        shared = (1 + 2 * stages) * 64 * head_dim * 2 + 16 * stages
+        assert 4 * (shared + 1024) <= 228 * 1024, head_dim
+
+
 @pytest.mark.parametrize("pairs", [1, 2, 5, 12, 40])
 @pytest.mark.parametrize("pair_ctas", [8, 128, 624, 768, 4096])
 @pytest.mark.parametrize("fit", [0, 1, 2, 3, 7, 100])

@@ -25,6 +25,7 @@ _CUDA_TYPES = {np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16"}
 _HEAD_DIMS = (64, 128)
 _BLOCK_M = 64  # query rows per CTA (FWD_BLOCK_M in attention_fwd.cu)
 _CHUNK = 64  # keys per pipeline chunk; tile volumes must be multiples of it
+_FWD_STAGES = {64: 2, 128: 1}  # K and V stages of block_sparse_fwd_sm90 per head dim (FWD_STAGES<D> there)
 _DQ_STAGES = 1  # K and V stages of bwd_dq_sm90 (DQ_STAGES in attention_bwd_sm90.cu)
 _DKDV_STAGES = {64: 3, 128: 2}  # Q, dO, lse and delta stages of bwd_dkdv_sm90 per head dim (DKDV_STAGES<D> there)
 _LIST_CAP = 1024  # entries of both sm90 backward passes' staged index list (LIST_CAP in attention_bwd_sm90.cu)
@@ -325,9 +326,10 @@ def forward_launch(q_shape: tuple, kv_shape: tuple, dtype, list_len: int, tile_v
     grid, tile_bytes, ctype = (q_len // _BLOCK_M, b * h), _BLOCK_M * d * dtype.itemsize, _CUDA_TYPES[dtype]
     tma_rows = b * h_kv * kv_len
     if _use_wgmma(kernel_choice) and tma_rows < 2**31:  # TMA coordinates are int32; else the portable kernel
-        # K and V by TMA: Q, K and V tiles plus two 8-byte barriers.
+        # K and V by TMA: Q, stages of K and V tiles, and an 8-byte barrier per K and per V stage.
+        stages = _FWD_STAGES[d]
         launch = make_launch("attention_fwd_sm90.cu", f"block_sparse_fwd_sm90<{ctype}, {d}>", grid, (128,), tail,
-                             3 * tile_bytes + 16)
+                             (1 + 2 * stages) * tile_bytes + 16 * stages)
     else:  # Q and two stages of K and V
         launch, tma_rows = make_launch("attention_fwd.cu", f"block_sparse_fwd<{ctype}, {d}>", grid, (128,), tail,
                                        5 * tile_bytes), 0
