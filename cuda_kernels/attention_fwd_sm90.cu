@@ -9,8 +9,9 @@
 // completing on a shared-memory barrier per buffer), so the warps spend no instructions on
 // addresses.  Latency is hidden mostly by occupancy rather than by deep buffering: K and V have
 // FWD_STAGES<D> shared-memory stages each, one at D = 128 (Q + K + V = 48 KB, so four CTAs share
-// an SM) and two at D = 64 (Q + 2 x (K + V) = 40 KB; by registers and shared memory five CTAs fit).  Chunk c sits
-// in stage c % STAGES, and each buffer is refilled as soon as its product is done:
+// an SM) and two at D = 64 (Q + 2 x (K + V) = 40 KB; by registers and shared memory five CTAs
+// fit).  Chunk c sits in stage c % STAGES, and each buffer is refilled as soon as its product is
+// done:
 //   wait K_c -> S = Q K_c^T -> refill K with chunk c + STAGES -> softmax -> wait V_c
 //   -> O += P V_c -> refill V with chunk c + STAGES.
 // With one stage the K load overlaps the softmax and P V, the V load the next Q K^T and
@@ -39,6 +40,7 @@ block_sparse_fwd_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_c
                       int num_kv_heads, int q_len, int kv_len, int list_len, int tile_volume, float scale_log2) {
     using namespace vsa;
     constexpr int TILE = AttentionSmem<D>::TILE, STAGES = FWD_STAGES<D>;
+    static_assert(STAGES >= 1 && STAGES <= 4, "stage_valid holds one byte per stage");
     using Chunk = typename AttentionCta<T, D>::Chunk;
     extern __shared__ __align__(1024) unsigned char smem[];
     unsigned char* sQ = smem;
