@@ -9,7 +9,7 @@
 // completing on a shared-memory barrier per buffer), so the warps spend no instructions on
 // addresses.  Latency is hidden mostly by occupancy rather than by deep buffering: K and V have
 // FWD_STAGES<D> shared-memory stages each, one at D = 128 (Q + K + V = 48 KB, so four CTAs share
-// an SM) and two at D = 64 (Q + 2 x (K + V) = 40 KB; by registers and shared memory five CTAs
+// an SM) and two at D = 64 (Q + 2 x (K + V) = 40 KB; by registers, 90, and shared memory five CTAs
 // fit).  Chunk c sits in stage c % STAGES, and each buffer is refilled as soon as its product is
 // done:
 //   wait K_c -> S = Q K_c^T -> refill K with chunk c + STAGES -> softmax -> wait V_c
