@@ -1,6 +1,7 @@
 """Host-side settings of the CUDA backward that need no GPU: the dS workspace budget from the
 environment, how a call's (batch, kv head) pairs are split within it, the shared-memory
-layout the launcher gives bwd_dq_ds_sm90 and bwd_dkdv_sm90, and the size limits checked before any launch."""
+layout the launcher gives the Hopper forward, bwd_dkdv_sm90 and bwd_dq_ds_sm90, and the size limits checked
+before any launch."""
 
 import importlib
 import re
@@ -49,31 +50,32 @@ def test_dq_ds_layout_fits_its_ctas(head_dim, stages):
     assert ctas * (smem + 1024) <= 228 * 1024
 
 
+def _kernel_stages(source: str, name: str) -> dict:
+    """{head dim: stages} of a kernel source's ``constexpr int NAME = D == 64 ? a : b;``."""
+    text = (kernels.KERNEL_DIR / source).read_text(encoding="utf-8")
+    found = re.search(rf"constexpr int {name} = D == 64 \? (\d) : (\d);", text)
+    assert found, f"{name}<D> not found in {source}"
+    return {64: int(found[1]), 128: int(found[2])}
+
+
 def test_dkdv_stages_are_the_kernels_and_leave_room_for_two_ctas():
     """The launcher's Q/dO stage count per head dim is the kernel's DKDV_STAGES<D> (read from its
     source: the kernel does not check the shared memory it is given), and the shared memory the
     launcher asks for with it lets two CTAs share an SM (228 KB, 1 KB reserved per CTA)."""
-    source = (kernels.KERNEL_DIR / "attention_bwd_sm90.cu").read_text(encoding="utf-8")
-    found = re.search(r"constexpr int DKDV_STAGES = D == 64 \? (\d) : (\d);", source)
-    assert found, "DKDV_STAGES<D> not found in attention_bwd_sm90.cu"
-    assert cuda_attention._DKDV_STAGES == {64: int(found[1]), 128: int(found[2])}
-    for head_dim, stages in cuda_attention._DKDV_STAGES.items():
-        tile = 64 * head_dim * 2
-        shared = (2 + 2 * stages) * tile + stages * (2 * 64 * 4 + 8) + cuda_attention._LIST_BYTES
+    assert cuda_attention._DKDV_STAGES == _kernel_stages("attention_bwd_sm90.cu", "DKDV_STAGES")
+    for head_dim in cuda_attention._DKDV_STAGES:
+        shared = cuda_attention._dkdv_shared_bytes(head_dim, 64 * head_dim * 2)
         assert 2 * (shared + 1024) <= 228 * 1024, head_dim
 
 
 def test_forward_stages_are_the_kernels_and_leave_room_for_four_ctas():
     """The launcher's K/V stage count per head dim is block_sparse_fwd_sm90's FWD_STAGES<D> (read
-    from its source), and the shared memory it asks for with it (Q, the K and V stages, a barrier
-    per stage) lets the four CTAs per SM of its __launch_bounds__ share an SM."""
-    source = (kernels.KERNEL_DIR / "attention_fwd_sm90.cu").read_text(encoding="utf-8")
-    found = re.search(r"constexpr int FWD_STAGES = D == 64 \? (\d) : (\d);", source)
-    assert found, "FWD_STAGES<D> not found in attention_fwd_sm90.cu"
-    assert cuda_attention._FWD_STAGES == {64: int(found[1]), 128: int(found[2])}
-    assert "__launch_bounds__(vsa::ATT_THREADS, 4)" in source
-    for head_dim, stages in cuda_attention._FWD_STAGES.items():
-        shared = (1 + 2 * stages) * 64 * head_dim * 2 + 16 * stages
+    from its source), and the shared memory the launcher asks for with it lets the four CTAs per
+    SM of its __launch_bounds__ share an SM."""
+    assert cuda_attention._FWD_STAGES == _kernel_stages("attention_fwd_sm90.cu", "FWD_STAGES")
+    assert "__launch_bounds__(vsa::ATT_THREADS, 4)" in (kernels.KERNEL_DIR / "attention_fwd_sm90.cu").read_text()
+    for head_dim in cuda_attention._FWD_STAGES:
+        shared = cuda_attention._fwd_shared_bytes(head_dim, 64 * head_dim * 2)
         assert 4 * (shared + 1024) <= 228 * 1024, head_dim
 
 

@@ -326,10 +326,9 @@ def forward_launch(q_shape: tuple, kv_shape: tuple, dtype, list_len: int, tile_v
     grid, tile_bytes, ctype = (q_len // _BLOCK_M, b * h), _BLOCK_M * d * dtype.itemsize, _CUDA_TYPES[dtype]
     tma_rows = b * h_kv * kv_len
     if _use_wgmma(kernel_choice) and tma_rows < 2**31:  # TMA coordinates are int32; else the portable kernel
-        # K and V by TMA: Q, stages of K and V tiles, and an 8-byte barrier per K and per V stage.
-        stages = _FWD_STAGES[d]
+        # K and V by TMA (see _fwd_shared_bytes)
         launch = make_launch("attention_fwd_sm90.cu", f"block_sparse_fwd_sm90<{ctype}, {d}>", grid, (128,), tail,
-                             (1 + 2 * stages) * tile_bytes + 16 * stages)
+                             _fwd_shared_bytes(d, tile_bytes))
     else:  # Q and two stages of K and V
         launch, tma_rows = make_launch("attention_fwd.cu", f"block_sparse_fwd<{ctype}, {d}>", grid, (128,), tail,
                                        5 * tile_bytes), 0
@@ -482,6 +481,20 @@ def dkdv_order(offsets, lists_per_launch: int):
     if lists:
         order_launch(lists, lists_per_launch)((offsets, order))
     return order
+
+
+def _fwd_shared_bytes(head_dim: int, tile_bytes: int) -> int:
+    """Dynamic shared memory of block_sparse_fwd_sm90: Q, _FWD_STAGES[head_dim] stages of K and V
+    tiles, and an 8-byte barrier per K and per V stage."""
+    stages = _FWD_STAGES[head_dim]
+    return (1 + 2 * stages) * tile_bytes + 16 * stages
+
+
+def _dkdv_shared_bytes(head_dim: int, tile_bytes: int) -> int:
+    """Dynamic shared memory of bwd_dkdv_sm90: K, V, _DKDV_STAGES[head_dim] stages of Q, dO, lse
+    and delta with a barrier each, and the staged list."""
+    stages = _DKDV_STAGES[head_dim]
+    return (2 + 2 * stages) * tile_bytes + stages * (2 * _BLOCK_M * 4 + 8) + _LIST_BYTES
 
 
 def _dq_ds_layout(tile_bytes: int, stages: int) -> tuple:
@@ -720,11 +733,10 @@ def _fine_backward(q_shape, kv_shape, dtype, n_q, length, scale, row_terms_given
 
     def dkdv(count: int, bh_kv0: int = 0):
         grid, tail = (kv_len // _BLOCK_M, count), (*common, np.int32(volume), np.float32(scale))
-        if dkdv_wgmma:  # Q and dO by TMA: K, V, stages of Q, dO, lse and delta, a barrier per stage, the staged list
-            stages = _DKDV_STAGES[d]
-            shared = (2 + 2 * stages) * tile_bytes + stages * (stats + 8) + _LIST_BYTES
+        if dkdv_wgmma:  # Q and dO by TMA (see _dkdv_shared_bytes)
             launch = make_launch("attention_bwd_sm90.cu", f"bwd_dkdv_sm90<{ctype}, {d}>", grid, (128,),
-                                 tail + (np.int32(_LIST_STAGE_LIMIT), np.int32(bh_kv0)), shared)
+                                 tail + (np.int32(_LIST_STAGE_LIMIT), np.int32(bh_kv0)),
+                                 _dkdv_shared_bytes(d, tile_bytes))
             return _TmaLaunch(launch, ("q", "dout"), (q_rows, q_rows), d, dtype, device_id)
         return make_launch("attention_bwd.cu", f"bwd_dkdv<{ctype}, {d}>", grid, (128,), tail, smem + 2 * stats)
 
