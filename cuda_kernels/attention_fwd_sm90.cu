@@ -17,8 +17,9 @@
 // With one stage the K load overlaps the softmax and P V, the V load the next Q K^T and
 // softmax; a second stage gives each load one more chunk to arrive.  At D = 64 that made the
 // forward 1.1% faster (Wan2.1 480p, 24 heads); writing the loop for any number of stages also
-// made the one-stage D = 128 kernel 1% faster (main shape; BENCHMARKS.md).  A third stage at
-// D = 64, or a second at D = 128 (64 KB: three CTAs per SM), was not tried.
+// made the one-stage D = 128 kernel 1% faster (main shape; BENCHMARKS.md).  More stages cost
+// CTAs per SM and were 15-18% slower: a second at D = 128 (80 KB: two CTAs), a third or fourth
+// at D = 64 (three CTAs).
 // TMA copies whole 64-key chunks: past a tile's block size, scores are masked and the value
 // rows are zeroed in shared memory (fenced for the tensor cores) before P V.
 #include "tma.cuh"
