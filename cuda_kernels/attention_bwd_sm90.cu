@@ -474,7 +474,8 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
 // Per chunk j: issue acc += dS_j K_j -> read chunk j + 1's dS fragments (wait for its stage,
 // zero K's pad rows if its tile is short: dS is 0 there, but K may hold NaN) while it runs ->
 // wait for it -> barrier -> refill its stage.  STAGES = 3 (three CTAs per SM at D = 128, four
-// at D = 64) was 1-2% faster than 4 stages with two.  Arguments: the tensor map of K, then k,
+// at D = 64) was 1-2% faster than 4 stages with two; 2 stages with four CTAs were 5.0-7.5%
+// slower (at most 128 registers: ptxas spills).  Arguments: the tensor map of K, then k,
 // the dS blocks, `pos` (kv_lists_rank: [B, H, N_q, L], the list position of each used selection
 // entry) and bwd_dq's arguments from q2k_idx on, then `list_cap` (as in bwd_dq_sm90), the KV->Q
 // list offsets, `bh0` (the (batch, head) of blockIdx.y == 0: launches cover chunks of the
