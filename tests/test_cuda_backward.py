@@ -564,7 +564,7 @@ def test_misaligned_result_buffers_are_refused_before_launch():
         cupy.cuda.get_current_stream().synchronize()
         assert bool(cupy.isnan(buffers[name]).all()) and bool(cupy.isnan(buffers["dgate"]).all()), name
 
-    lse = cupy.empty(ctx.lse.size + 1, np.float32)[1:].reshape(ctx.lse.shape)
+    lse = shifted(ctx.lse)
     lse[...] = ctx.lse
     dgate = cupy.full_like(gate, np.nan)
     with pytest.raises(ValueError, match=re.escape(message.format("context.lse")) + r".*pass a copy"):
