@@ -9,10 +9,11 @@
 //
 // Two ways to get dQ (the launcher, block_sparse_bwd, picks one per call):
 //   - with dS blocks (the default at D = 128 on problems of 512 MiB of blocks and more, in
-//     chunks of (batch, kv head) pairs within a 2 GiB budget): bwd_dkdv_sm90 runs first and
-//     stores each step's dS (8 KB per 64 x 64 block, "dS blocks" below), then bwd_dq_ds_sm90
-//     sums dS K from them: five matrix products per (query tile, key tile) pair instead of
-//     seven, 8-13% faster at the benchmark shapes;
+//     chunks of (batch, kv head) pairs within a 2 GiB budget, or in parts of one pair's blocks):
+//     bwd_dkdv_sm90 runs first and stores each step's dS (8 KB per 64 x 64 block, "dS blocks"
+//     below), then bwd_dq_ds_sm90 sums dS K from them: five matrix products per (query tile,
+//     key tile) pair instead of seven, 8-13% faster at the benchmark shapes.  In parts, both
+//     passes run once per part, each taking the key tiles whose lists start in that part;
 //   - without (D = 64, small problems, too little budget or memory): bwd_dq_sm90 recomputes S,
 //     P, dP and dS for its own dQ, before bwd_dkdv_sm90.
 //
@@ -478,17 +479,19 @@ bwd_dq_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_constant__ 
 // slower (at most 128 registers: ptxas spills).  Arguments: the tensor map of K, then k,
 // the dS blocks, `pos` (kv_lists_rank: [B, H, N_q, L], the list position of each used selection
 // entry) and bwd_dq's arguments from q2k_idx on, then `list_cap` (as in bwd_dq_sm90), the KV->Q
-// list offsets, `bh0` (the (batch, head) of blockIdx.y == 0: launches cover chunks of the
-// heads, each with its dS blocks from the start of the workspace) and `list_room` (entries of
-// shared memory for the staged list, _dq_ds_layout).
+// list offsets, `partial` (null, or with parts: fp32 sums carried from part to part, D * 64
+// floats per CTA), `bh0` (the (batch, head) of blockIdx.y == 0: launches cover chunks of the
+// heads, each with its dS blocks from the start of the workspace), `list_room` (entries of
+// shared memory for the staged list, _dq_ds_layout), and `part`, `parts` and `part_cap` (0:
+// no parts; see ds_base below and the launcher's ds_parts).
 template <typename T, int D, int STAGES>
 __global__ void __launch_bounds__(vsa::ATT_THREADS, vsa::DqDsSmem<D, STAGES>::CTAS)
 bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__ k, const T* __restrict__ ds_blocks,
                const int* __restrict__ pos, const int* __restrict__ q2k_idx, const int* __restrict__ q2k_num,
                const int* __restrict__ q_block_sizes, const int* __restrict__ kv_block_sizes,
                const float* __restrict__ dq_tile, T* __restrict__ dq, const int* __restrict__ kv2q_offsets,
-               int num_heads, int num_kv_heads, int q_len, int kv_len, int list_len, int tile_volume, float scale,
-               int list_cap, int bh0, int list_room) {
+               float* __restrict__ partial, int num_heads, int num_kv_heads, int q_len, int kv_len, int list_len,
+               int tile_volume, float scale, int list_cap, int bh0, int list_room, int part, int parts, int part_cap) {
     using namespace vsa;
     constexpr int TILE = AttentionSmem<D>::TILE, STAGE = DqDsSmem<D, STAGES>::STAGE;
     // Chunk j + 1's fragments are read while chunk j's product runs (step, below), so chunk j + 1
@@ -510,8 +513,14 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
     const AttentionCta<T, D> cta(k, k, q2k_idx, q2k_num, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len,
                                  list_len, tile_volume, bh0);
     // The launch's dS blocks start at the first list position of its first (batch, kv head):
-    // bh0 is a multiple of the group, bh0 / group that (batch, kv head).
-    const int ds_base = kv2q_offsets[bh0 / (num_heads / num_kv_heads) * (kv_len / tile_volume)];
+    // bh0 is a multiple of the group, bh0 / group that (batch, kv head).  With the blocks in
+    // parts (part_cap > 0), at that position plus part * part_cap: this launch sums the key tiles
+    // whose lists start in part `part` (as bwd_dkdv_sm90 counts them) and skips the others.
+    const int* pair_offsets = kv2q_offsets + bh0 / (num_heads / num_kv_heads) * (kv_len / tile_volume);
+    const int ds_base = pair_offsets[0] + part * part_cap;
+    auto size_in_part = [&](int tile) {  // the tile's block size, 0 (skipped) outside this part
+        return part_cap == 0 || (pair_offsets[tile] - pair_offsets[0]) / part_cap == part ? kv_block_sizes[tile] : 0;
+    };
     const int n = cta.n_chunks, per_tile = cta.chunks_per_tile;  // per_tile: also the query slices per tile
     const int slice = (blockIdx.x * ATT_BLOCK_M) % tile_volume / ATT_BLOCK_M;
     const int real_q = real_rows(q_block_sizes[cta.q_tile], slice * ATT_BLOCK_M);
@@ -524,7 +533,7 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
         for (int i = tid; i < entries; i += ATT_THREADS) {
             const int tile = cta.list[i];
             sTile[i] = tile;
-            sSize[i] = kv_block_sizes[tile];
+            sSize[i] = size_in_part(tile);
             sPos[i] = list_pos[i];
         }
     // Chunk c: its first key row (of this batch and kv head), its real keys and its dS block.
@@ -535,7 +544,7 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
     auto chunk = [&](int c) -> Chunk {
         const int entry = per_tile == 1 ? c : c / per_tile, sub = c - entry * per_tile;
         const int tile = staged ? sTile[entry] : cta.list[entry];
-        const int size = staged ? sSize[entry] : kv_block_sizes[tile];
+        const int size = staged ? sSize[entry] : size_in_part(tile);
         const int p = (staged ? sPos[entry] : list_pos[entry]) - ds_base;
         return {tile * tile_volume + sub * ATT_BLOCK_N, min(max(size - sub * ATT_BLOCK_N, 0), ATT_BLOCK_N),
                 (static_cast<size_t>(p) * per_tile + slice) * per_tile + sub};
@@ -566,9 +575,15 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
     for (int s = 0; s < STAGES; ++s)
         if (cursor.more()) push(cursor, cursor.peek());
 
+    // With parts, every part after the first goes on from the sums of the parts before it (fp32,
+    // unscaled, in each thread's accumulator order), and every part but the last leaves its sums
+    // there for the next: the parts of a chunk run one after another, on one stream, over the
+    // same grid.
+    float* my_partial = partial ? partial + static_cast<size_t>(blockIdx.y * gridDim.x + blockIdx.x) * (D / 2) * ATT_THREADS + tid
+                                : nullptr;
     float acc[D / 2];
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+    for (int i = 0; i < D / 2; ++i) acc[i] = my_partial && part > 0 ? my_partial[i * ATT_THREADS] : 0.f;
     // Load j sits in stage j % STAGES, whose barrier completes one phase per load.  Chunk j + 1's
     // fragments are read while chunk j's product runs, into the other of two register sets.
     auto prepare = [&](unsigned int j, unsigned int (&a)[4][4]) {
@@ -596,6 +611,11 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
         step(j, a0, a1);
         if (j + 1 < cursor.issued) step(j + 1, a1, a0);
     }
+    if (my_partial && part + 1 < parts) {
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) my_partial[i * ATT_THREADS] = acc[i];
+        return;
+    }
     const float* tile_vec = dq_tile ? dq_tile + (static_cast<size_t>(cta.bh) * cta.num_q_blocks + cta.q_tile) * D : nullptr;
     write_rows<T, D>(dq + cta.q_offset, acc, scale, tile_vec, real_q, warp, lane);
 }
@@ -605,8 +625,10 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
 // swizzle), and then `list_cap` (as in bwd_dq_sm90), `ds_blocks` (null, or the workspace where
 // each step's dS block goes for bwd_dq_ds_sm90), `bh_kv0` (the first (batch, kv head) of the
 // launch's lists: with dS blocks, a launch may cover a chunk of the kv heads, whose blocks start
-// the workspace) and `order` (null, or kv_lists_order's schedule: see DkdvCta); `lse` holds
-// lse * log2(e) here (bwd_delta's lse_log2).
+// the workspace), `order` (null, or kv_lists_order's schedule: see DkdvCta), and `part` and
+// `part_cap` (0: one launch for the chunk's lists; else the launch of one part of a single
+// (batch, kv head)'s blocks, see below and the launcher's ds_parts); `lse` holds lse * log2(e)
+// here (bwd_delta's lse_log2).
 template <typename T, int D>
 __global__ void __launch_bounds__(vsa::ATT_THREADS, 1)
 bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant__ vsa::TmaDesc tma_do,
@@ -616,7 +638,7 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
               const int* __restrict__ kv_block_sizes, const float* __restrict__ dk_tile,
               const float* __restrict__ dv_tile, T* __restrict__ dk, T* __restrict__ dv, T* __restrict__ ds_blocks,
               const int* __restrict__ order, int num_heads, int num_kv_heads, int q_len, int kv_len, int tile_volume,
-              float scale, int list_cap, int bh_kv0) {
+              float scale, int list_cap, int bh_kv0, int part, int part_cap) {
     using namespace vsa;
     constexpr int TILE = AttentionSmem<D>::TILE, STAGES = DKDV_STAGES<D>, STATS = DkdvSmem<D>::STATS;
     static_assert(STAGES >= 2 && STAGES <= 4, "stage_rows holds one byte per stage");
@@ -639,10 +661,18 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
     // slice s (t = e * slices + s), chunk c of the key tile and p0 this list's first position
     // counted from the launch's first list: (p0 * slices + t) * slices + c, so consecutive
     // steps' blocks lie slices blocks apart (no division per step).
+    // With the blocks in parts (part_cap > 0), this launch takes the lists that start in part
+    // `part`: whose first position p0 (counted as below, before the part's offset) lies in
+    // [part * part_cap, (part + 1) * part_cap).  Every list, an empty one too, starts in exactly
+    // one part, whose launch writes its dK and dV; the others' CTAs return here.
     uint4* ds_step0 = nullptr;
     const int ds_step_groups = slices * DS_BLOCK_BYTES / 16;
     if (ds_blocks) {
-        const int p0 = first - kv2q_offsets[bh_kv0 * cta.num_kv_blocks];
+        int p0 = first - kv2q_offsets[bh_kv0 * cta.num_kv_blocks];
+        if (part_cap > 0) {  // the same in every thread
+            if (p0 / part_cap != part) return;
+            p0 -= part * part_cap;
+        }
         const size_t block0 = static_cast<size_t>(p0) * slices * slices + cta.chunk % slices;
         ds_step0 = reinterpret_cast<uint4*>(ds_blocks + block0 * DS_BLOCK_ELEMS) + warp * 32 + lane;
     }

@@ -301,6 +301,45 @@ def test_streams_give_the_chunks_results(pairs_per_chunk, streams):
         assert bool(cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)))
 
 
+@pytest.mark.parametrize("entries_per_stream, parts", [(200, 2), (100, 5)])
+@pytest.mark.parametrize("staged", [True, False])
+def test_parts_give_the_chunks_results(entries_per_stream, parts, staged):
+    """A budget too small for two pairs' blocks but not for parts of them (ds_parts: two streams,
+    each pair's passes in 2 or 5 parts, fp32 sums of dq carried from part to part; every buffer
+    allocated poisoned with NaN): bit for bit the gradients of all pairs in one chunk (each list
+    is one part's, summed whole, for dk and dv; for dq, VSA's selection lists key tiles in
+    increasing order, so the parts sum them in the same order), and of a second call, with one
+    launch of each pass per part and pair; also with the lists read from global memory."""
+    import cupy
+
+    from vsa_nd.backends import cuda, cuda_attention
+
+    dout, ctx = _hand_over_problem(29)
+    results = {}
+    for key in ("one chunk", "parts", "parts again"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cuda_attention, "_alloc", _poisoned_alloc)  # the blocks and fp32 sums start as NaN
+            patch.setattr(cuda, "_alloc", _poisoned_alloc)
+            use_kernels("streams" if key.startswith("parts") else "workspace", patch)
+            patch.setattr(cuda_attention, "_LIST_STAGE_LIMIT", cuda_attention._LIST_CAP if staged else 1)
+            if key.startswith("parts"):  # 6 pairs of 2 x 30 query tiles x top 7 entries, lists of <= 60
+                budget = 3 * entries_per_stream * 8192
+                patch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", budget)
+                assert cuda_attention.ds_schedule(6, 420 * 8192, 30, budget) == (0, 0)
+                streams, cap = cuda_attention.ds_parts(6, 420, 60, 8192, budget)
+                assert (streams, -(-420 // cap)) == (2, parts)
+            launches = _Launches(patch)
+            results[key] = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
+            assert "bwd_dq_sm90" not in launches.names
+            want = 1 if key == "one chunk" else 6 * parts
+            assert launches.names.count("bwd_dkdv_sm90") == launches.names.count("bwd_dq_ds_sm90") == want
+    same = lambda a, b: bool(cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)))  # noqa: E731
+    assert bool(cupy.isfinite(results["parts"][0]).all())
+    for other in ("parts again", "one chunk"):
+        for a, b in zip(results["parts"], results[other]):
+            assert same(a, b), other
+
+
 _SPIN = r"""
 extern "C" __global__ void spin(long long cycles) {
     long long start = clock64();

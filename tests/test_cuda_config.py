@@ -134,6 +134,49 @@ def test_ds_schedule_honours_the_pair_cap(monkeypatch):
     assert cuda_attention.ds_schedule(1, 1 << 20, 8, 1 << 30) == (1, 1)
 
 
+def test_ds_parts_at_wan_14b_720p():
+    """Wan2.1-14B 720p (1440 tiles, top 180, 40 heads): one head's blocks (1.98 GiB) do not fit the
+    default 2 GiB twice, so ds_schedule recomputes; ds_parts takes two streams of two parts each
+    (three streams would need four).  Twice the budget: whole heads on two streams again."""
+    entries, block = 1440 * 180, 64 * 64 * 2
+    assert cuda_attention.ds_schedule(40, entries * block, 1440, 2 << 30) == (0, 0)
+    assert cuda_attention.ds_parts(40, entries, 1440, block, 2 << 30) == (2, entries // 2)
+    assert cuda_attention.ds_schedule(40, entries * block, 1440, 4 << 30) == (1, 2)
+
+
+@pytest.mark.parametrize("pairs", [1, 2, 40])
+@pytest.mark.parametrize("pair_entries, list_entries", [(420, 60), (259200, 1440), (1000, 1000), (5, 64)])
+@pytest.mark.parametrize("entries_per_stream", [0, 50, 100, 200, 700, 3000])
+@pytest.mark.parametrize("most_streams", [1, 2, 3])
+def test_ds_parts_stay_within_the_budget(pairs, pair_entries, list_entries, entries_per_stream, most_streams,
+                                         monkeypatch):
+    """Parts cover every entry of a pair (parts x cap >= its entries), each stream's blocks (cap +
+    a list's entries, or the whole pair if less) fit the budget, two to _DS_STREAMS streams run
+    at a time, at most _DS_MAX_PARTS parts, and no fewer parts fit; else (0, 0)."""
+    monkeypatch.setattr(cuda_attention, "_DS_STREAMS", most_streams)
+    monkeypatch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)
+    entry = 3 * 8192
+    budget = 3 * entries_per_stream * entry
+    streams, cap = cuda_attention.ds_parts(pairs, pair_entries, list_entries, entry, budget)
+
+    def fewest(s):  # the fewest parts with s streams, or None
+        most = budget // (s * entry) - list_entries
+        if most < max(1, list_entries):
+            return None
+        parts = -(-pair_entries // most)
+        return parts if parts <= cuda_attention._DS_MAX_PARTS else None
+
+    options = [(fewest(s), -s) for s in range(2, min(most_streams, pairs) + 1) if fewest(s)]
+    if pairs < 2 or not options or min(options)[0] < 2:
+        assert (streams, cap) == (0, 0)
+        return
+    parts = -(-pair_entries // cap)
+    assert 2 <= streams <= min(most_streams, pairs) and 2 <= parts <= cuda_attention._DS_MAX_PARTS
+    assert parts * cap >= pair_entries
+    assert streams * min(pair_entries, cap + list_entries) * entry <= budget
+    assert (parts, -streams) == min(options)
+
+
 def test_size_limits_are_refused_before_any_launch():
     """(batch, head) pairs beyond a launch's grid y, and more selection entries than the
     backward's int32 list offsets hold (an 84 x 45 x 80 latent, 40 heads, B = 8, topk 1332 of

@@ -59,7 +59,9 @@ def _workspace_default() -> int:
 # in all, 38x the size of q), 399 MB at Wan2.1 480p.  So a call works through its (batch, kv
 # head) pairs in chunks (ds_schedule), each chunk's two passes on a stream of its own, up to
 # _DS_STREAMS chunks at a time, each with its own blocks.  2 GiB by default: three heads at a
-# time at both shapes (1.45 and 1.2 GB), where that made the backward 7-11% faster on an H100.
+# time at both shapes (1.45 and 1.2 GB), where that made the backward 7-11% faster on an H100;
+# at Wan2.1-14B 720p (1.98 GiB a head) two heads at a time, each in two parts (ds_parts): 8.5%
+# faster than recomputing there, 3% slower than whole heads in 4.5 GiB.
 DS_WORKSPACE_BYTES = _workspace_default()
 # Head dims that use it: at D = 64 recomputing dS in the dQ pass is cheaper than handing it over
 # (H100, Wan2.1 480p with 24 heads of 64: 9.4 against 9.8 ms).
@@ -89,6 +91,36 @@ def ds_schedule(pairs: int, pair_bytes: int, pair_ctas: int, budget: int) -> tup
     if chunk < 1:
         return 0, 0
     return chunk, min(_DS_STREAMS, -(-pairs // chunk), fit // chunk)
+
+
+_DS_MAX_PARTS = 8  # most parts a (batch, kv head)'s blocks may be cut into (ds_parts)
+
+
+def ds_parts(pairs: int, pair_entries: int, list_entries: int, entry_bytes: int, budget: int) -> tuple:
+    """(streams, entries per part) of a dS hand-over whose (batch, kv head) pairs' blocks do not
+    fit the ``budget`` twice (``ds_schedule`` gave (0, 0)) but do in parts; (0, 0) where not.
+
+    A pair has at most ``pair_entries`` KV->Q list entries (every selection entry counted) of
+    ``entry_bytes`` of dS blocks each, and a list at most ``list_entries``.  Its passes then run in
+    parts, one after another on the pair's stream: part r takes the lists that start (first
+    position, counted from the pair's first list) in [r * cap, (r + 1) * cap), so its blocks
+    number fewer than cap + list_entries entries' worth, whatever the selection; its dQ pass sums
+    only those lists' key tiles, carrying fp32 sums to the next part.  Pairs run on 2 to
+    _DS_STREAMS streams at a time, as few parts as the budget allows (then as many streams): at
+    Wan2.1-14B 720p (one head's blocks 1.98 GiB), two streams of two parts in 2 GiB.  One pair
+    alone, or more than _DS_MAX_PARTS parts, recomputes (parts one after another on one stream
+    leave each launch's tail idle, as whole heads did)."""
+    if pairs < 2 or pairs * pair_entries * entry_bytes < _DS_MIN_BYTES or entry_bytes <= 0:
+        return 0, 0
+    best = (0, 0, 0)  # (parts, streams, cap)
+    for streams in range(min(_DS_STREAMS, pairs), 1, -1):
+        most = budget // (streams * entry_bytes) - list_entries  # largest cap whose blocks fit
+        if most < max(1, list_entries):
+            continue
+        parts = -(-pair_entries // most)
+        if parts <= _DS_MAX_PARTS and (not best[0] or parts < best[0]):
+            best = (parts, streams, -(-pair_entries // parts))  # the parts evened out
+    return (best[1], best[2]) if best[0] > 1 else (0, 0)
 
 
 # (thread ident, device id) -> (streams, fork event, join events).  Per thread, because a fork or
@@ -589,11 +621,11 @@ def _launch_or_mapped(launch: Launch, p: FinePointers, pointers: tuple, stream) 
 
 class _Chunk(NamedTuple):
     """One chunk of the dS hand-over: its row terms' launch (None when given) with its first
-    (batch, head), and its two passes."""
+    (batch, head), and its two passes, one pair of launches per part (ds_parts; one part where
+    the chunk's blocks fit whole)."""
 
     delta: object  # (Launch, first batch * head) or None
-    dkdv: object
-    dq_ds: object
+    parts: tuple  # ((dK/dV launch, dQ launch), ...), run in order
 
 
 class FineBackward(NamedTuple):
@@ -615,6 +647,7 @@ class FineBackward(NamedTuple):
     chunks: tuple  # the hand-over's _Chunk's, () when it does not run
     streams: int
     block_elements: int  # dS blocks per stream, in elements of dtype
+    partial_bytes: int  # per stream, the dQ pass's fp32 sums carried between parts (0: no parts)
     workspace: tuple  # byte offsets (delta, lse_log2, work, codes, pos, order) in one workspace
     workspace_bytes: int
 
@@ -624,18 +657,20 @@ class FineBackward(NamedTuple):
         launches are queued.  The hand-over's chunks go to streams of this module forked from
         ``stream`` and joined back to it."""
         chunked = bool(self.chunks)
-        held = self.streams * self.block_elements * self.dtype.itemsize  # bytes of blocks in flight
+        held = self.streams * (self.block_elements * self.dtype.itemsize + self.partial_bytes)  # bytes in flight
         if chunked and _ds_refused(self.device_id, held):
             chunked = False
         blocks = workspace = None
         if chunked:  # without the memory for the blocks (or the lists after them), the passes below recompute dS
             try:
                 blocks = [alloc((self.block_elements,), self.dtype) for _ in range(self.streams)]
+                partials = [alloc((self.partial_bytes // 4,), np.dtype(np.float32))
+                            for _ in range(self.streams if self.partial_bytes else 0)]
                 workspace = alloc((self.workspace_bytes,), np.dtype(np.uint8))
             except Exception as error:  # noqa: BLE001 - allocators raise their own out-of-memory errors
                 if not _out_of_memory(error):
                     raise
-                blocks = None  # freed before the recomputing passes allocate
+                blocks = partials = None  # freed before the recomputing passes allocate
                 _ds_refuse(self.device_id, held)
                 chunked = False
         if workspace is None:
@@ -663,8 +698,9 @@ class FineBackward(NamedTuple):
         else:
             self.order_chunk((work, order), stream)
         at = [address(b) for b in blocks]  # (the blocks themselves are held until the launches are queued)
+        carry = [address(x) for x in partials] or [0] * len(at)
         if len(self.chunks) == 1:
-            self._chunk(self.chunks[0], p, at[0], codes, work, pos, order, stream)
+            self._chunk(self.chunks[0], p, at[0], carry[0], codes, work, pos, order, stream)
             return
         import cupy
 
@@ -678,7 +714,8 @@ class FineBackward(NamedTuple):
             pipe.wait_event(fork)
         try:
             for c, chunk in enumerate(self.chunks):
-                self._chunk(chunk, p, at[c % len(pipes)], codes, work, pos, order, pipes[c % len(pipes)])
+                self._chunk(chunk, p, at[c % len(pipes)], carry[c % len(pipes)], codes, work, pos, order,
+                            pipes[c % len(pipes)])
         finally:
             for pipe, join in zip(pipes, joins):
                 join.record(pipe)
@@ -689,8 +726,9 @@ class FineBackward(NamedTuple):
                     offsets, p.q_block_sizes, p.kv_block_sizes, p.dk_tile, p.dv_tile, p.dk, p.dv)
         return pointers + ((ds_blocks, order) if isinstance(self.dkdv, _TmaLaunch) else (order,))
 
-    def _chunk(self, chunk: _Chunk, p: FinePointers, ds_blocks, codes, offsets, pos, order, stream) -> None:
-        """One chunk's row terms (where not given), dK/dV pass storing dS, and dQ pass summing dS K."""
+    def _chunk(self, chunk: _Chunk, p: FinePointers, ds_blocks, partial, codes, offsets, pos, order, stream) -> None:
+        """One chunk's row terms (where not given), then per part its dK/dV pass storing dS and its
+        dQ pass summing dS K."""
         if chunk.delta is not None:  # its (batch, head)s' rows, from the bh-th on
             launch, bh = chunk.delta
             at = lambda x, nbytes: x + bh * nbytes if x else x  # noqa: E731
@@ -698,9 +736,10 @@ class FineBackward(NamedTuple):
             launch((at(p.dout, row_bytes), at(p.out, row_bytes), at(p.coarse, self.q_blocks * self.head_dim * 4),
                     at(p.gate, row_bytes), p.q_block_sizes, at(p.lse, stat_bytes), at(p.delta, stat_bytes),
                     at(p.lse_log2, stat_bytes)), stream)
-        chunk.dkdv(p, self._dkdv_pointers(p, codes, offsets, ds_blocks, order), stream)
-        chunk.dq_ds(p, (p.k, ds_blocks, pos, p.q2k_idx, p.q2k_num, p.q_block_sizes, p.kv_block_sizes, p.dq_tile, p.dq,
-                        offsets), stream)
+        for dkdv, dq_ds in chunk.parts:
+            dkdv(p, self._dkdv_pointers(p, codes, offsets, ds_blocks, order), stream)
+            dq_ds(p, (p.k, ds_blocks, pos, p.q2k_idx, p.q2k_num, p.q_block_sizes, p.kv_block_sizes, p.dq_tile, p.dq,
+                      offsets, partial), stream)
 
 
 def fine_backward(q_shape: tuple, kv_shape: tuple, dtype, num_q_blocks: int, list_len: int, scale: float,
@@ -731,11 +770,11 @@ def _fine_backward(q_shape, kv_shape, dtype, n_q, length, scale, row_terms_given
     def delta(count: int):  # bwd_delta over the rows of `count` (batch, head)s; the caller offsets the pointers
         return bwd_delta_launch(dtype, d, count * q_len, q_len, volume)
 
-    def dkdv(count: int, bh_kv0: int = 0):
+    def dkdv(count: int, bh_kv0: int = 0, part: int = 0, cap: int = 0):
         grid, tail = (kv_len // _BLOCK_M, count), (*common, np.int32(volume), np.float32(scale))
         if dkdv_wgmma:  # Q and dO by TMA (see _dkdv_shared_bytes)
             launch = make_launch("attention_bwd_sm90.cu", f"bwd_dkdv_sm90<{ctype}, {d}>", grid, (128,),
-                                 tail + (np.int32(_LIST_STAGE_LIMIT), np.int32(bh_kv0)),
+                                 tail + (np.int32(_LIST_STAGE_LIMIT), np.int32(bh_kv0), np.int32(part), np.int32(cap)),
                                  _dkdv_shared_bytes(d, tile_bytes))
             return _TmaLaunch(launch, ("q", "dout"), (q_rows, q_rows), d, dtype, device_id)
         return make_launch("attention_bwd.cu", f"bwd_dkdv<{ctype}, {d}>", grid, (128,), tail, smem + 2 * stats)
@@ -754,33 +793,45 @@ def _fine_backward(q_shape, kv_shape, dtype, n_q, length, scale, row_terms_given
 
     # The hand-over (see block_sparse_bwd): dS bytes per (batch, kv head), every selection entry
     # counted (the used ones are known on the device only).
-    chunk = streams = 0
+    chunk = streams = cap = 0
+    entry_bytes = slices * slices * _DS_BLOCK_BYTES  # dS blocks of one list entry
     if dkdv_wgmma and dq_wgmma and d in _DS_HEAD_DIMS:
-        ds_bytes = group * n_q * length * slices * slices * _DS_BLOCK_BYTES
+        pair_entries = group * n_q * length
+        ds_bytes = pair_entries * entry_bytes
         chunk, streams = ds_schedule(b * h_kv, ds_bytes, kv_len // _BLOCK_M, int(DS_WORKSPACE_BYTES))
-    chunks, order_chunk, block_elements = (), None, 0
+        if not chunk and _DS_CHUNK_PAIRS in (None, 1):  # one pair per chunk, its blocks in parts
+            streams, cap = ds_parts(b * h_kv, pair_entries, group * n_q, entry_bytes, int(DS_WORKSPACE_BYTES))
+            chunk = 1 if cap else 0
+    chunks, order_chunk, block_elements, partial_bytes = (), None, 0, 0
     if chunk:
         shared, list_room = _dq_ds_layout(tile_bytes, _DQDS_STAGES)
+        parts = -(-pair_entries // cap) if cap else 1
         built = []
         for bh_kv0 in range(0, b * h_kv, chunk):
             count = min(chunk, b * h_kv - bh_kv0)
-            dq_ds = make_launch("attention_bwd_sm90.cu", f"bwd_dq_ds_sm90<{ctype}, {d}, {_DQDS_STAGES}>",
-                                (q_len // _BLOCK_M, count * group), (128,),
-                                list_tail + (np.int32(_LIST_STAGE_LIMIT), np.int32(bh_kv0 * group), np.int32(list_room)),
-                                shared)
-            built.append(_Chunk(None if row_terms_given else (delta(count * group), bh_kv0 * group),
-                                dkdv(count, bh_kv0), _TmaLaunch(dq_ds, ("k",), (kv_rows,), d, dtype, device_id)))
+            launches = []
+            for part in range(parts):
+                dq_ds = make_launch("attention_bwd_sm90.cu", f"bwd_dq_ds_sm90<{ctype}, {d}, {_DQDS_STAGES}>",
+                                    (q_len // _BLOCK_M, count * group), (128,),
+                                    list_tail + (np.int32(_LIST_STAGE_LIMIT), np.int32(bh_kv0 * group),
+                                                 np.int32(list_room), np.int32(part), np.int32(parts), np.int32(cap)),
+                                    shared)
+                launches.append((dkdv(count, bh_kv0, part, cap),
+                                 _TmaLaunch(dq_ds, ("k",), (kv_rows,), d, dtype, device_id)))
+            built.append(_Chunk(None if row_terms_given else (delta(count * group), bh_kv0 * group), tuple(launches)))
         chunks = tuple(built)
         order_chunk = order_launch(lists.lists, chunk * n_kv) if DKDV_ORDER and lists.lists else None
-        block_elements = chunk * ds_bytes // item
+        # with parts, a part's blocks: fewer than cap + a list's entries (ds_parts)
+        block_elements = (min(pair_entries, cap + group * n_q) * entry_bytes if cap else chunk * ds_bytes) // item
+        partial_bytes = group * q_len * d * 4 if cap else 0
     # One workspace: delta and lse_log2 (where not given), the lists' work and codes, pos, the order.
     own_log2 = dkdv_wgmma and not row_terms_given
     sizes = ((0 if row_terms_given else 4 * q_rows), (4 * q_rows if own_log2 else 0), 4 * lists.work_ints,
              4 * lists.entries, 4 * lists.entries if chunk else 0, 4 * lists.lists)
     offsets, end = workspace_layout(sizes)
     return FineBackward(device_id, dtype, d, q_len, n_q, None if row_terms_given else delta(b * h), own_log2, dq,
-                        dkdv(b * h_kv), lists, order_all, order_chunk, chunks, streams, block_elements, offsets,
-                        max(end, 256))
+                        dkdv(b * h_kv), lists, order_all, order_chunk, chunks, streams, block_elements, partial_bytes,
+                        offsets, max(end, 256))
 
 
 def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
@@ -797,8 +848,12 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     head) pairs go in chunks (:func:`ds_schedule`): one chunk on the current stream, or several,
     up to ``_DS_STREAMS`` at a time on streams of their own, forked from the current stream and
     joined back to it (so the call stays capturable in a CUDA graph); without ``row_terms``, each
-    chunk's rows get their ``bwd_delta`` on its stream, just before its dK/dV pass.  Elsewhere,
-    where the schedule declines (small problems, too little budget), or when the blocks cannot be
+    chunk's rows get their ``bwd_delta`` on its stream, just before its dK/dV pass.  Where one
+    pair's blocks do not fit the budget twice but parts of them do (:func:`ds_parts`: Wan2.1-14B
+    at 720p), each chunk is one pair whose two passes run in parts, one after another on its
+    stream, each part over the key tiles whose lists start in it, the dQ pass carrying its fp32
+    sums from part to part.  Elsewhere, where neither schedule fits (small problems, too little
+    budget, a single pair), or when the blocks cannot be
     allocated (then calls of that size recompute for a while: ``_ds_refused``), the dQ pass
     recomputes S, P, dP and dS itself: seven products per pair, no workspace.  The side streams
     and their events are made on a thread's first call with several chunks: warm up before a
