@@ -519,7 +519,9 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
     const int* pair_offsets = kv2q_offsets + bh0 / (num_heads / num_kv_heads) * (kv_len / tile_volume);
     const int ds_base = pair_offsets[0] + part * part_cap;
     auto size_in_part = [&](int tile) {  // the tile's block size, 0 (skipped) outside this part
-        return part_cap == 0 || (pair_offsets[tile] - pair_offsets[0]) / part_cap == part ? kv_block_sizes[tile] : 0;
+        return part_cap == 0 || min((pair_offsets[tile] - pair_offsets[0]) / part_cap, parts - 1) == part
+                   ? kv_block_sizes[tile]
+                   : 0;
     };
     const int n = cta.n_chunks, per_tile = cta.chunks_per_tile;  // per_tile: also the query slices per tile
     const int slice = (blockIdx.x * ATT_BLOCK_M) % tile_volume / ATT_BLOCK_M;
@@ -625,10 +627,10 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
 // swizzle), and then `list_cap` (as in bwd_dq_sm90), `ds_blocks` (null, or the workspace where
 // each step's dS block goes for bwd_dq_ds_sm90), `bh_kv0` (the first (batch, kv head) of the
 // launch's lists: with dS blocks, a launch may cover a chunk of the kv heads, whose blocks start
-// the workspace), `order` (null, or kv_lists_order's schedule: see DkdvCta), and `part` and
-// `part_cap` (0: one launch for the chunk's lists; else the launch of one part of a single
-// (batch, kv head)'s blocks, see below and the launcher's ds_parts); `lse` holds lse * log2(e)
-// here (bwd_delta's lse_log2).
+// the workspace), `order` (null, or kv_lists_order's schedule: see DkdvCta), and `part`,
+// `parts` and `part_cap` (0: one launch for the chunk's lists; else the launch of one part of a
+// single (batch, kv head)'s blocks, see below and the launcher's ds_parts); `lse` holds
+// lse * log2(e) here (bwd_delta's lse_log2).
 template <typename T, int D>
 __global__ void __launch_bounds__(vsa::ATT_THREADS, 1)
 bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant__ vsa::TmaDesc tma_do,
@@ -638,7 +640,7 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
               const int* __restrict__ kv_block_sizes, const float* __restrict__ dk_tile,
               const float* __restrict__ dv_tile, T* __restrict__ dk, T* __restrict__ dv, T* __restrict__ ds_blocks,
               const int* __restrict__ order, int num_heads, int num_kv_heads, int q_len, int kv_len, int tile_volume,
-              float scale, int list_cap, int bh_kv0, int part, int part_cap) {
+              float scale, int list_cap, int bh_kv0, int part, int parts, int part_cap) {
     using namespace vsa;
     constexpr int TILE = AttentionSmem<D>::TILE, STAGES = DKDV_STAGES<D>, STATS = DkdvSmem<D>::STATS;
     static_assert(STAGES >= 2 && STAGES <= 4, "stage_rows holds one byte per stage");
@@ -663,14 +665,16 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
     // steps' blocks lie slices blocks apart (no division per step).
     // With the blocks in parts (part_cap > 0), this launch takes the lists that start in part
     // `part`: whose first position p0 (counted as below, before the part's offset) lies in
-    // [part * part_cap, (part + 1) * part_cap).  Every list, an empty one too, starts in exactly
-    // one part, whose launch writes its dK and dV; the others' CTAs return here.
+    // [part * part_cap, (part + 1) * part_cap), the last part also those that start at or past
+    // its end (empty lists after every entry, when the entries fill the parts exactly).  Every
+    // list starts in exactly one part, whose launch writes its dK and dV; the others' CTAs
+    // return here.
     uint4* ds_step0 = nullptr;
     const int ds_step_groups = slices * DS_BLOCK_BYTES / 16;
     if (ds_blocks) {
         int p0 = first - kv2q_offsets[bh_kv0 * cta.num_kv_blocks];
         if (part_cap > 0) {  // the same in every thread
-            if (p0 / part_cap != part) return;
+            if (min(p0 / part_cap, parts - 1) != part) return;
             p0 -= part * part_cap;
         }
         const size_t block0 = static_cast<size_t>(p0) * slices * slices + cta.chunk % slices;

@@ -340,6 +340,51 @@ def test_parts_give_the_chunks_results(entries_per_stream, parts, staged):
             assert same(a, b), other
 
 
+@pytest.mark.parametrize("tile", [(4, 4, 4), (4, 4, 8)])
+def test_parts_cover_key_tiles_no_query_tile_chose(tile):
+    """Selections pinned so that every entry is used and none twice (the entries fill the parts
+    exactly) and the last three key tiles and one in the middle are chosen by no query tile: the
+    empty lists at the end start where the last part ends, and that part must still write their
+    dk and dv (0).  Bit for bit the gradients of one chunk, every buffer poisoned with NaN; at
+    tile volumes 64 and 128 (two 64-row slices per tile, partial tiles at the edge)."""
+    import cupy
+
+    from vsa_nd.backends import cuda, cuda_attention
+
+    plan = vsa_nd.tile_plan((8, 12, 20), tile, device="cuda:0")
+    n, topk, rng = plan.num_blocks, 5, np.random.default_rng(31)
+    chosen = [j for j in range(n - 3) if j != n // 2]  # never n // 2 nor the last three
+    idx = np.sort(np.stack([rng.choice(chosen, topk, replace=False) for _ in range(3 * 4 * n)]), axis=1)
+    q2k_idx = cupy.asarray(idx.reshape(3, 4, n, topk).astype(np.int32))
+    q2k_num = cupy.full((3, 4, n), topk, np.int32)
+    normal = lambda heads: cupy.asarray(rng.standard_normal((3, heads, plan.padded_len, 128)).astype(BFLOAT16))  # noqa: E731
+    q, dout, k, v = normal(4), normal(4), normal(2), normal(2)
+    sizes = plan.variable_block_sizes
+    out, lse = vsa_nd.block_sparse_attn(q, k, v, sizes, q2k_idx, q2k_num, return_lse=True, q_block_sizes=sizes)
+    slices = plan.tile_volume // 64
+    entries, entry_bytes = 2 * n * topk, slices * slices * 8192  # per (batch, kv head) pair
+    budget = 2 * entry_bytes * (entries // 2 + 2 * n + 10)
+    results = {}
+    for key in ("one chunk", "parts"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cuda_attention, "_alloc", _poisoned_alloc)
+            patch.setattr(cuda, "_alloc", _poisoned_alloc)
+            use_kernels("streams" if key == "parts" else "workspace", patch)
+            if key == "parts":
+                patch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", budget)
+                assert cuda_attention.ds_parts(6, entries, 2 * n, entry_bytes, budget) == (2, entries // 2)
+            launches = _Launches(patch)
+            results[key] = cuda_attention.block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, sizes, sizes,
+                                                           128 ** -0.5, None, None, None, None, None)
+            assert launches.names.count("bwd_dq_ds_sm90") == (1 if key == "one chunk" else 12)
+    assert not bool(cupy.isnan(results["parts"][1]).any())
+    for a, b in zip(results["parts"], results["one chunk"]):
+        assert bool(cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)))
+    unchosen = np.array([n // 2, n - 3, n - 2, n - 1])
+    rows = (unchosen[:, None] * plan.tile_volume + np.arange(plan.tile_volume)).ravel()
+    assert not bool(results["parts"][1][:, :, rows].any()) and not bool(results["parts"][2][:, :, rows].any())
+
+
 _SPIN = r"""
 extern "C" __global__ void spin(long long cycles) {
     long long start = clock64();

@@ -103,7 +103,8 @@ def ds_parts(pairs: int, pair_entries: int, list_entries: int, entry_bytes: int,
     A pair has at most ``pair_entries`` KV->Q list entries (every selection entry counted) of
     ``entry_bytes`` of dS blocks each, and a list at most ``list_entries``.  Its passes then run in
     parts, one after another on the pair's stream: part r takes the lists that start (first
-    position, counted from the pair's first list) in [r * cap, (r + 1) * cap), so its blocks
+    position, counted from the pair's first list) in [r * cap, (r + 1) * cap) (the last part also
+    the empty lists that start at its end), so its blocks
     number fewer than cap + list_entries entries' worth, whatever the selection; its dQ pass sums
     only those lists' key tiles, carrying fp32 sums to the next part.  Pairs run on 2 to
     _DS_STREAMS streams at a time, as few parts as the budget allows (then as many streams): at
@@ -565,7 +566,7 @@ def bwd_delta(dout, out, coarse, gate, q_block_sizes, lse, delta, lse_log2=None)
 def backward_knobs() -> tuple:
     """The module's settings that shape a backward's launches, as a cache key (tests change them)."""
     return (BACKWARD_KERNEL, DKDV_ORDER, _LIST_STAGE_LIMIT, DS_WORKSPACE_BYTES, _DS_MIN_BYTES, _DS_CHUNK_PAIRS,
-            _DS_HEAD_DIMS, _DS_STREAMS, _DS_MIN_CTAS, _DQDS_STAGES)
+            _DS_HEAD_DIMS, _DS_STREAMS, _DS_MIN_CTAS, _DQDS_STAGES, _DS_MAX_PARTS)
 
 
 class FinePointers(NamedTuple):
@@ -770,11 +771,12 @@ def _fine_backward(q_shape, kv_shape, dtype, n_q, length, scale, row_terms_given
     def delta(count: int):  # bwd_delta over the rows of `count` (batch, head)s; the caller offsets the pointers
         return bwd_delta_launch(dtype, d, count * q_len, q_len, volume)
 
-    def dkdv(count: int, bh_kv0: int = 0, part: int = 0, cap: int = 0):
+    def dkdv(count: int, bh_kv0: int = 0, part: int = 0, parts: int = 1, cap: int = 0):
         grid, tail = (kv_len // _BLOCK_M, count), (*common, np.int32(volume), np.float32(scale))
         if dkdv_wgmma:  # Q and dO by TMA (see _dkdv_shared_bytes)
             launch = make_launch("attention_bwd_sm90.cu", f"bwd_dkdv_sm90<{ctype}, {d}>", grid, (128,),
-                                 tail + (np.int32(_LIST_STAGE_LIMIT), np.int32(bh_kv0), np.int32(part), np.int32(cap)),
+                                 tail + (np.int32(_LIST_STAGE_LIMIT), np.int32(bh_kv0), np.int32(part), np.int32(parts),
+                                         np.int32(cap)),
                                  _dkdv_shared_bytes(d, tile_bytes))
             return _TmaLaunch(launch, ("q", "dout"), (q_rows, q_rows), d, dtype, device_id)
         return make_launch("attention_bwd.cu", f"bwd_dkdv<{ctype}, {d}>", grid, (128,), tail, smem + 2 * stats)
@@ -816,7 +818,7 @@ def _fine_backward(q_shape, kv_shape, dtype, n_q, length, scale, row_terms_given
                                     list_tail + (np.int32(_LIST_STAGE_LIMIT), np.int32(bh_kv0 * group),
                                                  np.int32(list_room), np.int32(part), np.int32(parts), np.int32(cap)),
                                     shared)
-                launches.append((dkdv(count, bh_kv0, part, cap),
+                launches.append((dkdv(count, bh_kv0, part, parts, cap),
                                  _TmaLaunch(dq_ds, ("k",), (kv_rows,), d, dtype, device_id)))
             built.append(_Chunk(None if row_terms_given else (delta(count * group), bh_kv0 * group), tuple(launches)))
         chunks = tuple(built)
