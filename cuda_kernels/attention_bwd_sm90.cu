@@ -119,6 +119,14 @@ __device__ __forceinline__ void store_ds_block(uint4* mine, const unsigned int (
         __stcs(mine + w * 128, make_uint4(ds[w][0], ds[w][1], ds[w][2], ds[w][3]));
 }
 
+// With a pair's blocks in parts (the launcher's ds_parts), the part that takes a KV->Q list
+// starting at position `start` (counted from the pair's first list): parts of part_cap positions,
+// the last one also taking the lists that start at or past its end (empty lists after every
+// entry, when the entries fill the parts exactly).  Both passes decide by it.
+__device__ __forceinline__ int part_of_list(int start, int part_cap, int parts) {
+    return min(start / part_cap, parts - 1);
+}
+
 __device__ __forceinline__ unsigned int transpose8x8(unsigned int x) {
     unsigned int y;
     asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
@@ -519,7 +527,7 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
     const int* pair_offsets = kv2q_offsets + bh0 / (num_heads / num_kv_heads) * (kv_len / tile_volume);
     const int ds_base = pair_offsets[0] + part * part_cap;
     auto size_in_part = [&](int tile) {  // the tile's block size, 0 (skipped) outside this part
-        return part_cap == 0 || min((pair_offsets[tile] - pair_offsets[0]) / part_cap, parts - 1) == part
+        return part_cap == 0 || part_of_list(pair_offsets[tile] - pair_offsets[0], part_cap, parts) == part
                    ? kv_block_sizes[tile]
                    : 0;
     };
@@ -663,18 +671,16 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
     // slice s (t = e * slices + s), chunk c of the key tile and p0 this list's first position
     // counted from the launch's first list: (p0 * slices + t) * slices + c, so consecutive
     // steps' blocks lie slices blocks apart (no division per step).
-    // With the blocks in parts (part_cap > 0), this launch takes the lists that start in part
-    // `part`: whose first position p0 (counted as below, before the part's offset) lies in
-    // [part * part_cap, (part + 1) * part_cap), the last part also those that start at or past
-    // its end (empty lists after every entry, when the entries fill the parts exactly).  Every
-    // list starts in exactly one part, whose launch writes its dK and dV; the others' CTAs
-    // return here.
+    // With the blocks in parts (part_cap > 0), this launch takes the lists whose first position
+    // p0 (counted as below, before the part's offset) lies in part `part` (part_of_list).  Every
+    // list lies in exactly one part, whose launch writes its dK and dV; the others' CTAs return
+    // here.
     uint4* ds_step0 = nullptr;
     const int ds_step_groups = slices * DS_BLOCK_BYTES / 16;
     if (ds_blocks) {
         int p0 = first - kv2q_offsets[bh_kv0 * cta.num_kv_blocks];
         if (part_cap > 0) {  // the same in every thread
-            if (min(p0 / part_cap, parts - 1) != part) return;
+            if (part_of_list(p0, part_cap, parts) != part) return;
             p0 -= part * part_cap;
         }
         const size_t block0 = static_cast<size_t>(p0) * slices * slices + cta.chunk % slices;

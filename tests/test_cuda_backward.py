@@ -63,16 +63,19 @@ def _poisoned_alloc(shape, dtype):
     return out
 
 
-@pytest.fixture(params=KERNELS)
-def poisoned(request, monkeypatch):
-    """Every buffer the backends allocate (outputs, the workspaces of temporaries, the dS blocks)
-    starts as 0xFF bytes: NaN in every float type, -1 in int32; each test runs every path of
-    use_kernels."""
+def _poison_allocations(monkeypatch):
+    """Every buffer the backends allocate (outputs, the workspaces of temporaries, the dS blocks,
+    the carried sums of the dQ pass) starts as 0xFF bytes: NaN in every float type, -1 in int32."""
     from vsa_nd.backends import cuda, cuda_attention
 
-    alloc = _poisoned_alloc
-    monkeypatch.setattr(cuda_attention, "_alloc", alloc)
-    monkeypatch.setattr(cuda, "_alloc", alloc)
+    monkeypatch.setattr(cuda_attention, "_alloc", _poisoned_alloc)
+    monkeypatch.setattr(cuda, "_alloc", _poisoned_alloc)
+
+
+@pytest.fixture(params=KERNELS)
+def poisoned(request, monkeypatch):
+    """_poison_allocations, and each test runs every path of use_kernels."""
+    _poison_allocations(monkeypatch)
     use_kernels(request.param, monkeypatch)
 
 
@@ -312,14 +315,13 @@ def test_parts_give_the_chunks_results(entries_per_stream, parts, staged):
     launch of each pass per part and pair; also with the lists read from global memory."""
     import cupy
 
-    from vsa_nd.backends import cuda, cuda_attention
+    from vsa_nd.backends import cuda_attention
 
     dout, ctx = _hand_over_problem(29)
     results = {}
     for key in ("one chunk", "parts", "parts again"):
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(cuda_attention, "_alloc", _poisoned_alloc)  # the blocks and fp32 sums start as NaN
-            patch.setattr(cuda, "_alloc", _poisoned_alloc)
+            _poison_allocations(patch)
             use_kernels("streams" if key.startswith("parts") else "workspace", patch)
             patch.setattr(cuda_attention, "_LIST_STAGE_LIMIT", cuda_attention._LIST_CAP if staged else 1)
             if key.startswith("parts"):  # 6 pairs of 2 x 30 query tiles x top 7 entries, lists of <= 60
@@ -349,7 +351,7 @@ def test_parts_cover_key_tiles_no_query_tile_chose(tile):
     tile volumes 64 and 128 (two 64-row slices per tile, partial tiles at the edge)."""
     import cupy
 
-    from vsa_nd.backends import cuda, cuda_attention
+    from vsa_nd.backends import cuda_attention
 
     plan = vsa_nd.tile_plan((8, 12, 20), tile, device="cuda:0")
     n, topk, rng = plan.num_blocks, 5, np.random.default_rng(31)
@@ -367,8 +369,7 @@ def test_parts_cover_key_tiles_no_query_tile_chose(tile):
     results = {}
     for key in ("one chunk", "parts"):
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(cuda_attention, "_alloc", _poisoned_alloc)
-            patch.setattr(cuda, "_alloc", _poisoned_alloc)
+            _poison_allocations(patch)
             use_kernels("streams" if key == "parts" else "workspace", patch)
             if key == "parts":
                 patch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", budget)

@@ -104,8 +104,8 @@ def ds_parts(pairs: int, pair_entries: int, list_entries: int, entry_bytes: int,
     ``entry_bytes`` of dS blocks each, and a list at most ``list_entries``.  Its passes then run in
     parts, one after another on the pair's stream: part r takes the lists that start (first
     position, counted from the pair's first list) in [r * cap, (r + 1) * cap) (the last part also
-    the empty lists that start at its end), so its blocks
-    number fewer than cap + list_entries entries' worth, whatever the selection; its dQ pass sums
+    the empty lists that start at its end), so its blocks number fewer than cap + list_entries
+    entries' worth, whatever the selection; its dQ pass sums
     only those lists' key tiles, carrying fp32 sums to the next part.  Pairs run on 2 to
     _DS_STREAMS streams at a time, as few parts as the budget allows (then as many streams): at
     Wan2.1-14B 720p (one head's blocks 1.98 GiB), two streams of two parts in 2 GiB.  One pair
@@ -797,9 +797,9 @@ def _fine_backward(q_shape, kv_shape, dtype, n_q, length, scale, row_terms_given
     # counted (the used ones are known on the device only).
     chunk = streams = cap = 0
     entry_bytes = slices * slices * _DS_BLOCK_BYTES  # dS blocks of one list entry
+    pair_entries = group * n_q * length
+    ds_bytes = pair_entries * entry_bytes
     if dkdv_wgmma and dq_wgmma and d in _DS_HEAD_DIMS:
-        pair_entries = group * n_q * length
-        ds_bytes = pair_entries * entry_bytes
         chunk, streams = ds_schedule(b * h_kv, ds_bytes, kv_len // _BLOCK_M, int(DS_WORKSPACE_BYTES))
         if not chunk and _DS_CHUNK_PAIRS in (None, 1):  # one pair per chunk, its blocks in parts
             streams, cap = ds_parts(b * h_kv, pair_entries, group * n_q, entry_bytes, int(DS_WORKSPACE_BYTES))
