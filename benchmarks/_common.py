@@ -111,3 +111,53 @@ class ClockSampler:
     def between(self, start: float, end: float) -> str:
         mhz = [m for t, m in list(self._samples) if start <= t <= end]
         return f"{statistics.median(mhz):.0f} / {min(mhz):.0f}" if mhz else ""
+
+
+def smooth_inputs(rng, plan, heads: int, head_dim: int, sigma: float, noise: float = 1.0):
+    """Video-like q and k for one batch, tiled ([1, heads, S_pad, head_dim] float32, CuPy arrays for
+    a CuPy ``rng``, NumPy for a NumPy one): per head one random field over the token grid, smoothed
+    by a Gaussian of ``sigma`` tokens along every axis (unit variance), plus independent white noise
+    of std ``noise`` for each of q and k.  Nearby tiles then have similar means, so each query tile
+    picks key tiles mostly near it and neighbouring query tiles pick many of the same ones, as
+    attention in video transformers tends to; ``sigma`` = 0 leaves the field white, which gives
+    random selections.  Pad slots are 0."""
+    import numpy
+
+    import vsa_nd
+
+    xp = numpy
+    if type(rng).__module__.startswith("cupy"):
+        import cupy as xp
+    grid = tuple(plan.seq_shape)
+    freqs = [xp.fft.fftfreq(n) for n in grid[:-1]] + [xp.fft.rfftfreq(grid[-1])]
+    gain = xp.ones((1,) * len(grid))
+    for axis, f in enumerate(freqs):  # the Gaussian's transfer function, one axis at a time
+        shape = [1] * len(grid)
+        shape[axis] = -1
+        gain = gain * xp.exp(-2.0 * (numpy.pi * f * sigma) ** 2).reshape(shape)
+    axes = tuple(range(len(grid)))
+    q = xp.empty((1, plan.seq_len, heads, head_dim), dtype=xp.float32)
+    k = xp.empty_like(q)
+    for h in range(heads):
+        white = rng.standard_normal(grid + (head_dim,), dtype=xp.float32)
+        field = xp.fft.irfftn(xp.fft.rfftn(white, axes=axes) * gain[..., None], s=grid, axes=axes)
+        field = (field / field.std()).reshape(plan.seq_len, head_dim)
+        q[0, :, h] = field + noise * rng.standard_normal(field.shape, dtype=xp.float32)
+        k[0, :, h] = field + noise * rng.standard_normal(field.shape, dtype=xp.float32)
+    return vsa_nd.tile(q, plan), vsa_nd.tile(k, plan)
+
+
+def selection_overlap(q2k_idx, topk: int) -> float:
+    """Mean fraction of a query tile's selected key tiles that the next query tile (in tile order,
+    same batch and head) selects too: ~topk / tiles for random selections, near 1 for local ones."""
+    import numpy as np
+
+    idx = np.asarray(q2k_idx.get() if hasattr(q2k_idx, "get") else q2k_idx)[..., :topk]
+    n = idx.shape[-2]
+    flat = idx.reshape(-1, n, topk)
+    shared = 0
+    for head in flat:
+        member = np.zeros((n, int(head.max()) + 1), dtype=bool)
+        np.put_along_axis(member, head, True, axis=1)
+        shared += (member[:-1] & member[1:]).sum()
+    return shared / (flat.shape[0] * (n - 1) * topk)

@@ -14,7 +14,10 @@ seconds of idle GPU (default 3) come before each row, so that a row does not inh
 its predecessor left (the card recovers its full clock within a second or two of idling).
 ``--out FILE`` also writes the table.
 
-    python benchmarks/bench_backward.py [--shapes main,480p] [--rest 3] [--out table.md]
+``--smooth SIGMA`` draws video-like q and k (see ``_common.smooth_inputs``), whose selections are local
+instead of random; each row names the mean overlap of neighbouring query tiles' selections.
+
+    python benchmarks/bench_backward.py [--shapes main,480p] [--rest 3] [--smooth 2] [--out table.md]
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ import time
 
 import numpy as np
 
-from _common import ClockSampler, commit, emit, time_back_to_back
+from _common import ClockSampler, commit, emit, selection_overlap, smooth_inputs, time_back_to_back
 from bench_vsa import SHAPES, _median_ms
 
 
-def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks, rest=0.0):
+def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks, rest=0.0, smooth=None):
     import cupy
     import torch
     import torch.nn.functional as F
@@ -46,6 +49,8 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks, rest=0
     rng = cupy.random.default_rng(1)
     shape = (1, heads, s_pad, head_dim)
     q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32).astype(BFLOAT16) for _ in range(4))
+    if smooth is not None:  # video-like q and k, whose selections are local (see smooth_inputs)
+        q, k = (x.astype(BFLOAT16) for x in smooth_inputs(rng, plan, heads, head_dim, smooth))
     sizes = plan.variable_block_sizes
     label = f"{name}: {seq_shape}, {heads}h, D={head_dim}, {s} tok, top {topk}/{n}"
     flops = 4.0 * heads * head_dim * s_pad * topk * volume
@@ -68,6 +73,8 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks, rest=0
               + (f"  SM {clock} MHz" if clock else ""), flush=True)
 
     out, ctx = vsa_nd.video_sparse_attn(q, k, v, topk, sizes, return_context=True)
+    overlap = selection_overlap(ctx.q2k_idx, topk)
+    label += f", {'random' if smooth is None else f'smooth q/k (sigma {smooth:g})'}: overlap {overlap:.2f}"
     fine_fwd = lambda: vsa_nd.block_sparse_attn(  # noqa: E731
         q, k, v, sizes, ctx.q2k_idx, ctx.q2k_num, check_indices=False)
     settle()
@@ -127,6 +134,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="main,480p")
     parser.add_argument("--rest", type=float, default=3.0, help="seconds of idle GPU before each row")
+    parser.add_argument("--smooth", type=float, default=None, metavar="SIGMA",
+                        help="video-like q and k: a random field smoothed over SIGMA tokens, plus noise")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -136,7 +145,7 @@ def main():
     rows: list = []
     with ClockSampler() as clocks:
         for shape in args.shapes.split(","):
-            bench_shape(shape, *SHAPES[shape], rows, clocks, args.rest)
+            bench_shape(shape, *SHAPES[shape], rows, clocks, args.rest, args.smooth)
     lines = [f"### CUDA backward on {name}, {datetime.date.today()}, commit {commit()}", "",
              "| shape | what | time (ms) | TFLOP/s | SM clock while timed (MHz, median / min) |",
              "| --- | --- | ---: | ---: | --- |"]

@@ -661,7 +661,7 @@ class FineBackward(NamedTuple):
         held = self.streams * (self.block_elements * self.dtype.itemsize + self.partial_bytes)  # bytes in flight
         if chunked and _ds_refused(self.device_id, held):
             chunked = False
-        blocks = workspace = None
+        blocks = partials = workspace = None
         if chunked:  # without the memory for the blocks (or the lists after them), the passes below recompute dS
             try:
                 blocks = [alloc((self.block_elements,), self.dtype) for _ in range(self.streams)]
