@@ -10,6 +10,9 @@ blocks of 32 KB at pseudo-random tiles of their head's [49152, 128] fp32 buffer 
 in L2), by
 
 - bulk copies to shared memory (``cp.async.bulk``, what the TMA loads of the passes do);
+- the same by clusters of two CTAs (neighbouring query tiles) kept in step, where a share of the
+  steps want the same block in both (as video-like selections do): each CTA copying it, or one
+  copy multicast into both CTAs;
 - bulk reductions from shared memory (``cp.reduce.async.bulk .add.f32``), one or up to four in
   flight per CTA;
 - ``red.global.add.v4.f32`` from registers (what the atomic-dQ experiment in BENCHMARKS.md used).
@@ -17,7 +20,9 @@ in L2), by
 Medians of CUDA-event timings of 7 launches after a warm-up one; the reduction is checked once
 against the sum it must produce.
 
-    python benchmarks/bench_l2.py [--out table.md]
+``--load-smem-kb`` sets the copy kernels' shared memory per CTA, and so how many share an SM.
+
+    python benchmarks/bench_l2.py [--load-smem-kb 32] [--out table.md]
 """
 
 from __future__ import annotations
@@ -67,6 +72,55 @@ extern "C" __global__ void __launch_bounds__(128) bulk_load(float* buffer, int b
     if (staged[5] == 12345.f) sink[0] = staged[7];  // keeps the copies
 }
 
+// Clusters of two CTAs (two neighbouring query tiles of one head).  At share_pct percent of the
+// steps both CTAs want the same block, as neighbouring query tiles of video-like selections do:
+// rank 0 copies it into both CTAs' shared memory with one multicast bulk copy (multicast = 1),
+// or each CTA copies it for itself (multicast = 0).  The other steps copy a block of each CTA's
+// own.  A cluster barrier per step keeps the pair in step: each CTA arms its barrier for step i
+// before either issues the step's copies, so that no copy's bytes reach the partner's barrier
+// while it is still waiting for step i - 1.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128)
+bulk_load_pairs(float* buffer, int blocks, float* sink, int share_pct, int multicast) {
+    extern __shared__ __align__(128) float staged[];
+    __shared__ __align__(8) unsigned long long bar;
+    unsigned int rank;
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    const unsigned int pair = blockIdx.x / 2, head = blockIdx.x / TILES;
+    if (threadIdx.x == 0) {
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(&bar)));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    cluster_sync();
+    for (int i = 0; i < blocks; ++i) {
+        const bool both = tile_of(pair + 7919u * TILES, i) % 100u < static_cast<unsigned int>(share_pct);
+        const unsigned int tile = both ? tile_of(pair, i) : tile_of(blockIdx.x, i);
+        const float* block = buffer + (static_cast<size_t>(head) * TILES + tile) * BLOCK_FLOATS;
+        if (threadIdx.x == 0)
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(&bar)),
+                         "r"(BLOCK_FLOATS * 4) : "memory");
+        cluster_sync();
+        if (threadIdx.x == 0) {
+            if (both && multicast) {
+                if (rank == 0)
+                    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+                                 " [%0], [%1], %2, [%3], %4;" ::"r"(shared_address(staged)), "l"(block),
+                                 "r"(BLOCK_FLOATS * 4), "r"(shared_address(&bar)), "h"(static_cast<unsigned short>(3))
+                                 : "memory");
+            } else {
+                asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                             ::"r"(shared_address(staged)), "l"(block), "r"(BLOCK_FLOATS * 4),
+                             "r"(shared_address(&bar)) : "memory");
+            }
+            asm volatile("{\n .reg .pred done;\n wait: mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                         " @!done bra wait;\n}" ::"r"(shared_address(&bar)), "r"(i & 1) : "memory");
+        }
+    }
+    if (staged[5] == 12345.f) sink[0] = staged[7];  // keeps the copies
+}
+
 extern "C" __global__ void __launch_bounds__(128) bulk_reduce(float* buffer, int blocks, int in_flight) {
     extern __shared__ __align__(128) float staged[];
     for (int i = threadIdx.x; i < BLOCK_FLOATS; i += blockDim.x) staged[i] = 1e-3f * (i & 7);
@@ -99,6 +153,8 @@ extern "C" __global__ void __launch_bounds__(128) red_v4(float* buffer, int bloc
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--load-smem-kb", type=int, default=32,
+                        help="dynamic shared memory per CTA of the copy kernels (fewer CTAs per SM above 32)")
     args = parser.parse_args()
 
     import cupy
@@ -116,8 +172,15 @@ def main():
         return median_ms(lambda: kernel((ctas,), (128,), kernel_args, shared_mem=smem), repeats=7, warmup=1)
 
     block_bytes = BLOCK_FLOATS * 4
+    load_bytes = max(block_bytes, args.load_smem_kb * 1024)
     cases = [
-        ("bulk copy L2 -> shared memory (cp.async.bulk)", "bulk_load", (buffer, blocks, sink), block_bytes),
+        ("bulk copy L2 -> shared memory (cp.async.bulk)", "bulk_load", (buffer, blocks, sink), load_bytes),
+        ("the same, CTAs in pairs kept in step, no block shared", "bulk_load_pairs",
+         (buffer, blocks, sink, np.int32(0), np.int32(0)), load_bytes),
+        *((f"the same, pairs sharing {pct}% of their blocks, each CTA copying its own", "bulk_load_pairs",
+           (buffer, blocks, sink, np.int32(pct), np.int32(0)), load_bytes) for pct in (36, 72)),
+        *((f"the same, pairs sharing {pct}% of their blocks, shared ones multicast", "bulk_load_pairs",
+           (buffer, blocks, sink, np.int32(pct), np.int32(1)), load_bytes) for pct in (36, 72)),
         ("bulk fp32 add shared memory -> L2, one in flight", "bulk_reduce", (buffer, blocks, np.int32(1)),
          block_bytes),
         ("bulk fp32 add shared memory -> L2, four in flight", "bulk_reduce", (buffer, blocks, np.int32(4)),
