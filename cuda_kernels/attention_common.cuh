@@ -90,11 +90,19 @@ __device__ __forceinline__ void load_tile_async(unsigned char* tile, const T* sr
     }
 }
 
+// The running row max of the online softmax moves only when a chunk's max exceeds it by more
+// than RESCALE_SLACK (log2 units).  Below that P = exp2(scale * s - max) stays under 2^8 (far
+// inside fp32 and the 16-bit P), and the output accumulator keeps its scale, so most chunks
+// skip the rescale (o *= alpha); out and lse are the same functions of the same sums, only
+// their rounding differs.  FlashAttention-4's rescaling rule: it made the forward 1.0-1.4%
+// faster at the main shape on H200s (BENCHMARKS.md, "The forward's running max").
+constexpr float RESCALE_SLACK = 8.f;
+
 // Online softmax over a 16x64 fragment of raw scores q.k (log2 domain, scale_log2 > 0):
-// masks keys >= valid, updates the running row max (kept scaled) and sum, and leaves
-// P = exp2(scale_log2 * s - max) in s.  Returns in alpha the factor the output accumulator
-// must be rescaled by (see rescale), so that a caller can apply it once an in-flight matrix
-// product into o has finished.  The scale is folded into one FFMA per score.
+// masks keys >= valid, updates the running row max (kept scaled; see RESCALE_SLACK) and sum,
+// and leaves P = exp2(scale_log2 * s - max) in s.  Returns in alpha the factor the output
+// accumulator must be rescaled by (see rescale), so that a caller can apply it once an
+// in-flight matrix product into o has finished.  The scale is folded into one FFMA per score.
 __device__ __forceinline__ void softmax_scores(float (&s)[32], float (&row_max)[2], float (&row_sum)[2],
                                                float (&alpha)[2], int valid, float scale_log2, int lane) {
     if (valid < ATT_BLOCK_N) {
@@ -110,8 +118,10 @@ __device__ __forceinline__ void softmax_scores(float (&s)[32], float (&row_max)[
     for (int r = 0; r < 2; ++r) {
         chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 1));
         chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 2));
-        // Finite: a row's first chunk always holds a real key (block sizes are >= 1).
-        const float new_max = fmaxf(row_max[r], chunk_max[r] * scale_log2);
+        // Finite: a row's first chunk always holds a real key (block sizes are >= 1), and
+        // -inf + RESCALE_SLACK is -inf.
+        const float candidate = chunk_max[r] * scale_log2;
+        const float new_max = candidate > row_max[r] + RESCALE_SLACK ? candidate : row_max[r];
         alpha[r] = fast_exp2(row_max[r] - new_max);
         row_max[r] = new_max;
         row_sum[r] *= alpha[r];
@@ -123,8 +133,8 @@ __device__ __forceinline__ void softmax_scores(float (&s)[32], float (&row_max)[
     }
 }
 
-// o *= alpha per row; skipped when no row of the warp changed its max (alpha == 1), as
-// happens for most chunks once the running max has settled.
+// o *= alpha per row; skipped when no row of the warp moved its max (alpha == 1), as happens
+// for most chunks (see RESCALE_SLACK).
 template <int NO> __device__ __forceinline__ void rescale(float (&o)[NO], const float (&alpha)[2]) {
     if (!__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
 #pragma unroll

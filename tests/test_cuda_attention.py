@@ -143,6 +143,44 @@ def test_kernel_limits_are_reported_before_launch():
         vsa_nd.block_sparse_attn(x, x, x, sizes, cupy.zeros((1, 1, 1, 1), np.int32))
 
 
+# Each key tile's score (log2 units, the same for every query row up to noise) in list order:
+# the running max jumps by more than the kernels' RESCALE_SLACK (8) at entries 1, 4 and 6, rises
+# by less (the max stays put, P up to 2^1) at 2 and 8, and falls elsewhere; the last four tiles
+# weigh about alike, so an error in any rescale or in a stale max shows in out and lse.
+RISING_LOG2_SCORES = (0.0, 9.0, 9.5, 3.0, 18.0, 17.0, 25.0, 24.5, 26.0, 25.5)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_scores_that_rise_in_jumps_match_reference(poisoned, dtype, head_dim):
+    """The online softmax moves its running max only past a slack (attention_common.cuh): scores
+    whose max rises by more and by less than it, in list order, and in the reverse order (the
+    largest first), against the reference."""
+    import cupy
+
+    rng = np.random.default_rng(head_dim)
+    n_kv, scale = len(RISING_LOG2_SCORES), head_dim ** -0.5
+    level = np.repeat(np.asarray(RISING_LOG2_SCORES) / (np.log2(np.e) * scale * head_dim), 64)  # per key
+    q = (1.0 + 0.02 * rng.standard_normal((1, 2, 128, head_dim))).astype(dtype)
+    k = (level[None, None, :, None] + 0.02 * rng.standard_normal((1, 2, 64 * n_kv, head_dim))).astype(dtype)
+    v = rng.standard_normal((1, 2, 64 * n_kv, head_dim)).astype(dtype)
+    order = np.arange(n_kv, dtype=np.int32)
+    q2k_idx = np.broadcast_to(np.stack([order, order[np.argsort(RISING_LOG2_SCORES)[::-1]]]), (1, 2, 2, n_kv))
+    q2k_idx = np.ascontiguousarray(q2k_idx)
+    q2k_num = np.full((1, 2, 2), n_kv, np.int32)
+    kv_sizes = np.full(n_kv, 64, np.int32)
+
+    out, lse = vsa_nd.block_sparse_attn(*(cupy.asarray(x) for x in (q, k, v, kv_sizes, q2k_idx, q2k_num)),
+                                        return_lse=True)
+    block_map = reference.block_map_from_indices(q2k_idx, q2k_num, n_kv)
+    ref_out, ref_lse = reference.block_sparse_attn(q, k, v, block_map, kv_sizes, 64)
+    out, lse = cupy.asnumpy(out), cupy.asnumpy(lse)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert _rel_err(out, ref_out) <= TOLERANCE[np.dtype(dtype)]
+    assert np.allclose(lse, ref_lse, rtol=1e-3, atol=1e-3)
+    assert ref_lse.min() > 25.0 * np.log(2)  # the scores reached the levels meant (lse in natural log)
+
+
 @pytest.mark.parametrize("kernel", ["auto", "mma"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_smoke_attention(kernel, head_dim, monkeypatch):
