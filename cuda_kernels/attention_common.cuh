@@ -94,7 +94,7 @@ __device__ __forceinline__ void load_tile_async(unsigned char* tile, const T* sr
 // than RESCALE_SLACK (log2 units).  Below that P = exp2(scale * s - max) stays under 2^8 (far
 // inside fp32 and the 16-bit P), and the output accumulator keeps its scale, so most chunks
 // skip the rescale (o *= alpha); out and lse are the same functions of the same sums, only
-// their rounding differs.  FlashAttention-4's rescaling rule: it made the forward 1.0-1.4%
+// their rounding differs.  FlashAttention-4's rescaling rule: it made the forward 1.0-1.7%
 // faster at the main shape on H200s (BENCHMARKS.md, "The forward's running max").
 constexpr float RESCALE_SLACK = 8.f;
 
