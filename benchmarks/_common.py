@@ -12,8 +12,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def commit() -> str:
-    """Short hash of HEAD (with "+ uncommitted changes" if the tree differs), or $VSA_COMMIT where
-    there is no git checkout (the GPU machine gets a copy of the tree without .git)."""
+    """$VSA_COMMIT where it is set, else the short hash of HEAD (with "+ uncommitted changes" if the
+    tree differs).  Set it on the GPU machine: the copy of the tree there may carry git metadata
+    older than the tree itself (on 2026-11-28 it named the session's first commit all day)."""
+    if os.environ.get("VSA_COMMIT"):
+        return os.environ["VSA_COMMIT"]
 
     def git(*args):
         try:
@@ -23,7 +26,7 @@ def commit() -> str:
 
     head = git("rev-parse", "--short", "HEAD")
     if not head:
-        return os.environ.get("VSA_COMMIT", "unknown")
+        return "unknown"
     return head + (" + uncommitted changes" if git("status", "--porcelain") else "")
 
 

@@ -14,6 +14,8 @@
 #                      empty skips the sanitizer
 #   VSA_ND_SANITIZE_TESTS  pytest paths for it (default: tests/test_cuda_ops.py)
 #   VSA_ND_BENCH_ARGS  extra arguments for every benchmark (e.g. "--shapes main")
+#   VSA_COMMIT         the commit the benchmark tables name (set it from this checkout: the
+#                      GPU machine's copy of .git may be older than the tree it runs)
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
