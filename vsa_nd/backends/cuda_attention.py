@@ -105,12 +105,12 @@ def ds_parts(pairs: int, pair_entries: int, list_entries: int, entry_bytes: int,
     parts, one after another on the pair's stream: part r takes the lists that start (first
     position, counted from the pair's first list) in [r * cap, (r + 1) * cap) (the last part also
     the empty lists that start at its end), so its blocks number fewer than cap + list_entries
-    entries' worth, whatever the selection; its dQ pass sums
-    only those lists' key tiles, carrying fp32 sums to the next part.  Pairs run on 2 to
-    _DS_STREAMS streams at a time, as few parts as the budget allows (then as many streams): at
-    Wan2.1-14B 720p (one head's blocks 1.98 GiB), two streams of two parts in 2 GiB.  One pair
-    alone, or more than _DS_MAX_PARTS parts, recomputes (parts one after another on one stream
-    leave each launch's tail idle, as whole heads did)."""
+    entries' worth, whatever the selection; its dQ pass sums only those lists' key tiles,
+    carrying fp32 sums to the next part.  Pairs run on 2 to _DS_STREAMS streams at a time, as
+    few parts as the budget allows (then as many streams): at Wan2.1-14B 720p (one head's blocks
+    1.98 GiB), two streams of two parts in 2 GiB.  One pair alone, or more than _DS_MAX_PARTS
+    parts, recomputes (parts one after another on one stream leave each launch's tail idle, as
+    whole heads did)."""
     if pairs < 2 or pairs * pair_entries * entry_bytes < _DS_MIN_BYTES or entry_bytes <= 0:
         return 0, 0
     best = (0, 0, 0)  # (parts, streams, cap)
@@ -855,11 +855,11 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     at 720p), each chunk is one pair whose two passes run in parts, one after another on its
     stream, each part over the key tiles whose lists start in it, the dQ pass carrying its fp32
     sums from part to part.  Elsewhere, where neither schedule fits (small problems, too little
-    budget, a single pair), or when the blocks cannot be
-    allocated (then calls of that size recompute for a while: ``_ds_refused``), the dQ pass
-    recomputes S, P, dP and dS itself: seven products per pair, no workspace.  The side streams
-    and their events are made on a thread's first call with several chunks: warm up before a
-    capture, as for the kernels.  The dK/dV pass takes its lists long ones first
+    budget, a single pair), or when the blocks cannot be allocated (then calls of that size
+    recompute for a while: ``_ds_refused``), the dQ pass recomputes S, P, dP and dS itself: seven
+    products per pair, no workspace.  The side streams and their events are made on a thread's
+    first call with several chunks: warm up before a capture, as for the kernels.  The dK/dV pass
+    takes its lists long ones first
     (:func:`dkdv_order`; ``DKDV_ORDER``), so that key tiles chosen by many query tiles do not
     leave a few SMs finishing them after the rest.  The launches are worked out once per
     problem (:func:`fine_backward`) and run on addresses.
