@@ -100,43 +100,73 @@ constexpr float RESCALE_SLACK = 8.f;
 
 // Online softmax over a 16x64 fragment of raw scores q.k (log2 domain, scale_log2 > 0):
 // masks keys >= valid, updates the running row max (kept scaled; see RESCALE_SLACK) and sum,
-// and leaves P = exp2(scale_log2 * s - max) in s.  Returns in alpha the factor the output
-// accumulator must be rescaled by (see rescale), so that a caller can apply it once an
-// in-flight matrix product into o has finished.  The scale is folded into one FFMA per score.
-__device__ __forceinline__ void softmax_scores(float (&s)[32], float (&row_max)[2], float (&row_sum)[2],
-                                               float (&alpha)[2], int valid, float scale_log2, int lane) {
+// and leaves P = exp2(scale_log2 * s - max) in s.  The scale is folded into one FFMA per score.
+// Returns whether the output accumulator must be rescaled (o *= alpha, see rescale), the same in
+// every lane of the warp, so that a caller can apply it once an in-flight matrix product into o
+// has finished.  `first`: the rows' first chunk (the same in every lane), whose max is taken
+// from scratch.  After it the scores are first taken relative to the running max, and only a
+// warp where some score passes it by more than the slack (rare) looks for its rows' new max:
+// the common case needs neither a shuffle nor the factor alpha.  That made the forward 2.4%
+// faster at D = 64 and 0.4% at D = 128 (H200; BENCHMARKS.md, "The forward's softmax").
+__device__ __forceinline__ bool softmax_scores(float (&s)[32], float (&row_max)[2], float (&row_sum)[2],
+                                               float (&alpha)[2], int valid, float scale_log2, int lane, bool first) {
     if (valid < ATT_BLOCK_N) {
         const int limit = valid - (lane & 3) * 2;  // key (i/4)*8 + (i&1) + 2*(lane%4) < valid
 #pragma unroll
         for (int i = 0; i < 32; ++i)
             if ((i >> 2) * 8 + (i & 1) >= limit) s[i] = neg_inf();
     }
-    float chunk_max[2] = {neg_inf(), neg_inf()};
+    if (first) {
+        float chunk_max[2] = {neg_inf(), neg_inf()};
 #pragma unroll
-    for (int i = 0; i < 32; ++i) chunk_max[(i >> 1) & 1] = fmaxf(chunk_max[(i >> 1) & 1], s[i]);
+        for (int i = 0; i < 32; ++i) chunk_max[(i >> 1) & 1] = fmaxf(chunk_max[(i >> 1) & 1], s[i]);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 1));
+            chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 2));
+            row_max[r] = chunk_max[r] * scale_log2;  // finite: a row's first chunk holds a real key
+        }
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+            s[i] = fast_exp2(fmaf(s[i], scale_log2, -row_max[(i >> 1) & 1]));
+            row_sum[(i >> 1) & 1] += s[i];  // per-thread partial; reduced across the row at the end
+        }
+        return false;  // o is still 0
+    }
+    float above[4] = {neg_inf(), neg_inf(), neg_inf(), neg_inf()};  // four independent max chains
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+        s[i] = fmaf(s[i], scale_log2, -row_max[(i >> 1) & 1]);
+        above[i & 3] = fmaxf(above[i & 3], s[i]);
+    }
+    if (!__any_sync(0xffffffffu, fmaxf(fmaxf(above[0], above[1]), fmaxf(above[2], above[3])) > RESCALE_SLACK)) {
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+            s[i] = fast_exp2(s[i]);
+            row_sum[(i >> 1) & 1] += s[i];
+        }
+        return false;
+    }
+    float shift[2] = {fmaxf(above[0], above[1]), fmaxf(above[2], above[3])};  // i & 3 < 2: row 0
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 1));
-        chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 2));
-        // Finite: a row's first chunk always holds a real key (block sizes are >= 1), and
-        // -inf + RESCALE_SLACK is -inf.
-        const float candidate = chunk_max[r] * scale_log2;
-        const float new_max = candidate > row_max[r] + RESCALE_SLACK ? candidate : row_max[r];
-        alpha[r] = fast_exp2(row_max[r] - new_max);
-        row_max[r] = new_max;
+        shift[r] = fmaxf(shift[r], __shfl_xor_sync(0xffffffffu, shift[r], 1));
+        shift[r] = fmaxf(shift[r], __shfl_xor_sync(0xffffffffu, shift[r], 2));
+        shift[r] = shift[r] > RESCALE_SLACK ? shift[r] : 0.f;
+        alpha[r] = fast_exp2(-shift[r]);
+        row_max[r] += shift[r];
         row_sum[r] *= alpha[r];
     }
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
-        s[i] = fast_exp2(fmaf(s[i], scale_log2, -row_max[(i >> 1) & 1]));
-        row_sum[(i >> 1) & 1] += s[i];  // per-thread partial; reduced across the row at the end
+        s[i] = fast_exp2(s[i] - shift[(i >> 1) & 1]);
+        row_sum[(i >> 1) & 1] += s[i];
     }
+    return true;
 }
 
-// o *= alpha per row; skipped when no row of the warp moved its max (alpha == 1), as happens
-// for most chunks (see RESCALE_SLACK).
+// o *= alpha per row (after softmax_scores asked for it).
 template <int NO> __device__ __forceinline__ void rescale(float (&o)[NO], const float (&alpha)[2]) {
-    if (!__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
 #pragma unroll
     for (int i = 0; i < NO; ++i) o[i] *= alpha[(i >> 1) & 1];
 }

@@ -84,8 +84,7 @@ block_sparse_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __re
             }
         }
         float alpha[2];
-        softmax_scores(s, row_max, row_sum, alpha, valid, scale_log2, lane);
-        rescale(o, alpha);
+        if (softmax_scores(s, row_max, row_sum, alpha, valid, scale_log2, lane, c == 0)) rescale(o, alpha);
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             unsigned int a[4];

@@ -114,8 +114,7 @@ block_sparse_fwd_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const __grid_c
         __syncthreads();  // every warp is done reading this stage's K
         if (refill) issue(sK + stage * TILE, &tma_k, bar_k + stage, row_of(ahead));
 
-        softmax_scores(s, row_max, row_sum, alpha, valid, scale_log2, lane);
-        rescale(o, alpha);
+        if (softmax_scores(s, row_max, row_sum, alpha, valid, scale_log2, lane, c == 0)) rescale(o, alpha);
         unsigned int p[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) p_fragment<T>(s, kk, p[kk]);
