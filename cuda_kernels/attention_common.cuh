@@ -104,10 +104,11 @@ constexpr float RESCALE_SLACK = 8.f;
 // Returns whether the output accumulator must be rescaled (o *= alpha, see rescale), the same in
 // every lane of the warp, so that a caller can apply it once an in-flight matrix product into o
 // has finished.  `first`: the rows' first chunk (the same in every lane), whose max is taken
-// from scratch.  After it the scores are first taken relative to the running max, and only a
-// warp where some score passes it by more than the slack (rare) looks for its rows' new max:
-// the common case needs neither a shuffle nor the factor alpha.  That made the forward 2.4%
-// faster at D = 64 and 0.4% at D = 128 (H200; BENCHMARKS.md, "The forward's softmax").
+// from scratch; it must hold a real key (a list's first chunk is never empty).  After it the
+// scores are first taken relative to the running max, and only a warp where some score passes
+// it by more than the slack (rare) looks for its rows' new max: the common case needs neither a
+// shuffle nor the factor alpha.  That made the forward 2.4% faster at D = 64 and 0.4% at
+// D = 128 (H200; BENCHMARKS.md, "The forward's softmax").
 __device__ __forceinline__ bool softmax_scores(float (&s)[32], float (&row_max)[2], float (&row_sum)[2],
                                                float (&alpha)[2], int valid, float scale_log2, int lane, bool first) {
     if (valid < ATT_BLOCK_N) {
@@ -124,7 +125,10 @@ __device__ __forceinline__ bool softmax_scores(float (&s)[32], float (&row_max)[
         for (int r = 0; r < 2; ++r) {
             chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 1));
             chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 2));
-            row_max[r] = chunk_max[r] * scale_log2;  // finite: a row's first chunk holds a real key
+            // Finite in a real row: its first chunk holds a real key.  A pad row whose q holds NaN
+            // keeps -inf, its scores NaN from then on; they never vote, and write_output writes 0
+            // there.
+            row_max[r] = chunk_max[r] * scale_log2;
         }
 #pragma unroll
         for (int i = 0; i < 32; ++i) {
@@ -152,9 +156,14 @@ __device__ __forceinline__ bool softmax_scores(float (&s)[32], float (&row_max)[
     for (int r = 0; r < 2; ++r) {
         shift[r] = fmaxf(shift[r], __shfl_xor_sync(0xffffffffu, shift[r], 1));
         shift[r] = fmaxf(shift[r], __shfl_xor_sync(0xffffffffu, shift[r], 2));
-        shift[r] = shift[r] > RESCALE_SLACK ? shift[r] : 0.f;
+        if (shift[r] > RESCALE_SLACK) {  // the max moves, by exactly what the stored max moves by
+            const float moved = row_max[r] + shift[r];
+            shift[r] = moved - row_max[r];
+            row_max[r] = moved;
+        } else {
+            shift[r] = 0.f;
+        }
         alpha[r] = fast_exp2(-shift[r]);
-        row_max[r] += shift[r];
         row_sum[r] *= alpha[r];
     }
 #pragma unroll

@@ -66,7 +66,9 @@ block_sparse_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __re
         cp_async_commit();
 
         const int valid = cta.chunk(c).valid;
-        if (valid == 0) continue;  // a 64-key sub-chunk past the end of a short tile (V > 64)
+        // A 64-key sub-chunk past the end of a short tile (V > 64).  Never chunk 0 (the first
+        // sub-chunk of a tile: block sizes are >= 1), whose softmax takes the rows' first max.
+        if (valid == 0) continue;
         const unsigned char* cK = sK + (c & 1) * TILE;
         const unsigned char* cV = sV + (c & 1) * TILE;
 

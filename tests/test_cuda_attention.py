@@ -152,16 +152,20 @@ RISING_LOG2_SCORES = (0.0, 9.0, 9.5, 3.0, 18.0, 17.0, 25.0, 24.5, 26.0, 25.5)
 
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_scores_that_rise_in_jumps_match_reference(poisoned, dtype, head_dim):
+@pytest.mark.parametrize("mixed", [False, True], ids=["rows_alike", "rows_mixed"])
+def test_scores_that_rise_in_jumps_match_reference(poisoned, dtype, head_dim, mixed):
     """The online softmax moves its running max only past a slack (attention_common.cuh): scores
     whose max rises by more and by less than it, in list order, and in the reverse order (the
-    largest first), against the reference."""
+    largest first), against the reference.  `mixed`: in every 16 query rows (a warp's), the last
+    8 have q negated, so their scores fall where the others rise: within a warp (and a thread,
+    which holds rows r and r + 8) some rows move their max while the others keep theirs."""
     import cupy
 
     rng = np.random.default_rng(head_dim)
     n_kv, scale = len(RISING_LOG2_SCORES), head_dim ** -0.5
     level = np.repeat(np.asarray(RISING_LOG2_SCORES) / (np.log2(np.e) * scale * head_dim), 64)  # per key
-    q = (1.0 + 0.02 * rng.standard_normal((1, 2, 128, head_dim))).astype(dtype)
+    sign = np.where(np.arange(128) % 16 < 8, 1.0, -1.0 if mixed else 1.0)  # per query row
+    q = (sign[:, None] * (1.0 + 0.02 * rng.standard_normal((1, 2, 128, head_dim)))).astype(dtype)
     k = (level[None, None, :, None] + 0.02 * rng.standard_normal((1, 2, 64 * n_kv, head_dim))).astype(dtype)
     v = rng.standard_normal((1, 2, 64 * n_kv, head_dim)).astype(dtype)
     order = np.arange(n_kv, dtype=np.int32)
@@ -178,7 +182,8 @@ def test_scores_that_rise_in_jumps_match_reference(poisoned, dtype, head_dim):
     assert np.isfinite(np.asarray(out, np.float32)).all()
     assert _rel_err(out, ref_out) <= TOLERANCE[np.dtype(dtype)]
     assert np.allclose(lse, ref_lse, rtol=1e-3, atol=1e-3)
-    assert ref_lse.min() > 25.0 * np.log(2)  # the scores reached the levels meant (lse in natural log)
+    rising = ref_lse[..., sign > 0]
+    assert rising.min() > 25.0 * np.log(2)  # the scores reached the levels meant (lse in natural log)
 
 
 @pytest.mark.parametrize("kernel", ["auto", "mma"])
