@@ -859,10 +859,9 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     recompute for a while: ``_ds_refused``), the dQ pass recomputes S, P, dP and dS itself: seven
     products per pair, no workspace.  The side streams and their events are made on a thread's
     first call with several chunks: warm up before a capture, as for the kernels.  The dK/dV pass
-    takes its lists long ones first
-    (:func:`dkdv_order`; ``DKDV_ORDER``), so that key tiles chosen by many query tiles do not
-    leave a few SMs finishing them after the rest.  The launches are worked out once per
-    problem (:func:`fine_backward`) and run on addresses.
+    takes its lists long ones first (:func:`dkdv_order`; ``DKDV_ORDER``), so that key tiles chosen
+    by many query tiles do not leave a few SMs finishing them after the rest.  The launches are
+    worked out once per problem (:func:`fine_backward`) and run on addresses.
     """
     q_len = q.shape[2]
     tile_volume = q_len // q_block_sizes.shape[0]
