@@ -170,9 +170,9 @@ def main(argv=None):
         f"Medians of {args.repeats} runs, each block re-run while other processes used more than 10% of the "
         "cores.  Effective FLOP/s: block-sparse 4·B·H·D·Sq_pad·(topk·V)/time (`vsa_nd.block_sparse_attn`), "
         "dense 4·B·H·D·S²/time (NumPy matmul, exp, matmul).  Full VSA fwd = `vsa_nd.video_sparse_attn` "
-        "(tile means, coarse attention with NumPy matmuls, top-k, fine stage); where it exceeds the "
-        "block-sparse time by more than the small coarse stage, OpenBLAS worker threads, still spinning after "
-        "the coarse matmuls, are competing with the Numba kernel for the cores."
+        "(tile means, coarse attention with the Numba backend's own matmul kernel, top-k, fine stage).  "
+        "The dense baseline's NumPy matmuls leave OpenBLAS threads spinning; a second's pause before each "
+        "block lets them go idle."
     )
     section = f"## {HEADING} — {today}\n\n{header}\n\n{table(rows)}\n"
     print()

@@ -6,7 +6,8 @@ stage's sizes.  The kernel multiplies in exact fp32 (one FMA per product, accumu
 increasing k order), so each output element is within ``(k + 2) * 2**-24 * alpha * (|a| @ |b|)``
 of the exact product (the standard bound for k rounded additions and one rounded scaling; TF32
 would miss it by three orders of magnitude), and every tile shape gives the same bits.  Outputs
-are poisoned (NaN) before each launch.  The Numba backend's ``matmul`` is NumPy's ``@``.
+are poisoned (NaN) before each launch.  The Numba backend's ``matmul`` (a Numba kernel, not NumPy's
+``@``) sums over k in increasing order too, so the same bound holds for it in float32 and float64.
 """
 
 import numpy as np
@@ -40,39 +41,67 @@ def _exact(a, b, transpose_a, transpose_b):
     return a64 @ b64, np.abs(a64) @ np.abs(b64)
 
 
-def _assert_fp32_exact(result, a, b, transpose_a, transpose_b, alpha):
+def _assert_fp32_exact(result, a, b, transpose_a, transpose_b, alpha, unit=UNIT_ROUNDOFF, row_divisor=None):
+    """result within the rounding bound of alpha * op(a) @ op(b) (then divided by row_divisor[r % p])."""
     exact, magnitude = _exact(a, b, transpose_a, transpose_b)
     k = a.shape[-2] if transpose_a else a.shape[-1]
-    bound = (k + 2) * UNIT_ROUNDOFF * 1.01 * abs(alpha) * magnitude
+    roundings = k + 2  # k additions, the scaling, and the ulp the bound leaves for the last
+    if row_divisor is not None:
+        rows = np.tile(np.asarray(row_divisor, np.float64), exact.shape[-2] // len(row_divisor))[:, None]
+        exact, magnitude, roundings = exact / rows, magnitude / rows, roundings + 2  # the division, its reciprocal
+    bound = roundings * unit * 1.01 * abs(alpha) * magnitude
     error = np.abs(np.asarray(result, np.float64) - alpha * exact)
     assert result.shape == exact.shape
     assert np.all(error <= bound), f"max error / bound {np.max(error / np.maximum(bound, 1e-300)):.3g}"
 
 
 # ---------------------------------------------------------------------------------------------
-# Numba (NumPy) backend
+# Numba backend
+
+UNIT = {np.float32: UNIT_ROUNDOFF, np.float64: 2.0**-53}
+
+
+@given(
+    transposes=st.sampled_from(TRANSPOSES),
+    batch=st.lists(st.integers(1, 3), max_size=2).map(tuple),
+    m=st.integers(1, 40),
+    n=st.integers(1, 40),
+    k=st.integers(0, 40),
+    alpha=st.sampled_from([1.0, 0.125, -3.0]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    period=st.sampled_from([None, 1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_numba_matmul_random_shapes(transposes, batch, m, n, k, alpha, dtype, period, seed):
+    """Any shape (rows not a multiple of the kernel's row block of 8 too), with and without row divisors."""
+    rng = np.random.default_rng(seed)
+    a, b = _operands(rng, batch, m, n, k, *transposes, dtype)
+    divisor = None
+    if period is not None and m % period == 0:
+        divisor = rng.integers(1, 65, period).astype(np.int32)
+    result = numba_cpu.matmul(a, b, *transposes, alpha=alpha, row_divisor=divisor)
+    assert result.dtype == dtype and result.flags.c_contiguous
+    _assert_fp32_exact(result, a, b, *transposes, alpha, unit=UNIT[dtype], row_divisor=divisor)
 
 
 @pytest.mark.parametrize("transpose_a, transpose_b", TRANSPOSES)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_numpy_matmul_matches_float64(transpose_a, transpose_b, dtype):
-    rng = np.random.default_rng(0)
-    a, b = _operands(rng, (2, 3), 17, 9, 33, transpose_a, transpose_b, dtype)
-    result = numba_cpu.matmul(a, b, transpose_a, transpose_b, alpha=0.25)
-    assert result.dtype == dtype
-    exact, _ = _exact(a, b, transpose_a, transpose_b)
-    np.testing.assert_allclose(result, 0.25 * exact, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-4)
+@pytest.mark.parametrize("m, n, k, period", [(768, 768, 128, None), (768, 128, 768, 64), (130, 68, 1441, 13)])
+def test_numba_matmul_coarse_sizes(transpose_a, transpose_b, m, n, k, period):
+    """The coarse stage's products at 768 tiles per head, and odd sizes with a long k."""
+    rng = np.random.default_rng(1)
+    a, b = _operands(rng, (2,), m, n, k, transpose_a, transpose_b)
+    divisor = None if period is None else rng.integers(1, 65, period).astype(np.int32)
+    result = numba_cpu.matmul(a, b, transpose_a, transpose_b, alpha=0.088, row_divisor=divisor)
+    _assert_fp32_exact(result, a, b, transpose_a, transpose_b, 0.088, row_divisor=divisor)
 
 
-@pytest.mark.parametrize("period", [5, 15])
-def test_numpy_matmul_row_divisor(period):
-    """Row r of every batch is divided by row_divisor[r % period] after the alpha scaling."""
-    rng = np.random.default_rng(2)
-    a, b = _operands(rng, (2,), 15, 9, 11, False, True)
-    divisor = rng.integers(1, 65, period).astype(np.int32)
-    result = numba_cpu.matmul(a, b, transpose_b=True, alpha=0.5, row_divisor=divisor)
-    expected = 0.5 * (a @ np.swapaxes(b, -1, -2)) / np.tile(divisor, 15 // period).astype(np.float32)[:, None]
-    np.testing.assert_array_equal(result, expected.astype(np.float32))
+def test_numba_matmul_empty_and_mismatched():
+    for batch, m, n, k in [((0,), 4, 4, 4), ((2,), 0, 4, 4), ((2,), 4, 0, 4)]:
+        a, b = _operands(np.random.default_rng(3), batch, m, n, k, False, False)
+        assert numba_cpu.matmul(a, b).shape == (*batch, m, n)
+    a, b = _operands(np.random.default_rng(3), (2,), 4, 4, 4, False, False)
+    with pytest.raises(ValueError, match="do not multiply"):
+        numba_cpu.matmul(a, b[:1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,8 +35,9 @@ The interface every backend implements:
     ``row_divisor[r % p]`` when an int32 ``row_divisor`` [p] is given (p divides m): a [batch..., m, k]
     (stored [batch..., k, m] with ``transpose_a``), b [batch..., k, n] (stored
     [batch..., n, k] with ``transpose_b``), both C-contiguous with the same batch axes.  The
-    coarse stage's products; exact fp32 arithmetic on CUDA (no TF32, no cuBLAS, so the
-    forward and backward can be captured in a CUDA graph).
+    coarse stage's products, each element one sum in increasing k order: exact fp32 arithmetic
+    on CUDA (no TF32, no cuBLAS, so the forward and backward can be captured in a CUDA graph),
+    a Numba kernel on the CPU (no BLAS, whose spinning threads slowed the fine stage after it).
 ``select_topk(scores, topk) -> (q2k_idx [B, H, N_q, topk] int32, q2k_num [B, H, N_q] int32)``
     scores [B, H, N_q, N_kv] float; the ``topk`` largest per row, ties to the lower index,
     each row listed in increasing tile order.

@@ -303,20 +303,48 @@ def softmax_grad_rows_(d_probs, probs, d_out, out):
     return d_probs
 
 
+@njit(**_KERNEL)
+def _matmul_kernel(a, b, alpha, row_divisor, out):
+    """out[i, r] = alpha * (a[i, r] @ b[i]) / row_divisor[r % p] for a [batch, m8, k] (m8 a
+    multiple of _ROWS), b [batch, k, n], out [batch, m8, n]; one work item per block of rows."""
+    batch, rows, depth = a.shape
+    blocks, period = rows // _ROWS, row_divisor.shape[0]
+    for item in prange(batch * blocks):
+        i, r0 = item // blocks, item % blocks * _ROWS
+        acc = out[i, r0 : r0 + _ROWS]
+        acc[:] = 0.0
+        _accumulate(acc, a[i, r0 : r0 + _ROWS], b[i], _ROWS, depth)
+        for r in range(_ROWS):
+            divisor = acc.dtype.type(row_divisor[(r0 + r) % period])
+            for c in range(acc.shape[1]):
+                acc[r, c] = acc[r, c] * alpha / divisor
+
+
 def matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0, row_divisor=None):
-    """``alpha * op(a) @ op(b)`` per batch, NumPy's ``@`` (BLAS) in the inputs' dtype.
+    """``alpha * op(a) @ op(b)`` per batch in the inputs' (compute) dtype, by a Numba kernel.
 
     a [batch..., m, k] (stored [batch..., k, m] with ``transpose_a``), b [batch..., k, n]
-    (stored [batch..., n, k] with ``transpose_b``) -> [batch..., m, n]; with ``row_divisor``
-    (integers [p], p dividing m) row r is then divided by ``row_divisor[r % p]``.
+    (stored [batch..., n, k] with ``transpose_b``) -> C-contiguous [batch..., m, n]; with
+    ``row_divisor`` (integers [p], p dividing m) row r is then divided by ``row_divisor[r % p]``.
+    Each element is one sum over k in increasing order, then scaled.  Not NumPy's ``@``: its
+    BLAS threads keep spinning after a call and slowed the fine stage that follows (the full
+    CPU forward took ~1.6x the fine stage alone; BENCHMARKS.md).
     """
-    out = (np.swapaxes(a, -1, -2) if transpose_a else a) @ (np.swapaxes(b, -1, -2) if transpose_b else b)
-    if alpha != 1.0:
-        out *= alpha
-    if row_divisor is not None:
-        m = out.shape[-2]
-        out /= np.tile(row_divisor.astype(out.dtype), m // row_divisor.shape[0])[:, None]
-    return out
+    op_a = np.swapaxes(a, -1, -2) if transpose_a else a
+    op_b = np.swapaxes(b, -1, -2) if transpose_b else b
+    *batch, m, depth = op_a.shape
+    n = op_b.shape[-1]
+    if tuple(op_b.shape[:-2]) != tuple(batch) or op_b.shape[-2] != depth:
+        raise ValueError(f"matmul: operands {op_a.shape} and {op_b.shape} do not multiply batch by batch")
+    count = math.prod(batch)
+    rows = -(-m // _ROWS) * _ROWS
+    a_rows = np.zeros((count, rows, depth), op_a.dtype)  # rows past m stay zero
+    a_rows[:, :m] = op_a.reshape(count, m, depth)
+    out = np.empty((count, rows, n), op_a.dtype)
+    divisor = np.ones(1, np.int32) if row_divisor is None else _index(row_divisor)
+    _matmul_kernel(a_rows, np.ascontiguousarray(op_b, dtype=op_a.dtype).reshape(count, depth, n),
+                   op_a.dtype.type(alpha), divisor, out)
+    return np.ascontiguousarray(out[:, :m]).reshape(*batch, m, n)
 
 
 @njit(parallel=True, cache=True)  # no fastmath: NaN tests must hold
