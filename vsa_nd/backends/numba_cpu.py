@@ -337,7 +337,7 @@ def matmul(a, b, transpose_a=False, transpose_b=False, alpha=1.0, row_divisor=No
     if tuple(op_b.shape[:-2]) != tuple(batch) or op_b.shape[-2] != depth:
         raise ValueError(f"matmul: operands {op_a.shape} and {op_b.shape} do not multiply batch by batch")
     count = math.prod(batch)
-    rows = -(-m // _ROWS) * _ROWS
+    rows = _round_rows(m)
     a_rows = np.zeros((count, rows, depth), op_a.dtype)  # rows past m stay zero
     a_rows[:, :m] = op_a.reshape(count, m, depth)
     out = np.empty((count, rows, n), op_a.dtype)
