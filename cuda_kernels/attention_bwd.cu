@@ -139,7 +139,7 @@ template <typename T, int D> struct MmaProducts {
                 const int col = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
                 // 0 for pad keys and pad query rows, whatever lse holds there (-inf from the
                 // forward, where exp2 gives +inf; anything in a context changed since).
-                st[i] = key < real_k && col < real_q ? fast_exp2(fmaf(st[i], scale_log2, -c_lse[col] * LOG2E)) : 0.f;
+                st[i] = key < real_k && col < real_q ? fast_exp2(fmaf(st[i], scale_log2, -backward_lse(c_lse[col]) * LOG2E)) : 0.f;
             }
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) p_fragment<T>(st, kk, pt[kk]);
@@ -163,7 +163,8 @@ template <typename T, int D> struct MmaProducts {
 }  // namespace vsa
 
 // delta[b, h, row] = sum_d dout * (out - gate * coarse) on real query rows, 0 on pad rows;
-// and, unless lse_log2 is null, lse_log2[row] = lse[row] * log2(e) (what the Hopper dK/dV pass
+// and, unless lse_log2 is null, lse_log2[row] = lse[row] * log2(e) (NaN where |lse| passes
+// common.cuh's LSE_LIMIT, as every pass of the backward takes it; what the Hopper dK/dV pass
 // reads: it saves that pass a multiplication per query column and step).  D / 8 threads per row,
 // each reading 16-byte pieces (the launcher checks the 16-byte alignment), so a CTA of 128
 // threads takes BWD_DELTA_ROWS<D> rows (the launcher's grid); memory-bound: it reads dout and out
@@ -225,7 +226,7 @@ bwd_delta(const T* __restrict__ dout, const T* __restrict__ out, const float* __
     for (int m = LANES / 2; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
     if (active && col == 0) {
         delta[row] = acc;
-        if (lse_log2) lse_log2[row] = lse[row] * LOG2E;
+        if (lse_log2) lse_log2[row] = backward_lse(lse[row]) * LOG2E;
     }
 }
 

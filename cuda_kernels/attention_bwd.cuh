@@ -38,7 +38,7 @@ __device__ __forceinline__ void load_row_stats(const float* lse, const float* de
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const size_t row = row0 + warp * 16 + (lane >> 2) + r * 8;
-        lse_log2[r] = lse[row] * LOG2E;
+        lse_log2[r] = backward_lse(lse[row]) * LOG2E;
         row_delta[r] = delta[row];
     }
 }

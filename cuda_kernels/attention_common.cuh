@@ -205,7 +205,12 @@ __device__ __forceinline__ int forward_real_rows(const int* q_block_sizes, const
 
 // out = o / rowsum + gate * coarse (or + coarse, or nothing); lse = ln(rowsum) + max.
 // Rows at or past `valid_rows` are pad slots: out 0 and lse -inf there, whatever q and gate
-// hold in them (NaN included), so the output's pad rows are never NaN or Inf.
+// hold in them (NaN included), so the output's pad rows are never NaN or Inf.  A real row
+// without keys (none selected, or every score -inf) has a max of -inf: fine output 0 and lse
+// -inf, as in the reference.  A row with a finite max has rowsum >= 1 (its largest score's P is
+// at least 1) unless the float32 softmax failed: at |lse| of ~1.5e9 and beyond, the running max
+// (log2 units) reaches 2^31 and every P can underflow to 0.  Such a row gets out and lse NaN,
+// not a silent 0 and -inf.
 template <typename T, int D>
 __device__ __forceinline__ void write_output(const float (&o)[D / 2], const float (&row_max)[2], const float (&row_sum)[2],
                                              const AttentionCta<T, D>& cta, const float* coarse, const T* gate, T* out,
@@ -216,7 +221,9 @@ __device__ __forceinline__ void write_output(const float (&o)[D / 2], const floa
         float total = row_sum[r];
         total += __shfl_xor_sync(0xffffffffu, total, 1);
         total += __shfl_xor_sync(0xffffffffu, total, 2);
-        const float inv = total > 0.f ? 1.f / total : 0.f;
+        const bool failed = !(total > 0.f) && row_max[r] != neg_inf();
+        const float nan = __int_as_float(0x7fc00000);
+        const float inv = total > 0.f ? 1.f / total : failed ? nan : 0.f;
         const int row = warp * 16 + (lane >> 2) + r * 8;
         const bool real = row < valid_rows;
         const size_t offset = cta.q_offset + static_cast<size_t>(row) * D;
@@ -243,7 +250,7 @@ __device__ __forceinline__ void write_output(const float (&o)[D / 2], const floa
         }
         if ((lane & 3) == 0)
             lse[cta.q_offset / D + row] =
-                real && total > 0.f ? (row_max[r] + __log2f(total)) * 0.69314718055994531f : neg_inf();
+                !real ? neg_inf() : total > 0.f ? (row_max[r] + __log2f(total)) * 0.69314718055994531f : failed ? nan : neg_inf();
     }
 }
 

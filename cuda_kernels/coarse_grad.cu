@@ -12,7 +12,8 @@
 //
 //   delta[b, h, r]    = sum over d of dout[r, d] * (out[r, d] - gate[r, d] * coarse[b, h, i, d])
 //                       on real rows (the fine output recovered from out), 0 on pad rows
-//   lse_log2[b, h, r] = lse[b, h, r] * log2(e) on every row, unless lse_log2 is null
+//   lse_log2[b, h, r] = lse[b, h, r] * log2(e) on every row, unless lse_log2 is null (NaN where
+//                       |lse| passes common.cuh's LSE_LIMIT)
 //
 // Layout as in block_mean.cu: tile `idx` (over b, h and i together) starts at element
 // idx * V * D and its block size is q_block_sizes[idx % N_q]; one thread per (tile, column vector
@@ -142,7 +143,7 @@ coarse_grad(const T* __restrict__ dout, const T* __restrict__ gate, const float*
     if constexpr (ROWS) {  // the tile's lanes share its pad rows' deltas and every row's lse_log2
         for (int r = n + c; r < volume; r += cols) delta[first_row + r] = 0.0f;
         if (lse_log2)
-            for (int r = c; r < volume; r += cols) lse_log2[first_row + r] = lse[first_row + r] * vsa::LOG2E;
+            for (int r = c; r < volume; r += cols) lse_log2[first_row + r] = vsa::backward_lse(lse[first_row + r]) * vsa::LOG2E;
     }
 #pragma unroll
     for (int e = 0; e < VEC; ++e) d_coarse[row_start + e] = acc[e];

@@ -28,6 +28,19 @@ constexpr float LOG2E = 1.4426950408889634f;  // log2(e): exp(x) = exp2(x * LOG2
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
+// The backward rebuilds each probability as exp(scale * s - lse) from the forward's float32 lse,
+// whose rounding, about |lse| * 2^-24, becomes the probability's relative error: ~3% at |lse| =
+// 5e5, ~25% at 5e6, and meaningless (10x and more, or infinite) beyond 5e7 (BENCHMARKS.md, "the
+// CUDA kernels at large scores").  So the backward takes the lse of a row only up to LSE_LIMIT
+// (2^20, an error of at most ~6%) and NaN beyond, which makes that row's gradients NaN (its dq,
+// and dk and dv of every key tile it selected) rather than silently wrong.  -inf (pad rows, rows
+// without keys) and NaN pass as they are.  The Numba backend applies the same limit
+// (numba_cpu._LSE_LIMIT) when it computes in float32.
+constexpr float LSE_LIMIT = 1048576.f;
+__device__ __forceinline__ float backward_lse(float lse) {
+    return fabsf(lse) > LSE_LIMIT && lse != neg_inf() ? __int_as_float(0x7fc00000) : lse;
+}
+
 // Order-preserving map of a float onto an unsigned int (larger float -> larger key).
 __device__ __forceinline__ unsigned int float_to_ordered(float x) {
     unsigned int u = __float_as_uint(x);

@@ -186,6 +186,36 @@ def test_scores_that_rise_in_jumps_match_reference(poisoned, dtype, head_dim, mi
     assert rising.min() > 25.0 * np.log(2)  # the scores reached the levels meant (lse in natural log)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rows_past_the_float32_range_are_never_silently_wrong(poisoned, head_dim):
+    """q scaled so that rows' |lse| spans ~1e8 to ~1e11: from ~1.5e9 the float32 running max
+    (log2 units) reaches 2^31 and the softmax fails.  A failed row must come out non-finite (it
+    once came out 0 with an lse of -inf); every row whose output is finite matches the reference,
+    its lse too."""
+    import cupy
+
+    rng = np.random.default_rng(head_dim)
+    n_kv, topk = 6, 3
+    q = rng.standard_normal((1, 2, 256, head_dim)).astype(np.float32)
+    q[0, 0] *= np.logspace(8, 11, 256)[:, None] / 2.5  # head 0: lse ~ the factor's 2.5
+    q, k, v = (x.astype(BFLOAT16) for x in (q, *rng.standard_normal((2, 1, 2, 64 * n_kv, head_dim))))
+    q2k_idx = np.stack([rng.permutation(n_kv)[:topk] for _ in range(8)]).astype(np.int32).reshape(1, 2, 4, topk)
+    q2k_num = np.full((1, 2, 4), topk, np.int32)
+    kv_sizes = np.full(n_kv, 64, np.int32)
+
+    out, lse = vsa_nd.block_sparse_attn(*(cupy.asarray(x) for x in (q, k, v, kv_sizes, q2k_idx, q2k_num)),
+                                        return_lse=True)
+    out, lse = np.asarray(cupy.asnumpy(out), np.float64), cupy.asnumpy(lse)
+    ref_out, ref_lse = reference.block_sparse_attn(q, k, v, reference.block_map_from_indices(q2k_idx, q2k_num, n_kv),
+                                                   kv_sizes, 64)
+    finite = np.isfinite(out).all(axis=-1)
+    assert not finite[0, 0].all()  # the set-up reaches the failure
+    assert finite[0, 0, :32].all() and finite[0, 1].all()  # |lse| below ~3e8, and head 1's unit scores
+    error = np.abs(out - ref_out).max(axis=-1) / np.abs(ref_out).max(axis=-1)
+    assert (error[finite] <= TOLERANCE[BFLOAT16]).all(), error[finite].max()
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", ["auto", "mma"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_smoke_attention(kernel, head_dim, monkeypatch):

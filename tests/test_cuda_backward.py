@@ -17,7 +17,8 @@ import vsa_nd
 from vsa_nd import reference
 from vsa_nd._xp import BFLOAT16
 
-from attention_problems import cleaned_lists, force_ds_hand_over, problems, random_inputs, spoil_lists
+from attention_problems import (check_huge_lse_gradients, cleaned_lists, force_ds_hand_over, huge_lse_problem, problems,
+                                random_inputs, spoil_lists)
 
 pytestmark = pytest.mark.gpu
 
@@ -170,6 +171,22 @@ def _check_gradients(p):
         assert _rel_err(dgate[:, :, q_real], ref.dgate[:, :, q_real]) <= tol
     else:
         assert dgate is None
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_backward_gives_nan_for_rows_whose_lse_float32_cannot_resolve(poisoned, head_dim):
+    """A row with |lse| beyond 2**20 (common.cuh, LSE_LIMIT) gets NaN gradients, its dq and dk, dv
+    of the key tiles it selected, on every path; the other gradients are as accurate as usual.
+    bf16 only: fp16's range keeps unit-normal keys at the default scale below the limit."""
+    import cupy
+
+    plan, q, k, v, dout = huge_lse_problem(BFLOAT16, head_dim, seed=head_dim)
+    out, ctx = vsa_nd.video_sparse_attn(*(cupy.asarray(x) for x in (q, k, v)), 3,
+                                        cupy.asarray(plan.variable_block_sizes), return_context=True)
+    grads = vsa_nd.video_sparse_attn_backward(cupy.asarray(dout), ctx)
+    host = lambda x: cupy.asnumpy(x)  # noqa: E731
+    check_huge_lse_gradients(plan, q, k, v, dout, host(out), host(ctx.lse), host(ctx.q2k_idx), host(ctx.q2k_num),
+                             vsa_nd.Gradients(*(None if g is None else host(g) for g in grads)), TOLERANCE[BFLOAT16])
 
 
 @pytest.mark.parametrize("tile_shape, hot", [((4, 4, 4), [13, 14, 15]), ((4, 4, 8), [5, 6, 7])])

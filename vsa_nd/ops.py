@@ -658,6 +658,11 @@ def video_sparse_attn_backward(dout, context: VSAContext, *, out=None) -> Gradie
     (or 4-tuple) of buffers to fill instead of new arrays, each None or of its gradient's
     shape, dtype and device, C-contiguous, sharing no memory with ``dout``, the context's
     arrays or each other (dgate None without a gate).
+
+    A real query row whose float32 ``lse`` exceeds 2**20 in magnitude gets NaN gradients (its dq
+    row, and dk and dv of every key tile it selected): the lse's rounding would leave them off by
+    more than ~6% there, and by orders of magnitude further out (README, "Accuracy at very large
+    scores").  A float64 lse (Numba backend) has no such limit.
     """
     return _backward(dout, _check_context(context), out, unchanged_context=False)
 

@@ -46,6 +46,12 @@ from .._xp import compute_dtype
 
 _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
+# The backward rebuilds P = 2**(s - lse * log2(e)), and the rounding of a float32 lse, about
+# |lse| * 2**-24, becomes P's relative error (0.24 in dv at |lse| ~ 6e6; BENCHMARKS.md, "Accuracy
+# of the CPU backward as |lse| grows").  Rows whose float32 lse exceeds this in magnitude get NaN
+# gradients instead (their dq, and dk and dv of every key tile they selected), as on CUDA
+# (cuda_kernels/common.cuh, LSE_LIMIT).  A float64 lse has no such limit here.
+_LSE_LIMIT = 2.0**20
 _ROWS = 8  # tile rows are processed in blocks of this many (scratch is padded to a multiple)
 # LLVM's fast-math flags without nnan and ninf: the kernels may reassociate, contract and use
 # approximate functions, but NaN and infinity in the inputs propagate as in the reference (within
@@ -94,8 +100,9 @@ def _exp2(x):
     """2**x for x <= 0: 0 below -126 (so exp2(-inf) = 0), NaN for NaN, and 1 above 0.
 
     Every caller's argument is a probability's exponent, at most 0 but for rounding.  In the
-    backward that rounding grows with |lse| (lse is fp32, as the spec fixes it): at |lse| of 1e9
-    an exponent may exceed 128, where the polynomial below would give garbage, so it saturates."""
+    backward that rounding grows with |lse| (lse is fp32, as the spec fixes it; rows past
+    _LSE_LIMIT get NaN), so an exponent may come out a little above 0: it saturates rather than
+    let the polynomial below leave its range."""
     raise NotImplementedError  # only called from Numba kernels, see the overload below
 
 
@@ -575,10 +582,11 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
 
 
 @njit(**_KERNEL)
-def _bwd_prep_kernel(q, dout, out, lse, coarse, gate, has_gate, q_block_sizes, scale,
+def _bwd_prep_kernel(q, dout, out, lse, lse_limit, coarse, gate, has_gate, q_block_sizes, scale,
                      qs_t, dout_rows, dout_t, delta, lse2):
     """Per query tile: q * scale * log2(e) transposed, dout with pad rows zeroed (as rows and
-    transposed), delta = rowsum(dout * fine) and lse in log2 units (0 on pad rows)."""
+    transposed), delta = rowsum(dout * fine) and lse in log2 units (0 on pad rows; NaN where a
+    finite |lse| exceeds ``lse_limit``, see _LSE_LIMIT)."""
     batch, heads, tiles, volume, dim = q.shape
     dtype = q.dtype.type
     qscale, log2e, zero = dtype(scale * _LOG2E), dtype(_LOG2E), dtype(0.0)
@@ -604,7 +612,10 @@ def _bwd_prep_kernel(q, dout, out, lse, coarse, gate, has_gate, q_block_sizes, s
                 for d in range(dim):
                     total += src[d] * (o_row[d] - c_row[d])
             delta[b, h, i, r] = total
-            lse2[b, h, i, r] = lse[b, h, i, r] * log2e
+            row_lse = lse[b, h, i, r]
+            if abs(row_lse) > lse_limit and row_lse != -np.inf:
+                row_lse = np.nan
+            lse2[b, h, i, r] = row_lse * log2e
             for d in range(dim):
                 dst[r, d] = src[d]
                 dst_t[d, r] = src[d]
@@ -752,7 +763,7 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     _bwd_prep_kernel(
         q_c, _compute(dout).reshape(tiled), _compute(out).reshape(tiled),
         np.ascontiguousarray(lse, dtype=dtype).reshape(b, h, n_q, volume),
-        coarse, gate_c, has_gate, q_block_sizes, float(scale), qs_t, dout_rows, dout_t, delta, lse2,
+        _LSE_LIMIT if np.dtype(lse.dtype).itemsize <= 4 else np.inf, coarse, gate_c, has_gate, q_block_sizes, float(scale), qs_t, dout_rows, dout_t, delta, lse2,
     )
 
     dq = np.empty(tiled, dtype)
