@@ -206,11 +206,12 @@ __device__ __forceinline__ int forward_real_rows(const int* q_block_sizes, const
 // out = o / rowsum + gate * coarse (or + coarse, or nothing); lse = ln(rowsum) + max.
 // Rows at or past `valid_rows` are pad slots: out 0 and lse -inf there, whatever q and gate
 // hold in them (NaN included), so the output's pad rows are never NaN or Inf.  A real row
-// without keys (none selected, or every score -inf) has a max of -inf: fine output 0 and lse
-// -inf, as in the reference.  A row with a finite max has rowsum >= 1 (its largest score's P is
-// at least 1) unless the float32 softmax failed: at |lse| of ~1.5e9 and beyond, the running max
-// (log2 units) reaches 2^31 and every P can underflow to 0.  Such a row gets out and lse NaN,
-// not a silent 0 and -inf.
+// without keys (none selected) has a max of -inf: fine output 0 and lse -inf, as in the
+// reference.  (A row whose every score is -inf, which finite inputs reach only past float32's
+// range, gets NaN from -inf - (-inf) and lse -inf, where the reference gives 0.)  A row with a
+// finite max has rowsum >= 1 (its largest score's P is at least 1) unless the float32 softmax
+// failed: at |lse| of ~1.5e9 and beyond, the running max (log2 units) reaches 2^31 and every P
+// can underflow to 0.  Such a row gets out and lse NaN, not a silent 0 and -inf.
 template <typename T, int D>
 __device__ __forceinline__ void write_output(const float (&o)[D / 2], const float (&row_max)[2], const float (&row_sum)[2],
                                              const AttentionCta<T, D>& cta, const float* coarse, const T* gate, T* out,

@@ -32,7 +32,7 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); 
 // whose rounding, about |lse| * 2^-24, becomes the probability's relative error: ~3% at |lse| =
 // 5e5, ~25% at 5e6, and meaningless (10x and more, or infinite) beyond 5e7 (BENCHMARKS.md, "the
 // CUDA kernels at large scores").  So the backward takes the lse of a row only up to LSE_LIMIT
-// (2^20, an error of at most ~6%) and NaN beyond, which makes that row's gradients NaN (its dq,
+// (2^20, an error of about 6%) and NaN beyond, which makes that row's gradients NaN (its dq,
 // and dk and dv of every key tile it selected) rather than silently wrong.  -inf (pad rows, rows
 // without keys) and NaN pass as they are.  The Numba backend applies the same limit
 // (numba_cpu._LSE_LIMIT) when it computes in float32.

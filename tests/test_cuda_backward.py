@@ -173,13 +173,19 @@ def _check_gradients(p):
         assert dgate is None
 
 
+@pytest.mark.parametrize("row_terms", ["from the coarse pass", "by bwd_delta"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_backward_gives_nan_for_rows_whose_lse_float32_cannot_resolve(poisoned, head_dim):
+def test_backward_gives_nan_for_rows_whose_lse_float32_cannot_resolve(poisoned, monkeypatch, head_dim, row_terms):
     """A row with |lse| beyond 2**20 (common.cuh, LSE_LIMIT) gets NaN gradients, its dq and dk, dv
-    of the key tiles it selected, on every path; the other gradients are as accurate as usual.
-    bf16 only: fp16's range keeps unit-normal keys at the default scale below the limit."""
+    of the key tiles it selected, on every path, whichever kernel computes the row terms; the
+    other gradients are as accurate as usual.  bf16 only: fp16's range keeps unit-normal keys at
+    the default scale below the limit."""
     import cupy
 
+    from vsa_nd.backends import cuda_vsa
+
+    if row_terms.startswith("by"):
+        monkeypatch.setattr(cuda_vsa, "ROW_TERMS", False)
     plan, q, k, v, dout = huge_lse_problem(BFLOAT16, head_dim, seed=head_dim)
     out, ctx = vsa_nd.video_sparse_attn(*(cupy.asarray(x) for x in (q, k, v)), 3,
                                         cupy.asarray(plan.variable_block_sizes), return_context=True)

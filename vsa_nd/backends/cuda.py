@@ -399,7 +399,7 @@ class RowTerms(NamedTuple):
     """Per query row, what the fine backward's passes read: float32 [B, H, Sq_pad] each."""
 
     delta: object     # rowsum(dout * fine) on real rows, 0 on pad rows
-    lse_log2: object  # lse * log2(e), every row
+    lse_log2: object  # lse * log2(e), every row (NaN past common.cuh's LSE_LIMIT: NaN gradients)
 
 
 def coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None, out=None, lse=None):

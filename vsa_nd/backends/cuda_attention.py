@@ -555,8 +555,9 @@ def bwd_delta(dout, out, coarse, gate, q_block_sizes, lse, delta, lse_log2=None)
     dout, out [B, H, Sq_pad, D] (D 64 or 128, C-contiguous, one half-precision dtype); coarse
     [B, H, N_q, D] float32, 16-byte aligned, or None; gate q-shaped or None; q_block_sizes
     int32 [N_q]; lse float32 [B, H, Sq_pad].  Writes delta = rowsum(dout * (out - gate *
-    coarse)) over real rows (0 in pad rows) and, where ``lse_log2`` is given, lse * log2(e),
-    both float32 [B, H, Sq_pad].  Arguments are not checked: the caller has.
+    coarse)) over real rows (0 in pad rows) and, where ``lse_log2`` is given, lse * log2(e)
+    (NaN where |lse| passes ``common.cuh``'s LSE_LIMIT, -inf excepted), both float32
+    [B, H, Sq_pad].  Arguments are not checked: the caller has.
     """
     b, h, q_len, d = dout.shape
     launch = bwd_delta_launch(dout.dtype, d, b * h * q_len, q_len, q_len // q_block_sizes.shape[0])

@@ -585,8 +585,8 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
 def _bwd_prep_kernel(q, dout, out, lse, lse_limit, coarse, gate, has_gate, q_block_sizes, scale,
                      qs_t, dout_rows, dout_t, delta, lse2):
     """Per query tile: q * scale * log2(e) transposed, dout with pad rows zeroed (as rows and
-    transposed), delta = rowsum(dout * fine) and lse in log2 units (0 on pad rows; NaN where a
-    finite |lse| exceeds ``lse_limit``, see _LSE_LIMIT)."""
+    transposed), delta = rowsum(dout * fine) and lse in log2 units (0 on pad rows; NaN where
+    |lse| exceeds ``lse_limit``, -inf excepted: see _LSE_LIMIT)."""
     batch, heads, tiles, volume, dim = q.shape
     dtype = q.dtype.type
     qscale, log2e, zero = dtype(scale * _LOG2E), dtype(_LOG2E), dtype(0.0)
@@ -763,7 +763,8 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     _bwd_prep_kernel(
         q_c, _compute(dout).reshape(tiled), _compute(out).reshape(tiled),
         np.ascontiguousarray(lse, dtype=dtype).reshape(b, h, n_q, volume),
-        _LSE_LIMIT if np.dtype(lse.dtype).itemsize <= 4 else np.inf, coarse, gate_c, has_gate, q_block_sizes, float(scale), qs_t, dout_rows, dout_t, delta, lse2,
+        _LSE_LIMIT if np.dtype(lse.dtype).itemsize <= 4 else np.inf,
+        coarse, gate_c, has_gate, q_block_sizes, float(scale), qs_t, dout_rows, dout_t, delta, lse2,
     )
 
     dq = np.empty(tiled, dtype)
