@@ -250,8 +250,10 @@ __device__ __forceinline__ void write_output(const float (&o)[D / 2], const floa
             *reinterpret_cast<unsigned int*>(out + offset + col) = pack2<T>(x0, x1);
         }
         if ((lane & 3) == 0)
-            lse[cta.q_offset / D + row] =
-                !real ? neg_inf() : total > 0.f ? (row_max[r] + __log2f(total)) * 0.69314718055994531f : failed ? nan : neg_inf();
+            lse[cta.q_offset / D + row] = !real         ? neg_inf()
+                                          : total > 0.f ? (row_max[r] + __log2f(total)) * 0.69314718055994531f
+                                          : failed      ? nan
+                                                        : neg_inf();
     }
 }
 
