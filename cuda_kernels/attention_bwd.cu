@@ -9,8 +9,8 @@
 // Kernels:
 //   bwd_delta:  delta per query row, with fine = out - gate * coarse recovered from out; 0 on
 //               pad query rows (their dO is treated as 0: pad rows are not part of the output);
-//               and, for the Hopper dK/dV pass, lse * log2(e) per row.  (A VSA backward takes
-//               both from coarse_grad.cu's ROWS variant instead, in its pass over dout.)
+//               and, for the dK/dV passes, lse * log2(e) per row.  (A VSA backward takes both
+//               from coarse_grad.cu's ROWS variant instead, in its pass over dout.)
 //   bwd_dq, bwd_dkdv: the two passes of attention_bwd.cuh with MmaProducts: each warp owns 16
 //               rows (query rows in bwd_dq, keys in bwd_dkdv); Q and dO fragments of bwd_dq stay
 //               in registers, everything else is read with ldmatrix per step.
@@ -123,8 +123,8 @@ template <typename T, int D> struct MmaProducts {
 
     __device__ void dkdv_step(float (&acc_k)[D / 2], float (&acc_v)[D / 2], const unsigned char* sK,
                               const unsigned char* sV, const unsigned char* cQ, const unsigned char* cdO,
-                              const float* c_lse, const float* c_delta, int real_k, int real_q, float scale_log2,
-                              int warp, int lane) {
+                              const float* c_lse_log2, const float* c_delta, int real_k, int real_q,
+                              float scale_log2, int warp, int lane) {
         // P^T (this warp's 16 keys x 64 query rows), kept packed in 16 bits from here on so
         // that it and dP^T are not live in fp32 together (register pressure at D = 128).
         unsigned int pt[4][4];
@@ -139,7 +139,7 @@ template <typename T, int D> struct MmaProducts {
                 const int col = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
                 // 0 for pad keys and pad query rows, whatever lse holds there (-inf from the
                 // forward, where exp2 gives +inf; anything in a context changed since).
-                st[i] = key < real_k && col < real_q ? fast_exp2(fmaf(st[i], scale_log2, -backward_lse(c_lse[col]) * LOG2E)) : 0.f;
+                st[i] = key < real_k && col < real_q ? fast_exp2(fmaf(st[i], scale_log2, -c_lse_log2[col])) : 0.f;
             }
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) p_fragment<T>(st, kk, pt[kk]);
@@ -164,8 +164,8 @@ template <typename T, int D> struct MmaProducts {
 
 // delta[b, h, row] = sum_d dout * (out - gate * coarse) on real query rows, 0 on pad rows;
 // and, unless lse_log2 is null, lse_log2[row] = lse[row] * log2(e) (NaN where |lse| passes
-// common.cuh's LSE_LIMIT, as every pass of the backward takes it; what the Hopper dK/dV pass
-// reads: it saves that pass a multiplication per query column and step).  D / 8 threads per row,
+// common.cuh's LSE_LIMIT, as every pass of the backward takes it; what both dK/dV passes read:
+// it saves them that work per query column and step).  D / 8 threads per row,
 // each reading 16-byte pieces (the launcher checks the 16-byte alignment), so a CTA of 128
 // threads takes BWD_DELTA_ROWS<D> rows (the launcher's grid); memory-bound: it reads dout and out
 // once (and gate where there is one).
@@ -245,12 +245,12 @@ bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v
 template <typename T, int D>
 __global__ void __launch_bounds__(vsa::ATT_THREADS, 1)
 bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
-         const float* __restrict__ lse, const float* __restrict__ delta, const int* __restrict__ kv2q_code,
+         const float* __restrict__ lse_log2, const float* __restrict__ delta, const int* __restrict__ kv2q_code,
          const int* __restrict__ kv2q_offsets, const int* __restrict__ q_block_sizes,
          const int* __restrict__ kv_block_sizes, const float* __restrict__ dk_tile, const float* __restrict__ dv_tile,
          T* __restrict__ dk, T* __restrict__ dv, const int* __restrict__ order, int num_heads, int num_kv_heads,
          int q_len, int kv_len, int tile_volume, float scale) {
-    vsa::dkdv_pass<T, D, vsa::MmaProducts<T, D>>(q, k, v, dout, lse, delta, kv2q_code, kv2q_offsets, q_block_sizes,
+    vsa::dkdv_pass<T, D, vsa::MmaProducts<T, D>>(q, k, v, dout, lse_log2, delta, kv2q_code, kv2q_offsets, q_block_sizes,
                                                  kv_block_sizes, dk_tile, dv_tile, dk, dv, num_heads, num_kv_heads,
                                                  q_len, kv_len, tile_volume, scale, order);
 }

@@ -7,8 +7,8 @@
 //               chunks (K and V, two stages).  Products::dq_chunk does S = Q K^T, dP = dO V^T,
 //               P = exp(scale S - lse), dS = P (dP - delta), acc += dS K.
 //               Writes dq = scale * acc + dq_tile.
-//   dkdv_pass:  one CTA per (64-key chunk, batch*kv head) keeps K and V and streams (Q, dO, lse,
-//               delta) of every query tile that selected the chunk's key tile — all query heads of
+//   dkdv_pass:  one CTA per (64-key chunk, batch*kv head) keeps K and V and streams (Q, dO,
+//               lse * log2(e) from bwd_delta or coarse_grad, delta) of every query tile that selected the chunk's key tile — all query heads of
 //               the kv group, so GQA sums happen here — from the KV->Q lists built on the GPU.
 //               Products::dkdv_step does S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T,
 //               dS^T = P^T (dP^T - delta), dK += dS^T Q.  Writes dk = scale * dK + dk_tile and
@@ -21,7 +21,7 @@
 // Policy interface (MmaProducts, attention_bwd.cu):
 //   void start_dq(sQ, sdO, warp, lane)      once, when Q and dO have arrived
 //   void dq_chunk(acc, sK, sV, valid, lse_log2, delta, scale_log2, warp, lane)
-//   void dkdv_step(acc_k, acc_v, sK, sV, sQ, sdO, lse, delta, real_k, real_q, scale_log2, warp, lane)
+//   void dkdv_step(acc_k, acc_v, sK, sV, sQ, sdO, lse_log2, delta, real_k, real_q, scale_log2, warp, lane)
 // Pad query rows read as 0 in dO (and Q in dkdv_pass) and get P^T = 0 whatever lse holds there,
 // so they add nothing to any gradient; pad keys read as 0 and get P = 0.  Pad slots of dq, dk
 // and dv are written as zeros.
@@ -135,7 +135,7 @@ template <int D> struct DkdvCta {
 };
 
 template <typename T, int D, class Products>
-__device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, const T* dout, const float* lse,
+__device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, const T* dout, const float* lse_log2,
                                           const float* delta, const int* kv2q_code, const int* kv2q_offsets,
                                           const int* q_block_sizes, const int* kv_block_sizes, const float* dk_tile,
                                           const float* dv_tile, T* dk, T* dv, int num_heads, int num_kv_heads,
@@ -146,7 +146,7 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
     unsigned char* sV = smem + TILE;
     unsigned char* sQ = smem + 2 * TILE;   // two stages
     unsigned char* sdO = smem + 4 * TILE;  // two stages
-    float* sStats = reinterpret_cast<float*>(smem + 6 * TILE);  // [stage][lse | delta][64]
+    float* sStats = reinterpret_cast<float*>(smem + 6 * TILE);  // [stage][lse_log2 | delta][64]
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const DkdvCta<D> cta(kv2q_offsets, kv_block_sizes, num_heads, num_kv_heads, q_len, kv_len, tile_volume, 0, order);
@@ -165,8 +165,8 @@ __device__ __forceinline__ void dkdv_pass(const T* q, const T* k, const T* v, co
         stage_rows = (stage_rows & ~(0xffu << 8 * stage)) | static_cast<unsigned int>(real_q) << 8 * stage;
         load_tile_async<D>(sQ + stage * TILE, q + row0 * D, real_q, tid);
         load_tile_async<D>(sdO + stage * TILE, dout + row0 * D, real_q, tid);
-        if (tid < 32) {  // 64 lse then 64 delta values: 16-byte pieces
-            const float* src = (tid < 16 ? lse : delta) + row0 + (tid & 15) * 4;
+        if (tid < 32) {  // 64 lse_log2 then 64 delta values: 16-byte pieces
+            const float* src = (tid < 16 ? lse_log2 : delta) + row0 + (tid & 15) * 4;
             cp_async_16(sStats + stage * 128 + tid * 4, src, 16);
         }
     };

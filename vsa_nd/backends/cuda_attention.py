@@ -640,7 +640,7 @@ class FineBackward(NamedTuple):
     q_len: int
     q_blocks: int
     delta_all: object  # bwd_delta over every row (None: the row terms are given)
-    own_log2: bool  # whether bwd_delta also writes lse * log2(e) (for the Hopper dK/dV pass)
+    own_log2: bool  # whether bwd_delta also writes lse * log2(e) (what the dK/dV passes read)
     dq: object  # the recomputing dQ pass
     dkdv: object  # the dK/dV pass over every (batch, kv head), with no dS blocks
     lists: KvListLaunches
@@ -724,7 +724,7 @@ class FineBackward(NamedTuple):
                 caller.wait_event(join)
 
     def _dkdv_pointers(self, p: FinePointers, codes, offsets, ds_blocks, order) -> tuple:
-        pointers = (p.q, p.k, p.v, p.dout, p.lse_log2 if isinstance(self.dkdv, _TmaLaunch) else p.lse, p.delta, codes,
+        pointers = (p.q, p.k, p.v, p.dout, p.lse_log2, p.delta, codes,
                     offsets, p.q_block_sizes, p.kv_block_sizes, p.dk_tile, p.dv_tile, p.dk, p.dv)
         return pointers + ((ds_blocks, order) if isinstance(self.dkdv, _TmaLaunch) else (order,))
 
@@ -828,7 +828,7 @@ def _fine_backward(q_shape, kv_shape, dtype, n_q, length, scale, row_terms_given
         block_elements = (min(pair_entries, cap + group * n_q) * entry_bytes if cap else chunk * ds_bytes) // item
         partial_bytes = group * q_len * d * 4 if cap else 0
     # One workspace: delta and lse_log2 (where not given), the lists' work and codes, pos, the order.
-    own_log2 = dkdv_wgmma and not row_terms_given
+    own_log2 = not row_terms_given
     sizes = ((0 if row_terms_given else 4 * q_rows), (4 * q_rows if own_log2 else 0), 4 * lists.work_ints,
              4 * lists.entries, 4 * lists.entries if chunk else 0, 4 * lists.lists)
     offsets, end = workspace_layout(sizes)
