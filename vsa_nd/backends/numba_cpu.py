@@ -25,11 +25,14 @@ of selected tiles, reverse-list lengths), so the heavy kernels are scheduled one
 and row maxima use ``llvm.maxnum`` (Numba's ``max`` does not vectorise).
 
 Backward (no atomics, deterministic): a preparation pass computes
-``delta = rowsum(dout * fine)`` with ``fine = out - (gate *) coarse``, then a dQ pass over
-(b, h, query tile) recomputes P from the LSE, and a dK/dV pass over (b, kv head, key tile)
-walks a reverse list of the (query head, query tile) pairs that selected the key tile,
-built by a counting sort of ``q2k_idx``.  Memory traffic beyond the inputs: one transposed
-copy of k and v (and of q, dout for the backward) in the compute dtype.
+``delta = rowsum(dout * fine)`` with ``fine = out - (gate *) coarse``, then a dK/dV pass over
+(b, kv head, key tile) walks a reverse list of the (query head, query tile) pairs that
+selected the key tile, built by a counting sort of ``q2k_idx``, and recomputes P and dS from
+the LSE.  It hands each dS block to the dQ pass over (b, h, query tile), which then does one
+product per selected tile instead of three, where the blocks fit ``DS_BUDGET_BYTES``; past
+that the dQ pass recomputes P and dS itself.  Memory traffic beyond the inputs: one
+transposed copy of k and v (and of q, dout for the backward) in the compute dtype, and the dS
+blocks (a [V, V] block per selected pair, rows rounded up to 8).
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ _LN2 = math.log(2.0)
 # gradients instead (their dq, and dk and dv of every key tile they selected), as on CUDA
 # (cuda_kernels/common.cuh, LSE_LIMIT).  A float64 lse has no such limit here.
 _LSE_LIMIT = 2.0**20
+# The backward's dS blocks (one per selected (query tile, key tile) pair), handed from the dK/dV
+# pass to the dQ pass, are used up to this many bytes; beyond, the dQ pass recomputes them.
+DS_BUDGET_BYTES = 512 << 20
 _ROWS = 8  # tile rows are processed in blocks of this many (scratch is padded to a multiple)
 # LLVM's fast-math flags without nnan and ninf: the kernels may reassociate, contract and use
 # approximate functions, but NaN and infinity in the inputs propagate as in the reference (within
@@ -654,17 +660,44 @@ def _dq_kernel(q, kt, vt, k, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, sc
                     sr[c] = _exp2(sr[c] - lse_r) * (dpr[c] - delta_r)
             s[real:rows, :keys] = 0.0
             _accumulate(acc, s, k[b, hk, j], rows, keys)
-        dst, tile_grad = dq[b, h, i], dq_tile[b, h, i]
-        for r in range(real):
-            for d in range(dim):
-                dst[r, d] = acc[r, d] * kscale + tile_grad[d]
-        dst[real:] = 0.0
+        _write_dq(dq[b, h, i], acc, dq_tile[b, h, i], real, kscale)
+
+
+@njit(**_KERNEL)
+def _dq_from_ds_kernel(k, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, scale, ds_blocks, dq_tile, dq, acc_buf):
+    """dq = scale * sum over the selected tiles of dS K + dq_tile, from the dK/dV pass's dS blocks."""
+    batch, heads, tiles = dq.shape[:3]
+    group = heads // k.shape[1]
+    kscale = dq.dtype.type(scale)
+    for item in prange(batch * heads * tiles):
+        b, h, i = item // (heads * tiles), (item // tiles) % heads, item % tiles
+        hk = h // group
+        acc = acc_buf[numba.get_thread_id()]
+        real = q_block_sizes[i]
+        acc[:] = 0.0
+        for t in range(q2k_num[b, h, i]):
+            j = q2k_idx[b, h, i, t]
+            _accumulate(acc, ds_blocks[b, h, i, t], k[b, hk, j], _round_rows(real), kv_block_sizes[j])
+        _write_dq(dq[b, h, i], acc, dq_tile[b, h, i], real, kscale)
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _write_dq(dst, acc, tile_grad, real, kscale):
+    """A query tile's dq rows: acc * scale + tile_grad on its real rows, 0 on the others."""
+    for r in range(real):
+        for d in range(dst.shape[1]):
+            dst[r, d] = acc[r, d] * kscale + tile_grad[d]
+    dst[real:] = 0.0
 
 
 @njit(**_KERNEL)
 def _dkdv_kernel(q, k, v, q_block_sizes, kv_block_sizes, scale, qs_t, dout_rows, dout_t, delta, lse2,
-                 offsets, entries, dk_tile, dv_tile, dk, dv, k_buf, v_buf, p_buf, ds_buf, dk_buf, dv_buf):
+                 offsets, entries, slots, ds_blocks, dk_tile, dv_tile, dk, dv, k_buf, v_buf, p_buf, ds_buf, dk_buf, dv_buf):
+    """dk, dv of every key tile; with ``ds_blocks`` of B*H*N_q*topk blocks (else an empty array),
+    also each pair's dS block, at ds_blocks[b, h, i, t] for key tile q2k_idx[b, h, i, t] (t from
+    ``slots``), real rows and keys of it, with zeros in the rows up to the next multiple of 8."""
     batch, kv_heads, tiles, volume, dim = k.shape
+    hand_over = ds_blocks.size > 0
     q_tiles = q.shape[2]
     kscale = q.dtype.type(scale)
     for item in prange(batch * kv_heads * tiles):
@@ -692,6 +725,12 @@ def _dkdv_kernel(q, k, v, q_block_sizes, kv_block_sizes, scale, qs_t, dout_rows,
                     dsc[r] = x * (dsc[r] - delta_row[r])
             p[keys:rows, :real] = 0.0
             ds[keys:rows, :real] = 0.0
+            if hand_over:  # dS (query rows x keys) for the dQ pass
+                block = ds_blocks[b, h, i, slots[e]]
+                for r in range(real):
+                    for c in range(keys):
+                        block[r, c] = ds[c, r]
+                block[real:_round_rows(real), :keys] = 0.0
             _accumulate(dv_acc, p, dout_rows[b, h, i], rows, real)
             _accumulate(dk_acc, ds, q[b, h, i], rows, real)
         dk_dst, dv_dst = dk[b, hk, j], dv[b, hk, j]
@@ -708,9 +747,10 @@ def _dkdv_kernel(q, k, v, q_block_sizes, kv_block_sizes, scale, qs_t, dout_rows,
 def _reverse_lists(q2k_idx, q2k_num, kv_heads, kv_tiles):
     """Counting sort of the selections by (b, kv head, key tile).
 
-    Returns (offsets [B*H_kv*N_kv + 1] int64, entries int32): the entries of bucket
-    (b * H_kv + hk) * N_kv + j list h * N_q + i for every (h, i) that selected key tile j,
-    in increasing order, so the dK/dV pass visits them in a fixed order.
+    Returns (offsets [B*H_kv*N_kv + 1] int64, entries int32, slots int32): the entries of
+    bucket (b * H_kv + hk) * N_kv + j list h * N_q + i for every (h, i) that selected key tile
+    j, in increasing order, so the dK/dV pass visits them in a fixed order; slots gives each
+    entry's position t in that (h, i)'s list (q2k_idx[b, h, i, t] = j).
     """
     batch, heads, q_tiles, _ = q2k_idx.shape
     group = heads // kv_heads
@@ -724,14 +764,16 @@ def _reverse_lists(q2k_idx, q2k_num, kv_heads, kv_tiles):
         offsets[n] += offsets[n - 1]
     fill = offsets[:-1].copy()
     entries = np.empty(offsets[-1], np.int32)
+    slots = np.empty(offsets[-1], np.int32)
     for b in range(batch):
         for h in range(heads):
             for i in range(q_tiles):
                 for t in range(q2k_num[b, h, i]):
                     bucket = (b * kv_heads + h // group) * kv_tiles + q2k_idx[b, h, i, t]
                     entries[fill[bucket]] = h * q_tiles + i
+                    slots[fill[bucket]] = t
                     fill[bucket] += 1
-    return offsets, entries
+    return offsets, entries, slots
 
 
 def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
@@ -768,21 +810,28 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     )
 
     dq = np.empty(tiled, dtype)
-    offsets, entries = _reverse_lists(q2k_idx, q2k_num, h_kv, n_kv)
+    offsets, entries, slots = _reverse_lists(q2k_idx, q2k_num, h_kv, n_kv)
     dk = np.empty(k_rows.shape, dtype)
     dv = np.empty(v_rows.shape, dtype)
+    blocks_shape = (b, h, n_q, q2k_idx.shape[3], rows, volume)
+    hand_over = math.prod(blocks_shape) * dtype.itemsize <= DS_BUDGET_BYTES
+    ds_blocks = np.empty(blocks_shape if hand_over else (0,) * 6, dtype)
     with numba.parallel_chunksize(1):
-        _dq_kernel(
-            q_c, _transposed(k_rows), _transposed(v_rows), k_rows, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes,
-            float(scale), dout_rows, delta, lse2, dq_tile, dq,
-            _scratch(rows, d, dtype), _scratch(rows, volume, dtype), _scratch(rows, volume, dtype),
-            _scratch(rows, d, dtype),
-        )
         _dkdv_kernel(
             q_c, k_rows, v_rows, q_block_sizes, kv_block_sizes, float(scale), qs_t, dout_rows, dout_t, delta, lse2,
-            offsets, entries, dk_tile, dv_tile, dk, dv,
+            offsets, entries, slots, ds_blocks, dk_tile, dv_tile, dk, dv,
             _scratch(rows, d, dtype), _scratch(rows, d, dtype), _scratch(rows, volume, dtype),
             _scratch(rows, volume, dtype), _scratch(rows, d, dtype), _scratch(rows, d, dtype),
         )
+        if hand_over:
+            _dq_from_ds_kernel(k_rows, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, float(scale), ds_blocks,
+                               dq_tile, dq, _scratch(rows, d, dtype))
+        else:
+            _dq_kernel(
+                q_c, _transposed(k_rows), _transposed(v_rows), k_rows, q2k_idx, q2k_num, q_block_sizes,
+                kv_block_sizes, float(scale), dout_rows, delta, lse2, dq_tile, dq,
+                _scratch(rows, d, dtype), _scratch(rows, volume, dtype), _scratch(rows, volume, dtype),
+                _scratch(rows, d, dtype),
+            )
     return tuple(_into(r, x.reshape(shape).astype(q.dtype, copy=False))
                  for r, x, shape in zip(results, (dq, dk, dv), (q.shape, k.shape, v.shape)))
