@@ -692,7 +692,8 @@ def _write_dq(dst, acc, tile_grad, real, kscale):
 
 @njit(**_KERNEL)
 def _dkdv_kernel(q, k, v, q_block_sizes, kv_block_sizes, scale, qs_t, dout_rows, dout_t, delta, lse2,
-                 offsets, entries, slots, ds_blocks, dk_tile, dv_tile, dk, dv, k_buf, v_buf, p_buf, ds_buf, dk_buf, dv_buf):
+                 offsets, entries, slots, ds_blocks, dk_tile, dv_tile, dk, dv,
+                 k_buf, v_buf, p_buf, ds_buf, dk_buf, dv_buf):
     """dk, dv of every key tile; with ``ds_blocks`` of B*H*N_q*topk blocks (else an empty array),
     also each pair's dS block, at ds_blocks[b, h, i, t] for key tile q2k_idx[b, h, i, t] (t from
     ``slots``), real rows and keys of it, with zeros in the rows up to the next multiple of 8."""
