@@ -8,8 +8,9 @@
 //               P = exp(scale S - lse), dS = P (dP - delta), acc += dS K.
 //               Writes dq = scale * acc + dq_tile.
 //   dkdv_pass:  one CTA per (64-key chunk, batch*kv head) keeps K and V and streams (Q, dO,
-//               lse * log2(e) from bwd_delta or coarse_grad, delta) of every query tile that selected the chunk's key tile — all query heads of
-//               the kv group, so GQA sums happen here — from the KV->Q lists built on the GPU.
+//               lse * log2(e) from bwd_delta or coarse_grad, delta) of every query tile that
+//               selected the chunk's key tile — all query heads of the kv group, so GQA sums
+//               happen here — from the KV->Q lists built on the GPU.
 //               Products::dkdv_step does S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T,
 //               dS^T = P^T (dP^T - delta), dK += dS^T Q.  Writes dk = scale * dK + dk_tile and
 //               dv = dV + dv_tile.

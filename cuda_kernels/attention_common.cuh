@@ -223,8 +223,7 @@ __device__ __forceinline__ void write_output(const float (&o)[D / 2], const floa
         total += __shfl_xor_sync(0xffffffffu, total, 1);
         total += __shfl_xor_sync(0xffffffffu, total, 2);
         const bool failed = !(total > 0.f) && row_max[r] != neg_inf();
-        const float nan = __int_as_float(0x7fc00000);
-        const float inv = total > 0.f ? 1.f / total : failed ? nan : 0.f;
+        const float inv = total > 0.f ? 1.f / total : failed ? quiet_nan() : 0.f;
         const int row = warp * 16 + (lane >> 2) + r * 8;
         const bool real = row < valid_rows;
         const size_t offset = cta.q_offset + static_cast<size_t>(row) * D;
@@ -252,7 +251,7 @@ __device__ __forceinline__ void write_output(const float (&o)[D / 2], const floa
         if ((lane & 3) == 0)
             lse[cta.q_offset / D + row] = !real         ? neg_inf()
                                           : total > 0.f ? (row_max[r] + __log2f(total)) * 0.69314718055994531f
-                                          : failed      ? nan
+                                          : failed      ? quiet_nan()
                                                         : neg_inf();
     }
 }

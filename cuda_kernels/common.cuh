@@ -27,6 +27,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 constexpr float LOG2E = 1.4426950408889634f;  // log2(e): exp(x) = exp2(x * LOG2E)
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
 
 // The backward rebuilds each probability as exp(scale * s - lse) from the forward's float32 lse,
 // whose rounding, about |lse| * 2^-24, becomes the probability's relative error: ~3% at |lse| =
@@ -38,7 +39,7 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); 
 // (numba_cpu._LSE_LIMIT) when it computes in float32.
 constexpr float LSE_LIMIT = 1048576.f;
 __device__ __forceinline__ float backward_lse(float lse) {
-    return fabsf(lse) > LSE_LIMIT && lse != neg_inf() ? __int_as_float(0x7fc00000) : lse;
+    return fabsf(lse) > LSE_LIMIT && lse != neg_inf() ? quiet_nan() : lse;
 }
 
 // Order-preserving map of a float onto an unsigned int (larger float -> larger key).

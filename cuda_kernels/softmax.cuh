@@ -16,7 +16,7 @@ namespace vsa {
 // empty accumulator and keep one met by a non-empty one: a result depending on the thread count).
 __device__ __forceinline__ void softmax_merge(float& max, float& sum, float m, float s) {
     if (m != m || max != max) {
-        max = sum = __int_as_float(0x7fc00000);
+        max = sum = quiet_nan();
         return;
     }
     const float top = fmaxf(max, m);
