@@ -639,8 +639,7 @@ class FineBackward(NamedTuple):
     head_dim: int
     q_len: int
     q_blocks: int
-    delta_all: object  # bwd_delta over every row (None: the row terms are given)
-    own_log2: bool  # whether bwd_delta also writes lse * log2(e) (what the dK/dV passes read)
+    delta_all: object  # bwd_delta over every row, also writing lse * log2(e) (None: the row terms are given)
     dq: object  # the recomputing dQ pass
     dkdv: object  # the dK/dV pass over every (batch, kv head), with no dS blocks
     lists: KvListLaunches
@@ -680,7 +679,7 @@ class FineBackward(NamedTuple):
         base = address(workspace)
         delta_at, log2_at, work, codes, pos, order = (base + offset for offset in self.workspace)
         if self.delta_all is not None:
-            p = p._replace(delta=delta_at, lse_log2=log2_at if self.own_log2 else 0)
+            p = p._replace(delta=delta_at, lse_log2=log2_at)
         _memset(work, 0, 4 * self.lists.work_ints, stream)
         if not chunked:
             if self.delta_all is not None:
@@ -828,11 +827,11 @@ def _fine_backward(q_shape, kv_shape, dtype, n_q, length, scale, row_terms_given
         block_elements = (min(pair_entries, cap + group * n_q) * entry_bytes if cap else chunk * ds_bytes) // item
         partial_bytes = group * q_len * d * 4 if cap else 0
     # One workspace: delta and lse_log2 (where not given), the lists' work and codes, pos, the order.
-    own_log2 = not row_terms_given
-    sizes = ((0 if row_terms_given else 4 * q_rows), (4 * q_rows if own_log2 else 0), 4 * lists.work_ints,
-             4 * lists.entries, 4 * lists.entries if chunk else 0, 4 * lists.lists)
+    row_bytes = 0 if row_terms_given else 4 * q_rows
+    sizes = (row_bytes, row_bytes, 4 * lists.work_ints, 4 * lists.entries, 4 * lists.entries if chunk else 0,
+             4 * lists.lists)
     offsets, end = workspace_layout(sizes)
-    return FineBackward(device_id, dtype, d, q_len, n_q, None if row_terms_given else delta(b * h), own_log2, dq,
+    return FineBackward(device_id, dtype, d, q_len, n_q, None if row_terms_given else delta(b * h), dq,
                         dkdv(b * h_kv), lists, order_all, order_chunk, chunks, streams, block_elements, partial_bytes,
                         offsets, max(end, 256))
 
