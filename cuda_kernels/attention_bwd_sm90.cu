@@ -45,13 +45,18 @@
 // stage (expecting their summed bytes; lane 0 of warps 0, 1 and 2 each issues a third of them).
 // They have DKDV_STAGES<D> stages: two at D = 128 (K + V + 2 x (Q + dO) + 2 x (lse + delta) +
 // the staged list = 105 KB: two CTAs per SM, as registers allow; a third stage would not fit
-// beside the second CTA), three at D = 64 (74 KB; 2% faster than two).  Steps are pipelined:
-// step t's S^T and dP^T are issued behind step t - 1's dV and dK, which are still running; once
-// those two are done, step t - 1's stage is refilled (with step t - 1 + STAGES) while S^T and
-// dP^T run:
+// beside the second CTA), three at D = 64 (74 KB, three CTAs per SM; 1% faster than two).  At
+// D = 128 steps are pipelined: step t's S^T and dP^T are issued behind step t - 1's dV and dK,
+// which are still running; once those two are done, step t - 1's stage is refilled (with step
+// t - 1 + STAGES) while S^T and dP^T run:
 //   wait step t -> issue S^T, dP^T -> wait for step t - 1's dV, dK -> barrier -> refill step
 //   t - 1's stage with step t - 1 + STAGES -> wait S^T -> P^T, dV, dS^T, dK (dkdv_finish,
 //   below; dV and dK left running).
+// At D = 64 (DKDV_PIPELINED<64> false) each step waits for its own dV and dK, then refills its
+// stage with step t + STAGES; that frees the registers that let three CTAs share an SM, whose
+// products overlap one another's waits instead:
+//   wait step t -> issue S^T, dP^T -> wait S^T -> P^T, dV, dS^T, dK -> wait dV, dK -> barrier
+//   -> refill step t's stage with step t + STAGES.
 // Step 0's products overwrite the accumulators (no zeroing ahead of the loop: a write to them on
 // a path that meets the in-flight products at the loop's head makes ptxas serialize every
 // wgmma; `python -m vsa_nd.compile_check` fails on that).  The refill's list entry is read a
@@ -262,17 +267,22 @@ template <int D> struct DqSmem {
 
 // bwd_dkdv_sm90: stages of (Q, dO, lse, delta) (the launcher's _DKDV_STAGES must match),
 // shared memory (K, V, the Q and dO stages, 64 lse and 64 delta floats per stage, one 8-byte
-// barrier per stage).  Two CTAs per SM at D = 128 (shared memory allows two) and at D = 64
-// (registers allow two: asking for three, i.e. <= 168 registers, makes ptxas serialize the
-// wgmma).  At D = 64 the room two CTAs leave takes a third stage, which gives each step's
-// copies one more step to arrive: 2% faster than two at Wan2.1 480p with 24 heads of 64
-// (BENCHMARKS.md).
+// barrier per stage), DKDV_CTAS per SM:
+// - D = 128: two, as shared memory allows; their registers (251) fit without asking.
+// - D = 64: three, asked of __launch_bounds__ (DKDV_MIN_CTAS: <= 168 registers).  The pipelined
+//   loop holds the next step's scores beside the last step's operands, and at 168 registers
+//   ptxas serializes its wgmma; the unpipelined loop (DKDV_PIPELINED) compiles to 168 without
+//   spills.  Three CTAs unpipelined were 3-4% faster than two pipelined at Wan2.1 480p with 24
+//   heads of 64 (H200, BENCHMARKS.md), the three stages 1% faster than two.
 template <int D> constexpr int DKDV_STAGES = D == 64 ? 3 : 2;
+template <int D> constexpr int DKDV_CTAS = D == 64 ? 3 : 2;
+template <int D> constexpr int DKDV_MIN_CTAS = D == 64 ? 3 : 1;
+template <int D> constexpr bool DKDV_PIPELINED = D != 64;
 template <int D> struct DkdvSmem {
     static constexpr int STATS = 2 * ATT_BLOCK_M * 4;  // bytes of one stage's lse and delta
     static constexpr int BYTES =
         (2 + 2 * DKDV_STAGES<D>) * AttentionSmem<D>::TILE + DKDV_STAGES<D> * (STATS + 8) + LIST_BYTES;
-    static_assert(228 * 1024 / (BYTES + 1024) >= 2, "two CTAs per SM");
+    static_assert(228 * 1024 / (BYTES + 1024) >= DKDV_CTAS<D>, "CTAs per SM");
 };
 
 // bwd_dq_ds_sm90<T, D, STAGES>: STAGES stages of (K chunk, dS block), then its staged list of
@@ -640,7 +650,7 @@ bwd_dq_ds_sm90(const __grid_constant__ vsa::TmaDesc tma_k, const T* __restrict__
 // single (batch, kv head)'s blocks, see below and the launcher's ds_parts); `lse` holds
 // lse * log2(e) here (bwd_delta's lse_log2).
 template <typename T, int D>
-__global__ void __launch_bounds__(vsa::ATT_THREADS, 1)
+__global__ void __launch_bounds__(vsa::ATT_THREADS, vsa::DKDV_MIN_CTAS<D>)
 bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant__ vsa::TmaDesc tma_do,
               const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
               const float* __restrict__ lse, const float* __restrict__ delta, const int* __restrict__ kv2q_code,
@@ -785,7 +795,7 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
         float st[32], dpt[32];  // S^T and dP^T: this warp's 16 keys x 64 query rows
         const unsigned long long stage_offset = descs.stage_step * stage;
         products.dkdv_scores(st, dpt, descs.k, descs.v, descs.q + stage_offset, descs.dout + stage_offset);
-        if (refill) {  // while S^T and dP^T run
+        if (vsa::DKDV_PIPELINED<D> && refill) {  // while S^T and dP^T run
             wgmma_wait<2>();  // step t - 1's dV and dK done
             __syncthreads();  // every warp is done with step t - 1's stage
             push(t - 1 + STAGES, entry_next.x, entry_next.y);
@@ -794,6 +804,13 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
         uint4* ds_mine = ds_blocks ? ds_step0 + static_cast<size_t>(t) * ds_step_groups : nullptr;  // see store_ds_block
         products.dkdv_finish(acc_k, acc_v, st, dpt, descs.q_mn + stage_offset, descs.dout_mn + stage_offset, stats,
                              stats + ATT_BLOCK_M, real_k, rows, scale * LOG2E, warp, lane, t > 0, ds_mine);
+        if (!vsa::DKDV_PIPELINED<D>) {
+            wgmma_wait<0>();  // dV and dK done: their register operands are free for the next step
+            if (t + STAGES < steps) {  // the same in every thread
+                __syncthreads();  // every warp is done with step t's stage
+                push(t + STAGES, entry_after.x, entry_after.y);
+            }
+        }
         entry_next = entry_after;
     }
     wgmma_wait<0>();

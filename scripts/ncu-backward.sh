@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Nsight Compute report of the CUDA attention kernels at the main shape (12 heads x 49152
-# tokens, 77 of 768 tiles, D=128, bf16): one forward and one backward, profiled after a
+# Nsight Compute report of the CUDA attention kernels, by default at the main shape (12 heads x
+# 49152 tokens, 77 of 768 tiles, D=128, bf16): one forward and one backward, profiled after a
 # warm-up call.  Needs an installed vsa_nd (scripts/gpu-check.sh installs it) and ncu.
 #
-#   [KERNELS=regex SKIP=n COUNT=n] bash scripts/ncu-backward.sh [extra ncu arguments...]
+#   [KERNELS=regex SKIP=n COUNT=n GRID=T,H,W HEADS=n HEAD_DIM=d TOPK=k] \
+#       bash scripts/ncu-backward.sh [extra ncu arguments...]
+#
+# GRID, HEADS, HEAD_DIM and TOPK pick another shape (4x4x4 tiles), e.g. Wan2.1 480p with 24 heads
+# of 64: GRID=21,30,52 HEADS=24 HEAD_DIM=64 TOPK=78.
 #
 # Report on stdout.  KERNELS picks kernels by name (default: the sm_90a forward and both backward
 # passes), of whose launches ncu skips SKIP and profiles COUNT (default 3 and 3: one of each
@@ -14,19 +18,24 @@ NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 KERNELS=${KERNELS:-sm90}
 SKIP=${SKIP:-3}
 COUNT=${COUNT:-3}
+export VSA_NCU_GRID=${GRID:-12,64,64} VSA_NCU_HEADS=${HEADS:-12} VSA_NCU_D=${HEAD_DIM:-128} VSA_NCU_TOPK=${TOPK:-77}
 DRIVER=$(mktemp /tmp/vsa_nd-ncu.XXXXXX.py)
 trap 'rm -f "$DRIVER"' EXIT
 cat > "$DRIVER" <<'PY'
+import os
 import cupy, numpy as np
 import vsa_nd
 from vsa_nd._xp import BFLOAT16
 from vsa_nd.backends import cuda_attention
 
-plan = vsa_nd.tile_plan((12, 64, 64), device="cuda:0")
+grid = tuple(int(n) for n in os.environ["VSA_NCU_GRID"].split(","))
+heads, head_dim, topk = (int(os.environ[n]) for n in ("VSA_NCU_HEADS", "VSA_NCU_D", "VSA_NCU_TOPK"))
+plan = vsa_nd.tile_plan(grid, device="cuda:0")
 rng = cupy.random.default_rng(1)
-shape = (1, 12, plan.padded_len, 128)
+shape = (1, heads, plan.padded_len, head_dim)
 q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32).astype(BFLOAT16) for _ in range(4))
-out, ctx = vsa_nd.video_sparse_attn(q, k, v, 77, plan.variable_block_sizes, return_context=True)
+out, ctx = vsa_nd.video_sparse_attn(q, k, v, topk, plan.variable_block_sizes, return_context=True)
+print("ncu driver:", grid, heads, "heads, D =", head_dim, ", top", topk, "of", plan.num_blocks)
 for _ in range(2):  # the first call compiles and warms up; ncu skips its launches
     vsa_nd.block_sparse_attn(q, k, v, plan.variable_block_sizes, ctx.q2k_idx, ctx.q2k_num, check_indices=False)
     cuda_attention.block_sparse_bwd(dout, q, k, v, ctx.out, ctx.lse, ctx.q2k_idx, ctx.q2k_num, ctx.q_block_sizes,

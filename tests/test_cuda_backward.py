@@ -523,6 +523,38 @@ def test_workspace_out_of_memory_falls_back_to_recomputing(monkeypatch):
         vsa_nd.video_sparse_attn_backward(dout, ctx)
 
 
+def test_head_dim_64_hands_ds_over_where_the_dram_is_fast(monkeypatch):
+    """The driver gives the DRAM bandwidth that decides whether head dim 64 hands dS over
+    (ds_head_dims; a missing figure would silently mean "slow"), and the decision takes effect:
+    a head-dim-64 backward above the size threshold runs bwd_dq_ds_sm90 on an H200 (>= 4 TB/s)
+    and the recomputing bwd_dq_sm90 on an H100, each with the same gradients as the other path."""
+    import cupy
+
+    from vsa_nd.backends import cuda_attention
+
+    if cupy.cuda.Device().compute_capability != "90":
+        pytest.skip("the hand-over runs on Hopper only")
+    bandwidth = cuda_attention._dram_bytes_per_s(cupy.cuda.Device().id)
+    assert 1e12 < bandwidth < 1e14, bandwidth
+    fast = bandwidth >= cuda_attention._DS_FAST_DRAM
+    assert (64 in cuda_attention.ds_head_dims(cupy.cuda.Device().id)) == fast
+    plan = vsa_nd.tile_plan((8, 12, 20), device="cuda:0")
+    rng = np.random.default_rng(64)
+    q, k, v, dout = (cupy.asarray(rng.standard_normal((2, 3, plan.padded_len, 64)).astype(BFLOAT16)) for _ in range(4))
+    _, ctx = vsa_nd.video_sparse_attn(q, k, v, 7, plan.variable_block_sizes, return_context=True)
+    monkeypatch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)  # this problem is below the threshold
+    launches = _Launches(monkeypatch)
+    got = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
+    assert ("bwd_dq_ds_sm90" in launches.names) == fast and ("bwd_dq_sm90" in launches.names) != fast
+    monkeypatch.setattr(cuda_attention, "_DS_FAST_DRAM", 0.0 if not fast else float("inf"))  # the other path
+    launches.names.clear()
+    other = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
+    assert ("bwd_dq_ds_sm90" in launches.names) != fast
+    for a, b in zip(got, other):
+        assert float(cupy.abs(a.astype(cupy.float32) - b.astype(cupy.float32)).max()) <= 1e-2 * float(
+            cupy.abs(b.astype(cupy.float32)).max())
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_smoke_backward(kernel, monkeypatch):
     """A small fixed problem (GQA, gate, cross attention, tile volume 128): the case

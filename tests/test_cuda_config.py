@@ -58,14 +58,25 @@ def _kernel_stages(source: str, name: str) -> dict:
     return {64: int(found[1]), 128: int(found[2])}
 
 
-def test_dkdv_stages_are_the_kernels_and_leave_room_for_two_ctas():
+def test_dkdv_stages_are_the_kernels_and_leave_room_for_its_ctas():
     """The launcher's Q/dO stage count per head dim is the kernel's DKDV_STAGES<D> (read from its
     source: the kernel does not check the shared memory it is given), and the shared memory the
-    launcher asks for with it lets two CTAs share an SM (228 KB, 1 KB reserved per CTA)."""
+    launcher asks for with it lets the kernel's DKDV_CTAS<D> CTAs share an SM (228 KB, 1 KB
+    reserved per CTA): three at head dim 64, two at 128."""
     assert cuda_attention._DKDV_STAGES == _kernel_stages("attention_bwd_sm90.cu", "DKDV_STAGES")
+    ctas = _kernel_stages("attention_bwd_sm90.cu", "DKDV_CTAS")
+    assert ctas == {64: 3, 128: 2}
     for head_dim in cuda_attention._DKDV_STAGES:
         shared = cuda_attention._dkdv_shared_bytes(head_dim, 64 * head_dim * 2)
-        assert 2 * (shared + 1024) <= 228 * 1024, head_dim
+        assert ctas[head_dim] * (shared + 1024) <= 228 * 1024, head_dim
+
+
+@pytest.mark.parametrize("bandwidth, expected", [(0.0, (128,)), (3.35e12, (128,)), (4.9e12, (128, 64))])
+def test_ds_head_dims_follow_the_dram_bandwidth(monkeypatch, bandwidth, expected):
+    """Head dim 128 hands dS over on every device, 64 only where the DRAM serves >= 4 TB/s (an
+    H200, not an H100), and a driver that does not say (0) counts as slow."""
+    monkeypatch.setattr(cuda_attention, "_dram_bytes_per_s", lambda device_id: bandwidth)
+    assert cuda_attention.ds_head_dims(0) == expected
 
 
 def test_forward_stages_are_the_kernels_and_leave_room_for_four_ctas():

@@ -63,9 +63,15 @@ def _workspace_default() -> int:
 # at Wan2.1-14B 720p (1.98 GiB a head) two heads at a time, each in two parts (ds_parts): 8.5%
 # faster than recomputing there, 3% slower than whole heads in 4.5 GiB.
 DS_WORKSPACE_BYTES = _workspace_default()
-# Head dims that use it: at D = 64 recomputing dS in the dQ pass is cheaper than handing it over
-# (H100, Wan2.1 480p with 24 heads of 64: 9.4 against 9.8 ms).
+# Head dims that use it on every device, and those that use it only where the DRAM serves at
+# least _DS_FAST_DRAM bytes/s (_dram_bytes_per_s).  At D = 64 a pair's dS block is as large as
+# at 128 while the two products it saves cost half, so the trade depends on the DRAM: at Wan2.1
+# 480p with 24 heads of 64 the hand-over was 2-4% slower than recomputing on H100s (3.35 TB/s;
+# 9.8 against 9.4 ms, and 8.97-9.04 against 8.84 ms), 4-6% faster on an H200 (4.9 TB/s; 8.13
+# against 8.55 ms with the three-CTA dK/dV pass, BENCHMARKS.md).
 _DS_HEAD_DIMS = (128,)
+_DS_FAST_DRAM_HEAD_DIMS = (64,)
+_DS_FAST_DRAM = 4e12
 _DS_STREAMS = 3  # most chunks in flight (each on a stream of its own)
 _DS_MIN_CTAS = 512  # a chunk takes (batch, kv head) pairs until its dK/dV launch has this many CTAs
 _DS_CHUNK_PAIRS = None  # at most this many (batch, kv head) pairs per chunk (tests set 1); None: no cap
@@ -567,7 +573,29 @@ def bwd_delta(dout, out, coarse, gate, q_block_sizes, lse, delta, lse_log2=None)
 def backward_knobs() -> tuple:
     """The module's settings that shape a backward's launches, as a cache key (tests change them)."""
     return (BACKWARD_KERNEL, DKDV_ORDER, _LIST_STAGE_LIMIT, DS_WORKSPACE_BYTES, _DS_MIN_BYTES, _DS_CHUNK_PAIRS,
-            _DS_HEAD_DIMS, _DS_STREAMS, _DS_MIN_CTAS, _DQDS_STAGES, _DS_MAX_PARTS)
+            _DS_HEAD_DIMS, _DS_FAST_DRAM_HEAD_DIMS, _DS_FAST_DRAM, _DS_STREAMS, _DS_MIN_CTAS, _DQDS_STAGES,
+            _DS_MAX_PARTS)
+
+
+@functools.cache
+def _dram_bytes_per_s(device_id: int) -> float:
+    """Peak DRAM bandwidth of a device: memory clock x bus width x 2 (double data rate); 0 where the
+    driver does not say."""
+    import cupy
+
+    runtime = cupy.cuda.runtime
+    try:
+        khz = runtime.deviceGetAttribute(runtime.cudaDevAttrMemoryClockRate, device_id)
+        bits = runtime.deviceGetAttribute(runtime.cudaDevAttrGlobalMemoryBusWidth, device_id)
+    except (AttributeError, runtime.CUDARuntimeError):
+        return 0.0
+    return 2.0 * khz * 1e3 * bits / 8
+
+
+def ds_head_dims(device_id: int) -> tuple:
+    """The head dims whose backward hands dS over on ``device_id`` (within the workspace budget)."""
+    fast = _dram_bytes_per_s(device_id) >= _DS_FAST_DRAM
+    return _DS_HEAD_DIMS + (_DS_FAST_DRAM_HEAD_DIMS if fast else ())
 
 
 class FinePointers(NamedTuple):
@@ -799,7 +827,7 @@ def _fine_backward(q_shape, kv_shape, dtype, n_q, length, scale, row_terms_given
     entry_bytes = slices * slices * _DS_BLOCK_BYTES  # dS blocks of one list entry
     pair_entries = group * n_q * length
     ds_bytes = pair_entries * entry_bytes
-    if dkdv_wgmma and dq_wgmma and d in _DS_HEAD_DIMS:
+    if dkdv_wgmma and dq_wgmma and d in ds_head_dims(device_id):
         chunk, streams = ds_schedule(b * h_kv, ds_bytes, kv_len // _BLOCK_M, int(DS_WORKSPACE_BYTES))
         if not chunk and _DS_CHUNK_PAIRS in (None, 1):  # one pair per chunk, its blocks in parts
             streams, cap = ds_parts(b * h_kv, pair_entries, group * n_q, entry_bytes, int(DS_WORKSPACE_BYTES))
@@ -843,7 +871,8 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     ``row_terms``: the :class:`vsa_nd.backends.cuda.RowTerms` of this backward from
     ``coarse_grad_inputs`` (then ``bwd_delta`` does not run), or None.
 
-    On Hopper at head dim 128, within the dS workspace budget (``DS_WORKSPACE_BYTES``, 2 GiB
+    On Hopper at head dim 128, and at 64 where the DRAM serves at least 4 TB/s (H200;
+    :func:`ds_head_dims`), within the dS workspace budget (``DS_WORKSPACE_BYTES``, 2 GiB
     unless ``$VSA_ND_DS_WORKSPACE_GIB`` says otherwise), the dK/dV pass runs first and stores every
     step's dS (64 x 64 in the input dtype: 8 KB per pair at tile volume 64), and the dQ pass sums
     dS K from it: five matrix products per selected (query tile, key tile) pair.  The (batch, kv
