@@ -37,8 +37,8 @@ def use_kernels(kernel, monkeypatch):
     - "mma": the portable mma.sync kernels;
     - "unstaged": the recomputing kernels with index lists of more than one entry read from global
       memory rather than staged in shared memory (the path of lists longer than 1024 entries);
-    - "workspace": the dS hand-over (head dim 128, one chunk on these problems) with the
-      "unstaged" lists as well;
+    - "workspace": the dS hand-over (head dim 128, and 64 where ds_head_dims says so; one chunk on
+      these problems) with the "unstaged" lists as well;
     - "streams": the hand-over one (batch, kv head) pair per chunk (a launch of each pass per
       pair), at head dim 64 too, up to three chunks at a time on streams of their own.
     """
