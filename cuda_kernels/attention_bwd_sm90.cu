@@ -272,7 +272,7 @@ template <int D> struct DqSmem {
 // - D = 64: three, asked of __launch_bounds__ (DKDV_MIN_CTAS: <= 168 registers).  The pipelined
 //   loop holds the next step's scores beside the last step's operands, and at 168 registers
 //   ptxas serializes its wgmma; the unpipelined loop (DKDV_PIPELINED) compiles to 168 without
-//   spills.  Three CTAs unpipelined were 3-4% faster than two pipelined at Wan2.1 480p with 24
+//   spills.  Three CTAs unpipelined were 4-5% faster than two pipelined at Wan2.1 480p with 24
 //   heads of 64 (H200, BENCHMARKS.md), the three stages 1% faster than two.
 template <int D> constexpr int DKDV_STAGES = D == 64 ? 3 : 2;
 template <int D> constexpr int DKDV_CTAS = D == 64 ? 3 : 2;

@@ -67,8 +67,8 @@ DS_WORKSPACE_BYTES = _workspace_default()
 # least _DS_FAST_DRAM bytes/s (_dram_bytes_per_s).  At D = 64 a pair's dS block is as large as
 # at 128 while the two products it saves cost half, so the trade depends on the DRAM: at Wan2.1
 # 480p with 24 heads of 64 the hand-over was 2-4% slower than recomputing on H100s (3.35 TB/s;
-# 9.8 against 9.4 ms, and 8.97-9.04 against 8.84 ms), 4-6% faster on an H200 (4.9 TB/s; 8.13
-# against 8.55 ms with the three-CTA dK/dV pass, BENCHMARKS.md).
+# 9.8 against 9.4 ms, and 8.97-9.04 against 8.84 ms), 4-6% faster on H200s (4.9 TB/s; 8.06-8.09
+# against 8.53-8.58 ms with the three-CTA dK/dV pass, BENCHMARKS.md).
 _DS_HEAD_DIMS = (128,)
 _DS_FAST_DRAM_HEAD_DIMS = (64,)
 _DS_FAST_DRAM = 4e12
