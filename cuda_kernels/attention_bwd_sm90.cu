@@ -8,14 +8,15 @@
 // below are in BENCHMARKS.md (the backward sections, H100).
 //
 // Two ways to get dQ (the launcher, block_sparse_bwd, picks one per call):
-//   - with dS blocks (the default at D = 128 on problems of 512 MiB of blocks and more, in
+//   - with dS blocks (the default at D = 128, and at D = 64 where the DRAM is fast (the
+//     launcher's ds_head_dims), on problems of 512 MiB of blocks and more, in
 //     chunks of (batch, kv head) pairs within a 2 GiB budget, or in parts of one pair's blocks):
 //     bwd_dkdv_sm90 runs first and stores each step's dS (8 KB per 64 x 64 block, "dS blocks"
 //     below), then bwd_dq_ds_sm90 sums dS K from them: five matrix products per (query tile,
 //     key tile) pair instead of seven, 8-13% faster at the benchmark shapes.  In parts, both
 //     passes run once per part, each taking the key tiles whose lists start in that part;
-//   - without (D = 64, small problems, too little budget or memory): bwd_dq_sm90 recomputes S,
-//     P, dP and dS for its own dQ, before bwd_dkdv_sm90.
+//   - without (D = 64 on slower DRAM, small problems, too little budget or memory): bwd_dq_sm90
+//     recomputes S, P, dP and dS for its own dQ, before bwd_dkdv_sm90.
 //
 // Both passes first copy their CTA's index list into shared memory, one int2 per entry (the dQ
 // pass: key tile and its block size; the dK/dV pass: list code and its query tile's block size),
@@ -65,11 +66,12 @@
 // (NaN) and 0 * NaN is NaN; P^T is 0 in those columns whatever lse holds there, and delta is 0
 // there (bwd_delta), so they add exact zeros.  Slices holding no query row (sub-slices past a
 // short tile's block size, tile volume > 64) are computed all the same (zeros): a branch around
-// them would break the pipeline.  The pass is bound by its four products (the tensor cores
-// busy ~72% of its time); waits on its Q/dO loads and dS stores take most of the rest, while
-// its exponentials and dS arithmetic hide behind the other CTA's products.  Slower variants
-// tried: the unpipelined loop, a CTA of two warpgroups splitting a step's products, register-A
-// score products, dropping the refill's barrier.
+// them would break the pipeline.  At D = 128 the pass is bound by its four products (the tensor
+// cores busy ~72% of its time); waits on its Q/dO loads and dS stores take most of the rest,
+// while its exponentials and dS arithmetic hide behind the other CTA's products.  Slower
+// variants tried there: the unpipelined loop, a CTA of two warpgroups splitting a step's
+// products, register-A score products, dropping the refill's barrier.  At D = 64 the products
+// are half as long and the rest is not: there three CTAs per SM hide one another's waits.
 //
 // WgmmaProducts, per dQ chunk:
 //   S = Q K^T and dP = dO V^T (shared-memory operands, both K-major) issued together ->
@@ -202,7 +204,7 @@ template <typename T, int D> struct WgmmaProducts {
     // dK/dV step, second half, once S^T is done (wgmma_wait<1> after dkdv_scores): P^T (0 for
     // keys past the tile's block size and for pad query rows) -> dV += P^T dO issued -> dS^T =
     // P^T (dP^T - delta) once dP^T is done -> dK += dS^T Q issued.  Returns with dV and dK in
-    // flight (two groups); the next step's scores are issued behind them.
+    // flight (two groups); at D = 128 the next step's scores are issued behind them.
     __device__ void dkdv_finish(float (&acc_k)[D / 2], float (&acc_v)[D / 2], float (&st)[32], float (&dpt)[32],
                                 unsigned long long desc_q_mn, unsigned long long desc_do_mn, const float* c_lse_log2,
                                 const float* c_delta, int real_k, int real_q, float scale_log2, int warp, int lane, int accumulate,
@@ -774,11 +776,14 @@ bwd_dkdv_sm90(const __grid_constant__ vsa::TmaDesc tma_q, const __grid_constant_
     fence_proxy_async();
     __syncthreads();  // K and V visible to the tensor cores
 
-    // Step t's scores are issued behind step t - 1's dV and dK, so the tensor cores have work
-    // queued while the warps wait for barriers and refill; once S^T of step t is done, so is
-    // step t - 1, and its stage is refilled with step t - 1 + STAGES.  Each stage's barrier
-    // completes one phase per load: step t waits for phase (t / STAGES) & 1.
-    int2 entry_next = make_int2(0, 0);  // in step t: the entry of step t + STAGES - 1 (the refill), read a step early
+    // Pipelined (D = 128): step t's scores are issued behind step t - 1's dV and dK, so the
+    // tensor cores have work queued while the warps wait for barriers and refill; once S^T of
+    // step t is done, so is step t - 1, and its stage is refilled with step t - 1 + STAGES.
+    // Unpipelined (D = 64): step t waits for its own dV and dK, then refills its stage with step
+    // t + STAGES.  Each stage's barrier completes one phase per load: step t waits for phase
+    // (t / STAGES) & 1.
+    // Pipelined, in step t: the entry of step t + STAGES - 1 (the refill), read a step early.
+    int2 entry_next = make_int2(0, 0);
     for (int t = 0; t < steps; ++t) {
         const int stage = t % STAGES;
         const bool refill = t >= 1 && t - 1 + STAGES < steps;  // the same in every thread

@@ -3,22 +3,25 @@
 # 49152 tokens, 77 of 768 tiles, D=128, bf16): one forward and one backward, profiled after a
 # warm-up call.  Needs an installed vsa_nd (scripts/gpu-check.sh installs it) and ncu.
 #
-#   [KERNELS=regex SKIP=n COUNT=n GRID=T,H,W HEADS=n HEAD_DIM=d TOPK=k] \
+#   [KERNELS=regex SKIP=n COUNT=n NCU_GRID=T,H,W NCU_HEADS=n NCU_HEAD_DIM=d NCU_TOPK=k] \
 #       bash scripts/ncu-backward.sh [extra ncu arguments...]
 #
-# GRID, HEADS, HEAD_DIM and TOPK pick another shape (4x4x4 tiles), e.g. Wan2.1 480p with 24 heads
-# of 64: GRID=21,30,52 HEADS=24 HEAD_DIM=64 TOPK=78.
+# NCU_GRID, NCU_HEADS, NCU_HEAD_DIM and NCU_TOPK pick another shape (4x4x4 tiles), e.g. Wan2.1
+# 480p with 24 heads of 64: NCU_GRID=21,30,52 NCU_HEADS=24 NCU_HEAD_DIM=64 NCU_TOPK=78.
 #
 # Report on stdout.  KERNELS picks kernels by name (default: the sm_90a forward and both backward
-# passes), of whose launches ncu skips SKIP and profiles COUNT (default 3 and 3: one of each
-# after the warm-up; for one kernel, e.g. KERNELS=dkdv SKIP=1 COUNT=1).
+# passes), of whose launches ncu skips SKIP and profiles COUNT (default 3 and 3).  The driver
+# makes a VSA forward, then two rounds of a block-sparse forward and a backward; a backward that
+# hands dS over launches its two passes once per chunk (one head per chunk at the benchmark
+# shapes: 12 or 24 launches of each), so count the launches to skip for the kernels wanted, e.g.
+# KERNELS=dkdv SKIP=1 COUNT=1 for one dK/dV launch of the second backward when it is one chunk.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 KERNELS=${KERNELS:-sm90}
 SKIP=${SKIP:-3}
 COUNT=${COUNT:-3}
-export VSA_NCU_GRID=${GRID:-12,64,64} VSA_NCU_HEADS=${HEADS:-12} VSA_NCU_D=${HEAD_DIM:-128} VSA_NCU_TOPK=${TOPK:-77}
+export NCU_GRID=${NCU_GRID:-12,64,64} NCU_HEADS=${NCU_HEADS:-12} NCU_HEAD_DIM=${NCU_HEAD_DIM:-128} NCU_TOPK=${NCU_TOPK:-77}
 DRIVER=$(mktemp /tmp/vsa_nd-ncu.XXXXXX.py)
 trap 'rm -f "$DRIVER"' EXIT
 cat > "$DRIVER" <<'PY'
@@ -28,8 +31,8 @@ import vsa_nd
 from vsa_nd._xp import BFLOAT16
 from vsa_nd.backends import cuda_attention
 
-grid = tuple(int(n) for n in os.environ["VSA_NCU_GRID"].split(","))
-heads, head_dim, topk = (int(os.environ[n]) for n in ("VSA_NCU_HEADS", "VSA_NCU_D", "VSA_NCU_TOPK"))
+grid = tuple(int(n) for n in os.environ["NCU_GRID"].split(","))
+heads, head_dim, topk = (int(os.environ[n]) for n in ("NCU_HEADS", "NCU_HEAD_DIM", "NCU_TOPK"))
 plan = vsa_nd.tile_plan(grid, device="cuda:0")
 rng = cupy.random.default_rng(1)
 shape = (1, heads, plan.padded_len, head_dim)

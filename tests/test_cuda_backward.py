@@ -534,14 +534,19 @@ def test_head_dim_64_hands_ds_over_where_the_dram_is_fast(monkeypatch):
 
     if cupy.cuda.Device().compute_capability != "90":
         pytest.skip("the hand-over runs on Hopper only")
-    bandwidth = cuda_attention._dram_bytes_per_s(cupy.cuda.Device().id)
+    device = cupy.cuda.Device().id
+    bandwidth = cuda_attention._dram_bytes_per_s(device)
     assert 1e12 < bandwidth < 1e14, bandwidth
     fast = bandwidth >= cuda_attention._DS_FAST_DRAM
-    assert (64 in cuda_attention.ds_head_dims(cupy.cuda.Device().id)) == fast
+    name = cupy.cuda.runtime.getDeviceProperties(device)["name"].decode()
+    if "H200" in name or "H100 80GB HBM3" in name:  # the cards measured (BENCHMARKS.md)
+        assert fast == ("H200" in name), (name, bandwidth)
+    assert (64 in cuda_attention.ds_head_dims(device)) == fast
     plan = vsa_nd.tile_plan((8, 12, 20), device="cuda:0")
     rng = np.random.default_rng(64)
     q, k, v, dout = (cupy.asarray(rng.standard_normal((2, 3, plan.padded_len, 64)).astype(BFLOAT16)) for _ in range(4))
     _, ctx = vsa_nd.video_sparse_attn(q, k, v, 7, plan.variable_block_sizes, return_context=True)
+    monkeypatch.setattr(cuda_attention, "DS_WORKSPACE_BYTES", 1 << 30)  # whatever the environment says
     monkeypatch.setattr(cuda_attention, "_DS_MIN_BYTES", 0)  # this problem is below the threshold
     launches = _Launches(monkeypatch)
     got = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
@@ -555,13 +560,15 @@ def test_head_dim_64_hands_ds_over_where_the_dram_is_fast(monkeypatch):
             cupy.abs(b.astype(cupy.float32)).max())
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_smoke_backward(kernel, monkeypatch):
-    """A small fixed problem (GQA, gate, cross attention, tile volume 128): the case
-    compute-sanitizer runs, on every path of use_kernels."""
+def test_smoke_backward(kernel, head_dim, monkeypatch):
+    """A small fixed problem (GQA, gate, cross attention, tile volume 128, partial tiles): the
+    case compute-sanitizer runs, on every path of use_kernels, at both head dims (their dK/dV
+    passes differ: three unpipelined CTAs per SM at 64, two pipelined at 128)."""
     use_kernels(kernel, monkeypatch)
     p = dict(q_plan=vsa_nd.tile_plan((5, 6, 7), (4, 4, 8)), kv_plan=vsa_nd.tile_plan((3, 9, 6), (4, 4, 8)), volume=128,
-             batch=2, heads=4, kv_heads=2, head_dim=128, dtype=BFLOAT16, topk=2, gated=True, seed=5)
+             batch=2, heads=4, kv_heads=2, head_dim=head_dim, dtype=BFLOAT16, topk=2, gated=True, seed=5)
     (dq, dk, dv, dgate), ref, q_real, kv_real = _run(p)
     assert _rel_err(dq[:, :, q_real], ref.dq[:, :, q_real]) <= 3e-2
     assert _rel_err(dk[:, :, kv_real], ref.dk[:, :, kv_real]) <= 3e-2

@@ -71,6 +71,18 @@ def test_dkdv_stages_are_the_kernels_and_leave_room_for_its_ctas():
         assert ctas[head_dim] * (shared + 1024) <= 228 * 1024, head_dim
 
 
+@pytest.mark.parametrize("card, khz, bits, fast", [("H100 SXM", 2_619_000, 5120, False), ("H200", 3_201_000, 6144, True),
+                                                    ("A100 80GB", 1_593_000, 5120, False)])
+def test_dram_bandwidth_of_known_cards(card, khz, bits, fast):
+    """The bandwidth from the driver's memory clock and bus width matches the cards' data sheets
+    (H100 SXM 3.35 TB/s, H200 4.8 TB/s, A100 80GB 2.04 TB/s) within 3%, and falls on the side of
+    the hand-over's threshold that was measured for it."""
+    sheet = {"H100 SXM": 3.35e12, "H200": 4.8e12, "A100 80GB": 2.039e12}[card]
+    bandwidth = cuda_attention.dram_bytes_per_s(khz, bits)
+    assert abs(bandwidth / sheet - 1) < 0.03, bandwidth
+    assert (bandwidth >= cuda_attention._DS_FAST_DRAM) == fast
+
+
 @pytest.mark.parametrize("bandwidth, expected", [(0.0, (128,)), (3.35e12, (128,)), (4.9e12, (128, 64))])
 def test_ds_head_dims_follow_the_dram_bandwidth(monkeypatch, bandwidth, expected):
     """Head dim 128 hands dS over on every device, 64 only where the DRAM serves >= 4 TB/s (an

@@ -66,9 +66,10 @@ DS_WORKSPACE_BYTES = _workspace_default()
 # Head dims that use it on every device, and those that use it only where the DRAM serves at
 # least _DS_FAST_DRAM bytes/s (_dram_bytes_per_s).  At D = 64 a pair's dS block is as large as
 # at 128 while the two products it saves cost half, so the trade depends on the DRAM: at Wan2.1
-# 480p with 24 heads of 64 the hand-over was 2-4% slower than recomputing on H100s (3.35 TB/s;
-# 9.8 against 9.4 ms, and 8.97-9.04 against 8.84 ms), 4-6% faster on H200s (4.9 TB/s; 8.06-8.09
-# against 8.53-8.58 ms with the three-CTA dK/dV pass, BENCHMARKS.md).
+# 480p with 24 heads of 64 the hand-over was 1.5-4% slower than recomputing on H100s (3.35 TB/s;
+# 9.8 against 9.4 ms, and 8.97-9.04 against 8.84 ms, both with the two-CTA dK/dV pass of then),
+# 5-6% faster on an H200 (4.9 TB/s; 8.06-8.09 against 8.53-8.58 ms with the three-CTA pass; 3.6%
+# in one benchmark run; BENCHMARKS.md).  An H100 with the three-CTA pass is not measured yet.
 _DS_HEAD_DIMS = (128,)
 _DS_FAST_DRAM_HEAD_DIMS = (64,)
 _DS_FAST_DRAM = 4e12
@@ -577,10 +578,15 @@ def backward_knobs() -> tuple:
             _DS_MAX_PARTS)
 
 
+def dram_bytes_per_s(memory_clock_khz: int, bus_width_bits: int) -> float:
+    """Peak DRAM bandwidth from the driver's memory clock (kHz) and bus width (bits): two
+    transfers per clock (double data rate) of bus_width / 8 bytes."""
+    return 2.0 * memory_clock_khz * 1e3 * bus_width_bits / 8
+
+
 @functools.cache
 def _dram_bytes_per_s(device_id: int) -> float:
-    """Peak DRAM bandwidth of a device: memory clock x bus width x 2 (double data rate); 0 where the
-    driver does not say."""
+    """:func:`dram_bytes_per_s` of a device; 0 where the driver does not say."""
     import cupy
 
     runtime = cupy.cuda.runtime
@@ -589,7 +595,7 @@ def _dram_bytes_per_s(device_id: int) -> float:
         bits = runtime.deviceGetAttribute(runtime.cudaDevAttrGlobalMemoryBusWidth, device_id)
     except (AttributeError, runtime.CUDARuntimeError):
         return 0.0
-    return 2.0 * khz * 1e3 * bits / 8
+    return dram_bytes_per_s(khz, bits)
 
 
 def ds_head_dims(device_id: int) -> tuple:
