@@ -278,8 +278,10 @@ template <int D> struct DqSmem {
 //   heads of 64 (H200, BENCHMARKS.md), the three stages 1% faster than two.
 template <int D> constexpr int DKDV_STAGES = D == 64 ? 3 : 2;
 template <int D> constexpr int DKDV_CTAS = D == 64 ? 3 : 2;
-template <int D> constexpr int DKDV_MIN_CTAS = D == 64 ? 3 : 1;
 template <int D> constexpr bool DKDV_PIPELINED = D != 64;
+// What __launch_bounds__ asks for: the CTAs the unpipelined loop is there to fit (the pipelined
+// one's two fit without asking).
+template <int D> constexpr int DKDV_MIN_CTAS = DKDV_PIPELINED<D> ? 1 : DKDV_CTAS<D>;
 template <int D> struct DkdvSmem {
     static constexpr int STATS = 2 * ATT_BLOCK_M * 4;  // bytes of one stage's lse and delta
     static constexpr int BYTES =
