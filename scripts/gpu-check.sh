@@ -13,6 +13,9 @@
 #   VSA_ND_SANITIZE    pytest -k expression run under compute-sanitizer (default: smoke);
 #                      empty skips the sanitizer
 #   VSA_ND_SANITIZE_TESTS  pytest paths for it (default: tests/test_cuda_ops.py)
+#   VSA_ND_SANITIZE_PROFILE  hypothesis profile of the property tests the sanitizer runs
+#                      (default: sanitize, 5 examples each; e.g. VSA_ND_SANITIZE="smoke or
+#                      matches_reference" with tests/test_cuda_backward.py)
 #   VSA_ND_BENCH_ARGS  extra arguments for every benchmark (e.g. "--shapes main")
 #   VSA_COMMIT         the commit the benchmark tables name (set it from this checkout: the
 #                      GPU machine's copy of .git may be older than the tree it runs)
@@ -75,7 +78,7 @@ if [ -n "$SANITIZE" ]; then
     SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
     for tool in memcheck racecheck; do
         step "compute-sanitizer $tool (-k '$SANITIZE')" sanitizer.log \
-            env VSA_ND_CUPY_POOL=0 "$SANITIZER" --tool "$tool" --error-exitcode 1 \
+            env VSA_ND_CUPY_POOL=0 HYPOTHESIS_PROFILE="${VSA_ND_SANITIZE_PROFILE:-sanitize}" "$SANITIZER" --tool "$tool" --error-exitcode 1 \
             python3 -m pytest -m gpu -q -p no:cacheprovider -k "$SANITIZE" $SANITIZE_TESTS
     done
 fi

@@ -12,6 +12,9 @@ settings.register_profile("default", deadline=None, max_examples=25, suppress_he
 settings.register_profile("gpu", deadline=None, max_examples=60, suppress_health_check=_QUIET)
 # A long search for rare failures, run by hand: HYPOTHESIS_PROFILE=soak make test (or pytest).
 settings.register_profile("soak", deadline=None, max_examples=400, suppress_health_check=_QUIET)
+# Few examples, for property tests run under compute-sanitizer (every launch there runs far slower):
+# HYPOTHESIS_PROFILE=sanitize.
+settings.register_profile("sanitize", deadline=None, max_examples=5, suppress_health_check=_QUIET)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
