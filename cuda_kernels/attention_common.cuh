@@ -206,12 +206,15 @@ __device__ __forceinline__ int forward_real_rows(const int* q_block_sizes, const
 // out = o / rowsum + gate * coarse (or + coarse, or nothing); lse = ln(rowsum) + max.
 // Rows at or past `valid_rows` are pad slots: out 0 and lse -inf there, whatever q and gate
 // hold in them (NaN included), so the output's pad rows are never NaN or Inf.  A real row
-// without keys (none selected) has a max of -inf: fine output 0 and lse -inf, as in the
-// reference.  (A row whose every score is -inf, which finite inputs reach only past float32's
-// range, gets NaN from -inf - (-inf) and lse -inf, where the reference gives 0.)  A row with a
-// finite max has rowsum >= 1 (its largest score's P is at least 1) unless the float32 softmax
-// failed: at |lse| of ~1.5e9 and beyond, the running max (log2 units) reaches 2^31 and every P
-// can underflow to 0.  Such a row gets out and lse NaN, not a silent 0 and -inf.
+// without keys (none selected) has a max of -inf and a rowsum of 0: fine output 0 and lse -inf,
+// as in the reference.  A real row with keys whose scores are all -inf or NaN (an input holding
+// -inf or NaN, or products past float32's range) has a NaN rowsum (P = exp2(-inf - (-inf))):
+// out and lse NaN, as in the reference (0 / 0).  (So does a row whose first chunk's scores are
+// all -inf while later ones are finite, where the reference gives the later keys' softmax: such
+// a row fails loudly.)  A row with a finite max has rowsum >= 1 (its largest score's P is at
+// least 1) unless the float32 softmax failed: at |lse| of ~1.5e9 and beyond, the running max
+// (log2 units) reaches 2^31 and every P can underflow to 0.  Such a row gets out and lse NaN,
+// not a silent 0 and -inf.
 template <typename T, int D>
 __device__ __forceinline__ void write_output(const float (&o)[D / 2], const float (&row_max)[2], const float (&row_sum)[2],
                                              const AttentionCta<T, D>& cta, const float* coarse, const T* gate, T* out,
@@ -222,7 +225,7 @@ __device__ __forceinline__ void write_output(const float (&o)[D / 2], const floa
         float total = row_sum[r];
         total += __shfl_xor_sync(0xffffffffu, total, 1);
         total += __shfl_xor_sync(0xffffffffu, total, 2);
-        const bool failed = !(total > 0.f) && row_max[r] != neg_inf();
+        const bool failed = !(total > 0.f) && (row_max[r] != neg_inf() || total != total);
         const float inv = total > 0.f ? 1.f / total : failed ? quiet_nan() : 0.f;
         const int row = warp * 16 + (lane >> 2) + r * 8;
         const bool real = row < valid_rows;

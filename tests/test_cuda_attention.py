@@ -216,6 +216,45 @@ def test_rows_past_the_float32_range_are_never_silently_wrong(poisoned, head_dim
     np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=1e-5)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rows_without_keys_give_0_and_rows_of_minus_inf_or_nan_scores_give_nan(poisoned, head_dim):
+    """As in the reference: a row that selects no key gets out 0 and lse -inf; a row whose
+    every score is -inf (an input holding -inf) or NaN gets out and lse NaN (0 / 0); no other
+    row changes."""
+    import cupy
+
+    rng = np.random.default_rng(head_dim)
+    n_kv, topk = 4, 2
+    q, k, v = (rng.standard_normal((1, 1, 64 * n_kv, head_dim)).astype(np.float32) for _ in range(3))
+    k[..., 0] = np.abs(k[..., 0]) + 0.1
+    q[0, 0, 5] = 0
+    q[0, 0, 5, 0] = -np.inf  # q . k = -inf for every key
+    q[0, 0, 70, 3] = np.nan
+    q, k, v = (x.astype(BFLOAT16) for x in (q, k, v))
+    q2k_idx = np.stack([rng.permutation(n_kv)[:topk] for _ in range(n_kv)]).astype(np.int32).reshape(1, 1, n_kv, topk)
+    q2k_num = np.array([[[topk, topk, 0, 1]]], np.int32)  # query tile 2 selects nothing
+    kv_sizes = np.full(n_kv, 64, np.int32)
+
+    out, lse = vsa_nd.block_sparse_attn(*(cupy.asarray(x) for x in (q, k, v, kv_sizes, q2k_idx, q2k_num)),
+                                        return_lse=True)
+    out, lse = np.asarray(cupy.asnumpy(out), np.float64)[0, 0], cupy.asnumpy(lse)[0, 0]
+    with np.errstate(invalid="ignore"):
+        ref_out, ref_lse = reference.block_sparse_attn(
+            q, k, v, reference.block_map_from_indices(q2k_idx, q2k_num, n_kv), kv_sizes, 64)
+    ref_out, ref_lse = ref_out[0, 0], ref_lse[0, 0]
+    for row in (5, 70):
+        assert np.isnan(out[row]).all() and np.isnan(lse[row]), row
+        assert np.isnan(ref_out[row]).all() and np.isnan(ref_lse[row]), row
+    no_key = slice(128, 192)
+    assert (out[no_key] == 0).all() and (lse[no_key] == -np.inf).all()
+    assert (ref_out[no_key] == 0).all() and (ref_lse[no_key] == -np.inf).all()
+    rest = np.ones(64 * n_kv, bool)
+    rest[[5, 70]], rest[no_key] = False, False
+    assert np.isfinite(out[rest]).all()
+    assert _rel_err(out[rest], ref_out[rest]) <= TOLERANCE[BFLOAT16]
+    np.testing.assert_allclose(lse[rest], ref_lse[rest], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", ["auto", "mma"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_smoke_attention(kernel, head_dim, monkeypatch):

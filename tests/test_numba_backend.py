@@ -213,6 +213,28 @@ def test_coarse_softmax_and_its_backward_kernels(dtype):
     assert np.allclose(got, expected, rtol=tol * 10, atol=tol * 10)
 
 
+def test_scores_past_the_float_range_are_never_silently_wrong():
+    """Finite float32 inputs whose products overflow to -inf for every key of a row: the float64
+    reference gives that row a finite softmax, which float32 cannot; the row comes out NaN (it
+    once came out 0 with an lse of -inf, as if it selected no key), the other rows as before."""
+    rng = np.random.default_rng(11)
+    plan = vsa_nd.tile_plan((4, 4, 8))
+    q, k, v = (rng.standard_normal((1, 1, plan.padded_len, 32)).astype(np.float32) for _ in range(3))
+    idx = np.tile(np.arange(2, dtype=np.int32), (1, 1, plan.num_blocks, 1))
+    sizes = plan.variable_block_sizes
+    q[0, 0, 9] = 0
+    q[0, 0, 9, 0] = -3e38  # finite; times keys of at least 100: past float32's range
+    k[0, 0, :, 0] = np.abs(k[0, 0, :, 0]) * 100 + 100
+    out, lse = vsa_nd.block_sparse_attn(q, k, v, sizes, idx, return_lse=True)
+    block_map = ref.block_map_from_indices(idx, np.full(idx.shape[:3], 2), plan.num_blocks)
+    expected, expected_lse = ref.block_sparse_attn(q, k, v, block_map, sizes, plan.tile_volume)
+    assert np.isfinite(expected[0, 0, 9]).all() and np.isfinite(expected_lse[0, 0, 9])  # float64 gets it right
+    assert np.isnan(out[0, 0, 9]).all() and np.isnan(lse[0, 0, 9])
+    others = np.arange(plan.padded_len) != 9
+    np.testing.assert_allclose(out[0, 0, others], expected[0, 0, others], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(lse[0, 0, others], expected_lse[0, 0, others], rtol=1e-5, atol=1e-5)
+
+
 def test_nan_and_inf_propagate_as_in_the_reference():
     """A NaN query row gives a NaN output row and LSE, and leaves the other rows unchanged; an
     infinite key gives NaN rows where it is selected (inf - inf); a forward and backward on
@@ -241,19 +263,30 @@ def test_nan_and_inf_propagate_as_in_the_reference():
     assert np.isnan(out[0, 0, : plan.seq_len]).any()
     np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
 
-    # A row whose every score is -inf has no key: out 0 and lse -inf, as in the reference.
+    # A row whose every score is -inf (here an input's -inf) gets NaN, as in the reference: its
+    # softmax is 0 / 0, not the 0 of a row that selects no key.
     k[:] = rng.standard_normal(k.shape).astype(np.float32)
-    q[0, 0, 10] = -np.inf
-    k[0, 0, :, :] = np.abs(k[0, 0])  # q . k = -inf for every key of that row
+    q[0, 0, 10] = 0
+    q[0, 0, 10, 0] = -np.inf
+    k[0, 0, :, 0] = np.abs(k[0, 0, :, 0]) + 0.1  # q . k = -inf for every key of that row
     out, lse = vsa_nd.block_sparse_attn(q, k, v, sizes, idx, return_lse=True)
-    assert np.all(out[0, 0, 10] == 0) and lse[0, 0, 10] == -np.inf
+    assert np.isnan(out[0, 0, 10]).all() and np.isnan(lse[0, 0, 10])
     with np.errstate(invalid="ignore"):
         expected, expected_lse = ref.block_sparse_attn(q, k, v, block_map, sizes, plan.tile_volume)
-    assert np.all(expected[0, 0, 10] == 0) and expected_lse[0, 0, 10] == -np.inf
+    assert np.isnan(expected[0, 0, 10]).all() and np.isnan(expected_lse[0, 0, 10])
     real = np.isfinite(expected_lse)
     assert real.sum() == real.size - 2  # that row, and the NaN query row from above
     np.testing.assert_allclose(lse[real], expected_lse[real], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    # A row that selects no key: out 0 and lse -inf in both.
+    none = np.full(idx.shape[:3], 3, np.int32)
+    none[0, 1, 2] = 0
+    out, lse = vsa_nd.block_sparse_attn(q, k, v, sizes, idx, none, return_lse=True)
+    rows = slice(2 * plan.tile_volume, 3 * plan.tile_volume)
+    assert np.all(out[0, 1, rows] == 0) and np.all(lse[0, 1, rows] == -np.inf)
+    expected, expected_lse = ref.block_sparse_attn(q, k, v, ref.block_map_from_indices(idx, none, plan.num_blocks),
+                                                   sizes, plan.tile_volume)
+    assert np.all(expected[0, 1, rows] == 0) and np.all(expected_lse[0, 1, rows] == -np.inf)
 
     q[:] = np.nan
     out, context = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, return_context=True)

@@ -407,7 +407,8 @@ def block_sparse_attn(
     Selection by index lists ``q2k_idx`` [B, H, N_q, L] with counts ``q2k_num`` [B, H, N_q]
     (default: all L entries), or by a boolean ``block_map`` [B, H, N_q, N_kv].  Returns
     out [B, H, Sq_pad, D] in q's dtype (and lse [B, H, Sq_pad] with ``return_lse``); a row
-    that selects nothing gets 0 and lse -inf.  ``q_block_sizes`` [N_q] (optional) gives the
+    that selects nothing gets 0 and lse -inf, one whose every score is -inf or NaN (inputs
+    holding them, or products past the float range) NaN in both.  ``q_block_sizes`` [N_q] (optional) gives the
     real rows per query tile: the others are pad rows, 0 with lse -inf whatever q holds in
     them, as in :func:`video_sparse_attn`; without it every row is computed from q.  Block
     sizes are checked as that function checks them.  Index values are checked; on CuPy the

@@ -100,7 +100,10 @@ def _fine_probabilities(q, k, block_map, kv_block_sizes, tile_volume, scale):
     allowed &= valid_slots(kv_block_sizes, tile_volume)
     scores = np.where(allowed, scores, -np.inf)
     row_max = scores.max(axis=-1, keepdims=True)
-    row_max = np.where(np.isfinite(row_max), row_max, 0)  # rows with no key at all
+    # A row with no key at all gets p = 0 (shift by 0); one whose every score is -inf (an input
+    # holding -inf, or a product past the float range) gets NaN: its softmax is 0 / 0.
+    no_key = ~allowed.any(axis=-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, np.where(no_key, 0, np.nan))
     p = np.where(allowed, np.exp(scores - row_max), 0)
     total = p.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore"):
@@ -114,7 +117,8 @@ def block_sparse_attn(q, k, v, block_map, kv_block_sizes, tile_volume: int, scal
 
     ``block_map`` [B, H, N_q, N_kv] bool.  Returns (o_f [B, H, Sq_pad, D], lse [B, H, Sq_pad]);
     a row that selects no key gets o_f = 0 and lse = -inf, and so does a pad row when
-    ``q_block_sizes`` is given (without it every row is computed).
+    ``q_block_sizes`` is given (without it every row is computed); a row whose every score is
+    -inf gets NaN in both (0 / 0).
     """
     q, k, v = (np.asarray(a, dtype=dtype) for a in (q, k, v))
     k, v = real_keys(k, kv_block_sizes, tile_volume), real_keys(v, kv_block_sizes, tile_volume)

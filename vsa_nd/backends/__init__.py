@@ -23,8 +23,8 @@ The interface every backend implements:
     :func:`block_mean` of up to three tensors of one dtype, D and V (one launch on CUDA).
 ``softmax_rows_(x) -> x``
     Row softmax of a compute-dtype array [..., n] in place.  A row holding NaN or +inf, or only
-    -inf, becomes all NaN, as in the reference (the fine stage instead gives 0 and lse -inf for a
-    row with no finite score: its keys are tokens, not tiles).
+    -inf, becomes all NaN, as in the reference (as in the fine stage, where only a row that
+    selects no key gets 0 and lse -inf).
 ``softmax_grad_rows_(d_probs, probs, d_out, out) -> d_probs``
     Softmax backward in place: d_probs [..., n] becomes ``probs * (d_probs - rowsum(d_out * out))``
     for out = probs @ v [..., d] with gradient d_out (so that the row sum equals
@@ -47,7 +47,8 @@ The interface every backend implements:
 ``block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=None, q_block_sizes=None) -> (out, lse)``
     out [B, H, Sq_pad, D] in q's dtype = fine + (gate *) broadcast(coarse), where ``coarse``
     is None or [B, H, N_q, D] in the compute dtype and ``gate`` None or q-shaped;
-    lse [B, H, Sq_pad] float32 (float64 for float64 inputs), -inf for a row with no key.
+    lse [B, H, Sq_pad] float32 (float64 for float64 inputs), -inf for a row with no key (out 0
+    there), NaN for a row whose every score is -inf or NaN (out NaN there).
     With ``q_block_sizes`` [N_q], rows at or past ``q_block_sizes[i]`` of query tile i are
     pad rows: out 0 and lse -inf there, whatever q and gate hold in them.
 ``coarse_grad_inputs(dout, gate, coarse, q_block_sizes, dgate=None, out=None, lse=None) -> (d_coarse, dgate, row_terms)``

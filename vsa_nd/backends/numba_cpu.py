@@ -496,7 +496,7 @@ def _fwd_kernel(q, kt, v, q2k_idx, q2k_num, kv_block_sizes, q_block_sizes, scale
     group = heads // kt.shape[1]
     rows = qs_buf.shape[1]
     dtype = q.dtype.type
-    qscale, ln2, zero = dtype(scale * _LOG2E), dtype(_LN2), dtype(0.0)
+    qscale, ln2, zero, nan = dtype(scale * _LOG2E), dtype(_LN2), dtype(0.0), dtype(np.nan)
     for item in prange(batch * heads * tiles):
         b, h, i = item // (heads * tiles), (item // tiles) % heads, item % tiles
         hk = h // group
@@ -543,9 +543,12 @@ def _fwd_kernel(q, kt, v, q2k_idx, q2k_num, kv_block_sizes, q_block_sizes, scale
             if l[r] != 0:  # (NaN too: it propagates to out and lse, as in the reference)
                 inv = 1 / l[r]
                 lse[b, h, i, r] = (m[r] + np.log2(l[r])) * ln2
-            else:  # no key selected: fine output 0
+            elif q2k_num[b, h, i] == 0:  # no key selected: fine output 0
                 inv = zero
                 lse[b, h, i, r] = -np.inf
+            else:  # every score -inf (an input's -inf, or past float range): 0 / 0, as in the reference
+                inv = nan
+                lse[b, h, i, r] = nan
             if has_gate:
                 g = gate[b, h, i, r]
                 for d in range(dim):
