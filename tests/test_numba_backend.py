@@ -296,10 +296,11 @@ def test_nan_and_inf_propagate_as_in_the_reference():
     assert np.isnan(grads.dq[:, :, : plan.seq_len]).any()
 
 
-@pytest.mark.parametrize("dtype, bound", [(np.float32, 5e-7), (np.float64, 1e-15)])
-def test_exp2_of_the_online_softmax(dtype, bound):
-    """The kernels' own 2**x (x <= 0): relative error within a few units of the last place,
-    0 below -126 and for -inf, NaN for NaN."""
+@pytest.mark.parametrize("dtype, bound, low", [(np.float32, 5e-7, -126), (np.float64, 1e-15, -1022)])
+def test_exp2_of_the_online_softmax(dtype, bound, low):
+    """The kernels' own 2**x (x <= 0): relative error within a few units of the last place down
+    to the smallest normal exponent (float32 -126, float64 -1022), 0 below it and for -inf, NaN
+    for NaN."""
     from numba import njit
 
     from vsa_nd.backends.numba_cpu import _exp2
@@ -311,13 +312,28 @@ def test_exp2_of_the_online_softmax(dtype, bound):
             out[i] = _exp2(x[i])
         return out
 
-    x = np.concatenate([np.linspace(-126, 0, 200_001), -126 * np.random.default_rng(8).random(10_000)]).astype(dtype)
+    x = np.concatenate([np.linspace(low, 0, 200_001), low * np.random.default_rng(8).random(10_000)]).astype(dtype)
     exact = np.exp2(x.astype(np.float64))
     assert np.max(np.abs(apply(x) - exact) / exact) <= bound
-    special = apply(np.array([-np.inf, -126.5, -1000.0, np.nan, 0.0], dtype))
+    special = apply(np.array([-np.inf, low - 0.5, -2000.0, np.nan, 0.0], dtype))
     assert special[:3].tolist() == [0.0, 0.0, 0.0] and np.isnan(special[3]) and special[4] == 1.0
     # Above 0 (a probability's exponent that rounding pushed up) it saturates at 1.
     assert apply(np.array([1e-7, 0.5, 127.6, 130.0, 300.0, np.inf], dtype)).tolist() == [1.0] * 6
+
+
+def test_float64_keeps_probabilities_below_float32s_range():
+    """In float64 a key 90 below the row's best has P = e^-90 (~1e-39, below float32's smallest
+    normal): with a v of 1e300 it dominates the output, and the backend must keep it."""
+    q = np.ones((1, 1, 4, 1))
+    k, v = np.zeros_like(q), np.zeros_like(q)
+    k[0, 0, 1, 0], v[0, 0, 1, 0] = -90.0, 1e300
+    sizes, idx = np.array([2, 2], np.int32), np.zeros((1, 1, 2, 1), np.int32)
+    out, lse = vsa_nd.block_sparse_attn(q, k, v, sizes, idx, scale=1.0, return_lse=True)
+    expected, expected_lse = ref.block_sparse_attn(q, k, v, ref.block_map_from_indices(idx, np.ones((1, 1, 2)), 2),
+                                                   sizes, 2, scale=1.0)
+    assert expected[0, 0, 0, 0] > 1e250
+    np.testing.assert_allclose(out, expected, rtol=1e-12)
+    np.testing.assert_allclose(lse, expected_lse, rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------

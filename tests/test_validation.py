@@ -374,6 +374,15 @@ def test_scale_takes_any_real_number():
         fine(p, scale=np.True_)
 
 
+@pytest.mark.parametrize("scale", [1e-44, 1e-39, 3e38])
+def test_scales_the_kernels_cannot_hold_are_refused(scale):
+    """The kernels take scale and scale * log2(e) as float32: a scale that would round to a
+    subnormal or 0 (scores flattened, a silently wrong softmax) or to inf is refused."""
+    with pytest.raises(ValueError, match=r"scale: expected a positive finite float in \[1.18e-38, 2.36e\+38\]"):
+        fine(Inputs(), scale=scale)
+    fine(Inputs(), scale=1.2e-38)  # the smallest normal float32 and up are taken
+
+
 def test_a_device_plan_without_cupy_names_the_device(monkeypatch):
     """Where CuPy is missing, a plan on a GPU is refused with the device named, not an ImportError
     from inside."""

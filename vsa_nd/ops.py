@@ -305,7 +305,16 @@ def _scale(scale, head_dim: int, name: str = "scale") -> float:
         raise TypeError(f"{name}: expected a positive finite float, got {type(scale).__name__} {scale!r}")
     if not np.isfinite(scale) or scale <= 0:  # the kernels fold the scale into the softmax's max, which needs it positive
         raise ValueError(f"{name}: expected a positive finite float, got {scale!r}")
+    if not _SCALE_MIN <= scale <= _SCALE_MAX:  # see _SCALE_MIN
+        raise ValueError(f"{name}: expected a positive finite float in [{_SCALE_MIN:.3g}, {_SCALE_MAX:.3g}] (kernels take "
+                         f"it in float32), got {scale!r}")
     return float(scale)
+
+
+# The scales that, and whose scale * log2(e), are normal float32s: below, the kernels' factors
+# would round to subnormals or 0 (scores flattened silently), above, to inf.
+_SCALE_MIN = float(np.finfo(np.float32).tiny)
+_SCALE_MAX = float(np.finfo(np.float32).max) / 1.4426950408889634 * 0.9999999
 
 
 def _check_heads(h: int, h_kv: int, name: str):

@@ -103,7 +103,8 @@ def _pow2_int(typingctx, n):
 
 
 def _exp2(x):
-    """2**x for x <= 0: 0 below -126 (so exp2(-inf) = 0), NaN for NaN, and 1 above 0.
+    """2**x for x <= 0: 0 below the smallest normal exponent (-126 in float32, as on CUDA, where
+    exp2 flushes subnormals; -1022 in float64), so exp2(-inf) = 0; NaN for NaN; 1 above 0.
 
     Every caller's argument is a probability's exponent, at most 0 but for rounding.  In the
     backward that rounding grows with |lse| (lse is fp32, as the spec fixes it; rows past
@@ -121,7 +122,7 @@ def _exp2_impl(x):
     ftype = np.float32 if x.bitwidth == 32 else np.float64
     degree = 6 if x.bitwidth == 32 else 13
     c = [ftype(_LN2**n / math.factorial(n)) for n in range(degree + 1)]
-    low, half, zero = ftype(-126.0), ftype(0.5), ftype(0.0)
+    low, half, zero = ftype(-126.0 if x.bitwidth == 32 else -1022.0), ftype(0.5), ftype(0.0)
     if degree == 6:
         c0, c1, c2, c3, c4, c5, c6 = c
 
