@@ -376,11 +376,21 @@ def test_scale_takes_any_real_number():
 
 @pytest.mark.parametrize("scale", [1e-44, 1e-39, 3e38])
 def test_scales_the_kernels_cannot_hold_are_refused(scale):
-    """The kernels take scale and scale * log2(e) as float32: a scale that would round to a
-    subnormal or 0 (scores flattened, a silently wrong softmax) or to inf is refused."""
-    with pytest.raises(ValueError, match=r"scale: expected a positive finite float in \[1.18e-38, 2.36e\+38\]"):
-        fine(Inputs(), scale=scale)
-    fine(Inputs(), scale=1.2e-38)  # the smallest normal float32 and up are taken
+    """Kernels that compute in float32 take scale and scale * log2(e) as float32: a scale that
+    would round to a subnormal or 0 (scores flattened, a silently wrong softmax) or to inf is
+    refused, by every entry point that takes one; float64 inputs (computed in float64) take it."""
+    p = Inputs()
+    message = r"scale: expected a positive finite float in \[1.18e-38, 2.36e\+38\] for float32 inputs"
+    with pytest.raises(ValueError, match=message):
+        fine(p, scale=scale)
+    with pytest.raises(ValueError, match=message):
+        vsa_nd.video_sparse_attn(p.q, p.k, p.v, 2, p.q_sizes, p.kv_sizes, scale=scale)
+    with pytest.raises(ValueError, match=message):
+        vsa_nd.coarse_attn(p.q[:, :, :16], p.k[:, :, :16], p.v[:, :, :16], scale=scale)
+    for edge in (1.2e-38, 2.3e38):  # inside the range: taken
+        fine(p, scale=edge)
+    as64 = {name: getattr(p, name).astype(np.float64) for name in ("q", "k", "v")}
+    fine(p, **as64, scale=scale)
 
 
 def test_a_device_plan_without_cupy_names_the_device(monkeypatch):

@@ -281,7 +281,7 @@ def coarse_attn(q_c, k_c, v_c, scale=None):
     dtype = compute_dtype(q_c.dtype)
     xp = array_module(q_c)
     q_c, k_c, v_c = (xp.ascontiguousarray(a.astype(dtype, copy=False)) for a in (q_c, k_c, v_c))
-    scores = _coarse_scores(q_c, k_c, _scale(scale, d))
+    scores = _coarse_scores(q_c, k_c, _scale(scale, d, dtype=dtype))
     return scores, _coarse_output(_backend(scores).softmax_rows_(scores.copy()), v_c)
 
 
@@ -298,21 +298,23 @@ def select_topk_blocks(scores, topk: int):
     return _backend(scores).select_topk(check.check_contiguous("scores", scores), topk)
 
 
-def _scale(scale, head_dim: int, name: str = "scale") -> float:
+def _scale(scale, head_dim: int, name: str = "scale", *, dtype) -> float:
+    """The softmax scale as a float (default 1/sqrt(head_dim)), checked for computing in ``dtype``."""
     if scale is None:
         return float(head_dim) ** -0.5
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{name}: expected a positive finite float, got {type(scale).__name__} {scale!r}")
     if not np.isfinite(scale) or scale <= 0:  # the kernels fold the scale into the softmax's max, which needs it positive
         raise ValueError(f"{name}: expected a positive finite float, got {scale!r}")
-    if not _SCALE_MIN <= scale <= _SCALE_MAX:  # see _SCALE_MIN
-        raise ValueError(f"{name}: expected a positive finite float in [{_SCALE_MIN:.3g}, {_SCALE_MAX:.3g}] (kernels take "
-                         f"it in float32), got {scale!r}")
+    if compute_dtype(np.dtype(dtype)) != np.float64 and not _SCALE_MIN <= scale <= _SCALE_MAX:  # see _SCALE_MIN
+        raise ValueError(f"{name}: expected a positive finite float in [{_SCALE_MIN:.3g}, {_SCALE_MAX:.3g}] for "
+                         f"{np.dtype(dtype).name} inputs (their kernels take it in float32), got {scale!r}")
     return float(scale)
 
 
-# The scales that, and whose scale * log2(e), are normal float32s: below, the kernels' factors
-# would round to subnormals or 0 (scores flattened silently), above, to inf.
+# The scales that, and whose scale * log2(e), are normal float32s, as kernels that compute in float32
+# need them (all but the CPU's float64 ones): below, their factors would round to subnormals or 0
+# (scores flattened silently), above, to inf.
 _SCALE_MIN = float(np.finfo(np.float32).tiny)
 _SCALE_MAX = float(np.finfo(np.float32).max) / 1.4426950408889634 * 0.9999999
 
@@ -392,7 +394,7 @@ def _check_attention(q, k, v, kv_block_sizes, num_q_blocks: int, scale, gate=Non
 
         check_kernel_support(q, volume, k=k, v=v, gate=gate)
     kv_block_sizes = check.check_block_sizes(kv_blocks_name, kv_block_sizes, q, num_kv_blocks, volume)
-    return _Problem(kv_block_sizes, num_q_blocks, num_kv_blocks, volume, _scale(scale, q.shape[3]))
+    return _Problem(kv_block_sizes, num_q_blocks, num_kv_blocks, volume, _scale(scale, q.shape[3], dtype=q.dtype))
 
 
 def _index_lists_from_block_map(block_map):
@@ -672,7 +674,8 @@ def video_sparse_attn_backward(dout, context: VSAContext, *, out=None) -> Gradie
     A real query row whose float32 ``lse`` exceeds 2**20 in magnitude gets NaN gradients (its dq
     row, and dk and dv of every key tile it selected): the lse's rounding would leave them off by
     more than ~6% there, and by orders of magnitude further out (README, "Accuracy at very large
-    scores").  A float64 lse (Numba backend) has no such limit.
+    scores").  A float64 lse (Numba backend) has no such limit.  So does a row whose forward came
+    out NaN (lse NaN: every score -inf or NaN), as in the reference.
     """
     return _backward(dout, _check_context(context), out, unchanged_context=False)
 
@@ -788,7 +791,7 @@ def _check_context(c) -> VSAContext:
         array(name, getattr(c, name), shape, small)
     if c.scale is None:  # the forward's scale as it used it, never the default's None
         raise TypeError("context.scale: expected a positive finite float, got None")
-    _scale(c.scale, d, "context.scale")
+    _scale(c.scale, d, "context.scale", dtype=c.q.dtype)
     return c
 
 
