@@ -5,10 +5,12 @@ forward's FLOPs for the backward), the full VSA backward (coarse branch included
 step (VSA forward + backward) against dense SDPA forward + backward (flash and cuDNN).  Medians
 of CUDA-event timings (triton.testing.do_bench: calls queued without synchronising, each after a
 256 MB write that flushes L2) on random data.  The block-sparse forward and backward are also
-timed back to back: 20 calls in a row with no flush, per call, as in a training loop, and the
-backward once more without the dS workspace (``VSA_ND_DS_WORKSPACE_GIB=0``: the dQ pass
-recomputes dS).  Under sustained load the H100 lowers its SM clock to stay within its power
-cap, which the longer runs feel more (see BENCHMARKS.md): each row also gives the SM clock
+timed back to back: 20 calls in a row with no flush, per call, as in a training loop.  The
+backward is timed once more without the dS workspace (``VSA_ND_DS_WORKSPACE_GIB=0``: the dQ pass
+recomputes dS), and, where this card's default recomputes dS at the shape's head dim (DRAM below
+the hand-over's threshold, as on an H100 at D = 64), once more with the hand-over forced.  Under
+sustained load the H100 lowers its SM clock to stay within its power cap, which the longer runs
+feel more (see BENCHMARKS.md): each row also gives the SM clock
 that ``nvidia-smi`` saw while it was timed (blank without ``nvidia-smi``), and ``--rest``
 seconds of idle GPU (default 3) come before each row, so that a row does not inherit the clock
 its predecessor left (the card recovers its full clock within a second or two of idling).
@@ -94,6 +96,16 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks, rest=0
     finally:
         cuda_attention.DS_WORKSPACE_BYTES = workspace
     add(f"block-sparse backward, dS recomputed ({ms_rc / ms_fwd:.2f}x forward)", ms_rc, 2.5 * flops / ms_rc * 1e-9)
+    if head_dim not in cuda_attention.ds_head_dims(cupy.cuda.Device().id):
+        # This card's default recomputes dS at this head dim (its DRAM below the hand-over's
+        # threshold): the hand-over too, forced, so that one run shows whether the rule holds here.
+        fast_dram, cuda_attention._DS_FAST_DRAM = cuda_attention._DS_FAST_DRAM, 0.0
+        try:
+            settle()
+            ms_ho = _median_ms(fine_bwd)
+        finally:
+            cuda_attention._DS_FAST_DRAM = fast_dram
+        add(f"block-sparse backward, dS handed over ({ms_ho / ms_fwd:.2f}x forward)", ms_ho, 2.5 * flops / ms_ho * 1e-9)
     # The other way of counting: calls in a row with no L2 flush between them, as in a training loop.
     settle()
     b2b_fwd, b2b_bwd = time_back_to_back((fine_fwd, fine_bwd), calls=20)
