@@ -88,23 +88,23 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks, rest=0
     settle()
     ms = _median_ms(fine_bwd)
     add(f"block-sparse backward ({ms / ms_fwd:.2f}x forward)", ms, 2.5 * flops / ms * 1e-9)
+    def backward_with(setting, value):
+        """fine_bwd's median time with one of the launcher's settings changed for the while."""
+        saved = getattr(cuda_attention, setting)
+        setattr(cuda_attention, setting, value)
+        try:
+            settle()
+            return _median_ms(fine_bwd)
+        finally:
+            setattr(cuda_attention, setting, saved)
+
     # The same without the dS workspace (the dQ pass recomputes dS: seven products per pair, not five).
-    workspace, cuda_attention.DS_WORKSPACE_BYTES = cuda_attention.DS_WORKSPACE_BYTES, 0
-    try:
-        settle()
-        ms_rc = _median_ms(fine_bwd)
-    finally:
-        cuda_attention.DS_WORKSPACE_BYTES = workspace
+    ms_rc = backward_with("DS_WORKSPACE_BYTES", 0)
     add(f"block-sparse backward, dS recomputed ({ms_rc / ms_fwd:.2f}x forward)", ms_rc, 2.5 * flops / ms_rc * 1e-9)
     if head_dim not in cuda_attention.ds_head_dims(cupy.cuda.Device().id):
         # This card's default recomputes dS at this head dim (its DRAM below the hand-over's
         # threshold): the hand-over too, forced, so that one run shows whether the rule holds here.
-        fast_dram, cuda_attention._DS_FAST_DRAM = cuda_attention._DS_FAST_DRAM, 0.0
-        try:
-            settle()
-            ms_ho = _median_ms(fine_bwd)
-        finally:
-            cuda_attention._DS_FAST_DRAM = fast_dram
+        ms_ho = backward_with("_DS_FAST_DRAM", 0.0)
         add(f"block-sparse backward, dS handed over ({ms_ho / ms_fwd:.2f}x forward)", ms_ho, 2.5 * flops / ms_ho * 1e-9)
     # The other way of counting: calls in a row with no L2 flush between them, as in a training loop.
     settle()

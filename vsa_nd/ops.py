@@ -419,9 +419,10 @@ def block_sparse_attn(
     (default: all L entries), or by a boolean ``block_map`` [B, H, N_q, N_kv].  Returns
     out [B, H, Sq_pad, D] in q's dtype (and lse [B, H, Sq_pad] with ``return_lse``); a row
     that selects nothing gets 0 and lse -inf, one whose every score is -inf or NaN (inputs
-    holding them, or products past the float range) NaN in both.  ``q_block_sizes`` [N_q] (optional) gives the
-    real rows per query tile: the others are pad rows, 0 with lse -inf whatever q holds in
-    them, as in :func:`video_sparse_attn`; without it every row is computed from q.  Block
+    holding them, or products past the float range) NaN in both.  ``q_block_sizes`` [N_q]
+    (optional) gives the real rows per query tile: the others are pad rows, 0 with lse -inf
+    whatever q holds in them, as in :func:`video_sparse_attn`; without it every row is
+    computed from q.  Block
     sizes are checked as that function checks them.  Index values are checked; on CuPy the
     check costs one host synchronisation, which ``check_indices=False`` skips for lists known to be
     valid (e.g. from :func:`select_topk_blocks`); unchecked lists still never make a kernel read
