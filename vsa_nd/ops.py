@@ -298,6 +298,13 @@ def select_topk_blocks(scores, topk: int):
     return _backend(scores).select_topk(check.check_contiguous("scores", scores), topk)
 
 
+# The scales that, and whose scale * log2(e), are normal float32s, as kernels that compute in float32
+# need them (all but the CPU's float64 ones): below, their factors would round to subnormals or 0
+# (scores flattened silently), above, to inf (the last factor keeps the float32 product below its max).
+_SCALE_MIN = float(np.finfo(np.float32).tiny)
+_SCALE_MAX = float(np.finfo(np.float32).max) / np.log2(np.e) * 0.9999999
+
+
 def _scale(scale, head_dim: int, name: str = "scale", *, dtype) -> float:
     """The softmax scale as a float (default 1/sqrt(head_dim)), checked for computing in ``dtype``."""
     if scale is None:
@@ -306,17 +313,10 @@ def _scale(scale, head_dim: int, name: str = "scale", *, dtype) -> float:
         raise TypeError(f"{name}: expected a positive finite float, got {type(scale).__name__} {scale!r}")
     if not np.isfinite(scale) or scale <= 0:  # the kernels fold the scale into the softmax's max, which needs it positive
         raise ValueError(f"{name}: expected a positive finite float, got {scale!r}")
-    if compute_dtype(np.dtype(dtype)) != np.float64 and not _SCALE_MIN <= scale <= _SCALE_MAX:  # see _SCALE_MIN
+    if compute_dtype(np.dtype(dtype)) != np.float64 and not _SCALE_MIN <= scale <= _SCALE_MAX:
         raise ValueError(f"{name}: expected a positive finite float in [{_SCALE_MIN:.3g}, {_SCALE_MAX:.3g}] for "
                          f"{np.dtype(dtype).name} inputs (their kernels take it in float32), got {scale!r}")
     return float(scale)
-
-
-# The scales that, and whose scale * log2(e), are normal float32s, as kernels that compute in float32
-# need them (all but the CPU's float64 ones): below, their factors would round to subnormals or 0
-# (scores flattened silently), above, to inf.
-_SCALE_MIN = float(np.finfo(np.float32).tiny)
-_SCALE_MAX = float(np.finfo(np.float32).max) / 1.4426950408889634 * 0.9999999
 
 
 def _check_heads(h: int, h_kv: int, name: str):
