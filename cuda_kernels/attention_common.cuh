@@ -98,6 +98,8 @@ __device__ __forceinline__ void load_tile_async(unsigned char* tile, const T* sr
 // faster at the main shape on H200s (BENCHMARKS.md, "The forward's running max").
 constexpr float RESCALE_SLACK = 8.f;
 
+__device__ __forceinline__ bool is_minus_zero(float x) { return __float_as_uint(x) == 0x80000000u; }
+
 // Online softmax over a 16x64 fragment of raw scores q.k (log2 domain, scale_log2 > 0):
 // masks keys >= valid, updates the running row max (kept scaled; see RESCALE_SLACK) and sum,
 // and leaves P = exp2(scale_log2 * s - max) in s.  The scale is folded into one FFMA per score.
@@ -109,6 +111,12 @@ constexpr float RESCALE_SLACK = 8.f;
 // it by more than the slack (rare) looks for its rows' new max: the common case needs neither a
 // shuffle nor the factor alpha.  That made the forward 2.4% faster at D = 64 and 0.4% at
 // D = 128 (H200; BENCHMARKS.md, "The forward's softmax").
+// A row without a finite score so far (all -inf or NaN) keeps -0 as its max, which no other row
+// holds: its P and sum are 0 (or NaN where a score is NaN), its scores are taken relative to 0,
+// and its warp looks for the max at every chunk until a finite score sets it, so that a row whose
+// first keys all score -inf still gets the softmax of the later ones, as in the reference.
+// Elsewhere that costs two more tests in the vote (a flag of its own, kept across the loop, took
+// one register too many at D = 128).
 __device__ __forceinline__ bool softmax_scores(float (&s)[32], float (&row_max)[2], float (&row_sum)[2],
                                                float (&alpha)[2], int valid, float scale_log2, int lane, bool first) {
     if (valid < ATT_BLOCK_N) {
@@ -125,11 +133,11 @@ __device__ __forceinline__ bool softmax_scores(float (&s)[32], float (&row_max)[
         for (int r = 0; r < 2; ++r) {
             chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 1));
             chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 2));
-            // Finite in a real row: its first chunk holds a real key.  A pad row whose q holds NaN
-            // keeps -inf, its scores NaN from then on; they never vote, and write_output writes 0
-            // there.
-            row_max[r] = chunk_max[r] * scale_log2;
+            row_max[r] = fmaf(chunk_max[r], scale_log2, 0.f);  // +0, not -0, where the max is 0
         }
+#pragma unroll
+        for (int r = 0; r < 2; ++r)  // every score -inf or NaN (as in a pad row whose q holds NaN)
+            if (row_max[r] == neg_inf()) row_max[r] = -0.f;
 #pragma unroll
         for (int i = 0; i < 32; ++i) {
             s[i] = fast_exp2(fmaf(s[i], scale_log2, -row_max[(i >> 1) & 1]));
@@ -143,7 +151,9 @@ __device__ __forceinline__ bool softmax_scores(float (&s)[32], float (&row_max)[
         s[i] = fmaf(s[i], scale_log2, -row_max[(i >> 1) & 1]);
         above[i & 3] = fmaxf(above[i & 3], s[i]);
     }
-    if (!__any_sync(0xffffffffu, fmaxf(fmaxf(above[0], above[1]), fmaxf(above[2], above[3])) > RESCALE_SLACK)) {
+    if (!__any_sync(0xffffffffu,
+                    is_minus_zero(row_max[0]) || is_minus_zero(row_max[1]) ||
+                        fmaxf(fmaxf(above[0], above[1]), fmaxf(above[2], above[3])) > RESCALE_SLACK)) {
 #pragma unroll
         for (int i = 0; i < 32; ++i) {
             s[i] = fast_exp2(s[i]);
@@ -156,14 +166,23 @@ __device__ __forceinline__ bool softmax_scores(float (&s)[32], float (&row_max)[
     for (int r = 0; r < 2; ++r) {
         shift[r] = fmaxf(shift[r], __shfl_xor_sync(0xffffffffu, shift[r], 1));
         shift[r] = fmaxf(shift[r], __shfl_xor_sync(0xffffffffu, shift[r], 2));
-        if (shift[r] > RESCALE_SLACK) {  // the max moves, by exactly what the stored max moves by
-            const float moved = row_max[r] + shift[r];
-            shift[r] = moved - row_max[r];
-            row_max[r] = moved;
+        if (is_minus_zero(row_max[r])) {  // this chunk's max, if finite, is the row's first (scores relative to 0)
+            if (shift[r] != neg_inf()) {
+                row_max[r] = shift[r] + 0.f;  // not -0
+            } else {
+                shift[r] = 0.f;
+            }
+            alpha[r] = 1.f;
         } else {
-            shift[r] = 0.f;
+            if (shift[r] > RESCALE_SLACK) {  // the max moves, by exactly what the stored max moves by
+                const float moved = row_max[r] + shift[r];
+                shift[r] = moved - row_max[r];
+                row_max[r] = moved;
+            } else {
+                shift[r] = 0.f;
+            }
+            alpha[r] = fast_exp2(-shift[r]);
         }
-        alpha[r] = fast_exp2(-shift[r]);
         row_sum[r] *= alpha[r];
     }
 #pragma unroll
@@ -208,13 +227,12 @@ __device__ __forceinline__ int forward_real_rows(const int* q_block_sizes, const
 // hold in them (NaN included), so the output's pad rows are never NaN or Inf.  A real row
 // without keys (none selected) has a max of -inf and a rowsum of 0: fine output 0 and lse -inf,
 // as in the reference.  A real row with keys whose scores are all -inf or NaN (an input holding
-// -inf or NaN, or products past float32's range) has a NaN rowsum (P = exp2(-inf - (-inf))):
-// out and lse NaN, as in the reference (0 / 0).  (So does a row whose first chunk's scores are
-// all -inf while later ones are finite, where the reference gives the later keys' softmax: such
-// a row fails loudly.)  A row with a finite max has rowsum >= 1 (its largest score's P is at
-// least 1) unless the float32 softmax failed: at |lse| of ~1.5e9 and beyond, the running max
+// -inf or NaN, or products past float32's range) has a rowsum of 0 or NaN: out and lse NaN, as
+// in the reference (0 / 0).  A row with a finite max has rowsum >= 1 (its largest score's P is
+// at least 1) unless the float32 softmax failed: at |lse| of ~1.5e9 and beyond, the running max
 // (log2 units) reaches 2^31 and every P can underflow to 0.  Such a row gets out and lse NaN,
-// not a silent 0 and -inf.
+// not a silent 0 and -inf.  So a real row of a CTA with keys fails exactly where its rowsum is
+// not positive.
 template <typename T, int D>
 __device__ __forceinline__ void write_output(const float (&o)[D / 2], const float (&row_max)[2], const float (&row_sum)[2],
                                              const AttentionCta<T, D>& cta, const float* coarse, const T* gate, T* out,
@@ -225,7 +243,7 @@ __device__ __forceinline__ void write_output(const float (&o)[D / 2], const floa
         float total = row_sum[r];
         total += __shfl_xor_sync(0xffffffffu, total, 1);
         total += __shfl_xor_sync(0xffffffffu, total, 2);
-        const bool failed = !(total > 0.f) && (row_max[r] != neg_inf() || total != total);
+        const bool failed = !(total > 0.f) && cta.n_chunks > 0;
         const float inv = total > 0.f ? 1.f / total : failed ? quiet_nan() : 0.f;
         const int row = warp * 16 + (lane >> 2) + r * 8;
         const bool real = row < valid_rows;

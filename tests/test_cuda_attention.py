@@ -255,6 +255,42 @@ def test_rows_without_keys_give_0_and_rows_of_minus_inf_or_nan_scores_give_nan(p
     np.testing.assert_allclose(lse[rest], ref_lse[rest], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rows_whose_first_keys_score_minus_inf_get_the_later_keys_softmax(poisoned, head_dim, dtype):
+    """A key tile whose keys score -inf for every query (k holds -inf): query tiles that select it
+    first, or it and another such tile first, still get the softmax of their later keys, as in the
+    reference (the kernels once gave such rows NaN); a tile that selects only -inf tiles gets NaN."""
+    import cupy
+
+    rng = np.random.default_rng(head_dim + 7)
+    n_kv = 6
+    q, k, v = (rng.standard_normal((1, 2, 64 * n_kv, head_dim)).astype(np.float32) for _ in range(3))
+    q[..., 0] = np.abs(q[..., 0]) + 0.1
+    k[..., 64:192, 0] = -np.inf  # key tiles 1 and 2: q . k = -inf for every query
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    lists = [[1, 0, 3, 4], [2, 1, 5, 0], [3, 1, 0, 2], [1, 2, 4, 5], [0, 1, 2, 3], [4, 5, 1, 0]]
+    q2k_idx = np.array([lists, lists[1:] + lists[:1]], np.int32)[None]
+    q2k_num = np.array([[[4, 4, 4, 2, 4, 4], [4, 4, 2, 4, 4, 4]]], np.int32)  # [1, 2]: only the -inf tiles
+    kv_sizes = np.full(n_kv, 64, np.int32)
+
+    out, lse = vsa_nd.block_sparse_attn(*(cupy.asarray(x) for x in (q, k, v, kv_sizes, q2k_idx, q2k_num)),
+                                        return_lse=True)
+    out, lse = np.asarray(cupy.asnumpy(out), np.float64)[0], cupy.asnumpy(lse)[0]
+    with np.errstate(invalid="ignore"):
+        ref_out, ref_lse = reference.block_sparse_attn(
+            q, k, v, reference.block_map_from_indices(q2k_idx, q2k_num, n_kv), kv_sizes, 64)
+    ref_out, ref_lse = ref_out[0], ref_lse[0]
+    only_inf = np.zeros((2, 64 * n_kv), bool)
+    only_inf[0, 192:256], only_inf[1, 128:192] = True, True  # the query tiles whose lists are [1, 2]
+    assert np.isnan(out[only_inf]).all() and np.isnan(lse[only_inf]).all()
+    assert np.isnan(ref_out[only_inf]).all() and np.isnan(ref_lse[only_inf]).all()
+    rest = ~only_inf
+    assert np.isfinite(out[rest]).all() and np.isfinite(lse[rest]).all()
+    assert _rel_err(out[rest], ref_out[rest]) <= TOLERANCE[np.dtype(dtype)]
+    np.testing.assert_allclose(lse[rest], ref_lse[rest], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", ["auto", "mma"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_smoke_attention(kernel, head_dim, monkeypatch):
