@@ -99,6 +99,8 @@ __device__ __forceinline__ void load_tile_async(unsigned char* tile, const T* sr
 constexpr float RESCALE_SLACK = 8.f;
 
 __device__ __forceinline__ bool is_minus_zero(float x) { return __float_as_uint(x) == 0x80000000u; }
+// x, with -0 made +0 (on the bits, which no compiler may fold away).
+__device__ __forceinline__ float plus_zero(float x) { return is_minus_zero(x) ? 0.f : x; }
 
 // Online softmax over a 16x64 fragment of raw scores q.k (log2 domain, scale_log2 > 0):
 // masks keys >= valid, updates the running row max (kept scaled; see RESCALE_SLACK) and sum,
@@ -112,11 +114,13 @@ __device__ __forceinline__ bool is_minus_zero(float x) { return __float_as_uint(
 // shuffle nor the factor alpha.  That made the forward 2.4% faster at D = 64 and 0.4% at
 // D = 128 (H200; BENCHMARKS.md, "The forward's softmax").
 // A row without a finite score so far (all -inf or NaN) keeps -0 as its max, which no other row
-// holds: its P and sum are 0 (or NaN where a score is NaN), its scores are taken relative to 0,
-// and its warp looks for the max at every chunk until a finite score sets it, so that a row whose
-// first keys all score -inf still gets the softmax of the later ones, as in the reference.
-// Elsewhere that costs two more tests in the vote (a flag of its own, kept across the loop, took
-// one register too many at D = 128).
+// holds (a max of -0, or one that rounds to -0 from below, is stored as +0): its P and sum are 0
+// (or NaN where a score is NaN), its scores are taken relative to 0, and its warp looks for the
+// max at every chunk until a finite score sets it, so that a row whose first keys all score -inf
+// still gets the softmax of the later ones, as in the reference.  Elsewhere that costs two more
+// tests in the vote (a flag of its own, kept across the loop, took one register too many at
+// D = 128); a warp holding a row that never sees a finite score (a pad row whose q holds NaN)
+// takes the slow path at every chunk, which costs it time only.
 __device__ __forceinline__ bool softmax_scores(float (&s)[32], float (&row_max)[2], float (&row_sum)[2],
                                                float (&alpha)[2], int valid, float scale_log2, int lane, bool first) {
     if (valid < ATT_BLOCK_N) {
@@ -133,7 +137,8 @@ __device__ __forceinline__ bool softmax_scores(float (&s)[32], float (&row_max)[
         for (int r = 0; r < 2; ++r) {
             chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 1));
             chunk_max[r] = fmaxf(chunk_max[r], __shfl_xor_sync(0xffffffffu, chunk_max[r], 2));
-            row_max[r] = fmaf(chunk_max[r], scale_log2, 0.f);  // +0, not -0, where the max is 0
+            // +0 where the scaled max is -0 or underflows from below (-2^-150 rounds to -0).
+            row_max[r] = plus_zero(chunk_max[r] * scale_log2);
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r)  // every score -inf or NaN (as in a pad row whose q holds NaN)
@@ -168,7 +173,7 @@ __device__ __forceinline__ bool softmax_scores(float (&s)[32], float (&row_max)[
         shift[r] = fmaxf(shift[r], __shfl_xor_sync(0xffffffffu, shift[r], 2));
         if (is_minus_zero(row_max[r])) {  // this chunk's max, if finite, is the row's first (scores relative to 0)
             if (shift[r] != neg_inf()) {
-                row_max[r] = shift[r] + 0.f;  // not -0
+                row_max[r] = plus_zero(shift[r]);
             } else {
                 shift[r] = 0.f;
             }

@@ -291,6 +291,52 @@ def test_rows_whose_first_keys_score_minus_inf_get_the_later_keys_softmax(poison
     np.testing.assert_allclose(lse[rest], ref_lse[rest], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_the_softmax_marker_of_rows_without_a_finite_score(poisoned, head_dim):
+    """Edge cases of the running max that marks rows without a finite score (-0), bf16:
+    - a row whose first max rounds to -0 from below (scores of -2^-120 at a scale of 1e-10) is a
+      row with a finite max, not a marked one: the later keys' larger scores rescale its sums;
+    - warps of both kinds of rows (keys whose products overflow float32 to -inf for even query rows
+      only) and rows whose first keys hold NaN (NaN, as in the reference)."""
+    import cupy
+
+    def run(q, k, v, lists, num, scale=None):
+        q, k, v = (x.astype(BFLOAT16) for x in (q, k, v))
+        q2k_idx, q2k_num = np.array(lists, np.int32)[None, None], np.array(num, np.int32)[None, None]
+        kv_sizes = np.full(k.shape[2] // 64, 64, np.int32)
+        out, lse = vsa_nd.block_sparse_attn(*(cupy.asarray(x) for x in (q, k, v, kv_sizes, q2k_idx, q2k_num)),
+                                            scale=scale, return_lse=True)
+        with np.errstate(invalid="ignore", over="ignore"):
+            ref = reference.block_sparse_attn(q, k, v, reference.block_map_from_indices(q2k_idx, q2k_num, len(kv_sizes)),
+                                              kv_sizes, 64, scale=scale)
+        return np.asarray(cupy.asnumpy(out), np.float64)[0, 0], cupy.asnumpy(lse)[0, 0], ref[0][0, 0], ref[1][0, 0]
+
+    # A first max of -0 after rounding: the answer is v of tile 1's key 0 (-1), not a blend with tile 0's 1.
+    q, k, v = (np.zeros((1, 1, 128, head_dim), np.float32) for _ in range(3))
+    q[..., 0], q[..., 1] = 2.0**-60, 1.0
+    k[..., :64, 0] = -(2.0**-60)  # q . k = -2^-120, times 1e-10 * log2(e): below float32's smallest subnormal
+    k[..., 64, 1] = 2.0**40
+    v[..., :64, :] = 1.0
+    v[..., 64, :] = -1.0
+    out, lse, ref_out, ref_lse = run(q, k, v, [[0, 1], [1, 0]], [2, 2], scale=1e-10)
+    assert np.abs(out - ref_out).max() <= 2e-2 and np.abs(ref_out + 1).max() <= 1e-6
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-5)
+
+    # Both kinds of rows in a warp, and NaN first.
+    rng = np.random.default_rng(head_dim + 11)
+    q, k, v = (rng.standard_normal((1, 1, 256, head_dim)).astype(np.float32) for _ in range(3))
+    q[..., 0:64:2, 0], q[..., 1:64:2, 0] = 8.0, 0.0
+    k[..., 64:128, 0] = -(2.0**126)  # even rows of query tile 0 (the only one to select tile 1): -inf in float32
+    k[..., 192:256, 0] = np.nan
+    out, lse, ref_out, ref_lse = run(q, k, v, [[1, 0, 2], [3, 0, 2], [0, 2, 3], [2, 0, 3]], [3, 3, 2, 2])
+    nan_rows = np.zeros(256, bool)
+    nan_rows[64:128] = True  # query tile 1 selects the NaN keys first
+    assert np.isnan(out[nan_rows]).all() and np.isnan(lse[nan_rows]).all() and np.isnan(ref_out[nan_rows]).all()
+    assert np.isfinite(out[~nan_rows]).all() and np.isfinite(lse[~nan_rows]).all()
+    assert _rel_err(out[~nan_rows], ref_out[~nan_rows]) <= TOLERANCE[BFLOAT16]
+    np.testing.assert_allclose(lse[~nan_rows], ref_lse[~nan_rows], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", ["auto", "mma"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_smoke_attention(kernel, head_dim, monkeypatch):
