@@ -672,3 +672,38 @@ def test_coarse_attn_returns_the_scores_and_the_coarse_output():
     np.testing.assert_allclose(o_c, p @ v_rep, rtol=1e-12, atol=1e-12)
     scores_half, _ = vsa_nd.coarse_attn(q_c, k_c, v_c, scale=0.5)
     np.testing.assert_allclose(scores_half, want * np.sqrt(d) * 0.5, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(bfloat16)])
+def test_rows_whose_first_keys_score_minus_inf_or_round_to_minus_zero(dtype):
+    """As in the reference (and as the CUDA kernels are tested for): a row whose first selected
+    tile scores -inf everywhere gets the softmax of its later keys (the CUDA forward once gave
+    NaN); a row that selects only such tiles gets NaN; a first max that rounds to -0 (scores of
+    -2^-120 at a scale of 1e-10) does not stop the later keys' larger scores from rescaling."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 1, 256, 32)).astype(np.float32) for _ in range(3))
+    q[..., 0] = np.abs(q[..., 0]) + 0.1
+    k[..., 64:128, 0] = -np.inf  # key tile 1
+    idx = np.array([[[[1, 0, 2], [1, 2, 3], [0, 1, 3], [1, 3, 0]]]], np.int32)
+    num = np.array([[[3, 1, 3, 3]]], np.int32)  # query tile 1 selects tile 1 only
+    sizes = np.full(4, 64, np.int32)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    out, lse = vsa_nd.block_sparse_attn(q, k, v, sizes, idx, num, return_lse=True)
+    with np.errstate(invalid="ignore"):
+        expected, expected_lse = ref.block_sparse_attn(q, k, v, ref.block_map_from_indices(idx, num, 4), sizes, 64)
+    only_inf = np.zeros(256, bool)
+    only_inf[64:128] = True
+    assert np.isnan(np.asarray(out, np.float64)[0, 0, only_inf]).all() and np.isnan(lse[0, 0, only_inf]).all()
+    assert np.isnan(expected[0, 0, only_inf]).all()
+    assert rel_err(out[0, 0, ~only_inf], expected[0, 0, ~only_inf]) <= FWD_TOL[dtype.name]
+    np.testing.assert_allclose(lse[0, 0, ~only_inf], expected_lse[0, 0, ~only_inf], rtol=1e-5, atol=1e-5)
+
+    q, k, v = (np.zeros((1, 1, 128, 32), np.float32) for _ in range(3))
+    q[..., 0], q[..., 1] = 2.0**-60, 1.0
+    k[..., :64, 0] = -(2.0**-60)
+    k[..., 64, 1] = 2.0**40
+    v[..., :64, :], v[..., 64, :] = 1.0, -1.0
+    idx, sizes = np.array([[[[0, 1], [1, 0]]]], np.int32), np.full(2, 64, np.int32)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    out = vsa_nd.block_sparse_attn(q, k, v, sizes, idx, scale=1e-10)
+    np.testing.assert_allclose(np.asarray(out, np.float64), -1.0, atol=1e-2)
