@@ -137,3 +137,38 @@ def check_huge_lse_gradients(plan, q, k, v, dout, out, lse, q2k_idx, q2k_num, gr
         assert (got[..., ~real, :] == 0).all(), name
         error = np.linalg.norm(got[kept] - expected[kept]) / np.linalg.norm(expected[kept])
         assert error <= tolerance, (name, error)
+
+
+def first_tile_overflow_problem(dtype, head_dim: int, seed: int):
+    """Inputs of a VSA call (NumPy, tiled: B = 1, two heads, 4 x 8 x 8 tokens in 4 tiles of 64,
+    every tile selected, so each query tile's list starts at key tile 0) in which every even
+    query row's scores with key tile 0 overflow float32 to -inf (q = 2^10 against k = -2^120 in
+    column 0) while its other scores, and every odd row's, are ordinary: the float64 reference
+    gives those rows the softmax of their later keys and finite gradients.  Returns (plan, q, k,
+    v, dout, topk)."""
+    rng = np.random.default_rng(seed)
+    plan = vsa_nd.tile_plan((4, 8, 8))
+    q, k, v, dout = (rng.standard_normal((1, 2, plan.padded_len, head_dim)).astype(np.float32) for _ in range(4))
+    q[..., 0::2, 0], q[..., 1::2, 0] = 2.0**10, 0.0
+    k[..., 0] = 0.0
+    k[..., : plan.tile_volume, 0] = -(2.0**120)  # its tile mean too: tile 0's coarse score is -inf
+    return plan, *(x.astype(dtype) for x in (q, k, v, dout)), plan.num_blocks
+
+
+def check_first_tile_overflow(plan, q, k, v, dout, out, q2k_idx, q2k_num, grads, tolerance):
+    """The output and gradients of first_tile_overflow_problem (NumPy) finite and within
+    ``tolerance`` (norm-relative) of the float64 reference with the call's rounded ``out``; dq's
+    column 0 (~1e35, from dS k against k = -2^120) and the rest apart."""
+    assert (q2k_idx[..., 0] == 0).all()  # the set-up does what it is for
+    with np.errstate(over="ignore"):
+        want = reference.video_sparse_attn_backward(dout, q, k, v, plan.variable_block_sizes,
+                                                    plan.variable_block_sizes, q2k_idx, q2k_num, plan.tile_volume,
+                                                    out=out)
+    assert np.isfinite(np.asarray(out, np.float64)).all()
+    for name, got, expected in (("dq[..., 1:]", grads.dq[..., 1:], want.dq[..., 1:]),
+                                ("dq[..., 0]", grads.dq[..., 0], want.dq[..., 0]),
+                                ("dk", grads.dk, want.dk), ("dv", grads.dv, want.dv)):
+        got = np.asarray(got, np.float64)
+        assert np.isfinite(got).all(), name
+        error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        assert error <= tolerance, (name, error)

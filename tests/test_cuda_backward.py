@@ -17,7 +17,8 @@ import vsa_nd
 from vsa_nd import reference
 from vsa_nd._xp import BFLOAT16
 
-from attention_problems import (check_huge_lse_gradients, cleaned_lists, force_ds_hand_over, huge_lse_problem, problems,
+from attention_problems import (check_first_tile_overflow, check_huge_lse_gradients, cleaned_lists,
+                                first_tile_overflow_problem, force_ds_hand_over, huge_lse_problem, problems,
                                 random_inputs, spoil_lists)
 
 pytestmark = pytest.mark.gpu
@@ -193,6 +194,22 @@ def test_backward_gives_nan_for_rows_whose_lse_float32_cannot_resolve(poisoned, 
     host = lambda x: cupy.asnumpy(x)  # noqa: E731
     check_huge_lse_gradients(plan, q, k, v, dout, host(out), host(ctx.lse), host(ctx.q2k_idx), host(ctx.q2k_num),
                              vsa_nd.Gradients(*(None if g is None else host(g) for g in grads)), TOLERANCE[BFLOAT16])
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_backward_of_rows_whose_first_tile_overflows_to_minus_inf(poisoned, head_dim):
+    """Even query rows whose scores with their first key tile overflow float32 to -inf (finite
+    inputs): the forward gives them the later keys' softmax (it once gave NaN), and the backward
+    finite gradients as in the float64 reference.  bf16 (fp16 cannot hold such inputs)."""
+    import cupy
+
+    plan, q, k, v, dout, topk = first_tile_overflow_problem(BFLOAT16, head_dim, seed=head_dim)
+    out, ctx = vsa_nd.video_sparse_attn(*(cupy.asarray(x) for x in (q, k, v)), topk,
+                                        cupy.asarray(plan.variable_block_sizes), return_context=True)
+    grads = vsa_nd.video_sparse_attn_backward(cupy.asarray(dout), ctx)
+    host = lambda x: cupy.asnumpy(x)  # noqa: E731
+    check_first_tile_overflow(plan, q, k, v, dout, host(ctx.out), host(ctx.q2k_idx), host(ctx.q2k_num),
+                              vsa_nd.Gradients(*(None if g is None else host(g) for g in grads)), TOLERANCE[BFLOAT16])
 
 
 @pytest.mark.parametrize("tile_shape, hot", [((4, 4, 4), [13, 14, 15]), ((4, 4, 8), [5, 6, 7])])

@@ -18,7 +18,8 @@ from ml_dtypes import bfloat16
 import vsa_nd
 from vsa_nd import reference as ref
 
-from attention_problems import check_huge_lse_gradients, huge_lse_problem
+from attention_problems import (check_first_tile_overflow, check_huge_lse_gradients, first_tile_overflow_problem,
+                                huge_lse_problem)
 
 DTYPES = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), np.dtype(bfloat16)]
 FWD_TOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-2, "bfloat16": 2e-2}
@@ -707,3 +708,16 @@ def test_rows_whose_first_keys_score_minus_inf_or_round_to_minus_zero(dtype):
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     out = vsa_nd.block_sparse_attn(q, k, v, sizes, idx, scale=1e-10)
     np.testing.assert_allclose(np.asarray(out, np.float64), -1.0, atol=1e-2)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_backward_of_rows_whose_first_tile_overflows_to_minus_inf(head_dim):
+    """As the CUDA test of the same name: even query rows whose scores with their first key tile
+    overflow float32 to -inf get the later keys' softmax and finite gradients, as in the float64
+    reference."""
+    plan, q, k, v, dout, topk = first_tile_overflow_problem(np.dtype(bfloat16), head_dim, seed=head_dim)
+    with np.errstate(over="ignore"):
+        out, context = vsa_nd.video_sparse_attn(q, k, v, topk, plan.variable_block_sizes, return_context=True)
+        grads = vsa_nd.video_sparse_attn_backward(dout, context)
+    check_first_tile_overflow(plan, q, k, v, dout, context.out, context.q2k_idx, context.q2k_num, grads,
+                              BWD_TOL["bfloat16"])
