@@ -155,19 +155,23 @@ def first_tile_overflow_problem(dtype, head_dim: int, seed: int):
     return plan, *(x.astype(dtype) for x in (q, k, v, dout)), plan.num_blocks
 
 
-def check_first_tile_overflow(plan, q, k, v, dout, out, q2k_idx, q2k_num, grads, tolerance):
-    """The output and gradients of first_tile_overflow_problem (NumPy) finite and within
-    ``tolerance`` (norm-relative) of the float64 reference with the call's rounded ``out``; dq's
-    column 0 (~1e35, from dS k against k = -2^120) and the rest apart."""
+def check_first_tile_overflow(plan, q, k, v, dout, out, lse, q2k_idx, q2k_num, grads, tolerance):
+    """The forward (``out``, ``lse``) and gradients of first_tile_overflow_problem (NumPy) finite
+    and within ``tolerance`` (norm-relative; lse to 1e-5) of the float64 reference (the backward's
+    with the call's rounded ``out``).  Column 0 of q and k holds the huge values, so dq's and dk's
+    column 0 (dq's ~1e35, from dS k against k = -2^120) are checked apart from the rest."""
     assert (q2k_idx[..., 0] == 0).all()  # the set-up does what it is for
+    sizes, volume = plan.variable_block_sizes, plan.tile_volume
     with np.errstate(over="ignore"):
-        want = reference.video_sparse_attn_backward(dout, q, k, v, plan.variable_block_sizes,
-                                                    plan.variable_block_sizes, q2k_idx, q2k_num, plan.tile_volume,
-                                                    out=out)
-    assert np.isfinite(np.asarray(out, np.float64)).all()
-    for name, got, expected in (("dq[..., 1:]", grads.dq[..., 1:], want.dq[..., 1:]),
+        forward = reference.video_sparse_attn(q, k, v, sizes, sizes, q2k_idx.shape[-1], volume, q2k_idx=q2k_idx,
+                                              q2k_num=q2k_num)
+        want = reference.video_sparse_attn_backward(dout, q, k, v, sizes, sizes, q2k_idx, q2k_num, volume, out=out)
+    np.testing.assert_allclose(lse, forward.lse, rtol=1e-5, atol=1e-5)
+    for name, got, expected in (("out", out, forward.out),
+                                ("dq[..., 1:]", grads.dq[..., 1:], want.dq[..., 1:]),
                                 ("dq[..., 0]", grads.dq[..., 0], want.dq[..., 0]),
-                                ("dk", grads.dk, want.dk), ("dv", grads.dv, want.dv)):
+                                ("dk[..., 1:]", grads.dk[..., 1:], want.dk[..., 1:]),
+                                ("dk[..., 0]", grads.dk[..., 0], want.dk[..., 0]), ("dv", grads.dv, want.dv)):
         got = np.asarray(got, np.float64)
         assert np.isfinite(got).all(), name
         error = np.linalg.norm(got - expected) / np.linalg.norm(expected)

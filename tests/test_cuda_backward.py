@@ -208,7 +208,7 @@ def test_backward_of_rows_whose_first_tile_overflows_to_minus_inf(poisoned, head
                                         cupy.asarray(plan.variable_block_sizes), return_context=True)
     grads = vsa_nd.video_sparse_attn_backward(cupy.asarray(dout), ctx)
     host = lambda x: cupy.asnumpy(x)  # noqa: E731
-    check_first_tile_overflow(plan, q, k, v, dout, host(ctx.out), host(ctx.q2k_idx), host(ctx.q2k_num),
+    check_first_tile_overflow(plan, q, k, v, dout, host(ctx.out), host(ctx.lse), host(ctx.q2k_idx), host(ctx.q2k_num),
                               vsa_nd.Gradients(*(None if g is None else host(g) for g in grads)), TOLERANCE[BFLOAT16])
 
 

@@ -677,10 +677,11 @@ def test_coarse_attn_returns_the_scores_and_the_coarse_output():
 
 @pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(bfloat16)])
 def test_rows_whose_first_keys_score_minus_inf_or_round_to_minus_zero(dtype):
-    """As in the reference (and as the CUDA kernels are tested for): a row whose first selected
-    tile scores -inf everywhere gets the softmax of its later keys (the CUDA forward once gave
-    NaN); a row that selects only such tiles gets NaN; a first max that rounds to -0 (scores of
-    -2^-120 at a scale of 1e-10) does not stop the later keys' larger scores from rescaling."""
+    """The cases the CUDA kernels are tested for, as a check of the CPU backend's own softmax
+    (which marks rows without a finite score by -inf, not -0): a row whose first selected tile
+    scores -inf everywhere gets the softmax of its later keys, as in the reference; a row that
+    selects only such tiles gets NaN; scores of -2^-120 at a scale of 1e-10 (whose scaled max
+    rounds to -0) do not keep the later keys' larger scores from rescaling."""
     rng = np.random.default_rng(5)
     q, k, v = (rng.standard_normal((1, 1, 256, 32)).astype(np.float32) for _ in range(3))
     q[..., 0] = np.abs(q[..., 0]) + 0.1
@@ -719,5 +720,5 @@ def test_backward_of_rows_whose_first_tile_overflows_to_minus_inf(head_dim):
     with np.errstate(over="ignore"):
         out, context = vsa_nd.video_sparse_attn(q, k, v, topk, plan.variable_block_sizes, return_context=True)
         grads = vsa_nd.video_sparse_attn_backward(dout, context)
-    check_first_tile_overflow(plan, q, k, v, dout, context.out, context.q2k_idx, context.q2k_num, grads,
+    check_first_tile_overflow(plan, q, k, v, dout, context.out, context.lse, context.q2k_idx, context.q2k_num, grads,
                               BWD_TOL["bfloat16"])
