@@ -176,3 +176,30 @@ def check_first_tile_overflow(plan, q, k, v, dout, out, lse, q2k_idx, q2k_num, g
         assert np.isfinite(got).all(), name
         error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
         assert error <= tolerance, (name, error)
+
+
+def huge_tile_sums(dtype, head_dim: int = 8):
+    """x [1, 2, 192, head_dim] (3 tiles of 64, block sizes 64, 50, 64) whose tile sums pass
+    float32's range in some columns while their means fit (3e38 in a whole tile, -2e38 in the
+    50 real rows of a partial one: its pad slots hold NaN), plus a tile column holding inf.
+    Returns (x, block_sizes, which entries of the [1, 2, 3, head_dim] mean are infinite)."""
+    rng = np.random.default_rng(head_dim)
+    x = rng.standard_normal((1, 2, 192, head_dim)).astype(np.float32)
+    x[0, 0, :64, 0] = 3e38
+    x[0, 1, 64:114, 1] = -2e38
+    x[0, 1, 114:128] = np.nan
+    x[0, 1, 128:192, 2] = np.inf
+    infinite = np.zeros((1, 2, 3, head_dim), bool)
+    infinite[0, 1, 2, 2] = True
+    return x.astype(dtype), np.array([64, 50, 64], np.int32), infinite
+
+
+def check_huge_tile_means(mean, x, block_sizes, infinite, rtol):
+    """The tile means of huge_tile_sums: within ``rtol`` of the float64 reference (finite where
+    it is: 3e38 and -2e38, not inf), +inf where a tile's column holds inf."""
+    mean = np.asarray(mean, np.float64)
+    want = reference.block_mean(x, block_sizes, 64)
+    assert (mean[infinite] == np.inf).all()
+    assert np.isfinite(mean[~infinite]).all()
+    np.testing.assert_allclose(mean[~infinite], want[~infinite], rtol=rtol, atol=1e-6)
+    assert abs(mean[0, 0, 0, 0]) > 1e38 and abs(mean[0, 1, 1, 1]) > 1e38  # the set-up does what it is for

@@ -22,6 +22,8 @@ from vsa_nd import reference
 from vsa_nd._xp import BFLOAT16
 from vsa_nd.backends import cuda as cuda_backend
 
+from attention_problems import check_huge_tile_means, huge_tile_sums
+
 try:
     import cupy
 except ImportError:  # CI: only the compile check runs
@@ -219,6 +221,17 @@ def _check_block_mean(plan, batch, heads, head_dim, dtype, misalign, rng):
 )
 def test_block_mean_matches_reference(poisoned, plan, batch, heads, head_dim, dtype, misalign, seed):
     _check_block_mean(plan, batch, heads, head_dim, dtype, misalign, np.random.default_rng(seed))
+
+
+@gpu
+@pytest.mark.parametrize("head_dim", [8, 20])  # 16-byte loads of bf16, one element per load
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), BFLOAT16])
+def test_block_mean_of_tiles_whose_sums_pass_float32s_range(poisoned, dtype, head_dim):
+    """Tile means that fit where the tile's sum does not: the mean, not inf (the kernel sums such
+    a column again with its elements scaled down), as in the float64 reference."""
+    x, sizes, infinite = huge_tile_sums(dtype, head_dim)
+    check_huge_tile_means(cupy.asnumpy(vsa_nd.block_mean(cupy.asarray(x), cupy.asarray(sizes))), x, sizes, infinite,
+                          MEAN_RTOL)
 
 
 def _check_block_means(q_plan, kv_plan, heads, kv_heads, head_dim, dtype, rng):

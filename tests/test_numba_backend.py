@@ -18,8 +18,8 @@ from ml_dtypes import bfloat16
 import vsa_nd
 from vsa_nd import reference as ref
 
-from attention_problems import (check_first_tile_overflow, check_huge_lse_gradients, first_tile_overflow_problem,
-                                huge_lse_problem)
+from attention_problems import (check_first_tile_overflow, check_huge_lse_gradients, check_huge_tile_means,
+                                first_tile_overflow_problem, huge_lse_problem, huge_tile_sums)
 
 DTYPES = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), np.dtype(bfloat16)]
 FWD_TOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-2, "bfloat16": 2e-2}
@@ -722,3 +722,11 @@ def test_backward_of_rows_whose_first_tile_overflows_to_minus_inf(head_dim):
         grads = vsa_nd.video_sparse_attn_backward(dout, context)
     check_first_tile_overflow(plan, q, k, v, dout, context.out, context.lse, context.q2k_idx, context.q2k_num, grads,
                               BWD_TOL["bfloat16"])
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(bfloat16)])
+def test_block_mean_of_tiles_whose_sums_pass_float32s_range(dtype):
+    """Tile means that fit where the tile's sum does not (3e38 in every row of a tile): the
+    mean, not inf, as in the float64 reference (an infinite input still gives inf)."""
+    x, sizes, infinite = huge_tile_sums(dtype)
+    check_huge_tile_means(vsa_nd.block_mean(x, sizes), x, sizes, infinite, FWD_TOL["float32"])

@@ -292,8 +292,29 @@ def block_mean(x, block_sizes):
     b, h, s, d = x.shape
     n = block_sizes.shape[0]
     out = np.empty((b, h, n, d), x.dtype)
-    _block_mean_kernel(x.reshape(b, h, n, s // n, d), _index(block_sizes), out)
+    tiles = x.reshape(b, h, n, s // n, d)
+    _block_mean_kernel(tiles, _index(block_sizes), out)
+    overflow = np.isinf(out)
+    if overflow.any():
+        _rescue_block_means(tiles, block_sizes, out, overflow)
     return out
+
+
+def _rescue_block_means(tiles, block_sizes, out, overflow):
+    """Means whose sums passed the dtype's range (float32 inputs of ~5e36 and more, whose means
+    still fit), summed again with every element scaled by 2^-k <= 1 / n first, which cannot
+    overflow (as block_mean.cu does); an infinite input stays infinite.  In NumPy, outside the
+    kernel: written into the kernel, the branch was lost when Numba (0.68, with these fast-math
+    flags) loaded the kernel from its cache, while a fresh build kept it."""
+    which = np.nonzero(overflow.any(axis=-1))  # (b, h, i) of the tiles concerned
+    sizes = np.asarray(block_sizes, np.int64)[which[2]]
+    down = 0.5 ** np.maximum(1, np.ceil(np.log2(np.maximum(sizes, 1))))
+    real = np.arange(tiles.shape[3]) < sizes[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = tiles[which] * down.astype(tiles.dtype)[:, None, None]
+        means = np.where(real[..., None], scaled, 0).sum(axis=1) / (sizes * down).astype(tiles.dtype)[:, None]
+    out[which] = np.where(overflow[which], means, out[which])
+
 
 
 def block_means(tensors, block_sizes_list) -> list:
