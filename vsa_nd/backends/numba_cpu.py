@@ -316,7 +316,6 @@ def _rescue_block_means(tiles, block_sizes, out, overflow):
     out[which] = np.where(overflow[which], means, out[which])
 
 
-
 def block_means(tensors, block_sizes_list) -> list:
     """:func:`block_mean` of several tensors (the CUDA backend does them in one launch)."""
     return [block_mean(x, sizes) for x, sizes in zip(tensors, block_sizes_list)]
