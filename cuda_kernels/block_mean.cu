@@ -83,13 +83,13 @@ block_mean(const T* __restrict__ x0, const T* __restrict__ x1, const T* __restri
     float divisor = static_cast<float>(n);
     bool overflow = false;
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) overflow |= isinf(acc[e]);
+    for (int e = 0; e < VEC; ++e) overflow |= !isfinite(acc[e]);
     if (overflow) {
-        // A sum past float32's range (bf16 inputs of ~5e36 and more, whose mean still fits): sum
-        // again, one row at a time, with every element scaled by 2^-k <= 1 / n, which cannot
-        // overflow, and divide by n * 2^-k.  Powers of two change no rounding (but below
-        // float32's normal range, where elements that small are lost beside the others).  A
-        // sum that holds an infinite input stays infinite (or NaN).
+        // A sum past float32's range (bf16 inputs of ~5e36 and more, whose mean still fits), or
+        // NaN from one past it beside an infinite input: sum again, one row at a time, with every
+        // element scaled by 2^-k <= 1 / n, which cannot overflow, and divide by n * 2^-k.  Powers
+        // of two change no rounding (but below float32's normal range, where elements that small
+        // are lost beside the others).  An infinite or NaN input gives inf or NaN again.
         const float scale = ldexpf(1.0f, -(32 - __clz(max(n - 1, 1))));
 #pragma unroll
         for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;

@@ -180,15 +180,17 @@ def check_first_tile_overflow(plan, q, k, v, dout, out, lse, q2k_idx, q2k_num, g
 
 def huge_tile_sums(dtype, head_dim: int = 8):
     """x [1, 2, 192, head_dim] (3 tiles of 64, block sizes 64, 50, 64) whose tile sums pass
-    float32's range in some columns while their means fit (3e38 in a whole tile, -2e38 in the
-    50 real rows of a partial one: its pad slots hold NaN), plus a tile column holding inf.
+    float32's range in some columns while their means fit: 3e38 in a whole tile, -3e38 in the 50
+    real rows of a partial one (its pad slots hold NaN; a factor of 1/32 instead of 1/64 would
+    overflow there), and 2e38 in a column whose last row holds inf (the plain sum is NaN there).
     Returns (x, block_sizes, which entries of the [1, 2, 3, head_dim] mean are infinite)."""
     rng = np.random.default_rng(head_dim)
     x = rng.standard_normal((1, 2, 192, head_dim)).astype(np.float32)
     x[0, 0, :64, 0] = 3e38
-    x[0, 1, 64:114, 1] = -2e38
+    x[0, 1, 64:114, 1] = -3e38
     x[0, 1, 114:128] = np.nan
-    x[0, 1, 128:192, 2] = np.inf
+    x[0, 1, 128:192, 2] = -2e38
+    x[0, 1, 191, 2] = np.inf
     infinite = np.zeros((1, 2, 3, head_dim), bool)
     infinite[0, 1, 2, 2] = True
     return x.astype(dtype), np.array([64, 50, 64], np.int32), infinite
@@ -196,7 +198,7 @@ def huge_tile_sums(dtype, head_dim: int = 8):
 
 def check_huge_tile_means(mean, x, block_sizes, infinite, rtol):
     """The tile means of huge_tile_sums: within ``rtol`` of the float64 reference (finite where
-    it is: 3e38 and -2e38, not inf), +inf where a tile's column holds inf."""
+    it is: 3e38 and -3e38, not inf), +inf where a tile's column holds inf (not NaN)."""
     mean = np.asarray(mean, np.float64)
     want = reference.block_mean(x, block_sizes, 64)
     assert (mean[infinite] == np.inf).all()

@@ -294,7 +294,7 @@ def block_mean(x, block_sizes):
     out = np.empty((b, h, n, d), x.dtype)
     tiles = x.reshape(b, h, n, s // n, d)
     _block_mean_kernel(tiles, _index(block_sizes), out)
-    overflow = np.isinf(out)
+    overflow = ~np.isfinite(out)
     if overflow.any():
         _rescue_block_means(tiles, block_sizes, out, overflow)
     return out
@@ -302,8 +302,9 @@ def block_mean(x, block_sizes):
 
 def _rescue_block_means(tiles, block_sizes, out, overflow):
     """Means whose sums passed the dtype's range (float32 inputs of ~5e36 and more, whose means
-    still fit), summed again with every element scaled by 2^-k <= 1 / n first, which cannot
-    overflow (as block_mean.cu does); an infinite input stays infinite.  In NumPy, outside the
+    still fit; or NaN, from such a sum beside an infinite input), summed again with every element
+    scaled by 2^-k <= 1 / n first, which cannot overflow (as block_mean.cu does); an infinite or
+    NaN input gives inf or NaN again (at the cost of copies of its tiles).  In NumPy, outside the
     kernel: written into the kernel, the branch was lost when Numba (0.68, with these fast-math
     flags) loaded the kernel from its cache, while a fresh build kept it."""
     which = np.nonzero(overflow.any(axis=-1))  # (b, h, i) of the tiles concerned
