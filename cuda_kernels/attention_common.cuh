@@ -141,7 +141,7 @@ __device__ __forceinline__ bool softmax_scores(float (&s)[32], float (&row_max)[
             row_max[r] = plus_zero(chunk_max[r] * scale_log2);
         }
 #pragma unroll
-        for (int r = 0; r < 2; ++r)  // every score -inf or NaN (as in a pad row whose q holds NaN)
+        for (int r = 0; r < 2; ++r)  // every score -inf or NaN: the -0 marker (see above)
             if (row_max[r] == neg_inf()) row_max[r] = -0.f;
 #pragma unroll
         for (int i = 0; i < 32; ++i) {

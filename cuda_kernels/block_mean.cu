@@ -15,10 +15,12 @@
 // flight at a time, sums them in fp32 in row order and writes VEC means.  Consecutive threads
 // read consecutive 16-byte vectors of one row, so a warp reads whole rows.  No shared memory,
 // no barrier: a thread waits only on its own loads, and enough of them are in flight (UNROLL
-// per thread, 32 warps per SM) to cover memory latency.
+// per thread, 32 warps per SM) to cover memory latency.  A thread whose sum is not finite (one
+// past float32's range, whose mean may still fit) sums its rows a second time, scaled (below).
 //
-// Memory traffic: each real row read once (B*H*S*D elements of the real tokens), one fp32 row
-// written per tile; the block sizes are a few KB, read through L1/L2.  Bandwidth bound.
+// Memory traffic: each real row read once (B*H*S*D elements of the real tokens; twice by such a
+// thread), one fp32 row written per tile; the block sizes are a few KB, read through L1/L2.
+// Bandwidth bound.
 
 #include "common.cuh"
 
@@ -85,7 +87,7 @@ block_mean(const T* __restrict__ x0, const T* __restrict__ x1, const T* __restri
 #pragma unroll
     for (int e = 0; e < VEC; ++e) overflow |= !isfinite(acc[e]);
     if (overflow) {
-        // A sum past float32's range (bf16 inputs of ~5e36 and more, whose mean still fits), or
+        // A sum past float32's range (inputs of ~5e36 and more, whose mean still fits), or
         // NaN from one past it beside an infinite input: sum again, one row at a time, with every
         // element scaled by 2^-k <= 1 / n, which cannot overflow, and divide by n * 2^-k.  Powers
         // of two change no rounding (but below float32's normal range, where elements that small

@@ -182,7 +182,7 @@ def huge_tile_sums(dtype, head_dim: int = 8):
     """x [1, 2, 192, head_dim] (3 tiles of 64, block sizes 64, 50, 64) whose tile sums pass
     float32's range in some columns while their means fit: 3e38 in a whole tile, -3e38 in the 50
     real rows of a partial one (its pad slots hold NaN; a factor of 1/32 instead of 1/64 would
-    overflow there), and 2e38 in a column whose last row holds inf (the plain sum is NaN there).
+    overflow there), and -2e38 in a column whose last row holds +inf (the plain sum is NaN there).
     Returns (x, block_sizes, which entries of the [1, 2, 3, head_dim] mean are infinite)."""
     rng = np.random.default_rng(head_dim)
     x = rng.standard_normal((1, 2, 192, head_dim)).astype(np.float32)

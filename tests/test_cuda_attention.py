@@ -307,8 +307,8 @@ def test_the_softmax_marker_of_rows_without_a_finite_score(poisoned, head_dim):
         out, lse = vsa_nd.block_sparse_attn(*(cupy.asarray(x) for x in (q, k, v, kv_sizes, q2k_idx, q2k_num)),
                                             scale=scale, return_lse=True)
         with np.errstate(invalid="ignore", over="ignore"):
-            ref = reference.block_sparse_attn(q, k, v, reference.block_map_from_indices(q2k_idx, q2k_num, len(kv_sizes)),
-                                              kv_sizes, 64, scale=scale)
+            block_map = reference.block_map_from_indices(q2k_idx, q2k_num, len(kv_sizes))
+            ref = reference.block_sparse_attn(q, k, v, block_map, kv_sizes, 64, scale=scale)
         return np.asarray(cupy.asnumpy(out), np.float64)[0, 0], cupy.asnumpy(lse)[0, 0], ref[0][0, 0], ref[1][0, 0]
 
     # A first max of -0 after rounding: the answer is v of tile 1's key 0 (-1), not a blend with tile 0's 1.

@@ -729,4 +729,4 @@ def test_block_mean_of_tiles_whose_sums_pass_float32s_range(dtype):
     """Tile means that fit where the tile's sum does not (3e38 in every row of a tile): the
     mean, not inf, as in the float64 reference (an infinite input still gives inf)."""
     x, sizes, infinite = huge_tile_sums(dtype)
-    check_huge_tile_means(vsa_nd.block_mean(x, sizes), x, sizes, infinite, FWD_TOL["float32"])
+    check_huge_tile_means(vsa_nd.block_mean(x, sizes), x, sizes, infinite, 1e-5)  # means in float32 either way
