@@ -46,6 +46,19 @@ def _rel_err(x, ref):
     return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1.0)
 
 
+def _against_reference(q, k, v, kv_sizes, q2k_idx, q2k_num, scale=None):
+    """block_sparse_attn on the GPU (tile volume 64) and the float64 reference on the same NumPy
+    inputs: (out as float64, lse, reference out, reference lse), all NumPy."""
+    import cupy
+
+    out, lse = vsa_nd.block_sparse_attn(*(cupy.asarray(x) for x in (q, k, v, kv_sizes, q2k_idx, q2k_num)),
+                                        scale=scale, return_lse=True)
+    block_map = reference.block_map_from_indices(q2k_idx, q2k_num, len(kv_sizes))
+    with np.errstate(invalid="ignore", over="ignore"):  # rows of -inf or NaN scores: 0 / 0
+        ref_out, ref_lse = reference.block_sparse_attn(q, k, v, block_map, kv_sizes, 64, scale=scale)
+    return np.asarray(cupy.asnumpy(out), np.float64), cupy.asnumpy(lse), ref_out, ref_lse
+
+
 @given(problems(max_tokens=1200, groups=(1, 3)), st.data())
 def test_block_sparse_attn_matches_reference(poisoned, p, data):
     import cupy
@@ -159,8 +172,6 @@ def test_scores_that_rise_in_jumps_match_reference(poisoned, dtype, head_dim, mi
     largest first), against the reference.  `mixed`: in every 16 query rows (a warp's), the last
     8 have q negated, so their scores fall where the others rise: within a warp (and a thread,
     which holds rows r and r + 8) some rows move their max while the others keep theirs."""
-    import cupy
-
     rng = np.random.default_rng(head_dim)
     n_kv, scale = len(RISING_LOG2_SCORES), head_dim ** -0.5
     level = np.repeat(np.asarray(RISING_LOG2_SCORES) / (np.log2(np.e) * scale * head_dim), 64)  # per key
@@ -174,12 +185,8 @@ def test_scores_that_rise_in_jumps_match_reference(poisoned, dtype, head_dim, mi
     q2k_num = np.full((1, 2, 2), n_kv, np.int32)
     kv_sizes = np.full(n_kv, 64, np.int32)
 
-    out, lse = vsa_nd.block_sparse_attn(*(cupy.asarray(x) for x in (q, k, v, kv_sizes, q2k_idx, q2k_num)),
-                                        return_lse=True)
-    block_map = reference.block_map_from_indices(q2k_idx, q2k_num, n_kv)
-    ref_out, ref_lse = reference.block_sparse_attn(q, k, v, block_map, kv_sizes, 64)
-    out, lse = cupy.asnumpy(out), cupy.asnumpy(lse)
-    assert np.isfinite(np.asarray(out, np.float32)).all()
+    out, lse, ref_out, ref_lse = _against_reference(q, k, v, kv_sizes, q2k_idx, q2k_num)
+    assert np.isfinite(out).all()
     assert _rel_err(out, ref_out) <= TOLERANCE[np.dtype(dtype)]
     assert np.allclose(lse, ref_lse, rtol=1e-3, atol=1e-3)
     rising = ref_lse[..., sign > 0]
@@ -192,8 +199,6 @@ def test_rows_past_the_float32_range_are_never_silently_wrong(poisoned, head_dim
     (log2 units) reaches 2^31 and the softmax fails.  A failed row must come out non-finite (it
     once came out 0 with an lse of -inf); every row whose output is finite matches the reference,
     its lse too."""
-    import cupy
-
     rng = np.random.default_rng(head_dim)
     n_kv, topk = 6, 3
     q = rng.standard_normal((1, 2, 256, head_dim)).astype(np.float32)
@@ -203,11 +208,7 @@ def test_rows_past_the_float32_range_are_never_silently_wrong(poisoned, head_dim
     q2k_num = np.full((1, 2, 4), topk, np.int32)
     kv_sizes = np.full(n_kv, 64, np.int32)
 
-    out, lse = vsa_nd.block_sparse_attn(*(cupy.asarray(x) for x in (q, k, v, kv_sizes, q2k_idx, q2k_num)),
-                                        return_lse=True)
-    out, lse = np.asarray(cupy.asnumpy(out), np.float64), cupy.asnumpy(lse)
-    ref_out, ref_lse = reference.block_sparse_attn(q, k, v, reference.block_map_from_indices(q2k_idx, q2k_num, n_kv),
-                                                   kv_sizes, 64)
+    out, lse, ref_out, ref_lse = _against_reference(q, k, v, kv_sizes, q2k_idx, q2k_num)
     finite = np.isfinite(out).all(axis=-1)
     assert not finite[0, 0].all()  # the set-up reaches the failure
     assert finite[0, 0, :32].all() and finite[0, 1].all()  # |lse| below ~3e8, and head 1's unit scores
@@ -221,8 +222,6 @@ def test_rows_without_keys_give_0_and_rows_of_minus_inf_or_nan_scores_give_nan(p
     """As in the reference: a row that selects no key gets out 0 and lse -inf; a row whose
     every score is -inf (an input holding -inf) or NaN gets out and lse NaN (0 / 0); no other
     row changes."""
-    import cupy
-
     rng = np.random.default_rng(head_dim)
     n_kv, topk = 4, 2
     q, k, v = (rng.standard_normal((1, 1, 64 * n_kv, head_dim)).astype(np.float32) for _ in range(3))
@@ -235,13 +234,7 @@ def test_rows_without_keys_give_0_and_rows_of_minus_inf_or_nan_scores_give_nan(p
     q2k_num = np.array([[[topk, topk, 0, 1]]], np.int32)  # query tile 2 selects nothing
     kv_sizes = np.full(n_kv, 64, np.int32)
 
-    out, lse = vsa_nd.block_sparse_attn(*(cupy.asarray(x) for x in (q, k, v, kv_sizes, q2k_idx, q2k_num)),
-                                        return_lse=True)
-    out, lse = np.asarray(cupy.asnumpy(out), np.float64)[0, 0], cupy.asnumpy(lse)[0, 0]
-    with np.errstate(invalid="ignore"):
-        ref_out, ref_lse = reference.block_sparse_attn(
-            q, k, v, reference.block_map_from_indices(q2k_idx, q2k_num, n_kv), kv_sizes, 64)
-    ref_out, ref_lse = ref_out[0, 0], ref_lse[0, 0]
+    out, lse, ref_out, ref_lse = (x[0, 0] for x in _against_reference(q, k, v, kv_sizes, q2k_idx, q2k_num))
     for row in (5, 70):
         assert np.isnan(out[row]).all() and np.isnan(lse[row]), row
         assert np.isnan(ref_out[row]).all() and np.isnan(ref_lse[row]), row
@@ -261,8 +254,6 @@ def test_rows_whose_first_keys_score_minus_inf_get_the_later_keys_softmax(poison
     """A key tile whose keys score -inf for every query (k holds -inf): query tiles that select it
     first, or it and another such tile first, still get the softmax of their later keys, as in the
     reference (the kernels once gave such rows NaN); a tile that selects only -inf tiles gets NaN."""
-    import cupy
-
     rng = np.random.default_rng(head_dim + 7)
     n_kv = 6
     q, k, v = (rng.standard_normal((1, 2, 64 * n_kv, head_dim)).astype(np.float32) for _ in range(3))
@@ -274,13 +265,7 @@ def test_rows_whose_first_keys_score_minus_inf_get_the_later_keys_softmax(poison
     q2k_num = np.array([[[4, 4, 4, 2, 4, 4], [4, 4, 2, 4, 4, 4]]], np.int32)  # [1, 2]: only the -inf tiles
     kv_sizes = np.full(n_kv, 64, np.int32)
 
-    out, lse = vsa_nd.block_sparse_attn(*(cupy.asarray(x) for x in (q, k, v, kv_sizes, q2k_idx, q2k_num)),
-                                        return_lse=True)
-    out, lse = np.asarray(cupy.asnumpy(out), np.float64)[0], cupy.asnumpy(lse)[0]
-    with np.errstate(invalid="ignore"):
-        ref_out, ref_lse = reference.block_sparse_attn(
-            q, k, v, reference.block_map_from_indices(q2k_idx, q2k_num, n_kv), kv_sizes, 64)
-    ref_out, ref_lse = ref_out[0], ref_lse[0]
+    out, lse, ref_out, ref_lse = (x[0] for x in _against_reference(q, k, v, kv_sizes, q2k_idx, q2k_num))
     only_inf = np.zeros((2, 64 * n_kv), bool)
     only_inf[0, 192:256], only_inf[1, 128:192] = True, True  # the query tiles whose lists are [1, 2]
     assert np.isnan(out[only_inf]).all() and np.isnan(lse[only_inf]).all()
@@ -298,18 +283,12 @@ def test_the_softmax_marker_of_rows_without_a_finite_score(poisoned, head_dim):
       row with a finite max, not a marked one: the later keys' larger scores rescale its sums;
     - warps of both kinds of rows (keys whose products overflow float32 to -inf for even query rows
       only) and rows whose first keys hold NaN (NaN, as in the reference)."""
-    import cupy
 
     def run(q, k, v, lists, num, scale=None):
         q, k, v = (x.astype(BFLOAT16) for x in (q, k, v))
         q2k_idx, q2k_num = np.array(lists, np.int32)[None, None], np.array(num, np.int32)[None, None]
         kv_sizes = np.full(k.shape[2] // 64, 64, np.int32)
-        out, lse = vsa_nd.block_sparse_attn(*(cupy.asarray(x) for x in (q, k, v, kv_sizes, q2k_idx, q2k_num)),
-                                            scale=scale, return_lse=True)
-        with np.errstate(invalid="ignore", over="ignore"):
-            block_map = reference.block_map_from_indices(q2k_idx, q2k_num, len(kv_sizes))
-            ref = reference.block_sparse_attn(q, k, v, block_map, kv_sizes, 64, scale=scale)
-        return np.asarray(cupy.asnumpy(out), np.float64)[0, 0], cupy.asnumpy(lse)[0, 0], ref[0][0, 0], ref[1][0, 0]
+        return (x[0, 0] for x in _against_reference(q, k, v, kv_sizes, q2k_idx, q2k_num, scale))
 
     # A first max of -0 after rounding: the answer is v of tile 1's key 0 (-1), not a blend with tile 0's 1.
     q, k, v = (np.zeros((1, 1, 128, head_dim), np.float32) for _ in range(3))
