@@ -106,12 +106,15 @@ def _kv_sizes(q_block_sizes, kv_block_sizes):
     return trusted(kv_block_sizes)
 
 
-def vsa_backward(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context, scale: float, results=None) -> tuple:
+def vsa_backward(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context, scale: float, results=None,
+                 trusted: bool = True) -> tuple:
     """:func:`vsa_nd.video_sparse_attn_backward` from the results of :func:`vsa_forward`.
 
     ``dout`` [B, H, Sq_pad, D] C-contiguous in q's dtype; block sizes int32 as passed to the
     forward; ``context`` the ``CONTEXT_FIELDS``; ``results`` None or buffers for
-    (dq, dk, dv[, dgate]).  Returns (dq, dk, dv, dgate or None).
+    (dq, dk, dv[, dgate]).  Returns (dq, dk, dv, dgate or None).  ``trusted``: the context is
+    the forward's results as the framework kept them (below); False checks it as
+    :func:`vsa_nd.video_sparse_attn_backward` does, for arrays from anywhere.
     """
     fields = dict(zip(CONTEXT_FIELDS, context))
     ctx = vsa_nd.VSAContext(
@@ -119,6 +122,8 @@ def vsa_backward(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, out, *conte
         scale=scale, **fields,
     )
     buffers = None if not results else (*results[:3], results[3] if gate is not None else None)
+    if not trusted:
+        return tuple(vsa_nd.video_sparse_attn_backward(dout, ctx, out=buffers))
     # The context is the forward's results as the framework kept them: torch's saved tensors
     # (version-checked) or immutable JAX arrays, so vsa_nd need not check it again.
     return tuple(vsa_nd.ops.backward_of_unchanged_context(dout, ctx, out=buffers))

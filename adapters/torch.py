@@ -515,13 +515,26 @@ def _vsa_inference(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], q_bl
 
 
 def _vsa_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], q_block_sizes: Tensor,
-                  kv_block_sizes: Tensor, scale: float, out: Tensor, context: list[Tensor]) -> list[Tensor]:
-    """[dq, dk, dv] and dgate when there is a gate."""
+                  kv_block_sizes: Tensor, scale: float, out: Tensor, context: list[Tensor],
+                  trusted: bool = True) -> list[Tensor]:
+    """[dq, dk, dv] and dgate when there is a gate.  ``trusted``: the arguments are what the
+    forward saved, version-checked by autograd (False: checked, for the custom op, which anyone
+    can call with tensors from anywhere)."""
     if dout.is_cuda and dout.data_ptr() % 16:  # the kernels load 16 bytes at a time; autograd's dout may
         dout = dout.clone()  # be a view starting anywhere (torch.cat's backward narrows its gradient)
     grads = _run(_common.vsa_backward, dout, q, k, v, gate, q_block_sizes, kv_block_sizes, out, *context,
-                 scale=scale, into=_results_on(q.device, q, k, v, gate))
+                 scale=scale, trusted=trusted, into=_results_on(q.device, q, k, v, gate))
     return [g for g in grads if g is not None]
+
+
+def _vsa_backward_checked(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor],
+                          q_block_sizes: Tensor, kv_block_sizes: Tensor, scale: float, out: Tensor,
+                          context: list[Tensor]) -> list[Tensor]:
+    """:func:`_vsa_backward` checking its context: the implementation of the custom op
+    ``vsa_nd::video_sparse_attn_backward``, which traced backwards call but a user may call too
+    (shapes, dtypes and devices checked, index lists cleaned on CUDA, as in
+    :func:`vsa_nd.video_sparse_attn_backward`).  The plain eager backward calls _vsa_backward."""
+    return _vsa_backward(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, scale, out, context, trusted=False)
 
 
 def _block_sparse(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes: Tensor, q2k_idx: Tensor, q2k_num: Optional[Tensor],
@@ -623,7 +636,8 @@ def _untile_arrays(y, out=None, *, seq_shape, tile_shape):
 
 _vsa_op = torch.library.custom_op("vsa_nd::video_sparse_attn", _vsa_forward, mutates_args=())
 _vsa_inference_op = torch.library.custom_op("vsa_nd::video_sparse_attn_inference", _vsa_inference, mutates_args=())
-_vsa_backward_op = torch.library.custom_op("vsa_nd::video_sparse_attn_backward", _vsa_backward, mutates_args=())
+_vsa_backward_op = torch.library.custom_op("vsa_nd::video_sparse_attn_backward", _vsa_backward_checked,
+                                           mutates_args=())
 _block_sparse_op = torch.library.custom_op("vsa_nd::block_sparse_attn", _block_sparse, mutates_args=())
 _tile_op = torch.library.custom_op("vsa_nd::tile", _tile, mutates_args=())
 _untile_op = torch.library.custom_op("vsa_nd::untile", _untile, mutates_args=())

@@ -790,6 +790,44 @@ def test_second_order_gradients_match_between_the_paths():
                 dq.sum().backward()
 
 
+def _direct_backward_op_calls(plan, q, k, v, g, check_list_values: bool):
+    """``vsa_nd::video_sparse_attn_backward`` is a public operator: called with tensors that no
+    forward returned together, it refuses them by name instead of trusting them as autograd's
+    saved tensors (on CUDA, a v shorter than k had the kernels read and write past v and dv)."""
+    sizes = plan.variable_block_sizes
+    scale = 0.25
+    out, *context = torch.ops.vsa_nd.video_sparse_attn(q, k, v, g, sizes, sizes, 3, scale)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q)
+    grads = torch.ops.vsa_nd.video_sparse_attn_backward(dout, q, k, v, g, sizes, sizes, scale, out, context)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, g)]
+    want = torch.autograd.grad(vt.video_sparse_attn(*leaves[:3], 3, sizes, gate=leaves[3], scale=scale), leaves,
+                               dout)
+    for got, expected in zip(grads, want):
+        assert torch.equal(got, expected)
+
+    short_v = v[:, :, : v.shape[2] - plan.tile_volume].contiguous()
+    with pytest.raises(ValueError, match="context.v"):
+        torch.ops.vsa_nd.video_sparse_attn_backward(dout, q, k, short_v, g, sizes, sizes, scale, out, context)
+    fields = dict(zip(vt._common.CONTEXT_FIELDS, context))
+    with pytest.raises(ValueError, match="context.lse"):
+        torch.ops.vsa_nd.video_sparse_attn_backward(
+            dout, q, k, v, g, sizes, sizes, scale, out,
+            [x[:, :, :-1].contiguous() if name == "lse" else x for name, x in fields.items()])
+    if check_list_values:  # (CUDA cleans the lists instead: checking values there would synchronise)
+        bad_lists = fields["q2k_idx"].clone()
+        bad_lists[0, 0, 0, 0] = plan.num_blocks  # one past the last key tile
+        with pytest.raises(ValueError, match="context.q2k_idx"):
+            torch.ops.vsa_nd.video_sparse_attn_backward(
+                dout, q, k, v, g, sizes, sizes, scale, out,
+                [bad_lists if name == "q2k_idx" else x for name, x in fields.items()])
+
+
+def test_the_backward_op_called_directly_checks_what_it_is_given():
+    plan = vt.tile_plan(SEQ, TILE)
+    (q, k, v, g), _ = attention(plan, torch.float32)
+    _direct_backward_op_calls(plan, q, k, v, g, check_list_values=True)
+
+
 def test_layer_refuses_a_head_dim_other_than_its_head_size():
     """A D that is not head_size would run at the wrong default scale (1/sqrt(head_size))."""
     meta = vt.build_metadata(SEQ, (1, 1, 1), 0.5, TILE)
@@ -894,6 +932,12 @@ def cuda_attention_inputs(dtype, seq=(4, 8, 8), dim=64, heads=(2, 1, 1, 2), seed
     plan = vt.tile_plan(seq, (4, 4, 4), device="cuda")
     tiled = [vt.tile(x, plan) for x in untiled_inputs(plan, dtype, heads=heads, dim=dim, seed=seed, device="cuda")]
     return plan, tiled
+
+
+@pytest.mark.gpu
+def test_cuda_backward_op_called_directly_checks_what_it_is_given():
+    plan, (q, k, v, g) = cuda_attention_inputs(torch.bfloat16)
+    _direct_backward_op_calls(plan, q, k, v, g, check_list_values=False)
 
 
 @pytest.mark.gpu
