@@ -7,6 +7,7 @@ float16/bfloat16 3e-2.  Inputs are unit-normal in every slot, pads included.
 """
 
 import contextlib
+import dataclasses
 import math
 
 import numpy as np
@@ -615,6 +616,15 @@ def test_result_buffers_are_filled_and_checked(dtype):
         vsa_nd.video_sparse_attn_backward(dout, ctx, out=(None, shared, shared, None))
     with pytest.raises(TypeError, match=rf"out.dq: expected dtype in \({dtype.name}\), got float64"):
         vsa_nd.video_sparse_attn_backward(dout, ctx, out=(np.empty(q.shape), None, None, None))
+    # A buffer over one of the context's small arrays (here a dgate whose first rows are the
+    # coarse output) would overwrite it while the backward reads it: gradients silently off.
+    over_coarse = np.full_like(gate, np.nan)
+    coarse = over_coarse.reshape(-1).view(ctx.coarse.dtype)[: ctx.coarse.size].reshape(ctx.coarse.shape)
+    coarse[...] = ctx.coarse
+    with pytest.raises(ValueError, match="out.dgate: expected a buffer of its own, got one that shares memory with "
+                                         "context.coarse"):
+        vsa_nd.video_sparse_attn_backward(dout, dataclasses.replace(ctx, coarse=coarse),
+                                          out=(None, None, None, over_coarse))
     with pytest.raises(TypeError, match="out: expected a Gradients or a tuple"):
         vsa_nd.video_sparse_attn_backward(dout, ctx, out=[None] * 4)
     _, no_gate = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, return_context=True)

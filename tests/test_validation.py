@@ -3,6 +3,7 @@ expected and the received value, raised before any work is done and without touc
 """
 
 import dataclasses
+import fractions
 import re
 
 import numpy as np
@@ -155,6 +156,7 @@ CASES = [
     ("vsa-scale-nan", lambda p: vsa(p, scale=float("nan")), ValueError, ["scale:", "positive finite float", "nan"]),
     ("vsa-scale-negative", lambda p: vsa(p, scale=-0.5), ValueError, ["scale:", "positive finite float", "-0.5"]),
     ("vsa-scale-zero", lambda p: vsa(p, scale=0.0), ValueError, ["scale:", "positive finite float", "0.0"]),
+    ("vsa-scale-huge-int", lambda p: vsa(p, scale=10**400), ValueError, ["scale:", "positive finite float", "1000"]),
     ("fine-scale-zero", lambda p: fine(p, scale=0.0), ValueError, ["scale:", "positive finite float", "0.0"]),
     # --- block_sparse_attn
     ("fine-neither", lambda p: fine(p, q2k_idx=None, q2k_num=None), ValueError, ["q2k_idx, block_map", "exactly one", "neither"]),
@@ -306,6 +308,9 @@ CASES = [
     ("sparsity-none", lambda p: vsa_nd.topk_from_sparsity(None, 10), TypeError, ["sparsity:", "float", "None"]),
     ("sparsity-bool", lambda p: vsa_nd.topk_from_sparsity(True, 10), TypeError, ["sparsity:", "float", "True"]),
     ("sparsity-blocks-0", lambda p: vsa_nd.topk_from_sparsity(0.5, 0), ValueError, ["num_kv_blocks:", ">= 1", "got 0"]),
+    ("sparsity-huge-int", lambda p: vsa_nd.topk_from_sparsity(10**400, 3), ValueError, ["sparsity:", "[0, 1]", "1000"]),
+    ("sparsity-blocks-huge", lambda p: vsa_nd.topk_from_sparsity(0.5, 10**400), ValueError,
+     ["num_kv_blocks:", "< 2**53", "1000"]),
     ("sparsity-blocks-float", lambda p: vsa_nd.topk_from_sparsity(0.5, 10.5), TypeError, ["num_kv_blocks:", "int", "10.5"]),
 ]
 
@@ -365,10 +370,10 @@ def test_backward_checks_its_context_and_dout():
 
 
 def test_scale_takes_any_real_number():
-    """A NumPy integer or float scale gives what the Python float of its value gives."""
+    """A NumPy integer or float (or a Fraction) scale gives what the Python float of its value gives."""
     p = Inputs()
     want = fine(p, scale=2.0)
-    for scale in (2, np.int64(2), np.int32(2), np.float32(2.0), np.float64(2.0)):
+    for scale in (2, np.int64(2), np.int32(2), np.float32(2.0), np.float64(2.0), fractions.Fraction(4, 2)):
         np.testing.assert_array_equal(fine(p, scale=scale), want)
     with pytest.raises(TypeError, match="scale: expected a positive finite float, got bool"):
         fine(p, scale=np.True_)

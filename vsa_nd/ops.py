@@ -18,8 +18,10 @@ float64 for float64), float16/bfloat16 on CuPy.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import math
 import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -311,8 +313,13 @@ def _scale(scale, head_dim: int, name: str = "scale", *, dtype) -> float:
         return float(head_dim) ** -0.5
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{name}: expected a positive finite float, got {type(scale).__name__} {scale!r}")
-    if not np.isfinite(scale) or scale <= 0:  # the kernels fold the scale into the softmax's max, which needs it positive
+    try:  # any Real (a Fraction, an int past float's range) as the float the kernels take
+        value = float(scale)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value) or value <= 0:  # the kernels fold the scale into the softmax's max, which needs it positive
         raise ValueError(f"{name}: expected a positive finite float, got {scale!r}")
+    scale = value
     if compute_dtype(np.dtype(dtype)) != np.float64 and not _SCALE_MIN <= scale <= _SCALE_MAX:
         raise ValueError(f"{name}: expected a positive finite float in [{_SCALE_MIN:.3g}, {_SCALE_MAX:.3g}] for "
                          f"{np.dtype(dtype).name} inputs (their kernels take it in float32), got {scale!r}")
@@ -398,14 +405,21 @@ def _check_attention(q, k, v, kv_block_sizes, num_q_blocks: int, scale, gate=Non
 
 
 def _index_lists_from_block_map(block_map):
-    """[B, H, N_q, N_kv] bool -> lists of length N_kv (selected tiles first, increasing)."""
+    """[B, H, N_q, N_kv] bool -> lists of length N_kv (selected tiles first, then the others,
+    each in increasing order) and the counts of selected ones.
+
+    Each tile's place in its list comes from a running count and is scattered there: no sort,
+    which on CuPy before 14 (Thrust) would synchronise with the host."""
     xp = array_module(block_map)
-    unselected = xp.logical_not(block_map).astype(np.int8)
-    if xp is np:
-        order = np.argsort(unselected, axis=-1, kind="stable")
-    else:
-        order = xp.argsort(unselected, axis=-1)  # CuPy's sort is stable
-    return order.astype(np.int32), block_map.sum(axis=-1, dtype=np.int32)
+    n_kv = block_map.shape[-1]
+    selected_before = xp.cumsum(block_map, axis=-1, dtype=np.int32)  # up to and including each tile
+    count = selected_before[..., -1:]
+    tiles = xp.arange(n_kv, dtype=np.int32)
+    place = xp.where(block_map, selected_before - 1, count + tiles - selected_before)  # a permutation of each row
+    rows = xp.arange(block_map.size // n_kv, dtype=np.int64).reshape(block_map.shape[:-1] + (1,)) * n_kv
+    lists = xp.empty(block_map.shape, np.int32)
+    lists.reshape(-1)[(rows + place).reshape(-1)] = xp.broadcast_to(tiles, block_map.shape).reshape(-1)
+    return lists, count[..., 0].copy()
 
 
 @_on_input_device
@@ -697,7 +711,7 @@ def _backward(dout, c: VSAContext, out, unchanged_context: bool) -> Gradients:
     check.check_same_dtype("dout", dout, c.q, "q")
     check.check_shape("dout", dout, c.q.shape)
     check.check_contiguous("dout", dout)
-    buffers = _check_gradient_buffers(out, dout, c)
+    buffers = _check_gradient_buffers(out, dout, c, unchanged_context)
     backend = _backend(dout)
     if is_cupy_array(dout):  # the kernels' own limits, checked before any launch
         from .backends.cuda_attention import check_backward_lists, check_kernel_support
@@ -796,7 +810,7 @@ def _check_context(c) -> VSAContext:
     return c
 
 
-def _check_gradient_buffers(out, dout, c: VSAContext) -> Gradients:
+def _check_gradient_buffers(out, dout, c: VSAContext, unchanged_context: bool) -> Gradients:
     """``out`` of :func:`video_sparse_attn_backward` as checked :class:`Gradients` (None: all None)."""
     if out is None:
         return Gradients(None, None, None, None)
@@ -805,7 +819,12 @@ def _check_gradient_buffers(out, dout, c: VSAContext) -> Gradients:
     out = Gradients(*out)
     if out.dgate is not None and c.gate is None:
         raise ValueError("out: expected dgate None (the forward had no gate), got an array")
-    inputs = (("dout", dout), ("q", c.q), ("k", c.k), ("v", c.v), ("gate", c.gate), ("the forward's out", c.out))
+    # A buffer over an array the backward reads would be written while it is read: all of the
+    # context's arrays for a context from the caller; an adapter's (unchanged_context) buffers are
+    # new, and q, k, v, gate and out are what a caller might pass back by mistake.
+    fields = ("q", "k", "v", "gate", "out") if unchanged_context else tuple(
+        f.name for f in dataclasses.fields(c) if f.name != "scale")
+    inputs = (("dout", dout), *((f"context.{name}", getattr(c, name)) for name in fields))
     likes = {"dq": c.q, "dk": c.k, "dv": c.v, "dgate": c.gate}
     for name, buffer in out._asdict().items():
         if buffer is not None:

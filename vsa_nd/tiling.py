@@ -29,6 +29,9 @@ MAX_DIMS = 4
 class TilePlan:
     """Index arrays of one (seq_shape, tile_shape) on one device.
 
+    A plan is cached and shared by every caller, and the kernels take its arrays without
+    checking their values: never write to them (NumPy's are read-only; CuPy has no such flag).
+
     Attributes (all int32, on ``device``):
         tile_partition_indices [S]: original token index of each real token, in tiled order.
         reverse_tile_partition_indices [S]: inverse permutation of the above.
@@ -158,6 +161,10 @@ def tile_plan(seq_shape, tile_shape=None, *, device: str = "cpu") -> TilePlan:
                 else:
                     with xp.cuda.Device(int(device.split(":")[1])):
                         plan = _build_plan(xp, seq_shape, tile_shape, device)
+                        # Its last kernels are queued on the current stream, and callers read the
+                        # plan on theirs, unordered: wait for them once (the build synchronised
+                        # twice already, reading mask counts).
+                        xp.cuda.get_current_stream().synchronize()
                 _TRUSTED[id(plan.variable_block_sizes)] = plan
                 _PLANS[key] = plan
     return plan
@@ -261,11 +268,15 @@ def topk_from_sparsity(sparsity: float, num_kv_blocks: int) -> int:
         raise TypeError(f"sparsity: expected a float in [0, 1], got {type(sparsity).__name__} {sparsity!r}")
     if isinstance(num_kv_blocks, bool) or not isinstance(num_kv_blocks, numbers.Integral):
         raise TypeError(f"num_kv_blocks: expected an int, got {type(num_kv_blocks).__name__} {num_kv_blocks!r}")
-    sparsity = float(sparsity)
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity: expected a value in [0, 1], got {sparsity}")
-    if int(num_kv_blocks) < 1:
-        raise ValueError(f"num_kv_blocks: expected >= 1, got {num_kv_blocks}")
+    try:
+        value = float(sparsity)
+    except OverflowError:  # an int past float's range
+        value = math.inf
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"sparsity: expected a value in [0, 1], got {sparsity!r}")
+    sparsity = value
+    if not 1 <= int(num_kv_blocks) < 2**53:  # (where floats still count every integer)
+        raise ValueError(f"num_kv_blocks: expected >= 1 and < 2**53, got {num_kv_blocks}")
     # The small slack keeps e.g. (1 - 0.7) * 10 = 3.0000000000000004 at 3.
     keep = math.ceil((1.0 - sparsity) * num_kv_blocks - 1e-9)
     return min(max(keep, 1), int(num_kv_blocks))
