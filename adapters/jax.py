@@ -398,7 +398,9 @@ def tile(x, plan):
     Differentiable: the gradient is :func:`untile` of the incoming one.
     """
     seq_shape, tile_shape = _common.plan_shapes(plan)
-    return _tile(_check_array("x", x, _TILE_DTYPES), seq_shape, tile_shape)
+    x = _check_array("x", x, _TILE_DTYPES)
+    ops.check_reorder_shape("tile", x, plan)  # at trace time under jit
+    return _tile(x, seq_shape, tile_shape)
 
 
 def untile(y, plan):
@@ -407,7 +409,9 @@ def untile(y, plan):
     Differentiable: the gradient is :func:`tile` of the incoming one (pad slots get zero).
     """
     seq_shape, tile_shape = _common.plan_shapes(plan)
-    return _untile(_check_array("y", y, _TILE_DTYPES), seq_shape, tile_shape)
+    y = _check_array("y", y, _TILE_DTYPES)
+    ops.check_reorder_shape("untile", y, plan)  # at trace time under jit
+    return _untile(y, seq_shape, tile_shape)
 
 
 # ---------------------------------------------------------------------------------------
@@ -504,6 +508,8 @@ def block_sparse_attn(q, k, v, kv_block_sizes, q2k_idx, q2k_num=None, *, scale=N
     sizes, scale = _block_sizes("kv_block_sizes", kv_block_sizes), _common.resolve_scale(scale, q.shape[-1])
     q_sizes = None if q_block_sizes is None else _block_sizes("q_block_sizes", q_block_sizes)
     ops.check_tiles(q, k, q2k_idx.shape[2], _num_blocks(sizes), "q2k_idx (axis 2)")
+    if q_sizes is not None and _num_blocks(q_sizes) != q2k_idx.shape[2]:  # (N_q as the lists count it)
+        raise ValueError(f"q_block_sizes: expected {q2k_idx.shape[2]} entries, got shape [{_num_blocks(q_sizes)}]")
     run = lambda q, k, v, idx, num: _call(_block_sparse_arrays, specs, q, k, v, sizes, idx, num, q_sizes,  # noqa: E731
                                           scale=scale)
     out, lse = _forward_only(run, q, k, v, q2k_idx, q2k_num)

@@ -261,6 +261,12 @@ def test_what_shapes_and_dtypes_decide_fails_at_trace_time():
         (fwd(sizes, sizes[:4]), (q, k, v), ValueError, "k: expected 4 tiles of 32 slots"),
         (fine(sizes), (q, k, v, idx[:, :1]), ValueError, re.escape("q2k_idx: expected shape [2, 4, *, *]")),
         (fine(sizes), (q, k, v, idx[:, :, :3]), ValueError, re.escape("q2k_idx (axis 2): expected a tile count")),
+        (jax.jit(lambda q, k, v, idx: vj.block_sparse_attn(q, k, v, sizes, idx, q_block_sizes=sizes[:5])).lower,
+         (q, k, v, idx), ValueError, re.escape(f"q_block_sizes: expected {plan.num_blocks} entries, got shape [5]")),
+        (jax.jit(lambda x: vj.tile(x, plan)).lower, (jnp.zeros((1, plan.seq_len - 1, 2, 8)),), ValueError,
+         f"x: expected {plan.seq_len} tokens"),
+        (jax.jit(lambda y: vj.untile(y, plan)).lower, (q[:, :, 1:],), ValueError,
+         f"y: expected {plan.padded_len} slots"),
     ]
     for lower, args, error, message in cases:
         with pytest.raises(error, match=message):

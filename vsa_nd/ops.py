@@ -144,9 +144,8 @@ def _tile(x, plan, out):
     check.check_array("x", x, 4)
     _check_movable("x", x)
     given_plan, plan = plan, _check_plan(plan, x)
+    check_reorder_shape("tile", x, plan)
     b, s, h, d = x.shape
-    if s != plan.seq_len:
-        raise ValueError(f"x: expected {plan.seq_len} tokens (seq_shape {plan.seq_shape}) on axis 1, got shape {list(x.shape)}")
     check.check_contiguous("x", x)
     shape = (b, h, plan.padded_len, d)
     return _checked_reorder("tile", "x", x, given_plan, plan.slot_token_index, shape, out)
@@ -158,12 +157,23 @@ def _untile(y, plan, out):
     check.check_array("y", y, 4)
     _check_movable("y", y)
     given_plan, plan = plan, _check_plan(plan, y)
+    check_reorder_shape("untile", y, plan)
     b, h, s_pad, d = y.shape
-    if s_pad != plan.padded_len:
-        raise ValueError(f"y: expected {plan.padded_len} slots (padded length of {plan.seq_shape}) on axis 2, got shape {list(y.shape)}")
     check.check_contiguous("y", y)
     shape = (b, plan.seq_len, h, d)
     return _checked_reorder("untile", "y", y, given_plan, plan.untile_index, shape, out)
+
+
+def check_reorder_shape(kind: str, x, plan):
+    """The token axis of :func:`tile`'s x (``kind`` "tile": S on axis 1) or :func:`untile`'s y
+    ("untile": S_pad on axis 2), 4-D, against ``plan`` (anything with seq_shape, seq_len and
+    padded_len: the adapters check traced arrays' shapes with it too)."""
+    if kind == "tile":
+        name, axis, want, what = "x", 1, plan.seq_len, f"tokens (seq_shape {plan.seq_shape})"
+    else:
+        name, axis, want, what = "y", 2, plan.padded_len, f"slots (padded length of {plan.seq_shape})"
+    if x.shape[axis] != want:
+        raise ValueError(f"{name}: expected {want} {what} on axis {axis}, got shape {list(x.shape)}")
 
 
 def _checked_reorder(kind: str, name: str, x, given_plan, index, shape: tuple, out):
