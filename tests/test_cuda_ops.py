@@ -224,7 +224,7 @@ def test_block_mean_matches_reference(poisoned, plan, batch, heads, head_dim, dt
 
 
 @gpu
-@pytest.mark.parametrize("head_dim", [8, 20])  # 16-byte loads; for bf16 at 20, one element per load
+@pytest.mark.parametrize("head_dim", [6, 8, 20])  # one element per load at 6 (both dtypes) and bf16 at 20, else 16 bytes
 @pytest.mark.parametrize("dtype", [np.dtype(np.float32), BFLOAT16])
 def test_block_mean_of_tiles_whose_sums_pass_float32s_range(poisoned, dtype, head_dim):
     """Tile means that fit where the tile's sum does not: the mean, not inf (the kernel sums such
