@@ -140,3 +140,47 @@ def test_value_checks_refused_under_capture(what):
                     vsa_nd.block_sparse_attn(q, k, v, plan.variable_block_sizes, q2k_idx)
         finally:
             stream.end_capture()
+
+
+def test_block_map_selection_is_captured_and_matches_the_reference():
+    """block_sparse_attn with a boolean block map: its lists come from a running count and a
+    scatter (no sort, which synchronised on CuPy < 14), so the call is captured whole; its
+    replay on new inputs matches the float64 reference, rows that select nothing included."""
+    import cupy
+
+    from vsa_nd import reference
+
+    plan = vsa_nd.tile_plan(SEQ, TILE, device="cuda:0")
+    n = plan.num_blocks
+    rng = np.random.default_rng(7)
+    block_map = rng.random((1, HEADS, n, n)) < 0.4
+    block_map[0, 0, 0] = False  # a row that selects nothing: 0, lse -inf
+    block_map[0, 1, 1] = True  # and one that selects every tile
+    static = [cupy.asarray(x) for x in _inputs(plan, seed=0)[:3]]
+    sizes, device_map = plan.variable_block_sizes, cupy.asarray(block_map)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    pool = cupy.cuda.MemoryPool()
+    cupy.cuda.Device().synchronize()
+    with stream, cupy.cuda.using_allocator(pool.malloc):
+        vsa_nd.block_sparse_attn(*static, sizes, block_map=device_map, return_lse=True)  # warm-up
+        stream.synchronize()
+        stream.begin_capture()
+        out, lse = vsa_nd.block_sparse_attn(*static, sizes, block_map=device_map, return_lse=True)
+        graph = stream.end_capture()
+        fresh = _inputs(plan, seed=3)[:3]
+        for dst, src in zip(static, fresh):
+            dst[...] = src
+        out[...] = cupy.nan  # poisoned: the replay must write every value
+        graph.launch(stream)
+    stream.synchronize()
+    q, k, v = (cupy.asnumpy(x).astype(np.float64) for x in fresh)
+    host_sizes = cupy.asnumpy(sizes)
+    with np.errstate(invalid="ignore"):
+        ref_out, ref_lse = reference.block_sparse_attn(q, k, v, block_map, host_sizes, plan.tile_volume)
+    got = cupy.asnumpy(out).astype(np.float64)
+    real = np.concatenate([np.arange(j * plan.tile_volume, j * plan.tile_volume + s) for j, s in enumerate(host_sizes)])
+    err = np.linalg.norm(got[:, :, real] - ref_out[:, :, real]) / np.linalg.norm(ref_out[:, :, real])
+    assert err < 1e-2, err
+    lse = cupy.asnumpy(lse)
+    assert (lse[0, 0, :plan.tile_volume] == -np.inf).all() and (got[0, 0, :plan.tile_volume] == 0).all()
+    np.testing.assert_allclose(lse[:, :, real], ref_lse[:, :, real], rtol=1e-4, atol=1e-4)
