@@ -64,7 +64,9 @@ above, every tensor exactly a ``torch.Tensor``: :func:`_plain_eager`) runs the s
 implementation function directly, through a ``torch.autograd.Function`` (:class:`_VSAFunction`,
 :class:`_ReorderFunction`) when an input needs a gradient.  Those save what the custom ops'
 autograd saves (saved-tensor hooks and in-place modification checks see the same tensors),
-their backwards run the same implementation (directly again in plain eager mode), and both
+their backwards run the same implementation (directly again in plain eager mode; the backward
+op, which anyone can call with tensors from anywhere, first checks them as
+``vsa_nd.video_sparse_attn_backward`` does, tens of microseconds of host time), and both
 paths compute on the same views, so outputs and gradients are bit-identical.  On both paths the
 VSA backward is not differentiable itself (a second backward through it raises), tile and
 untile differentiate to any order, and ``tile(..., out=buffer)`` bumps the buffer's version
