@@ -32,6 +32,14 @@ BWD_TOL = {"float32": 1e-4, "float64": 1e-9, "float16": 3e-2, "bfloat16": 3e-2}
 # query row sees a single key, dq and dk are exactly 0 and only that noise is left.
 BWD_FLOOR = {"float32": 1e-2, "float64": 1e-2, "float16": 2e-1, "bfloat16": 2e-1}
 ZERO_GRAD_NOISE = {"float32": 1e-5, "float64": 1e-13, "float16": 1e-2, "bfloat16": 8e-2}
+
+
+def _examples(n: int) -> int:
+    """``n`` examples under the default hypothesis profile (25 per test), scaled with the loaded
+    profile's count (HYPOTHESIS_PROFILE: gpu 60, soak 400, sanitize 5) as the other tests are."""
+    return max(1, round(n * settings.default.max_examples / 25))
+
+
 # Sides of a tile per number of dims: volumes up to 32-64 slots, sequences up to ~600 slots.
 MAX_SIDE = {1: 24, 2: 6, 3: 4, 4: 2}
 MAX_TILES_PER_AXIS = {1: 8, 2: 3, 3: 2, 4: 2}
@@ -346,7 +354,7 @@ def _fine_reference(q, k, v, block_map, plan_kv, volume, scale):
     return ref.block_sparse_attn(q, k, v, block_map, plan_kv.variable_block_sizes, volume, scale)
 
 
-@settings(max_examples=30)
+@settings(max_examples=_examples(30))
 @given(p=attention_problems(), data=st.data())
 def test_block_sparse_attn_index_lists(p, data):
     """Index lists in any order, with per-row counts below the list length, some of them 0."""
@@ -375,7 +383,7 @@ def test_block_sparse_attn_index_lists(p, data):
     assert snapshot(q, k, v, q2k_idx, q2k_num) == before
 
 
-@settings(max_examples=20)
+@settings(max_examples=_examples(20))
 @given(p=attention_problems(), data=st.data())
 def test_block_sparse_attn_with_query_block_sizes_zeroes_pad_rows(p, data):
     """Given q_block_sizes, pad query rows come out 0 with lse -inf whatever q holds there (NaN
@@ -405,7 +413,7 @@ def test_block_sparse_attn_with_query_block_sizes_zeroes_pad_rows(p, data):
         vsa_nd.block_sparse_attn(q, k, v, kv_sizes, q2k_idx, q_block_sizes=np.full(n_q, volume + 1))
 
 
-@settings(max_examples=20)
+@settings(max_examples=_examples(20))
 @given(p=attention_problems(), density=st.floats(0.0, 1.0))
 def test_block_sparse_attn_block_map(p, density):
     rng, q, k, v, _ = make_inputs(p)
@@ -484,13 +492,13 @@ def ds_recomputed():
         numba_cpu.DS_BUDGET_BYTES = budget
 
 
-@settings(max_examples=60)
+@settings(max_examples=_examples(60))
 @given(p=attention_problems())
 def test_video_sparse_attn(p):
     check_video_sparse_attn(p)
 
 
-@settings(max_examples=25)
+@settings(max_examples=_examples(25))
 @given(p=attention_problems())
 def test_video_sparse_attn_with_ds_recomputed(p):
     """The same with the dQ pass recomputing dS; its dq agrees with the hand-over's to rounding."""
@@ -503,7 +511,7 @@ def test_video_sparse_attn_with_ds_recomputed(p):
         assert a.tobytes() == b.tobytes()  # dk, dv: the same pass either way
 
 
-@settings(max_examples=20)
+@settings(max_examples=_examples(20))
 @given(p=attention_problems())
 def test_what_q_and_gate_hold_in_pad_slots_reaches_no_real_result(p):
     """NaN in q's and gate's pad slots: out (0 on pad rows), lse (-inf there) and every gradient
@@ -535,7 +543,7 @@ def test_what_q_and_gate_hold_in_pad_slots_reaches_no_real_result(p):
             assert rel_err(got, expected, np.ones(got.shape[2], bool), BWD_FLOOR[p["dtype"].name]) <= BWD_TOL[p["dtype"].name]
 
 
-@settings(max_examples=15)
+@settings(max_examples=_examples(15))
 @given(p=attention_problems())
 def test_float64_gradients_match_finite_differences(p):
     """What torch.autograd.gradcheck will ask of the float64 path: the backward is the

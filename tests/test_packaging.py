@@ -119,6 +119,22 @@ def test_demo_reports_a_problem_too_large_for_memory(monkeypatch, capsys):
         "vsa-nd demo: not enough memory for this problem; try smaller sizes (Unable to allocate 1.00 TiB)")
 
 
+@pytest.mark.parametrize("flag", ["--batch", "--heads", "--head-dim"])
+def test_demo_reports_sizes_past_what_numpy_can_shape(flag, capsys):
+    """Sizes past NumPy's own limits (its ValueErrors "Maximum allowed dimension exceeded", "array
+    is too big"): the out-of-memory line and exit status 2, not a traceback."""
+    assert cli.main(["demo", "--backend", "cpu", "--seq", "4,4,4", flag, str(10**20)]) == 2
+    assert "vsa-nd demo: not enough memory for this problem; try smaller sizes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", ["-1", "x"])
+def test_demo_refuses_a_bad_seed(seed, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--backend", "cpu", "--seed", seed])
+    assert exit_info.value.code == 2
+    assert f"argument --seed: expected a non-negative int, got {seed!r}" in capsys.readouterr().err
+
+
 def test_console_script_is_installed():
     script = Path(sys.executable).with_name("vsa-nd")
     result = subprocess.run([str(script), "demo", "--help"], capture_output=True, text=True, check=True)

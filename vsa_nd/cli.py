@@ -99,6 +99,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative int, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vsa-nd", description="Video Sparse Attention toolkit")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -113,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
     demo.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
     demo.add_argument("--repeats", type=_positive, default=3, help="timed runs; the median is reported (default: 3)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0, help="random seed, >= 0 (default: 0)")
     return parser
 
 
@@ -275,6 +285,8 @@ def demo(args) -> int:
         print(f"vsa-nd demo: {error}", file=sys.stderr)
         return 2
     n, volume = plan.num_blocks, plan.tile_volume
+    if batch * max(heads, kv_heads) * plan.padded_len * head_dim >= 2**60:  # past what NumPy can even shape
+        raise MemoryError(f"{batch} x {max(heads, kv_heads)} x {plan.padded_len} x {head_dim} elements per array")
     sizes = plan.variable_block_sizes
     rng = np.random.default_rng(args.seed)
 
