@@ -205,3 +205,30 @@ def check_huge_tile_means(mean, x, block_sizes, infinite, rtol):
     assert np.isfinite(mean[~infinite]).all()
     np.testing.assert_allclose(mean[~infinite], want[~infinite], rtol=rtol, atol=1e-6)
     assert abs(mean[0, 0, 0, 0]) > 1e38 and abs(mean[0, 1, 1, 1]) > 1e38  # the set-up does what it is for
+
+
+def worst_row_error(x, ref, floor: float = 0.1, absolute: float = 0.01) -> float:
+    """The largest norm-relative error of one row (the last axis) of ``x`` against ``ref``, each
+    row's norm floored at ``floor`` times the RMS row norm of ``ref``, and at an RMS of
+    ``absolute`` per element (rows near 0, or gradients that are exactly 0, compare in absolute
+    terms).  A defect confined to a few rows, which a whole-array error averages away (one wrong
+    row in 10,000 moves it by 1%), shows here in full.  NaN anywhere gives NaN."""
+    x, ref = (np.asarray(a, np.float64).reshape(-1, np.shape(a)[-1]) for a in (x, ref))
+    if not x.size:
+        return 0.0
+    norms = np.linalg.norm(ref, axis=1)
+    floor_norm = max(floor * np.sqrt(np.mean(norms**2)), absolute * np.sqrt(x.shape[1]))
+    return float(np.max(np.linalg.norm(x - ref, axis=1) / np.maximum(norms, floor_norm)))
+
+
+def lse_error(lse, ref) -> float:
+    """Largest error of a float32 log-sum-exp against the float64 reference, relative above 1 in
+    magnitude and absolute below (the finite entries; where the reference is -inf, ``lse`` must be
+    too, else inf)."""
+    lse, ref = np.asarray(lse, np.float64), np.asarray(ref, np.float64)
+    if not lse.size:
+        return 0.0
+    finite = np.isfinite(ref)
+    if not np.array_equal(lse[~finite], ref[~finite]):
+        return np.inf
+    return float(np.max(np.abs(lse[finite] - ref[finite]) / np.maximum(np.abs(ref[finite]), 1.0), initial=0.0))

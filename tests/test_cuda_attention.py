@@ -13,11 +13,20 @@ import vsa_nd
 from vsa_nd import reference
 from vsa_nd._xp import BFLOAT16
 
-from attention_problems import cleaned_lists, problems, random_inputs, spoil_lists
+from attention_problems import cleaned_lists, lse_error, problems, random_inputs, spoil_lists, worst_row_error
 
 pytestmark = pytest.mark.gpu
 
-TOLERANCE = {np.dtype(np.float16): 1e-2, BFLOAT16: 2e-2}
+TOLERANCE = {np.dtype(np.float16): 3e-3, BFLOAT16: 1e-2}  # norm-relative, the whole output
+ROW_TOLERANCE = {np.dtype(np.float16): 5e-3, BFLOAT16: 3e-2}  # the worst row (attention_problems.worst_row_error)
+LSE_TOLERANCE = 1e-5  # attention_problems.lse_error
+
+
+def _check_out(out, ref, dtype):
+    """out against the reference: the whole array, and its worst row."""
+    err, row = _rel_err(out, ref), worst_row_error(out, ref)
+    assert err <= TOLERANCE[dtype], f"out: relative error {err:.2e}"
+    assert row <= ROW_TOLERANCE[dtype], f"out: worst row's relative error {row:.2e}"
 
 
 @pytest.fixture(params=["auto", "mma"])
@@ -88,13 +97,13 @@ def test_block_sparse_attn_matches_reference(poisoned, p, data):
     out, lse = cupy.asnumpy(out), cupy.asnumpy(lse)
 
     assert np.isfinite(np.asarray(out, np.float32)).all()
-    assert _rel_err(out, ref_out) <= TOLERANCE[p["dtype"]]
+    _check_out(out, ref_out, p["dtype"])
     empty = np.repeat(q2k_num == 0, p["volume"], axis=-1)
     if q_sizes is not None:
         assert (np.asarray(out[:, :, ~real], np.float32) == 0).all()
         empty |= ~real
     assert np.all(lse[empty] == -np.inf)
-    assert np.allclose(lse[~empty], ref_lse[~empty], rtol=1e-3, atol=1e-3)
+    assert lse_error(lse[~empty], ref_lse[~empty]) <= LSE_TOLERANCE
 
 
 @given(problems(max_tokens=1200, groups=(1, 3)), st.data())
@@ -122,8 +131,8 @@ def test_video_sparse_attn_matches_reference(poisoned, p, data):
     # Pad rows are not part of the output: exactly 0 (the poison was NaN), lse -inf.
     assert (np.asarray(out[:, :, ~real], np.float32) == 0).all() and (lse[:, :, ~real] == -np.inf).all()
     assert np.isfinite(np.asarray(out, np.float32)).all()
-    assert _rel_err(out[:, :, real], ref.out[:, :, real]) <= TOLERANCE[p["dtype"]]
-    assert np.allclose(lse[:, :, real], ref.lse[:, :, real], rtol=1e-3, atol=1e-3)
+    _check_out(out[:, :, real], ref.out[:, :, real], p["dtype"])
+    assert lse_error(lse[:, :, real], ref.lse[:, :, real]) <= LSE_TOLERANCE
 
 
 def test_forward_is_deterministic_and_stream_ordered():
@@ -187,8 +196,8 @@ def test_scores_that_rise_in_jumps_match_reference(poisoned, dtype, head_dim, mi
 
     out, lse, ref_out, ref_lse = _against_reference(q, k, v, kv_sizes, q2k_idx, q2k_num)
     assert np.isfinite(out).all()
-    assert _rel_err(out, ref_out) <= TOLERANCE[np.dtype(dtype)]
-    assert np.allclose(lse, ref_lse, rtol=1e-3, atol=1e-3)
+    _check_out(out, ref_out, np.dtype(dtype))
+    assert lse_error(lse, ref_lse) <= LSE_TOLERANCE
     rising = ref_lse[..., sign > 0]
     assert rising.min() > 25.0 * np.log(2)  # the scores reached the levels meant (lse in natural log)
 
@@ -370,11 +379,11 @@ def test_smoke_unchecked_lists_never_reach_outside_k_and_v(poisoned):
     ref_out, ref_lse = reference.block_sparse_attn(q, k, v, reference.block_map_from_indices(clean_idx, clean_num, n),
                                                    sizes, 64)
     real = reference.valid_slots(sizes, 64)
-    assert _rel_err(cupy.asnumpy(out)[:, :, real], ref_out[:, :, real]) <= TOLERANCE[BFLOAT16]
+    _check_out(cupy.asnumpy(out)[:, :, real], ref_out[:, :, real], BFLOAT16)
     lse = cupy.asnumpy(lse)
     empty = np.repeat(clean_num == 0, 64, axis=-1)
     assert np.all(lse[empty] == -np.inf)
-    assert np.allclose(lse[~empty & real], ref_lse[~empty & real], rtol=1e-3, atol=1e-3)
+    assert lse_error(lse[~empty & real], ref_lse[~empty & real]) <= LSE_TOLERANCE
 
 
 def test_misaligned_views_are_refused_before_launch():

@@ -19,11 +19,12 @@ from vsa_nd._xp import BFLOAT16
 
 from attention_problems import (check_first_tile_overflow, check_huge_lse_gradients, cleaned_lists,
                                 first_tile_overflow_problem, force_ds_hand_over, huge_lse_problem, problems,
-                                random_inputs, spoil_lists)
+                                random_inputs, spoil_lists, worst_row_error)
 
 pytestmark = pytest.mark.gpu
 
-TOLERANCE = {np.dtype(np.float16): 1e-2, BFLOAT16: 3e-2}
+TOLERANCE = {np.dtype(np.float16): 5e-3, BFLOAT16: 3e-2}  # norm-relative, the whole gradient
+ROW_TOLERANCE = {np.dtype(np.float16): 1e-2, BFLOAT16: 1e-1}  # its worst row (attention_problems.worst_row_error)
 
 
 KERNELS = ["auto", "recompute", "mma", "unstaged", "workspace", "streams"]
@@ -167,9 +168,12 @@ def _check_gradients(p):
         assert np.all(np.asarray(got[:, :, ~real], np.float32) == 0), f"{name}: pad slots not zero"
         err = _rel_err(got[:, :, real], want[:, :, real])
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol}"
+        row = worst_row_error(got[:, :, real], want[:, :, real])
+        assert row <= ROW_TOLERANCE[p["dtype"]], f"{name}: worst row's relative error {row:.2e}"
     if p["gated"]:
         assert np.all(np.asarray(dgate[:, :, ~q_real], np.float32) == 0)
         assert _rel_err(dgate[:, :, q_real], ref.dgate[:, :, q_real]) <= tol
+        assert worst_row_error(dgate[:, :, q_real], ref.dgate[:, :, q_real]) <= ROW_TOLERANCE[p["dtype"]]
     else:
         assert dgate is None
 

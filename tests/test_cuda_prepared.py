@@ -15,11 +15,12 @@ import vsa_nd
 from vsa_nd import ops, reference
 from vsa_nd._xp import BFLOAT16
 
-from attention_problems import problems, random_inputs
+from attention_problems import problems, random_inputs, worst_row_error
 
 pytestmark = pytest.mark.gpu
 
-TOLERANCE = {np.dtype(np.float16): 1e-2, BFLOAT16: 2e-2}
+TOLERANCE = {np.dtype(np.float16): 3e-3, BFLOAT16: 1e-2}  # norm-relative, the whole output
+ROW_TOLERANCE = {np.dtype(np.float16): 5e-3, BFLOAT16: 3e-2}  # its worst row (attention_problems.worst_row_error)
 
 
 @pytest.fixture
@@ -89,6 +90,7 @@ def test_later_calls_take_the_fast_path_and_match_the_reference(poisoned, checke
         assert (np.asarray(out[:, :, ~real], np.float32) == 0).all()
         assert np.isfinite(np.asarray(out, np.float32)).all()
         assert _rel_err(out[:, :, real], ref.out[:, :, real]) <= TOLERANCE[p["dtype"]]
+        assert worst_row_error(out[:, :, real], ref.out[:, :, real]) <= ROW_TOLERANCE[p["dtype"]]
         if not with_context:
             continue
         context = result[1]
