@@ -25,15 +25,16 @@ def make_problem(rng, b, h, h_kv, d, volume, q_sizes, kv_sizes):
     return q, k, v
 
 
-def loop_vsa(q, k, v, q_sizes, kv_sizes, volume, topk=None, selection=None, gate=None):
+def loop_vsa(q, k, v, q_sizes, kv_sizes, volume, topk=None, selection=None, gate=None, scale=None):
     """VSA_SPEC.md section 3 written out one query row at a time.
 
     ``selection[b][h][i]`` lists the key tiles of query tile i; without it, the ``topk`` best
-    coarse scores are taken (ties to the lower index).  Returns (out, lse).
+    coarse scores are taken (ties to the lower index).  ``scale`` defaults to 1/sqrt(D).
+    Returns (out, lse).
     """
     b_, h_, s_q, d = q.shape
     group = h_ // k.shape[1]
-    scale = d**-0.5
+    scale = d**-0.5 if scale is None else scale
     out, lse = np.zeros(q.shape), np.full(q.shape[:3], -np.inf)
     for b in range(b_):
         for h in range(h_):
@@ -121,20 +122,21 @@ def test_full_topk_with_full_tiles_is_dense_attention():
 
 
 @pytest.mark.parametrize(
-    "b, h, h_kv, d, volume, q_sizes, kv_sizes, topk, with_gate",
+    "b, h, h_kv, d, volume, q_sizes, kv_sizes, topk, with_gate, scale",
     [
-        (1, 2, 2, 4, 4, [4, 3, 4], [4, 2, 4, 1], 2, False),
-        (2, 4, 2, 3, 8, [8, 5], [3, 8, 8], 1, True),  # GQA, cross-attention
-        (1, 6, 1, 5, 6, [6, 6, 2, 6], [6, 4, 6, 6, 1], 3, True),  # one kv head for six query heads
+        (1, 2, 2, 4, 4, [4, 3, 4], [4, 2, 4, 1], 2, False, None),
+        (2, 4, 2, 3, 8, [8, 5], [3, 8, 8], 1, True, None),  # GQA, cross-attention
+        (1, 6, 1, 5, 6, [6, 6, 2, 6], [6, 4, 6, 6, 1], 3, True, None),  # one kv head for six query heads
+        (1, 2, 1, 4, 4, [4, 3, 4], [4, 2, 4, 1], 2, True, 1.7),  # a scale of its own (the selection changes too)
     ],
 )
-def test_forward_matches_a_row_by_row_loop(b, h, h_kv, d, volume, q_sizes, kv_sizes, topk, with_gate):
+def test_forward_matches_a_row_by_row_loop(b, h, h_kv, d, volume, q_sizes, kv_sizes, topk, with_gate, scale):
     rng = np.random.default_rng(sum(q_sizes) * 31 + topk)
     q, k, v = make_problem(rng, b, h, h_kv, d, volume, q_sizes, kv_sizes)
     gate = rng.standard_normal(q.shape) if with_gate else None
     inputs = [x.copy() for x in (q, k, v)]
-    result = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, topk, volume, gate=gate)
-    out, lse = loop_vsa(q, k, v, q_sizes, kv_sizes, volume, topk=topk, gate=gate)
+    result = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, topk, volume, gate=gate, scale=scale)
+    out, lse = loop_vsa(q, k, v, q_sizes, kv_sizes, volume, topk=topk, gate=gate, scale=scale)
     np.testing.assert_allclose(result.out, out, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(result.lse, lse, rtol=1e-12)
     assert np.all(np.isfinite(result.out))  # pad query rows included: any finite value, never NaN/Inf
@@ -255,6 +257,7 @@ GRAD_CASES = {
     "gate": dict(h=2, h_kv=2, q_sizes=[4, 4], kv_sizes=[4, 4, 4], gate=True),
     "gqa_partial_tiles": dict(h=4, h_kv=2, q_sizes=[4, 2, 3], kv_sizes=[1, 4, 3], gate=False),
     "gqa_partial_tiles_gate": dict(h=2, h_kv=1, q_sizes=[3, 4, 1], kv_sizes=[4, 2, 4, 3], gate=True),
+    "own_scale": dict(h=2, h_kv=1, q_sizes=[3, 4, 1], kv_sizes=[4, 2, 4, 3], gate=True, scale=1.9),
 }
 
 
@@ -262,7 +265,7 @@ GRAD_CASES = {
 def test_backward_matches_finite_differences(case):
     rng = np.random.default_rng(len(case["kv_sizes"]) * 10 + case["h"] + case["gate"])
     volume, d = 4, 3
-    q_sizes, kv_sizes = case["q_sizes"], case["kv_sizes"]
+    q_sizes, kv_sizes, scale = case["q_sizes"], case["kv_sizes"], case.get("scale")
     q, k, v = make_problem(rng, 1, case["h"], case["h_kv"], d, volume, q_sizes, kv_sizes)
     # Moderate pad values keep the finite differences of the (ignored) pad rows well conditioned.
     q, k, v = (x / np.maximum(1.0, np.abs(x) / 3) for x in (q, k, v))
@@ -277,11 +280,13 @@ def test_backward_matches_finite_differences(case):
     q2k_idx, q2k_num = index_lists(selection, n_kv)
 
     def loss(q, k, v, gate):
-        out = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, 1, volume, gate=gate, q2k_idx=q2k_idx, q2k_num=q2k_num).out
+        out = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, 1, volume, gate=gate, q2k_idx=q2k_idx, q2k_num=q2k_num,
+                                    scale=scale).out
         return float(np.sum(np.where(real_rows, dout * out, 0.0)))
 
     inputs = {"q": q, "k": k, "v": v, "gate": gate}
-    grads = ref.video_sparse_attn_backward(dout, q, k, v, q_sizes, kv_sizes, q2k_idx, q2k_num, volume, gate=gate)
+    grads = ref.video_sparse_attn_backward(dout, q, k, v, q_sizes, kv_sizes, q2k_idx, q2k_num, volume, gate=gate,
+                                           scale=scale)
     analytic = {"q": grads.dq, "k": grads.dk, "v": grads.dv, "gate": grads.dgate}
     eps = 1e-6
     for name, x in inputs.items():
