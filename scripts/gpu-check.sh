@@ -12,7 +12,8 @@
 #   VSA_ND_TESTS       pytest paths for the GPU tests (default: tests)
 #   VSA_ND_SANITIZE    pytest -k expression run under compute-sanitizer (default: smoke);
 #                      empty skips the sanitizer
-#   VSA_ND_SANITIZE_TESTS  pytest paths for it (default: tests/test_cuda_ops.py)
+#   VSA_ND_SANITIZE_TESTS  pytest paths for it (default: the ops, attention and backward tests,
+#                      whose smoke tests are there for the sanitizer)
 #   VSA_ND_SANITIZE_PROFILE  hypothesis profile of the property tests the sanitizer runs
 #                      (default: sanitize, 5 examples each; e.g. VSA_ND_SANITIZE="smoke or
 #                      matches_reference" with tests/test_cuda_backward.py)
@@ -26,7 +27,7 @@ OUT=${OUT:-$(mktemp -d /tmp/vsa_nd-gpu-check.XXXXXX)}
 mkdir -p "$OUT"
 TESTS=${VSA_ND_TESTS:-tests}
 SANITIZE=${VSA_ND_SANITIZE-smoke}
-SANITIZE_TESTS=${VSA_ND_SANITIZE_TESTS:-tests/test_cuda_ops.py}
+SANITIZE_TESTS=${VSA_ND_SANITIZE_TESTS:-tests/test_cuda_ops.py tests/test_cuda_attention.py tests/test_cuda_backward.py}
 SUMMARY=()
 FAILED=0
 
@@ -72,13 +73,13 @@ echo "=== install" | tee -a "$OUT/setup.log"
 install > >(tee -a "$OUT/setup.log") 2>&1 || { SUMMARY+=("FAILED  install"); FAILED=1; }
 step "nvidia-smi and versions" setup.log versions
 step "NVRTC compile check" compile.log python3 -m vsa_nd.compile_check
-step "GPU tests ($TESTS)" tests.log env HYPOTHESIS_PROFILE=gpu python3 -m pytest -m gpu -q -p no:cacheprovider $TESTS
+step "GPU tests ($TESTS)" tests.log env VSA_ND_REQUIRE_GPU=1 HYPOTHESIS_PROFILE=gpu python3 -m pytest -m gpu -q -p no:cacheprovider $TESTS
 
 if [ -n "$SANITIZE" ]; then
     SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
     for tool in memcheck racecheck; do
         step "compute-sanitizer $tool (-k '$SANITIZE')" sanitizer.log \
-            env VSA_ND_CUPY_POOL=0 HYPOTHESIS_PROFILE="${VSA_ND_SANITIZE_PROFILE:-sanitize}" "$SANITIZER" --tool "$tool" --error-exitcode 1 \
+            env VSA_ND_REQUIRE_GPU=1 VSA_ND_CUPY_POOL=0 HYPOTHESIS_PROFILE="${VSA_ND_SANITIZE_PROFILE:-sanitize}" "$SANITIZER" --tool "$tool" --error-exitcode 1 \
             python3 -m pytest -m gpu -q -p no:cacheprovider -k "$SANITIZE" $SANITIZE_TESTS
     done
 fi

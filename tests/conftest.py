@@ -18,16 +18,17 @@ settings.register_profile("sanitize", deadline=None, max_examples=5, suppress_he
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
-def _gpu_available() -> bool:
+def _gpu_available() -> tuple:
+    """(whether CuPy sees a GPU, why not)."""
     try:
         import cupy
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001 - no CuPy, no driver or no device: no GPU tests
-        return False
+        return cupy.cuda.runtime.getDeviceCount() > 0, "CuPy sees no device"
+    except Exception as error:  # noqa: BLE001 - no CuPy, no driver or no device: no GPU tests
+        return False, f"{type(error).__name__}: {error}"
 
 
-GPU = _gpu_available()
+GPU, _NO_GPU_REASON = _gpu_available()
 
 if GPU and os.environ.get("VSA_ND_CUPY_POOL") == "0":
     # Every CuPy array its own cudaMalloc (no memory pool), so that compute-sanitizer sees an
@@ -40,6 +41,8 @@ if GPU and os.environ.get("VSA_ND_CUPY_POOL") == "0":
 def pytest_collection_modifyitems(config, items):
     if GPU:
         return
+    if os.environ.get("VSA_ND_REQUIRE_GPU") == "1":  # scripts/gpu-check.sh: skipping them all would pass
+        raise pytest.UsageError(f"VSA_ND_REQUIRE_GPU=1 but the GPU tests cannot run: {_NO_GPU_REASON}")
     skip = pytest.mark.skip(reason="needs CuPy and a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
