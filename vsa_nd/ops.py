@@ -166,8 +166,8 @@ def _untile(y, plan, out):
 
 def check_reorder_shape(kind: str, x, plan):
     """The token axis of :func:`tile`'s x (``kind`` "tile": S on axis 1) or :func:`untile`'s y
-    ("untile": S_pad on axis 2), 4-D, against ``plan`` (anything with seq_shape, seq_len and
-    padded_len: the adapters check traced arrays' shapes with it too)."""
+    ("untile": S_pad on axis 2; both 4-D, as the caller checked) against ``plan`` (anything with
+    seq_shape, seq_len and padded_len: the adapters check traced arrays' shapes with it too)."""
     if kind == "tile":
         name, axis, want, what = "x", 1, plan.seq_len, f"tokens (seq_shape {plan.seq_shape})"
     else:

@@ -269,11 +269,11 @@ def topk_from_sparsity(sparsity: float, num_kv_blocks: int) -> int:
     if isinstance(num_kv_blocks, bool) or not isinstance(num_kv_blocks, numbers.Integral):
         raise TypeError(f"num_kv_blocks: expected an int, got {type(num_kv_blocks).__name__} {num_kv_blocks!r}")
     try:
-        value = float(sparsity)
+        value = shown = float(sparsity)
     except OverflowError:  # an int past float's range
-        value = math.inf
+        value, shown = math.inf, sparsity
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"sparsity: expected a value in [0, 1], got {sparsity!r}")
+        raise ValueError(f"sparsity: expected a value in [0, 1], got {shown}")
     sparsity = value
     if not 1 <= int(num_kv_blocks) < 2**53:  # (where floats still count every integer)
         raise ValueError(f"num_kv_blocks: expected >= 1 and < 2**53, got {num_kv_blocks}")
