@@ -43,7 +43,10 @@ def resolve_scale(scale, head_dim: int) -> float:
         return float(head_dim) ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale: expected a positive float, got {type(scale).__name__} {scale!r}")
-    return float(scale)
+    try:
+        return float(scale)
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"scale: expected a positive finite float, got {scale!r}") from None
 
 
 def trusted(block_sizes):
@@ -122,8 +125,10 @@ def vsa_backward(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, out, *conte
         scale=scale, **fields,
     )
     buffers = None if not results else (*results[:3], results[3] if gate is not None else None)
-    if not trusted:
-        return tuple(vsa_nd.video_sparse_attn_backward(dout, ctx, out=buffers))
+    if not trusted:  # (the buffers, when given, are new: see backward_into_new_buffers)
+        if buffers is None:
+            return tuple(vsa_nd.video_sparse_attn_backward(dout, ctx))
+        return tuple(vsa_nd.ops.backward_into_new_buffers(dout, ctx, out=buffers))
     # The context is the forward's results as the framework kept them: torch's saved tensors
     # (version-checked) or immutable JAX arrays, so vsa_nd need not check it again.
     return tuple(vsa_nd.ops.backward_of_unchanged_context(dout, ctx, out=buffers))

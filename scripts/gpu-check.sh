@@ -18,6 +18,8 @@
 #                      (default: sanitize, 5 examples each; e.g. VSA_ND_SANITIZE="smoke or
 #                      matches_reference" with tests/test_cuda_backward.py)
 #   VSA_ND_BENCH_ARGS  extra arguments for every benchmark (e.g. "--shapes main")
+#   (the test and sanitizer steps set VSA_ND_REQUIRE_GPU=1: tests/conftest.py then stops with an
+#   error if the GPU tests cannot run, instead of skipping them all)
 #   VSA_COMMIT         the commit the benchmark tables name (set it from this checkout: the
 #                      GPU machine's copy of .git may be older than the tree it runs)
 set -u -o pipefail

@@ -846,6 +846,13 @@ def test_a_scale_of_the_wrong_type_is_refused(scale):
         vt.VideoSparseAttention(4, 16, softmax_scale=scale)
 
 
+def test_a_scale_past_floats_range_is_refused_by_name():
+    plan = vt.tile_plan(SEQ, TILE)
+    (q, k, v, _), _ = attention(plan, torch.float32)
+    with pytest.raises(ValueError, match="scale: expected a positive finite float, got 1000"):
+        vt.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, scale=10**400)
+
+
 def test_wide_integer_tensors_are_left_as_they_were():
     """Block sizes and index lists beyond int32 saturate on a copy, never in the caller's tensor."""
     plan = vt.tile_plan(SEQ, TILE)

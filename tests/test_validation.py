@@ -427,6 +427,29 @@ def test_valid_edge_inputs_are_accepted_and_computed_right():
         np.testing.assert_array_equal(x, before[name], err_msg=f"{name} was modified")
 
 
+@pytest.mark.parametrize("shape, density", [((2, 3, 5, 7), 0.4), ((1, 2, 4, 1), 0.5), ((1, 1, 0, 3), 0.5),
+                                            ((1, 2, 3, 6), 0.0), ((1, 2, 3, 6), 1.0), ((2, 2, 9, 40), 0.1)])
+def test_block_map_lists_are_the_stable_order_of_the_map(shape, density):
+    """A block map's index lists: its selected tiles in increasing order, then the others in
+    increasing order (what a stable argsort of the unselected flags gives), and the counts; also
+    for a map that is a strided view."""
+    from vsa_nd.ops import _index_lists_from_block_map
+
+    rng = np.random.default_rng(sum(shape))
+    for block_map in (rng.random(shape) < density, (rng.random(shape[:2] + shape[:1:-1]) < density).swapaxes(2, 3)):
+        lists, counts = _index_lists_from_block_map(block_map)
+        assert lists.dtype == np.int32 and counts.dtype == np.int32
+        np.testing.assert_array_equal(lists, np.argsort(~block_map, axis=-1, kind="stable"))
+        np.testing.assert_array_equal(counts, block_map.sum(axis=-1))
+
+
+def test_a_block_map_without_key_tiles_is_refused_by_name():
+    p = Inputs()
+    q = p.q
+    with pytest.raises(ValueError, match="k: expected 0 tiles"):
+        vsa_nd.block_sparse_attn(q, p.k, p.v, np.zeros(0, np.int32), block_map=np.zeros(q.shape[:2] + (N_Q, 0), bool))
+
+
 @pytest.mark.gpu
 def test_arrays_on_different_devices_are_refused():
     import cupy

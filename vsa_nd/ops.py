@@ -422,11 +422,14 @@ def _index_lists_from_block_map(block_map):
     which on CuPy before 14 (Thrust) would synchronise with the host."""
     xp = array_module(block_map)
     n_kv = block_map.shape[-1]
+    if block_map.size == 0:  # (no key tiles, say: the checks that follow name what is wrong)
+        return xp.zeros(block_map.shape, np.int32), xp.zeros(block_map.shape[:-1], np.int32)
     selected_before = xp.cumsum(block_map, axis=-1, dtype=np.int32)  # up to and including each tile
     count = selected_before[..., -1:]
     tiles = xp.arange(n_kv, dtype=np.int32)
     place = xp.where(block_map, selected_before - 1, count + tiles - selected_before)  # a permutation of each row
-    rows = xp.arange(block_map.size // n_kv, dtype=np.int64).reshape(block_map.shape[:-1] + (1,)) * n_kv
+    flat = np.int32 if block_map.size < 2**31 else np.int64
+    rows = xp.arange(block_map.size // n_kv, dtype=flat).reshape(block_map.shape[:-1] + (1,)) * flat(n_kv)
     lists = xp.empty(block_map.shape, np.int32)
     lists.reshape(-1)[(rows + place).reshape(-1)] = xp.broadcast_to(tiles, block_map.shape).reshape(-1)
     return lists, count[..., 0].copy()
@@ -706,6 +709,14 @@ def video_sparse_attn_backward(dout, context: VSAContext, *, out=None) -> Gradie
 
 
 @_on_input_device
+def backward_into_new_buffers(dout, context: VSAContext, *, out) -> Gradients:
+    """:func:`video_sparse_attn_backward` for callers whose ``out`` buffers they have just
+    allocated (the torch adapter's custom op): the context is checked in full, the buffers'
+    memory only against dout, q, k, v, gate and out, which a caller could hand back by mistake."""
+    return _backward(dout, _check_context(context), out, unchanged_context=False, new_buffers=True)
+
+
+@_on_input_device
 def backward_of_unchanged_context(dout, context: VSAContext, *, out=None) -> Gradients:
     """:func:`video_sparse_attn_backward` for callers that guarantee ``context`` holds the arrays
     their forward returned, unchanged: the adapters (torch checks its saved tensors' version
@@ -716,12 +727,12 @@ def backward_of_unchanged_context(dout, context: VSAContext, *, out=None) -> Gra
     return _backward(dout, context, out, unchanged_context=True)
 
 
-def _backward(dout, c: VSAContext, out, unchanged_context: bool) -> Gradients:
+def _backward(dout, c: VSAContext, out, unchanged_context: bool, new_buffers: bool = False) -> Gradients:
     check.check_float("dout", dout, 4, like=c.q)
     check.check_same_dtype("dout", dout, c.q, "q")
     check.check_shape("dout", dout, c.q.shape)
     check.check_contiguous("dout", dout)
-    buffers = _check_gradient_buffers(out, dout, c, unchanged_context)
+    buffers = _check_gradient_buffers(out, dout, c, every_array=not (unchanged_context or new_buffers))
     backend = _backend(dout)
     if is_cupy_array(dout):  # the kernels' own limits, checked before any launch
         from .backends.cuda_attention import check_backward_lists, check_kernel_support
@@ -820,7 +831,7 @@ def _check_context(c) -> VSAContext:
     return c
 
 
-def _check_gradient_buffers(out, dout, c: VSAContext, unchanged_context: bool) -> Gradients:
+def _check_gradient_buffers(out, dout, c: VSAContext, every_array: bool) -> Gradients:
     """``out`` of :func:`video_sparse_attn_backward` as checked :class:`Gradients` (None: all None)."""
     if out is None:
         return Gradients(None, None, None, None)
@@ -829,11 +840,11 @@ def _check_gradient_buffers(out, dout, c: VSAContext, unchanged_context: bool) -
     out = Gradients(*out)
     if out.dgate is not None and c.gate is None:
         raise ValueError("out: expected dgate None (the forward had no gate), got an array")
-    # A buffer over an array the backward reads would be written while it is read: all of the
-    # context's arrays for a context from the caller; an adapter's (unchanged_context) buffers are
-    # new, and q, k, v, gate and out are what a caller might pass back by mistake.
-    fields = ("q", "k", "v", "gate", "out") if unchanged_context else tuple(
-        f.name for f in dataclasses.fields(c) if f.name != "scale")
+    # A buffer over an array the backward reads would be written while it is read: checked against
+    # all of the context's arrays (``every_array``), or, for buffers an adapter has just allocated,
+    # against q, k, v, gate and out, which a caller might pass back by mistake.
+    fields = tuple(f.name for f in dataclasses.fields(c) if f.name != "scale") if every_array else (
+        "q", "k", "v", "gate", "out")
     inputs = (("dout", dout), *((f"context.{name}", getattr(c, name)) for name in fields))
     likes = {"dq": c.q, "dk": c.k, "dv": c.v, "dgate": c.gate}
     for name, buffer in out._asdict().items():

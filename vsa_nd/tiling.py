@@ -263,7 +263,8 @@ def _build_plan(xp, seq_shape: tuple, tile_shape: tuple, device: str) -> TilePla
 def topk_from_sparsity(sparsity: float, num_kv_blocks: int) -> int:
     """``clamp(ceil((1 - sparsity) * num_kv_blocks), 1, num_kv_blocks)``, where a product within
     1e-9 above an integer counts as that integer: floating point puts (1 - 0.7) * 10 at
-    3.0000000000000004 and (1 - 6/7) * 7 at 1.0000000000000004, which mean 3 and 1."""
+    3.0000000000000004 and (1 - 6/7) * 7 at 1.0000000000000004, which mean 3 and 1.
+    ``sparsity`` in [0, 1]; ``num_kv_blocks`` from 1 to below 2**53 (past it floats skip integers)."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(f"sparsity: expected a float in [0, 1], got {type(sparsity).__name__} {sparsity!r}")
     if isinstance(num_kv_blocks, bool) or not isinstance(num_kv_blocks, numbers.Integral):
