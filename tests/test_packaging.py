@@ -127,6 +127,15 @@ def test_demo_reports_sizes_past_what_numpy_can_shape(flag, capsys):
     assert "vsa-nd demo: not enough memory for this problem; try smaller sizes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, message", [("--seq", "-8,16,16", "seq_shape: expected every side >= 1"),
+                                                  ("--tile", "-4,4,4", "tile_shape: expected every side >= 1")])
+def test_demo_names_a_negative_side(flag, value, message, capsys):
+    """A negative first side, given as its own argument, reaches vsa_nd's message (argparse alone
+    would say "expected one argument")."""
+    assert cli.main(["demo", "--backend", "cpu", "--seq", "8,16,16", flag, value]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("seed", ["-1", "x"])
 def test_demo_refuses_a_bad_seed(seed, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -354,8 +354,23 @@ def demo(args) -> int:
     return 1 if failures else 0
 
 
+def _attached(argv: list) -> list:
+    """``--seq -8,16,16`` as ``--seq=-8,16,16`` (likewise --tile): argparse reads a separate value
+    that starts with "-" and is not a plain negative number as an option, and its "expected one
+    argument" hides the message that names the bad side."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in ("--seq", "--tile") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_attached(sys.argv[1:] if argv is None else list(argv)))
     try:
         return demo(args)
     except MemoryError as error:  # (CuPy's OutOfMemoryError too) a problem too large for this machine
