@@ -121,7 +121,7 @@ def run_case(batch, heads, dim, seq_shape, topk, repeats, rng):
         )
     )
     seq_len = plan.seq_len
-    dense_flops = 4 * batch * heads * dim * seq_len**2
+    dense_flops = 4 * batch * heads * dim * s_pad**2  # the dense baseline runs on the padded sequence
     sparse_flops = 4 * batch * heads * dim * s_pad * topk * volume
     return dict(
         shape=f"B={batch} H={heads} D={dim} seq={'x'.join(map(str, seq_shape))} ({seq_len} tokens)",
