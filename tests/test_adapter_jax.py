@@ -25,8 +25,10 @@ from vsa_nd._xp import BFLOAT16
 from attention_problems import force_ds_hand_over
 
 DTYPES = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BFLOAT16]
-FWD_TOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-2, "bfloat16": 2e-2}
-BWD_TOL = {"float32": 1e-4, "float64": 1e-9, "float16": 3e-2, "bfloat16": 3e-2}
+# CPU (Numba) results, which the non-GPU tests here compute (JAX on the CPU in CI).
+FWD_TOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-3, "bfloat16": 1e-2}
+BWD_TOL = {"float32": 1e-4, "float64": 1e-9, "float16": 3e-3, "bfloat16": 1e-2}
+CUDA_BWD_TOL = {"bfloat16": 3e-2}
 SEQ, TILE = (3, 5, 6), (2, 4, 4)
 
 
@@ -641,7 +643,7 @@ def test_gpu_gradients_match_reference_eager_and_jitted(dim, hand_over, monkeypa
         # The backward is deterministic: jitted and eager gradients agree bit for bit.
         assert np.array_equal(np.asarray(grad).view(np.uint16), np.asarray(again).view(np.uint16))
         # Norms floored at an RMS of 0.2, as in the torch adapter's CUDA backward test.
-        assert rel_err(np.asarray(grad, np.float64)[:, :, real], want[:, :, real], 0.2) <= BWD_TOL["bfloat16"]
+        assert rel_err(np.asarray(grad, np.float64)[:, :, real], want[:, :, real], 0.2) <= CUDA_BWD_TOL["bfloat16"]
 
 
 def test_a_device_index_jax_lacks_is_refused_by_name():

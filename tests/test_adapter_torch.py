@@ -25,9 +25,11 @@ from vsa_nd import reference as ref
 from attention_problems import force_ds_hand_over
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-FWD_TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-BWD_TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+# CPU (Numba) results; the audit measured fp16 2e-4 and bf16 1.7e-3 (forward) / 2e-3 (backward).
+FWD_TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+BWD_TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 CUDA_FWD_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
+CUDA_BWD_TOL = {torch.float16: 3e-2, torch.bfloat16: 3e-2}
 # The CUDA backward recovers the fine output from ``out`` in the input dtype, which leaves an
 # absolute noise of ~1e-3 in dq and dk however small they are: their norms are floored at an
 # RMS of 0.2 (as in the Numba backend's tests).
@@ -185,15 +187,18 @@ def test_tile_and_untile_are_each_others_gradient():
     assert torch.equal(y.grad, vt.tile(x.detach(), plan))  # pad slots get zero
 
 
-def test_tile_and_untile_take_broadcast_gradients():
-    # .sum() hands back an expanded (stride 0) gradient: the reorderings must make it contiguous.
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+def test_tile_and_untile_take_broadcast_gradients(path):
+    # .sum() hands back an expanded (stride 0) gradient: the reorderings must make it contiguous,
+    # on both paths (the custom ops' registered autograd is what torch.compile records).
     plan = vt.tile_plan(SEQ, TILE)
-    x = untiled_inputs(plan, torch.float64)[0].requires_grad_()
-    vt.tile(x, plan).sum().backward()
-    assert torch.equal(x.grad, torch.ones_like(x))
-    y = vt.tile(x.detach(), plan).requires_grad_()
-    vt.untile(y, plan).sum().backward()
-    assert torch.equal(y.grad, vt.tile(torch.ones_like(x), plan))
+    with contextlib.nullcontext() if path == "eager" else RecordVsaOps():
+        x = untiled_inputs(plan, torch.float64)[0].requires_grad_()
+        vt.tile(x, plan).sum().backward()
+        assert torch.equal(x.grad, torch.ones_like(x))
+        y = vt.tile(x.detach(), plan).requires_grad_()
+        vt.untile(y, plan).sum().backward()
+        assert torch.equal(y.grad, vt.tile(torch.ones_like(x), plan))
 
 
 def test_tile_into_a_buffer_returns_the_buffer():
@@ -415,6 +420,30 @@ def test_gradients_match_the_reference_backward(dtype, gate):
     assert not any(t is not None and t.grad is None for t in (q, k, v, g))
 
 
+@pytest.mark.parametrize("needing", ["q", "k", "v", "gate", "kv"])
+def test_gradients_of_a_subset_of_the_inputs(needing):
+    """Only some inputs need a gradient (a frozen gate, or frozen q): the output still has a
+    grad_fn, those inputs get the reference's gradients and the others none."""
+    plan = vt.tile_plan(SEQ, TILE)
+    (q, k, v, g), _ = attention(plan, torch.float32)
+    names = ("q", "k", "v", "gate")
+    wanted = {"kv": ("k", "v")}.get(needing, (needing,))
+    for name, tensor in zip(names, (q, k, v, g)):
+        tensor.requires_grad_(name in wanted)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(8))
+    vt.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, gate=g).backward(dout)
+    forward = reference_forward(plan, (q, k, v, g), 3)
+    sizes = plan.array_plan.variable_block_sizes
+    expected = ref.video_sparse_attn_backward(numpy_of(dout), numpy_of(q), numpy_of(k), numpy_of(v), sizes, sizes,
+                                              forward.q2k_idx, forward.q2k_num, plan.tile_volume, gate=numpy_of(g))
+    real = real_rows(plan)
+    for name, tensor, want in zip(names, (q, k, v, g), expected):
+        if name in wanted:
+            assert rel_err(numpy_of(tensor.grad)[:, :, real], want[:, :, real]) <= BWD_TOL[torch.float32], name
+        else:
+            assert tensor.grad is None, name
+
+
 def test_selection_is_a_constant_of_the_forward():
     """Scaling q changes the coarse scores but not their order here: the gradient along q
     must match the finite difference of the output with the selection frozen."""
@@ -510,6 +539,8 @@ def test_errors_name_the_argument_and_what_was_expected():
         vt.video_sparse_attn(q, k.transpose(2, 3), v, 3, sizes)
     with pytest.raises(ValueError, match=r"gate: expected a contiguous tensor.*gate.contiguous\(\)"):
         vt.video_sparse_attn(q, k, v, 3, sizes, gate=q.transpose(2, 3).contiguous().transpose(2, 3))
+    with pytest.raises(TypeError, match="q_block_sizes: expected ints or an integer tensor, got float64 values"):
+        vt.video_sparse_attn(q, k, v, 3, [31.9] * plan.num_blocks)
     with pytest.raises(TypeError, match=r"gate: expected a torch.Tensor, got str"):
         vt.video_sparse_attn(q, k, v, 3, sizes, gate="q")
     with pytest.raises(TypeError, match=r"gate: expected a tensor on cpu or cuda, got one on meta"):
@@ -982,7 +1013,7 @@ def test_cuda_backward_matches_reference(dtype):
                                               forward.q2k_idx, forward.q2k_num, plan.tile_volume, gate=numpy_of(g))
     real = real_rows(plan)
     for tensor, want in zip((q, k, v, g), expected):
-        assert rel_err(numpy_of(tensor.grad)[:, :, real], want[:, :, real], HALF_BWD_FLOOR) <= BWD_TOL[dtype]
+        assert rel_err(numpy_of(tensor.grad)[:, :, real], want[:, :, real], HALF_BWD_FLOOR) <= CUDA_BWD_TOL[dtype]
 
 
 @pytest.mark.gpu
