@@ -623,10 +623,6 @@ def test_gpu_errors_under_jit_carry_vsa_nd_message():
 def test_gpu_gradients_match_reference_eager_and_jitted(dim, hand_over, monkeypatch):
     """``hand_over``: the backward's dS hand-over forced on, one (batch, kv head) pair per chunk
     on two streams of its own forked from the stream XLA gives the foreign call (under jit)."""
-    from vsa_nd.backends import cuda_attention
-
-    if not hasattr(cuda_attention, "block_sparse_bwd"):
-        pytest.skip("vsa_nd.backends.cuda_attention.block_sparse_bwd (the CUDA backward kernels) is not written yet")
     if hand_over:
         force_ds_hand_over(monkeypatch)
     plan, (q, k, v, g) = gpu_problem(dim=dim, seed=dim)
