@@ -125,9 +125,7 @@ def vsa_backward(dout, q, k, v, gate, q_block_sizes, kv_block_sizes, out, *conte
         scale=scale, **fields,
     )
     buffers = None if not results else (*results[:3], results[3] if gate is not None else None)
-    if not trusted:  # (the buffers, when given, are new: see backward_into_new_buffers)
-        if buffers is None:
-            return tuple(vsa_nd.video_sparse_attn_backward(dout, ctx))
+    if not trusted:  # the context checked; the buffers, if any, are new
         return tuple(vsa_nd.ops.backward_into_new_buffers(dout, ctx, out=buffers))
     # The context is the forward's results as the framework kept them: torch's saved tensors
     # (version-checked) or immutable JAX arrays, so vsa_nd need not check it again.

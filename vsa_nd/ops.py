@@ -30,7 +30,7 @@ import numpy as np
 
 from . import validation as check
 from ._xp import BFLOAT16, array_module, compute_dtype, device_key, is_cupy_array, on_device_of
-from .tiling import TilePlan, trusted_tile_volume
+from .tiling import TilePlan, float_of_real, trusted_tile_volume
 
 
 def _backend(x):
@@ -323,10 +323,7 @@ def _scale(scale, head_dim: int, name: str = "scale", *, dtype) -> float:
         return float(head_dim) ** -0.5
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{name}: expected a positive finite float, got {type(scale).__name__} {scale!r}")
-    try:  # any Real (a Fraction, an int past float's range) as the float the kernels take
-        value = float(scale)
-    except OverflowError:
-        value = math.inf
+    value = float_of_real(scale)  # the float the kernels take
     if not math.isfinite(value) or value <= 0:  # the kernels fold the scale into the softmax's max, which needs it positive
         raise ValueError(f"{name}: expected a positive finite float, got {scale!r}")
     scale = value
@@ -710,8 +707,8 @@ def video_sparse_attn_backward(dout, context: VSAContext, *, out=None) -> Gradie
 
 @_on_input_device
 def backward_into_new_buffers(dout, context: VSAContext, *, out) -> Gradients:
-    """:func:`video_sparse_attn_backward` for callers whose ``out`` buffers they have just
-    allocated (the torch adapter's custom op): the context is checked in full, the buffers'
+    """:func:`video_sparse_attn_backward` for callers whose ``out`` buffers (or None) they have
+    just allocated (the torch adapter's custom op): the context is checked in full, the buffers'
     memory only against dout, q, k, v, gate and out, which a caller could hand back by mistake."""
     return _backward(dout, _check_context(context), out, unchanged_context=False, new_buffers=True)
 

@@ -260,6 +260,15 @@ def _build_plan(xp, seq_shape: tuple, tile_shape: tuple, device: str) -> TilePla
     )
 
 
+def float_of_real(x: numbers.Real) -> float:
+    """``float(x)`` for any Real (a Fraction, a NumPy scalar), inf for one past float's range
+    (an int such as 10**400, where float() raises OverflowError): callers then refuse it by name."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf
+
+
 def topk_from_sparsity(sparsity: float, num_kv_blocks: int) -> int:
     """``clamp(ceil((1 - sparsity) * num_kv_blocks), 1, num_kv_blocks)``, where a product within
     1e-9 above an integer counts as that integer: floating point puts (1 - 0.7) * 10 at
@@ -269,12 +278,9 @@ def topk_from_sparsity(sparsity: float, num_kv_blocks: int) -> int:
         raise TypeError(f"sparsity: expected a float in [0, 1], got {type(sparsity).__name__} {sparsity!r}")
     if isinstance(num_kv_blocks, bool) or not isinstance(num_kv_blocks, numbers.Integral):
         raise TypeError(f"num_kv_blocks: expected an int, got {type(num_kv_blocks).__name__} {num_kv_blocks!r}")
-    try:
-        value = shown = float(sparsity)
-    except OverflowError:  # an int past float's range
-        value, shown = math.inf, sparsity
+    value = float_of_real(sparsity)
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"sparsity: expected a value in [0, 1], got {shown}")
+        raise ValueError(f"sparsity: expected a value in [0, 1], got {sparsity if value == math.inf else value}")
     sparsity = value
     if not 1 <= int(num_kv_blocks) < 2**53:  # (where floats still count every integer)
         raise ValueError(f"num_kv_blocks: expected >= 1 and < 2**53, got {num_kv_blocks}")
