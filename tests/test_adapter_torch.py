@@ -238,6 +238,16 @@ def reference_forward(plan, tiled, topk):
     return ref.video_sparse_attn(q, k, v, sizes, sizes, topk, plan.tile_volume, gate=gate)
 
 
+def reference_gradients(plan, tiled, dout, topk):
+    """The float64 reference's (dq, dk, dv, dgate) for tiled (q, k, v, gate or None) and dout,
+    with the selection the reference forward makes."""
+    forward = reference_forward(plan, tiled, topk)
+    q, k, v, gate = (None if x is None else numpy_of(x) for x in tiled)
+    sizes = host_sizes(plan)
+    return ref.video_sparse_attn_backward(numpy_of(dout), q, k, v, sizes, sizes, forward.q2k_idx, forward.q2k_num,
+                                          plan.tile_volume, gate=gate)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gate", [True, False])
 def test_forward_matches_array_api_and_reference(dtype, gate):
@@ -405,11 +415,7 @@ def test_gradients_match_the_reference_backward(dtype, gate):
     out = vt.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, gate=g)
     out.backward(dout)
 
-    forward = reference_forward(plan, (q, k, v, g), 3)
-    sizes = plan.array_plan.variable_block_sizes
-    expected = ref.video_sparse_attn_backward(numpy_of(dout), numpy_of(q), numpy_of(k), numpy_of(v), sizes, sizes,
-                                              forward.q2k_idx, forward.q2k_num, plan.tile_volume,
-                                              gate=None if g is None else numpy_of(g))
+    expected = reference_gradients(plan, (q, k, v, g), dout, 3)
     real = real_rows(plan)
     for tensor, want in zip((q, k, v, g), expected):
         if tensor is None:
@@ -432,10 +438,7 @@ def test_gradients_of_a_subset_of_the_inputs(needing):
         tensor.requires_grad_(name in wanted)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(8))
     vt.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, gate=g).backward(dout)
-    forward = reference_forward(plan, (q, k, v, g), 3)
-    sizes = plan.array_plan.variable_block_sizes
-    expected = ref.video_sparse_attn_backward(numpy_of(dout), numpy_of(q), numpy_of(k), numpy_of(v), sizes, sizes,
-                                              forward.q2k_idx, forward.q2k_num, plan.tile_volume, gate=numpy_of(g))
+    expected = reference_gradients(plan, (q, k, v, g), dout, 3)
     real = real_rows(plan)
     for name, tensor, want in zip(names, (q, k, v, g), expected):
         if name in wanted:
@@ -1003,10 +1006,7 @@ def test_cuda_backward_matches_reference(dtype):
     q, k, v, g = (x.requires_grad_() for x in tiled)
     dout = torch.randn(q.shape, device=q.device, dtype=dtype)
     vt.video_sparse_attn(q, k, v, 2, plan.variable_block_sizes, gate=g).backward(dout)
-    forward = reference_forward(plan, (q, k, v, g), 2)
-    sizes = host_sizes(plan)
-    expected = ref.video_sparse_attn_backward(numpy_of(dout), numpy_of(q), numpy_of(k), numpy_of(v), sizes, sizes,
-                                              forward.q2k_idx, forward.q2k_num, plan.tile_volume, gate=numpy_of(g))
+    expected = reference_gradients(plan, (q, k, v, g), dout, 2)
     real = real_rows(plan)
     for tensor, want in zip((q, k, v, g), expected):
         assert rel_err(numpy_of(tensor.grad)[:, :, real], want[:, :, real], HALF_BWD_FLOOR) <= CUDA_BWD_TOL[dtype]
