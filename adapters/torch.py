@@ -337,7 +337,8 @@ def _check_tensor(name: str, t, dtypes: dict, like: Optional[Tensor] = None, lik
         names = ", ".join(str(d) for d in allowed)
         raise TypeError(f"{name}: expected dtype in ({names}) on {t.device.type}, got {t.dtype}")
     if not t.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}; pass {name}.contiguous()")
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}; pass {name}.contiguous() "
+                         "(another framework's array: a C-contiguous copy, as numpy.ascontiguousarray makes)")
     return t
 
 

@@ -22,13 +22,14 @@ import vsa_nd.adapters.jax as vj
 from vsa_nd import reference as ref
 from vsa_nd._xp import BFLOAT16
 
-from attention_problems import force_ds_hand_over
+from attention_problems import force_ds_hand_over, worst_row_error
 
 DTYPES = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BFLOAT16]
 # CPU (Numba) results, which the non-GPU tests here compute (JAX on the CPU in CI).
 FWD_TOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-3, "bfloat16": 1e-2}
 BWD_TOL = {"float32": 1e-4, "float64": 1e-9, "float16": 3e-3, "bfloat16": 1e-2}
-CUDA_BWD_TOL = {"bfloat16": 3e-2}
+# CUDA bfloat16 gradients: test_cuda_backward's bounds (whole array, worst row), norms floored at an RMS of 0.01.
+CUDA_BWD_TOL, CUDA_FLOOR = (3e-2, 1e-1), 0.01
 SEQ, TILE = (3, 5, 6), (2, 4, 4)
 
 
@@ -567,8 +568,9 @@ except TypeError as e:
 
 
 def gpu_problem(dtype=jnp.bfloat16, dim=64, seed=0):
+    """A plan of (4, 4, 4) tiles on the GPU (8 tiles, 7 of them partial) and tiled q, k, v, gate."""
     gpu = jax.devices("gpu")[0]
-    plan = vj.tile_plan((4, 8, 8), (4, 4, 4), device=gpu)
+    plan = vj.tile_plan((5, 7, 6), (4, 4, 4), device=gpu)
     return plan, tiled_inputs(plan, dtype, heads=(2, 1, 1, 2), dim=dim, device=gpu, seed=seed)
 
 
@@ -586,7 +588,7 @@ def test_gpu_forward_matches_array_api_eager_and_jitted():
     layer = lambda q, k, v, g, sizes: 2 * vj.video_sparse_attn(q * 1.5, k, v, 2, sizes, gate=g) + 1  # noqa: E731
     eager = layer(q, k, v, g, plan.variable_block_sizes)
     closed = jax.jit(lambda q, k, v, g: layer(q, k, v, g, plan.variable_block_sizes))
-    assert "plan(4, 8, 8)(4, 4, 4)" in closed.lower(q, k, v, g).as_text()
+    assert "plan(5, 7, 6)(4, 4, 4)" in closed.lower(q, k, v, g).as_text()
     for jitted in (closed(q, k, v, g), jax.jit(layer)(q, k, v, g, plan.variable_block_sizes)):
         assert jitted.dtype == jnp.bfloat16
         assert np.array_equal(np.asarray(jitted).view(np.uint16), np.asarray(eager).view(np.uint16))
@@ -635,11 +637,14 @@ def test_gpu_gradients_match_reference_eager_and_jitted(dim, hand_over, monkeypa
     forward = ref.video_sparse_attn(*arrays[:3], sizes, sizes, 2, plan.tile_volume, gate=arrays[3])
     expected = ref.video_sparse_attn_backward(np.asarray(dout, np.float64), *arrays[:3], sizes, sizes, forward.q2k_idx,
                                               forward.q2k_num, plan.tile_volume, gate=arrays[3])
-    for grad, again, want in zip(grads, jitted, expected):
+    for name, grad, again, want in zip(("dq", "dk", "dv", "dgate"), grads, jitted, expected):
         # The backward is deterministic: jitted and eager gradients agree bit for bit.
         assert np.array_equal(np.asarray(grad).view(np.uint16), np.asarray(again).view(np.uint16))
-        # Norms floored at an RMS of 0.2, as in the torch adapter's CUDA backward test.
-        assert rel_err(np.asarray(grad, np.float64)[:, :, real], want[:, :, real], 0.2) <= CUDA_BWD_TOL["bfloat16"]
+        got = np.asarray(grad, np.float64)
+        whole = rel_err(got[:, :, real], want[:, :, real], CUDA_FLOOR)
+        row = worst_row_error(got[:, :, real], want[:, :, real])
+        assert whole <= CUDA_BWD_TOL[0] and row <= CUDA_BWD_TOL[1], f"{name}: errors {whole:.2e}, worst row {row:.2e}"
+        assert np.all(got[:, :, ~real] == 0), f"{name}: pad rows not zero"
 
 
 def test_a_device_index_jax_lacks_is_refused_by_name():

@@ -183,6 +183,8 @@ def test_kv_to_q_lists_graph_capture_and_replay():
         with stream:
             idx[...] = fresh_idx
             num[...] = fresh_num
+            codes.fill(-1)  # poisoned: the replay must write every entry compared below
+            offsets.fill(-1)
             graph.launch(stream)
         stream.synchronize()
         want_codes, want_offsets = expected_lists(q2k_idx, q2k_num, h_kv, n_kv)
@@ -201,7 +203,7 @@ def expected_order(counts, first: int, segment: int):
 
 
 @pytest.mark.parametrize("lists, segment", [(9216, 9216), (9216, 768), (3000, 1000), (5, 5), (1025, 1024)])
-def test_dkdv_order(lists, segment):
+def test_dkdv_order(poisoned, lists, segment):
     """The dK/dV pass's schedule: a permutation of each segment, its long lists first, longest
     first (by count >> shift, in any order within a bucket), then the others in list order."""
     import cupy

@@ -48,9 +48,11 @@ def check_nonempty(name: str, x):
     return x
 
 
-def check_contiguous(name: str, x, remedy: str = "pass xp.ascontiguousarray(x)"):
-    """``x`` if C-contiguous; else a ValueError naming ``name`` and suggesting ``remedy``."""
+def check_contiguous(name: str, x, remedy: str | None = None):
+    """``x`` if C-contiguous; else a ValueError naming ``name`` and suggesting ``remedy`` (by
+    default a C-contiguous copy)."""
     if not x.flags.c_contiguous:
+        remedy = remedy or f"pass a C-contiguous copy: xp.ascontiguousarray({name}) (a torch tensor: {name}.contiguous())"
         raise ValueError(f"{name}: expected a C-contiguous array, got strides {x.strides}; {remedy}")
     return x
 
