@@ -2,8 +2,9 @@
 
 Fresh random inputs; key/value pad slots hold NaN (they must not leak); every output the
 launchers allocate is poisoned with NaN first.  Gradients are compared on real tokens with
-the norm-relative error (bf16 <= 3e-2, fp16 <= 1e-2) against the reference given the kernels'
-rounded output (see _run); pad slots of dq, dk, dv, dgate must be 0.
+the norm-relative error (bf16 <= 3e-2, fp16 <= 5e-3) and that of the worst row (1e-1, 1e-2)
+against the reference given the kernels' rounded output, each below an absolute floor (see
+_run); pad slots of dq, dk, dv, dgate must be 0.
 """
 
 import dataclasses
@@ -82,14 +83,24 @@ def poisoned(request, monkeypatch):
     use_kernels(request.param, monkeypatch)
 
 
-def _rel_err(x, ref):
-    """Norm-relative error (absolute below an RMS of 0.01 per element, for all-zero references)."""
+def _rel_err(x, ref, floor=0.01):
+    """Norm-relative error (absolute below an RMS of ``floor`` per element, for all-zero references)."""
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 0.01 * np.sqrt(ref.size))
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), floor * np.sqrt(ref.size))
+
+
+def _rms(x):
+    return float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64))))) if np.size(x) else 1.0
 
 
 def _run(p):
-    """(CUDA gradients as NumPy, reference gradients, real-slot masks)."""
+    """(CUDA gradients as NumPy, reference gradients, real-slot masks, absolute floors).
+
+    The floors (name -> RMS per element) below which a gradient's error counts in absolute
+    terms: 0.01 times the RMS of the operand it is a sum of products with (dq: k, dk: q,
+    dv and dgate: dout).  A gradient that is 0 in exact arithmetic (dk when every query
+    sees one key) is the fp32 rounding of a cancellation times that operand, 12 times
+    larger in the far-below-zero set-up's queries than in unit-normal ones."""
     import cupy
 
     rng = np.random.default_rng(p["seed"])
@@ -131,7 +142,10 @@ def _run(p):
                                                cupy.asnumpy(ctx.q2k_num), p["volume"], gate=gate,
                                                out=cupy.asnumpy(ctx.out))
     got = [None if g is None else cupy.asnumpy(g) for g in grads]
-    return got, ref, q_real, kv_real
+    real_dout = dout[:, :, q_real]
+    floors = dict(dq=0.01 * _rms(k[:, :, kv_real]), dk=0.01 * _rms(q[:, :, q_real]), dv=0.01 * _rms(real_dout),
+                  dgate=0.01 * _rms(real_dout))
+    return got, ref, q_real, kv_real, floors
 
 
 @given(problems(max_tokens=1000))
@@ -144,8 +158,15 @@ _ILL_CONDITIONED = dict(q_plan=vsa_nd.tile_plan((4, 1, 6), (4, 4, 4)), kv_plan=v
                         volume=64, batch=1, heads=1, kv_heads=1, head_dim=64, dtype=BFLOAT16, topk=1, gated=False, seed=3)
 
 
+# A soak run's find (fp16): one key token, so dk is 0 in exact arithmetic and the kernels' dk
+# is rounding times queries of RMS 12; it failed the fixed absolute floor (see _run).
+_ONE_KEY = dict(q_plan=vsa_nd.tile_plan((149,), (128,)), kv_plan=vsa_nd.tile_plan((1,), (128,)), volume=128, batch=2,
+                heads=1, kv_heads=1, head_dim=64, dtype=np.dtype(np.float16), topk=1, gated=False, seed=11955)
+
+
 @given(problems(max_tokens=1000))
 @example(p=_ILL_CONDITIONED)
+@example(p=_ONE_KEY)
 def test_backward_of_scores_far_below_zero(poisoned, p):
     """lse below -130 (D = 64) or -200 (D = 128): a pad key, zeroed in shared memory, scores 0,
     and its exp2(0 - lse) overflows; only its mask keeps the inf (and inf * 0) out of the
@@ -162,20 +183,19 @@ def test_backward_ignores_what_q_and_gate_hold_in_pad_slots(poisoned, p):
 
 def _check_gradients(p):
     """Every gradient of ``p`` (see _run) within tolerance on real tokens, zero in pad slots."""
-    (dq, dk, dv, dgate), ref, q_real, kv_real = _run(p)
+    (dq, dk, dv, dgate), ref, q_real, kv_real, floors = _run(p)
     tol = TOLERANCE[p["dtype"]]
-    for name, got, want, real in (("dq", dq, ref.dq, q_real), ("dk", dk, ref.dk, kv_real), ("dv", dv, ref.dv, kv_real)):
-        assert np.all(np.asarray(got[:, :, ~real], np.float32) == 0), f"{name}: pad slots not zero"
-        err = _rel_err(got[:, :, real], want[:, :, real])
-        assert err <= tol, f"{name}: relative error {err:.2e} > {tol}"
-        row = worst_row_error(got[:, :, real], want[:, :, real])
-        assert row <= ROW_TOLERANCE[p["dtype"]], f"{name}: worst row's relative error {row:.2e}"
+    checked = [("dq", dq, ref.dq, q_real), ("dk", dk, ref.dk, kv_real), ("dv", dv, ref.dv, kv_real)]
     if p["gated"]:
-        assert np.all(np.asarray(dgate[:, :, ~q_real], np.float32) == 0)
-        assert _rel_err(dgate[:, :, q_real], ref.dgate[:, :, q_real]) <= tol
-        assert worst_row_error(dgate[:, :, q_real], ref.dgate[:, :, q_real]) <= ROW_TOLERANCE[p["dtype"]]
+        checked.append(("dgate", dgate, ref.dgate, q_real))
     else:
         assert dgate is None
+    for name, got, want, real in checked:
+        assert np.all(np.asarray(got[:, :, ~real], np.float32) == 0), f"{name}: pad slots not zero"
+        err = _rel_err(got[:, :, real], want[:, :, real], floors[name])
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol}"
+        row = worst_row_error(got[:, :, real], want[:, :, real], absolute=floors[name])
+        assert row <= ROW_TOLERANCE[p["dtype"]], f"{name}: worst row's relative error {row:.2e}"
 
 
 @pytest.mark.parametrize("row_terms", ["from the coarse pass", "by bwd_delta"])
@@ -236,7 +256,7 @@ def test_backward_with_skewed_selection(poisoned, monkeypatch, tile_shape, hot):
     plan = vsa_nd.tile_plan((7, 16, 16), tile_shape)  # partial tiles in the second time block
     p = dict(q_plan=plan, kv_plan=plan, volume=plan.tile_volume, batch=1, heads=4, kv_heads=2, head_dim=128,
              dtype=BFLOAT16, topk=6 * 64 // plan.tile_volume, gated=True, seed=8, hot_tiles=hot)
-    (dq, dk, dv, dgate), ref, q_real, kv_real = _run(p)
+    (dq, dk, dv, dgate), ref, q_real, kv_real, _ = _run(p)
     for got, want, real in ((dq, ref.dq, q_real), (dk, ref.dk, kv_real), (dv, ref.dv, kv_real),
                             (dgate, ref.dgate, q_real)):
         assert _rel_err(got[:, :, real], want[:, :, real]) <= 3e-2
@@ -590,7 +610,7 @@ def test_smoke_backward(kernel, head_dim, monkeypatch):
     use_kernels(kernel, monkeypatch)
     p = dict(q_plan=vsa_nd.tile_plan((5, 6, 7), (4, 4, 8)), kv_plan=vsa_nd.tile_plan((3, 9, 6), (4, 4, 8)), volume=128,
              batch=2, heads=4, kv_heads=2, head_dim=head_dim, dtype=BFLOAT16, topk=2, gated=True, seed=5)
-    (dq, dk, dv, dgate), ref, q_real, kv_real = _run(p)
+    (dq, dk, dv, dgate), ref, q_real, kv_real, _ = _run(p)
     assert _rel_err(dq[:, :, q_real], ref.dq[:, :, q_real]) <= 3e-2
     assert _rel_err(dk[:, :, kv_real], ref.dk[:, :, kv_real]) <= 3e-2
     assert _rel_err(dv[:, :, kv_real], ref.dv[:, :, kv_real]) <= 3e-2
