@@ -8,6 +8,8 @@ import statistics
 import subprocess
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -124,11 +126,9 @@ def smooth_inputs(rng, plan, heads: int, head_dim: int, sigma: float, noise: flo
     picks key tiles mostly near it and neighbouring query tiles pick many of the same ones, as
     attention in video transformers tends to; ``sigma`` = 0 leaves the field white, which gives
     random selections.  Pad slots are 0."""
-    import numpy
-
     import vsa_nd
 
-    xp = numpy
+    xp = np
     if type(rng).__module__.startswith("cupy"):
         import cupy as xp
     grid = tuple(plan.seq_shape)
@@ -137,7 +137,7 @@ def smooth_inputs(rng, plan, heads: int, head_dim: int, sigma: float, noise: flo
     for axis, f in enumerate(freqs):  # the Gaussian's transfer function, one axis at a time
         shape = [1] * len(grid)
         shape[axis] = -1
-        gain = gain * xp.exp(-2.0 * (numpy.pi * f * sigma) ** 2).reshape(shape)
+        gain = gain * xp.exp(-2.0 * (np.pi * f * sigma) ** 2).reshape(shape)
     axes = tuple(range(len(grid)))
     q = xp.empty((1, plan.seq_len, heads, head_dim), dtype=xp.float32)
     k = xp.empty_like(q)
@@ -153,8 +153,6 @@ def smooth_inputs(rng, plan, heads: int, head_dim: int, sigma: float, noise: flo
 def selection_overlap(q2k_idx, topk: int) -> float:
     """Mean fraction of a query tile's selected key tiles that the next query tile (in tile order,
     same batch and head) selects too: ~topk / tiles for random selections, near 1 for local ones."""
-    import numpy as np
-
     idx = np.asarray(q2k_idx.get() if hasattr(q2k_idx, "get") else q2k_idx)[..., :topk]
     n = idx.shape[-2]
     flat = idx.reshape(-1, n, topk)
@@ -164,3 +162,156 @@ def selection_overlap(q2k_idx, topk: int) -> float:
         np.put_along_axis(member, head, True, axis=1)
         shared += (member[:-1] & member[1:]).sum()
     return shared / (flat.shape[0] * (n - 1) * topk)
+
+
+
+# Spot checks: the timed calls' results at the benchmark's own shape (the tests run the same
+# kernels at small shapes only) against float64 rows computed here, on a sample of tiles.
+SPOT_TOLERANCE = {"float16": (3e-3, 5e-3), "bfloat16": (1e-2, 3e-2)}  # (forward, gradients), the tests' bounds
+
+
+def _host64(x):
+    """A float64 NumPy copy of a NumPy or CuPy array (bfloat16 included)."""
+    if type(x).__module__.startswith("cupy"):
+        x = x.get()
+    return np.asarray(x).astype(np.float64)
+
+
+def _softmax_rows(scores):
+    """(probabilities, log-sum-exp) of each row of ``scores``, in float64."""
+    top = scores.max(axis=-1, keepdims=True)
+    lse = top + np.log(np.exp(scores - top).sum(axis=-1, keepdims=True))
+    return np.exp(scores - lse), lse[..., 0]
+
+
+def _rel(got, want) -> float:
+    """Norm-relative error, the norm floored at an RMS of 0.01 per element."""
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 0.01 * np.sqrt(want.size)))
+
+
+def spot_check(ctx, dout=None, grads=None, q_tiles: int = 4, kv_tiles: int = 2, seed: int = 0) -> dict:
+    """Errors of a VSA call's results on a sample of tiles of one (batch, kv head), against float64.
+
+    ``ctx``: the ``VSAContext`` of ``vsa_nd.video_sparse_attn(..., return_context=True)`` (NumPy
+    or CuPy arrays; GQA, gate and partial tiles allowed); ``dout`` and ``grads`` (what
+    ``video_sparse_attn_backward(dout, ctx)`` returned) optional.  The selection is the call's
+    own (``ctx.q2k_idx``/``q2k_num``, held fixed as in the reference); the rest is recomputed
+    from q, k, v and gate: the coarse branch over the whole head, the fine rows of ``q_tiles``
+    random query tiles of one query head, and, with ``grads``, dk and dv of ``kv_tiles`` random
+    key tiles from every query tile of the group that selected them.  As in
+    ``reference.video_sparse_attn_backward(..., out=...)``, the softmax term rowsum(dO * fine)
+    takes fine from the call's own ``out``.
+
+    Returns {"out", "lse", and with ``grads`` "dq", "dk", "dv" (and "dgate" with a gate)}:
+    norm-relative errors over the sample's real rows, norms floored at an RMS of 0.01; and
+    "pad": the largest magnitude in the sample's pad rows of out and the gradients (must be 0).
+    """
+    rng = np.random.default_rng(seed)
+    batch, heads, _, dim = ctx.q.shape
+    kv_heads = ctx.k.shape[1]
+    q_sizes, kv_sizes = (_host64(s).astype(np.int64) for s in (ctx.q_block_sizes, ctx.kv_block_sizes))
+    volume, group = ctx.q.shape[2] // len(q_sizes), heads // kv_heads
+    b, hk = int(rng.integers(batch)), int(rng.integers(kv_heads))
+    group_heads = range(hk * group, (hk + 1) * group)
+    h = int(rng.choice(group_heads))
+    k, v = (_host64(x[b, hk]).reshape(len(kv_sizes), volume, dim) for x in (ctx.k, ctx.v))
+    kv_real = np.arange(volume) < kv_sizes[:, None]
+    k_c, v_c = ((x * kv_real[..., None]).sum(1) / kv_sizes[:, None] for x in (k, v))
+    idx, num = (_host64(x[b]).astype(np.int64) for x in (ctx.q2k_idx, ctx.q2k_num))
+    scale, backward = ctx.scale, grads is not None
+
+    def head(hq):
+        """Query head hq's arrays as [N_q, V, D] (q, dout, gate weight, out; lse [N_q, V]) and its
+        coarse branch: output [N_q, D] and, for the backward, the gradients of its tile means."""
+        per_tile = lambda x: _host64(x[b, hq]).reshape(len(q_sizes), volume, -1)  # noqa: E731
+        real = (np.arange(volume) < q_sizes[:, None])[..., None]
+        t = dict(q=per_tile(ctx.q) * real, out=per_tile(ctx.out), lse=per_tile(ctx.lse)[..., 0])
+        t["w"] = 1.0 if ctx.gate is None else per_tile(ctx.gate)
+        q_c = t["q"].sum(1) / q_sizes[:, None]
+        probs, _ = _softmax_rows(scale * q_c @ k_c.T)
+        t["coarse"] = probs @ v_c
+        if backward:
+            t["do"] = per_tile(dout) * real
+            d_coarse = (t["do"] * t["w"]).sum(1)
+            da = d_coarse @ v_c.T
+            dc = probs * (da - (da * probs).sum(-1, keepdims=True))
+            t.update(dq_c=scale * dc @ k_c, dk_c=scale * dc.T @ q_c, dv_c=probs.T @ d_coarse)
+        return t
+
+    def fine(hq, t, i):
+        """Query tile i's (selected tiles, their keys, values, probabilities, lse and the
+        rowsum(dO * fine) term) over its real rows."""
+        tiles = idx[hq, i, :num[hq, i]]
+        keys, values = (np.concatenate([x[j, :kv_sizes[j]] for j in tiles]) for x in (k, v))
+        p, lse = _softmax_rows(scale * t["q"][i, :q_sizes[i]] @ keys.T)
+        n = q_sizes[i]
+        w = t["w"] if np.isscalar(t["w"]) else t["w"][i, :n]
+        delta = (t["do"][i, :n] * (t["out"][i, :n] - w * t["coarse"][i])).sum(-1, keepdims=True) if backward else None
+        return tiles, keys, values, p, lse, w, delta
+
+    pairs, pad = {}, 0.0
+
+    def compare(name, got, want):
+        pairs.setdefault(name, []).append((got, want))
+
+    t = head(h)
+    grad = (lambda g, hq: _host64(g[b, hq]).reshape(len(q_sizes), volume, dim)) if backward else None
+    dq = grad(grads.dq, h) if backward else None
+    dgate = grad(grads.dgate, h) if backward and grads.dgate is not None else None
+    for i in rng.choice(len(q_sizes), min(q_tiles, len(q_sizes)), replace=False):
+        n = q_sizes[i]
+        _, keys, values, p, lse, w, delta = fine(h, t, i)
+        compare("out", t["out"][i, :n], p @ values + w * t["coarse"][i])
+        compare("lse", t["lse"][i, :n], lse)
+        pad = max(pad, np.abs(t["out"][i, n:]).max(initial=0.0))
+        if backward:
+            ds = p * (t["do"][i, :n] @ values.T - delta)
+            compare("dq", dq[i, :n], scale * ds @ keys + t["dq_c"][i] / n)
+            pad = max(pad, np.abs(dq[i, n:]).max(initial=0.0))
+            if dgate is not None:
+                compare("dgate", dgate[i, :n], t["do"][i, :n] * t["coarse"][i])
+                pad = max(pad, np.abs(dgate[i, n:]).max(initial=0.0))
+    if backward:
+        sampled = rng.choice(len(kv_sizes), min(kv_tiles, len(kv_sizes)), replace=False)
+        want_dk = {j: np.zeros((kv_sizes[j], dim)) for j in sampled}
+        want_dv = {j: np.zeros((kv_sizes[j], dim)) for j in sampled}
+        for hq in group_heads:
+            t = head(hq)
+            for j in sampled:
+                want_dk[j] += t["dk_c"][j] / kv_sizes[j]
+                want_dv[j] += t["dv_c"][j] / kv_sizes[j]
+            chosen = np.arange(idx.shape[2])[None] < num[hq][:, None]  # [N_q, topk]: the real entries
+            for i in np.flatnonzero((np.isin(idx[hq], sampled) & chosen).any(-1)):
+                n = q_sizes[i]
+                tiles, _, _, p, _, _, delta = fine(hq, t, i)
+                starts = np.concatenate([[0], np.cumsum(kv_sizes[tiles])])
+                for position, j in enumerate(tiles):
+                    if j in want_dk:
+                        cols = slice(starts[position], starts[position + 1])
+                        p_j = p[:, cols]
+                        ds_j = p_j * (t["do"][i, :n] @ v[j, :kv_sizes[j]].T - delta)
+                        want_dk[j] += scale * ds_j.T @ t["q"][i, :n]
+                        want_dv[j] += p_j.T @ t["do"][i, :n]
+        dk, dv = (_host64(g[b, hk]).reshape(k.shape) for g in (grads.dk, grads.dv))
+        for j in sampled:
+            m = kv_sizes[j]
+            compare("dk", dk[j, :m], want_dk[j])
+            compare("dv", dv[j, :m], want_dv[j])
+            pad = max(pad, np.abs(dk[j, m:]).max(initial=0.0), np.abs(dv[j, m:]).max(initial=0.0))
+    errors = {name: _rel(np.concatenate([g.ravel() for g, _ in pairs[name]]),
+                         np.concatenate([w.ravel() for _, w in pairs[name]])) for name in pairs}
+    errors["pad"] = float(pad)
+    return errors
+
+
+def check_spot(errors: dict, dtype, what: str) -> str:
+    """A one-line summary of :func:`spot_check`'s ``errors``; SystemExit if any is past the
+    tests' bounds for ``dtype`` (lse: 1e-5), or a pad row is not 0: a benchmark of wrong
+    results is not reported."""
+    forward, gradients = SPOT_TOLERANCE[np.dtype(dtype).name]
+    bounds = dict(out=forward, lse=1e-5, dq=gradients, dk=gradients, dv=gradients, dgate=gradients, pad=0.0)
+    line = f"spot check of {what}: " + ", ".join(f"{name} {err:.1e}" for name, err in errors.items())
+    bad = [name for name, err in errors.items() if not err <= bounds[name]]
+    if bad:
+        raise SystemExit(f"{line}: {', '.join(bad)} past the bounds {dict((n, bounds[n]) for n in bad)}")
+    return line

@@ -14,7 +14,10 @@ feel more (see BENCHMARKS.md): each row also gives the SM clock
 that ``nvidia-smi`` saw while it was timed (blank without ``nvidia-smi``), and ``--rest``
 seconds of idle GPU (default 3) come before each row, so that a row does not inherit the clock
 its predecessor left (the card recovers its full clock within a second or two of idling).
-``--out FILE`` also writes the table.
+``--out FILE`` also writes the table.  Before any timing, each shape's VSA forward and backward
+are spot-checked against float64 rows (``_common.spot_check``: a sample of query and key tiles
+of one head); the script stops on results past the tests' bounds, and lists the errors below
+the table.
 
 ``--smooth SIGMA`` draws video-like q and k (see ``_common.smooth_inputs``), whose selections are local
 instead of random; each row names the mean overlap of neighbouring query tiles' selections.
@@ -30,11 +33,12 @@ import time
 
 import numpy as np
 
-from _common import ClockSampler, commit, emit, selection_overlap, smooth_inputs, time_back_to_back
+from _common import (ClockSampler, check_spot, commit, emit, selection_overlap, smooth_inputs, spot_check,
+                     time_back_to_back)
 from bench_vsa import SHAPES, _median_ms
 
 
-def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks, rest=0.0, smooth=None):
+def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, checks, clocks, rest=0.0, smooth=None):
     import cupy
     import torch
     import torch.nn.functional as F
@@ -77,6 +81,11 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, clocks, rest=0
     out, ctx = vsa_nd.video_sparse_attn(q, k, v, topk, sizes, return_context=True)
     overlap = selection_overlap(ctx.q2k_idx, topk)
     label += f", {'random' if smooth is None else f'smooth q/k (sigma {smooth:g})'}: overlap {overlap:.2f}"
+    # Before any timing: the forward and backward at this shape against float64 (stops if wrong).
+    grads = vsa_nd.video_sparse_attn_backward(dout, ctx)
+    checks.append(check_spot(spot_check(ctx, dout, grads), BFLOAT16, label))
+    print(checks[-1], flush=True)
+    del grads
     fine_fwd = lambda: vsa_nd.block_sparse_attn(  # noqa: E731
         q, k, v, sizes, ctx.q2k_idx, ctx.q2k_num, check_indices=False)
     settle()
@@ -155,14 +164,16 @@ def main():
 
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     rows: list = []
+    checks: list = []
     with ClockSampler() as clocks:
         for shape in args.shapes.split(","):
-            bench_shape(shape, *SHAPES[shape], rows, clocks, args.rest, args.smooth)
+            bench_shape(shape, *SHAPES[shape], rows, checks, clocks, args.rest, args.smooth)
     lines = [f"### CUDA backward on {name}, {datetime.date.today()}, commit {commit()}", "",
              "| shape | what | time (ms) | TFLOP/s | SM clock while timed (MHz, median / min) |",
              "| --- | --- | ---: | ---: | --- |"]
     for label, what, ms, tflops, clock in rows:
         lines.append(f"| {label} | {what} | {ms:.3f} | {'' if tflops is None else f'{tflops:.0f}'} | {clock} |")
+    lines += [""] + [f"- {line}" for line in checks]
     emit("\n".join(lines), args.out)
 
 

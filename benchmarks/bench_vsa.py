@@ -5,7 +5,10 @@ selection VSA makes), our full VSA forward, our tile/untile, torch SDPA dense at
 (flash and cuDNN backends) and FlexAttention block-sparse on the same selection.
 Times are medians of CUDA-event timings (triton.testing.do_bench, L2 flushed between
 runs) on random data; the block-sparse and the full forward take turns over five rounds
-(medians of the rounds), so that their ratio does not follow the card's drift.  Prints a markdown table; ``--out FILE`` also writes it there.
+(medians of the rounds), so that their ratio does not follow the card's drift.  Before any
+timing, each shape's VSA forward is spot-checked against float64 rows (``_common.spot_check``:
+a sample of query tiles of one head) and the script stops on results past the tests' bounds.
+Prints a markdown table (the spot checks' errors below it); ``--out FILE`` also writes it there.
 
     python benchmarks/bench_vsa.py [--shapes main,480p,480p-d64,720p] [--out table.md]
 """
@@ -18,7 +21,7 @@ import statistics
 
 import numpy as np
 
-from _common import commit, emit
+from _common import check_spot, commit, emit, spot_check
 
 SHAPES = {
     # name: (seq_shape, heads, head_dim, sparsity or exact topk)
@@ -83,7 +86,7 @@ def _alternating_ms(fns, rounds: int = 5) -> list:
     return [statistics.median(t) for t in times]
 
 
-def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows):
+def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, checks):
     import cupy
     import torch
     import torch.nn.functional as F
@@ -106,11 +109,13 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows):
     sizes = plan.variable_block_sizes
     _, ctx = vsa_nd.video_sparse_attn(q, k, v, topk, sizes, return_context=True)
     q2k_idx, q2k_num = ctx.q2k_idx, ctx.q2k_num
+    label = f"{name}: {seq_shape}, {heads}h, D={head_dim}, {s} tok, top {topk}/{n}"
+    checks.append(check_spot(spot_check(ctx), BFLOAT16, label))  # before any timing: stops on wrong results
+    print(checks[-1], flush=True)
     del ctx
 
     flops = 4.0 * heads * head_dim * s_pad * topk * v_
     dense_flops = 4.0 * heads * head_dim * s * s
-    label = f"{name}: {seq_shape}, {heads}h, D={head_dim}, {s} tok, top {topk}/{n}"
 
     def add(what, ms, tflops=None, tbs=None):
         rows.append((label, what, ms, tflops, tbs))
@@ -178,8 +183,9 @@ def main():
 
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     rows: list = []
+    checks: list = []
     for shape in args.shapes.split(","):
-        bench_shape(shape, *SHAPES[shape], rows)
+        bench_shape(shape, *SHAPES[shape], rows, checks)
 
     lines = [
         f"### CUDA forward on {name}, {datetime.date.today()}, commit {commit()}",
@@ -190,6 +196,7 @@ def main():
     for label, what, ms, tflops, tbs in rows:
         lines.append(f"| {label} | {what} | {ms:.3f} | {'' if tflops is None else f'{tflops:.0f}'} | "
                      f"{'' if tbs is None else f'{tbs:.2f}'} |")
+    lines += [""] + [f"- {line}" for line in checks]
     emit("\n".join(lines), args.out)
 
 
