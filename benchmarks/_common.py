@@ -165,9 +165,17 @@ def selection_overlap(q2k_idx, topk: int) -> float:
 
 
 
+
 # Spot checks: the timed calls' results at the benchmark's own shape (the tests run the same
 # kernels at small shapes only) against float64 rows computed here, on a sample of tiles.
-SPOT_TOLERANCE = {"float16": (3e-3, 5e-3), "bfloat16": (1e-2, 3e-2)}  # (forward, gradients), the tests' bounds
+# Bounds as in the GPU tests: (whole sample, worst row) for the forward output and the gradients.
+SPOT_BOUNDS = {
+    "float16": {"out": (3e-3, 5e-3), "grad": (5e-3, 1e-2)},
+    "bfloat16": {"out": (1e-2, 3e-2), "grad": (3e-2, 1e-1)},
+}
+LSE_BOUND = 1e-5  # largest error, relative above 1 in magnitude, absolute below
+SELECTION_BOUND = 0.05  # how far (in the row's score spread) a skipped tile may outscore a chosen one
+GRADIENTS = ("dq", "dk", "dv", "dgate")
 
 
 def _host64(x):
@@ -184,28 +192,52 @@ def _softmax_rows(scores):
     return np.exp(scores - lse), lse[..., 0]
 
 
-def _rel(got, want) -> float:
-    """Norm-relative error, the norm floored at an RMS of 0.01 per element."""
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 0.01 * np.sqrt(want.size)))
+def _errors(got, want) -> tuple:
+    """(norm-relative error of the whole sample, that of its worst row), rows [rows, D]; norms
+    floored at an RMS of 0.01 per element, a row's also at 0.1 times the RMS row norm (as
+    tests/attention_problems.worst_row_error).  NaN anywhere gives inf."""
+    diff = np.linalg.norm(got - want, axis=1)
+    norms = np.linalg.norm(want, axis=1)
+    floor = 0.01 * np.sqrt(want.shape[1])
+    whole = np.sqrt(np.sum(diff**2)) / max(np.sqrt(np.sum(norms**2)), floor * np.sqrt(len(want)))
+    row_floor = max(0.1 * np.sqrt(np.mean(norms**2)), floor)
+    worst = np.max(diff / np.maximum(norms, row_floor))
+    return tuple(float(e) if np.isfinite(e) else np.inf for e in (whole, worst))
 
 
-def spot_check(ctx, dout=None, grads=None, q_tiles: int = 4, kv_tiles: int = 2, seed: int = 0) -> dict:
+def _nonzero(x) -> float:
+    """The largest magnitude in ``x`` (inf for NaN): what a pad row holds beyond 0."""
+    top = np.max(np.abs(x), initial=0.0)
+    return float(top) if np.isfinite(top) else np.inf
+
+
+def spot_check(ctx, dout=None, grads=None, q_tiles: int = 4, kv_tiles: int = 2, seed: int = 0,
+               scale=None) -> dict:
     """Errors of a VSA call's results on a sample of tiles of one (batch, kv head), against float64.
 
     ``ctx``: the ``VSAContext`` of ``vsa_nd.video_sparse_attn(..., return_context=True)`` (NumPy
     or CuPy arrays; GQA, gate and partial tiles allowed); ``dout`` and ``grads`` (what
-    ``video_sparse_attn_backward(dout, ctx)`` returned) optional.  The selection is the call's
-    own (``ctx.q2k_idx``/``q2k_num``, held fixed as in the reference); the rest is recomputed
-    from q, k, v and gate: the coarse branch over the whole head, the fine rows of ``q_tiles``
-    random query tiles of one query head, and, with ``grads``, dk and dv of ``kv_tiles`` random
-    key tiles from every query tile of the group that selected them.  As in
-    ``reference.video_sparse_attn_backward(..., out=...)``, the softmax term rowsum(dO * fine)
-    takes fine from the call's own ``out``.
+    ``video_sparse_attn_backward(dout, ctx)`` returned) both or neither; ``scale`` the one the
+    call was given (None: the default).  Recomputed from q, k, v and gate: the coarse branch over
+    the whole head, the fine rows of ``q_tiles`` random query tiles of one query head, and, with
+    ``grads``, dk and dv of ``kv_tiles`` random key tiles (among those the group selected) from
+    every query tile of the group that selected them.  The sampled tiles' selections must be a
+    top-k of the float64 coarse scores (within ``SELECTION_BOUND``); the fine branch then uses
+    them, and, as ``reference.video_sparse_attn_backward(..., out=...)`` does, the softmax term
+    rowsum(dO * fine) takes fine from the call's own ``out``.
 
-    Returns {"out", "lse", and with ``grads`` "dq", "dk", "dv" (and "dgate" with a gate)}:
-    norm-relative errors over the sample's real rows, norms floored at an RMS of 0.01; and
-    "pad": the largest magnitude in the sample's pad rows of out and the gradients (must be 0).
+    Returns {"scale", "selection", "out", "lse", "pad" and, with ``grads``, "dq", "dk", "dv" (and
+    "dgate" with a gate)}: "out" and the gradients (whole sample, worst row) as in
+    :func:`_errors`; "lse" its largest error (relative above 1, absolute below); "scale" the
+    relative error of ``ctx.scale``; "selection" how far a skipped key tile outscores a chosen one,
+    in units of the row's score spread (0 if none does; inf for a repeated or missing entry);
+    "pad" the largest magnitude in the sample's pad rows of out and the gradients (inf for
+    NaN, or an lse other than -inf there).
     """
+    if (dout is None) != (grads is None):
+        raise ValueError("spot_check: pass dout and grads together (the backward's input and results), or neither")
+    if q_tiles < 1 or kv_tiles < 1:
+        raise ValueError(f"spot_check: expected q_tiles, kv_tiles >= 1, got {q_tiles}, {kv_tiles}")
     rng = np.random.default_rng(seed)
     batch, heads, _, dim = ctx.q.shape
     kv_heads = ctx.k.shape[1]
@@ -214,33 +246,52 @@ def spot_check(ctx, dout=None, grads=None, q_tiles: int = 4, kv_tiles: int = 2, 
     b, hk = int(rng.integers(batch)), int(rng.integers(kv_heads))
     group_heads = range(hk * group, (hk + 1) * group)
     h = int(rng.choice(group_heads))
-    k, v = (_host64(x[b, hk]).reshape(len(kv_sizes), volume, dim) for x in (ctx.k, ctx.v))
-    kv_real = np.arange(volume) < kv_sizes[:, None]
-    k_c, v_c = ((x * kv_real[..., None]).sum(1) / kv_sizes[:, None] for x in (k, v))
+    q_real = (np.arange(volume) < q_sizes[:, None])[..., None]  # [N_q, V, 1]
+    kv_real = (np.arange(volume) < kv_sizes[:, None])[..., None]
+    k, v = (np.where(kv_real, _host64(x[b, hk]).reshape(len(kv_sizes), volume, dim), 0) for x in (ctx.k, ctx.v))
+    k_c, v_c = (x.sum(1) / kv_sizes[:, None] for x in (k, v))
     idx, num = (_host64(x[b]).astype(np.int64) for x in (ctx.q2k_idx, ctx.q2k_num))
-    scale, backward = ctx.scale, grads is not None
+    topk = idx.shape[-1]
+    backward = grads is not None
+    expected_scale = dim**-0.5 if scale is None else scale
+    errors = {"scale": abs(ctx.scale / expected_scale - 1), "selection": 0.0, "pad": 0.0}
+    scale = ctx.scale
 
     def head(hq):
-        """Query head hq's arrays as [N_q, V, D] (q, dout, gate weight, out; lse [N_q, V]) and its
-        coarse branch: output [N_q, D] and, for the backward, the gradients of its tile means."""
-        per_tile = lambda x: _host64(x[b, hq]).reshape(len(q_sizes), volume, -1)  # noqa: E731
-        real = (np.arange(volume) < q_sizes[:, None])[..., None]
-        t = dict(q=per_tile(ctx.q) * real, out=per_tile(ctx.out), lse=per_tile(ctx.lse)[..., 0])
+        """Query head hq's arrays as [N_q, V, D] (q, dout, gate weight, out; lse [N_q, V]), pad
+        slots zeroed, its coarse scores, and its coarse branch: output [N_q, D] and, for the
+        backward, the gradients of its tile means."""
+        def per_tile(x):
+            return np.where(q_real, _host64(x[b, hq]).reshape(len(q_sizes), volume, -1), 0)
+
+        t = dict(q=per_tile(ctx.q), out=_host64(ctx.out[b, hq]).reshape(len(q_sizes), volume, dim),
+                 lse=_host64(ctx.lse[b, hq]).reshape(len(q_sizes), volume))
         t["w"] = 1.0 if ctx.gate is None else per_tile(ctx.gate)
         q_c = t["q"].sum(1) / q_sizes[:, None]
-        probs, _ = _softmax_rows(scale * q_c @ k_c.T)
+        t["scores"] = scale * q_c @ k_c.T
+        probs, _ = _softmax_rows(t["scores"])
         t["coarse"] = probs @ v_c
         if backward:
-            t["do"] = per_tile(dout) * real
+            t["do"] = per_tile(dout)
             d_coarse = (t["do"] * t["w"]).sum(1)
             da = d_coarse @ v_c.T
             dc = probs * (da - (da * probs).sum(-1, keepdims=True))
             t.update(dq_c=scale * dc @ k_c, dk_c=scale * dc.T @ q_c, dv_c=probs.T @ d_coarse)
         return t
 
+    def selection_error(hq, t, i) -> float:
+        tiles = idx[hq, i, :num[hq, i]]
+        if num[hq, i] != topk or len(np.unique(tiles)) != topk or not np.all((0 <= tiles) & (tiles < len(kv_sizes))):
+            return np.inf
+        row = t["scores"][i]
+        skipped = np.delete(row, tiles)
+        if not skipped.size:
+            return 0.0
+        return max(0.0, float(skipped.max() - row[tiles].min()) / max(float(row.std()), 1e-30))
+
     def fine(hq, t, i):
-        """Query tile i's (selected tiles, their keys, values, probabilities, lse and the
-        rowsum(dO * fine) term) over its real rows."""
+        """Query tile i's (selected tiles, their keys, values, probabilities, lse, gate weight and
+        the rowsum(dO * fine) term) over its real rows."""
         tiles = idx[hq, i, :num[hq, i]]
         keys, values = (np.concatenate([x[j, :kv_sizes[j]] for j in tiles]) for x in (k, v))
         p, lse = _softmax_rows(scale * t["q"][i, :q_sizes[i]] @ keys.T)
@@ -249,30 +300,44 @@ def spot_check(ctx, dout=None, grads=None, q_tiles: int = 4, kv_tiles: int = 2, 
         delta = (t["do"][i, :n] * (t["out"][i, :n] - w * t["coarse"][i])).sum(-1, keepdims=True) if backward else None
         return tiles, keys, values, p, lse, w, delta
 
-    pairs, pad = {}, 0.0
+    pairs = {}
 
     def compare(name, got, want):
         pairs.setdefault(name, []).append((got, want))
 
+    def check_pads(*arrays):
+        errors["pad"] = max(errors["pad"], *(_nonzero(x) for x in arrays))
+
     t = head(h)
-    grad = (lambda g, hq: _host64(g[b, hq]).reshape(len(q_sizes), volume, dim)) if backward else None
-    dq = grad(grads.dq, h) if backward else None
-    dgate = grad(grads.dgate, h) if backward and grads.dgate is not None else None
+    if backward:
+        dq, dgate = (None if g is None else _host64(g[b, h]).reshape(len(q_sizes), volume, dim)
+                     for g in (grads.dq, grads.dgate))
+    lse_errors = []
     for i in rng.choice(len(q_sizes), min(q_tiles, len(q_sizes)), replace=False):
         n = q_sizes[i]
+        errors["selection"] = max(errors["selection"], selection_error(h, t, i))
+        if errors["selection"] == np.inf:
+            break  # the selection itself is broken: nothing below would mean anything
         _, keys, values, p, lse, w, delta = fine(h, t, i)
         compare("out", t["out"][i, :n], p @ values + w * t["coarse"][i])
-        compare("lse", t["lse"][i, :n], lse)
-        pad = max(pad, np.abs(t["out"][i, n:]).max(initial=0.0))
+        lse_errors.append(np.abs(t["lse"][i, :n] - lse) / np.maximum(np.abs(lse), 1.0))
+        check_pads(t["out"][i, n:])
+        if not np.all(t["lse"][i, n:] == -np.inf):
+            errors["pad"] = np.inf
         if backward:
             ds = p * (t["do"][i, :n] @ values.T - delta)
             compare("dq", dq[i, :n], scale * ds @ keys + t["dq_c"][i] / n)
-            pad = max(pad, np.abs(dq[i, n:]).max(initial=0.0))
+            check_pads(dq[i, n:])
             if dgate is not None:
                 compare("dgate", dgate[i, :n], t["do"][i, :n] * t["coarse"][i])
-                pad = max(pad, np.abs(dgate[i, n:]).max(initial=0.0))
-    if backward:
-        sampled = rng.choice(len(kv_sizes), min(kv_tiles, len(kv_sizes)), replace=False)
+                check_pads(dgate[i, n:])
+    if lse_errors:
+        errors["lse"] = _nonzero(np.concatenate(lse_errors))
+    if backward and errors["selection"] < np.inf:
+        chosen = np.arange(topk) < num[:, :, None]  # [H, N_q, topk]: the real entries
+        used = np.unique(idx[list(group_heads)][chosen[list(group_heads)]])
+        pool = used if used.size else np.arange(len(kv_sizes))
+        sampled = rng.choice(pool, min(kv_tiles, len(pool)), replace=False)
         want_dk = {j: np.zeros((kv_sizes[j], dim)) for j in sampled}
         want_dv = {j: np.zeros((kv_sizes[j], dim)) for j in sampled}
         for hq in group_heads:
@@ -280,15 +345,13 @@ def spot_check(ctx, dout=None, grads=None, q_tiles: int = 4, kv_tiles: int = 2, 
             for j in sampled:
                 want_dk[j] += t["dk_c"][j] / kv_sizes[j]
                 want_dv[j] += t["dv_c"][j] / kv_sizes[j]
-            chosen = np.arange(idx.shape[2])[None] < num[hq][:, None]  # [N_q, topk]: the real entries
-            for i in np.flatnonzero((np.isin(idx[hq], sampled) & chosen).any(-1)):
+            for i in np.flatnonzero((np.isin(idx[hq], sampled) & chosen[hq]).any(-1)):
                 n = q_sizes[i]
                 tiles, _, _, p, _, _, delta = fine(hq, t, i)
                 starts = np.concatenate([[0], np.cumsum(kv_sizes[tiles])])
                 for position, j in enumerate(tiles):
                     if j in want_dk:
-                        cols = slice(starts[position], starts[position + 1])
-                        p_j = p[:, cols]
+                        p_j = p[:, starts[position]:starts[position + 1]]
                         ds_j = p_j * (t["do"][i, :n] @ v[j, :kv_sizes[j]].T - delta)
                         want_dk[j] += scale * ds_j.T @ t["q"][i, :n]
                         want_dv[j] += p_j.T @ t["do"][i, :n]
@@ -297,21 +360,34 @@ def spot_check(ctx, dout=None, grads=None, q_tiles: int = 4, kv_tiles: int = 2, 
             m = kv_sizes[j]
             compare("dk", dk[j, :m], want_dk[j])
             compare("dv", dv[j, :m], want_dv[j])
-            pad = max(pad, np.abs(dk[j, m:]).max(initial=0.0), np.abs(dv[j, m:]).max(initial=0.0))
-    errors = {name: _rel(np.concatenate([g.ravel() for g, _ in pairs[name]]),
-                         np.concatenate([w.ravel() for _, w in pairs[name]])) for name in pairs}
-    errors["pad"] = float(pad)
+            check_pads(dk[j, m:], dv[j, m:])
+    for name, found in pairs.items():
+        errors[name] = _errors(np.concatenate([g for g, _ in found]), np.concatenate([w for _, w in found]))
     return errors
 
 
-def check_spot(errors: dict, dtype, what: str) -> str:
-    """A one-line summary of :func:`spot_check`'s ``errors``; SystemExit if any is past the
-    tests' bounds for ``dtype`` (lse: 1e-5), or a pad row is not 0: a benchmark of wrong
-    results is not reported."""
-    forward, gradients = SPOT_TOLERANCE[np.dtype(dtype).name]
-    bounds = dict(out=forward, lse=1e-5, dq=gradients, dk=gradients, dv=gradients, dgate=gradients, pad=0.0)
-    line = f"spot check of {what}: " + ", ".join(f"{name} {err:.1e}" for name, err in errors.items())
-    bad = [name for name, err in errors.items() if not err <= bounds[name]]
-    if bad:
-        raise SystemExit(f"{line}: {', '.join(bad)} past the bounds {dict((n, bounds[n]) for n in bad)}")
+def check_spot(errors: dict, dtype, what: str, backward: bool = False, gate: bool = False) -> str:
+    """A one-line summary of :func:`spot_check`'s ``errors``; SystemExit if one is past its bound
+    (``SPOT_BOUNDS`` for ``dtype``, ``LSE_BOUND``, ``SELECTION_BOUND``, 1e-6 for the scale, 0 for
+    pad rows) or missing (out, lse, and with ``backward`` dq, dk, dv, and dgate with ``gate``):
+    a benchmark of wrong results is not reported."""
+    if np.dtype(dtype).name not in SPOT_BOUNDS:
+        raise ValueError(f"check_spot: no bounds for {np.dtype(dtype).name} (float16 and bfloat16 only)")
+    bounds = SPOT_BOUNDS[np.dtype(dtype).name]
+    limits = dict(scale=1e-6, selection=SELECTION_BOUND, lse=LSE_BOUND, pad=0.0, out=bounds["out"],
+                  **{name: bounds["grad"] for name in GRADIENTS})
+    required = ["scale", "selection", "pad", "out", "lse"] + (["dq", "dk", "dv"] if backward else [])
+    required += ["dgate"] if backward and gate else []
+    missing = [name for name in required if name not in errors]
+    bad = [name for name, err in errors.items()
+           if not np.all(np.asarray(err) <= np.asarray(limits[name]))]  # (NaN fails)
+
+    def show(err):
+        return "/".join(f"{e:.1e}" for e in err) if isinstance(err, tuple) else f"{err:.1e}"
+
+    line = f"spot check of {what}: " + ", ".join(f"{name} {show(err)}" for name, err in errors.items())
+    if missing or bad:
+        raise SystemExit(f"{line}: " + "; ".join(
+            [f"{', '.join(missing)} not checked"] * bool(missing)
+            + [f"{name} past its bound {limits[name]}" for name in bad]))
     return line

@@ -83,7 +83,7 @@ def bench_shape(name, seq_shape, heads, head_dim, sparsity, rows, checks, clocks
     label += f", {'random' if smooth is None else f'smooth q/k (sigma {smooth:g})'}: overlap {overlap:.2f}"
     # Before any timing: the forward and backward at this shape against float64 (stops if wrong).
     grads = vsa_nd.video_sparse_attn_backward(dout, ctx)
-    checks.append(check_spot(spot_check(ctx, dout, grads), BFLOAT16, label))
+    checks.append(check_spot(spot_check(ctx, dout, grads), BFLOAT16, label, backward=True))
     print(checks[-1], flush=True)
     del grads
     fine_fwd = lambda: vsa_nd.block_sparse_attn(  # noqa: E731

@@ -51,46 +51,98 @@ def test_smooth_inputs_leave_pad_slots_zero():
         assert (x[:, :, ~real] == 0).all() and (x[:, :, real] != 0).any()
 
 
-def _spot_problem(dtype, seed=0):
-    """A VSA call with GQA, a gate, partial tiles and cross attention (NumPy, Numba backend)."""
+
+def _spot_problem(dtype, seed=0, nan_pads=False):
+    """A VSA call with GQA, a gate, partial tiles and cross attention (NumPy, Numba backend);
+    ``nan_pads``: NaN in every pad slot of q, k, v, gate and dout (which no result may read)."""
     q_plan, kv_plan = vsa_nd.tile_plan((3, 5, 6), (2, 4, 4)), vsa_nd.tile_plan((4, 3, 7), (2, 4, 4))
     rng = np.random.default_rng(seed)
     q, gate, dout = (rng.standard_normal((2, 4, q_plan.padded_len, 16)).astype(dtype) for _ in range(3))
     k, v = (rng.standard_normal((2, 2, kv_plan.padded_len, 16)).astype(dtype) for _ in range(2))
-    q, gate = (np.where(reference.valid_slots(q_plan.variable_block_sizes, 32)[:, None], x, 0).astype(dtype)
-               for x in (q, gate))
+    pad_value = np.nan if nan_pads else 0.0
+    q_real = reference.valid_slots(q_plan.variable_block_sizes, 32)[:, None]
+    kv_real = reference.valid_slots(kv_plan.variable_block_sizes, 32)[:, None]
+    q, gate, dout = (np.where(q_real, x, pad_value).astype(dtype) for x in (q, gate, dout))
+    if nan_pads:
+        k, v = (np.where(kv_real, x, pad_value).astype(dtype) for x in (k, v))
     _, ctx = vsa_nd.video_sparse_attn(q, k, v, 3, q_plan.variable_block_sizes, kv_plan.variable_block_sizes,
                                       gate=gate, return_context=True)
     return ctx, dout, vsa_nd.video_sparse_attn_backward(dout, ctx)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_spot_check_agrees_with_a_correct_call_and_catches_a_wrong_one(seed):
-    """benchmarks/_common.spot_check recomputes a sample of a call's results in float64: on a
-    float32 call (every tile sampled) its errors are at float32's rounding, and a gradient 1%
-    off, a wrong key tile's dv, or a pad row not 0 are reported."""
-    from _common import check_spot, spot_check
+ALL = dict(q_tiles=100, kv_tiles=100)  # every tile sampled
 
-    ctx, dout, grads = _spot_problem(np.float32, seed)
-    errors = spot_check(ctx, dout, grads, q_tiles=100, kv_tiles=100, seed=seed)
-    assert set(errors) == {"out", "lse", "dq", "dk", "dv", "dgate", "pad"}
-    assert max(errors.values()) < 1e-5 and errors["pad"] == 0, errors
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_spot_check_agrees_with_a_correct_call_and_catches_wrong_gradients(seed):
+    """benchmarks/_common.spot_check recomputes a sample of a call's results in float64: on a
+    float32 call its errors are at float32's rounding, also with NaN in every pad slot of the
+    inputs, and a gradient 1% off, a key tile's dv swapped for another's, or a non-zero pad row
+    are reported."""
+    from _common import spot_check
+
+    for nan_pads in (False, True):
+        ctx, dout, grads = _spot_problem(np.float32, seed, nan_pads)
+        errors = spot_check(ctx, dout, grads, seed=seed, **ALL)
+        assert set(errors) == {"scale", "selection", "pad", "out", "lse", "dq", "dk", "dv", "dgate"}
+        assert max(max(np.atleast_1d(e)) for e in errors.values()) < 1e-5 and errors["pad"] == 0, errors
     for name in ("dq", "dk", "dv", "dgate"):
         wrong = grads._replace(**{name: getattr(grads, name) * np.float32(1.01)})
-        assert spot_check(ctx, dout, wrong, q_tiles=100, kv_tiles=100, seed=seed)[name] > 5e-3
+        assert spot_check(ctx, dout, wrong, seed=seed, **ALL)[name][0] > 5e-3
     dv = grads.dv.copy()
     dv[:, :, 32:64] = dv[:, :, 64:96]  # the second key tile's dv replaced by the third's
-    assert spot_check(ctx, dout, grads._replace(dv=dv), q_tiles=100, kv_tiles=100, seed=seed)["dv"] > 0.1
-    dq = grads.dq.copy()
-    dq[:, :, -1] = 1.0  # the last slot is a pad slot in both plans
-    assert spot_check(ctx, dout, grads._replace(dq=dq), q_tiles=100, seed=seed)["pad"] == 1.0
+    assert spot_check(ctx, dout, grads._replace(dv=dv), seed=seed, **ALL)["dv"][1] > 0.1
+    for value in (1.0, np.nan):
+        dq = grads.dq.copy()
+        dq[:, :, -1] = value  # the last slot is a pad slot in both plans
+        assert spot_check(ctx, dout, grads._replace(dq=dq), seed=seed, **ALL)["pad"] == (1.0 if value == 1 else np.inf)
 
 
-def test_check_spot_refuses_results_past_the_tests_bounds():
+def test_spot_check_catches_a_wrong_forward():
+    """One wrong row of out (the whole sample's error hides it, the worst row's does not), NaN
+    or a non-(-inf) lse in a pad row, a tile the coarse scores rank low chosen in place of one
+    they rank high, a repeated tile, and a scale that is not the default."""
+    import dataclasses
+
+    from _common import spot_check
+
+    ctx, _, _ = _spot_problem(np.float32)
+    out = ctx.out.copy()
+    out[:, :, 5] *= 1.05  # one row of the sample 5% off
+    whole, worst = spot_check(dataclasses.replace(ctx, out=out), **ALL)["out"]
+    assert whole < 1e-2 and worst > 3e-2  # (bf16 bounds: 1e-2, 3e-2)
+    for value in (np.nan, 0.0):
+        lse = ctx.lse.copy()
+        lse[:, :, -1] = value
+        assert spot_check(dataclasses.replace(ctx, lse=lse), **ALL)["pad"] == np.inf
+    scores = reference.video_sparse_attn(ctx.q, ctx.k, ctx.v, ctx.q_block_sizes, ctx.kv_block_sizes, 3, 32,
+                                         gate=ctx.gate).scores
+    idx = ctx.q2k_idx.copy()
+    idx[..., 2] = np.argmin(scores, axis=-1)  # the lowest-scoring tile in place of the third best
+    assert spot_check(dataclasses.replace(ctx, q2k_idx=idx), **ALL)["selection"] > 0.5
+    idx = ctx.q2k_idx.copy()
+    idx[..., 2] = idx[..., 1]
+    assert spot_check(dataclasses.replace(ctx, q2k_idx=idx), **ALL)["selection"] == np.inf
+    assert spot_check(dataclasses.replace(ctx, scale=ctx.scale * 1.01), **ALL)["scale"] > 5e-3
+    assert spot_check(ctx, scale=ctx.scale, **ALL)["scale"] == 0
+
+
+def test_check_spot_refuses_results_past_the_bounds_or_missing():
     from _common import check_spot, spot_check
 
-    ctx, dout, grads = _spot_problem(ml_dtypes.bfloat16)
-    line = check_spot(spot_check(ctx, dout, grads), ml_dtypes.bfloat16, "bf16 VSA")
-    assert line.startswith("spot check of bf16 VSA: out ") and "dk " in line
-    with pytest.raises(SystemExit, match="dv past the bounds"):
-        check_spot(spot_check(ctx, dout, grads._replace(dv=grads.dv * 2)), ml_dtypes.bfloat16, "bf16 VSA")
+    bf16 = ml_dtypes.bfloat16
+    ctx, dout, grads = _spot_problem(bf16)
+    line = check_spot(spot_check(ctx, dout, grads), bf16, "bf16 VSA", backward=True, gate=True)
+    assert line.startswith("spot check of bf16 VSA: scale ") and " dk " in line
+    with pytest.raises(SystemExit, match="dv past its bound"):
+        check_spot(spot_check(ctx, dout, grads._replace(dv=grads.dv * 2)), bf16, "bf16 VSA", backward=True)
+    forward_only = spot_check(ctx)
+    check_spot(forward_only, bf16, "forward")
+    with pytest.raises(SystemExit, match="dq, dk, dv, dgate not checked"):
+        check_spot(forward_only, bf16, "forward", backward=True, gate=True)
+    with pytest.raises(ValueError, match="no bounds for float32"):
+        check_spot(forward_only, np.float32, "forward")
+    with pytest.raises(ValueError, match="dout and grads together"):
+        spot_check(ctx, dout)
+    with pytest.raises(ValueError, match="q_tiles, kv_tiles >= 1"):
+        spot_check(ctx, q_tiles=0)
