@@ -53,8 +53,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import jax
-import jax.numpy as jnp
+try:
+    import jax
+    import jax.numpy as jnp
+except ModuleNotFoundError as error:  # an install without the 'jax' extra
+    raise ModuleNotFoundError(f"vsa_nd.adapters.jax needs JAX, which this environment lacks ({error}): "
+                              "pip install 'vsa_nd[jax]'", name=error.name) from error
 import numpy as np
 
 import vsa_nd

@@ -99,8 +99,12 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import numpy as np
-import torch
-from torch import Tensor
+try:
+    import torch
+    from torch import Tensor
+except ModuleNotFoundError as error:  # an install without the 'torch' extra
+    raise ModuleNotFoundError(f"vsa_nd.adapters.torch needs PyTorch, which this environment lacks ({error}): "
+                              "pip install 'vsa_nd[torch]'", name=error.name) from error
 
 import vsa_nd
 from vsa_nd import validation as check

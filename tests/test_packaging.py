@@ -69,6 +69,16 @@ def test_import_loads_no_framework_and_no_numba():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("framework, extra", [("torch", "torch"), ("jax", "jax")])
+def test_an_adapter_without_its_framework_says_which_extra_to_install(framework, extra):
+    code = (f"import sys; sys.modules[{framework!r}] = None  # as if it were not installed\n"
+            f"import vsa_nd.adapters.{framework}")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert (f"ModuleNotFoundError: vsa_nd.adapters.{framework} needs" in result.stderr
+            and f"pip install 'vsa_nd[{extra}]'" in result.stderr), result.stderr
+
+
 DEMO_ARGS = ["demo", "--backend", "cpu", "--seq", "5,6,7", "--tile", "2,4,4", "--heads", "4", "--kv-heads", "2",
              "--head-dim", "16", "--sparsity", "0.5", "--repeats", "1"]
 
@@ -127,13 +137,43 @@ def test_demo_reports_sizes_past_what_numpy_can_shape(flag, capsys):
     assert "vsa-nd demo: not enough memory for this problem; try smaller sizes" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag, value, message", [("--seq", "-8,16,16", "seq_shape: expected every side >= 1"),
-                                                  ("--tile", "-4,4,4", "tile_shape: expected every side >= 1")])
+@pytest.mark.parametrize("flag, value, message", [("--seq", "-8,16,16", "--seq: seq_shape: expected every side >= 1"),
+                                                  ("--tile", "-4,4,4", "--tile: tile_shape: expected every side >= 1")])
 def test_demo_names_a_negative_side(flag, value, message, capsys):
     """A negative first side, given as its own argument, reaches vsa_nd's message (argparse alone
     would say "expected one argument")."""
     assert cli.main(["demo", "--backend", "cpu", "--seq", "8,16,16", flag, value]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq", "4,8,8,8"], "vsa-nd demo: --tile: tile_shape: no default for a 4-D seq_shape"),
+    (["--sparsity", "2"], "vsa-nd demo: --sparsity: sparsity: expected a value in [0, 1], got 2.0"),
+])
+def test_demo_errors_name_the_flag(args, message, capsys):
+    assert cli.main(["demo", "--backend", "cpu", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_refuses_a_problem_larger_than_the_memory_before_starting(monkeypatch, capsys):
+    """A problem whose arrays would not fit is refused with the out-of-memory line before the plan
+    is built (whose index arrays alone could exhaust the memory): not killed half-way."""
+    monkeypatch.setattr(cli.Device, "memory_bytes", lambda self: 100 * 2**10)  # a 100 KiB machine
+    monkeypatch.setattr(vsa_nd, "tile_plan", None)  # (never reached)
+    assert cli.main(DEMO_ARGS) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "vsa-nd demo: not enough memory for this problem; try smaller sizes "
+        "(1 x 4 x 210 x 16 elements per array: about 840.0 KiB, against 100.0 KiB here)")
+    monkeypatch.undo()
+    assert cli.Device("cpu").memory_bytes() > 2**28  # the real one: this machine's physical memory
+
+
+def test_demo_skips_dense_timing_past_its_cpu_budget(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "CPU_DENSE_BUDGET", 0.0)
+    assert cli.main(DEMO_ARGS) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"dense attention time\s+not timed: 0.0 TFLOP a call", printed)
+    assert re.search(r"speed-up over dense\s+-", printed) and "PASS" in printed
 
 
 @pytest.mark.parametrize("seed", ["-1", "x"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import sys
 import threading
 import time
@@ -34,6 +35,15 @@ DEFAULTS = {
 # in total and per call, and check a spread-out subset of query tiles when a problem is larger.
 REFERENCE_BUDGET = 2**27
 REFERENCE_CHUNK = 2**22
+# Dense attention is timed as the baseline only up to this many FLOPs a call on the CPU (a few
+# seconds on two cores; 4*B*H*S^2*D grows with the square of the tokens): beyond, it is skipped.
+CPU_DENSE_BUDGET = 1e11
+# Arrays of the problem's size [B, H, S_pad, D] the demo holds at once, at most (inputs in the
+# model's layout, tiled copies, outputs, dense baseline's copies), in float32 or wider: a problem
+# that needs more than the machine has is refused before it starts, not killed half-way.
+ARRAYS_HELD = 16
+# The flags behind vsa_nd's argument names, for messages that start with the name.
+FLAG_OF = {"seq_shape": "--seq", "tile_shape": "--tile", "sparsity": "--sparsity"}
 
 
 class Progress:
@@ -151,6 +161,16 @@ class Device:
             self.name = f"Numba CPU ({numba.get_num_threads()} threads)"
             self.key = "cpu"
 
+    def memory_bytes(self) -> int:
+        """The memory the demo's arrays live in: physical memory on the CPU, the GPU's own on CUDA
+        (0 where it cannot be told, which skips the check)."""
+        if self.xp is np:
+            try:
+                return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            except (AttributeError, OSError, ValueError):  # not a POSIX system
+                return 0
+        return int(self.xp.cuda.Device().mem_info[1])
+
     def to_device(self, x):
         return self.xp.asarray(x)
 
@@ -255,6 +275,24 @@ def _selection_mismatches(scores, q2k_idx, q2k_num) -> int:
     return int(np.sum(worst_chosen < best_other - tolerance))
 
 
+def _check_memory(device: Device, dtype, batch: int, heads: int, tokens: int, head_dim: int) -> None:
+    """MemoryError, before anything is allocated, where ARRAYS_HELD arrays [B, H, tokens, D] would
+    not fit in the device's memory (or NumPy could not even shape one)."""
+    elements = batch * heads * tokens * head_dim
+    shape = f"{batch} x {heads} x {tokens} x {head_dim} elements per array"
+    if elements >= 2**60:
+        raise MemoryError(shape)
+    need, have = ARRAYS_HELD * elements * max(dtype.itemsize, 4), device.memory_bytes()
+    if have and need > have:
+        raise MemoryError(f"{shape}: about {_size(need)}, against {_size(have)} here")
+
+
+def _size(nbytes: int) -> str:
+    """``nbytes`` in KiB, MiB or GiB, whichever keeps the number at least 1."""
+    unit = max(1, min(3, int(math.log(max(nbytes, 1), 1024))))
+    return f"{nbytes / 1024**unit:.1f} {('KiB', 'MiB', 'GiB')[unit - 1]}"
+
+
 def demo(args) -> int:
     kind = args.backend
     if kind == "auto":
@@ -275,15 +313,20 @@ def demo(args) -> int:
         return 2
 
     device = Device(kind)
+    # Before the plan, whose index arrays alone can exhaust the memory for absurd sizes: the
+    # tokens as given (the padded count, checked below, is at least as large).
+    if all(side >= 1 for side in seq):
+        _check_memory(device, dtype, batch, max(heads, kv_heads), math.prod(seq), head_dim)
     try:
         plan = vsa_nd.tile_plan(seq, args.tile, device=device.key)
         topk = vsa_nd.topk_from_sparsity(sparsity, plan.num_blocks)
     except (TypeError, ValueError) as error:  # a bad --seq, --tile or --sparsity
-        print(f"vsa-nd demo: {error}", file=sys.stderr)
+        message = str(error)
+        flag = FLAG_OF.get(message.split(":", 1)[0])
+        print(f"vsa-nd demo: {flag + ': ' if flag else ''}{message}", file=sys.stderr)
         return 2
     n, volume = plan.num_blocks, plan.tile_volume
-    if batch * max(heads, kv_heads) * plan.padded_len * head_dim >= 2**60:  # past what NumPy can even shape
-        raise MemoryError(f"{batch} x {max(heads, kv_heads)} x {plan.padded_len} x {head_dim} elements per array")
+    _check_memory(device, dtype, batch, max(heads, kv_heads), plan.padded_len, head_dim)
     sizes = plan.variable_block_sizes
     rng = np.random.default_rng(args.seed)
 
@@ -308,14 +351,18 @@ def demo(args) -> int:
     out, context = vsa_nd.video_sparse_attn(qt, kt, vt, topk, sizes, return_context=True)
     scale = head_dim**-0.5
 
-    dense_in = [x.transpose(0, 2, 1, 3) for x in (q, k, v)]  # [B, H, S, D], real tokens only
-    if kind == "cpu":
-        dense_in = [np.ascontiguousarray(x, dtype=compute_dtype(dtype)) for x in dense_in]
-    else:
-        dense_in = [device.xp.ascontiguousarray(x) for x in dense_in]
-    with Progress("timing VSA, dense and tile/untile", 3 * repeats) as bar:
+    dense_flops = 4.0 * batch * heads * plan.seq_len**2 * head_dim
+    time_dense = kind != "cpu" or dense_flops <= CPU_DENSE_BUDGET
+    if time_dense:
+        dense_in = [x.transpose(0, 2, 1, 3) for x in (q, k, v)]  # [B, H, S, D], real tokens only
+        if kind == "cpu":
+            dense_in = [np.ascontiguousarray(x, dtype=compute_dtype(dtype)) for x in dense_in]
+        else:
+            dense_in = [device.xp.ascontiguousarray(x) for x in dense_in]
+    with Progress("timing VSA, dense and tile/untile", (2 + time_dense) * repeats) as bar:
         vsa_time = _median_time(device, lambda: vsa_nd.video_sparse_attn(qt, kt, vt, topk, sizes), repeats, bar)
-        dense_time = _median_time(device, lambda: dense_attention(device.xp, *dense_in, scale), repeats, bar)
+        if time_dense:
+            dense_time = _median_time(device, lambda: dense_attention(device.xp, *dense_in, scale), repeats, bar)
         tile_time = _median_time(
             device, lambda: [vsa_nd.tile(x, plan) for x in (q, k, v)] + [vsa_nd.untile(out, plan)], repeats, bar
         )
@@ -339,8 +386,9 @@ def demo(args) -> int:
         ("max relative error", f"{err['max_rel']:.2e} (tolerance {tolerance:.0e}), norm-relative {err['norm_rel']:.2e}"),
         ("top-k selection", f"{err['bad_rows']} of {err['rows']} rows differ from the reference"),
         ("VSA time", f"{vsa_time * 1e3:.2f} ms (median of {repeats})"),
-        ("dense attention time", f"{dense_time * 1e3:.2f} ms ({dense_note})"),
-        ("speed-up over dense", f"{dense_time / vsa_time:.2f}x"),
+        ("dense attention time", f"{dense_time * 1e3:.2f} ms ({dense_note})" if time_dense else
+         f"not timed: {dense_flops / 1e12:.1f} TFLOP a call, past the CPU demo's {CPU_DENSE_BUDGET / 1e12:.1f}"),
+        ("speed-up over dense", f"{dense_time / vsa_time:.2f}x" if time_dense else "-"),
         ("tile q, k, v + untile out", f"{tile_time * 1e3:.2f} ms"),
         ("result", "FAIL: " + ", ".join(failures) if failures else "PASS"),
     ]
