@@ -220,6 +220,25 @@ def test_backward_gives_nan_for_rows_whose_lse_float32_cannot_resolve(poisoned, 
                              vsa_nd.Gradients(*(None if g is None else host(g) for g in grads)), TOLERANCE[BFLOAT16])
 
 
+@pytest.mark.parametrize("target", [1.5e6, 9e5])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_backward_nan_exactly_where_lse_passes_the_limit(poisoned, head_dim, target):
+    """The limit itself (LSE_LIMIT = 2**20 on |lse|, both signs; bf16): rows with lse 1.5e6 and
+    about -1.5e6 get NaN gradients, rows with lse 9e5 and about -9e5 finite ones."""
+    import cupy
+
+    plan, q, k, v, dout = huge_lse_problem(BFLOAT16, head_dim, seed=head_dim, target=target)
+    out, ctx = vsa_nd.video_sparse_attn(*(cupy.asarray(x) for x in (q, k, v)), 3,
+                                        cupy.asarray(plan.variable_block_sizes), return_context=True)
+    grads = vsa_nd.video_sparse_attn_backward(cupy.asarray(dout), ctx)
+    host = lambda x: cupy.asnumpy(x)  # noqa: E731
+    lse = host(ctx.lse)
+    assert abs(lse[0, 0, 133] / target - 1) < 5e-3 and abs(lse[0, 0, 134] / target + 1) < 5e-3
+    check_huge_lse_gradients(plan, q, k, v, dout, host(out), lse, host(ctx.q2k_idx), host(ctx.q2k_num),
+                             vsa_nd.Gradients(*(None if g is None else host(g) for g in grads)), TOLERANCE[BFLOAT16],
+                             expect_nan=target > 2**20, huge_rows=(133, 134))
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_backward_of_rows_whose_first_tile_overflows_to_minus_inf(poisoned, head_dim):
     """Even query rows whose scores with their first key tile overflow float32 to -inf (finite

@@ -105,13 +105,15 @@ def attention_problems(draw):
 
 
 def make_inputs(p):
-    """Tiled q, k, v (and gate) with random values in every slot, pads included: only the
-    first block_sizes slots of a tile may count as tokens."""
+    """Tiled q, k, v (and gate): random values in every slot of q and gate, pads included, and NaN
+    in the pad slots of k and v: only the first block_sizes slots of a tile may count as tokens,
+    and nothing a key pad holds may reach a result."""
     rng = np.random.default_rng(p["seed"])
     b, h, h_kv, d, dtype = p["batch"], p["heads"], p["kv_heads"], p["dim"], p["dtype"]
     q = normal(rng, (b, h, p["plan_q"].padded_len, d), dtype)
-    k = normal(rng, (b, h_kv, p["plan_kv"].padded_len, d), dtype)
-    v = normal(rng, (b, h_kv, p["plan_kv"].padded_len, d), dtype)
+    kv_real = ref.valid_slots(p["plan_kv"].variable_block_sizes, p["plan_kv"].tile_volume)[:, None]
+    k, v = (np.where(kv_real, normal(rng, (b, h_kv, p["plan_kv"].padded_len, d), dtype), np.nan).astype(dtype)
+            for _ in range(2))
     gate = normal(rng, q.shape, dtype) if p["gate"] else None
     return rng, q, k, v, gate
 
@@ -673,6 +675,20 @@ def test_backward_gives_nan_for_rows_whose_lse_float32_cannot_resolve(dtype):
         return
     check_huge_lse_gradients(plan, q, k, v, dout, out, ctx.lse, ctx.q2k_idx, ctx.q2k_num, grads,
                              BWD_TOL[np.dtype(dtype).name])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, bfloat16])
+@pytest.mark.parametrize("target", [1.5e6, 9e5])
+def test_backward_nan_exactly_where_lse_passes_the_limit(dtype, target):
+    """The limit itself (2**20 on |lse|, both signs): rows with lse 1.5e6 and about -1.5e6 get
+    NaN gradients, rows with lse 9e5 and about -9e5 finite ones (a limit of 2**24, or of lse
+    rather than |lse|, failed none of the other tests)."""
+    plan, q, k, v, dout = huge_lse_problem(dtype, 32, seed=7, target=target)
+    out, ctx = vsa_nd.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, return_context=True)
+    assert abs(ctx.lse[0, 0, 133] / target - 1) < 5e-3 and abs(ctx.lse[0, 0, 134] / target + 1) < 5e-3
+    grads = vsa_nd.video_sparse_attn_backward(dout, ctx)
+    check_huge_lse_gradients(plan, q, k, v, dout, out, ctx.lse, ctx.q2k_idx, ctx.q2k_num, grads,
+                             BWD_TOL[np.dtype(dtype).name], expect_nan=target > 2**20, huge_rows=(133, 134))
 
 
 def test_coarse_attn_returns_the_scores_and_the_coarse_output():

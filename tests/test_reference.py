@@ -203,12 +203,15 @@ def test_ties_go_to_the_lower_tile_index():
     scores = np.array([[[[1.0, 3.0, 3.0, 2.0, 3.0, 0.5]]]])
     assert ref.select_topk(scores, 2)[0].tolist() == [[[[1, 2]]]]
     assert ref.select_topk(scores, 4)[0].tolist() == [[[[1, 2, 3, 4]]]]
-    # Every key tile equal: all coarse scores tie, so the first topk tiles are chosen.
-    rng = np.random.default_rng(4)
-    q, k, v = make_problem(rng, 1, 2, 2, 4, 4, [4, 4, 4], [4] * 5)
-    k[:, :, :] = np.tile(k[:, :, :4], (1, 1, 5, 1))
-    result = ref.video_sparse_attn(q, k, v, [4, 4, 4], [4] * 5, topk=3, tile_volume=4)
-    assert np.all(result.q2k_idx == [0, 1, 2])
+    # Every key tile equal: all coarse scores tie, so the first topk tiles are chosen.  (With
+    # the scores from a BLAS matmul, which may round equal columns an ulp apart, 125 of 200
+    # such problems at D = 16 chose otherwise; the first seed here did not.)
+    for seed in range(4, 24):
+        rng = np.random.default_rng(seed)
+        q, k, v = make_problem(rng, 1, 2, 2, 16, 8, [8, 8, 8], [8] * 5)
+        k[:, :, :] = np.tile(k[:, :, :8], (1, 1, 5, 1))
+        result = ref.video_sparse_attn(q, k, v, [8, 8, 8], [8] * 5, topk=3, tile_volume=8)
+        assert np.all(result.q2k_idx == [0, 1, 2]), seed
 
 
 def test_pad_slots_do_not_change_real_rows_or_their_gradients():

@@ -131,6 +131,13 @@ def block_sparse_attn(q, k, v, block_map, kv_block_sizes, tile_volume: int, scal
     return np.where(q_real[:, None], out, 0), np.where(q_real, lse, -np.inf)
 
 
+def coarse_scores(q_c: np.ndarray, k_c: np.ndarray, scale: float) -> np.ndarray:
+    """scale * q_c k_c^T [..., N_q, N_kv], every entry summed in the same order: key tiles with
+    equal means score exactly equal, so select_topk's ties go to the lower index as documented
+    (a BLAS matmul may round equal columns differently, by an ulp)."""
+    return scale * np.einsum("...id,...jd->...ij", q_c, k_c)
+
+
 def broadcast_tiles(x: np.ndarray, tile_volume: int) -> np.ndarray:
     """[B, H, N, D] -> [B, H, N*V, D]: every slot of tile i gets row i."""
     return np.repeat(x, tile_volume, axis=2)
@@ -157,7 +164,7 @@ def video_sparse_attn(
     q_c = block_mean(q, q_block_sizes, tile_volume, dtype)
     k_c = expand_kv_heads(block_mean(k, kv_block_sizes, tile_volume, dtype), num_heads)
     v_c = expand_kv_heads(block_mean(v, kv_block_sizes, tile_volume, dtype), num_heads)
-    scores = scale * (q_c @ np.swapaxes(k_c, -1, -2))
+    scores = coarse_scores(q_c, k_c, scale)
     coarse = softmax(scores) @ v_c
 
     if q2k_idx is None:
@@ -206,7 +213,7 @@ def video_sparse_attn_backward(
     q_c = block_mean(q, q_block_sizes, tile_volume, dtype)
     k_c = expand_kv_heads(block_mean(k, kv_block_sizes, tile_volume, dtype), num_heads)
     v_c = expand_kv_heads(block_mean(v, kv_block_sizes, tile_volume, dtype), num_heads)
-    a = softmax(scale * (q_c @ np.swapaxes(k_c, -1, -2)))
+    a = softmax(coarse_scores(q_c, k_c, scale))
     coarse = broadcast_tiles(a @ v_c, tile_volume)
     weight = 1.0 if gate is None else np.where(q_real, np.asarray(gate, dtype=dtype), 0)
     d_coarse = (dout * weight).reshape(*q_c.shape[:3], tile_volume, -1).sum(axis=3)

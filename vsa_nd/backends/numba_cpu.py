@@ -130,6 +130,7 @@ def _exp2_impl(x):
             under = x < low  # False for NaN, which stays NaN
             x = low if under else (zero if x > zero else x)
             n = np.floor(x + half)
+            n = n if n == n else zero  # NaN: _pow2_int's float-to-int conversion of it is undefined (f keeps the NaN)
             f = x - n
             p = (c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))) * _pow2_int(n)
             return zero if under else p
@@ -141,6 +142,7 @@ def _exp2_impl(x):
         under = x < low
         x = low if under else (zero if x > zero else x)
         n = np.floor(x + half)
+        n = n if n == n else zero  # as in exp2_f32
         f = x - n
         p = c7 + f * (c8 + f * (c9 + f * (c10 + f * (c11 + f * (c12 + f * c13)))))
         p = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * p))))))
@@ -773,7 +775,7 @@ def _dkdv_kernel(q, k, v, q_block_sizes, kv_block_sizes, scale, qs_t, dout_rows,
 def _reverse_lists(q2k_idx, q2k_num, kv_heads, kv_tiles):
     """Counting sort of the selections by (b, kv head, key tile).
 
-    Returns (offsets [B*H_kv*N_kv + 1] int64, entries int32, slots int32): the entries of
+    Returns (offsets [B*H_kv*N_kv + 1] int64, entries int64, slots int32): the entries of
     bucket (b * H_kv + hk) * N_kv + j list h * N_q + i for every (h, i) that selected key tile
     j, in increasing order, so the dK/dV pass visits them in a fixed order; slots gives each
     entry's position t in that (h, i)'s list (q2k_idx[b, h, i, t] = j).
@@ -789,7 +791,7 @@ def _reverse_lists(q2k_idx, q2k_num, kv_heads, kv_tiles):
     for n in range(1, offsets.size):
         offsets[n] += offsets[n - 1]
     fill = offsets[:-1].copy()
-    entries = np.empty(offsets[-1], np.int32)
+    entries = np.empty(offsets[-1], np.int64)  # h * q_tiles + i: past int32 once H * N_q reaches 2**31
     slots = np.empty(offsets[-1], np.int32)
     for b in range(batch):
         for h in range(heads):
