@@ -57,6 +57,8 @@ try:
     import jax
     import jax.numpy as jnp
 except ModuleNotFoundError as error:  # an install without the 'jax' extra
+    if (error.name or "").split(".")[0] != "jax":
+        raise  # jax is there, but something it imports is not
     raise ModuleNotFoundError(f"vsa_nd.adapters.jax needs JAX, which this environment lacks ({error}): "
                               "pip install 'vsa_nd[jax]'", name=error.name) from error
 import numpy as np

@@ -103,6 +103,8 @@ try:
     import torch
     from torch import Tensor
 except ModuleNotFoundError as error:  # an install without the 'torch' extra
+    if (error.name or "").split(".")[0] != "torch":
+        raise  # torch is there, but something it imports is not
     raise ModuleNotFoundError(f"vsa_nd.adapters.torch needs PyTorch, which this environment lacks ({error}): "
                               "pip install 'vsa_nd[torch]'", name=error.name) from error
 

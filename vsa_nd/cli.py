@@ -162,14 +162,23 @@ class Device:
             self.key = "cpu"
 
     def memory_bytes(self) -> int:
-        """The memory the demo's arrays live in: physical memory on the CPU, the GPU's own on CUDA
-        (0 where it cannot be told, which skips the check)."""
-        if self.xp is np:
+        """The memory the demo's arrays live in: on the CPU the physical memory, or a container's
+        (cgroup) limit where that is smaller; on CUDA the GPU's own.  0 where it cannot be told,
+        which skips the check.  (Memory others use is not counted: the check refuses only what
+        could never fit.)"""
+        if self.xp is not np:
+            return int(self.xp.cuda.Device().mem_info[1])
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, OSError, ValueError):  # not a POSIX system
+            return 0
+        for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
             try:
-                return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            except (AttributeError, OSError, ValueError):  # not a POSIX system
-                return 0
-        return int(self.xp.cuda.Device().mem_info[1])
+                with open(limit_file) as f:
+                    total = min(total, int(f.read().strip()))
+            except (OSError, ValueError):  # absent, or "max": no limit
+                pass
+        return total
 
     def to_device(self, x):
         return self.xp.asarray(x)
@@ -276,19 +285,22 @@ def _selection_mismatches(scores, q2k_idx, q2k_num) -> int:
 
 
 def _check_memory(device: Device, dtype, batch: int, heads: int, tokens: int, head_dim: int) -> None:
-    """MemoryError, before anything is allocated, where ARRAYS_HELD arrays [B, H, tokens, D] would
-    not fit in the device's memory (or NumPy could not even shape one)."""
+    """MemoryError, before anything is allocated, where ARRAYS_HELD arrays [B, H, tokens, D] and
+    the dense baseline's blocks of scores would not fit in the device's memory (or NumPy could
+    not even shape one array)."""
     elements = batch * heads * tokens * head_dim
     shape = f"{batch} x {heads} x {tokens} x {head_dim} elements per array"
     if elements >= 2**60:
         raise MemoryError(shape)
-    need, have = ARRAYS_HELD * elements * max(dtype.itemsize, 4), device.memory_bytes()
+    width = max(dtype.itemsize, 4)
+    scores = 3 * min(2**26, tokens * tokens) * width  # dense_attention's block of scores, ~3 alive at once
+    need, have = ARRAYS_HELD * elements * width + scores, device.memory_bytes()
     if have and need > have:
         raise MemoryError(f"{shape}: about {_size(need)}, against {_size(have)} here")
 
 
 def _size(nbytes: int) -> str:
-    """``nbytes`` in KiB, MiB or GiB, whichever keeps the number at least 1."""
+    """``nbytes`` in the largest of KiB, MiB and GiB that keeps the number at least 1 (KiB below)."""
     unit = max(1, min(3, int(math.log(max(nbytes, 1), 1024))))
     return f"{nbytes / 1024**unit:.1f} {('KiB', 'MiB', 'GiB')[unit - 1]}"
 
@@ -387,7 +399,8 @@ def demo(args) -> int:
         ("top-k selection", f"{err['bad_rows']} of {err['rows']} rows differ from the reference"),
         ("VSA time", f"{vsa_time * 1e3:.2f} ms (median of {repeats})"),
         ("dense attention time", f"{dense_time * 1e3:.2f} ms ({dense_note})" if time_dense else
-         f"not timed: {dense_flops / 1e12:.1f} TFLOP a call, past the CPU demo's {CPU_DENSE_BUDGET / 1e12:.1f}"),
+         f"not timed: {dense_flops / 1e12:.2g} TFLOP a call, past the CPU demo's budget of "
+         f"{CPU_DENSE_BUDGET / 1e12:.2g} TFLOP"),
         ("speed-up over dense", f"{dense_time / vsa_time:.2f}x" if time_dense else "-"),
         ("tile q, k, v + untile out", f"{tile_time * 1e3:.2f} ms"),
         ("result", "FAIL: " + ", ".join(failures) if failures else "PASS"),
