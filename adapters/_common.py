@@ -24,6 +24,16 @@ from vsa_nd.backends import FORWARD_RESULTS
 from vsa_nd.backends import forward_result_specs as forward_specs  # noqa: F401 - the adapters' name for it
 from vsa_nd.tiling import trusted_index_arrays
 
+
+def raise_framework_missing(error: ModuleNotFoundError, framework: str, name: str):
+    """Raise what ``vsa_nd.adapters.<framework>`` raises when importing its framework raised
+    ``error``: ``error`` itself where the framework is there but something it imports is not,
+    else a ModuleNotFoundError naming the extra to install."""
+    if (error.name or "").split(".")[0] != framework:
+        raise error
+    raise ModuleNotFoundError(f"vsa_nd.adapters.{framework} needs {name}, which this environment lacks ({error}): "
+                              f"pip install 'vsa_nd[{framework}]'", name=error.name) from error
+
 _F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 
 # Floating dtypes each entry point takes, per device kind.  The CUDA attention kernels are

@@ -53,22 +53,21 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
+
+from . import _common  # (imports no framework: it comes first, for the message below)
+
 try:
     import jax
     import jax.numpy as jnp
 except ModuleNotFoundError as error:  # an install without the 'jax' extra
-    if (error.name or "").split(".")[0] != "jax":
-        raise  # jax is there, but something it imports is not
-    raise ModuleNotFoundError(f"vsa_nd.adapters.jax needs JAX, which this environment lacks ({error}): "
-                              "pip install 'vsa_nd[jax]'", name=error.name) from error
-import numpy as np
+    _common.raise_framework_missing(error, "jax", "JAX")
 
 import vsa_nd
 from vsa_nd import ops
 from vsa_nd import validation as check
 from vsa_nd._xp import BFLOAT16, device_key
 
-from . import _common
 
 TilePlan = _common.AdaptedTilePlan
 

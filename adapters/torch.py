@@ -99,21 +99,20 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import numpy as np
+
+from . import _common  # (imports no framework: it comes first, for the message below)
+
 try:
     import torch
     from torch import Tensor
 except ModuleNotFoundError as error:  # an install without the 'torch' extra
-    if (error.name or "").split(".")[0] != "torch":
-        raise  # torch is there, but something it imports is not
-    raise ModuleNotFoundError(f"vsa_nd.adapters.torch needs PyTorch, which this environment lacks ({error}): "
-                              "pip install 'vsa_nd[torch]'", name=error.name) from error
+    _common.raise_framework_missing(error, "torch", "PyTorch")
 
 import vsa_nd
 from vsa_nd import validation as check
 from vsa_nd._xp import BFLOAT16, device_key
 from vsa_nd.tiling import trusted_tile_volume
 
-from . import _common
 
 TilePlan = _common.AdaptedTilePlan
 
