@@ -251,3 +251,17 @@ def lse_error(lse, ref) -> float:
     if not np.array_equal(lse[~finite], ref[~finite]):
         return np.inf
     return float(np.max(np.abs(lse[finite] - ref[finite]) / np.maximum(np.abs(ref[finite]), 1.0), initial=0.0))
+
+
+def assert_rows_close(got, want, real, tolerances, name: str, floor: float = 0.01):
+    """``got`` [B, H, S_pad, D] within ``tolerances`` (whole array, worst row: worst_row_error) of
+    ``want`` on the ``real`` rows, the whole array's norm floored at an RMS of ``floor`` per
+    element; and exactly 0 in the pad rows."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    got_real, want_real = got[:, :, real], want[:, :, real]
+    whole = np.linalg.norm(got_real - want_real) / max(np.linalg.norm(want_real), floor * np.sqrt(want_real.size),
+                                                       1e-12)
+    row = worst_row_error(got_real, want_real)
+    assert whole <= tolerances[0], f"{name}: relative error {whole:.2e}"
+    assert row <= tolerances[1], f"{name}: worst row's relative error {row:.2e}"
+    assert np.all(got[:, :, ~real] == 0), f"{name}: pad rows not zero"

@@ -24,17 +24,16 @@ import vsa_nd
 import vsa_nd.adapters.torch as vt
 from vsa_nd import reference as ref
 
-from attention_problems import force_ds_hand_over, worst_row_error
+from attention_problems import assert_rows_close, force_ds_hand_over
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # CPU (Numba) results; the audit measured fp16 2e-4 and bf16 1.7e-3 (forward) / 2e-3 (backward).
 FWD_TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 BWD_TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 # CUDA results: the bounds of the CUDA backend's own tests (test_cuda_attention, test_cuda_backward),
-# each a (whole array, worst row) pair; norms floored at an RMS of 0.01 per element (CUDA_FLOOR).
+# each a (whole array, worst row) pair (attention_problems.assert_rows_close: norms floored at 0.01).
 CUDA_FWD_TOL = {torch.float16: (3e-3, 5e-3), torch.bfloat16: (1e-2, 3e-2)}
 CUDA_BWD_TOL = {torch.float16: (5e-3, 1e-2), torch.bfloat16: (3e-2, 1e-1)}
-CUDA_FLOOR = 0.01
 
 # A 3-D plan with partial edge tiles on every axis (8 tiles, 6 of them padded).
 SEQ, TILE = (3, 5, 6), (2, 4, 4)
@@ -1000,7 +999,7 @@ def test_cuda_forward_matches_array_api_and_reference(dtype):
     assert cupy.array_equal(vt._as_array(out).view(np.uint16), expected.view(np.uint16))
     real = real_rows(plan)
     forward = reference_forward(plan, (q, k, v, g), 2)
-    assert_close_on_cuda(numpy_of(out), forward.out, real, CUDA_FWD_TOL[dtype], "out")
+    assert_rows_close(numpy_of(out), forward.out, real, CUDA_FWD_TOL[dtype], "out")
 
 
 @pytest.mark.gpu
@@ -1013,17 +1012,8 @@ def test_cuda_backward_matches_reference(dtype):
     expected = reference_gradients(plan, (q, k, v, g), dout, 2)
     real = real_rows(plan)
     for name, tensor, want in zip(("dq", "dk", "dv", "dgate"), (q, k, v, g), expected):
-        assert_close_on_cuda(numpy_of(tensor.grad), want, real, CUDA_BWD_TOL[dtype], name)
+        assert_rows_close(numpy_of(tensor.grad), want, real, CUDA_BWD_TOL[dtype], name)
 
-
-def assert_close_on_cuda(got, want, real, tolerances, name):
-    """``got`` [B, H, S_pad, D] within (whole array, worst row) ``tolerances`` of ``want`` on the
-    real rows, and exactly zero in the pad rows."""
-    got_real, want_real = got[:, :, real], want[:, :, real]
-    whole, row = rel_err(got_real, want_real, CUDA_FLOOR), worst_row_error(got_real, want_real)
-    assert whole <= tolerances[0], f"{name}: relative error {whole:.2e}"
-    assert row <= tolerances[1], f"{name}: worst row's relative error {row:.2e}"
-    assert np.all(got[:, :, ~real] == 0), f"{name}: pad rows not zero"
 
 
 @pytest.mark.gpu
