@@ -3,6 +3,7 @@ CUDA-event time of single calls (CuPy) and of calls made back to back (torch), a
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import subprocess
@@ -164,8 +165,6 @@ def selection_overlap(q2k_idx, topk: int) -> float:
     return shared / (flat.shape[0] * (n - 1) * topk)
 
 
-
-
 # Spot checks: the timed calls' results at the benchmark's own shape (the tests run the same
 # kernels at small shapes only) against float64 rows computed here, on a sample of tiles.
 # Bounds as in the GPU tests: (whole sample, worst row) for the forward output and the gradients.
@@ -257,6 +256,7 @@ def spot_check(ctx, dout=None, grads=None, q_tiles: int = 4, kv_tiles: int = 2, 
     errors = {"scale": abs(ctx.scale / expected_scale - 1), "selection": 0.0, "pad": 0.0}
     scale = ctx.scale
 
+    @functools.lru_cache(maxsize=None)  # the sampled head's again among the group's below
     def head(hq):
         """Query head hq's arrays as [N_q, V, D] (q, dout, gate weight, out; lse [N_q, V]), pad
         slots zeroed, its coarse scores, and its coarse branch: output [N_q, D] and, for the
