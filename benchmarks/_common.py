@@ -184,6 +184,38 @@ def _host64(x):
     return np.asarray(x).astype(np.float64)
 
 
+def _leaves64(x) -> list:
+    """float64 NumPy copies of an array (NumPy, CuPy, torch or JAX) or of each array of a
+    (nested) tuple or list, in order."""
+    if isinstance(x, (tuple, list)):
+        return [leaf for item in x for leaf in _leaves64(item)]
+    if hasattr(x, "detach"):  # torch: its bfloat16 has no NumPy twin
+        x = x.detach().float().cpu().numpy()
+    elif type(x).__module__.startswith("jax"):
+        x = np.asarray(x)
+    return [_host64(x)]
+
+
+AGREE_BOUND = 1e-2  # two ways to call the same kernels: equal in practice, bf16 rounding at worst
+
+
+def agree(base, other, what: str, bound: float = AGREE_BOUND) -> str:
+    """A line saying how far ``other``'s results are from ``base``'s (the array-level call's), as
+    the largest norm-relative error over their arrays (in order; a norm below 1e-30 counts as
+    1); SystemExit if past ``bound``, NaN anywhere, or the arrays' count or shapes differ: a
+    benchmark of an adapter that returns something else is not reported."""
+    a, b = _leaves64(base), _leaves64(other)
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        raise SystemExit(f"{what}: results differ in count or shape: {[x.shape for x in a]} against "
+                         f"{[y.shape for y in b]}")
+    identical = all(np.array_equal(x, y) for x, y in zip(a, b))
+    errors = [float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-30)) for x, y in zip(a, b)]
+    error = max(errors, default=0.0) if np.all(np.isfinite(errors)) else np.inf  # (max() would skip a NaN)
+    if not error <= bound:
+        raise SystemExit(f"{what}: results {error:.1e} from the array call's (bound {bound})")
+    return f"{what}: " + ("identical to the array call's" if identical else f"{error:.1e} from the array call's")
+
+
 def _softmax_rows(scores):
     """(probabilities, log-sum-exp) of each row of ``scores``, in float64."""
     top = scores.max(axis=-1, keepdims=True)
@@ -211,7 +243,7 @@ def _nonzero(x) -> float:
 
 
 def spot_check(ctx, dout=None, grads=None, q_tiles: int = 4, kv_tiles: int = 2, seed: int = 0,
-               scale=None) -> dict:
+               scale=None, coarse: bool = True) -> dict:
     """Errors of a VSA call's results on a sample of tiles of one (batch, kv head), against float64.
 
     ``ctx``: the ``VSAContext`` of ``vsa_nd.video_sparse_attn(..., return_context=True)`` (NumPy
@@ -232,6 +264,12 @@ def spot_check(ctx, dout=None, grads=None, q_tiles: int = 4, kv_tiles: int = 2, 
     in units of the row's score spread (0 if none does; inf for a repeated or missing entry);
     "pad" the largest magnitude in the sample's pad rows of out and the gradients (inf for
     NaN, or an lse other than -inf there).
+
+    ``coarse=False`` checks the fine stage alone (``block_sparse_attn``, or the backends'
+    ``block_sparse_fwd`` / ``block_sparse_bwd`` without coarse and gate): no coarse branch is
+    added, and the selection, which the caller chose, is not checked ("selection" is absent).
+    ``ctx`` then needs only the attributes named above (q, k, v, out, lse, q2k_idx, q2k_num,
+    q_block_sizes, kv_block_sizes, scale; gate None) and ``grads`` only dq, dk and dv.
     """
     if (dout is None) != (grads is None):
         raise ValueError("spot_check: pass dout and grads together (the backward's input and results), or neither")
@@ -253,7 +291,9 @@ def spot_check(ctx, dout=None, grads=None, q_tiles: int = 4, kv_tiles: int = 2, 
     topk = idx.shape[-1]
     backward = grads is not None
     expected_scale = dim**-0.5 if scale is None else scale
-    errors = {"scale": abs(ctx.scale / expected_scale - 1), "selection": 0.0, "pad": 0.0}
+    errors = {"scale": abs(ctx.scale / expected_scale - 1), "pad": 0.0}
+    if coarse:
+        errors["selection"] = 0.0
     scale = ctx.scale
 
     @functools.lru_cache(maxsize=None)  # the sampled head's again among the group's below
@@ -266,7 +306,10 @@ def spot_check(ctx, dout=None, grads=None, q_tiles: int = 4, kv_tiles: int = 2, 
 
         t = dict(q=per_tile(ctx.q), out=_host64(ctx.out[b, hq]).reshape(len(q_sizes), volume, dim),
                  lse=_host64(ctx.lse[b, hq]).reshape(len(q_sizes), volume))
-        t["w"] = 1.0 if ctx.gate is None else per_tile(ctx.gate)
+        if not coarse:
+            t["w"] = 0.0  # (so the coarse branch and its gradients below add nothing)
+        else:
+            t["w"] = 1.0 if ctx.gate is None else per_tile(ctx.gate)
         q_c = t["q"].sum(1) / q_sizes[:, None]
         t["scores"] = scale * q_c @ k_c.T
         probs, _ = _softmax_rows(t["scores"])
@@ -311,13 +354,14 @@ def spot_check(ctx, dout=None, grads=None, q_tiles: int = 4, kv_tiles: int = 2, 
     t = head(h)
     if backward:
         dq, dgate = (None if g is None else _host64(g[b, h]).reshape(len(q_sizes), volume, dim)
-                     for g in (grads.dq, grads.dgate))
+                     for g in (grads.dq, getattr(grads, "dgate", None)))
     lse_errors = []
     for i in rng.choice(len(q_sizes), min(q_tiles, len(q_sizes)), replace=False):
         n = q_sizes[i]
-        errors["selection"] = max(errors["selection"], selection_error(h, t, i))
-        if errors["selection"] == np.inf:
-            break  # the selection itself is broken: nothing below would mean anything
+        if coarse:
+            errors["selection"] = max(errors["selection"], selection_error(h, t, i))
+            if errors["selection"] == np.inf:
+                break  # the selection itself is broken: nothing below would mean anything
         _, keys, values, p, lse, w, delta = fine(h, t, i)
         compare("out", t["out"][i, :n], p @ values + w * t["coarse"][i])
         lse_errors.append(np.abs(t["lse"][i, :n] - lse) / np.maximum(np.abs(lse), 1.0))
@@ -328,12 +372,12 @@ def spot_check(ctx, dout=None, grads=None, q_tiles: int = 4, kv_tiles: int = 2, 
             ds = p * (t["do"][i, :n] @ values.T - delta)
             compare("dq", dq[i, :n], scale * ds @ keys + t["dq_c"][i] / n)
             check_pads(dq[i, n:])
-            if dgate is not None:
+            if dgate is not None and coarse:
                 compare("dgate", dgate[i, :n], t["do"][i, :n] * t["coarse"][i])
                 check_pads(dgate[i, n:])
     if lse_errors:
         errors["lse"] = _nonzero(np.concatenate(lse_errors))
-    if backward and errors["selection"] < np.inf:
+    if backward and errors.get("selection", 0.0) < np.inf:
         chosen = np.arange(topk) < num[:, :, None]  # [H, N_q, topk]: the real entries
         used = np.unique(idx[list(group_heads)][chosen[list(group_heads)]])
         pool = used if used.size else np.arange(len(kv_sizes))
@@ -374,17 +418,19 @@ def spot_check(ctx, dout=None, grads=None, q_tiles: int = 4, kv_tiles: int = 2, 
     return errors
 
 
-def check_spot(errors: dict, dtype, what: str, backward: bool = False, gate: bool = False) -> str:
+def check_spot(errors: dict, dtype, what: str, backward: bool = False, gate: bool = False,
+               coarse: bool = True) -> str:
     """A one-line summary of :func:`spot_check`'s ``errors``; SystemExit if one is past its bound
     (``SPOT_BOUNDS`` for ``dtype``, ``LSE_BOUND``, ``SELECTION_BOUND``, 1e-6 for the scale, 0 for
-    pad rows) or missing (out, lse, and with ``backward`` dq, dk, dv, and dgate with ``gate``):
-    a benchmark of wrong results is not reported."""
+    pad rows) or missing (out, lse, the selection unless ``coarse`` is False, and with
+    ``backward`` dq, dk, dv, and dgate with ``gate``): a benchmark of wrong results is not
+    reported."""
     if np.dtype(dtype).name not in SPOT_BOUNDS:
         raise ValueError(f"check_spot: no bounds for {np.dtype(dtype).name} (float16 and bfloat16 only)")
     bounds = SPOT_BOUNDS[np.dtype(dtype).name]
     limits = dict(scale=1e-6, selection=SELECTION_BOUND, lse=LSE_BOUND, pad=0.0, out=bounds["out"],
                   **{name: bounds["grad"] for name in GRADIENTS})
-    required = ["scale", "selection", "pad", "out", "lse"] + (["dq", "dk", "dv"] if backward else [])
+    required = ["scale", "pad", "out", "lse"] + ["selection"] * coarse + (["dq", "dk", "dv"] if backward else [])
     required += ["dgate"] if backward and gate else []
     missing = [name for name in required if name not in errors]
     bad = [name for name, err in errors.items()

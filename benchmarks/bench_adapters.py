@@ -19,7 +19,9 @@ On CUDA two more rows per shape time torch's autograd floor: a trivial Python au
 of the same four inputs, and torch's own ``q * 2``, each against the same torch operations called
 directly (what the autograd engine costs any such node); a last row gives the forward + backward
 extra less the first floor.
-Also reports whether this CuPy takes DLPack's bfloat16 (kDLBfloat) directly.
+Also reports whether this CuPy takes DLPack's bfloat16 (kDLBfloat) directly.  Before a shape is
+timed, each of its four calls' results through torch are compared with the array call's
+(``_common.agree``: listed after the table); the script stops if they differ by more than 1e-2.
 
     python benchmarks/bench_adapters.py [--device cuda|cpu] [--shapes small,mid,main] [--reps 50]
 """
@@ -33,7 +35,7 @@ import statistics
 import time
 import warnings
 
-from _common import commit, time_back_to_back
+from _common import agree, commit, time_back_to_back
 
 SHAPES = {
     # name: (seq_shape, heads, head_dim, topk)
@@ -211,7 +213,7 @@ def _breakdown(cases, label: str, reps: int = 50):
 
 def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile_shape=None, *, reps: int,
                 cuda: bool, profile: bool = False, breakdown: bool = False, profile_backward: bool = False,
-                graphs: bool = False, compiled: bool = False):
+                graphs: bool = False, compiled: bool = False, checks: list):
     import torch
 
     import vsa_nd
@@ -239,25 +241,25 @@ def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile
 
     def array_call():
         with stream:
-            vsa_nd.video_sparse_attn(*arrays[:3], topk, array_plan.variable_block_sizes, gate=arrays[3])
+            return vsa_nd.video_sparse_attn(*arrays[:3], topk, array_plan.variable_block_sizes, gate=arrays[3])
 
     def array_call_with_context():
         with stream:
-            vsa_nd.video_sparse_attn(*arrays[:3], topk, array_plan.variable_block_sizes, gate=arrays[3],
-                                     return_context=True)
+            return vsa_nd.video_sparse_attn(*arrays[:3], topk, array_plan.variable_block_sizes, gate=arrays[3],
+                                            return_context=True)[0]
 
     def array_train_step():
         with stream:
             _, context = vsa_nd.video_sparse_attn(*arrays[:3], topk, array_plan.variable_block_sizes, gate=arrays[3],
                                                   return_context=True)
-            vsa_nd.video_sparse_attn_backward(dout_array, context)
+            return tuple(vsa_nd.video_sparse_attn_backward(dout_array, context))  # dq, dk, dv, dgate
 
     def torch_train_step():
-        torch.autograd.grad(vt.video_sparse_attn(*graded[:3], topk, sizes, gate=graded[3]), graded, dout)
+        return torch.autograd.grad(vt.video_sparse_attn(*graded[:3], topk, sizes, gate=graded[3]), graded, dout)
 
     def array_tile():
         with stream:
-            vsa_nd.tile(x_array, array_plan)
+            return vsa_nd.tile(x_array, array_plan)
 
     cases = [
         ("VSA forward", array_call, lambda: vt.video_sparse_attn(q, k, v, topk, sizes, gate=gate)),
@@ -266,6 +268,12 @@ def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile
         ("VSA forward + backward", array_train_step, torch_train_step),
         ("tile", array_tile, lambda: vt.tile(x[0], plan)),
     ]
+    for what, array_fn, torch_fn in cases:  # before any timing: both ways must give the same results
+        array_result = array_fn()
+        torch_result = torch_fn()
+        if cuda:
+            torch.cuda.synchronize()
+        checks.append(agree(array_result, torch_result, f"{name}: {what}"))
     if cuda:
         cases.append((FLOOR, *_autograd_floor(q, graded, dout)))
         cases.append((NATIVE_FLOOR, lambda: (q * 2, dout * 2), lambda: torch.autograd.grad(graded[0] * 2, graded[0], dout)))
@@ -451,9 +459,11 @@ def main():
               f"commit {commit()}, torch {torch.__version__}")
         print("| shape | call | array host us | torch host us | torch extra us |")
         print("| --- | --- | --- | --- | --- |")
+    checks: list = []  # lines of bench_shape's result checks, listed after the table
     for name in names:
         bench_shape(name, *shapes[name], reps=args.reps, cuda=cuda, profile=args.profile, breakdown=args.breakdown,
-                    profile_backward=args.profile_backward, graphs=args.graphs, compiled=args.compiled)
+                    profile_backward=args.profile_backward, graphs=args.graphs, compiled=args.compiled, checks=checks)
+    print("\n" + "\n".join(f"- {line}" for line in checks))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ called eagerly, and the same function under ``jax.jit`` (one XLA program whose v
 foreign-function calls on XLA's stream).  XLA's stream is not CuPy's, so the times are host wall
 time around the calls and a synchronisation: ``one call`` is the median over repetitions of one
 call on an idle GPU, ``back to back`` the median over runs of the time per call of ``--calls``
-calls in a row.  The three ways take turns, call by call and run by run.
+calls in a row.  The three ways take turns, call by call and run by run.  Before a shape is
+timed, the JAX ways' results (out; dq, dk, dv, dgate) are compared with the array call's
+(``_common.agree``); the script stops if they differ by more than 1e-2.
 
     python benchmarks/bench_jax.py [--shapes small,main] [--reps 30] [--calls 20] [--out FILE]
 """
@@ -19,7 +21,7 @@ import datetime
 import statistics
 import time
 
-from _common import commit, emit
+from _common import agree, commit, emit
 
 SHAPES = {
     # name: (seq_shape, heads, head_dim, topk)
@@ -53,7 +55,7 @@ def _problem(name: str):
 
     def array_step():
         _, ctx = vsa_nd.video_sparse_attn(*arrays[:3], topk, array_sizes, gate=arrays[3], return_context=True)
-        return vsa_nd.video_sparse_attn_backward(arrays[4], ctx)
+        return tuple(vsa_nd.video_sparse_attn_backward(arrays[4], ctx))  # dq, dk, dv, dgate
 
     attention = lambda q, k, v, g: vj.video_sparse_attn(q, k, v, topk, sizes, gate=g)  # noqa: E731
     step = lambda q, k, v, g: jax.vjp(attention, q, k, v, g)[1](dout)  # noqa: E731
@@ -114,11 +116,20 @@ def main() -> None:
     lines = [f"JAX adapter against the array-level call, {device}, bf16, B=1, tiles (4, 4, 4), "
              f"{datetime.date.today()}, commit {commit()}; host wall time around calls and a synchronisation", "",
              "| shape | call | way | one call ms | back to back ms per call |", "| --- | --- | --- | ---: | ---: |"]
+    checks = []
     for name in args.shapes.split(","):
         for call, ways in _problem(name).items():
+            (_, base, sync), *others = ways
+            base_result = base()
+            sync(base_result)
+            for label, fn, sync in others:  # before any timing: every way must give the array call's results
+                result = fn()
+                sync(result)
+                checks.append(agree(base_result, result, f"{name}: {call}, {label}"))
+                print(checks[-1], flush=True)
             for (label, _, _), (one, b2b) in zip(ways, _measure(ways, args.reps, args.calls, args.runs)):
                 lines.append(f"| {name}: {SHAPES[name]} | {call} | {label} | {one:.3f} | {b2b:.3f} |")
-    emit("\n".join(lines), args.out)
+    emit("\n".join(lines + [""] + [f"- {line}" for line in checks]), args.out)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ L2 together, and the graph is replayed; time per call = median over replays of t
 time / CALLS, warm-up excluded.  Inputs are random.  TB/s counts the bytes each operation must
 move: every input byte it needs read once plus every output byte written once (indices and
 block sizes included).  A device-to-device copy of a tiled tensor gives the card's ceiling.
+Before timing a shape, each operation's result is checked on the host (``check_results``): tile
+(into a NaN-filled buffer) and untile bit for bit against NumPy's, the tile means within 1e-5 of
+float64 (relative to the input's RMS), and the top-k lists equal to a stable sort's (ties to the
+lower index); the script stops on a wrong one.
 Prints a markdown table with the card, date and commit; ``--out FILE`` also writes it there.
 
     python benchmarks/bench_tile.py [--shapes main,480p,720p] [--out table.md]
@@ -67,6 +71,48 @@ def _ms_per_call(fn) -> float:
     return float(np.median(times))
 
 
+MEANS_BOUND = 1e-5  # largest error of a tile mean, relative to the input's RMS
+
+
+def _bits(x) -> np.ndarray:
+    """The bit patterns of an array's elements (NumPy), so that NaN and -0.0 compare as what they are."""
+    x = np.ascontiguousarray(x)
+    return x.view(np.dtype(f"u{x.dtype.itemsize}"))
+
+
+def check_results(x, tiled, back, plan, means, scores, idx, num, topk: int) -> str:
+    """A line saying what was checked; SystemExit on a wrong result.  NumPy arrays fetched from the
+    GPU: ``x`` [B, S, H, D] an input, ``tiled`` tile(x) written into a NaN-filled buffer, ``back``
+    untile(tiled), ``means`` a list of [B, H, N, D]: tile means of ``tiled`` (one per tensor of a
+    launch given it several times); ``scores`` [B, H, N_q, N_kv]
+    and ``idx``, ``num`` select_topk_blocks(scores, topk)'s lists.  ``plan``: the tiling, built
+    for the CPU (``vsa_nd.tile_plan(seq_shape)``), which gives NumPy's tile to compare with."""
+    import vsa_nd
+
+    problems = []
+    want = vsa_nd.tile(x, plan)
+    if tiled.shape != want.shape or not np.array_equal(_bits(tiled), _bits(want)):
+        problems.append("tile differs from NumPy's")
+    if back.shape != x.shape or not np.array_equal(_bits(back), _bits(x)):
+        problems.append("untile(tile(x)) is not x")
+    sizes = np.asarray(plan.variable_block_sizes)
+    real = (np.arange(plan.tile_volume) < sizes[:, None])[..., None]  # [N, V, 1]
+    blocks = want.astype(np.float64).reshape(want.shape[0], want.shape[1], len(sizes), plan.tile_volume, -1)
+    want_means = np.where(real, blocks, 0).sum(3) / sizes[:, None]
+    rms = float(np.sqrt(np.mean(np.square(x.astype(np.float64)))))
+    if any(m.shape != want_means.shape for m in means):
+        raise SystemExit(f"wrong results: tile means of shape {[m.shape for m in means]}, expected {want_means.shape}")
+    means_error = max(float(np.max(np.abs(m - want_means), initial=0.0)) for m in means) / rms
+    if not means_error <= MEANS_BOUND:  # (NaN fails)
+        problems.append(f"tile means off by {means_error:.1e} of the input's RMS (bound {MEANS_BOUND})")
+    want_idx = np.sort(np.argsort(-scores, axis=-1, kind="stable")[..., :topk], axis=-1)
+    if idx.shape != want_idx.shape or not np.array_equal(idx, want_idx) or not np.all(num == topk):
+        problems.append(f"top-{topk} lists differ from a stable sort's")
+    if problems:
+        raise SystemExit("wrong results: " + "; ".join(problems))
+    return f"checked: tile and untile bit for bit, tile means within {means_error:.1e} of the RMS, top-{topk} lists exact"
+
+
 def _copies(make, nbytes: int) -> list:
     """Enough independent buffers from ``make()`` that together they exceed ROTATE_BYTES."""
     return [make() for _ in range(max(1, min(16, -(-ROTATE_BYTES // nbytes))))]
@@ -91,6 +137,16 @@ def bench_shape(name, seq_shape, heads, sparsity, rows):
 
     xs = _copies(lambda: _random_bf16(rng, (1, s, heads, HEAD_DIM)), s * heads * row_bytes)
     tiled = [vsa_nd.tile(x, plan) for x in xs]
+    scores_bytes = heads * n * n * 4
+    scores = _copies(lambda: rng.standard_normal((1, heads, n, n), dtype=np.float32), scores_bytes)
+
+    poisoned = cupy.full(tiled[0].shape, np.nan, np.float32).astype(tiled[0].dtype)  # pad slots must be written
+    first = vsa_nd.tile(xs[0], plan, out=poisoned)
+    means = cuda_backend.block_means([first] * 3, [plan.variable_block_sizes] * 3)  # as timed: three in one launch
+    idx, num = vsa_nd.select_topk_blocks(scores[0], topk)
+    line = check_results(xs[0].get(), first.get(), vsa_nd.untile(first, plan).get(), vsa_nd.tile_plan(seq_shape),
+                         [m.get() for m in means], scores[0].get(), idx.get(), num.get(), topk)
+    print(f"{label}: {line}", flush=True)
 
     src, dst = tiled[0], cupy.empty_like(tiled[0])
     add("device-to-device copy (ceiling)",
@@ -108,8 +164,6 @@ def bench_shape(name, seq_shape, heads, sparsity, rows):
     add("block_means of q, k, v (one launch)", _ms_per_call(lambda i: cuda_backend.block_means(qkv, [sizes] * 3)),
         3 * (s * heads * row_bytes + heads * n * HEAD_DIM * 4) + n * 4)
 
-    scores_bytes = heads * n * n * 4
-    scores = _copies(lambda: rng.standard_normal((1, heads, n, n), dtype=np.float32), scores_bytes)
     add(f"select_topk (top {topk} of {n})",
         _ms_per_call(lambda i: vsa_nd.select_topk_blocks(scores[i % len(scores)], topk)),
         scores_bytes + heads * n * (topk + 1) * 4)

@@ -146,3 +146,119 @@ def test_check_spot_refuses_results_past_the_bounds_or_missing():
         spot_check(ctx, dout)
     with pytest.raises(ValueError, match="q_tiles, kv_tiles >= 1"):
         spot_check(ctx, q_tiles=0)
+
+
+def test_spot_check_of_the_fine_stage_alone():
+    """``coarse=False`` (bench_attention.py's block-sparse kernels): a correct forward and backward
+    of the Numba backend's fine stage, on a selection no coarse score chose, with GQA and partial
+    tiles, pass; the same results judged as a VSA call (coarse branch added) do not; a wrong row,
+    a wrong dk and NaN in a pad row are caught; and check_spot asks for no selection there."""
+    import types
+
+    from _common import check_spot, spot_check
+
+    from vsa_nd.backends import numba_cpu
+
+    q_plan, kv_plan = vsa_nd.tile_plan((3, 5, 6), (2, 4, 4)), vsa_nd.tile_plan((4, 3, 7), (2, 4, 4))
+    q_sizes, kv_sizes = q_plan.variable_block_sizes, kv_plan.variable_block_sizes
+    rng = np.random.default_rng(7)
+    q, dout = (rng.standard_normal((1, 4, q_plan.padded_len, 16)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((1, 2, kv_plan.padded_len, 16)).astype(np.float32) for _ in range(2))
+    n_q, n_kv = len(q_sizes), len(kv_sizes)
+    q2k_idx = np.sort(np.argsort(rng.random((1, 4, n_q, n_kv)), axis=-1)[..., :3], axis=-1).astype(np.int32)
+    q2k_num = rng.integers(1, 4, (1, 4, n_q)).astype(np.int32)  # 1 to 3 of the 3 entries
+    scale = 0.3
+    out, lse = numba_cpu.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_sizes, scale, None, None,
+                                          q_block_sizes=q_sizes)
+    no_coarse = [np.zeros((1, heads, n, 16), np.float32) for heads, n in ((4, n_q), (2, n_kv), (2, n_kv))]
+    dq, dk, dv = numba_cpu.block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_sizes, kv_sizes, scale,
+                                            None, None, *no_coarse)
+    ctx = types.SimpleNamespace(q=q, k=k, v=v, out=out, lse=lse, q2k_idx=q2k_idx, q2k_num=q2k_num,
+                                q_block_sizes=q_sizes, kv_block_sizes=kv_sizes, scale=scale, gate=None)
+    grads = types.SimpleNamespace(dq=dq, dk=dk, dv=dv)
+    errors = spot_check(ctx, dout, grads, scale=scale, coarse=False, **ALL)
+    assert "selection" not in errors and errors["pad"] == 0 and errors["lse"] < 1e-5
+    for name in ("out", "dq", "dk", "dv"):
+        assert max(errors[name]) < 1e-4, (name, errors[name])
+    bf16 = ml_dtypes.bfloat16
+    check_spot(errors, bf16, "fine stage", backward=True, coarse=False)
+    with pytest.raises(SystemExit, match="selection not checked"):
+        check_spot(errors, bf16, "fine stage", backward=True)
+    as_vsa = spot_check(ctx, scale=scale, **ALL)  # judged as a VSA call: counts below topk are wrong there
+    assert as_vsa["selection"] == np.inf and "out" not in as_vsa
+    full = types.SimpleNamespace(**{**vars(ctx), "q2k_num": np.full_like(q2k_num, 3)})
+    full.out, full.lse = numba_cpu.block_sparse_fwd(q, k, v, q2k_idx, full.q2k_num, kv_sizes, scale, None, None,
+                                                    q_block_sizes=q_sizes)
+    assert max(spot_check(full, scale=scale, coarse=False, **ALL)["out"]) < 1e-4
+    as_vsa = spot_check(full, scale=scale, **ALL)
+    assert as_vsa["selection"] > 0 and as_vsa["out"][0] > 0.1  # not a top-k, and no coarse branch
+    wrong = out.copy()
+    wrong[:, :, 3] *= 1.05
+    ctx_wrong = types.SimpleNamespace(**{**vars(ctx), "out": wrong})
+    assert spot_check(ctx_wrong, scale=scale, coarse=False, **ALL)["out"][1] > 3e-2
+    wrong = dk.copy()
+    wrong[:, :, 0] += 0.5
+    assert spot_check(ctx, dout, types.SimpleNamespace(dq=dq, dk=wrong, dv=dv), scale=scale, coarse=False,
+                      **ALL)["dk"][1] > 0.1
+    wrong = dv.copy()
+    wrong[:, :, -1] = np.nan  # a pad row of the last key tile, which is partial
+    assert kv_sizes[-1] < 32
+    assert spot_check(ctx, dout, types.SimpleNamespace(dq=dq, dk=dk, dv=wrong), scale=scale, coarse=False,
+                      **ALL)["pad"] == np.inf
+
+
+def test_bench_tile_checks_each_result_it_times():
+    """bench_tile.check_results passes the CPU backend's tile, untile, tile means and top-k (ties
+    included) and stops on a pad slot left unwritten, a moved token, a tile mean 1e-4 off, and
+    a list that is not the top-k."""
+    from bench_tile import check_results
+
+    plan = vsa_nd.tile_plan((3, 9, 10))  # partial tiles of 4 x 4 x 4
+    rng = np.random.default_rng(3)
+    bf16 = ml_dtypes.bfloat16
+    x = rng.standard_normal((2, plan.seq_len, 3, 16)).astype(bf16)
+    tiled = vsa_nd.tile(x, plan)
+    back = vsa_nd.untile(tiled, plan)
+    means = vsa_nd.block_mean(tiled, plan.variable_block_sizes)
+    assert means.dtype == np.float32
+    scores = rng.standard_normal((2, 3, plan.num_blocks, plan.num_blocks)).astype(np.float32)
+    scores[..., 5] = scores[..., 2]  # ties: the lower index wins
+    idx, num = vsa_nd.select_topk_blocks(scores, 4)
+    args = dict(x=x, tiled=tiled, back=back, plan=plan, means=[means] * 3, scores=scores, idx=idx, num=num, topk=4)
+    assert check_results(**args).startswith("checked: tile and untile bit for bit")
+
+    unwritten = tiled.copy()
+    pad = np.flatnonzero(~reference.valid_slots(plan.variable_block_sizes, plan.tile_volume))[0]
+    unwritten[1, 2, pad] = np.nan
+    moved, off, wrong = back.copy(), means.copy(), idx.copy()
+    moved[0, [0, 1]] = moved[0, [1, 0]]
+    off[0, 1, 2, 3] += 1e-4
+    wrong[1, 2, 3, 0] = np.setdiff1d(np.arange(plan.num_blocks), idx[1, 2, 3])[0]
+    for change, message in [(dict(tiled=unwritten), "tile differs"), (dict(back=moved), "untile"),
+                            (dict(means=[means, off, means]), "tile means off"), (dict(idx=wrong), "top-4 lists"),
+                            (dict(num=num - 1), "top-4 lists")]:
+        with pytest.raises(SystemExit, match=message):
+            check_results(**{**args, **change})
+
+
+def test_agree_compares_two_ways_of_calling_the_same_kernels():
+    """_common.agree: identical results say so, rounding-sized differences pass with their size,
+    and a wrong array, NaN, a missing array or another shape stop the benchmark; torch leaves
+    (bfloat16 included) compare with NumPy ones."""
+    from _common import agree
+
+    rng = np.random.default_rng(5)
+    a = [rng.standard_normal((3, 8)), rng.standard_normal((2, 4)).astype(np.float32)]
+    assert agree(a, [x.copy() for x in a], "same").endswith("identical to the array call's")
+    line = agree(a, [a[0] * (1 + 1e-4), a[1]], "rounded")
+    assert "1.0e-04 from the array call's" in line
+    for other, message in [([a[0], a[1] * 1.1], "results 1.0e-01 from"), ([a[0], a[1] * np.nan], "results inf from"),
+                           ([a[0]], "count or shape"), ([a[0], a[1][:1]], "count or shape")]:
+        with pytest.raises(SystemExit, match=message):
+            agree(a, other, "wrong")
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((4, 4)).astype(ml_dtypes.bfloat16)
+    t = torch.tensor(x.astype(np.float32)).to(torch.bfloat16).requires_grad_()
+    assert agree((x,), (t,), "torch").endswith("identical to the array call's")
+    with pytest.raises(SystemExit, match="results"):
+        agree((x,), (t * 2,), "torch")
