@@ -118,7 +118,7 @@ def _copies(make, nbytes: int) -> list:
     return [make() for _ in range(max(1, min(16, -(-ROTATE_BYTES // nbytes))))]
 
 
-def bench_shape(name, seq_shape, heads, sparsity, rows):
+def bench_shape(name, seq_shape, heads, sparsity, rows, checks):
     import cupy
 
     import vsa_nd
@@ -146,7 +146,8 @@ def bench_shape(name, seq_shape, heads, sparsity, rows):
     idx, num = vsa_nd.select_topk_blocks(scores[0], topk)
     line = check_results(xs[0].get(), first.get(), vsa_nd.untile(first, plan).get(), vsa_nd.tile_plan(seq_shape),
                          [m.get() for m in means], scores[0].get(), idx.get(), num.get(), topk)
-    print(f"{label}: {line}", flush=True)
+    checks.append(f"{label}: {line}")
+    print(checks[-1], flush=True)
 
     src, dst = tiled[0], cupy.empty_like(tiled[0])
     add("device-to-device copy (ceiling)",
@@ -179,8 +180,9 @@ def main():
 
     name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
     rows: list = []
+    checks: list = []
     for shape in args.shapes.split(","):
-        bench_shape(shape, *SHAPES[shape], rows)
+        bench_shape(shape, *SHAPES[shape], rows, checks)
         cupy.get_default_memory_pool().free_all_blocks()
 
     lines = [
@@ -192,6 +194,7 @@ def main():
         "| --- | --- | ---: | ---: |",
     ]
     lines += [f"| {label} | {what} | {ms:.4f} | {tbs:.2f} |" for label, what, ms, tbs in rows]
+    lines += [""] + [f"- {line}" for line in checks]
     emit("\n".join(lines), args.out)
 
 
