@@ -11,7 +11,11 @@ The functions take and return JAX arrays (they also take NumPy arrays, and any o
 
 Dtypes: float32, float64 (with ``jax_enable_x64``), float16 and bfloat16 on CPU; float16 and
 bfloat16 on GPU (tile/untile also take float32).  JAX arrays are immutable, so there is no
-``out`` buffer here.
+``out`` buffer here.  ``topk`` and ``scale`` are Python numbers (or concrete 0-d arrays): under
+``jax.jit`` make them static arguments or close over them.  Gradients are first-order reverse
+mode (``jax.grad``, ``jax.vjp``, under ``jit`` and ``vmap`` too); forward mode (``jax.jvp``) and
+gradients of gradients raise.  Eager results on the CPU lie where ``jit`` would place them: on
+a committed input's device, else on the default one.
 
 Where it runs:
 
@@ -28,7 +32,7 @@ Where it runs:
   synchronisation.  vsa_nd writes the large results (out, dq, dk, dv, dgate, tile/untile)
   straight into XLA's result buffers (``out=``); the small ones (the backward's context) are
   copied.  Costs of that route: the handler is Python, run on XLA's dispatching thread
-  (0.4-0.5 ms of host time per call besides vsa_nd's own, which a GPU-bound program hides
+  (0.3-0.6 ms of host time per call besides vsa_nd's own, which a GPU-bound program hides
   when calls are queued back to back); vsa_nd's intermediates come from CuPy's memory pool,
   beside XLA's preallocated share; errors that shapes and dtypes decide are raised while
   tracing, but vsa_nd's value errors surface as JAX's runtime error carrying vsa_nd's
@@ -177,7 +181,12 @@ def _call(fn, specs, *args, **static):
         call = jax.ffi.ffi_call(_xla_ffi.target(), specs, vmap_method="sequential")
         return tuple(call(*operands, call=description))
     if _platform(operands[0]) == "cpu":
-        return tuple(jnp.asarray(r) for r in run([np.asarray(a) for a in operands]))
+        results = run([np.asarray(a) for a in operands])
+        committed = [a for a in operands if getattr(a, "committed", False)]
+        if committed:  # placed as jit places them: on the committed inputs' device, not the default one
+            device = next(iter(committed[0].devices()))
+            return tuple(jax.device_put(r, device) for r in results)
+        return tuple(jnp.asarray(r) for r in results)
     return _on_gpu(operands, run)
 
 
@@ -279,6 +288,7 @@ def _check_attention_arrays(q, k, v, gate=None) -> tuple:
 def _int_array(name: str, x, ndim: int):
     """Block sizes ([N], ``ndim`` 1) or index lists as an int32 JAX array of ``ndim`` dimensions."""
     if not isinstance(x, jax.Array):
+        check.refuse_plan(name, x)
         x = np.asarray(x)
     if not np.issubdtype(np.dtype(x.dtype), np.integer):
         raise TypeError(f"{name}: expected ints or an integer array, got {x.dtype} values")
@@ -423,6 +433,18 @@ def untile(y, plan):
 # Attention.
 
 
+def _static(name: str, value):
+    """``value`` as a Python number where it is a concrete 0-d JAX array (else as it is, for the
+    checks to judge); a traced one (an argument of a jitted function) is refused with the remedy:
+    topk sets the shapes of the selection, and the scale is baked into the program."""
+    if _is_traced(value):
+        raise TypeError(f"{name}: expected a Python number, got a traced value ({value.aval}); under jax.jit pass "
+                        f"{name} as a static argument (static_argnums / static_argnames) or close over it")
+    if isinstance(value, jax.Array) and value.ndim == 0:
+        return value.item()
+    return value
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float):
     return _vsa_fwd(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale)[0]
@@ -431,16 +453,17 @@ def _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk: int, scale: float):
 def _vsa_fwd(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale):
     specs = _common.forward_specs(q.shape, q.dtype, k.shape, _num_blocks(q_block_sizes), _num_blocks(kv_block_sizes),
                                   topk)
-    results = _call(_common.vsa_forward, tuple(_spec(*s) for s in specs),
-                    q, k, v, gate, q_block_sizes, kv_block_sizes, topk=topk, scale=scale)
+    run = functools.partial(_call, _common.vsa_forward, tuple(_spec(*s) for s in specs), topk=topk, scale=scale)
+    # (a first-order gradient never differentiates this rule; a second-order one would, and is refused)
+    results = _forward_only(run, _SECOND_ORDER, q, k, v, gate, q_block_sizes, kv_block_sizes)
     return results[0], (q, k, v, gate, q_block_sizes, kv_block_sizes, results)
 
 
 def _vsa_bwd(topk, scale, residuals, dout):
     q, k, v, gate, q_block_sizes, kv_block_sizes, results = residuals
     specs = tuple(_spec(x.shape, x.dtype) for x in (q, k, v, gate) if x is not None)
-    grads = _call(_common.vsa_backward, specs,
-                  dout, q, k, v, gate, q_block_sizes, kv_block_sizes, *results, scale=scale)
+    run = functools.partial(_call, _common.vsa_backward, specs, scale=scale)
+    grads = _forward_only(run, _SECOND_ORDER, dout, q, k, v, gate, q_block_sizes, kv_block_sizes, *results)
     dgate = grads[3] if gate is not None else None
     return grads[0], grads[1], grads[2], dgate, None, None
 
@@ -465,8 +488,9 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     # rather than as JAX's runtime error when the program runs; and topk is a static shape there.
     ops.check_qkv_layout(q, k, v, gate)
     ops.check_tiles(q, k, _num_blocks(q_block_sizes), _num_blocks(kv_block_sizes), kv_blocks_name=kv_name)
-    topk = check.check_int_range("topk", topk, 1, _num_blocks(kv_block_sizes))
-    return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, _common.resolve_scale(scale, q.shape[-1]))
+    topk = check.check_int_range("topk", _static("topk", topk), 1, _num_blocks(kv_block_sizes))
+    scale = _common.resolve_scale(_static("scale", scale), q.shape[-1])
+    return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale)
 
 
 def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, q_block_sizes, *, scale, results=None):  # no out=
@@ -475,18 +499,24 @@ def _block_sparse_arrays(q, k, v, kv_block_sizes, q2k_idx, q2k_num, q_block_size
                                     q_block_sizes=None if q_block_sizes is None else _common.trusted(q_block_sizes))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _forward_only(run, *arrays):
-    """``run(*arrays)``; differentiating it raises vsa_nd's message rather than JAX's."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _forward_only(run, refusal: tuple, *arrays):
+    """``run(*arrays)``; differentiating it raises ``refusal`` (an exception type and its message:
+    vsa_nd's words rather than JAX's about an FFI call)."""
     return run(*arrays)
 
 
-def _refuse_gradient(run, residuals, cotangents):
-    raise TypeError("q, k, v: block_sparse_attn has no backward; differentiate video_sparse_attn instead, "
-                    "or pass jax.lax.stop_gradient of the inputs")
+def _refuse_gradient(run, refusal, residuals, cotangents):
+    raise refusal[0](refusal[1])
 
 
-_forward_only.defvjp(lambda run, *arrays: (run(*arrays), None), _refuse_gradient)
+_forward_only.defvjp(lambda run, refusal, *arrays: (run(*arrays), None), _refuse_gradient)
+_NO_BACKWARD = (TypeError, "q, k, v: block_sparse_attn has no backward; differentiate video_sparse_attn instead, "
+                           "or pass jax.lax.stop_gradient of the inputs")
+_SECOND_ORDER = (NotImplementedError,
+                 "vsa_nd: video_sparse_attn has first-order reverse-mode gradients only (jax.grad, jax.vjp); its "
+                 "backward is not differentiable, so gradients of gradients (grad of grad, jax.hessian) are not "
+                 "supported")
 
 
 def block_sparse_attn(q, k, v, kv_block_sizes, q2k_idx, q2k_num=None, *, scale=None, return_lse=False,
@@ -510,12 +540,13 @@ def block_sparse_attn(q, k, v, kv_block_sizes, q2k_idx, q2k_num=None, *, scale=N
         check.check_shape("q2k_num", q2k_num, q2k_idx.shape[:3])
     lse_dtype = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     specs = (_spec(q.shape, q.dtype), _spec(q.shape[:3], lse_dtype))
-    sizes, scale = _block_sizes("kv_block_sizes", kv_block_sizes), _common.resolve_scale(scale, q.shape[-1])
+    sizes, scale = _block_sizes("kv_block_sizes", kv_block_sizes), _common.resolve_scale(_static("scale", scale),
+                                                                                          q.shape[-1])
     q_sizes = None if q_block_sizes is None else _block_sizes("q_block_sizes", q_block_sizes)
     ops.check_tiles(q, k, q2k_idx.shape[2], _num_blocks(sizes), "q2k_idx (axis 2)")
     if q_sizes is not None and _num_blocks(q_sizes) != q2k_idx.shape[2]:  # (N_q as the lists count it)
         raise ValueError(f"q_block_sizes: expected {q2k_idx.shape[2]} entries, got shape [{_num_blocks(q_sizes)}]")
     run = lambda q, k, v, idx, num: _call(_block_sparse_arrays, specs, q, k, v, sizes, idx, num, q_sizes,  # noqa: E731
                                           scale=scale)
-    out, lse = _forward_only(run, q, k, v, q2k_idx, q2k_num)
+    out, lse = _forward_only(run, _NO_BACKWARD, q, k, v, q2k_idx, q2k_num)
     return (out, lse) if return_lse else out

@@ -341,6 +341,8 @@ def _check_tensor(name: str, t, dtypes: dict, like: Optional[Tensor] = None, lik
     if t.dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
         raise TypeError(f"{name}: expected dtype in ({names}) on {t.device.type}, got {t.dtype}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense tensor, got layout {t.layout}; pass {name}.to_dense()")
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}; pass {name}.contiguous() "
                          "(another framework's array: a C-contiguous copy, as numpy.ascontiguousarray makes)")
@@ -394,6 +396,7 @@ def _usual_attention_tensors(q, k, v, gate) -> bool:
 def _int_tensor(name: str, sizes, device: torch.device) -> Tensor:
     """Block sizes or index lists as a contiguous int32 tensor on ``device`` (plan tensors pass as they are)."""
     if not isinstance(sizes, (Tensor, np.ndarray)):  # (NumPy values, like lists, are copied to the device below)
+        check.refuse_plan(name, sizes)
         sizes = _viewed(name, sizes)
         if isinstance(sizes, Tensor) and sizes.device != device:  # another framework's values, elsewhere:
             sizes = sizes.to(device)                              # copied, as lists are
@@ -707,13 +710,22 @@ def _vsa_input_grads(ctx, dout) -> tuple:
     args = (dout, q, k, v, gate, q_block_sizes, kv_block_sizes, ctx.scale, out, context)
     if _plain_eager(*args[:7], out, *context) and not _needs_grad(*args[:5]):
         grads = _vsa_backward(*args)
-    else:  # e.g. create_graph=True: the op's missing autograd formula then refuses a second backward
+    else:  # e.g. create_graph=True: the op's autograd (_refuse_second_order) then refuses a second backward
         grads = _vsa_backward_op(*args)
     return grads[0], grads[1], grads[2], grads[3] if gate is not None else None, None, None, None, None
 
 
 _vsa_op.register_autograd(lambda ctx, dout, *_context_grads: _vsa_input_grads(ctx, dout),
                           setup_context=_vsa_setup_context)
+
+
+def _refuse_second_order(ctx, *grads):
+    raise NotImplementedError(
+        "vsa_nd: video_sparse_attn has first-order gradients only; its backward is not differentiable, so a "
+        "backward through gradients taken with create_graph=True (a gradient penalty, a Hessian) is not supported")
+
+
+_vsa_backward_op.register_autograd(_refuse_second_order, setup_context=lambda ctx, inputs, output: None)
 
 
 def _tile_setup_context(ctx, inputs, output):
@@ -1212,7 +1224,9 @@ class VideoSparseAttention(torch.nn.Module):
         """query [B, S, H, D], key and value [B, S, H_kv, D], gate_compress None or query-shaped.
 
         Returns [B, S, H, D] in query's dtype: ``fine + gate_compress * coarse`` (``fine +
-        coarse`` without a gate), with ``metadata.topk`` key tiles per query tile.
+        coarse`` without a gate), with ``metadata.topk`` key tiles per query tile.  Unlike the
+        functions, the layer takes strided views (e.g. ``qkv.unbind(2)`` of a fused projection):
+        it copies them to contiguous memory first (one extra pass over each such input).
         """
         if not isinstance(metadata, VSAMetadata):
             raise TypeError(f"metadata: expected the VSAMetadata of vsa_nd.adapters.torch.build_metadata, got "
@@ -1222,6 +1236,11 @@ class VideoSparseAttention(torch.nn.Module):
         if not usual:
             query, key, value, gate_compress = (_viewed(name, x) for name, x in (
                 ("query", query), ("key", key), ("value", value), ("gate_compress", gate_compress)))
+            # Strided views (a fused QKV projection's q, k, v; a transposed layout) are copied to
+            # contiguous memory here, as the layer's user would have to: tile's gather reads rows.
+            query, key, value, gate_compress = (
+                x.contiguous() if isinstance(x, Tensor) and x.layout == torch.strided else x
+                for x in (query, key, value, gate_compress))
         checks = [("query", query, self.num_heads), ("key", key, self.num_kv_heads), ("value", value, self.num_kv_heads)]
         if gate_compress is not None:
             checks.append(("gate_compress", gate_compress, self.num_heads))

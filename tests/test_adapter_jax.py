@@ -567,6 +567,65 @@ except TypeError as e:
     assert "k: expected an array on" in result.stdout and "like q, got one on" in result.stdout, result.stdout
 
 
+def test_eager_results_lie_on_the_committed_inputs_device():
+    """Two host devices (a fresh process): eager results, gradients and tiles on the second device,
+    as jit places them, not on the default one; uncommitted inputs give uncommitted results."""
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+import vsa_nd.adapters.jax as vj
+cpu1 = jax.devices("cpu")[1]
+plan = vj.tile_plan((3, 5, 6), (2, 4, 4))
+sizes = plan.variable_block_sizes
+x = np.random.default_rng(0).standard_normal((1, 2, plan.padded_len, 8)).astype(np.float32)
+q = jax.device_put(x, cpu1)
+f = lambda q: vj.video_sparse_attn(q, q, q, 2, sizes)
+print("eager", f(q).devices() == {cpu1}, f(q).committed)
+print("jit", jax.jit(f)(q).devices() == {cpu1})
+print("grad", jax.grad(lambda q: f(q).sum())(q).devices() == {cpu1})
+print("tile", vj.tile(jax.device_put(np.ones((1, plan.seq_len, 2, 8), np.float32), cpu1), plan).devices() == {cpu1})
+print("uncommitted", f(jnp.asarray(x)).committed)
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["eager", "True", "True", "jit", "True", "grad", "True", "tile", "True",
+                                     "uncommitted", "False"], result.stdout
+
+
+def test_topk_and_scale_are_static_and_gradients_first_order():
+    """A traced topk or scale is refused with the remedy, a concrete 0-d array is taken as its
+    number; gradients of gradients raise vsa_nd's message, eagerly and under jit."""
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, _ = tiled_inputs(plan, np.float32)
+    sizes = plan.variable_block_sizes
+    for name, f, value in [("topk", lambda q, t: vj.video_sparse_attn(q, k, v, t, sizes), 3),
+                           ("scale", lambda q, s: vj.video_sparse_attn(q, k, v, 3, sizes, scale=s), 0.3)]:
+        with pytest.raises(TypeError, match=f"{name}: expected a Python number, got a traced value .*static_argnums"):
+            jax.jit(f)(q, value)
+    with pytest.raises(TypeError, match="scale: expected a Python number, got a traced value"):
+        jax.jit(lambda q, s: vj.block_sparse_attn(q, k, v, sizes, np.zeros((2, 4, 8, 1), np.int32), scale=s))(q, 0.3)
+    expected = vj.video_sparse_attn(q, k, v, 3, sizes, scale=float(np.float32(0.3)))
+    np.testing.assert_array_equal(vj.video_sparse_attn(q, k, v, jnp.int32(3), sizes, scale=jnp.float32(0.3)), expected)
+    with pytest.raises(TypeError, match="topk: expected an int, got float 3.0"):
+        vj.video_sparse_attn(q, k, v, jnp.float32(3), sizes)
+    loss = lambda q: jnp.sum(vj.video_sparse_attn(q, k, v, 3, sizes) ** 2)  # noqa: E731
+    assert jnp.isfinite(jax.grad(loss)(q)).all()
+    second = jax.grad(lambda q: jnp.sum(jax.grad(loss)(q)))
+    for fn in (second, jax.jit(second)):
+        with pytest.raises(NotImplementedError, match="first-order reverse-mode gradients only"):
+            fn(q)
+
+
+def test_a_plan_given_for_block_sizes_is_named():
+    plan = vj.tile_plan(SEQ, TILE)
+    q, k, v, _ = tiled_inputs(plan, np.float32)
+    for given in (plan, plan.array_plan):
+        with pytest.raises(TypeError, match="q_block_sizes: expected block sizes, got a tile plan .*variable_block_sizes"):
+            vj.video_sparse_attn(q, k, v, 3, given)
+    with pytest.raises(TypeError, match="q_block_sizes: expected block sizes, got a tile plan"):
+        vsa_nd.video_sparse_attn(*(np.asarray(x) for x in (q, k, v)), 3, plan.array_plan)
+
+
 def gpu_problem(dtype=jnp.bfloat16, dim=64, seed=0):
     """A plan of (4, 4, 4) tiles on the GPU (8 tiles, 7 of them partial) and tiled q, k, v, gate."""
     gpu = jax.devices("gpu")[0]

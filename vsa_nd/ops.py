@@ -229,6 +229,7 @@ def _num_blocks(name: str, block_sizes) -> int:
     try:
         return len(block_sizes)
     except TypeError:
+        check.refuse_plan(name, block_sizes)
         raise TypeError(f"{name}: expected a 1-D array or list of ints, got {check.describe(block_sizes)}") from None
 
 

@@ -109,6 +109,14 @@ def as_index_array(name: str, x, like, length: int | None = None, ndim: int = 1)
     return x
 
 
+def refuse_plan(name: str, x):
+    """TypeError naming the fix where block sizes are wanted and ``x`` is a tile plan (of vsa_nd
+    or an adapter), which holds them."""
+    if hasattr(x, "variable_block_sizes"):
+        raise TypeError(f"{name}: expected block sizes, got a tile plan ({type(x).__name__}); pass its "
+                        f"variable_block_sizes")
+
+
 def _list_array(name: str, x):
     """``np.asarray`` of a list or tuple, with a ValueError naming ``name`` for a ragged one."""
     try:
@@ -129,6 +137,13 @@ def int32_saturation(dtype):
     if info.min >= _INT32.min and info.max <= _INT32.max:
         return None
     return max(info.min, _INT32.min), min(info.max, _INT32.max)
+
+
+def values_in(low: int, high: int) -> str:
+    """"[low, high]" for a message about an int32 array's values, saying so where a limit may be
+    a saturated value (:func:`int32_saturation`) rather than the one given."""
+    note = " (values beyond int32 show as its limits)" if low <= _INT32.min or high >= _INT32.max else ""
+    return f"[{low}, {high}]{note}"
 
 
 def check_fits_int32(name: str, x: np.ndarray):
@@ -178,7 +193,8 @@ def check_block_sizes(name: str, block_sizes, like, num_blocks: int, tile_volume
         low, high = int(out.min()), int(out.max())
         if low < 1 or high > tile_volume:
             raise ValueError(
-                f"{name}: expected every block size in [1, {tile_volume}] (the tile volume), got values in [{low}, {high}]"
+                f"{name}: expected every block size in [1, {tile_volume}] (the tile volume), got values in "
+                f"{values_in(low, high)}"
             )
     return out
 
@@ -195,7 +211,7 @@ def check_index_lists(q2k_idx, q2k_num, num_kv_blocks: int, check_values: bool, 
     if int(num.min(initial=0) if xp is np else num.min()) < 0 or int(num.max()) > q2k_idx.shape[-1]:
         raise ValueError(
             f"{prefix}q2k_num: expected counts in [0, {q2k_idx.shape[-1]}] (the list length), "
-            f"got values in [{int(num.min())}, {int(num.max())}]"
+            f"got values in {values_in(int(num.min()), int(num.max()))}"
         )
     if q2k_idx.shape[-1] == 0:  # empty lists (all counts 0): no entry to check
         return
@@ -203,7 +219,8 @@ def check_index_lists(q2k_idx, q2k_num, num_kv_blocks: int, check_values: bool, 
     live = xp.where(used, q2k_idx, 0)
     if int(live.min()) < 0 or int(live.max()) >= num_kv_blocks:
         raise ValueError(
-            f"{prefix}q2k_idx: expected tile indices in [0, {num_kv_blocks}) (N_kv), got values in [{int(live.min())}, {int(live.max())}]"
+            f"{prefix}q2k_idx: expected tile indices in [0, {num_kv_blocks}) (N_kv), got values in "
+            f"{values_in(int(live.min()), int(live.max()))}"
         )
     ordered = xp.sort(xp.where(used, q2k_idx, -1 - xp.arange(q2k_idx.shape[-1], dtype=q2k_idx.dtype)), axis=-1)
     repeated = ordered[..., 1:] == ordered[..., :-1]
