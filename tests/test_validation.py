@@ -263,6 +263,11 @@ CASES = [
     ("tile-x-bool", lambda p: vsa_nd.tile(p.x > 0, p.plan), TypeError, ["x:", "2, 4 or 8 bytes", "got bool"]),
     ("tile-x-int8", lambda p: vsa_nd.tile(p.x.astype(np.int8), p.plan), TypeError, ["x:", "2, 4 or 8 bytes", "got int8"]),
     ("untile-y-object", lambda p: vsa_nd.untile(p.y.astype(object), p.plan), TypeError, ["y:", "2, 4 or 8 bytes", "got object"]),
+    # --- a plan where its block sizes belong; an untiled q (the layout tile makes is named)
+    ("vsa-plan-for-sizes", lambda p: vsa(p, q_block_sizes=p.plan), TypeError,
+     ["q_block_sizes:", "expected block sizes, got a tile plan (TilePlan)", "variable_block_sizes"]),
+    ("vsa-untiled-q", lambda p: vsa(p, q=p.x, k=p.x, v=p.x, q_block_sizes=p.plan.variable_block_sizes), ValueError,
+     ["q_block_sizes:", "divides the 4 slots on axis 2 of q", "is q tiled?", "[B, H, S_pad, D]"]),
     # --- index values beyond int32 are refused, not wrapped (2**32 + 8 is not 8)
     ("vsa-sizes-beyond-int32", lambda p: vsa(p, kv_block_sizes=p.kv_sizes.astype(np.int64) + 2**32), ValueError,
      ["kv_block_sizes:", "fit in int32", "4294967304"]),

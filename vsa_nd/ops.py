@@ -238,7 +238,8 @@ def _tile_volume(name: str, padded_len: int, num_blocks: int, blocks_name: str) 
     if num_blocks < 1 or padded_len % num_blocks:
         raise ValueError(
             f"{blocks_name}: expected a tile count that divides the {padded_len} slots on axis 2 of {name}, "
-            f"got {num_blocks} tiles"
+            f"got {num_blocks} tiles (is {name} tiled? expected [B, H, S_pad, D], as tile(x, plan) makes from "
+            f"[B, S, H, D])"
         )
     return padded_len // num_blocks
 
