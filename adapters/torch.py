@@ -341,9 +341,13 @@ def _check_tensor(name: str, t, dtypes: dict, like: Optional[Tensor] = None, lik
     if t.dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
         raise TypeError(f"{name}: expected dtype in ({names}) on {t.device.type}, got {t.dtype}")
-    if t.layout != torch.strided:
-        raise TypeError(f"{name}: expected a dense tensor, got layout {t.layout}; pass {name}.to_dense()")
-    if not t.is_contiguous():
+    try:
+        contiguous = t.is_contiguous()
+    except RuntimeError:  # compressed sparse layouts (CSR, BSR, ...) have no contiguity to ask about
+        contiguous = False
+    if not contiguous:
+        if t.layout != torch.strided:
+            raise TypeError(f"{name}: expected a dense tensor, got layout {t.layout}; pass {name}.to_dense()")
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}; pass {name}.contiguous() "
                          "(another framework's array: a C-contiguous copy, as numpy.ascontiguousarray makes)")
     return t
@@ -386,10 +390,13 @@ def _usual_attention_tensors(q, k, v, gate) -> bool:
     device, dtype = q.device, q.dtype
     if dtype not in _ATTENTION_DTYPES.get(device.type, ()):
         return False
-    for t in (q, k, v) if gate is None else (q, k, v, gate):
-        if (type(t) is not Tensor or t.dtype != dtype or not t.is_contiguous() or not t.numel()
-                or (t is not q and t.device != device)):
-            return False
+    try:
+        for t in (q, k, v) if gate is None else (q, k, v, gate):
+            if (type(t) is not Tensor or t.dtype != dtype or not t.is_contiguous() or not t.numel()
+                    or (t is not q and t.device != device)):
+                return False
+    except RuntimeError:  # is_contiguous of a compressed sparse layout (CSR, BSR, ...): the named checks refuse it
+        return False
     return True
 
 

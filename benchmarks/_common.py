@@ -199,11 +199,12 @@ def _leaves64(x) -> list:
 AGREE_BOUND = 1e-2  # two ways to call the same kernels: equal in practice, bf16 rounding at worst
 
 
-def agree(base, other, what: str, bound: float = AGREE_BOUND) -> str:
+def agree(base, other, what: str, bound: float = AGREE_BOUND, base_name: str = "the array call's") -> str:
     """A line saying how far ``other``'s results are from ``base``'s (the array-level call's), as
     the largest norm-relative error over their arrays (in order; a norm below 1e-30 counts as
-    1); SystemExit if past ``bound``, NaN anywhere, or the arrays' count or shapes differ: a
-    benchmark of an adapter that returns something else is not reported."""
+    1e-30, so an all-zero base must be matched exactly); SystemExit if past ``bound``, NaN
+    anywhere, or the arrays' count or shapes differ: a benchmark of an adapter that returns
+    something else is not reported.  ``base_name`` names ``base`` in the line."""
     a, b = _leaves64(base), _leaves64(other)
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         raise SystemExit(f"{what}: results differ in count or shape: {[x.shape for x in a]} against "
@@ -212,8 +213,8 @@ def agree(base, other, what: str, bound: float = AGREE_BOUND) -> str:
     errors = [float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-30)) for x, y in zip(a, b)]
     error = max(errors, default=0.0) if np.all(np.isfinite(errors)) else np.inf  # (max() would skip a NaN)
     if not error <= bound:
-        raise SystemExit(f"{what}: results {error:.1e} from the array call's (bound {bound})")
-    return f"{what}: " + ("identical to the array call's" if identical else f"{error:.1e} from the array call's")
+        raise SystemExit(f"{what}: results {error:.1e} from {base_name} (bound {bound})")
+    return f"{what}: " + (f"identical to {base_name}" if identical else f"{error:.1e} from {base_name}")
 
 
 def _softmax_rows(scores):
@@ -430,7 +431,7 @@ def check_spot(errors: dict, dtype, what: str, backward: bool = False, gate: boo
     bounds = SPOT_BOUNDS[np.dtype(dtype).name]
     limits = dict(scale=1e-6, selection=SELECTION_BOUND, lse=LSE_BOUND, pad=0.0, out=bounds["out"],
                   **{name: bounds["grad"] for name in GRADIENTS})
-    required = ["scale", "pad", "out", "lse"] + ["selection"] * coarse + (["dq", "dk", "dv"] if backward else [])
+    required = ["scale", "pad", "out", "lse"] + (["selection"] if coarse else []) + (["dq", "dk", "dv"] if backward else [])
     required += ["dgate"] if backward and gate else []
     missing = [name for name in required if name not in errors]
     bad = [name for name, err in errors.items()

@@ -4,7 +4,8 @@ Random q, k, v and a random selection of ``topk`` distinct key tiles per query t
 tile full.  Times are medians of CUDA-event timings over many runs after a warm-up.  Before a
 kernel is timed, its results are spot-checked against float64 rows (``_common.spot_check`` with
 ``coarse=False``: out and lse of 4 query tiles, and with ``--backward`` their dq and the dk and
-dv of 2 key tiles); the script stops if one is past the bf16 bounds.
+dv of 2 key tiles); the script stops if one is past the bf16 bounds.  (Here every tile is full
+and the scale is the one passed, so of the helper's checks only those of the values can fail.)
 
     python benchmarks/bench_attention.py [--tokens 49152] [--heads 12] [--head-dim 128]
                                          [--topk 77] [--kernels auto,mma]

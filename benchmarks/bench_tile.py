@@ -82,9 +82,9 @@ def _bits(x) -> np.ndarray:
 
 def check_results(x, tiled, back, plan, means, scores, idx, num, topk: int) -> str:
     """A line saying what was checked; SystemExit on a wrong result.  NumPy arrays fetched from the
-    GPU: ``x`` [B, S, H, D] an input, ``tiled`` tile(x) written into a NaN-filled buffer, ``back``
-    untile(tiled), ``means`` a list of [B, H, N, D]: tile means of ``tiled`` (one per tensor of a
-    launch given it several times); ``scores`` [B, H, N_q, N_kv]
+    GPU: ``x`` [B, S, H, D] an input, ``tiled`` tile(x) and ``back`` untile(tiled), each written
+    into a NaN-filled buffer, ``means`` a list of (tiled tensor [B, H, S_pad, D], its tile means
+    [B, H, N, D]) pairs (the tensors of one launch); ``scores`` [B, H, N_q, N_kv]
     and ``idx``, ``num`` select_topk_blocks(scores, topk)'s lists.  ``plan``: the tiling, built
     for the CPU (``vsa_nd.tile_plan(seq_shape)``), which gives NumPy's tile to compare with."""
     import vsa_nd
@@ -97,12 +97,17 @@ def check_results(x, tiled, back, plan, means, scores, idx, num, topk: int) -> s
         problems.append("untile(tile(x)) is not x")
     sizes = np.asarray(plan.variable_block_sizes)
     real = (np.arange(plan.tile_volume) < sizes[:, None])[..., None]  # [N, V, 1]
-    blocks = want.astype(np.float64).reshape(want.shape[0], want.shape[1], len(sizes), plan.tile_volume, -1)
-    want_means = np.where(real, blocks, 0).sum(3) / sizes[:, None]
-    rms = float(np.sqrt(np.mean(np.square(x.astype(np.float64)))))
-    if any(m.shape != want_means.shape for m in means):
-        raise SystemExit(f"wrong results: tile means of shape {[m.shape for m in means]}, expected {want_means.shape}")
-    means_error = max(float(np.max(np.abs(m - want_means), initial=0.0)) for m in means) / rms
+    errors = []
+    for source, got in means:
+        blocks = source.astype(np.float64).reshape(*source.shape[:2], len(sizes), plan.tile_volume, -1)
+        real_values = np.where(real, blocks, 0)  # [B, H, N, V, D]
+        want_means = real_values.sum(3) / sizes[:, None]
+        if got.shape != want_means.shape:
+            raise SystemExit(f"wrong results: tile means of shape {got.shape}, expected {want_means.shape}")
+        count = blocks.shape[0] * blocks.shape[1] * blocks.shape[-1] * sizes.sum()  # B * H * D * S real values
+        rms = float(np.sqrt(np.sum(np.square(real_values)) / count))
+        errors.append(float(np.max(np.abs(got - want_means), initial=0.0)) / rms)
+    means_error = float(np.max(errors))  # (NaN stays NaN, which max() would drop)
     if not means_error <= MEANS_BOUND:  # (NaN fails)
         problems.append(f"tile means off by {means_error:.1e} of the input's RMS (bound {MEANS_BOUND})")
     want_idx = np.sort(np.argsort(-scores, axis=-1, kind="stable")[..., :topk], axis=-1)
@@ -140,12 +145,18 @@ def bench_shape(name, seq_shape, heads, sparsity, rows, checks):
     scores_bytes = heads * n * n * 4
     scores = _copies(lambda: rng.standard_normal((1, heads, n, n), dtype=np.float32), scores_bytes)
 
-    poisoned = cupy.full(tiled[0].shape, np.nan, np.float32).astype(tiled[0].dtype)  # pad slots must be written
-    first = vsa_nd.tile(xs[0], plan, out=poisoned)
-    means = cuda_backend.block_means([first] * 3, [plan.variable_block_sizes] * 3)  # as timed: three in one launch
+    qkv = tiled[:3] if len(tiled) >= 3 else [vsa_nd.tile(_random_bf16(rng, xs[0].shape), plan) for _ in range(3)]
+    sizes = plan.variable_block_sizes
+
+    def poisoned(like):  # NaN everywhere: every slot must be written
+        return cupy.full(like.shape, np.nan, np.float32).astype(like.dtype)
+
+    first = vsa_nd.tile(xs[0], plan, out=poisoned(tiled[0]))  # each call as it is timed below
+    back = vsa_nd.untile(first, plan, out=poisoned(xs[0]))
+    means = cuda_backend.block_means(qkv, [sizes] * 3)
     idx, num = vsa_nd.select_topk_blocks(scores[0], topk)
-    line = check_results(xs[0].get(), first.get(), vsa_nd.untile(first, plan).get(), vsa_nd.tile_plan(seq_shape),
-                         [m.get() for m in means], scores[0].get(), idx.get(), num.get(), topk)
+    line = check_results(xs[0].get(), first.get(), back.get(), vsa_nd.tile_plan(seq_shape),
+                         [(x.get(), m.get()) for x, m in zip(qkv, means)], scores[0].get(), idx.get(), num.get(), topk)
     checks.append(f"{label}: {line}")
     print(checks[-1], flush=True)
 
@@ -160,8 +171,6 @@ def bench_shape(name, seq_shape, heads, sparsity, rows, checks):
     add("untile", _ms_per_call(lambda i: vsa_nd.untile(tiled[i % len(tiled)], plan, out=back)),
         2 * s * heads * row_bytes + s * 4)
 
-    qkv = tiled[:3] if len(tiled) >= 3 else [vsa_nd.tile(_random_bf16(rng, xs[0].shape), plan) for _ in range(3)]
-    sizes = plan.variable_block_sizes
     add("block_means of q, k, v (one launch)", _ms_per_call(lambda i: cuda_backend.block_means(qkv, [sizes] * 3)),
         3 * (s * heads * row_bytes + heads * n * HEAD_DIM * 4) + n * 4)
 

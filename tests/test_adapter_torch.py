@@ -566,7 +566,7 @@ def test_errors_name_the_argument_and_what_was_expected():
         vt.video_sparse_attn(q, k, v, 3, [40] * 8)
     # beyond int32: saturated, so still out of range (not wrapped round to 32)
     with pytest.raises(ValueError, match=r"block_sizes: expected every block size in \[1, 32\] \(the tile volume\), got values "
-                                         r"in \[2147483647, 2147483647\] \(values beyond int32 show as its limits\)"):
+                                         r"in \[2147483647, 2147483647\] \(values beyond int32 may show as its limits\)"):
         vt.video_sparse_attn(q, k, v, 3, torch.full((8,), 2**32 + 32, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"block_sizes: expected every block size in \[1, 32\]"):
         vt.video_sparse_attn(q, k, v, 3, [2**32 + 32] * 8)
@@ -580,6 +580,14 @@ def test_errors_name_the_argument_and_what_was_expected():
     for given in (plan, plan.array_plan):  # the plan where its block sizes belong
         with pytest.raises(TypeError, match="q_block_sizes: expected block sizes, got a tile plan .*variable_block_sizes"):
             vt.video_sparse_attn(q, k, v, 3, given)
+    with pytest.raises(TypeError, match="q_block_sizes: expected block sizes, got VSAMetadata; pass its "
+                                        "plan.variable_block_sizes"):
+        vt.video_sparse_attn(q, k, v, 3, vt.build_metadata((6, 10, 12), (2, 2, 2), 0.5, TILE))
+    with pytest.raises(TypeError, match="q2k_idx: expected ints or an integer tensor"):  # no block-size advice there
+        vt.block_sparse_attn(q, k, v, sizes, plan)
+    for sparse in (k.to_sparse(), k.to_sparse_csr()):  # (CSR tensors cannot say whether they are contiguous)
+        with pytest.raises(TypeError, match=f"k: expected a dense tensor, got layout {sparse.layout}; pass k.to_dense"):
+            vt.video_sparse_attn(q, sparse, v, 3, sizes)
     with pytest.raises(ValueError, match=r"block_sizes: expected every block size in \[1, 32\] \(the tile volume\), got values in \[40, 40\]$"):
         vt.video_sparse_attn(q, k, v, 3, [40] * 8)  # (no saturation note within int32)
     with pytest.raises(ValueError, match="x: expected 90 tokens"):

@@ -224,19 +224,28 @@ def test_bench_tile_checks_each_result_it_times():
     scores = rng.standard_normal((2, 3, plan.num_blocks, plan.num_blocks)).astype(np.float32)
     scores[..., 5] = scores[..., 2]  # ties: the lower index wins
     idx, num = vsa_nd.select_topk_blocks(scores, 4)
-    args = dict(x=x, tiled=tiled, back=back, plan=plan, means=[means] * 3, scores=scores, idx=idx, num=num, topk=4)
+    others = [vsa_nd.tile(rng.standard_normal(x.shape).astype(bf16), plan) for _ in range(2)]
+    sources = [tiled, *others]
+    launch = [(t, vsa_nd.block_mean(t, plan.variable_block_sizes)) for t in sources]  # three tensors, as timed
+    args = dict(x=x, tiled=tiled, back=back, plan=plan, means=launch, scores=scores, idx=idx, num=num, topk=4)
     assert check_results(**args).startswith("checked: tile and untile bit for bit")
 
     unwritten = tiled.copy()
     pad = np.flatnonzero(~reference.valid_slots(plan.variable_block_sizes, plan.tile_volume))[0]
     unwritten[1, 2, pad] = np.nan
-    moved, off, wrong = back.copy(), means.copy(), idx.copy()
+    moved, wrong = back.copy(), idx.copy()
     moved[0, [0, 1]] = moved[0, [1, 0]]
+    off = launch[1][1].copy()
     off[0, 1, 2, 3] += 1e-4
     wrong[1, 2, 3, 0] = np.setdiff1d(np.arange(plan.num_blocks), idx[1, 2, 3])[0]
+    swapped = [(sources[0], launch[0][1]), (sources[1], launch[2][1]), (sources[2], launch[1][1])]
+    nan_mean = launch[2][1].copy()
+    nan_mean[0, 0, 0, 0] = np.nan
     for change, message in [(dict(tiled=unwritten), "tile differs"), (dict(back=moved), "untile"),
-                            (dict(means=[means, off, means]), "tile means off"), (dict(idx=wrong), "top-4 lists"),
-                            (dict(num=num - 1), "top-4 lists")]:
+                            (dict(means=[launch[0], (sources[1], off), launch[2]]), "tile means off"),
+                            (dict(means=swapped), "tile means off"),
+                            (dict(means=[*launch[:2], (sources[2], nan_mean)]), "tile means off by nan"),
+                            (dict(idx=wrong), "top-4 lists"), (dict(num=num - 1), "top-4 lists")]:
         with pytest.raises(SystemExit, match=message):
             check_results(**{**args, **change})
 

@@ -266,6 +266,10 @@ CASES = [
     # --- a plan where its block sizes belong; an untiled q (the layout tile makes is named)
     ("vsa-plan-for-sizes", lambda p: vsa(p, q_block_sizes=p.plan), TypeError,
      ["q_block_sizes:", "expected block sizes, got a tile plan (TilePlan)", "variable_block_sizes"]),
+    ("vsa-metadata-for-sizes", lambda p: vsa(p, q_block_sizes=vsa_nd.build_metadata((3, 5, 6), (1, 1, 1), 0.5, (2, 2, 4))),
+     TypeError, ["q_block_sizes:", "got VSAMetadata", "plan.variable_block_sizes"]),
+    ("fine-plan-for-q-sizes", lambda p: fine(p, q_block_sizes=p.plan), TypeError,
+     ["q_block_sizes:", "got a tile plan", "variable_block_sizes"]),
     ("vsa-untiled-q", lambda p: vsa(p, q=p.x, k=p.x, v=p.x, q_block_sizes=p.plan.variable_block_sizes), ValueError,
      ["q_block_sizes:", "divides the 4 slots on axis 2 of q", "is q tiled?", "[B, H, S_pad, D]"]),
     # --- index values beyond int32 are refused, not wrapped (2**32 + 8 is not 8)

@@ -86,6 +86,7 @@ def as_index_array(name: str, x, like, length: int | None = None, ndim: int = 1)
     xp = array_module(like)
     if isinstance(x, (list, tuple)):
         x = _list_array(name, x)
+    refuse_plan(name, x)
     check_array(name, x, ndim)
     if not np.issubdtype(np.dtype(x.dtype), np.integer):
         raise TypeError(f"{name}: expected an integer dtype, got {x.dtype}")
@@ -110,11 +111,15 @@ def as_index_array(name: str, x, like, length: int | None = None, ndim: int = 1)
 
 
 def refuse_plan(name: str, x):
-    """TypeError naming the fix where block sizes are wanted and ``x`` is a tile plan (of vsa_nd
-    or an adapter), which holds them."""
+    """Where ``name`` is an argument of block sizes and ``x`` a tile plan (of vsa_nd or an
+    adapter) or the metadata holding one, a TypeError naming the fix; else nothing."""
+    if not name.endswith("block_sizes"):
+        return
     if hasattr(x, "variable_block_sizes"):
         raise TypeError(f"{name}: expected block sizes, got a tile plan ({type(x).__name__}); pass its "
                         f"variable_block_sizes")
+    if hasattr(getattr(x, "plan", None), "variable_block_sizes"):
+        raise TypeError(f"{name}: expected block sizes, got {type(x).__name__}; pass its plan.variable_block_sizes")
 
 
 def _list_array(name: str, x):
@@ -141,8 +146,9 @@ def int32_saturation(dtype):
 
 def values_in(low: int, high: int) -> str:
     """"[low, high]" for a message about an int32 array's values, saying so where a limit may be
-    a saturated value (:func:`int32_saturation`) rather than the one given."""
-    note = " (values beyond int32 show as its limits)" if low <= _INT32.min or high >= _INT32.max else ""
+    a saturated value (:func:`int32_saturation`: device arrays and the adapters' integer tensors)
+    rather than the one given."""
+    note = " (values beyond int32 may show as its limits)" if low <= _INT32.min or high >= _INT32.max else ""
     return f"[{low}, {high}]{note}"
 
 
