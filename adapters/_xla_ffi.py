@@ -382,14 +382,21 @@ _registered: set = _STATE.__dict__.setdefault("registered", set())
 
 def _wait_for_jax() -> None:
     """At exit, before JAX's own exit hook shuts its clients down (atexit runs hooks in reverse
-    order, and JAX's was registered when it was imported): wait for the arrays still being
-    computed.  A vsa_nd call still running on an XLA thread would otherwise keep that shut-down
-    waiting for ever."""
+    order, and JAX's was registered when it was imported): wait for the programs still running.
+    On the CPU the handler runs on an XLA thread; one that enters it once Python has begun to
+    finalize is stopped there, and XLA's shut-down then waits for that thread for ever.  So wait
+    for the arrays still being computed, then, on each host device, for a trivial program: it
+    runs after the programs queued before it (measured: 7 s behind a gradient whose result was
+    dropped at once, which is no live array), whatever they feed."""
     try:
         import jax
 
         for array in jax.live_arrays():
             array.block_until_ready()
+        if "cpu" in _registered:
+            barrier = jax.jit(lambda x: x + 1)
+            for device in _devices(jax, "cpu"):
+                barrier(jax.device_put(np.zeros((), np.float32), device)).block_until_ready()
     except BaseException:  # noqa: BLE001 - at exit: never stop the rest of the shut-down
         pass
 

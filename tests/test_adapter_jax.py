@@ -592,6 +592,27 @@ print("uncommitted", f(jnp.asarray(x)).committed)
                                      "uncommitted", "False"], result.stdout
 
 
+def test_a_process_exits_while_a_jitted_call_still_runs():
+    """A script whose last jitted gradient's result is dropped at once ends with that program
+    still queued; its vsa_nd handler must not run into Python's finalization on an XLA thread
+    (the process then hung at exit, every time, until _xla_ffi's exit hook waited for it)."""
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+import vsa_nd.adapters.jax as vj
+plan = vj.tile_plan((8, 16, 16), (4, 4, 4))
+rng = np.random.default_rng(0)
+q, k, v = (jnp.asarray(rng.standard_normal((1, 4, plan.padded_len, 64)), jnp.float32) for _ in range(3))
+loss = lambda q: jnp.sum(vj.video_sparse_attn(q, k, v, 4, plan.variable_block_sizes) ** 2)
+print(jax.jit(jax.grad(loss))(q).shape, flush=True)
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    except subprocess.TimeoutExpired as timeout:
+        pytest.fail(f"the process did not exit within 120 s; its output: {timeout.stdout!r}")
+    assert result.returncode == 0 and "(1, 4, 2048, 64)" in result.stdout, result.stderr
+
+
 def test_topk_and_scale_are_static_and_gradients_first_order():
     """A traced topk or scale is refused with the remedy, a concrete 0-d array is taken as its
     number; gradients of gradients raise vsa_nd's message, eagerly and under jit."""
