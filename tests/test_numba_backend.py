@@ -9,6 +9,8 @@ float16/bfloat16 3e-2.  Inputs are unit-normal in every slot, pads included.
 import contextlib
 import dataclasses
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -764,3 +766,51 @@ def test_block_mean_of_tiles_whose_sums_pass_float32s_range(dtype):
     mean, not inf, as in the float64 reference (an infinite input still gives inf)."""
     x, sizes, infinite = huge_tile_sums(dtype)
     check_huge_tile_means(vsa_nd.block_mean(x, sizes), x, sizes, infinite, 1e-5)  # means in float32 either way
+
+
+_FORK_SCRIPT = """
+import multiprocessing as mp, sys
+import numpy as np, vsa_nd
+plan = vsa_nd.tile_plan((4, 8, 8), (2, 4, 4))
+q = np.random.default_rng(0).standard_normal((1, 2, plan.padded_len, 16)).astype(np.float32)
+def work(_):
+    return float(vsa_nd.video_sparse_attn(q, q, q, 2, plan.variable_block_sizes).sum())
+if __name__ == "__main__":
+    if sys.argv[1] == "parent-first":
+        print("parent", work(0), flush=True)
+    with mp.get_context("fork").Pool(2) as pool:
+        try:
+            print("children", pool.map(work, range(2)), flush=True)
+        except RuntimeError as error:
+            print("refused:", error, flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork") or sys.platform != "linux", reason="fork: Linux")
+@pytest.mark.parametrize("order", ["parent-first", "children-only"])
+def test_a_forked_child_is_refused_by_name_rather_than_left_hanging(order):
+    """GNU OpenMP (Numba's omp layer) cannot run in a child forked after its threads started:
+    the child used to be terminated and the pool to wait for it for ever.  Now the child's call
+    raises vsa_nd's error, which reaches the parent; a fork before any kernel ran still works."""
+    import subprocess
+
+    layer = _threading_layer_in_a_fresh_process()
+    try:
+        result = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, order], capture_output=True, text=True,
+                                timeout=180)
+    except subprocess.TimeoutExpired as timeout:
+        pytest.fail(f"the pool hung; output: {timeout.stdout!r}")
+    assert result.returncode == 0, result.stderr
+    if order == "parent-first" and layer == "omp":  # (GNU OpenMP on Linux; TBB would be fork-safe)
+        assert "refused: vsa_nd: this process was forked" in result.stdout and "spawn" in result.stdout
+    else:
+        assert "children [" in result.stdout, result.stdout
+
+
+def _threading_layer_in_a_fresh_process() -> str:
+    """Numba's threading layer once a parallel kernel has run (a fresh process: the layer is chosen once)."""
+    import subprocess
+
+    code = ("import numpy as np, numba, vsa_nd; p = vsa_nd.tile_plan((4,), (4,)); q = np.ones((1, 1, 4, 4), np.float32); "
+            "vsa_nd.video_sparse_attn(q, q, q, 1, p.variable_block_sizes); print(numba.threading_layer())")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180).stdout.strip()

@@ -34,7 +34,11 @@ from .tiling import TilePlan, float_of_real, trusted_tile_volume
 
 
 def _backend(x):
-    return _backend_module(is_cupy_array(x))
+    if is_cupy_array(x):
+        return _backend_module(True)
+    backend = _backend_module(False)
+    backend.check_not_forked_after_omp()  # (a flag test: a clear error where OpenMP would end the process)
+    return backend
 
 
 @functools.cache

@@ -38,6 +38,7 @@ blocks (a [V, V] block per selected pair, rows rounded up to 8).
 from __future__ import annotations
 
 import math
+import os
 
 import numba
 import numpy as np
@@ -65,6 +66,54 @@ _ROWS = 8  # tile rows are processed in blocks of this many (scratch is padded t
 # masked product turns into NaN, 0 * inf).
 _FASTMATH = {"contract", "reassoc", "arcp", "afn", "nsz"}
 _KERNEL = dict(parallel=True, fastmath=_FASTMATH, cache=True)
+
+# ---------------------------------------------------------------------------------------
+# Fork safety.  Where Numba runs its parallel kernels on GNU OpenMP (its "omp" threading layer,
+# the one it picks on Linux without TBB), a process forked after those threads started cannot
+# run them: libgomp is not fork-safe, Numba terminates such a child with a line on stderr, and a
+# multiprocessing pool waiting for the child's result waits for ever.  So a forked child that
+# would run them gets this module's error instead (raised before any kernel runs).
+
+_FORK_STATE = {"omp_started": False, "forked_after_omp": False}
+
+
+def _gnu_omp_started() -> bool:
+    """Whether this process has started Numba's GNU OpenMP threads (cheap: run at each fork)."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet: no threads to inherit
+        return False
+    if layer != "omp":
+        return False
+    from numba.np.ufunc import omppool
+
+    return getattr(omppool, "openmp_vendor", "GNU") == "GNU"  # (Intel's OpenMP is fork-safe)
+
+
+def _before_fork():
+    try:
+        _FORK_STATE["omp_started"] = _gnu_omp_started()
+    except Exception:  # noqa: BLE001 - never stop a fork over this
+        _FORK_STATE["omp_started"] = False
+
+
+def _after_fork_in_child():
+    _FORK_STATE["forked_after_omp"] = _FORK_STATE["forked_after_omp"] or _FORK_STATE["omp_started"]
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def check_not_forked_after_omp():
+    """RuntimeError in a process forked after GNU OpenMP threads ran vsa_nd's (or any Numba)
+    parallel kernels in its parent: there they would end the process."""
+    if _FORK_STATE["forked_after_omp"]:
+        raise RuntimeError(
+            "vsa_nd: this process was forked (multiprocessing's default start method on Linux) after its parent "
+            "ran Numba's parallel kernels on GNU OpenMP, which cannot run in a forked child. Start the workers with "
+            "the 'spawn' or 'forkserver' method (multiprocessing.get_context('spawn'); torch's DataLoader takes "
+            "multiprocessing_context='spawn'), or set NUMBA_THREADING_LAYER=workqueue (or install tbb) before "
+            "Numba is imported")
 
 # ---------------------------------------------------------------------------------------
 # Scalar building blocks that LLVM can vectorise.
