@@ -15,7 +15,7 @@ import vsa_nd
 from vsa_nd import ops, reference
 from vsa_nd._xp import BFLOAT16
 
-from attention_problems import problems, random_inputs, worst_row_error
+from attention_problems import force_ds_hand_over, problems, random_inputs, worst_row_error
 
 pytestmark = pytest.mark.gpu
 
@@ -604,3 +604,61 @@ def test_torch_prepared_backward_hands_ds_over_on_streams(poisoned_torch, prepar
         for a, b in zip(got, torch.autograd.grad(expected, (q, k, v, g), dout)):
             assert torch.equal(a.view(torch.int16), b.view(torch.int16))
     assert prepared_calls[0::2] == [False, True, True] and len(backwards) == 2
+
+
+@pytest.mark.parametrize("hand_over", [False, True])
+def test_threads_on_their_own_streams_get_their_own_results(hand_over, monkeypatch):
+    """Four Python threads, each on a CuPy stream of its own, run forward + backward of one
+    signature at once (the prepared launches and their caches shared; with ``hand_over`` the
+    backward's dS workspace and side streams too), each on inputs of its own, for several rounds:
+    every result equals, bit for bit, the same call made alone beforehand."""
+    import threading
+
+    import cupy
+
+    if hand_over:
+        force_ds_hand_over(monkeypatch)
+    plan = vsa_nd.tile_plan((4, 6, 8), (4, 4, 4), device="cuda:0")
+    sizes = plan.variable_block_sizes
+    inputs = []
+    for seed in range(4):
+        rng = np.random.default_rng(100 + seed)
+        q, gate, dout = (cupy.asarray(rng.standard_normal((2, 4, plan.padded_len, 64)).astype(BFLOAT16))
+                         for _ in range(3))
+        k, v = (cupy.asarray(rng.standard_normal((2, 2, plan.padded_len, 64)).astype(BFLOAT16)) for _ in range(2))
+        inputs.append((q, k, v, gate, dout))
+
+    def step(q, k, v, gate, dout):
+        out, ctx = vsa_nd.video_sparse_attn(q, k, v, 3, sizes, gate=gate, return_context=True)
+        return (out, *vsa_nd.video_sparse_attn_backward(dout, ctx))
+
+    alone = []
+    for args in inputs:  # (the first call is the checked one; the rest take the prepared launches)
+        step(*args)
+        alone.append([x.copy() for x in step(*args)])
+    cupy.cuda.Device().synchronize()
+    results, errors = [[] for _ in inputs], []
+    start = threading.Barrier(len(inputs))
+
+    def worker(i):
+        try:
+            stream = cupy.cuda.Stream(non_blocking=True)
+            with stream:
+                start.wait()
+                for _ in range(5):
+                    results[i].append([x.copy() for x in step(*inputs[i])])
+            stream.synchronize()
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, rounds in enumerate(results):
+        assert len(rounds) == 5
+        for got in rounds:
+            for name, a, b in zip(("out", "dq", "dk", "dv", "dgate"), got, alone[i]):
+                assert cupy.array_equal(a.view(np.uint16), b.view(np.uint16)), (i, name)
