@@ -1437,3 +1437,61 @@ def test_forward_results_are_context_fields():
 
     assert set(FORWARD_RESULTS) <= {field.name for field in dataclasses.fields(vsa_nd.VSAContext)}
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("streams", [False, True])
+def test_threads_on_their_own_torch_streams_get_their_own_gradients(streams, monkeypatch):
+    """Four Python threads, each on a torch stream of its own, run tile -> VSA -> untile forward and
+    backward of one signature at once (the prepared forward and backward shared; ``streams``: the
+    backward's dS hand-over on its side streams), each on inputs of its own, five rounds: output and
+    gradients bit-identical to the same step run alone."""
+    import threading
+
+    if streams:
+        force_ds_hand_over(monkeypatch)
+    plan = vt.tile_plan((5, 7, 6), (4, 4, 4), device="cuda")
+    cases = []
+    for seed in range(4):
+        tensors = untiled_inputs(plan, torch.bfloat16, dim=64, seed=seed, device="cuda")
+        dout = torch.randn(tensors[0].shape, device="cuda", dtype=torch.bfloat16,
+                           generator=torch.Generator(device="cuda").manual_seed(50 + seed))
+        cases.append((tensors, dout))
+
+    def step(tensors, dout):
+        graded = [x.detach().clone().requires_grad_() for x in tensors]
+        out = _tile_vsa_untile(plan, *graded)
+        out.backward(dout)
+        return [out.detach(), *(x.grad for x in graded)]
+
+    alone = []
+    for case in cases:
+        step(*case)  # (the first call of the signature is the checked one)
+        alone.append(step(*case))
+    torch.cuda.synchronize()
+    results, errors = [[] for _ in cases], []
+    start = threading.Barrier(len(cases))
+
+    def worker(i):
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                start.wait()
+                for _ in range(5):
+                    results[i].append(step(*cases[i]))
+            stream.synchronize()
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, rounds in enumerate(results):
+        assert len(rounds) == 5
+        for got in rounds:
+            for name, a, b in zip(("out", "dq", "dk", "dv", "dgate"), got, alone[i]):
+                assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (i, name)
