@@ -273,8 +273,9 @@ def bench_shape(name: str, seq_shape, heads: int, head_dim: int, topk: int, tile
         # The first call of a shape passes every check; the later ones, which are timed, take the
         # prepared launches (array and torch alike): the check compares those, and the array
         # call's second result with its first.
-        first = array_fn()
-        array_result, torch_result = array_fn(), (torch_fn(), torch_fn())[1]
+        first, array_result = array_fn(), array_fn()
+        torch_fn()
+        torch_result = torch_fn()
         if cuda:
             torch.cuda.synchronize()
         checks.append(agree(first, array_result, f"{name}: {what}: array call, second", base_name="its first")

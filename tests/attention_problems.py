@@ -265,3 +265,32 @@ def assert_rows_close(got, want, real, tolerances, name: str, floor: float = 0.0
     assert whole <= tolerances[0], f"{name}: relative error {whole:.2e}"
     assert row <= tolerances[1], f"{name}: worst row's relative error {row:.2e}"
     assert np.all(got[:, :, ~real] == 0), f"{name}: pad rows not zero"
+
+
+def rounds_on_threads(count: int, own_stream, step, rounds: int = 5) -> list:
+    """``step(i)`` ``rounds`` times on each of ``count`` threads (i = 0 .. count - 1), released at
+    once by a barrier, each inside ``own_stream()``: a context manager that makes a stream of the
+    thread's own current and synchronises it on leaving.  Returns each thread's list of results;
+    an error any thread met fails the caller."""
+    import threading
+
+    results, errors = [[] for _ in range(count)], []
+    start = threading.Barrier(count)
+
+    def worker(i):
+        try:
+            with own_stream():
+                start.wait()
+                for _ in range(rounds):
+                    results[i].append(step(i))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(len(r) == rounds for r in results)
+    return results

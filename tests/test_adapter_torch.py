@@ -24,7 +24,7 @@ import vsa_nd
 import vsa_nd.adapters.torch as vt
 from vsa_nd import reference as ref
 
-from attention_problems import assert_rows_close, force_ds_hand_over
+from attention_problems import assert_rows_close, force_ds_hand_over, rounds_on_threads
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # CPU (Numba) results; the audit measured fp16 2e-4 and bf16 1.7e-3 (forward) / 2e-3 (backward).
@@ -1446,8 +1446,6 @@ def test_threads_on_their_own_torch_streams_get_their_own_gradients(streams, mon
     backward of one signature at once (the prepared forward and backward shared; ``streams``: the
     backward's dS hand-over on its side streams), each on inputs of its own, five rounds: output and
     gradients bit-identical to the same step run alone."""
-    import threading
-
     if streams:
         force_ds_hand_over(monkeypatch)
     plan = vt.tile_plan((5, 7, 6), (4, 4, 4), device="cuda")
@@ -1469,29 +1467,17 @@ def test_threads_on_their_own_torch_streams_get_their_own_gradients(streams, mon
         step(*case)  # (the first call of the signature is the checked one)
         alone.append(step(*case))
     torch.cuda.synchronize()
-    results, errors = [[] for _ in cases], []
-    start = threading.Barrier(len(cases))
 
-    def worker(i):
-        try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                start.wait()
-                for _ in range(5):
-                    results[i].append(step(*cases[i]))
-            stream.synchronize()
-        except BaseException as error:  # noqa: BLE001 - reported below
-            errors.append(error)
+    @contextlib.contextmanager
+    def own_stream():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            yield
+        stream.synchronize()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = rounds_on_threads(len(cases), own_stream, lambda i: step(*cases[i]))
     for i, rounds in enumerate(results):
-        assert len(rounds) == 5
         for got in rounds:
             for name, a, b in zip(("out", "dq", "dk", "dv", "dgate"), got, alone[i]):
                 assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (i, name)

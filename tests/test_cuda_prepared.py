@@ -6,6 +6,8 @@ A fast-path call skips every check but those of its arrays' memory, so each test
 first call (checked) and then more with fresh random inputs of the same signature, and holds
 them to the reference, to the checked path bit for bit, and to the checked path's errors."""
 
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -15,7 +17,7 @@ import vsa_nd
 from vsa_nd import ops, reference
 from vsa_nd._xp import BFLOAT16
 
-from attention_problems import force_ds_hand_over, problems, random_inputs, worst_row_error
+from attention_problems import force_ds_hand_over, problems, random_inputs, rounds_on_threads, worst_row_error
 
 pytestmark = pytest.mark.gpu
 
@@ -612,8 +614,6 @@ def test_threads_on_their_own_streams_get_their_own_results(hand_over, monkeypat
     signature at once (the prepared launches and their caches shared; with ``hand_over`` the
     backward's dS workspace and side streams too), each on inputs of its own, for several rounds:
     every result equals, bit for bit, the same call made alone beforehand."""
-    import threading
-
     import cupy
 
     if hand_over:
@@ -637,28 +637,16 @@ def test_threads_on_their_own_streams_get_their_own_results(hand_over, monkeypat
         step(*args)
         alone.append([x.copy() for x in step(*args)])
     cupy.cuda.Device().synchronize()
-    results, errors = [[] for _ in inputs], []
-    start = threading.Barrier(len(inputs))
 
-    def worker(i):
-        try:
-            stream = cupy.cuda.Stream(non_blocking=True)
-            with stream:
-                start.wait()
-                for _ in range(5):
-                    results[i].append([x.copy() for x in step(*inputs[i])])
-            stream.synchronize()
-        except BaseException as error:  # noqa: BLE001 - reported below
-            errors.append(error)
+    @contextlib.contextmanager
+    def own_stream():
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            yield
+        stream.synchronize()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = rounds_on_threads(len(inputs), own_stream, lambda i: [x.copy() for x in step(*inputs[i])])
     for i, rounds in enumerate(results):
-        assert len(rounds) == 5
         for got in rounds:
             for name, a, b in zip(("out", "dq", "dk", "dv", "dgate"), got, alone[i]):
                 assert cupy.array_equal(a.view(np.uint16), b.view(np.uint16)), (i, name)
