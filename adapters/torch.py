@@ -822,8 +822,8 @@ def _forward_signature(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale
         return None
     if not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and (gate is None or type(gate) is Tensor)
             and type(q_block_sizes) is Tensor and (kv_block_sizes is None or type(kv_block_sizes) is Tensor)
-            and type(topk) is int and (scale is None or type(scale) is float)):
-        return None
+            and type(topk) is int and (scale is None or type(scale) is float)) or not q.shape[0]:
+        return None  # (an empty batch: nothing to launch)
     return (q.shape, q.dtype, k.shape, k.dtype, v.shape, v.dtype, None if gate is None else (gate.shape, gate.dtype),
             topk, scale, id(q_block_sizes), id(kv_block_sizes), _needs_grad(q, k, v, gate))
 

@@ -428,7 +428,7 @@ def test_reloading_the_ffi_module_keeps_the_handlers_xla_holds():
     np.testing.assert_array_equal(traced_anew(q), expected)
 
 
-def test_a_process_exits_while_a_jitted_call_still_runs(tmp_path):
+def test_a_process_exits_while_its_last_jitted_forward_is_not_waited_for(tmp_path):
     """JAX's exit hook waits for XLA's threads; a vsa_nd call still running on one of them used
     to keep that wait going for ever.  The adapter waits for live arrays first."""
     script = tmp_path / "exit_early.py"
@@ -488,9 +488,9 @@ def test_errors_name_the_argument_and_what_was_expected():
         vj.video_sparse_attn(q, k, v, 0, sizes)
     with pytest.raises(ValueError, match="topk: expected 1 <= topk <= 8, got -1"):  # a static shape under jit
         jax.jit(lambda q, k, v: vj.video_sparse_attn(q, k, v, -1, sizes))(q, k, v)
-    with pytest.raises(ValueError, match=r"q: expected every axis of length at least 1, got shape \[0, 4, 256, 16\]"):
-        vj.video_sparse_attn(q[:0], k[:0], v[:0], 3, sizes)
-    with pytest.raises(ValueError, match=r"q: expected every axis of length at least 1"):
+    assert vj.video_sparse_attn(q[:0], k[:0], v[:0], 3, sizes).shape == (0, *q.shape[1:])  # an empty batch
+    with pytest.raises(ValueError, match=r"q: expected every axis after the batch \(axis 0\) of length at least 1, "
+                                         r"got shape \[2, 4, 256, 0\]"):
         vj.video_sparse_attn(q[..., :0], k[..., :0], v[..., :0], 3, sizes)
     x = jnp.zeros((0, plan.seq_len, 4, 16))  # tile and untile take an empty batch, as vsa_nd's do
     assert vj.untile(vj.tile(x, plan), plan).shape == x.shape
@@ -647,6 +647,32 @@ def test_a_plan_given_for_block_sizes_is_named():
         vsa_nd.video_sparse_attn(*(np.asarray(x) for x in (q, k, v)), 3, plan.array_plan)
 
 
+def _empty_batch_calls(plan, dtype, dim, device=None):
+    """tile -> VSA -> untile and its gradients, eager and jitted, and the fine stage alone, on an
+    empty batch: empty results of the shapes and dtypes the calls give for a batch of any size."""
+    q, k, v, g = untiled_inputs(plan, dtype, dim=dim, batch=0, device=device)
+    sizes = plan.variable_block_sizes
+
+    def loss(q, k, v, g):
+        tiled = [vj.tile(x, plan) for x in (q, k, v, g)]
+        return jnp.sum(vj.untile(vj.video_sparse_attn(*tiled[:3], 2, sizes, gate=tiled[3]), plan).astype(jnp.float32))
+
+    for call in (lambda f: f, jax.jit):
+        out = call(lambda *a: vj.video_sparse_attn(*(vj.tile(x, plan) for x in a[:3]), 2, sizes,
+                                                   gate=vj.tile(a[3], plan)))(q, k, v, g)
+        assert out.shape == (0, 4, plan.padded_len, dim) and out.dtype == dtype
+        grads = call(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, g)
+        assert [(x.shape, x.dtype) for x in grads] == [(x.shape, x.dtype) for x in (q, k, v, g)]
+        idx = jnp.zeros((0, 4, plan.num_blocks, 2), jnp.int32)
+        fine, lse = call(lambda q: vj.block_sparse_attn(q, q, q, sizes, idx, return_lse=True))(vj.tile(q, plan))
+        assert fine.shape == (0, 4, plan.padded_len, dim) and lse.shape == (0, 4, plan.padded_len)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), BFLOAT16], ids=str)
+def test_an_empty_batch_gives_empty_results_and_gradients(dtype):
+    _empty_batch_calls(vj.tile_plan(SEQ, TILE), dtype, 16)
+
+
 def gpu_problem(dtype=jnp.bfloat16, dim=64, seed=0):
     """A plan of (4, 4, 4) tiles on the GPU (8 tiles, 7 of them partial) and tiled q, k, v, gate."""
     gpu = jax.devices("gpu")[0]
@@ -672,6 +698,12 @@ def test_gpu_forward_matches_array_api_eager_and_jitted():
     for jitted in (closed(q, k, v, g), jax.jit(layer)(q, k, v, g, plan.variable_block_sizes)):
         assert jitted.dtype == jnp.bfloat16
         assert np.array_equal(np.asarray(jitted).view(np.uint16), np.asarray(eager).view(np.uint16))
+
+
+@pytest.mark.gpu
+def test_gpu_empty_batch_gives_empty_results_and_gradients():
+    gpu = jax.devices("gpu")[0]
+    _empty_batch_calls(vj.tile_plan((5, 7, 6), (4, 4, 4), device=gpu), jnp.bfloat16, 64, gpu)
 
 
 @pytest.mark.gpu

@@ -556,9 +556,9 @@ def test_errors_name_the_argument_and_what_was_expected():
         vt.video_sparse_attn(q, k, v, 9, sizes)
     with pytest.raises(TypeError, match="topk: expected an int"):
         vt.video_sparse_attn(q, k, v, 2.0, sizes)
-    with pytest.raises(ValueError, match=r"q: expected every axis of length at least 1, got shape \[0, 4, 256, 16\]"):
-        vt.video_sparse_attn(q[:0], k[:0], v[:0], 3, sizes)
-    with pytest.raises(ValueError, match=r"q: expected every axis of length at least 1"):
+    assert vt.video_sparse_attn(q[:0], k[:0], v[:0], 3, sizes).shape == (0, *q.shape[1:])  # an empty batch
+    with pytest.raises(ValueError, match=r"q: expected every axis after the batch \(axis 0\) of length at least 1, "
+                                         r"got shape \[2, 4, 256, 0\]"):
         vt.video_sparse_attn(q[..., :0], k[..., :0], v[..., :0], 3, sizes)
     x = torch.randn(0, 90, 4, 16)  # tile and untile take an empty batch, as vsa_nd's do
     assert vt.untile(vt.tile(x, plan), plan).shape == x.shape
@@ -998,6 +998,35 @@ def test_topk_may_be_every_key_tile():
     expected = reference_forward(plan, (q, k, v, g), plan.num_blocks).out
     real = real_rows(plan)
     assert rel_err(numpy_of(out)[:, :, real], expected[:, :, real]) <= 1e-5
+
+
+def _empty_batch_step(plan, dtype, device, dim, mode=None):
+    """tile -> VSA -> untile, forward and backward, on an empty batch (as torch SDPA takes one):
+    an empty output with a gradient function and empty gradients of every input; the fine stage
+    alone too.  ``mode``: a dispatch mode to run them under (the custom-op path), or None."""
+    leaves = [x.requires_grad_() for x in untiled_inputs(plan, dtype, dim=dim, device=device, batch=0)]
+    q, k, v, gate = leaves
+    with mode or contextlib.nullcontext():
+        out = vt.untile(vt.video_sparse_attn(*(vt.tile(x, plan) for x in (q, k, v)), 2, plan.variable_block_sizes,
+                                             gate=vt.tile(gate, plan)), plan)
+        assert out.shape == q.shape and out.dtype == dtype and out.grad_fn is not None
+        out.sum().backward()
+        with torch.no_grad():
+            fine, lse = vt.block_sparse_attn(*(vt.tile(x, plan) for x in (q, k, v)), plan.variable_block_sizes,
+                                             torch.zeros(0, 4, plan.num_blocks, 2, dtype=torch.int32, device=device),
+                                             return_lse=True)
+    assert fine.shape == (0, 4, plan.padded_len, dim) and lse.shape == (0, 4, plan.padded_len)
+    for leaf in leaves:
+        assert leaf.grad is not None and leaf.grad.shape == leaf.shape and leaf.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_empty_batch_gives_an_empty_output_and_empty_gradients(path, dtype):
+    mode = RecordVsaOps() if path == "custom op" else None
+    _empty_batch_step(vt.tile_plan(SEQ, TILE), dtype, "cpu", 16, mode)
+    if mode is not None:
+        assert "video_sparse_attn" in mode.ops and "video_sparse_attn_backward" in mode.ops
 # ---------------------------------------------------------------------------------------
 # CUDA.
 
@@ -1007,6 +1036,23 @@ def cuda_attention_inputs(dtype, seq=(5, 7, 6), dim=64, heads=(2, 1, 1, 2), seed
     plan = vt.tile_plan(seq, (4, 4, 4), device="cuda")
     tiled = [vt.tile(x, plan) for x in untiled_inputs(plan, dtype, heads=heads, dim=dim, seed=seed, device="cuda")]
     return plan, tiled
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+def test_cuda_empty_batch_then_a_batch_of_one(path):
+    """An empty batch on CUDA launches nothing and is not remembered for the prepared path: the
+    calls after it (the checked path, then the prepared one) still match the reference."""
+    plan = vt.tile_plan((5, 7, 6), (4, 4, 4), device="cuda")
+    for _ in range(2):
+        _empty_batch_step(plan, torch.bfloat16, "cuda", 64, RecordVsaOps() if path == "custom op" else None)
+    torch.cuda.synchronize()
+    tiled = [vt.tile(x, plan) for x in untiled_inputs(plan, torch.bfloat16, heads=(4, 2, 2, 4), dim=64,
+                                                      device="cuda", batch=1)]
+    expected = reference_forward(plan, tiled, 2).out
+    for _ in range(2):
+        out = vt.video_sparse_attn(*tiled[:3], 2, plan.variable_block_sizes, gate=tiled[3])
+        assert_rows_close(numpy_of(out), expected, real_rows(plan), CUDA_FWD_TOL[torch.bfloat16], "out")
 
 
 @pytest.mark.gpu

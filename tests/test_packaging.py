@@ -235,3 +235,21 @@ def test_reference_check_catches_a_wrong_output_and_a_wrong_selection():
     out = reference.video_sparse_attn(q, k, v, q_sizes, kv_sizes, topk, volume, q2k_idx=idx, q2k_num=expect.q2k_num).out
     bad = check(out, selection=(idx, expect.q2k_num))
     assert bad["bad_rows"] == 1 and bad["max_rel"] < 1e-12
+
+
+def test_no_module_defines_a_name_twice_at_its_top_level():
+    """A second ``def test_x`` silently replaces the first, which then never runs (it happened
+    once); the same goes for any function or class of the package.  torch's ``register_fake``
+    idiom (``def _``) is the one exception."""
+    import ast
+
+    repeated = []
+    for path in sorted([*(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
+                        *(ROOT / "vsa_nd").rglob("*.py"), *(ROOT / "adapters").glob("*.py")]):
+        seen = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name != "_":
+                if node.name in seen:
+                    repeated.append(f"{path.relative_to(ROOT)}: {node.name}")
+                seen.add(node.name)
+    assert not repeated, repeated

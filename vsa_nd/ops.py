@@ -13,7 +13,9 @@ attention tensors are in tiled, head-major layout (see :func:`tile`):
 
 The tile volume V is implied by the shapes (``Sq_pad // N_q``).  Attention tensors share
 one floating dtype: float32/float64/float16/bfloat16 on NumPy (computed in float32, or
-float64 for float64), float16/bfloat16 on CuPy.
+float64 for float64), float16/bfloat16 on CuPy.  Every axis but the batch must be non-empty;
+an empty batch (B = 0) gives empty results, of the shapes and dtypes a batch of any size gets,
+once the other checks have passed (nothing runs on the backend).
 """
 
 from __future__ import annotations
@@ -256,7 +258,20 @@ def block_mean(x, block_sizes):
     n = _num_blocks("block_sizes", block_sizes)
     volume = _tile_volume("x", x.shape[2], n, "block_sizes")
     block_sizes = check.check_block_sizes("block_sizes", block_sizes, x, n, volume)
+    if _empty_batch(x):
+        return _empty_like(x, (n, x.shape[3]), compute_dtype(x.dtype))
     return _backend(x).block_mean(x, block_sizes)
+
+
+def _empty_batch(x) -> bool:
+    """Whether ``x`` (checked, [B, ...]) has an empty batch: the ops return empty results for it
+    after their checks, without launching anything."""
+    return x.shape[0] == 0
+
+
+def _empty_like(x, trailing: tuple, dtype, heads=None):
+    """A new empty result [0, heads (default x's), *trailing] on x's device."""
+    return array_module(x).empty((0, x.shape[1] if heads is None else heads, *trailing), dtype)
 
 
 def _grouped(x, num_kv_heads: int):
@@ -297,6 +312,8 @@ def coarse_attn(q_c, k_c, v_c, scale=None):
     check.check_shape("v_c", v_c, k_c.shape)
     _check_heads(h, k_c.shape[1], "k_c")
     dtype = compute_dtype(q_c.dtype)
+    if _empty_batch(q_c):
+        return _empty_like(q_c, (q_c.shape[2], k_c.shape[2]), dtype), _empty_like(q_c, q_c.shape[2:], dtype)
     xp = array_module(q_c)
     q_c, k_c, v_c = (xp.ascontiguousarray(a.astype(dtype, copy=False)) for a in (q_c, k_c, v_c))
     scores = _coarse_scores(q_c, k_c, _scale(scale, d, dtype=dtype))
@@ -312,6 +329,8 @@ def select_topk_blocks(scores, topk: int):
     """
     check.check_float("scores", scores, 4)
     topk = check.check_int_range("topk", topk, 1, scores.shape[-1])
+    if _empty_batch(scores):
+        return _empty_like(scores, (scores.shape[2], topk), np.int32), _empty_like(scores, scores.shape[2:3], np.int32)
     scores = scores.astype(compute_dtype(scores.dtype), copy=False)
     return _backend(scores).select_topk(check.check_contiguous("scores", scores), topk)
 
@@ -484,6 +503,9 @@ def block_sparse_attn(
         q_block_sizes = check.check_block_sizes("q_block_sizes", q_block_sizes, q, problem.num_q_blocks,
                                                 problem.tile_volume)
     check.check_index_lists(q2k_idx, q2k_num, problem.num_kv_blocks, check_values)
+    if _empty_batch(q):
+        out, lse = _empty_like(q, q.shape[2:], q.dtype), _empty_like(q, q.shape[2:3], compute_dtype(q.dtype))
+        return (out, lse) if return_lse else out
     if not check_values and block_map is None:  # CuPy lists taken unchecked: keep the kernels inside k and v
         from .backends.cuda_attention import clean_lists
 
@@ -582,6 +604,9 @@ def _video_sparse_attn(q, k, v, topk, q_block_sizes, kv_block_sizes, *, gate, sc
 
             check_aligned(("out",), out=out)
     kv_sizes = problem.kv_block_sizes
+    if _empty_batch(q):
+        results = _empty_forward_results(q, k, num_q_blocks, problem.num_kv_blocks, topk, out)
+        return _vsa_results(q, k, v, gate, q_block_sizes, kv_sizes, problem.scale, results, return_context)
     if not is_cupy_array(q):
         results = _staged_forward(_backend(q), q, k, v, gate, q_block_sizes, kv_sizes, topk, problem.scale, out)
         return _vsa_results(q, k, v, gate, q_block_sizes, kv_sizes, problem.scale, results, return_context)
@@ -609,6 +634,23 @@ def _staged_forward(backend, q, k, v, gate, q_block_sizes, kv_block_sizes, topk:
     out, lse = backend.block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, gate, out=out,
                                         q_block_sizes=q_block_sizes)
     return out, lse, q2k_idx, q2k_num, q_mean, k_mean, v_mean, probs, coarse
+
+
+def _empty_forward_results(q, k, num_q_blocks: int, num_kv_blocks: int, topk: int, out) -> tuple:
+    """The forward's results (:data:`vsa_nd.backends.FORWARD_RESULTS`) for an empty batch: ``out``
+    (or a new array) and the context's arrays, all empty, with the shapes and dtypes they have
+    for a batch of any size."""
+    b, h, s_q, d = q.shape
+    h_kv, small, i32 = k.shape[1], compute_dtype(q.dtype), np.dtype(np.int32)
+    return (
+        _empty_like(q, (s_q, d), q.dtype) if out is None else out,
+        _empty_like(q, (s_q,), small),  # lse
+        _empty_like(q, (num_q_blocks, topk), i32), _empty_like(q, (num_q_blocks,), i32),  # q2k_idx, q2k_num
+        _empty_like(q, (num_q_blocks, d), small),  # q_mean
+        _empty_like(q, (num_kv_blocks, d), small, h_kv), _empty_like(q, (num_kv_blocks, d), small, h_kv),
+        _empty_like(q, (num_q_blocks, num_kv_blocks), small),  # coarse_probs
+        _empty_like(q, (num_q_blocks, d), small),  # coarse
+    )
 
 
 def _vsa_results(q, k, v, gate, q_block_sizes, kv_block_sizes, scale: float, results: tuple, return_context: bool):
@@ -736,6 +778,10 @@ def _backward(dout, c: VSAContext, out, unchanged_context: bool, new_buffers: bo
     check.check_shape("dout", dout, c.q.shape)
     check.check_contiguous("dout", dout)
     buffers = _check_gradient_buffers(out, dout, c, every_array=not (unchanged_context or new_buffers))
+    if _empty_batch(dout):
+        return Gradients(*(
+            None if like is None else buffer if buffer is not None else _empty_like(like, like.shape[2:], like.dtype)
+            for buffer, like in zip(buffers, (c.q, c.k, c.v, c.gate))))
     backend = _backend(dout)
     if is_cupy_array(dout):  # the kernels' own limits, checked before any launch
         from .backends.cuda_attention import check_backward_lists, check_kernel_support

@@ -36,15 +36,18 @@ def check_array(name: str, x, ndim: int | None = None, dtypes=None, like=None):
 
 
 def check_float(name: str, x, ndim: int, like=None):
-    """A floating array as :func:`check_array` checks it, with no axis of length 0."""
+    """A floating array as :func:`check_array` checks it, with no axis of length 0 but the batch
+    (axis 0): an empty batch gives empty results."""
     check_array(name, x, ndim, FLOAT_DTYPES, like)
     check_nonempty(name, x)
     return x
 
 
 def check_nonempty(name: str, x):
-    if 0 in tuple(x.shape):
-        raise ValueError(f"{name}: expected every axis of length at least 1, got shape {list(x.shape)}")
+    """No axis of ``x`` after the first (the batch, which may be empty) has length 0."""
+    if 0 in tuple(x.shape)[1:]:
+        raise ValueError(f"{name}: expected every axis after the batch (axis 0) of length at least 1, "
+                         f"got shape {list(x.shape)}")
     return x
 
 
@@ -209,7 +212,7 @@ def check_index_lists(q2k_idx, q2k_num, num_kv_blocks: int, check_values: bool, 
     """Index lists: entries ``[0, num)`` of each row inside ``[0, N_kv)`` and distinct.
 
     ``prefix`` goes before the arguments' names in messages (e.g. "context.")."""
-    if not check_values:
+    if not check_values or q2k_num.size == 0:  # (an empty batch: nothing to check)
         return
     refuse_value_check_under_capture(f"{prefix}q2k_idx", q2k_idx, "pass check_indices=False for lists known to be valid")
     xp = array_module(q2k_idx)
