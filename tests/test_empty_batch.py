@@ -26,7 +26,7 @@ def _problem(xp, dtype, batch: int, head_dim: int, seed: int):
     """q, k, v, gate [batch, H(_KV), S_pad, D] of a 3-D plan with partial tiles (block sizes on xp's device)."""
     plan = vsa_nd.tile_plan((5, 6, 7), (4, 4, 4))
     if xp is not np:
-        plan = plan.to("cuda")
+        plan = plan.to("cuda:0")
     rng = np.random.default_rng(seed)
     arrays = [xp.asarray(rng.standard_normal((batch, h, plan.padded_len, head_dim)).astype(dtype))
               for h in (H, H_KV, H_KV, H)]
