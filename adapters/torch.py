@@ -55,9 +55,10 @@ with a fake implementation and, where differentiable, registered autograd.  That
 ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` record, and the one taken under a
 torch dispatch mode (FakeTensor, functionalization, FlopCounterMode, ...), a torch function mode
 (``torch.device`` as a context manager or ``torch.set_default_device`` among them), a functorch
-transform (``vmap`` works, as a loop of calls; torch refuses ``torch.func.grad``, ``vjp`` and the
-other autograd transforms for custom ops with registered autograd: differentiate with
-``torch.autograd``) or with a tensor subclass as an argument.  Dispatching
+transform (``vmap`` works, as a loop of calls; torch refuses ``torch.func.grad``, ``vjp`` and
+``jacrev`` for custom ops with registered autograd, and vsa_nd refuses them first in its own words,
+:func:`_refuse_transforms`: differentiate with ``torch.autograd``) or with a tensor subclass as an
+argument.  Dispatching
 a custom op costs tens of microseconds of host time per call, and more with autograd, against a
 few hundred for a whole VSA call on small shapes.  So a call in plain eager mode (none of the
 above, every tensor exactly a ``torch.Tensor``: :func:`_plain_eager`) runs the same
@@ -70,7 +71,10 @@ op, which anyone can call with tensors from anywhere, first checks them as
 paths compute on the same views, so outputs and gradients are bit-identical.  On both paths the
 VSA backward is not differentiable itself (a second backward through it raises), tile and
 untile differentiate to any order, and ``tile(..., out=buffer)`` bumps the buffer's version
-counter.
+counter.  No operation has a forward-mode derivative: under ``torch.func.jvp``, ``jacfwd`` or
+``hessian``, or given ``torch.autograd.forward_ad`` dual tensors, torch would silently give
+their outputs zero tangents (or none), so every public function refuses such a call
+(:func:`_refuse_transforms`).
 
 A prepared path for calls like one already made.  On CUDA, a plain eager call of
 :func:`video_sparse_attn`, :func:`tile` or :func:`untile` whose signature (shapes, dtypes,
@@ -104,6 +108,7 @@ from . import _common  # (imports no framework: it comes first, for the message 
 
 try:
     import torch
+    import torch.autograd.forward_ad as _forward_ad
     from torch import Tensor
 except ModuleNotFoundError as error:  # an install without the 'torch' extra
     _common.raise_framework_missing(error, "torch", "PyTorch")
@@ -465,6 +470,41 @@ def _plain_eager(*tensors) -> bool:
         if t is not None and type(t) is not Tensor:
             return False
     return True
+
+
+def _refuse_transforms(op: str, *tensors, reverse: bool = True) -> None:
+    """NotImplementedError where a transform vsa_nd's operations lack would differentiate this
+    call of ``op`` on ``tensors`` (anything; None allowed).
+
+    Forward mode: an input carries a tangent, as a ``torch.autograd.forward_ad`` dual tensor or,
+    under a ``torch.func`` jvp transform (``jvp``, ``jacfwd``, ``hessian``), as a tensor the
+    transforms wrap (taken to carry one: through ``vmap`` the tangent cannot be asked for).
+    torch would give the outputs zero tangents, or none, without a word.  With ``reverse``, also
+    ``torch.func.grad``, ``vjp`` and ``jacrev`` of an input, which torch refuses for custom ops
+    with registered autograd in words about ``autograd.Function.setup_context``.  Inputs the
+    transform does not differentiate (constants) pass.  Costs an attribute read and one call of
+    torch's when no transform and no dual level is active."""
+    functorch = torch._C._are_functorch_transforms_active()
+    if not functorch and _forward_ad._current_level < 0:
+        return
+    tensors = [t for t in tensors if isinstance(t, Tensor)]
+    if functorch:
+        keys = {i.key() for i in torch._C._functorch.get_interpreter_stack() or ()}
+        kinds = torch._C._functorch.TransformType
+        forward = kinds.Jvp in keys and any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+        backward = reverse and kinds.Grad in keys and _needs_grad(*tensors)
+    else:  # a dual level, outside the transforms (where unpack_dual would fail on batched tensors)
+        forward = any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+        backward = False
+    if forward:
+        raise NotImplementedError(
+            f"vsa_nd: {op} has no forward-mode derivative (torch.func.jvp, jacfwd and hessian, and "
+            f"torch.autograd.forward_ad's dual tensors); torch would give its output a zero tangent, so the call "
+            f"is refused. Differentiate in reverse mode (backward, torch.autograd.grad)")
+    if backward:
+        raise NotImplementedError(
+            f"vsa_nd: {op} is differentiated by torch.autograd only; torch.func.grad, vjp and jacrev refuse custom "
+            f"ops with registered autograd. Use loss.backward() or torch.autograd.grad (vmap works, as a loop of calls)")
 
 
 def _mode_active() -> bool:
@@ -1071,6 +1111,7 @@ def tile(x: Tensor, plan, out: Optional[Tensor] = None) -> Tensor:
     dtype and device, contiguous) the result is written there and ``out`` is returned: it
     aliases the buffer, and is not differentiable.
     """
+    _refuse_transforms("tile", x, out)
     seq_shape, tile_shape = _common.plan_shapes(plan)
     x = _viewed("x", x)  # (out is written, so it must be a tensor: see _viewed)
     _check_tensor("x", x, _TILE_DTYPES)
@@ -1096,6 +1137,7 @@ def tile(x: Tensor, plan, out: Optional[Tensor] = None) -> Tensor:
 def untile(y: Tensor, plan) -> Tensor:
     """Undo :func:`tile`: y [B, H, S_pad, D] -> [B, S, H, D], pad slots dropped.  Differentiable
     (the gradient is :func:`tile` of the incoming one: pad slots get zero)."""
+    _refuse_transforms("untile", y)
     seq_shape, tile_shape = _common.plan_shapes(plan)
     y = _viewed("y", y)
     _check_tensor("y", y, _TILE_DTYPES)
@@ -1113,6 +1155,7 @@ def video_sparse_attn(q: Tensor, k: Tensor, v: Tensor, topk: int, q_block_sizes,
     optional, q-shaped; ``scale`` default ``1/sqrt(D)``.  Returns out [B, H, Sq_pad, D] in
     q's dtype, differentiable with respect to q, k, v and gate.
     """
+    _refuse_transforms("video_sparse_attn", q, k, v, gate)
     signature = _forward_signature(q, k, v, gate, topk, q_block_sizes, kv_block_sizes, scale)
     if signature is not None:
         out = _prepared_forward(signature, q, k, v, gate)
@@ -1149,6 +1192,7 @@ def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes, q2k_idx: 
     own selection (what unchecked lists do: :func:`vsa_nd.block_sparse_attn`).  vsa_nd has no backward for the fine stage alone, so
     inputs that need a gradient are refused; differentiate :func:`video_sparse_attn` instead.
     """
+    _refuse_transforms("block_sparse_attn", q, k, v, reverse=False)  # (refused below, by name)
     q, k, v = (_viewed(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
     _check_attention_tensors(q, k, v)
     if _needs_grad(q, k, v):

@@ -647,6 +647,24 @@ def test_a_plan_given_for_block_sizes_is_named():
         vsa_nd.video_sparse_attn(*(np.asarray(x) for x in (q, k, v)), 3, plan.array_plan)
 
 
+@pytest.mark.parametrize("op", ["video_sparse_attn", "tile", "untile", "block_sparse_attn"])
+def test_forward_mode_autodiff_is_refused_not_given_zero_tangents(op):
+    """Every op is a custom_vjp function (block_sparse_attn when traced), which JAX refuses to
+    differentiate in forward mode: jax.jvp and jacfwd raise rather than return zero tangents."""
+    plan = vj.tile_plan(SEQ, TILE)
+    q, _, _, _ = tiled_inputs(plan, np.float32)
+    sizes = plan.variable_block_sizes
+    idx = jnp.zeros((*q.shape[:2], plan.num_blocks, 1), jnp.int32)
+    fn, arg = {"video_sparse_attn": (lambda q: vj.video_sparse_attn(q, q, q, 3, sizes), q),
+               "tile": (lambda x: vj.tile(x, plan), untiled_inputs(plan, np.float32)[0]),
+               "untile": (lambda y: vj.untile(y, plan), q),
+               "block_sparse_attn": (lambda q: vj.block_sparse_attn(q, q, q, sizes, idx), q)}[op]
+    # (jacfwd of a scalar factor: of the array itself it would build an identity of its size squared)
+    for transform in (lambda: jax.jvp(fn, (arg,), (jnp.ones_like(arg),)), lambda: jax.jacfwd(lambda s: fn(arg * s).sum())(1.0)):
+        with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+            transform()
+
+
 def _empty_batch_calls(plan, dtype, dim, device=None):
     """tile -> VSA -> untile and its gradients, eager and jitted, and the fine stage alone, on an
     empty batch: empty results of the shapes and dtypes the calls give for a batch of any size."""

@@ -991,6 +991,68 @@ def test_vmap_differentiates_with_autograd():
         torch.vmap(lambda x: vt.block_sparse_attn(x, k, v, sizes, idx))(qs.clone().requires_grad_())
 
 
+def _transform_calls(plan):
+    """name -> (function of one tensor calling that op on it, an input for it)."""
+    (q, _, _, _), _ = attention(plan, torch.float64)
+    sizes = plan.variable_block_sizes
+    x = torch.randn(2, plan.seq_len, 4, 16, dtype=torch.float64)
+    idx = torch.zeros(*q.shape[:2], plan.num_blocks, 1, dtype=torch.int32)
+    return {"video_sparse_attn": (lambda q: vt.video_sparse_attn(q, q, q, 3, sizes), q),
+            "tile": (lambda x: vt.tile(x, plan), x), "untile": (lambda y: vt.untile(y, plan), q),
+            "block_sparse_attn": (lambda q: vt.block_sparse_attn(q, q, q, sizes, idx), q)}
+
+
+@pytest.mark.parametrize("op", ["video_sparse_attn", "tile", "untile", "block_sparse_attn"])
+@pytest.mark.parametrize("how", ["torch.func.jvp", "jacfwd", "jvp of vmap", "forward_ad dual"])
+def test_forward_mode_autodiff_is_refused_not_given_zero_tangents(op, how):
+    """torch gives a custom op without a forward-mode rule a zero tangent (torch.func.jvp, jacfwd)
+    or none (a forward_ad dual tensor), silently: every op refuses instead, by name."""
+    fn, arg = _transform_calls(vt.tile_plan(SEQ, TILE))[op]
+    tangent = torch.randn_like(arg)
+    with pytest.raises(NotImplementedError, match=f"vsa_nd: {op} has no forward-mode derivative"):
+        if how == "torch.func.jvp":
+            torch.func.jvp(fn, (arg,), (tangent,))
+        elif how == "jacfwd":  # (of a scalar factor: of the tensor itself it would vmap over its size)
+            torch.func.jacfwd(lambda s: fn(arg * s).sum())(torch.tensor(1.0, dtype=arg.dtype))
+        elif how == "jvp of vmap":
+            torch.func.jvp(torch.func.vmap(fn), (arg[None],), (tangent[None],))
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                fn(torch.autograd.forward_ad.make_dual(arg, tangent))
+
+
+@pytest.mark.parametrize("op", ["video_sparse_attn", "tile", "untile"])
+@pytest.mark.parametrize("how", ["grad", "vjp", "jacrev"])
+def test_torch_func_reverse_transforms_are_refused_in_vsa_nds_words(op, how):
+    """torch.func's grad, vjp and jacrev refuse custom ops with registered autograd, in words
+    about autograd.Function.setup_context; vsa_nd names the op and the remedy instead."""
+    fn, arg = _transform_calls(vt.tile_plan(SEQ, TILE))[op]
+    with pytest.raises(NotImplementedError, match=f"vsa_nd: {op} is differentiated by torch.autograd only"):
+        if how == "grad":
+            torch.func.grad(lambda a: fn(a).sum())(arg)
+        elif how == "vjp":
+            torch.func.vjp(fn, arg)
+        else:
+            torch.func.jacrev(lambda a: fn(a).sum())(arg)
+
+
+def test_transforms_pass_calls_whose_inputs_they_do_not_differentiate():
+    """A constant input (not a transform's) has a zero derivative, which torch gets right: such
+    calls under jvp, grad and a dual level run, and give what they give outside."""
+    calls = _transform_calls(vt.tile_plan(SEQ, TILE))
+    x = torch.randn(3, dtype=torch.float64)
+    for op, (fn, arg) in calls.items():
+        want = fn(arg)
+        f = lambda x: x.sum() * 2 + fn(arg).sum()  # noqa: E731
+        out, tangent = torch.func.jvp(f, (x,), (torch.ones_like(x),))
+        assert tangent.item() == 6.0 and torch.allclose(out, x.sum() * 2 + want.sum()), op
+        assert torch.equal(torch.func.grad(f)(x), torch.full_like(x, 2.0)), op
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+            assert torch.equal(fn(arg), want), op
+            assert torch.equal(torch.autograd.forward_ad.unpack_dual(dual * 2).tangent, torch.full_like(x, 2.0))
+
+
 def test_topk_may_be_every_key_tile():
     plan = vt.tile_plan(SEQ, TILE)
     (q, k, v, g), _ = attention(plan, torch.float32)
