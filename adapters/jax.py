@@ -364,10 +364,14 @@ def tile_plan(seq_shape, tile_shape=None, *, device=None) -> TilePlan:
 
 
 def _device(device):
-    """A JAX device from None (JAX's default), a jax.Device, or a str: "cpu", "gpu", "cuda",
-    or one of those with ":<index>"."""
+    """A JAX device from None (JAX's default: ``jax.default_device``'s, a device or a platform
+    name, else the first device), a jax.Device, or a str: "cpu", "gpu", "cuda", or one of those
+    with ":<index>"."""
     if device is None:
-        return jax.devices()[0]
+        default = jax.config.jax_default_device
+        if default is None:
+            return jax.devices()[0]
+        return jax.devices(default)[0] if isinstance(default, str) else default
     if isinstance(device, str):
         kind, _, index = device.partition(":")
         if kind in ("cpu", "gpu", "cuda") and (index == "" or index.isdigit()):

@@ -6,6 +6,7 @@ relative errors over real rows: forward float32 1e-5, float64 1e-10, float16/bfl
 backward float32 1e-4, float64 1e-9, float16/bfloat16 3e-2.
 """
 
+import contextlib
 import os
 import re
 import subprocess
@@ -34,9 +35,11 @@ SEQ, TILE = (3, 5, 6), (2, 4, 4)
 
 
 @pytest.fixture(autouse=True)
-def float64_enabled():
-    """JAX truncates float64 to float32 unless x64 is on; keep it on for these tests only."""
-    with jax.enable_x64(True):
+def float64_enabled(request):
+    """JAX truncates float64 to float32 unless x64 is on; keep it on for these tests only.  Tests
+    not marked gpu run on JAX's CPU, also where a JAX with CUDA would default to the GPU."""
+    on_cpu = request.node.get_closest_marker("gpu") is None
+    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]) if on_cpu else contextlib.nullcontext():
         yield
 
 
@@ -569,7 +572,8 @@ except TypeError as e:
 
 def test_eager_results_lie_on_the_committed_inputs_device():
     """Two host devices (a fresh process): eager results, gradients and tiles on the second device,
-    as jit places them, not on the default one; uncommitted inputs give uncommitted results."""
+    as jit places them, not on the default one; uncommitted inputs give uncommitted results; a
+    plan asked for without a device lies on jax.default_device's (a device, or a platform name)."""
     code = """
 import jax, jax.numpy as jnp, numpy as np
 import vsa_nd.adapters.jax as vj
@@ -584,12 +588,16 @@ print("jit", jax.jit(f)(q).devices() == {cpu1})
 print("grad", jax.grad(lambda q: f(q).sum())(q).devices() == {cpu1})
 print("tile", vj.tile(jax.device_put(np.ones((1, plan.seq_len, 2, 8), np.float32), cpu1), plan).devices() == {cpu1})
 print("uncommitted", f(jnp.asarray(x)).committed)
+with jax.default_device(cpu1):
+    print("default", vj.tile_plan((4, 5)).variable_block_sizes.devices() == {cpu1})
+with jax.default_device("cpu"):
+    print("named", vj.tile_plan((4, 6)).variable_block_sizes.devices() == {jax.devices("cpu")[0]})
 """
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["eager", "True", "True", "jit", "True", "grad", "True", "tile", "True",
-                                     "uncommitted", "False"], result.stdout
+                                     "uncommitted", "False", "default", "True", "named", "True"], result.stdout
 
 
 def test_a_process_exits_while_a_jitted_call_still_runs():
