@@ -276,7 +276,7 @@ def _from_dlpack(name: str, x):
 
 
 def _check_attention_arrays(q, k, v, gate=None) -> tuple:
-    """q, k, v and gate (or None) as :func:`_check_array` gives them, with no axis of length 0."""
+    """q, k, v and gate (or None) as :func:`_check_array` gives them, with no axis but the batch of length 0."""
     q = _check_array("q", q, _ATTENTION_DTYPES)
     k, v = (_check_array(name, x, _ATTENTION_DTYPES, like=q) for name, x in (("k", k), ("v", v)))
     gate = None if gate is None else _check_array("gate", gate, _ATTENTION_DTYPES, like=q)

@@ -73,8 +73,8 @@ VSA backward is not differentiable itself (a second backward through it raises),
 untile differentiate to any order, and ``tile(..., out=buffer)`` bumps the buffer's version
 counter.  No operation has a forward-mode derivative: under ``torch.func.jvp``, ``jacfwd`` or
 ``hessian``, or given ``torch.autograd.forward_ad`` dual tensors, torch would silently give
-their outputs zero tangents (or none), so every public function refuses such a call
-(:func:`_refuse_transforms`).
+their outputs zero tangents (or none), so every public function refuses a call whose inputs
+carry tangents (:func:`_refuse_transforms`).
 
 A prepared path for calls like one already made.  On CUDA, a plain eager call of
 :func:`video_sparse_attn`, :func:`tile` or :func:`untile` whose signature (shapes, dtypes,
@@ -377,7 +377,7 @@ def _viewed(name: str, x):
 
 
 def _check_attention_tensors(q, k, v, gate=None):
-    """q, k, v (and gate) as :func:`_check_tensor` checks them, with no axis of length 0."""
+    """q, k, v (and gate) as :func:`_check_tensor` checks them, with no axis but the batch of length 0."""
     if _usual_attention_tensors(q, k, v, gate):
         return
     for name, t in (("q", q), ("k", k), ("v", v), ("gate", gate)):
@@ -476,35 +476,56 @@ def _refuse_transforms(op: str, *tensors, reverse: bool = True) -> None:
     """NotImplementedError where a transform vsa_nd's operations lack would differentiate this
     call of ``op`` on ``tensors`` (anything; None allowed).
 
-    Forward mode: an input carries a tangent, as a ``torch.autograd.forward_ad`` dual tensor or,
-    under a ``torch.func`` jvp transform (``jvp``, ``jacfwd``, ``hessian``), as a tensor the
-    transforms wrap (taken to carry one: through ``vmap`` the tangent cannot be asked for).
-    torch would give the outputs zero tangents, or none, without a word.  With ``reverse``, also
-    ``torch.func.grad``, ``vjp`` and ``jacrev`` of an input, which torch refuses for custom ops
-    with registered autograd in words about ``autograd.Function.setup_context``.  Inputs the
-    transform does not differentiate (constants) pass.  Costs an attribute read and one call of
-    torch's when no transform and no dual level is active."""
+    Forward mode: an input carries a tangent, as a ``torch.autograd.forward_ad`` dual tensor or
+    under a ``torch.func`` jvp transform (``jvp``, ``jacfwd``, ``hessian``), at any level of the
+    functorch wrappers (:func:`_has_tangent`, which torch.compile runs eagerly, on the real
+    tensors, breaking its graph there: only under a dual level or a transform).  torch would give the outputs zero
+    tangents, or none, without a word.  With ``reverse``, also ``torch.func.grad``, ``vjp`` and
+    ``jacrev`` of an input (a grad wrapper level requires grad), which torch refuses for custom
+    ops with registered autograd in words about ``autograd.Function.setup_context``.  Inputs
+    the transform does not differentiate pass: constants, tensors computed from them inside it,
+    and tensors only the outer ``torch.autograd`` differentiates.  Costs an attribute read and
+    one call of torch's when no transform and no dual level is active."""
     functorch = torch._C._are_functorch_transforms_active()
     if not functorch and _forward_ad._current_level < 0:
         return
     tensors = [t for t in tensors if isinstance(t, Tensor)]
-    if functorch:
-        keys = {i.key() for i in torch._C._functorch.get_interpreter_stack() or ()}
-        kinds = torch._C._functorch.TransformType
-        forward = kinds.Jvp in keys and any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
-        backward = reverse and kinds.Grad in keys and _needs_grad(*tensors)
-    else:  # a dual level, outside the transforms (where unpack_dual would fail on batched tensors)
-        forward = any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-        backward = False
+    forward = any(_has_tangent(t) for t in tensors)
+    backward = reverse and functorch and torch.is_grad_enabled() and any(_grad_level_requires_grad(t) for t in tensors)
     if forward:
         raise NotImplementedError(
             f"vsa_nd: {op} has no forward-mode derivative (torch.func.jvp, jacfwd and hessian, and "
-            f"torch.autograd.forward_ad's dual tensors); torch would give its output a zero tangent, so the call "
-            f"is refused. Differentiate in reverse mode (backward, torch.autograd.grad)")
+            f"torch.autograd.forward_ad's dual tensors); torch would give its output a zero tangent (or none), so "
+            f"the call is refused. Differentiate in reverse mode (backward, torch.autograd.grad)")
     if backward:
         raise NotImplementedError(
             f"vsa_nd: {op} is differentiated by torch.autograd only; torch.func.grad, vjp and jacrev refuse custom "
             f"ops with registered autograd. Use loss.backward() or torch.autograd.grad (vmap works, as a loop of calls)")
+
+
+@torch.compiler.disable  # run on the real tensors, also when torch.compile traces a call under a dual level
+def _has_tangent(t: Tensor) -> bool:
+    """Whether ``t``, or a tensor that one of its functorch wrappers wraps, is a forward-AD dual
+    with a tangent (batched levels are stepped over: ``unpack_dual`` refuses them)."""
+    functorch = torch._C._functorch
+    while True:
+        if not functorch.is_batchedtensor(t) and _forward_ad.unpack_dual(t).tangent is not None:
+            return True
+        if not functorch.is_functorch_wrapped_tensor(t):
+            return False
+        t = functorch.get_unwrapped(t)
+
+
+@torch.compiler.disable
+def _grad_level_requires_grad(t: Tensor) -> bool:
+    """Whether one of ``t``'s functorch wrapper levels requires grad (a torch.func grad transform
+    differentiates it); the plain tensor under them all only the outer torch.autograd does."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if t.requires_grad:
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
 
 
 def _mode_active() -> bool:

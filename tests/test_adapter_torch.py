@@ -1004,7 +1004,8 @@ def _transform_calls(plan):
 
 
 @pytest.mark.parametrize("op", ["video_sparse_attn", "tile", "untile", "block_sparse_attn"])
-@pytest.mark.parametrize("how", ["torch.func.jvp", "jacfwd", "jvp of vmap", "forward_ad dual"])
+@pytest.mark.parametrize("how", ["torch.func.jvp", "jacfwd", "jvp of vmap", "vmap of jvp", "forward_ad dual",
+                                 "vmap over a dual", "torch.compile over a dual"])
 def test_forward_mode_autodiff_is_refused_not_given_zero_tangents(op, how):
     """torch gives a custom op without a forward-mode rule a zero tangent (torch.func.jvp, jacfwd)
     or none (a forward_ad dual tensor), silently: every op refuses instead, by name."""
@@ -1017,9 +1018,18 @@ def test_forward_mode_autodiff_is_refused_not_given_zero_tangents(op, how):
             torch.func.jacfwd(lambda s: fn(arg * s).sum())(torch.tensor(1.0, dtype=arg.dtype))
         elif how == "jvp of vmap":
             torch.func.jvp(torch.func.vmap(fn), (arg[None],), (tangent[None],))
+        elif how == "vmap of jvp":
+            torch.func.vmap(lambda a, t: torch.func.jvp(fn, (a,), (t,))[1])(arg[None], tangent[None])
         else:
             with torch.autograd.forward_ad.dual_level():
-                fn(torch.autograd.forward_ad.make_dual(arg, tangent))
+                dual = torch.autograd.forward_ad.make_dual(arg, tangent)
+                if how == "forward_ad dual":
+                    fn(dual)
+                elif how == "vmap over a dual":
+                    torch.func.vmap(fn)(dual[None])
+                else:  # (not fullgraph: there Dynamo itself refuses the check's eager call)
+                    torch._dynamo.reset()
+                    torch.compile(fn, backend="eager")(dual)
 
 
 @pytest.mark.parametrize("op", ["video_sparse_attn", "tile", "untile"])
@@ -1038,16 +1048,25 @@ def test_torch_func_reverse_transforms_are_refused_in_vsa_nds_words(op, how):
 
 
 def test_transforms_pass_calls_whose_inputs_they_do_not_differentiate():
-    """A constant input (not a transform's) has a zero derivative, which torch gets right: such
-    calls under jvp, grad and a dual level run, and give what they give outside."""
+    """An input the transform does not differentiate has a zero derivative, which torch gets
+    right: a constant, one computed from constants inside the transform, one vmapped inside it,
+    or one only the outer torch.autograd differentiates (a parameter).  Such calls under jvp,
+    grad and a dual level run, and give what they give outside."""
     calls = _transform_calls(vt.tile_plan(SEQ, TILE))
     x = torch.randn(3, dtype=torch.float64)
     for op, (fn, arg) in calls.items():
         want = fn(arg)
-        f = lambda x: x.sum() * 2 + fn(arg).sum()  # noqa: E731
-        out, tangent = torch.func.jvp(f, (x,), (torch.ones_like(x),))
-        assert tangent.item() == 6.0 and torch.allclose(out, x.sum() * 2 + want.sum()), op
-        assert torch.equal(torch.func.grad(f)(x), torch.full_like(x, 2.0)), op
+        batched = torch.stack([arg, arg])
+        for inner in (lambda: fn(arg), lambda: fn(arg * 1.0 + 0.0), lambda: torch.func.vmap(fn)(batched)[0]):
+            f = lambda x: x.sum() * 2 + inner().sum()  # noqa: E731
+            out, tangent = torch.func.jvp(f, (x,), (torch.ones_like(x),))
+            assert tangent.item() == 6.0 and torch.allclose(out, x.sum() * 2 + want.sum()), op
+            assert torch.equal(torch.func.grad(f)(x), torch.full_like(x, 2.0)), op
+        if op != "block_sparse_attn":  # (it refuses inputs that need a gradient by name)
+            parameter = arg.clone().requires_grad_()  # differentiated by the outer autograd only
+            t = torch.tensor(1.5, dtype=torch.float64)
+            got = torch.func.grad(lambda t: (t * fn(parameter)).sum())(t)
+            assert torch.allclose(got, want.sum()), op
         with torch.autograd.forward_ad.dual_level():
             dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
             assert torch.equal(fn(arg), want), op

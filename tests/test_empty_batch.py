@@ -5,6 +5,8 @@ where nothing is launched for the empty call and a batch of one afterwards still
 reference.  The torch and JAX adapters' empty batches are tested in their own files.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -78,6 +80,9 @@ def _check_empty_batch(xp, dtype, head_dim: int):
         vsa_nd.video_sparse_attn(q, k, v, TOPK, xp.full(plan.num_blocks, 65, np.int32))
     with pytest.raises(ValueError, match=r"dout: expected shape \[0, 4, 512, " + str(head_dim) + r"\]"):
         vsa_nd.video_sparse_attn_backward(xp.empty((0, 4, 512, head_dim + 1), q.dtype), ctx)
+    means = [vsa_nd.block_mean(x, sizes) for x in (q, k, v)]
+    with pytest.raises(ValueError, match=r"scale: expected a positive finite float, got -1.0"):
+        vsa_nd.coarse_attn(*means, scale=-1.0)
     return plan, one
 
 
@@ -91,6 +96,13 @@ def test_an_empty_batch_gives_empty_results_on_the_cpu(dtype):
 def test_an_empty_batch_gives_empty_results_on_cuda(dtype):
     plan, (q, k, v, gate) = _check_empty_batch(cupy, dtype, 64)
     cupy.cuda.Device().synchronize()  # nothing launched for the empty calls failed
+    # A context the CUDA kernels cannot run (float32, made by hand) is refused at B = 0 as at B = 1.
+    _, (q0, k0, v0, g0) = _problem(cupy, dtype, 0, 64, seed=2)
+    _, ctx = vsa_nd.video_sparse_attn(q0, k0, v0, TOPK, plan.variable_block_sizes, gate=g0, return_context=True)
+    as32 = {name: getattr(ctx, name).astype(np.float32) for name in ("q", "k", "v", "gate", "out")}
+    with pytest.raises(TypeError, match=r"context.q: the CUDA attention kernels take float16 or bfloat16, got float32"):
+        vsa_nd.video_sparse_attn_backward(cupy.empty((0, H, plan.padded_len, 64), np.float32),
+                                          dataclasses.replace(ctx, **as32))
     # A batch of one after the empty calls (whose signatures are not remembered) takes the full
     # path, then the prepared one: both against the reference.
     host = [cupy.asnumpy(x).astype(np.float64) for x in (q, k, v, gate)]

@@ -36,14 +36,14 @@ def test_editable_install_serves_kernel_sources_and_adapters():
     assert Path(adapters.__file__).parent.resolve() == (ROOT / "adapters").resolve()
 
 
-def _setuptools_major() -> int:
-    """The major version of this interpreter's setuptools, 0 without one."""
+def _setuptools_version() -> tuple:
+    """(major, minor) of this interpreter's setuptools, (0, 0) without one."""
     try:
         from importlib.metadata import version
 
-        return int(version("setuptools").split(".")[0])
-    except Exception:  # noqa: BLE001 - absent, or a version string without a leading number
-        return 0
+        return tuple(int(part) for part in version("setuptools").split(".")[:2])
+    except Exception:  # noqa: BLE001 - absent, or a version string not of numbers
+        return (0, 0)
 
 
 def test_wheel_contains_kernel_sources_adapters_and_the_console_script(tmp_path):
@@ -55,10 +55,11 @@ def test_wheel_contains_kernel_sources_adapters_and_the_console_script(tmp_path)
                                       ".pytest_cache", ".whl"),
     )
     # Without build isolation where this interpreter has a setuptools the build system accepts
-    # (pyproject.toml: >= 68): isolation fetches one from the index, which an offline machine
-    # (the GPU machine) cannot reach.
+    # (pyproject.toml: >= 68) that builds wheels by itself (70.1 and later; before, it needs the
+    # `wheel` package): isolation fetches one from the index, which an offline machine (the GPU
+    # machine) cannot reach.
     command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-w", str(tmp_path / "wheels")]
-    if _setuptools_major() >= 68:
+    if _setuptools_version() >= (70, 1):
         command.append("--no-build-isolation")
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

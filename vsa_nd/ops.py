@@ -312,11 +312,12 @@ def coarse_attn(q_c, k_c, v_c, scale=None):
     check.check_shape("v_c", v_c, k_c.shape)
     _check_heads(h, k_c.shape[1], "k_c")
     dtype = compute_dtype(q_c.dtype)
+    scale = _scale(scale, d, dtype=dtype)
     if _empty_batch(q_c):
         return _empty_like(q_c, (q_c.shape[2], k_c.shape[2]), dtype), _empty_like(q_c, q_c.shape[2:], dtype)
     xp = array_module(q_c)
     q_c, k_c, v_c = (xp.ascontiguousarray(a.astype(dtype, copy=False)) for a in (q_c, k_c, v_c))
-    scores = _coarse_scores(q_c, k_c, _scale(scale, d, dtype=dtype))
+    scores = _coarse_scores(q_c, k_c, scale)
     return scores, _coarse_output(_backend(scores).softmax_rows_(scores.copy()), v_c)
 
 
@@ -778,11 +779,6 @@ def _backward(dout, c: VSAContext, out, unchanged_context: bool, new_buffers: bo
     check.check_shape("dout", dout, c.q.shape)
     check.check_contiguous("dout", dout)
     buffers = _check_gradient_buffers(out, dout, c, every_array=not (unchanged_context or new_buffers))
-    if _empty_batch(dout):
-        return Gradients(*(
-            None if like is None else buffer if buffer is not None else _empty_like(like, like.shape[2:], like.dtype)
-            for buffer, like in zip(buffers, (c.q, c.k, c.v, c.gate))))
-    backend = _backend(dout)
     if is_cupy_array(dout):  # the kernels' own limits, checked before any launch
         from .backends.cuda_attention import check_backward_lists, check_kernel_support
 
@@ -794,6 +790,12 @@ def _backward(dout, c: VSAContext, out, unchanged_context: bool, new_buffers: bo
         check_kernel_support(c.q, c.q.shape[2] // len(c.q_block_sizes), ("out.dq", "out.dk", "out.dv"), "context.q",
                              **fine_arrays)
         check_backward_lists(c.q2k_idx.shape)
+    if _empty_batch(dout):  # every check passed: empty gradients (or the buffers given), nothing launched
+        return Gradients(*(
+            None if like is None else buffer if buffer is not None else _empty_like(like, like.shape[2:], like.dtype)
+            for buffer, like in zip(buffers, (c.q, c.k, c.v, c.gate))))
+    backend = _backend(dout)
+    if is_cupy_array(dout):
         # The prepared launches load 16 bytes at a time from the rest too (the above are aligned).
         if _aligned(c.q2k_idx, c.q2k_num, c.q_mean, c.k_mean, c.v_mean, c.coarse_probs, buffers.dgate):
             return Gradients(*backend.vsa_backward(dout, c, *buffers, clean=not unchanged_context))
