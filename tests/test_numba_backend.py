@@ -693,6 +693,26 @@ def test_backward_nan_exactly_where_lse_passes_the_limit(dtype, target):
                              BWD_TOL[np.dtype(dtype).name], expect_nan=target > 2**20, huge_rows=(133, 134))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, bfloat16])
+def test_backward_lse_limit_is_strict_at_2_to_the_20(dtype):
+    """The limit's edge, as CUDA draws it (|lse| > 2**20): a real row whose float32 lse is
+    exactly +-2**20 gets finite gradients, one a float32 step past it NaN (the lse is set by
+    hand, so only finiteness is checked, not accuracy)."""
+    rng = np.random.default_rng(12)
+    plan = vsa_nd.tile_plan((5, 6), (4, 4))
+    q, dout = (normal(rng, (1, 2, plan.padded_len, 16), dtype) for _ in range(2))
+    k, v = (normal(rng, (1, 2, plan.padded_len, 16), dtype) for _ in range(2))
+    _, ctx = vsa_nd.video_sparse_attn(q, k, v, 2, plan.variable_block_sizes, return_context=True)
+    assert ctx.lse.dtype == np.float32
+    for edge in (2.0**20, -(2.0**20)):
+        for value, nan in ((edge, False), (np.nextafter(np.float32(edge), np.float32(2 * edge)), True)):
+            lse = ctx.lse.copy()
+            lse[0, 1, 5] = value  # a real row of the first tile
+            dq = vsa_nd.video_sparse_attn_backward(dout, dataclasses.replace(ctx, lse=lse)).dq
+            assert np.isnan(np.asarray(dq[0, 1, 5], np.float64)).all() == nan, (value, nan)
+            assert np.isfinite(np.asarray(dq[0, 1, 6], np.float64)).all()
+
+
 def test_coarse_attn_returns_the_scores_and_the_coarse_output():
     """The public coarse_attn (video_sparse_attn does not call it): raw scaled scores (not their
     softmax) with the default scale 1/sqrt(D), and softmax(scores) v, kv heads shared by GQA groups."""

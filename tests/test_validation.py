@@ -70,6 +70,11 @@ def _plan_sizes_for(num_blocks: int, volume: int):
     return plan.variable_block_sizes
 
 
+def as_float64(p, *names):
+    """{name: a float64 copy of p.name}."""
+    return {name: getattr(p, name).astype(np.float64) for name in names}
+
+
 def vsa(p, **kw):
     args = dict(q=p.q, k=p.k, v=p.v, topk=2, q_block_sizes=p.q_sizes, kv_block_sizes=p.kv_sizes)
     return vsa_nd.video_sparse_attn(**(args | kw))
@@ -161,6 +166,16 @@ CASES = [
     ("vsa-scale-zero", lambda p: vsa(p, scale=0.0), ValueError, ["scale:", "positive finite float", "0.0"]),
     ("vsa-scale-huge-int", lambda p: vsa(p, scale=10**400), ValueError, ["scale:", "positive finite float", "1000"]),
     ("fine-scale-zero", lambda p: fine(p, scale=0.0), ValueError, ["scale:", "positive finite float", "0.0"]),
+    # float64 inputs: no float32 range check behind the positivity one
+    ("vsa-scale-zero-float64", lambda p: vsa(p, **as_float64(p, "q", "k", "v"), scale=0.0), ValueError,
+     ["scale:", "positive finite float", "0.0"]),
+    ("vsa-scale-minus-zero-float64", lambda p: vsa(p, **as_float64(p, "q", "k", "v"), scale=-0.0), ValueError,
+     ["scale:", "positive finite float", "-0.0"]),
+    ("fine-scale-zero-float64", lambda p: fine(p, **as_float64(p, "q", "k", "v"), scale=0.0), ValueError,
+     ["scale:", "positive finite float", "0.0"]),
+    ("coarse-scale-zero-float64",
+     lambda p: vsa_nd.coarse_attn(*as_float64(p, "q_c", "k_c", "v_c").values(), scale=0.0), ValueError,
+     ["scale:", "positive finite float", "0.0"]),
     # --- block_sparse_attn
     ("fine-neither", lambda p: fine(p, q2k_idx=None, q2k_num=None), ValueError, ["q2k_idx, block_map", "exactly one", "neither"]),
     ("fine-both", lambda p: fine(p, block_map=p.block_map), ValueError, ["q2k_idx, block_map", "exactly one", "both"]),
