@@ -478,8 +478,9 @@ def _refuse_transforms(op: str, *tensors, reverse: bool = True) -> None:
 
     Forward mode: an input carries a tangent, as a ``torch.autograd.forward_ad`` dual tensor or
     under a ``torch.func`` jvp transform (``jvp``, ``jacfwd``, ``hessian``), at any level of the
-    functorch wrappers (:func:`_has_tangent`, which torch.compile runs eagerly, on the real
-    tensors, breaking its graph there: only under a dual level or a transform).  torch would give the outputs zero
+    functorch wrappers (:func:`_has_tangent`).  While torch.compile traces a call (fake tensors)
+    an open dual level is refused: with ``fullgraph=True`` Dynamo's error then carries this
+    message; without, Dynamo runs the call eagerly, and the check above decides.  torch would give the outputs zero
     tangents, or none, without a word.  With ``reverse``, also ``torch.func.grad``, ``vjp`` and
     ``jacrev`` of an input (a grad wrapper level requires grad), which torch refuses for custom
     ops with registered autograd in words about ``autograd.Function.setup_context``.  Inputs
@@ -489,9 +490,13 @@ def _refuse_transforms(op: str, *tensors, reverse: bool = True) -> None:
     functorch = torch._C._are_functorch_transforms_active()
     if not functorch and _forward_ad._current_level < 0:
         return
-    tensors = [t for t in tensors if isinstance(t, Tensor)]
-    forward = any(_has_tangent(t) for t in tensors)
-    backward = reverse and functorch and torch.is_grad_enabled() and any(_grad_level_requires_grad(t) for t in tensors)
+    if torch.compiler.is_compiling():  # traced tensors are fakes: a dual level open is all there is to go by
+        forward, backward = _forward_ad._current_level >= 0, False
+    else:
+        tensors = [t for t in tensors if isinstance(t, Tensor)]
+        forward = any(_has_tangent(t) for t in tensors)
+        backward = reverse and functorch and torch.is_grad_enabled() and any(_grad_level_requires_grad(t)
+                                                                            for t in tensors)
     if forward:
         raise NotImplementedError(
             f"vsa_nd: {op} has no forward-mode derivative (torch.func.jvp, jacfwd and hessian, and "

@@ -1032,6 +1032,18 @@ def test_forward_mode_autodiff_is_refused_not_given_zero_tangents(op, how):
                     torch.compile(fn, backend="eager")(dual)
 
 
+def test_torch_compile_fullgraph_over_a_dual_tensor_stops_with_vsa_nds_message():
+    """Traced with fullgraph, the refusal is Dynamo's error, carrying vsa_nd's words; a call on
+    plain tensors inside a dual level, not fullgraph, runs (Dynamo falls back to eager there)."""
+    fn, arg = _transform_calls(vt.tile_plan(SEQ, TILE))["tile"]
+    torch._dynamo.reset()
+    with torch.autograd.forward_ad.dual_level():
+        with pytest.raises(Exception, match="vsa_nd: tile has no forward-mode derivative"):
+            torch.compile(fn, fullgraph=True, backend="eager")(torch.autograd.forward_ad.make_dual(arg, arg))
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(fn, backend="eager")(arg), fn(arg))
+
+
 @pytest.mark.parametrize("op", ["video_sparse_attn", "tile", "untile"])
 @pytest.mark.parametrize("how", ["grad", "vjp", "jacrev"])
 def test_torch_func_reverse_transforms_are_refused_in_vsa_nds_words(op, how):
