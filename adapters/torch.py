@@ -478,10 +478,10 @@ def _refuse_transforms(op: str, *tensors, reverse: bool = True) -> None:
 
     Forward mode: an input carries a tangent, as a ``torch.autograd.forward_ad`` dual tensor or
     under a ``torch.func`` jvp transform (``jvp``, ``jacfwd``, ``hessian``), at any level of the
-    functorch wrappers (:func:`_has_tangent`).  While torch.compile traces a call (fake tensors)
-    an open dual level is refused: with ``fullgraph=True`` Dynamo's error then carries this
-    message; without, Dynamo runs the call eagerly, and the check above decides.  torch would give the outputs zero
-    tangents, or none, without a word.  With ``reverse``, also ``torch.func.grad``, ``vjp`` and
+    functorch wrappers (:func:`_has_tangent`); torch would give the outputs zero tangents, or
+    none, without a word.  While torch.compile traces a call (fake tensors), an open dual level
+    is refused: with ``fullgraph=True`` Dynamo's error then carries this message; without,
+    Dynamo runs the call eagerly, where the exact check decides.  With ``reverse``, also ``torch.func.grad``, ``vjp`` and
     ``jacrev`` of an input (a grad wrapper level requires grad), which torch refuses for custom
     ops with registered autograd in words about ``autograd.Function.setup_context``.  Inputs
     the transform does not differentiate pass: constants, tensors computed from them inside it,
@@ -508,7 +508,9 @@ def _refuse_transforms(op: str, *tensors, reverse: bool = True) -> None:
             f"ops with registered autograd. Use loss.backward() or torch.autograd.grad (vmap works, as a loop of calls)")
 
 
-@torch.compiler.disable  # run on the real tensors, also when torch.compile traces a call under a dual level
+# Both helpers below run eagerly, on the real tensors, also where Dynamo runs a call it could not
+# trace (the refusal above, without fullgraph) and would otherwise trace them: that lost the tangent.
+@torch.compiler.disable
 def _has_tangent(t: Tensor) -> bool:
     """Whether ``t``, or a tensor that one of its functorch wrappers wraps, is a forward-AD dual
     with a tangent (batched levels are stepped over: ``unpack_dual`` refuses them)."""
