@@ -525,6 +525,8 @@ def _refusing_gradients(run, refusal: tuple, *arrays):
     if any(_is_traced(a) for a in arrays if a is not None):
         return _forward_only(run, refusal, *arrays)
     return run(*arrays)
+
+
 _NO_BACKWARD = (TypeError, "q, k, v: block_sparse_attn has no backward; differentiate video_sparse_attn instead, "
                            "or pass jax.lax.stop_gradient of the inputs")
 _SECOND_ORDER = (NotImplementedError,

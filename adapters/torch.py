@@ -481,12 +481,15 @@ def _refuse_transforms(op: str, *tensors, reverse: bool = True) -> None:
     functorch wrappers (:func:`_has_tangent`); torch would give the outputs zero tangents, or
     none, without a word.  While torch.compile traces a call (fake tensors), an open dual level
     is refused: with ``fullgraph=True`` Dynamo's error then carries this message; without,
-    Dynamo runs the call eagerly, where the exact check decides.  With ``reverse``, also ``torch.func.grad``, ``vjp`` and
-    ``jacrev`` of an input (a grad wrapper level requires grad), which torch refuses for custom
-    ops with registered autograd in words about ``autograd.Function.setup_context``.  Inputs
-    the transform does not differentiate pass: constants, tensors computed from them inside it,
-    and tensors only the outer ``torch.autograd`` differentiates.  Costs an attribute read and
-    one call of torch's when no transform and no dual level is active."""
+    Dynamo runs the call eagerly, where the exact check decides.
+
+    With ``reverse``, also ``torch.func.grad``, ``vjp`` and ``jacrev`` of an input (a grad
+    wrapper level requires grad), which torch refuses for custom ops with registered autograd
+    in words about ``autograd.Function.setup_context``.
+
+    Inputs the transform does not differentiate pass: constants, tensors computed from them
+    inside it, and tensors only the outer ``torch.autograd`` differentiates.  Costs an
+    attribute read and one call of torch's when no transform and no dual level is active."""
     functorch = torch._C._are_functorch_transforms_active()
     if not functorch and _forward_ad._current_level < 0:
         return

@@ -259,7 +259,7 @@ def block_mean(x, block_sizes):
     volume = _tile_volume("x", x.shape[2], n, "block_sizes")
     block_sizes = check.check_block_sizes("block_sizes", block_sizes, x, n, volume)
     if _empty_batch(x):
-        return _empty_like(x, (n, x.shape[3]), compute_dtype(x.dtype))
+        return _empty_result(x, (n, x.shape[3]), compute_dtype(x.dtype))
     return _backend(x).block_mean(x, block_sizes)
 
 
@@ -269,8 +269,8 @@ def _empty_batch(x) -> bool:
     return x.shape[0] == 0
 
 
-def _empty_like(x, trailing: tuple, dtype, heads=None):
-    """A new empty result [0, heads (default x's), *trailing] on x's device."""
+def _empty_result(x, trailing: tuple, dtype, heads=None):
+    """A new result for an empty batch: [0, heads (default x's), *trailing] on x's device."""
     return array_module(x).empty((0, x.shape[1] if heads is None else heads, *trailing), dtype)
 
 
@@ -314,7 +314,7 @@ def coarse_attn(q_c, k_c, v_c, scale=None):
     dtype = compute_dtype(q_c.dtype)
     scale = _scale(scale, d, dtype=dtype)
     if _empty_batch(q_c):
-        return _empty_like(q_c, (q_c.shape[2], k_c.shape[2]), dtype), _empty_like(q_c, q_c.shape[2:], dtype)
+        return _empty_result(q_c, (q_c.shape[2], k_c.shape[2]), dtype), _empty_result(q_c, q_c.shape[2:], dtype)
     xp = array_module(q_c)
     q_c, k_c, v_c = (xp.ascontiguousarray(a.astype(dtype, copy=False)) for a in (q_c, k_c, v_c))
     scores = _coarse_scores(q_c, k_c, scale)
@@ -331,7 +331,8 @@ def select_topk_blocks(scores, topk: int):
     check.check_float("scores", scores, 4)
     topk = check.check_int_range("topk", topk, 1, scores.shape[-1])
     if _empty_batch(scores):
-        return _empty_like(scores, (scores.shape[2], topk), np.int32), _empty_like(scores, scores.shape[2:3], np.int32)
+        n_q = scores.shape[2]
+        return _empty_result(scores, (n_q, topk), np.int32), _empty_result(scores, (n_q,), np.int32)
     scores = scores.astype(compute_dtype(scores.dtype), copy=False)
     return _backend(scores).select_topk(check.check_contiguous("scores", scores), topk)
 
@@ -505,7 +506,7 @@ def block_sparse_attn(
                                                 problem.tile_volume)
     check.check_index_lists(q2k_idx, q2k_num, problem.num_kv_blocks, check_values)
     if _empty_batch(q):
-        out, lse = _empty_like(q, q.shape[2:], q.dtype), _empty_like(q, q.shape[2:3], compute_dtype(q.dtype))
+        out, lse = _empty_result(q, q.shape[2:], q.dtype), _empty_result(q, q.shape[2:3], compute_dtype(q.dtype))
         return (out, lse) if return_lse else out
     if not check_values and block_map is None:  # CuPy lists taken unchecked: keep the kernels inside k and v
         from .backends.cuda_attention import clean_lists
@@ -644,13 +645,13 @@ def _empty_forward_results(q, k, num_q_blocks: int, num_kv_blocks: int, topk: in
     b, h, s_q, d = q.shape
     h_kv, small, i32 = k.shape[1], compute_dtype(q.dtype), np.dtype(np.int32)
     return (
-        _empty_like(q, (s_q, d), q.dtype) if out is None else out,
-        _empty_like(q, (s_q,), small),  # lse
-        _empty_like(q, (num_q_blocks, topk), i32), _empty_like(q, (num_q_blocks,), i32),  # q2k_idx, q2k_num
-        _empty_like(q, (num_q_blocks, d), small),  # q_mean
-        _empty_like(q, (num_kv_blocks, d), small, h_kv), _empty_like(q, (num_kv_blocks, d), small, h_kv),
-        _empty_like(q, (num_q_blocks, num_kv_blocks), small),  # coarse_probs
-        _empty_like(q, (num_q_blocks, d), small),  # coarse
+        _empty_result(q, (s_q, d), q.dtype) if out is None else out,
+        _empty_result(q, (s_q,), small),  # lse
+        _empty_result(q, (num_q_blocks, topk), i32), _empty_result(q, (num_q_blocks,), i32),  # q2k_idx, q2k_num
+        _empty_result(q, (num_q_blocks, d), small),  # q_mean
+        _empty_result(q, (num_kv_blocks, d), small, h_kv), _empty_result(q, (num_kv_blocks, d), small, h_kv),
+        _empty_result(q, (num_q_blocks, num_kv_blocks), small),  # coarse_probs
+        _empty_result(q, (num_q_blocks, d), small),  # coarse
     )
 
 
@@ -792,15 +793,15 @@ def _backward(dout, c: VSAContext, out, unchanged_context: bool, new_buffers: bo
         check_backward_lists(c.q2k_idx.shape)
     if _empty_batch(dout):  # every check passed: empty gradients (or the buffers given), nothing launched
         return Gradients(*(
-            None if like is None else buffer if buffer is not None else _empty_like(like, like.shape[2:], like.dtype)
+            None if like is None else buffer if buffer is not None else array_module(like).empty_like(like)
             for buffer, like in zip(buffers, (c.q, c.k, c.v, c.gate))))
     backend = _backend(dout)
-    if is_cupy_array(dout):
-        # The prepared launches load 16 bytes at a time from the rest too (the above are aligned).
-        if _aligned(c.q2k_idx, c.q2k_num, c.q_mean, c.k_mean, c.v_mean, c.coarse_probs, buffers.dgate):
-            return Gradients(*backend.vsa_backward(dout, c, *buffers, clean=not unchanged_context))
-        # Else the stages one by one: the coarse pass takes narrow loads where its arrays (dgate, the
-        # tile means, the coarse probabilities) are not aligned.
+    # On CuPy the prepared launches, which load 16 bytes at a time from the rest too (the above are
+    # aligned); else the stages one by one: there the coarse pass takes narrow loads where its
+    # arrays (dgate, the tile means, the coarse probabilities) are not aligned.
+    if is_cupy_array(dout) and _aligned(c.q2k_idx, c.q2k_num, c.q_mean, c.k_mean, c.v_mean, c.coarse_probs,
+                                        buffers.dgate):
+        return Gradients(*backend.vsa_backward(dout, c, *buffers, clean=not unchanged_context))
 
     # Also the fine backward's per-row terms, where the backend can take them in the same pass.
     d_coarse, dgate, row_terms = backend.coarse_grad_inputs(dout, c.gate, c.coarse, c.q_block_sizes,
