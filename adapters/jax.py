@@ -40,12 +40,20 @@ Where it runs:
   message (so does a dtype the GPU refuses, e.g. float32 attention: at trace time a GPU
   process cannot tell where XLA will place the program); under ``vmap``
   XLA loops over the batch and calls vsa_nd once per element (correct, but no faster than a
-  Python loop of jitted calls: fold a batch into B where you can); sharded (multi-device)
-  inputs are not supported.
+  Python loop of jitted calls: fold a batch into B where you can).
   Pass a plan's ``variable_block_sizes`` (:func:`tile_plan`) closed over, not as a jitted
   function's argument: then they are no operand of the program and vsa_nd trusts them;
   block sizes that are operands are checked in each call, on GPU with a host
   synchronisation.
+
+Several devices: inside ``shard_map`` each device runs vsa_nd on its own shard, split over
+the batch or the heads (q's heads and k's and v's alike: q head h reads kv head h // (H / H_kv)
+of its shard), never the tokens (a shard holds whole sequences: others fail vsa_nd's shape
+checks).  Results are typed as varying over the mesh axes their operands vary over, so an array
+every device shares (replicated k, v or gate) gets its gradient summed over the devices.
+Under plain ``jax.jit``, XLA has no partitioning rule for the foreign call: it gathers sharded
+operands and every device runs the whole call (replicated results, no faster than one device):
+``shard_map`` splits the work.  ``jax.pmap`` runs one call per device.
 
 Gradients: :func:`video_sparse_attn` differentiates q, k, v and gate through both VSA
 stages, with the top-k selection a constant of the forward; :func:`tile` and
@@ -85,6 +93,48 @@ __all__ = ["TilePlan", "block_sparse_attn", "build_metadata", "tile", "tile_plan
 
 def _is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
+
+
+# ---- shard_map: the mesh axes a value varies over ------------------------------------------
+#
+# Inside ``shard_map`` (with its default check_vma=True) JAX types every value with the manual
+# mesh axes it varies over, and its AD relies on those types: an input that is the same on every
+# device (invariant) but meets varying ones is cast to varying first, and that cast's transpose
+# sums its cotangent over the devices.  An XLA foreign-function call has no such rule: it takes
+# operands that vary alike, and its results are typed invariant whatever its operands were.
+# Typed so, a result that differs per device could leave shard_map as if replicated
+# (``out_specs=P()`` takes device 0's) and its gradient's type would not match its input's.  So
+# the public functions cast their array operands to the axes any of them varies over before
+# the custom_vjp (invariant inputs then get summed cotangents), and _call types each foreign
+# call's results like its operands.  Outside shard_map, or with check_vma=False, nothing varies
+# and nothing is cast.  (JAX 0.6-0.9 call the type ``aval.vma`` and the cast ``lax.pvary``;
+# later ones ``aval.manual_axis_type.varying`` and ``lax.pcast(..., to="varying")``.)
+
+
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes over which the traced array x varies (empty outside shard_map)."""
+    aval = jax.typeof(x) if hasattr(jax, "typeof") else getattr(x, "aval", None)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def _cast_varying(x, axes: frozenset):
+    """x typed as varying over ``axes`` too (the values are not changed)."""
+    missing = tuple(sorted(axes - _varying_axes(x), key=str))
+    if not missing:
+        return x
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, missing, to="varying")
+    return jax.lax.pvary(x, missing)
+
+
+def _vary_alike(*arrays) -> tuple:
+    """``(arrays, axes)``: ``axes`` the manual mesh axes any traced one of ``arrays`` (JAX arrays
+    or anything else, passed as it is) varies over, and every JAX array cast to vary over them."""
+    axes = frozenset().union(*(_varying_axes(a) for a in arrays if _is_traced(a)))
+    if not axes:
+        return arrays, axes
+    return tuple(_cast_varying(a, axes) if isinstance(a, jax.Array) else a for a in arrays), axes
 
 
 def _platform(x):
@@ -180,7 +230,8 @@ def _call(fn, specs, *args, **static):
         # Under vmap, XLA loops over the batch and calls vsa_nd once per element (unbatched
         # operands as they are), so the handler only ever sees the shapes it was described with.
         call = jax.ffi.ffi_call(_xla_ffi.target(), specs, vmap_method="sequential")
-        return tuple(call(*operands, call=description))
+        operands, axes = _vary_alike(*operands)
+        return tuple(_cast_varying(r, axes) for r in call(*operands, call=description))
     if _platform(operands[0]) == "cpu":
         results = run([np.asarray(a) for a in operands])
         committed = [a for a in operands if getattr(a, "committed", False) and len(a.devices()) == 1]
@@ -496,6 +547,9 @@ def video_sparse_attn(q, k, v, topk: int, q_block_sizes, kv_block_sizes=None, *,
     ops.check_tiles(q, k, _num_blocks(q_block_sizes), _num_blocks(kv_block_sizes), kv_blocks_name=kv_name)
     topk = check.check_int_range("topk", _static("topk", topk), 1, _num_blocks(kv_block_sizes))
     scale = _common.resolve_scale(_static("scale", scale), q.shape[-1])
+    # (inside shard_map: alike in the mesh axes they vary over, so that AD sums the cotangents of
+    # the invariant ones over the devices; _varying_axes' comment)
+    q, k, v, gate, q_block_sizes, kv_block_sizes = _vary_alike(q, k, v, gate, q_block_sizes, kv_block_sizes)[0]
     return _vsa(q, k, v, gate, q_block_sizes, kv_block_sizes, topk, scale)
 
 

@@ -571,6 +571,32 @@ except TypeError as e:
     assert "k: expected an array on" in result.stdout and "like q, got one on" in result.stdout, result.stdout
 
 
+def test_shard_map_over_two_devices_matches_one_device():
+    """Two host devices (a fresh process, tests/jax_sharding.py): the adapter inside shard_map over
+    the batch or the heads gives the unsharded results and gradients bit for bit, sums the
+    gradients of k, v and gate shared by both devices, and types its results as varying, so that
+    shard_map refuses one claimed replicated (before, shard_map took device 0's as the whole
+    result, and gradients through shard_map raised JAX's error about manual axis types)."""
+    result = subprocess.run([sys.executable, SHARDING_SCRIPT, "cpu"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), result.stdout + result.stderr
+
+
+SHARDING_SCRIPT = os.path.join(os.path.dirname(__file__), "jax_sharding.py")
+
+
+@pytest.mark.gpu
+def test_shard_map_over_one_gpu_matches_the_plain_call():
+    """tests/jax_sharding.py on a mesh of one GPU (a fresh process): the foreign calls inside
+    shard_map on the GPU, typed as there, give the unsharded results and gradients bit for bit
+    (two GPUs: test_multi_gpu.py)."""
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("JAX sees no GPU")
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # beside this process's JAX
+    result = subprocess.run([sys.executable, SHARDING_SCRIPT, "gpu", "1"], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), result.stdout + result.stderr
+
+
 def test_eager_results_lie_on_the_committed_inputs_device():
     """Two host devices (a fresh process): eager results, gradients and tiles on the second device,
     as jit places them, not on the default one; uncommitted inputs give uncommitted results; a

@@ -6,6 +6,10 @@ Covers what is cached per device: compiled kernels, plans, TMA descriptors, stre
 adapter's allocator and views, the JAX adapter's XLA calls.
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -135,6 +139,18 @@ def test_jax_adapter_on_either_device():
         assert np.array_equal(bits(a), bits(b))
 
 
+def test_jax_adapter_in_shard_map_over_two_gpus():
+    """tests/jax_sharding.py on the first two GPUs (a fresh process): inside shard_map over the
+    batch or the heads, results and gradients bit for bit those of one GPU; shared k, v and gate
+    get summed gradients; a varying result claimed replicated is refused."""
+    pytest.importorskip("jax")
+    two_devices()
+    script = os.path.join(os.path.dirname(__file__), "jax_sharding.py")
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # beside this process's JAX
+    result = subprocess.run([sys.executable, script, "gpu"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), result.stdout + result.stderr
+
+
 _CUDA1_ONLY = """
 import torch
 import vsa_nd.adapters.torch as vt
@@ -155,9 +171,6 @@ def test_torch_adapter_books_memory_on_the_tensors_device_in_a_fresh_process():
     stay 0 while the CUDA runtime's is 1, and torch's raw allocations go to the pool of torch's
     current device.  vsa_nd's intermediates must still be booked on cuda:1, none on cuda:0
     (where a later cuda:0 tensor could be given a block of cuda:1's memory)."""
-    import subprocess
-    import sys
-
     two_devices()
     pytest.importorskip("torch")
     run = subprocess.run([sys.executable, "-c", _CUDA1_ONLY], capture_output=True, text=True, timeout=300)
