@@ -267,3 +267,29 @@ def test_no_module_defines_a_name_twice_at_its_top_level():
                     repeated.append(f"{path.relative_to(ROOT)}: {node.name}")
                 seen.add(node.name)
     assert not repeated, repeated
+
+
+# What each Python block of the README must leave behind, checked after it runs (keyed by the
+# framework the block imports).
+README_CHECKS = {
+    "numpy": "assert out.shape == q.shape and np.isfinite(out).all()\n"
+             "assert [g.shape for g in (grads.dq, grads.dk, grads.dv)] == [qt.shape, kt.shape, vt.shape]\n",
+    "torch": "assert out.shape == q.shape and torch.isfinite(out).all()\n"
+             "assert qt.shape == (1, 4, meta.plan.padded_len, 64)\n",
+    "jax": "import numpy as np\n"
+           "assert dq.shape == q.shape and np.isfinite(np.asarray(dq)).all()\n"
+           "assert np.array_equal(np.asarray(dq), np.asarray(dq_jit))\n",
+}
+
+
+def test_the_readme_python_examples_run_as_written():
+    """Every ```python block of README.md runs in a fresh process (JAX on its CPU, where the
+    block's float32 runs; torch on CUDA where it sees one) and leaves the arrays it shows."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    kinds = ["jax" if "import jax" in b else "torch" if "import torch" in b else "numpy" for b in blocks]
+    assert sorted(kinds) == sorted(README_CHECKS), kinds
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for block, kind in zip(blocks, kinds):
+        result = subprocess.run([sys.executable, "-c", block + README_CHECKS[kind]], capture_output=True, text=True,
+                                timeout=300, env=env)
+        assert result.returncode == 0, f"the README's {kind} example:\n{block}\n{result.stderr[-3000:]}"
