@@ -107,8 +107,9 @@ def _is_traced(x) -> bool:
 # the public functions cast their array operands to the axes any of them varies over before
 # the custom_vjp (invariant inputs then get summed cotangents), and _call types each foreign
 # call's results like its operands.  Outside shard_map, or with check_vma=False, nothing varies
-# and nothing is cast.  (JAX 0.6-0.9 call the type ``aval.vma`` and the cast ``lax.pvary``;
-# later ones ``aval.manual_axis_type.varying`` and ``lax.pcast(..., to="varying")``.)
+# and nothing is cast.  (JAX 0.10 and 0.11, tested, name the type ``aval.manual_axis_type.varying``
+# and the cast ``lax.pcast(..., to="varying")``; earlier ones with shard_map's check_vma name
+# them ``aval.vma`` and ``lax.pvary``, untested here.)
 
 
 def _varying_axes(x) -> frozenset:
