@@ -581,6 +581,16 @@ def test_shard_map_over_two_devices_matches_one_device():
     assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), result.stdout + result.stderr
 
 
+def test_the_training_example_runs_data_parallel_and_its_loss_falls():
+    """examples/train_tiny_video_attention_jax.py (README), shard_map over two CPU devices: it
+    exits non-zero unless the mean loss of its last steps is below half that of its first."""
+    example = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "train_tiny_video_attention_jax.py")
+    result = subprocess.run([sys.executable, example, "--steps", "150", "--devices", "2"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "over 2 cpu devices" in result.stdout and "mean loss of the first 20 steps" in result.stdout
+
+
 SHARDING_SCRIPT = os.path.join(os.path.dirname(__file__), "jax_sharding.py")
 
 
