@@ -158,8 +158,12 @@ def test_kernel_limits_are_reported_before_launch():
     plan = vsa_nd.tile_plan((4, 4, 4))
     sizes = cupy.asarray(plan.variable_block_sizes)
     x = cupy.ones((1, 1, plan.padded_len, 32), np.float16)
-    with pytest.raises(ValueError, match="head dim 64 or 128"):
+    with pytest.raises(ValueError, match=r"head dim 64 or 128, got 32; zero-pad q, k, v \(and gate\) to 64 along the "
+                                         r"last axis and pass scale=32\*\*-0.5"):
         vsa_nd.block_sparse_attn(x, x, x, sizes, cupy.zeros((1, 1, 1, 1), np.int32))
+    y = cupy.ones((1, 1, plan.padded_len, 192), np.float16)
+    with pytest.raises(ValueError, match=r"head dim 64 or 128, got 192; run such heads on the CPU"):
+        vsa_nd.video_sparse_attn(y, y, y, 1, sizes)
     x = cupy.ones((1, 1, plan.padded_len, 64), np.float32)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         vsa_nd.block_sparse_attn(x, x, x, sizes, cupy.zeros((1, 1, 1, 1), np.int32))

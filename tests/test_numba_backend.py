@@ -834,3 +834,27 @@ def _threading_layer_in_a_fresh_process() -> str:
     code = ("import numpy as np, numba, vsa_nd; p = vsa_nd.tile_plan((4,), (4,)); q = np.ones((1, 1, 4, 4), np.float32); "
             "vsa_nd.video_sparse_attn(q, q, q, 1, p.variable_block_sizes); print(numba.threading_layer())")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180).stdout.strip()
+
+
+@pytest.mark.parametrize("head_dim", [40, 96])
+def test_zero_padding_the_head_dim_is_exact(head_dim):
+    """The remedy the CUDA backend's error names for a head dim it lacks (cuda_attention's
+    _head_dim_remedy): VSA of q, k, v and gate zero-padded along D, with the scale of the real D,
+    gives in its first D columns the output and the gradients of the unpadded inputs (float64,
+    to 1e-12), and zeros in the padded columns."""
+    padded = 64 if head_dim < 64 else 128
+    plan = vsa_nd.tile_plan((5, 6, 7), (2, 4, 4))  # partial tiles
+    rng = np.random.default_rng(head_dim)
+    q, gate, dout = (rng.standard_normal((2, 4, plan.padded_len, head_dim)) for _ in range(3))
+    k, v = (rng.standard_normal((2, 2, plan.padded_len, head_dim)) for _ in range(2))
+    sizes, scale = plan.variable_block_sizes, head_dim ** -0.5
+    out, ctx = vsa_nd.video_sparse_attn(q, k, v, 4, sizes, gate=gate, return_context=True)
+    grads = vsa_nd.video_sparse_attn_backward(dout, ctx)
+    pad = lambda x: np.pad(x, [(0, 0)] * 3 + [(0, padded - head_dim)])  # noqa: E731
+    out_p, ctx_p = vsa_nd.video_sparse_attn(*map(pad, (q, k, v)), 4, sizes, gate=pad(gate), scale=scale,
+                                            return_context=True)
+    grads_p = vsa_nd.video_sparse_attn_backward(pad(dout), ctx_p)
+    for name, got, want in [("out", out_p, out), *((n, getattr(grads_p, n), getattr(grads, n))
+                                                   for n in ("dq", "dk", "dv", "dgate"))]:
+        np.testing.assert_allclose(got[..., :head_dim], want, rtol=1e-12, atol=1e-12, err_msg=name)
+        assert not got[..., head_dim:].any(), name

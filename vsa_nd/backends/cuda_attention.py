@@ -219,6 +219,18 @@ def check_aligned(results: tuple = (), **arrays) -> None:
             )
 
 
+def _head_dim_remedy(head_dim: int) -> str:
+    """What to do with a head dim the kernels lack.  Zero columns of q and k add nothing to any
+    score, zero columns of v give zero output columns, and the tile means keep both, so VSA of
+    inputs zero-padded along D (with the scale of the real D) is, in its first D columns, VSA of
+    the unpadded inputs, and so are its gradients (test_numba_backend checks this)."""
+    if head_dim > max(_HEAD_DIMS):
+        return "; run such heads on the CPU (NumPy arrays)"
+    padded = min(d for d in _HEAD_DIMS if d > head_dim)
+    return (f"; zero-pad q, k, v (and gate) to {padded} along the last axis and pass scale={head_dim}**-0.5: "
+            f"the first {head_dim} columns of the result and of the gradients are those of the unpadded inputs")
+
+
 def check_kernel_support(q, tile_volume: int, results: tuple = (), q_name: str = "q", **others) -> str:
     """The kernels' CUDA element type for q; TypeError/ValueError for what they cannot run.
 
@@ -234,7 +246,8 @@ def check_kernel_support(q, tile_volume: int, results: tuple = (), q_name: str =
         raise ValueError(f"{q_name}: the CUDA attention kernels take at most {_MAX_GRID_Y} (batch, head) pairs, got "
                          f"{q.shape[0]} x {q.shape[1]}; split the batch")
     if q.shape[-1] not in _HEAD_DIMS:
-        raise ValueError(f"{q_name}: the CUDA attention kernels take head dim 64 or 128, got {q.shape[-1]}")
+        raise ValueError(f"{q_name}: the CUDA attention kernels take head dim 64 or 128, got {q.shape[-1]}"
+                         + _head_dim_remedy(q.shape[-1]))
     if tile_volume % _CHUNK:
         raise ValueError(f"{q_name}: the CUDA attention kernels take tile volumes that are multiples of {_CHUNK}, "
                          f"got {tile_volume}")
