@@ -116,6 +116,7 @@ except ModuleNotFoundError as error:  # an install without the 'torch' extra
 import vsa_nd
 from vsa_nd import validation as check
 from vsa_nd._xp import BFLOAT16, device_key
+from vsa_nd.kernels import HEAD_DIMS, padded_head_dim
 from vsa_nd.tiling import trusted_tile_volume
 
 
@@ -1241,6 +1242,19 @@ def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, kv_block_sizes, q2k_idx: 
     return (out, lse) if return_lse else out
 
 
+def _padded_head_dim(query: Tensor) -> int:
+    """The head dim that :class:`VideoSparseAttention` zero-pads a CUDA call to (0: none): the
+    next one the kernels take, for a smaller one they lack (past the largest, none: the kernels
+    refuse it).  Exact: zero columns of q and k add nothing to any score (the layer passes the
+    real head dim's scale), zero columns of v give zero output columns, which it drops, and the
+    tile means keep both; the gradients of the real columns are the unpadded ones
+    (test_numba_backend's test of the padding)."""
+    dim = query.shape[-1]
+    if query.device.type != "cuda" or dim in HEAD_DIMS:
+        return 0
+    return padded_head_dim(dim) or 0
+
+
 class VideoSparseAttention(torch.nn.Module):
     """Drop-in VSA attention layer on untiled ``[B, S, H, D]`` tensors.
 
@@ -1308,7 +1322,9 @@ class VideoSparseAttention(torch.nn.Module):
         Returns [B, S, H, D] in query's dtype: ``fine + gate_compress * coarse`` (``fine +
         coarse`` without a gate), with ``metadata.topk`` key tiles per query tile.  Unlike the
         functions, the layer takes strided views (e.g. ``qkv.unbind(2)`` of a fused projection):
-        it copies them to contiguous memory first (one extra pass over each such input).
+        it copies them to contiguous memory first (one extra pass over each such input).  On
+        CUDA, a head dim below 128 other than 64 is zero-padded to the next of the two for the
+        kernels, which is exact, and costs the copies and the larger head dim's time.
         """
         if not isinstance(metadata, VSAMetadata):
             raise TypeError(f"metadata: expected the VSAMetadata of vsa_nd.adapters.torch.build_metadata, got "
@@ -1338,7 +1354,12 @@ class VideoSparseAttention(torch.nn.Module):
             _check_tensor(name, x, _ATTENTION_DTYPES, like=None if x is query else query, like_name="query")
             if x.dtype != query.dtype:
                 raise TypeError(f"{name}: expected dtype {query.dtype} to match query, got {x.dtype}")
+        padded = _padded_head_dim(query)
+        if padded:  # zero columns change no score and give zero output columns: exact (see _padded_head_dim)
+            query, key, value, gate_compress = (
+                None if x is None else torch.nn.functional.pad(x, (0, padded - self.head_size))
+                for x in (query, key, value, gate_compress))
         q, k, v = (tile(x, plan) for x in (query, key, value))
         gate = None if gate_compress is None else tile(gate_compress, plan)
         out = video_sparse_attn(q, k, v, metadata.topk, plan.variable_block_sizes, gate=gate, scale=self.softmax_scale)
-        return untile(out, plan)
+        return untile(out, plan)[..., :self.head_size].contiguous() if padded else untile(out, plan)

@@ -1621,3 +1621,29 @@ def test_threads_on_their_own_torch_streams_get_their_own_gradients(streams, mon
         for got in rounds:
             for name, a, b in zip(("out", "dq", "dk", "dv", "dgate"), got, alone[i]):
                 assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (i, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_size", [40, 96])
+def test_cuda_layer_zero_pads_a_head_dim_the_kernels_lack(head_size):
+    """VideoSparseAttention on CUDA with a head dim below 128 other than 64: padded to the next
+    kernel head dim and back, so output and gradients (q, k, v, gate) match the layer on the CPU
+    (float64 of the same bfloat16 values) within the CUDA bf16 bounds (whole array), and the
+    output has the caller's head dim."""
+    meta = vt.build_metadata((5, 9, 7), (1, 1, 1), sparsity=0.5, tile_shape=(4, 4, 4), device="cuda")
+    layer = vt.VideoSparseAttention(num_heads=4, head_size=head_size, num_kv_heads=2)
+    inputs = untiled_inputs(meta.plan, torch.bfloat16, dim=head_size, seed=head_size, device="cuda")
+    dout = torch.randn(inputs[0].shape, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for device, dtype in (("cuda", torch.bfloat16), ("cpu", torch.float64)):
+        plan_meta = meta if device == "cuda" else vt.build_metadata((5, 9, 7), (1, 1, 1), sparsity=0.5,
+                                                                     tile_shape=(4, 4, 4))
+        xs = [x.detach().to(device, dtype).requires_grad_() for x in inputs]
+        out = layer(*xs, plan_meta)
+        out.backward(dout.to(device, dtype))
+        results.append([out, *(x.grad for x in xs)])
+    assert results[0][0].shape == inputs[0].shape and results[0][0].is_contiguous()
+    for name, got, want, tol in zip(("out", "dq", "dk", "dv", "dgate"), *results,
+                                    [CUDA_FWD_TOL[torch.bfloat16][0]] + [CUDA_BWD_TOL[torch.bfloat16][0]] * 4):
+        error = rel_err(numpy_of(got), numpy_of(want))
+        assert error <= tol, f"{name}: relative error {error:.2e}"

@@ -18,11 +18,11 @@ from typing import NamedTuple
 import numpy as np
 
 from .._xp import BFLOAT16
-from ..kernels import get_function
+from ..kernels import HEAD_DIMS, get_function, padded_head_dim
 from .cuda import _MAX_GRID_Y, Launch, _check_index_range, make_launch, workspace_layout
 
 _CUDA_TYPES = {np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16"}
-_HEAD_DIMS = (64, 128)
+_HEAD_DIMS = HEAD_DIMS
 _BLOCK_M = 64  # query rows per CTA (FWD_BLOCK_M in attention_fwd.cu)
 _CHUNK = 64  # keys per pipeline chunk; tile volumes must be multiples of it
 _FWD_STAGES = {64: 2, 128: 1}  # K and V stages of block_sparse_fwd_sm90 per head dim (FWD_STAGES<D> there)
@@ -224,9 +224,9 @@ def _head_dim_remedy(head_dim: int) -> str:
     score, zero columns of v give zero output columns, and the tile means keep both, so VSA of
     inputs zero-padded along D (with the scale of the real D) is, in its first D columns, VSA of
     the unpadded inputs, and so are its gradients (test_numba_backend checks this)."""
-    if head_dim > max(_HEAD_DIMS):
+    padded = padded_head_dim(head_dim)
+    if padded is None:
         return "; run such heads on the CPU (NumPy arrays)"
-    padded = min(d for d in _HEAD_DIMS if d > head_dim)
     return (f"; zero-pad q, k, v (and gate) to {padded} along the last axis and pass scale={head_dim}**-0.5: "
             f"the first {head_dim} columns of the result and of the gradients are those of the unpadded inputs")
 
