@@ -571,6 +571,9 @@ except TypeError as e:
     assert "k: expected an array on" in result.stdout and "like q, got one on" in result.stdout, result.stdout
 
 
+SHARDING_SCRIPT = os.path.join(os.path.dirname(__file__), "jax_sharding.py")
+
+
 def test_shard_map_over_two_devices_matches_one_device():
     """Two host devices (a fresh process, tests/jax_sharding.py): the adapter inside shard_map over
     the batch or the heads gives the unsharded results and gradients bit for bit, sums the
@@ -589,9 +592,6 @@ def test_the_training_example_runs_data_parallel_and_its_loss_falls():
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "over 2 cpu devices" in result.stdout and "mean loss of the first 20 steps" in result.stdout
-
-
-SHARDING_SCRIPT = os.path.join(os.path.dirname(__file__), "jax_sharding.py")
 
 
 @pytest.mark.gpu

@@ -159,7 +159,7 @@ def test_kernel_limits_are_reported_before_launch():
     sizes = cupy.asarray(plan.variable_block_sizes)
     x = cupy.ones((1, 1, plan.padded_len, 32), np.float16)
     with pytest.raises(ValueError, match=r"head dim 64 or 128, got 32; zero-pad q, k, v \(and gate\) to 64 along the "
-                                         r"last axis and pass scale=32\*\*-0.5"):
+                                         r"last axis and pass the scale explicitly \(32\*\*-0.5 by default"):
         vsa_nd.block_sparse_attn(x, x, x, sizes, cupy.zeros((1, 1, 1, 1), np.int32))
     y = cupy.ones((1, 1, plan.padded_len, 192), np.float16)
     with pytest.raises(ValueError, match=r"head dim 64 or 128, got 192; run such heads on the CPU"):

@@ -47,6 +47,9 @@ KERNEL_DIR = _kernel_dir()
 
 ATTENTION_DTYPES = ("__half", "__nv_bfloat16")
 HEAD_DIMS = (64, 128)
+DQDS_STAGES = (3,)  # pipeline stages of the bwd_dq_ds_sm90 instantiations (cuda_attention's _DQDS_STAGES)
+COPY_UNITS = ("uint4", "uint2", "unsigned int", "unsigned short")  # 16, 8, 4, 2 bytes
+GEMM_TILES = ((128, 128), (128, 64), (64, 64))  # (BM, BN) output tiles of gemm_f32.cu (picked per product by the launcher)
 
 
 def padded_head_dim(head_dim: int):
@@ -54,11 +57,6 @@ def padded_head_dim(head_dim: int):
     what a head dim they lack can be zero-padded to, exactly (zero columns of q and k change no
     score given the real head dim's scale, zero columns of v give zero output columns)."""
     return min((d for d in HEAD_DIMS if d > head_dim), default=None)
-
-
-DQDS_STAGES = (3,)  # pipeline stages of the bwd_dq_ds_sm90 instantiations (cuda_attention's _DQDS_STAGES)
-COPY_UNITS = ("uint4", "uint2", "unsigned int", "unsigned short")  # 16, 8, 4, 2 bytes
-GEMM_TILES = ((128, 128), (128, 64), (64, 64))  # (BM, BN) output tiles of gemm_f32.cu (picked per product by the launcher)
 
 
 @dataclass(frozen=True)

@@ -227,8 +227,9 @@ def _head_dim_remedy(head_dim: int) -> str:
     padded = padded_head_dim(head_dim)
     if padded is None:
         return "; run such heads on the CPU (NumPy arrays)"
-    return (f"; zero-pad q, k, v (and gate) to {padded} along the last axis and pass scale={head_dim}**-0.5: "
-            f"the first {head_dim} columns of the result and of the gradients are those of the unpadded inputs")
+    return (f"; zero-pad q, k, v (and gate) to {padded} along the last axis and pass the scale explicitly "
+            f"({head_dim}**-0.5 by default, not the padded {padded}'s): the first {head_dim} columns of the result "
+            f"and of the gradients are those of the unpadded inputs")
 
 
 def check_kernel_support(q, tile_volume: int, results: tuple = (), q_name: str = "q", **others) -> str:
