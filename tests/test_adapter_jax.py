@@ -584,6 +584,15 @@ def test_shard_map_over_two_devices_matches_one_device():
     assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), result.stdout + result.stderr
 
 
+def test_shard_map_over_two_devices_under_numbas_workqueue_layer():
+    """The same with Numba's workqueue layer, which ends the process when two threads (here the two
+    XLA CPU devices') run parallel kernels at once: vsa_nd serialises its host calls there."""
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    result = subprocess.run([sys.executable, SHARDING_SCRIPT, "cpu"], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), result.stdout + result.stderr
+
+
 def test_the_training_example_runs_data_parallel_and_its_loss_falls():
     """examples/train_tiny_video_attention_jax.py (README), shard_map over two CPU devices: it
     exits non-zero unless the mean loss of its last steps is below half that of its first."""

@@ -836,6 +836,42 @@ def _threading_layer_in_a_fresh_process() -> str:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180).stdout.strip()
 
 
+_THREADS_SCRIPT = """
+import threading, numba, numpy as np, vsa_nd
+plan = vsa_nd.tile_plan((4, 8, 8), (4, 4, 4))
+rng = np.random.default_rng(0)
+q, k, v, dout = (rng.standard_normal((2, 2, plan.padded_len, 32)).astype(np.float32) for _ in range(4))
+def step():
+    out, ctx = vsa_nd.video_sparse_attn(q, k, v, 2, plan.variable_block_sizes, return_context=True)
+    return [out, *vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]]
+alone, results, start = step(), [None] * 4, threading.Barrier(4)
+def worker(i):
+    start.wait()
+    results[i] = [step() for _ in range(5)]
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert all(np.array_equal(a, b) for r in results for got in r for a, b in zip(got, alone))
+print(numba.threading_layer(), "ok")
+"""
+
+
+@pytest.mark.parametrize("layer", ["workqueue", "default"])
+def test_host_calls_from_several_threads_at_once(layer):
+    """Four Python threads call the forward and backward at once, five rounds, and get the
+    results of the calls run alone.  Numba's workqueue layer (the one without OpenMP or TBB, and
+    vsa_nd's advice for forked workers) ends the process on concurrent parallel kernels: vsa_nd
+    serialises host calls there (before: "Concurrent access has been detected", SIGABRT)."""
+    import subprocess
+
+    env = dict(os.environ, NUMBA_THREADING_LAYER=layer)
+    result = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+    if layer == "workqueue":
+        assert result.stdout.startswith("workqueue"), result.stdout
+
+
 @pytest.mark.parametrize("head_dim", [40, 96])
 def test_zero_padding_the_head_dim_is_exact(head_dim):
     """The remedy the CUDA backend's error names for a head dim it lacks (cuda_attention's

@@ -20,11 +20,14 @@ once the other checks have passed (nothing runs on the backend).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import math
 import numbers
+import sys
+import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -57,16 +60,43 @@ def _backend_module(on_gpu: bool):
 
 
 def _on_input_device(fn):
-    """Run ``fn`` with its first argument's GPU current, so allocations and launches land there."""
+    """Run ``fn`` with its first argument's GPU current, so allocations and launches land there;
+    on the host, one such call at a time where Numba's threading layer needs it (:func:`_host_calls`)."""
 
     first = next(iter(inspect.signature(fn).parameters))
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with on_device_of(args[0] if args else kwargs.get(first)):
+        x = args[0] if args else kwargs.get(first)
+        with on_device_of(x) if is_cupy_array(x) else _host_calls():
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+# Numba's "workqueue" threading layer (the one without OpenMP or TBB; also what vsa_nd suggests for
+# forked workers) ends the process when two threads run parallel kernels at once: several Python
+# threads calling vsa_nd on NumPy arrays, or several XLA CPU devices (shard_map, pmap) calling it
+# from their own threads.  So host calls take a process-wide lock until Numba has chosen a layer
+# that takes concurrent calls (OpenMP or TBB), and for good under workqueue.  (Re-entrant: the
+# public functions call one another.)
+_HOST_LOCK = threading.RLock()
+_HOST_CONCURRENT: list = []  # [True] once the layer is known to take concurrent calls
+
+
+def _host_calls():
+    """The lock host calls take, or a no-op context once Numba's threading layer takes concurrent calls."""
+    if _HOST_CONCURRENT:
+        return _NO_LOCK
+    # (Not imported, or still being imported by another thread: no parallel kernel has run yet.)
+    concurrent = getattr(sys.modules.get("vsa_nd.backends.numba_cpu"), "takes_concurrent_calls", None)
+    if concurrent is not None and concurrent():
+        _HOST_CONCURRENT.append(True)
+        return _NO_LOCK
+    return _HOST_LOCK
+
+
+_NO_LOCK = contextlib.nullcontext()
 
 
 def _check_plan(plan, like) -> TilePlan:
