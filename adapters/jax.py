@@ -48,8 +48,9 @@ Where it runs:
 
 Several devices: inside ``shard_map`` each device runs vsa_nd on its own shard, split over
 the batch or the heads (q's heads and k's and v's alike: q head h reads kv head h // (H / H_kv)
-of its shard), never the tokens (a shard holds whole sequences: others fail vsa_nd's shape
-checks).  Results are typed as varying over the mesh axes their operands vary over, so an array
+of its shard, so k and v may stay replicated while q's heads are split only where H_kv = 1),
+never the tokens (each call attends within its own shard's tokens; with the plan's block sizes
+a token shard fails vsa_nd's shape checks, but not with block sizes sharded alike).  Results are typed as varying over the mesh axes their operands vary over, so an array
 every device shares (replicated k, v or gate) gets its gradient summed over the devices.
 Under plain ``jax.jit``, XLA has no partitioning rule for the foreign call: it gathers sharded
 operands and every device runs the whole call (replicated results, no faster than one device):

@@ -116,7 +116,7 @@ except ModuleNotFoundError as error:  # an install without the 'torch' extra
 import vsa_nd
 from vsa_nd import validation as check
 from vsa_nd._xp import BFLOAT16, device_key
-from vsa_nd.kernels import HEAD_DIMS, padded_head_dim
+from vsa_nd.kernels import padded_head_dim
 from vsa_nd.tiling import trusted_tile_volume
 
 
@@ -1250,9 +1250,8 @@ def _padded_head_dim(query: Tensor) -> int:
     tile means keep both; the gradients of the real columns are the unpadded ones
     (test_numba_backend's test of the padding)."""
     dim = query.shape[-1]
-    if query.device.type != "cuda" or dim in HEAD_DIMS:
-        return 0
-    return padded_head_dim(dim) or 0
+    padded = padded_head_dim(dim) if query.device.type == "cuda" else None
+    return 0 if padded is None or padded == dim else padded
 
 
 class VideoSparseAttention(torch.nn.Module):

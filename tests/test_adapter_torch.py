@@ -1647,3 +1647,23 @@ def test_cuda_layer_zero_pads_a_head_dim_the_kernels_lack(head_size):
                                     [CUDA_FWD_TOL[torch.bfloat16][0]] + [CUDA_BWD_TOL[torch.bfloat16][0]] * 4):
         error = rel_err(numpy_of(got), numpy_of(want))
         assert error <= tol, f"{name}: relative error {error:.2e}"
+
+
+def test_layer_head_dim_padding_is_exact_when_forced_on_the_cpu(monkeypatch):
+    """The layer's padding branch (taken on CUDA for head dims the kernels lack), forced on the
+    CPU in float64: output and gradients equal the unpadded layer's to 1e-12; the output keeps
+    the caller's head dim and is contiguous."""
+    meta = vt.build_metadata(SEQ, (1, 1, 1), sparsity=0.5, tile_shape=TILE)
+    layer = vt.VideoSparseAttention(num_heads=4, head_size=40, num_kv_heads=2)
+    inputs = untiled_inputs(meta.plan, torch.float64, dim=40, seed=5)
+    dout = torch.randn(inputs[0].shape, dtype=torch.float64)
+    results = []
+    for padded in (0, 64):
+        monkeypatch.setattr(vt, "_padded_head_dim", lambda query, padded=padded: padded)
+        xs = [x.detach().clone().requires_grad_() for x in inputs]
+        out = layer(*xs, meta)
+        out.backward(dout)
+        assert out.shape == inputs[0].shape and out.is_contiguous()
+        results.append([out.detach(), *(x.grad for x in xs)])
+    for name, got, want in zip(("out", "dq", "dk", "dv", "dgate"), *results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)

@@ -53,10 +53,10 @@ GEMM_TILES = ((128, 128), (128, 64), (64, 64))  # (BM, BN) output tiles of gemm_
 
 
 def padded_head_dim(head_dim: int):
-    """The smallest head dim of the attention kernels above ``head_dim`` (None past the largest):
-    what a head dim they lack can be zero-padded to, exactly (zero columns of q and k change no
-    score given the real head dim's scale, zero columns of v give zero output columns)."""
-    return min((d for d in HEAD_DIMS if d > head_dim), default=None)
+    """The smallest head dim of the attention kernels at or above ``head_dim`` (None past the
+    largest): what a head dim they lack can be zero-padded to, exactly (zero columns of q and k
+    change no score given the real head dim's scale, zero columns of v give zero output columns)."""
+    return min((d for d in HEAD_DIMS if d >= head_dim), default=None)
 
 
 @dataclass(frozen=True)

@@ -226,7 +226,7 @@ def _head_dim_remedy(head_dim: int) -> str:
     the unpadded inputs, and so are its gradients (test_numba_backend checks this)."""
     padded = padded_head_dim(head_dim)
     if padded is None:
-        return "; run such heads on the CPU (NumPy arrays)"
+        return "; run such heads on the CPU (host arrays or tensors)"
     return (f"; zero-pad q, k, v (and gate) to {padded} along the last axis and pass the scale explicitly "
             f"({head_dim}**-0.5 by default, not the padded {padded}'s): the first {head_dim} columns of the result "
             f"and of the gradients are those of the unpadded inputs")
