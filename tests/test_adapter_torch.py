@@ -1667,3 +1667,22 @@ def test_layer_head_dim_padding_is_exact_when_forced_on_the_cpu(monkeypatch):
         results.append([out.detach(), *(x.grad for x in xs)])
     for name, got, want in zip(("out", "dq", "dk", "dv", "dgate"), *results):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("head_size", [40, 64])
+def test_the_layer_compiles_without_a_graph_break_whatever_its_head_dim(head_size, monkeypatch):
+    """torch.compile(fullgraph=True) of the layer with its CUDA head-dim logic run on the CPU
+    (kernels.padded_head_dim traced: head dim 40 padded to 64, 64 left as it is): no graph break,
+    the eager layer's results."""
+    from vsa_nd.kernels import padded_head_dim
+
+    def as_on_cuda(query):  # vt._padded_head_dim without its device test
+        padded = padded_head_dim(query.shape[-1])
+        return 0 if padded is None or padded == query.shape[-1] else padded
+
+    monkeypatch.setattr(vt, "_padded_head_dim", as_on_cuda)
+    meta = vt.build_metadata(SEQ, (1, 1, 1), sparsity=0.5, tile_shape=TILE)
+    layer = vt.VideoSparseAttention(num_heads=4, head_size=head_size, num_kv_heads=2)
+    inputs = untiled_inputs(meta.plan, torch.float32, dim=head_size, seed=6)
+    compiled = torch.compile(lambda *a: layer(*a, meta), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(*inputs), layer(*inputs, meta), rtol=0, atol=0)

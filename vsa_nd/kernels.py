@@ -56,7 +56,10 @@ def padded_head_dim(head_dim: int):
     """The smallest head dim of the attention kernels at or above ``head_dim`` (None past the
     largest): what a head dim they lack can be zero-padded to, exactly (zero columns of q and k
     change no score given the real head dim's scale, zero columns of v give zero output columns)."""
-    return min((d for d in HEAD_DIMS if d >= head_dim), default=None)
+    for dim in HEAD_DIMS:  # (ascending; a plain loop, which torch.compile traces, unlike min(..., default=))
+        if dim >= head_dim:
+            return dim
+    return None
 
 
 @dataclass(frozen=True)
