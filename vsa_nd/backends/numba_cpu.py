@@ -115,6 +115,7 @@ def check_not_forked_after_omp():
             "multiprocessing_context='spawn'), or set NUMBA_THREADING_LAYER=workqueue (or install tbb) before "
             "Numba is imported")
 
+
 def takes_concurrent_calls() -> bool:
     """Whether Numba's threading layer, once chosen (at the first parallel kernel), runs parallel
     kernels of several threads at once: OpenMP and TBB do; "workqueue" ends the process instead
@@ -123,6 +124,7 @@ def takes_concurrent_calls() -> bool:
         return numba.threading_layer() in ("omp", "tbb")
     except ValueError:  # no parallel kernel has run yet: no layer chosen
         return False
+
 
 # ---------------------------------------------------------------------------------------
 # Scalar building blocks that LLVM can vectorise.
