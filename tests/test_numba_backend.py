@@ -27,6 +27,13 @@ from attention_problems import (check_first_tile_overflow, check_huge_lse_gradie
 DTYPES = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), np.dtype(bfloat16)]
 FWD_TOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-3, "bfloat16": 2e-2}
 BWD_TOL = {"float32": 1e-4, "float64": 1e-9, "float16": 5e-3, "bfloat16": 3e-2}
+# 16-bit gradients are held to BWD_TOL against the reference given the output as stored (``out=``,
+# rounded to the input dtype: the rowsum term below), as the CUDA tests hold theirs, and to
+# EXACT_BWD_TOL against the exact reference.  The rounding of out alone took dk 6.7e-3 (float16)
+# and 3.2e-2 (bfloat16) off the exact gradient in a soak run (HYPOTHESIS_PROFILE=soak: one tile of
+# two tokens, two query heads on one kv head), while the backend's dk was 1.5e-4 (float16) from
+# the reference given that out.
+EXACT_BWD_TOL = {"float16": 2e-2, "bfloat16": 8e-2}
 # The backward's delta = rowsum(dout * fine) reads ``out`` in the input dtype, so 16-bit inputs
 # leave an absolute noise of ~1e-3 in dq and dk however small they are (a peaked softmax makes
 # them cancel): their relative errors are floored at an RMS of 0.2 instead of 0.01, i.e. an
@@ -460,25 +467,32 @@ def check_video_sparse_attn(p):
     assert rel_err(out, expected.out, real_q) <= FWD_TOL[name]
 
     grads = vsa_nd.video_sparse_attn_backward(dout, context)
-    expected_grads = ref.video_sparse_attn_backward(
+    exact = ref.video_sparse_attn_backward(
         dout, q, k, v, q_sizes, kv_sizes, context.q2k_idx, context.q2k_num, volume, p["scale"], gate
     )
-    for got, want, real, label in (
-        (grads.dq, expected_grads.dq, real_q, "dq"),
-        (grads.dk, expected_grads.dk, real_kv, "dk"),
-        (grads.dv, expected_grads.dv, real_kv, "dv"),
-        (grads.dgate, expected_grads.dgate, real_q, "dgate"),
-    ):
-        if want is None:
-            assert got is None
-            continue
-        assert got.dtype == p["dtype"] and got.shape == want.shape, label
-        assert np.all(np.asarray(got, np.float64)[..., ~real, :] == 0), f"{label}: pad slots not zero"
-        if not np.any(want[..., real, :]):
-            assert rms(np.asarray(got, np.float64)[..., real, :]) <= ZERO_GRAD_NOISE[name], label
-            continue
-        error = rel_err(got, want, real, BWD_FLOOR[name])
-        assert error <= BWD_TOL[name], f"{label}: relative error {error}"
+    if name in EXACT_BWD_TOL:  # (see BWD_TOL)
+        given_out = ref.video_sparse_attn_backward(dout, q, k, v, q_sizes, kv_sizes, context.q2k_idx, context.q2k_num,
+                                                   volume, p["scale"], gate, out=out)
+        references = [(given_out, BWD_TOL[name], "given out"), (exact, EXACT_BWD_TOL[name], "exact")]
+    else:
+        references = [(exact, BWD_TOL[name], "exact")]
+    for expected_grads, tol, kind in references:
+        for got, want, real, label in (
+            (grads.dq, expected_grads.dq, real_q, "dq"),
+            (grads.dk, expected_grads.dk, real_kv, "dk"),
+            (grads.dv, expected_grads.dv, real_kv, "dv"),
+            (grads.dgate, expected_grads.dgate, real_q, "dgate"),
+        ):
+            if want is None:
+                assert got is None
+                continue
+            assert got.dtype == p["dtype"] and got.shape == want.shape, label
+            assert np.all(np.asarray(got, np.float64)[..., ~real, :] == 0), f"{label}: pad slots not zero"
+            if not np.any(want[..., real, :]):
+                assert rms(np.asarray(got, np.float64)[..., real, :]) <= ZERO_GRAD_NOISE[name], label
+                continue
+            error = rel_err(got, want, real, BWD_FLOOR[name])
+            assert error <= tol, f"{label}: relative error {error} against the {kind} reference"
     assert snapshot(q, k, v, gate, dout) == before
     return grads
 
