@@ -52,12 +52,13 @@ of its shard, so k and v may stay replicated while q's heads are split only wher
 never the tokens (each call attends within its own shard's tokens; with the plan's block sizes
 a token shard fails vsa_nd's shape checks, but not with block sizes sharded alike).  Results
 are typed as varying over the mesh axes their operands vary over, so an array every device
-shares (replicated k, v or gate) gets its gradient summed over the devices.  Under plain ``jax.jit``, XLA has no partitioning rule for the foreign call: it gathers sharded
-operands and every device runs the whole call (replicated results, no faster than one device):
-``shard_map`` splits the work.  ``jax.pmap`` runs one call per device.  An error vsa_nd raises
-on some devices only (a value check of one shard's index lists, say) leaves the others waiting
-in the program's collectives: on the CPU, XLA then ends the process after its rendezvous
-timeout (40 s) without vsa_nd's message.
+shares (replicated k, v or gate) gets its gradient summed over the devices.  Under plain
+``jax.jit``, XLA has no partitioning rule for the foreign call: it gathers sharded operands and
+every device runs the whole call (replicated results, no faster than one device): ``shard_map``
+splits the work.  ``jax.pmap`` runs one call per device.  An error vsa_nd raises on some
+devices only (a value check of one shard's index lists, say) leaves the others waiting in the
+program's collectives: on the CPU, XLA then ends the process after its rendezvous timeout
+(40 s) without vsa_nd's message.
 
 Gradients: :func:`video_sparse_attn` differentiates q, k, v and gate through both VSA
 stages, with the top-k selection a constant of the forward; :func:`tile` and
