@@ -22,7 +22,6 @@ from ..kernels import HEAD_DIMS, get_function, padded_head_dim
 from .cuda import _MAX_GRID_Y, Launch, _check_index_range, make_launch, workspace_layout
 
 _CUDA_TYPES = {np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16"}
-_HEAD_DIMS = HEAD_DIMS
 _BLOCK_M = 64  # query rows per CTA (FWD_BLOCK_M in attention_fwd.cu)
 _CHUNK = 64  # keys per pipeline chunk; tile volumes must be multiples of it
 _FWD_STAGES = {64: 2, 128: 1}  # K and V stages of block_sparse_fwd_sm90 per head dim (FWD_STAGES<D> there)
@@ -246,7 +245,7 @@ def check_kernel_support(q, tile_volume: int, results: tuple = (), q_name: str =
     if q.shape[0] * q.shape[1] > _MAX_GRID_Y:  # the (batch, head) pairs are the launches' grid y
         raise ValueError(f"{q_name}: the CUDA attention kernels take at most {_MAX_GRID_Y} (batch, head) pairs, got "
                          f"{q.shape[0]} x {q.shape[1]}; split the batch")
-    if q.shape[-1] not in _HEAD_DIMS:
+    if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"{q_name}: the CUDA attention kernels take head dim 64 or 128, got {q.shape[-1]}"
                          + _head_dim_remedy(q.shape[-1]))
     if tile_volume % _CHUNK:
