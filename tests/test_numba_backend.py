@@ -342,6 +342,33 @@ def test_exp2_of_the_online_softmax(dtype, bound, low):
     assert apply(np.array([1e-7, 0.5, 127.6, 130.0, 300.0, np.inf], dtype)).tolist() == [1.0] * 6
 
 
+@settings(max_examples=_examples(40))
+@given(real=st.integers(1, 21), keys=st.integers(1, 21), depth=st.integers(1, 40),
+       dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**32 - 1))
+def test_score_products(real, keys, depth, dtype, seed):
+    """The kernels' score product: within rounding of float64's, NaN where an operand row holds
+    one, columns past ``cols`` untouched, and S (query rows x keys, as the dQ pass takes it) bit
+    for bit the transpose of S^T (keys x query rows, as the dK/dV pass takes it) at any number
+    of keys, a last partial block of four columns included."""
+    from vsa_nd.backends.numba_cpu import _round_rows, _scores
+
+    rng = np.random.default_rng(seed)
+    qs, k = (rng.standard_normal((_round_rows(n) + 3, depth)).astype(dtype) for n in (real, keys))
+    if keys % 2:  # a NaN in the last key, in a partial block of four when keys % 4 is 1 or 3
+        k[keys - 1, depth // 2] = np.nan
+    s = np.full((_round_rows(real), keys + 3), -7.0, dtype)
+    st_ = np.full((_round_rows(keys), real + 3), -7.0, dtype)
+    _scores(s, qs, k, _round_rows(real), keys)
+    _scores(st_, k, qs, _round_rows(keys), real)
+    assert np.all(s[:, keys:] == -7.0) and np.all(st_[:, real:] == -7.0)
+    assert s[:real, :keys].tobytes() == np.ascontiguousarray(st_[:keys, :real].T).tobytes()
+    exact = qs[:real].astype(np.float64) @ k[:keys].astype(np.float64).T
+    bound = (1e-5 if dtype == np.float32 else 1e-13) * np.abs(qs[:real]).astype(np.float64) @ np.abs(k[:keys]).T
+    np.testing.assert_array_equal(np.isnan(s[:real, :keys]), np.isnan(exact))
+    finite = ~np.isnan(exact)
+    assert np.all(np.abs(s[:real, :keys] - exact)[finite] <= bound[finite])
+
+
 def test_float64_keeps_probabilities_below_float32s_range():
     """In float64 a key 90 below the row's best has P = e^-90 (~1e-39, below float32's smallest
     normal): with a v of 1e300 it dominates the output, and the backend must keep it."""

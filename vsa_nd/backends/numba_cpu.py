@@ -9,14 +9,15 @@ Fine attention, forward (one work item per (b, h, query tile), ``prange`` over a
 
     qs   = q_tile * scale * log2(e)             # [V, D]; scores live in log2 units
     for each selected key tile j (q2k_idx order), keys c < kv_block_sizes[j]:
-        S  = qs @ K_j^T                         # [V, nk], K_j^T pre-transposed to [D, V]
+        S  = qs @ K_j^T                         # [V, nk], a dot product of rows per score
         m' = max(m, rowmax S); P = 2^(S - m')   # online softmax
         l  = l * 2^(m - m') + rowsum P;  acc = acc * 2^(m - m') + P @ V_j
     out = acc / l + (gate *) coarse;  lse = (m + log2 l) * ln 2   (pad query rows, given q_block_sizes: 0, -inf)
 
-Both products are written with the contiguous axis innermost (so LLVM vectorises it) and
-several rows per pass over the shared operand (register blocking: 4 rows for S, 8 for
-P @ V), which loads each K/V row once per row block instead of once per row.  Per-thread
+Both products run along the contiguous axis (so LLVM vectorises it) and share each load
+among several rows (register blocking).  Scores are dot products of rows, 4 query rows x 4
+keys at a time, whose 16 sums stay in registers; P @ V adds each V row into 8 rows of the
+accumulator at once.  Neither needs a transposed copy of its operands.  Per-thread
 scratch is allocated once per call, indexed by ``numba.get_thread_id()``; it has the rows
 of a tile rounded up to a multiple of 8, and the extra rows (zeros, or finite leftovers of an
 earlier tile) are computed along and never written back.  Work items differ in cost (number
@@ -31,8 +32,9 @@ selected the key tile, built by a counting sort of ``q2k_idx``, and recomputes P
 the LSE.  It hands each dS block to the dQ pass over (b, h, query tile), which then does one
 product per selected tile instead of three, where the blocks fit ``DS_BUDGET_BYTES``; past
 that the dQ pass recomputes P and dS itself.  Memory traffic beyond the inputs: one
-transposed copy of k and v (and of q, dout for the backward) in the compute dtype, and the dS
-blocks (a [V, V] block per selected pair, rows rounded up to 8).
+copy of q * scale * log2(e) and of dout (pad rows zeroed) for the backward, k, v, q and dout
+converted to the compute dtype where they are float16 or bfloat16, and the dS blocks (a [V, V]
+block per selected pair, rows rounded up to 8).
 """
 
 from __future__ import annotations
@@ -216,29 +218,49 @@ def _exp2_impl(x):
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _scores(out, a, bt, rows, cols):
-    """out[r, c] = sum_d a[r, d] * bt[d, c] for r < rows, c < cols.
+def _scores(out, a, b, rows, cols):
+    """out[r, c] = sum_d a[r, d] * b[c, d] for r < rows, c < cols.
 
-    a [>= rows, D], bt [D, >= cols], out [>= rows, >= cols]; four rows share each bt row.
+    a [>= rows, D], b [>= cols, D], out [>= rows, >= cols].  Each score is a dot product along
+    the contiguous axis, sixteen (4 rows x 4 columns) at a time: their sums stay in registers
+    and each loaded element of a and b feeds four of them.  A last block of fewer than four
+    columns repeats column cols - 1, so every score is summed in the same order wherever it
+    lies (the dK/dV pass's S^T and the dQ pass's S agree bit for bit).
     """
     depth = a.shape[1]
+    zero = out.dtype.type(0.0)
+    last = cols - 1
     for r in range(0, rows, 4):
-        o0, o1, o2, o3 = out[r], out[r + 1], out[r + 2], out[r + 3]
         a0, a1, a2, a3 = a[r], a[r + 1], a[r + 2], a[r + 3]
-        for c in range(cols):
-            o0[c] = 0.0
-            o1[c] = 0.0
-            o2[c] = 0.0
-            o3[c] = 0.0
-        for d in range(depth):
-            x0, x1, x2, x3 = a0[d], a1[d], a2[d], a3[d]
-            b_row = bt[d]
-            for c in range(cols):
-                y = b_row[c]
-                o0[c] += x0 * y
-                o1[c] += x1 * y
-                o2[c] += x2 * y
-                o3[c] += x3 * y
+        o0, o1, o2, o3 = out[r], out[r + 1], out[r + 2], out[r + 3]
+        for c0 in range(0, cols, 4):
+            c1, c2, c3 = min(c0 + 1, last), min(c0 + 2, last), min(c0 + 3, last)
+            b0, b1, b2, b3 = b[c0], b[c1], b[c2], b[c3]
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
+            for d in range(depth):
+                x0, x1, x2, x3 = a0[d], a1[d], a2[d], a3[d]
+                y0, y1, y2, y3 = b0[d], b1[d], b2[d], b3[d]
+                s00 += x0 * y0
+                s01 += x0 * y1
+                s02 += x0 * y2
+                s03 += x0 * y3
+                s10 += x1 * y0
+                s11 += x1 * y1
+                s12 += x1 * y2
+                s13 += x1 * y3
+                s20 += x2 * y0
+                s21 += x2 * y1
+                s22 += x2 * y2
+                s23 += x2 * y3
+                s30 += x3 * y0
+                s31 += x3 * y1
+                s32 += x3 * y2
+                s33 += x3 * y3
+            o0[c0], o0[c1], o0[c2], o0[c3] = s00, s01, s02, s03
+            o1[c0], o1[c1], o1[c2], o1[c3] = s10, s11, s12, s13
+            o2[c0], o2[c1], o2[c2], o2[c3] = s20, s21, s22, s23
+            o3[c0], o3[c1], o3[c2], o3[c3] = s30, s31, s32, s33
 
 
 @njit(fastmath=_FASTMATH, cache=True)
@@ -562,11 +584,6 @@ def _key_rows(x, num_tiles: int):
     return _compute(x).reshape(b, h, num_tiles, s // num_tiles, d)
 
 
-def _transposed(tiles):
-    """[B, H, N, V, D] -> contiguous [B, H, N, D, V]: each tile's columns become rows."""
-    return np.ascontiguousarray(tiles.transpose(0, 1, 2, 4, 3))
-
-
 def _scratch(*shape_and_dtype):
     """Per-thread scratch: one [shape] array per Numba thread."""
     *shape, dtype = shape_and_dtype
@@ -574,10 +591,10 @@ def _scratch(*shape_and_dtype):
 
 
 @njit(**_KERNEL)
-def _fwd_kernel(q, kt, v, q2k_idx, q2k_num, kv_block_sizes, q_block_sizes, scale, coarse, gate, has_gate, out, lse,
+def _fwd_kernel(q, k, v, q2k_idx, q2k_num, kv_block_sizes, q_block_sizes, scale, coarse, gate, has_gate, out, lse,
                 qs_buf, s_buf, acc_buf, m_buf, l_buf):
     batch, heads, tiles, volume, dim = q.shape
-    group = heads // kt.shape[1]
+    group = heads // k.shape[1]
     rows = qs_buf.shape[1]
     dtype = q.dtype.type
     qscale, ln2, zero, nan = dtype(scale * _LOG2E), dtype(_LN2), dtype(0.0), dtype(np.nan)
@@ -596,7 +613,7 @@ def _fwd_kernel(q, kt, v, q2k_idx, q2k_num, kv_block_sizes, q_block_sizes, scale
         for t in range(q2k_num[b, h, i]):
             j = q2k_idx[b, h, i, t]
             keys = kv_block_sizes[j]
-            _scores(s, qs, kt[b, hk, j], rows, keys)
+            _scores(s, qs, k[b, hk, j], rows, keys)
             for r in range(rows):
                 sr, ar = s[r], acc[r]
                 row_max = m[r]
@@ -662,7 +679,7 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
     real_rows = np.full(n_q, volume, np.int32) if q_block_sizes is None else _index(q_block_sizes)
     with numba.parallel_chunksize(1):
         _fwd_kernel(
-            q_c, _transposed(_key_rows(k, n_kv)), _key_rows(v, n_kv), _index(q2k_idx), _index(q2k_num),
+            q_c, _key_rows(k, n_kv), _key_rows(v, n_kv), _index(q2k_idx), _index(q2k_num),
             _index(kv_block_sizes), real_rows, float(scale), coarse, gate_c, has_gate, out, lse,
             _scratch(rows, d, dtype), _scratch(rows, volume, dtype), _scratch(rows, d, dtype),
             _scratch(rows, dtype), _scratch(rows, dtype),
@@ -676,9 +693,8 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
 
 @njit(**_KERNEL)
 def _bwd_prep_kernel(q, dout, out, lse, lse_limit, coarse, gate, has_gate, q_block_sizes, scale,
-                     qs_t, dout_rows, dout_t, delta, lse2):
-    """Per query tile: q * scale * log2(e) transposed, dout with pad rows zeroed (as rows and
-    transposed), delta = rowsum(dout * fine) and lse in log2 units (0 on pad rows; NaN where
+                     qs, dout_rows, delta, lse2):
+    """Per query tile: q * scale * log2(e), dout with pad rows zeroed, delta = rowsum(dout * fine) and lse in log2 units (0 on pad rows; NaN where
     |lse| exceeds ``lse_limit``, -inf excepted: see _LSE_LIMIT)."""
     batch, heads, tiles, volume, dim = q.shape
     dtype = q.dtype.type
@@ -687,13 +703,12 @@ def _bwd_prep_kernel(q, dout, out, lse, lse_limit, coarse, gate, has_gate, q_blo
         b, h, i = item // (heads * tiles), (item // tiles) % heads, item % tiles
         real = q_block_sizes[i]
         c_row = coarse[b, h, i]
-        dst, dst_t = dout_rows[b, h, i], dout_t[b, h, i]
+        dst = dout_rows[b, h, i]
         dst[:] = 0.0
-        dst_t[:] = 0.0
         for r in range(volume):
-            q_row = q[b, h, i, r]
+            q_row, qs_row = q[b, h, i, r], qs[b, h, i, r]
             for d in range(dim):
-                qs_t[b, h, i, d, r] = q_row[d] * qscale
+                qs_row[d] = q_row[d] * qscale
         for r in range(real):
             src, o_row = dout[b, h, i, r], out[b, h, i, r]
             total = zero
@@ -711,17 +726,16 @@ def _bwd_prep_kernel(q, dout, out, lse, lse_limit, coarse, gate, has_gate, q_blo
             lse2[b, h, i, r] = row_lse * log2e
             for d in range(dim):
                 dst[r, d] = src[d]
-                dst_t[d, r] = src[d]
         for r in range(real, volume):
             delta[b, h, i, r] = 0.0
             lse2[b, h, i, r] = 0.0
 
 
 @njit(**_KERNEL)
-def _dq_kernel(q, kt, vt, k, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, scale,
+def _dq_kernel(q, k, v, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, scale,
                dout_rows, delta, lse2, dq_tile, dq, qs_buf, s_buf, dp_buf, acc_buf):
     batch, heads, tiles, volume, dim = q.shape
-    group = heads // kt.shape[1]
+    group = heads // k.shape[1]
     dtype = q.dtype.type
     qscale, kscale = dtype(scale * _LOG2E), dtype(scale)
     for item in prange(batch * heads * tiles):
@@ -739,8 +753,8 @@ def _dq_kernel(q, kt, vt, k, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, sc
         for t in range(q2k_num[b, h, i]):
             j = q2k_idx[b, h, i, t]
             keys = kv_block_sizes[j]
-            _scores(s, qs, kt[b, hk, j], rows, keys)
-            _scores(dp, dout_rows[b, h, i], vt[b, hk, j], rows, keys)
+            _scores(s, qs, k[b, hk, j], rows, keys)
+            _scores(dp, dout_rows[b, h, i], v[b, hk, j], rows, keys)
             for r in range(real):  # s becomes dS = P * (dP - delta)
                 sr, dpr, lse_r, delta_r = s[r], dp[r], lse_row[r], delta_row[r]
                 for c in range(keys):
@@ -778,7 +792,7 @@ def _write_dq(dst, acc, tile_grad, real, kscale):
 
 
 @njit(**_KERNEL)
-def _dkdv_kernel(q, k, v, q_block_sizes, kv_block_sizes, scale, qs_t, dout_rows, dout_t, delta, lse2,
+def _dkdv_kernel(q, k, v, q_block_sizes, kv_block_sizes, scale, qs, dout_rows, delta, lse2,
                  offsets, entries, slots, ds_blocks, dk_tile, dv_tile, dk, dv,
                  k_buf, v_buf, p_buf, ds_buf, dk_buf, dv_buf):
     """dk, dv of every key tile; with ``ds_blocks`` of B*H*N_q*topk blocks (else an empty array),
@@ -802,8 +816,8 @@ def _dkdv_kernel(q, k, v, q_block_sizes, kv_block_sizes, scale, qs_t, dout_rows,
             h, i = entries[e] // q_tiles, entries[e] % q_tiles
             real = q_block_sizes[i]
             # Transposed tiles: row c is key c, column r is query row r.
-            _scores(p, kj, qs_t[b, h, i], rows, real)
-            _scores(ds, vj, dout_t[b, h, i], rows, real)
+            _scores(p, kj, qs[b, h, i], rows, real)
+            _scores(ds, vj, dout_rows[b, h, i], rows, real)
             lse_row, delta_row = lse2[b, h, i], delta[b, h, i]
             for c in range(keys):
                 pc, dsc = p[c], ds[c]
@@ -885,16 +899,15 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     dq_tile, dk_tile, dv_tile = (np.ascontiguousarray(x, dtype=dtype) for x in (dq_tile, dk_tile, dv_tile))
     rows = _round_rows(volume)
 
-    qs_t = np.empty((b, h, n_q, d, volume), dtype)
+    qs = np.empty(tiled, dtype)
     dout_rows = np.empty((b, h, n_q, rows, d), dtype)
-    dout_t = np.empty((b, h, n_q, d, volume), dtype)
     delta = np.empty((b, h, n_q, volume), dtype)
     lse2 = np.empty((b, h, n_q, volume), dtype)
     _bwd_prep_kernel(
         q_c, _compute(dout).reshape(tiled), _compute(out).reshape(tiled),
         np.ascontiguousarray(lse, dtype=dtype).reshape(b, h, n_q, volume),
         _LSE_LIMIT if np.dtype(lse.dtype).itemsize <= 4 else np.inf,
-        coarse, gate_c, has_gate, q_block_sizes, float(scale), qs_t, dout_rows, dout_t, delta, lse2,
+        coarse, gate_c, has_gate, q_block_sizes, float(scale), qs, dout_rows, delta, lse2,
     )
 
     dq = np.empty(tiled, dtype)
@@ -906,7 +919,7 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     ds_blocks = np.empty(blocks_shape if hand_over else (0,) * 6, dtype)
     with numba.parallel_chunksize(1):
         _dkdv_kernel(
-            q_c, k_rows, v_rows, q_block_sizes, kv_block_sizes, float(scale), qs_t, dout_rows, dout_t, delta, lse2,
+            q_c, k_rows, v_rows, q_block_sizes, kv_block_sizes, float(scale), qs, dout_rows, delta, lse2,
             offsets, entries, slots, ds_blocks, dk_tile, dv_tile, dk, dv,
             _scratch(rows, d, dtype), _scratch(rows, d, dtype), _scratch(rows, volume, dtype),
             _scratch(rows, volume, dtype), _scratch(rows, d, dtype), _scratch(rows, d, dtype),
@@ -916,7 +929,7 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
                                dq_tile, dq, _scratch(rows, d, dtype))
         else:
             _dq_kernel(
-                q_c, _transposed(k_rows), _transposed(v_rows), k_rows, q2k_idx, q2k_num, q_block_sizes,
+                q_c, k_rows, v_rows, q2k_idx, q2k_num, q_block_sizes,
                 kv_block_sizes, float(scale), dout_rows, delta, lse2, dq_tile, dq,
                 _scratch(rows, d, dtype), _scratch(rows, volume, dtype), _scratch(rows, volume, dtype),
                 _scratch(rows, d, dtype),
