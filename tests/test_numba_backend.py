@@ -369,6 +369,34 @@ def test_score_products(real, keys, depth, dtype, seed):
     assert np.all(np.abs(s[:real, :keys] - exact)[finite] <= bound[finite])
 
 
+@settings(max_examples=_examples(40))
+@given(rows=st.sampled_from([4, 8, 16]), inner=st.integers(1, 40), width=st.integers(1, 23),
+       dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**32 - 1))
+def test_transposed_accumulate(rows, inner, width, dtype, seed):
+    """The kernels' P @ V product on a transposed V (_transposed's layout): acc += p @ bt^T
+    within rounding of float64's, whatever p holds past ``inner`` (NaN here; the product
+    writes zeros there), at any head dim (a last partial block of four columns included), rows
+    past ``rows`` untouched; bt's columns past the block size are zero even where v holds NaN."""
+    from vsa_nd.backends.numba_cpu import _accumulate_t, _round_lanes, _transposed
+
+    rng = np.random.default_rng(seed)
+    padded = _round_lanes(inner)
+    v = rng.standard_normal((1, 1, 1, padded + 5, width)).astype(dtype)
+    v[..., inner:, :] = np.nan  # pad keys
+    bt = _transposed(v, [inner])[0, 0, 0]
+    assert bt.shape == (width, _round_lanes(padded + 5)) and np.all(bt[:, inner:] == 0)
+    p = rng.standard_normal((rows + 4, padded)).astype(dtype)
+    p[:, inner:] = np.nan
+    acc = rng.standard_normal((rows + 4, width)).astype(dtype)
+    start = acc.copy()
+    _accumulate_t(acc, p, bt, rows, inner)
+    assert acc[rows:].tobytes() == start[rows:].tobytes()
+    exact = start[:rows].astype(np.float64) + p[:rows, :inner].astype(np.float64) @ v[0, 0, 0, :inner].astype(np.float64)
+    bound = (1e-5 if dtype == np.float32 else 1e-13) * (
+        np.abs(start[:rows]) + np.abs(p[:rows, :inner]).astype(np.float64) @ np.abs(v[0, 0, 0, :inner]))
+    assert np.all(np.abs(acc[:rows] - exact) <= bound)
+
+
 def test_float64_keeps_probabilities_below_float32s_range():
     """In float64 a key 90 below the row's best has P = e^-90 (~1e-39, below float32's smallest
     normal): with a v of 1e300 it dominates the output, and the backend must keep it."""

@@ -14,10 +14,11 @@ Fine attention, forward (one work item per (b, h, query tile), ``prange`` over a
         l  = l * 2^(m - m') + rowsum P;  acc = acc * 2^(m - m') + P @ V_j
     out = acc / l + (gate *) coarse;  lse = (m + log2 l) * ln 2   (pad query rows, given q_block_sizes: 0, -inf)
 
-Both products run along the contiguous axis (so LLVM vectorises it) and share each load
-among several rows (register blocking).  Scores are dot products of rows, 4 query rows x 4
-keys at a time, whose 16 sums stay in registers; P @ V adds each V row into 8 rows of the
-accumulator at once.  Neither needs a transposed copy of its operands.  Per-thread
+Both products are dot products along a contiguous axis (so LLVM vectorises them), 4 x 4
+results at a time, whose 16 sums stay in registers while each loaded element feeds four of
+them: the scores of 4 query rows and 4 keys over D, and P @ V as 4 rows x 4 columns of the
+accumulator over the keys, which takes V transposed (a copy per call, zero in pad keys and
+padded to a multiple of 16 keys, over which the sums run without a scalar remainder).  Per-thread
 scratch is allocated once per call, indexed by ``numba.get_thread_id()``; it has the rows
 of a tile rounded up to a multiple of 8, and the extra rows (zeros, or finite leftovers of an
 earlier tile) are computed along and never written back.  Work items differ in cost (number
@@ -31,10 +32,11 @@ Backward (no atomics, deterministic): a preparation pass computes
 selected the key tile, built by a counting sort of ``q2k_idx``, and recomputes P and dS from
 the LSE.  It hands each dS block to the dQ pass over (b, h, query tile), which then does one
 product per selected tile instead of three, where the blocks fit ``DS_BUDGET_BYTES``; past
-that the dQ pass recomputes P and dS itself.  Memory traffic beyond the inputs: one
-copy of q * scale * log2(e) and of dout (pad rows zeroed) for the backward, k, v, q and dout
-converted to the compute dtype where they are float16 or bfloat16, and the dS blocks (a [V, V]
-block per selected pair, rows rounded up to 8).
+that the dQ pass recomputes P and dS itself.  Memory traffic beyond the inputs: inputs in
+float16 or bfloat16 converted to float32; the transposed copies (v for the forward; k, q and
+dout for the backward); q * scale * log2(e) and dout with pad rows zeroed for the backward's
+score products; and the dS blocks (one per selected pair, [V, V] rounded up to 8 rows and 16
+columns).
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ _LSE_LIMIT = 2.0**20
 # pass to the dQ pass, are used up to this many bytes; beyond, the dQ pass recomputes them.
 DS_BUDGET_BYTES = 512 << 20
 _ROWS = 8  # tile rows are processed in blocks of this many (scratch is padded to a multiple)
+# _accumulate_t's sums run over a multiple of this many elements: 16 float32 fill an AVX-512
+# register, and a length that LLVM's vector loop covers without a scalar remainder.
+_LANES = 16
 # LLVM's fast-math flags without nnan and ninf: the kernels may reassociate, contract and use
 # approximate functions, but NaN and infinity in the inputs propagate as in the reference (within
 # the selected tiles: the kernels never read the others, whose infinities the reference's dense
@@ -289,10 +294,73 @@ def _accumulate(acc, p, b, rows, inner):
                 a7[d] += p7 * y
 
 
+@njit(fastmath=_FASTMATH, cache=True)
+def _accumulate_t(acc, p, bt, rows, inner):
+    """acc[r, d] += sum_c p[r, c] * bt[d, c] for r < rows, c < inner: _accumulate with b
+    transposed.
+
+    acc [>= rows, D], p [>= rows, >= _round_lanes(inner)], bt [D, >= _round_lanes(inner)]
+    with zeros in columns inner.. of that (see _transposed).  Dot products along the contiguous
+    axis as in _scores, 4 rows x 4 columns of acc at a time, their sums in registers (what
+    _accumulate's rows in memory cost, a load and a store per multiply-add, is gone).  The sums
+    run to a whole number of vector lanes, over zeros that this function first writes into p's
+    columns past ``inner``: a partial vector would be summed one element at a time.  A last
+    block of fewer than four columns of acc repeats column D - 1, whose new value it stores again.
+    """
+    padded = _round_lanes(inner)
+    for r in range(rows):
+        p[r, inner:padded] = 0.0
+    width = acc.shape[1]
+    zero = acc.dtype.type(0.0)
+    last = width - 1
+    for r in range(0, rows, 4):
+        p0, p1, p2, p3 = p[r], p[r + 1], p[r + 2], p[r + 3]
+        o0, o1, o2, o3 = acc[r], acc[r + 1], acc[r + 2], acc[r + 3]
+        for d0 in range(0, width, 4):
+            d1, d2, d3 = min(d0 + 1, last), min(d0 + 2, last), min(d0 + 3, last)
+            b0, b1, b2, b3 = bt[d0], bt[d1], bt[d2], bt[d3]
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
+            for c in range(padded):
+                x0, x1, x2, x3 = p0[c], p1[c], p2[c], p3[c]
+                y0, y1, y2, y3 = b0[c], b1[c], b2[c], b3[c]
+                s00 += x0 * y0
+                s01 += x0 * y1
+                s02 += x0 * y2
+                s03 += x0 * y3
+                s10 += x1 * y0
+                s11 += x1 * y1
+                s12 += x1 * y2
+                s13 += x1 * y3
+                s20 += x2 * y0
+                s21 += x2 * y1
+                s22 += x2 * y2
+                s23 += x2 * y3
+                s30 += x3 * y0
+                s31 += x3 * y1
+                s32 += x3 * y2
+                s33 += x3 * y3
+            # New values first, then stores: a repeated column gets the same value twice.
+            n00, n01, n02, n03 = o0[d0] + s00, o0[d1] + s01, o0[d2] + s02, o0[d3] + s03
+            n10, n11, n12, n13 = o1[d0] + s10, o1[d1] + s11, o1[d2] + s12, o1[d3] + s13
+            n20, n21, n22, n23 = o2[d0] + s20, o2[d1] + s21, o2[d2] + s22, o2[d3] + s23
+            n30, n31, n32, n33 = o3[d0] + s30, o3[d1] + s31, o3[d2] + s32, o3[d3] + s33
+            o0[d0], o0[d1], o0[d2], o0[d3] = n00, n01, n02, n03
+            o1[d0], o1[d1], o1[d2], o1[d3] = n10, n11, n12, n13
+            o2[d0], o2[d1], o2[d2], o2[d3] = n20, n21, n22, n23
+            o3[d0], o3[d1], o3[d2], o3[d3] = n30, n31, n32, n33
+
+
 @njit(cache=True)
 def _round_rows(n):
     """n rounded up to a whole number of row blocks."""
     return (n + _ROWS - 1) // _ROWS * _ROWS
+
+
+@njit(cache=True)
+def _round_lanes(n):
+    """n rounded up to a whole number of vector lanes (_LANES)."""
+    return (n + _LANES - 1) // _LANES * _LANES
 
 
 # ---------------------------------------------------------------------------------------
@@ -584,6 +652,17 @@ def _key_rows(x, num_tiles: int):
     return _compute(x).reshape(b, h, num_tiles, s // num_tiles, d)
 
 
+def _transposed(tiles, block_sizes):
+    """[B, H, N, V, D] -> contiguous [B, H, N, D, _round_lanes(V)]: each tile's columns become
+    rows, zero past the tile's block size (the operand bt of _accumulate_t: its pad slots may
+    hold NaN, and 0 * NaN is NaN)."""
+    b, h, n, v, d = tiles.shape
+    out = np.zeros((b, h, n, d, _round_lanes(v)), tiles.dtype)
+    real = np.arange(v) < np.asarray(block_sizes)[:, None]  # [N, V]
+    out[..., :v] = np.where(real[:, None, :], tiles.transpose(0, 1, 2, 4, 3), 0)
+    return out
+
+
 def _scratch(*shape_and_dtype):
     """Per-thread scratch: one [shape] array per Numba thread."""
     *shape, dtype = shape_and_dtype
@@ -591,7 +670,7 @@ def _scratch(*shape_and_dtype):
 
 
 @njit(**_KERNEL)
-def _fwd_kernel(q, k, v, q2k_idx, q2k_num, kv_block_sizes, q_block_sizes, scale, coarse, gate, has_gate, out, lse,
+def _fwd_kernel(q, k, vt, q2k_idx, q2k_num, kv_block_sizes, q_block_sizes, scale, coarse, gate, has_gate, out, lse,
                 qs_buf, s_buf, acc_buf, m_buf, l_buf):
     batch, heads, tiles, volume, dim = q.shape
     group = heads // k.shape[1]
@@ -631,7 +710,7 @@ def _fwd_kernel(q, k, v, q2k_idx, q2k_num, kv_block_sizes, q_block_sizes, scale,
                 l[r] = l[r] * alpha + total
                 for d in range(dim):
                     ar[d] *= alpha
-            _accumulate(acc, s, v[b, hk, j], rows, keys)
+            _accumulate_t(acc, s, vt[b, hk, j], rows, keys)
         dst = out[b, h, i]
         c_row = coarse[b, h, i]
         real = q_block_sizes[i]
@@ -675,13 +754,14 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
     out = np.empty(tiled, dtype)
     lse = np.empty((b, h, n_q, volume), dtype)
     rows = _round_rows(volume)
+    width = _round_lanes(volume)  # columns of the scratch that _accumulate_t reads as p
     # Real rows per query tile: all of them without q_block_sizes (block_sparse_attn knows no pads).
     real_rows = np.full(n_q, volume, np.int32) if q_block_sizes is None else _index(q_block_sizes)
     with numba.parallel_chunksize(1):
         _fwd_kernel(
-            q_c, _key_rows(k, n_kv), _key_rows(v, n_kv), _index(q2k_idx), _index(q2k_num),
+            q_c, _key_rows(k, n_kv), _transposed(_key_rows(v, n_kv), kv_block_sizes), _index(q2k_idx), _index(q2k_num),
             _index(kv_block_sizes), real_rows, float(scale), coarse, gate_c, has_gate, out, lse,
-            _scratch(rows, d, dtype), _scratch(rows, volume, dtype), _scratch(rows, d, dtype),
+            _scratch(rows, d, dtype), _scratch(rows, width, dtype), _scratch(rows, d, dtype),
             _scratch(rows, dtype), _scratch(rows, dtype),
         )
     return _into(result, out.reshape(q.shape).astype(q.dtype, copy=False)), lse.reshape(b, h, s_q)
@@ -694,8 +774,9 @@ def block_sparse_fwd(q, k, v, q2k_idx, q2k_num, kv_block_sizes, scale, coarse, g
 @njit(**_KERNEL)
 def _bwd_prep_kernel(q, dout, out, lse, lse_limit, coarse, gate, has_gate, q_block_sizes, scale,
                      qs, dout_rows, delta, lse2):
-    """Per query tile: q * scale * log2(e), dout with pad rows zeroed, delta = rowsum(dout * fine) and lse in log2 units (0 on pad rows; NaN where
-    |lse| exceeds ``lse_limit``, -inf excepted: see _LSE_LIMIT)."""
+    """Per query tile: q * scale * log2(e), dout with pad rows zeroed, delta = rowsum(dout *
+    fine) and lse in log2 units (0 on pad rows; NaN where |lse| exceeds ``lse_limit``, -inf
+    excepted: see _LSE_LIMIT)."""
     batch, heads, tiles, volume, dim = q.shape
     dtype = q.dtype.type
     qscale, log2e, zero = dtype(scale * _LOG2E), dtype(_LOG2E), dtype(0.0)
@@ -732,7 +813,7 @@ def _bwd_prep_kernel(q, dout, out, lse, lse_limit, coarse, gate, has_gate, q_blo
 
 
 @njit(**_KERNEL)
-def _dq_kernel(q, k, v, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, scale,
+def _dq_kernel(q, k, v, kt, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, scale,
                dout_rows, delta, lse2, dq_tile, dq, qs_buf, s_buf, dp_buf, acc_buf):
     batch, heads, tiles, volume, dim = q.shape
     group = heads // k.shape[1]
@@ -760,15 +841,15 @@ def _dq_kernel(q, k, v, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, scale,
                 for c in range(keys):
                     sr[c] = _exp2(sr[c] - lse_r) * (dpr[c] - delta_r)
             s[real:rows, :keys] = 0.0
-            _accumulate(acc, s, k[b, hk, j], rows, keys)
+            _accumulate_t(acc, s, kt[b, hk, j], rows, keys)
         _write_dq(dq[b, h, i], acc, dq_tile[b, h, i], real, kscale)
 
 
 @njit(**_KERNEL)
-def _dq_from_ds_kernel(k, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, scale, ds_blocks, dq_tile, dq, acc_buf):
+def _dq_from_ds_kernel(kt, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, scale, ds_blocks, dq_tile, dq, acc_buf):
     """dq = scale * sum over the selected tiles of dS K + dq_tile, from the dK/dV pass's dS blocks."""
     batch, heads, tiles = dq.shape[:3]
-    group = heads // k.shape[1]
+    group = heads // kt.shape[1]
     kscale = dq.dtype.type(scale)
     for item in prange(batch * heads * tiles):
         b, h, i = item // (heads * tiles), (item // tiles) % heads, item % tiles
@@ -778,7 +859,7 @@ def _dq_from_ds_kernel(k, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, scale
         acc[:] = 0.0
         for t in range(q2k_num[b, h, i]):
             j = q2k_idx[b, h, i, t]
-            _accumulate(acc, ds_blocks[b, h, i, t], k[b, hk, j], _round_rows(real), kv_block_sizes[j])
+            _accumulate_t(acc, ds_blocks[b, h, i, t], kt[b, hk, j], _round_rows(real), kv_block_sizes[j])
         _write_dq(dq[b, h, i], acc, dq_tile[b, h, i], real, kscale)
 
 
@@ -792,16 +873,17 @@ def _write_dq(dst, acc, tile_grad, real, kscale):
 
 
 @njit(**_KERNEL)
-def _dkdv_kernel(q, k, v, q_block_sizes, kv_block_sizes, scale, qs, dout_rows, delta, lse2,
+def _dkdv_kernel(q_t, k, v, q_block_sizes, kv_block_sizes, scale, qs, dout_rows, dout_t, delta, lse2,
                  offsets, entries, slots, ds_blocks, dk_tile, dv_tile, dk, dv,
                  k_buf, v_buf, p_buf, ds_buf, dk_buf, dv_buf):
     """dk, dv of every key tile; with ``ds_blocks`` of B*H*N_q*topk blocks (else an empty array),
     also each pair's dS block, at ds_blocks[b, h, i, t] for key tile q2k_idx[b, h, i, t] (t from
-    ``slots``), real rows and keys of it, with zeros in the rows up to the next multiple of 8."""
+    ``slots``), real rows and keys of it, with zeros in the rows up to the next multiple of 8
+    (the dQ pass's _accumulate_t writes zeros in its columns past the keys)."""
     batch, kv_heads, tiles, volume, dim = k.shape
     hand_over = ds_blocks.size > 0
-    q_tiles = q.shape[2]
-    kscale = q.dtype.type(scale)
+    q_tiles = q_t.shape[2]
+    kscale = q_t.dtype.type(scale)
     for item in prange(batch * kv_heads * tiles):
         b, hk, j = item // (kv_heads * tiles), (item // tiles) % kv_heads, item % tiles
         tid = numba.get_thread_id()
@@ -833,8 +915,8 @@ def _dkdv_kernel(q, k, v, q_block_sizes, kv_block_sizes, scale, qs, dout_rows, d
                     for c in range(keys):
                         block[r, c] = ds[c, r]
                 block[real:_round_rows(real), :keys] = 0.0
-            _accumulate(dv_acc, p, dout_rows[b, h, i], rows, real)
-            _accumulate(dk_acc, ds, q[b, h, i], rows, real)
+            _accumulate_t(dv_acc, p, dout_t[b, h, i], rows, real)
+            _accumulate_t(dk_acc, ds, q_t[b, h, i], rows, real)
         dk_dst, dv_dst = dk[b, hk, j], dv[b, hk, j]
         dk_grad, dv_grad = dk_tile[b, hk, j], dv_tile[b, hk, j]
         for c in range(keys):
@@ -898,6 +980,7 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     gate_c = _compute(gate).reshape(tiled) if has_gate else np.empty((0,) * 5, dtype)
     dq_tile, dk_tile, dv_tile = (np.ascontiguousarray(x, dtype=dtype) for x in (dq_tile, dk_tile, dv_tile))
     rows = _round_rows(volume)
+    width = _round_lanes(volume)  # columns of the scratch that _accumulate_t reads as p
 
     qs = np.empty(tiled, dtype)
     dout_rows = np.empty((b, h, n_q, rows, d), dtype)
@@ -914,24 +997,27 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     offsets, entries, slots = _reverse_lists(q2k_idx, q2k_num, h_kv, n_kv)
     dk = np.empty(k_rows.shape, dtype)
     dv = np.empty(v_rows.shape, dtype)
-    blocks_shape = (b, h, n_q, q2k_idx.shape[3], rows, volume)
+    blocks_shape = (b, h, n_q, q2k_idx.shape[3], rows, width)
     hand_over = math.prod(blocks_shape) * dtype.itemsize <= DS_BUDGET_BYTES
     ds_blocks = np.empty(blocks_shape if hand_over else (0,) * 6, dtype)
+    q_t, dout_t = _transposed(q_c, q_block_sizes), _transposed(dout_rows[:, :, :, :volume], q_block_sizes)
+    k_t = _transposed(k_rows, kv_block_sizes)
     with numba.parallel_chunksize(1):
         _dkdv_kernel(
-            q_c, k_rows, v_rows, q_block_sizes, kv_block_sizes, float(scale), qs, dout_rows, delta, lse2,
+            q_t, k_rows, v_rows, q_block_sizes, kv_block_sizes, float(scale), qs, dout_rows, dout_t, delta, lse2,
             offsets, entries, slots, ds_blocks, dk_tile, dv_tile, dk, dv,
-            _scratch(rows, d, dtype), _scratch(rows, d, dtype), _scratch(rows, volume, dtype),
-            _scratch(rows, volume, dtype), _scratch(rows, d, dtype), _scratch(rows, d, dtype),
+            _scratch(rows, d, dtype), _scratch(rows, d, dtype), _scratch(rows, width, dtype),
+            _scratch(rows, width, dtype), _scratch(rows, d, dtype), _scratch(rows, d, dtype),
         )
+        del q_t, dout_t
         if hand_over:
-            _dq_from_ds_kernel(k_rows, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, float(scale), ds_blocks,
+            _dq_from_ds_kernel(k_t, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, float(scale), ds_blocks,
                                dq_tile, dq, _scratch(rows, d, dtype))
         else:
             _dq_kernel(
-                q_c, k_rows, v_rows, q2k_idx, q2k_num, q_block_sizes,
+                q_c, k_rows, v_rows, k_t, q2k_idx, q2k_num, q_block_sizes,
                 kv_block_sizes, float(scale), dout_rows, delta, lse2, dq_tile, dq,
-                _scratch(rows, d, dtype), _scratch(rows, volume, dtype), _scratch(rows, volume, dtype),
+                _scratch(rows, d, dtype), _scratch(rows, width, dtype), _scratch(rows, width, dtype),
                 _scratch(rows, d, dtype),
             )
     return tuple(_into(r, x.reshape(shape).astype(q.dtype, copy=False))
