@@ -369,6 +369,18 @@ def test_score_products(real, keys, depth, dtype, seed):
     assert np.all(np.abs(s[:real, :keys] - exact)[finite] <= bound[finite])
 
 
+def test_lane_padding():
+    """_round_lanes: a multiple of 16 where that adds at most a quarter, else the count itself;
+    never decreasing (an inner count must not pad past its tile volume's width)."""
+    from vsa_nd.backends.numba_cpu import _round_lanes
+
+    padded = [_round_lanes(n) for n in range(400)]
+    assert padded[:6] == [0, 1, 2, 3, 4, 5] and padded[16] == 16 and padded[17] == 17
+    assert padded[27] == 32 and padded[64] == 64 and padded[65] == 80
+    assert all(n <= p <= max(n, 1.25 * n) and (p == n or p % 16 == 0) for n, p in enumerate(padded))
+    assert all(a <= b for a, b in zip(padded, padded[1:]))
+
+
 @settings(max_examples=_examples(40))
 @given(rows=st.sampled_from([4, 8, 16]), inner=st.integers(1, 40), width=st.integers(1, 23),
        dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**32 - 1))

@@ -18,7 +18,8 @@ Both products are dot products along a contiguous axis (so LLVM vectorises them)
 results at a time, whose 16 sums stay in registers while each loaded element feeds four of
 them: the scores of 4 query rows and 4 keys over D, and P @ V as 4 rows x 4 columns of the
 accumulator over the keys, which takes V transposed (a copy per call, zero in pad keys and
-padded to a multiple of 16 keys, over which the sums run without a scalar remainder).  Per-thread
+padded to a multiple of 16 keys where that adds at most a quarter, over which the sums run
+without a scalar remainder).  Per-thread
 scratch is allocated once per call, indexed by ``numba.get_thread_id()``; it has the rows
 of a tile rounded up to a multiple of 8, and the extra rows (zeros, or finite leftovers of an
 earlier tile) are computed along and never written back.  Work items differ in cost (number
@@ -35,8 +36,8 @@ product per selected tile instead of three, where the blocks fit ``DS_BUDGET_BYT
 that the dQ pass recomputes P and dS itself.  Memory traffic beyond the inputs: inputs in
 float16 or bfloat16 converted to float32; the transposed copies (v for the forward; k, q and
 dout for the backward); q * scale * log2(e) and dout with pad rows zeroed for the backward's
-score products; and the dS blocks (one per selected pair, [V, V] rounded up to 8 rows and 16
-columns).
+score products; and the dS blocks (one per selected pair, [V, V] rounded up to 8 rows, and
+columns as the transposed copies).
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ _LSE_LIMIT = 2.0**20
 # The backward's dS blocks (one per selected (query tile, key tile) pair), handed from the dK/dV
 # pass to the dQ pass, are used up to this many bytes; beyond, the dQ pass recomputes them.
 DS_BUDGET_BYTES = 512 << 20
-_ROWS = 8  # tile rows are processed in blocks of this many (scratch is padded to a multiple)
-# _accumulate_t's sums run over a multiple of this many elements: 16 float32 fill an AVX-512
-# register, and a length that LLVM's vector loop covers without a scalar remainder.
+_ROWS = 8  # scratch rows are padded to a multiple of this (the products take 4 rows at a time, the coarse GEMM 8)
+# _accumulate_t's sums run over a multiple of this many elements where _round_lanes pads: 16
+# float32 fill an AVX-512 register, and a length that LLVM's vector loop covers without a
+# scalar remainder.
 _LANES = 16
 # LLVM's fast-math flags without nnan and ninf: the kernels may reassociate, contract and use
 # approximate functions, but NaN and infinity in the inputs propagate as in the reference (within
@@ -303,9 +305,10 @@ def _accumulate_t(acc, p, bt, rows, inner):
     with zeros in columns inner.. of that (see _transposed).  Dot products along the contiguous
     axis as in _scores, 4 rows x 4 columns of acc at a time, their sums in registers (what
     _accumulate's rows in memory cost, a load and a store per multiply-add, is gone).  The sums
-    run to a whole number of vector lanes, over zeros that this function first writes into p's
-    columns past ``inner``: a partial vector would be summed one element at a time.  A last
-    block of fewer than four columns of acc repeats column D - 1, whose new value it stores again.
+    run to _round_lanes(inner), a whole number of vector lanes where it pads, over zeros that
+    this function first writes into p's columns past ``inner``: a partial vector would be
+    summed one element at a time.  A last block of fewer than four columns of acc repeats
+    column D - 1, whose new value it stores again.
     """
     padded = _round_lanes(inner)
     for r in range(rows):
@@ -359,8 +362,12 @@ def _round_rows(n):
 
 @njit(cache=True)
 def _round_lanes(n):
-    """n rounded up to a whole number of vector lanes (_LANES)."""
-    return (n + _LANES - 1) // _LANES * _LANES
+    """n rounded up to a whole number of vector lanes (_LANES) where that adds at most a quarter
+    (27 -> 32, 64 -> 64, 65 -> 80), else n (17 -> 17, 8 -> 8): _accumulate_t's sums then keep a
+    scalar remainder rather than the transposed copies and dS blocks growing up to 16-fold
+    (1 -> 16).  Never decreasing, so an inner count never pads past its tile volume's width."""
+    padded = (n + _LANES - 1) // _LANES * _LANES
+    return padded if 4 * padded <= 5 * n else n
 
 
 # ---------------------------------------------------------------------------------------
@@ -659,7 +666,7 @@ def _transposed(tiles, block_sizes):
     b, h, n, v, d = tiles.shape
     out = np.zeros((b, h, n, d, _round_lanes(v)), tiles.dtype)
     real = np.arange(v) < np.asarray(block_sizes)[:, None]  # [N, V]
-    out[..., :v] = np.where(real[:, None, :], tiles.transpose(0, 1, 2, 4, 3), 0)
+    np.copyto(out[..., :v], tiles.transpose(0, 1, 2, 4, 3), where=real[:, None, :])  # no temporary
     return out
 
 
@@ -1001,7 +1008,6 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
     hand_over = math.prod(blocks_shape) * dtype.itemsize <= DS_BUDGET_BYTES
     ds_blocks = np.empty(blocks_shape if hand_over else (0,) * 6, dtype)
     q_t, dout_t = _transposed(q_c, q_block_sizes), _transposed(dout_rows[:, :, :, :volume], q_block_sizes)
-    k_t = _transposed(k_rows, kv_block_sizes)
     with numba.parallel_chunksize(1):
         _dkdv_kernel(
             q_t, k_rows, v_rows, q_block_sizes, kv_block_sizes, float(scale), qs, dout_rows, dout_t, delta, lse2,
@@ -1010,6 +1016,7 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
             _scratch(rows, width, dtype), _scratch(rows, d, dtype), _scratch(rows, d, dtype),
         )
         del q_t, dout_t
+        k_t = _transposed(k_rows, kv_block_sizes)
         if hand_over:
             _dq_from_ds_kernel(k_t, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, float(scale), ds_blocks,
                                dq_tile, dq, _scratch(rows, d, dtype))
