@@ -403,9 +403,9 @@ def test_transposed_accumulate(rows, inner, width, dtype, seed):
     start = acc.copy()
     _accumulate_t(acc, p, bt, rows, inner)
     assert acc[rows:].tobytes() == start[rows:].tobytes()
-    exact = start[:rows].astype(np.float64) + p[:rows, :inner].astype(np.float64) @ v[0, 0, 0, :inner].astype(np.float64)
-    bound = (1e-5 if dtype == np.float32 else 1e-13) * (
-        np.abs(start[:rows]) + np.abs(p[:rows, :inner]).astype(np.float64) @ np.abs(v[0, 0, 0, :inner]))
+    p64, v64 = p[:rows, :inner].astype(np.float64), v[0, 0, 0, :inner].astype(np.float64)
+    exact = start[:rows] + p64 @ v64
+    bound = (1e-5 if dtype == np.float32 else 1e-13) * (np.abs(start[:rows]) + np.abs(p64) @ np.abs(v64))
     assert np.all(np.abs(acc[:rows] - exact) <= bound)
 
 

@@ -19,11 +19,11 @@ results at a time, whose 16 sums stay in registers while each loaded element fee
 them: the scores of 4 query rows and 4 keys over D, and P @ V as 4 rows x 4 columns of the
 accumulator over the keys, which takes V transposed (a copy per call, zero in pad keys and
 padded to a multiple of 16 keys where that adds at most a quarter, over which the sums run
-without a scalar remainder).  Per-thread
-scratch is allocated once per call, indexed by ``numba.get_thread_id()``; it has the rows
-of a tile rounded up to a multiple of 8, and the extra rows (zeros, or finite leftovers of an
-earlier tile) are computed along and never written back.  Work items differ in cost (number
-of selected tiles, reverse-list lengths), so the heavy kernels are scheduled one item at a time.
+without a scalar remainder).  Per-thread scratch is allocated once per call, indexed by
+``numba.get_thread_id()``; it has the rows of a tile rounded up to a multiple of 8, and the
+extra rows (zeros, or finite leftovers of an earlier tile) are computed along and never written
+back.  Work items differ in cost (number of selected tiles, reverse-list lengths), so the heavy
+kernels are scheduled one item at a time.
 ``exp2`` is a polynomial plus an exponent built from bits (vectorisable, unlike libm's),
 and row maxima use ``llvm.maxnum`` (Numba's ``max`` does not vectorise).
 
@@ -1022,8 +1022,8 @@ def block_sparse_bwd(dout, q, k, v, out, lse, q2k_idx, q2k_num, q_block_sizes, k
                                dq_tile, dq, _scratch(rows, d, dtype))
         else:
             _dq_kernel(
-                q_c, k_rows, v_rows, k_t, q2k_idx, q2k_num, q_block_sizes,
-                kv_block_sizes, float(scale), dout_rows, delta, lse2, dq_tile, dq,
+                q_c, k_rows, v_rows, k_t, q2k_idx, q2k_num, q_block_sizes, kv_block_sizes, float(scale), dout_rows,
+                delta, lse2, dq_tile, dq,
                 _scratch(rows, d, dtype), _scratch(rows, width, dtype), _scratch(rows, width, dtype),
                 _scratch(rows, d, dtype),
             )
