@@ -224,6 +224,36 @@ def _exp2_impl(x):
 # Tile products.  ``rows`` is a multiple of _ROWS and at most the scratch's row count.
 
 
+@njit(fastmath=_FASTMATH, inline="always")
+def _dots_4x4(a0, a1, a2, a3, b0, b1, b2, b3, n):
+    """The 16 dot products a_i[:n] . b_j[:n], as a tuple in the order (a0 b0, a0 b1, ..., a3 b3):
+    one loop along the rows (which LLVM vectorises), its 16 sums in registers, each loaded
+    element feeding four of them.  The tile products' inner block (_scores, _accumulate_t)."""
+    zero = a0.dtype.type(0.0)
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
+    for d in range(n):
+        x0, x1, x2, x3 = a0[d], a1[d], a2[d], a3[d]
+        y0, y1, y2, y3 = b0[d], b1[d], b2[d], b3[d]
+        s00 += x0 * y0
+        s01 += x0 * y1
+        s02 += x0 * y2
+        s03 += x0 * y3
+        s10 += x1 * y0
+        s11 += x1 * y1
+        s12 += x1 * y2
+        s13 += x1 * y3
+        s20 += x2 * y0
+        s21 += x2 * y1
+        s22 += x2 * y2
+        s23 += x2 * y3
+        s30 += x3 * y0
+        s31 += x3 * y1
+        s32 += x3 * y2
+        s33 += x3 * y3
+    return (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
+
+
 @njit(fastmath=_FASTMATH, cache=True)
 def _scores(out, a, b, rows, cols):
     """out[r, c] = sum_d a[r, d] * b[c, d] for r < rows, c < cols.
@@ -235,39 +265,17 @@ def _scores(out, a, b, rows, cols):
     lies (the dK/dV pass's S^T and the dQ pass's S agree bit for bit).
     """
     depth = a.shape[1]
-    zero = out.dtype.type(0.0)
     last = cols - 1
     for r in range(0, rows, 4):
         a0, a1, a2, a3 = a[r], a[r + 1], a[r + 2], a[r + 3]
         o0, o1, o2, o3 = out[r], out[r + 1], out[r + 2], out[r + 3]
         for c0 in range(0, cols, 4):
             c1, c2, c3 = min(c0 + 1, last), min(c0 + 2, last), min(c0 + 3, last)
-            b0, b1, b2, b3 = b[c0], b[c1], b[c2], b[c3]
-            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
-            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
-            for d in range(depth):
-                x0, x1, x2, x3 = a0[d], a1[d], a2[d], a3[d]
-                y0, y1, y2, y3 = b0[d], b1[d], b2[d], b3[d]
-                s00 += x0 * y0
-                s01 += x0 * y1
-                s02 += x0 * y2
-                s03 += x0 * y3
-                s10 += x1 * y0
-                s11 += x1 * y1
-                s12 += x1 * y2
-                s13 += x1 * y3
-                s20 += x2 * y0
-                s21 += x2 * y1
-                s22 += x2 * y2
-                s23 += x2 * y3
-                s30 += x3 * y0
-                s31 += x3 * y1
-                s32 += x3 * y2
-                s33 += x3 * y3
-            o0[c0], o0[c1], o0[c2], o0[c3] = s00, s01, s02, s03
-            o1[c0], o1[c1], o1[c2], o1[c3] = s10, s11, s12, s13
-            o2[c0], o2[c1], o2[c2], o2[c3] = s20, s21, s22, s23
-            o3[c0], o3[c1], o3[c2], o3[c3] = s30, s31, s32, s33
+            s = _dots_4x4(a0, a1, a2, a3, b[c0], b[c1], b[c2], b[c3], depth)
+            o0[c0], o0[c1], o0[c2], o0[c3] = s[0], s[1], s[2], s[3]
+            o1[c0], o1[c1], o1[c2], o1[c3] = s[4], s[5], s[6], s[7]
+            o2[c0], o2[c1], o2[c2], o2[c3] = s[8], s[9], s[10], s[11]
+            o3[c0], o3[c1], o3[c2], o3[c3] = s[12], s[13], s[14], s[15]
 
 
 @njit(fastmath=_FASTMATH, cache=True)
@@ -314,40 +322,18 @@ def _accumulate_t(acc, p, bt, rows, inner):
     for r in range(rows):
         p[r, inner:padded] = 0.0
     width = acc.shape[1]
-    zero = acc.dtype.type(0.0)
     last = width - 1
     for r in range(0, rows, 4):
         p0, p1, p2, p3 = p[r], p[r + 1], p[r + 2], p[r + 3]
         o0, o1, o2, o3 = acc[r], acc[r + 1], acc[r + 2], acc[r + 3]
         for d0 in range(0, width, 4):
             d1, d2, d3 = min(d0 + 1, last), min(d0 + 2, last), min(d0 + 3, last)
-            b0, b1, b2, b3 = bt[d0], bt[d1], bt[d2], bt[d3]
-            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
-            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
-            for c in range(padded):
-                x0, x1, x2, x3 = p0[c], p1[c], p2[c], p3[c]
-                y0, y1, y2, y3 = b0[c], b1[c], b2[c], b3[c]
-                s00 += x0 * y0
-                s01 += x0 * y1
-                s02 += x0 * y2
-                s03 += x0 * y3
-                s10 += x1 * y0
-                s11 += x1 * y1
-                s12 += x1 * y2
-                s13 += x1 * y3
-                s20 += x2 * y0
-                s21 += x2 * y1
-                s22 += x2 * y2
-                s23 += x2 * y3
-                s30 += x3 * y0
-                s31 += x3 * y1
-                s32 += x3 * y2
-                s33 += x3 * y3
+            s = _dots_4x4(p0, p1, p2, p3, bt[d0], bt[d1], bt[d2], bt[d3], padded)
             # New values first, then stores: a repeated column gets the same value twice.
-            n00, n01, n02, n03 = o0[d0] + s00, o0[d1] + s01, o0[d2] + s02, o0[d3] + s03
-            n10, n11, n12, n13 = o1[d0] + s10, o1[d1] + s11, o1[d2] + s12, o1[d3] + s13
-            n20, n21, n22, n23 = o2[d0] + s20, o2[d1] + s21, o2[d2] + s22, o2[d3] + s23
-            n30, n31, n32, n33 = o3[d0] + s30, o3[d1] + s31, o3[d2] + s32, o3[d3] + s33
+            n00, n01, n02, n03 = o0[d0] + s[0], o0[d1] + s[1], o0[d2] + s[2], o0[d3] + s[3]
+            n10, n11, n12, n13 = o1[d0] + s[4], o1[d1] + s[5], o1[d2] + s[6], o1[d3] + s[7]
+            n20, n21, n22, n23 = o2[d0] + s[8], o2[d1] + s[9], o2[d2] + s[10], o2[d3] + s[11]
+            n30, n31, n32, n33 = o3[d0] + s[12], o3[d1] + s[13], o3[d2] + s[14], o3[d3] + s[15]
             o0[d0], o0[d1], o0[d2], o0[d3] = n00, n01, n02, n03
             o1[d0], o1[d1], o1[d2], o1[d3] = n10, n11, n12, n13
             o2[d0], o2[d1], o2[d2], o2[d3] = n20, n21, n22, n23
