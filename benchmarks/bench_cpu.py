@@ -4,8 +4,9 @@ Both sides run float32 on every core (Numba's threads; NumPy's BLAS threads).  T
 medians of ``--repeats`` consecutive runs after a warm-up call, taken while no other process
 loads the machine (see median_time).  Effective GFLOP/s: block-sparse
 4*B*H*D*Sq_pad*(topk*V) / time, dense 4*B*H*D*S^2 / time.  The selection is VSA's own (coarse
-stage on the same inputs); the "full VSA" column times the whole operator (tile means,
-coarse attention, top-k, fine stage).
+stage on the same inputs); the "full VSA" columns time the whole operator (tile means,
+coarse attention, top-k, fine stage) and its backward (``video_sparse_attn_backward`` from the
+forward's context, random dout: dq, dk, dv through both branches).
 
     python benchmarks/bench_cpu.py              # print the table, append it to BENCHMARKS.md
     python benchmarks/bench_cpu.py --no-record  # print only
@@ -110,14 +111,16 @@ def run_case(batch, heads, dim, seq_shape, topk, repeats, rng):
     sizes, volume, s_pad = plan.variable_block_sizes, plan.tile_volume, plan.padded_len
     q, k, v = (rng.standard_normal((batch, heads, s_pad, dim), dtype=np.float32) for _ in range(3))
     scale = dim**-0.5
-    _, context = vsa_nd.video_sparse_attn(q, k, v, topk, sizes, return_context=True)
+    out, context = vsa_nd.video_sparse_attn(q, k, v, topk, sizes, scale=scale, return_context=True)
     q2k_idx = context.q2k_idx
-    (dense_s, dense_quiet), (sparse_s, sparse_quiet), (full_s, full_quiet) = (
+    dout = rng.standard_normal(out.shape, dtype=np.float32)
+    (dense_s, dense_quiet), (sparse_s, sparse_quiet), (full_s, full_quiet), (bwd_s, bwd_quiet) = (
         median_time(f, repeats)
         for f in (
             lambda: dense_attention(q, k, v, scale),
             lambda: vsa_nd.block_sparse_attn(q, k, v, sizes, q2k_idx, scale=scale),
             lambda: vsa_nd.video_sparse_attn(q, k, v, topk, sizes, scale=scale),
+            lambda: vsa_nd.video_sparse_attn_backward(dout, context),
         )
     )
     seq_len = plan.seq_len
@@ -132,21 +135,22 @@ def run_case(batch, heads, dim, seq_shape, topk, repeats, rng):
         sparse_gflops=sparse_flops / sparse_s / 1e9,
         ratio=(sparse_flops / sparse_s) / (dense_flops / dense_s),
         full_ms=full_s * 1e3,
-        quiet=dense_quiet and sparse_quiet and full_quiet,
+        bwd_ms=bwd_s * 1e3,
+        quiet=dense_quiet and sparse_quiet and full_quiet and bwd_quiet,
     )
 
 
 def table(rows) -> str:
     lines = [
         "| shape (tile 4x4x4, float32) | topk | dense ms | dense GFLOP/s | block-sparse ms | block-sparse GFLOP/s "
-        "| GFLOP/s ratio | full VSA fwd ms |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| GFLOP/s ratio | full VSA fwd ms | full VSA bwd ms |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         mark = "" if r["quiet"] else " (busy machine)"
         lines.append(
             f"| {r['shape']}{mark} | {r['topk']} | {r['dense_ms']:.1f} | {r['dense_gflops']:.1f} | {r['sparse_ms']:.1f} "
-            f"| {r['sparse_gflops']:.1f} | {r['ratio']:.2f} | {r['full_ms']:.1f} |"
+            f"| {r['sparse_gflops']:.1f} | {r['ratio']:.2f} | {r['full_ms']:.1f} | {r['bwd_ms']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -170,7 +174,8 @@ def main(argv=None):
         f"Medians of {args.repeats} runs, each block re-run while other processes used more than 10% of the "
         "cores.  Effective FLOP/s: block-sparse 4·B·H·D·Sq_pad·(topk·V)/time (`vsa_nd.block_sparse_attn`), "
         "dense 4·B·H·D·S²/time (NumPy matmul, exp, matmul).  Full VSA fwd = `vsa_nd.video_sparse_attn` "
-        "(tile means, coarse attention with the Numba backend's own matmul kernel, top-k, fine stage).  "
+        "(tile means, coarse attention with the Numba backend's own matmul kernel, top-k, fine stage); full VSA "
+        "bwd = `vsa_nd.video_sparse_attn_backward` from its context (dq, dk, dv through both branches).  "
         "The dense baseline's NumPy matmuls leave OpenBLAS threads spinning; a second's pause before each "
         "block lets them go idle."
     )
