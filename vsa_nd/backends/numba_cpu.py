@@ -229,7 +229,7 @@ def _exp2_impl(x):
 def _dots_4x4(a0, a1, a2, a3, b0, b1, b2, b3, n):
     """The 16 dot products a_i[:n] . b_j[:n], as a tuple in the order (a0 b0, a0 b1, ..., a3 b3):
     one loop along the rows (which LLVM vectorises), its 16 sums in registers, each loaded
-    element feeding four of them.  The tile products' inner block (_scores, _accumulate_t)."""
+    element feeding four of them.  The inner block of _row_dots."""
     zero = a0.dtype.type(0.0)
     s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
     s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
@@ -256,27 +256,43 @@ def _dots_4x4(a0, a1, a2, a3, b0, b1, b2, b3, n):
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _scores(out, a, b, rows, cols):
-    """out[r, c] = sum_d a[r, d] * b[c, d] for r < rows, c < cols.
+def _row_dots(out, a, b, rows, cols, n, add):
+    """out[r, c] = a[r, :n] . b[c, :n], plus out[r, c] with ``add``, for r < rows, c < cols.
 
-    a [>= rows, D], b [>= cols, D], out [>= rows, >= cols].  Each score is a dot product along
-    the contiguous axis, sixteen (4 rows x 4 columns) at a time: their sums stay in registers
-    and each loaded element of a and b feeds four of them.  A last block of fewer than four
-    columns repeats column cols - 1, so every score is summed in the same order wherever it
-    lies (the dK/dV pass's S^T and the dQ pass's S agree bit for bit).
-    """
-    depth = a.shape[1]
+    a [>= rows, >= n], b [>= cols, >= n], out [>= rows, >= cols]: 4 rows x 4 columns of out at a
+    time (_dots_4x4).  A last block of fewer than four columns repeats column cols - 1, so every
+    result is summed in the same order wherever it lies; its new values are all formed before
+    any is stored, so the repeated column gets the same value more than once.  The tile
+    products _scores and _accumulate_t."""
     last = cols - 1
     for r in range(0, rows, 4):
         a0, a1, a2, a3 = a[r], a[r + 1], a[r + 2], a[r + 3]
         o0, o1, o2, o3 = out[r], out[r + 1], out[r + 2], out[r + 3]
         for c0 in range(0, cols, 4):
             c1, c2, c3 = min(c0 + 1, last), min(c0 + 2, last), min(c0 + 3, last)
-            s = _dots_4x4(a0, a1, a2, a3, b[c0], b[c1], b[c2], b[c3], depth)
+            s = _dots_4x4(a0, a1, a2, a3, b[c0], b[c1], b[c2], b[c3], n)
+            if add:
+                s = (o0[c0] + s[0], o0[c1] + s[1], o0[c2] + s[2], o0[c3] + s[3],
+                     o1[c0] + s[4], o1[c1] + s[5], o1[c2] + s[6], o1[c3] + s[7],
+                     o2[c0] + s[8], o2[c1] + s[9], o2[c2] + s[10], o2[c3] + s[11],
+                     o3[c0] + s[12], o3[c1] + s[13], o3[c2] + s[14], o3[c3] + s[15])
             o0[c0], o0[c1], o0[c2], o0[c3] = s[0], s[1], s[2], s[3]
             o1[c0], o1[c1], o1[c2], o1[c3] = s[4], s[5], s[6], s[7]
             o2[c0], o2[c1], o2[c2], o2[c3] = s[8], s[9], s[10], s[11]
             o3[c0], o3[c1], o3[c2], o3[c3] = s[12], s[13], s[14], s[15]
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _scores(out, a, b, rows, cols):
+    """out[r, c] = sum_d a[r, d] * b[c, d] for r < rows, c < cols.
+
+    a [>= rows, D], b [>= cols, D], out [>= rows, >= cols].  Each score is a dot product along
+    the contiguous axis, sixteen (4 rows x 4 columns) at a time: their sums stay in registers
+    and each loaded element of a and b feeds four of them.  Every score is summed in the same
+    order wherever it lies (_row_dots), so the dK/dV pass's S^T and the dQ pass's S agree bit
+    for bit.
+    """
+    _row_dots(out, a, b, rows, cols, a.shape[1], False)
 
 
 @njit(fastmath=_FASTMATH, cache=True)
@@ -316,29 +332,12 @@ def _accumulate_t(acc, p, bt, rows, inner):
     _accumulate's rows in memory cost, a load and a store per multiply-add, is gone).  The sums
     run to _round_lanes(inner), a whole number of vector lanes where it pads, over zeros that
     this function first writes into p's columns past ``inner``: a partial vector would be
-    summed one element at a time.  A last block of fewer than four columns of acc repeats
-    column D - 1, whose new value it stores again.
+    summed one element at a time.
     """
     padded = _round_lanes(inner)
     for r in range(rows):
         p[r, inner:padded] = 0.0
-    width = acc.shape[1]
-    last = width - 1
-    for r in range(0, rows, 4):
-        p0, p1, p2, p3 = p[r], p[r + 1], p[r + 2], p[r + 3]
-        o0, o1, o2, o3 = acc[r], acc[r + 1], acc[r + 2], acc[r + 3]
-        for d0 in range(0, width, 4):
-            d1, d2, d3 = min(d0 + 1, last), min(d0 + 2, last), min(d0 + 3, last)
-            s = _dots_4x4(p0, p1, p2, p3, bt[d0], bt[d1], bt[d2], bt[d3], padded)
-            # New values first, then stores: a repeated column gets the same value twice.
-            n00, n01, n02, n03 = o0[d0] + s[0], o0[d1] + s[1], o0[d2] + s[2], o0[d3] + s[3]
-            n10, n11, n12, n13 = o1[d0] + s[4], o1[d1] + s[5], o1[d2] + s[6], o1[d3] + s[7]
-            n20, n21, n22, n23 = o2[d0] + s[8], o2[d1] + s[9], o2[d2] + s[10], o2[d3] + s[11]
-            n30, n31, n32, n33 = o3[d0] + s[12], o3[d1] + s[13], o3[d2] + s[14], o3[d3] + s[15]
-            o0[d0], o0[d1], o0[d2], o0[d3] = n00, n01, n02, n03
-            o1[d0], o1[d1], o1[d2], o1[d3] = n10, n11, n12, n13
-            o2[d0], o2[d1], o2[d2], o2[d3] = n20, n21, n22, n23
-            o3[d0], o3[d1], o3[d2], o3[d3] = n30, n31, n32, n33
+    _row_dots(acc, p, bt, rows, acc.shape[1], padded, True)
 
 
 @njit(cache=True)
