@@ -574,23 +574,27 @@ except TypeError as e:
 SHARDING_SCRIPT = os.path.join(os.path.dirname(__file__), "jax_sharding.py")
 
 
+def run_sharding_script(*args, **env):
+    """tests/jax_sharding.py with ``args`` in a fresh process (``env`` added to this one's);
+    asserts that it passed every check."""
+    result = subprocess.run([sys.executable, SHARDING_SCRIPT, *args], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, **env))
+    assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), result.stdout + result.stderr
+
+
 def test_shard_map_over_two_devices_matches_one_device():
     """Two host devices (a fresh process, tests/jax_sharding.py): the adapter inside shard_map over
     the batch or the heads gives the unsharded results and gradients bit for bit, sums the
     gradients of k, v and gate shared by both devices, and types its results as varying, so that
     shard_map refuses one claimed replicated (before, shard_map took device 0's as the whole
     result, and gradients through shard_map raised JAX's error about manual axis types)."""
-    result = subprocess.run([sys.executable, SHARDING_SCRIPT, "cpu"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), result.stdout + result.stderr
+    run_sharding_script("cpu")
 
 
 def test_shard_map_over_two_devices_under_numbas_workqueue_layer():
     """The same with Numba's workqueue layer, which ends the process when two threads (here the two
     XLA CPU devices') run parallel kernels at once: vsa_nd serialises its host calls there."""
-    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
-    result = subprocess.run([sys.executable, SHARDING_SCRIPT, "cpu"], capture_output=True, text=True, timeout=300,
-                            env=env)
-    assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), result.stdout + result.stderr
+    run_sharding_script("cpu", NUMBA_THREADING_LAYER="workqueue")
 
 
 def test_the_training_example_runs_data_parallel_and_its_loss_falls():
@@ -610,10 +614,7 @@ def test_shard_map_over_one_gpu_matches_the_plain_call():
     (two GPUs: test_multi_gpu.py)."""
     if not any(d.platform == "gpu" for d in jax.devices()):
         pytest.skip("JAX sees no GPU")
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # beside this process's JAX
-    result = subprocess.run([sys.executable, SHARDING_SCRIPT, "gpu", "1"], capture_output=True, text=True,
-                            timeout=300, env=env)
-    assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), result.stdout + result.stderr
+    run_sharding_script("gpu", "1", XLA_PYTHON_CLIENT_PREALLOCATE="false")  # (beside this process's JAX)
 
 
 def test_eager_results_lie_on_the_committed_inputs_device():

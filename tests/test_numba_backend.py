@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -20,6 +21,7 @@ from ml_dtypes import bfloat16
 
 import vsa_nd
 from vsa_nd import reference as ref
+from vsa_nd.kernels import padded_head_dim
 
 from attention_problems import (check_first_tile_overflow, check_huge_lse_gradients, check_huge_tile_means,
                                 first_tile_overflow_problem, huge_lse_problem, huge_tile_sums)
@@ -893,8 +895,6 @@ def test_a_forked_child_is_refused_by_name_rather_than_left_hanging(order):
     """GNU OpenMP (Numba's omp layer) cannot run in a child forked after its threads started:
     the child used to be terminated and the pool to wait for it for ever.  Now the child's call
     raises vsa_nd's error, which reaches the parent; a fork before any kernel ran still works."""
-    import subprocess
-
     layer = _threading_layer_in_a_fresh_process()
     try:
         result = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, order], capture_output=True, text=True,
@@ -910,8 +910,6 @@ def test_a_forked_child_is_refused_by_name_rather_than_left_hanging(order):
 
 def _threading_layer_in_a_fresh_process() -> str:
     """Numba's threading layer once a parallel kernel has run (a fresh process: the layer is chosen once)."""
-    import subprocess
-
     code = ("import numpy as np, numba, vsa_nd; p = vsa_nd.tile_plan((4,), (4,)); q = np.ones((1, 1, 4, 4), np.float32); "
             "vsa_nd.video_sparse_attn(q, q, q, 1, p.variable_block_sizes); print(numba.threading_layer())")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180).stdout.strip()
@@ -943,8 +941,6 @@ def test_host_calls_from_several_threads_at_once(layer):
     results of the calls run alone.  Numba's workqueue layer (the one without OpenMP or TBB, and
     vsa_nd's advice for forked workers) ends the process on concurrent parallel kernels: vsa_nd
     serialises host calls there (before: "Concurrent access has been detected", SIGABRT)."""
-    import subprocess
-
     env = dict(os.environ, NUMBA_THREADING_LAYER=layer)
     result = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True, timeout=300,
                             env=env)
@@ -959,7 +955,7 @@ def test_zero_padding_the_head_dim_is_exact(head_dim):
     _head_dim_remedy): VSA of q, k, v and gate zero-padded along D, with the scale of the real D,
     gives in its first D columns the output and the gradients of the unpadded inputs (float64,
     to 1e-12), and zeros in the padded columns."""
-    padded = 64 if head_dim < 64 else 128
+    padded = padded_head_dim(head_dim)
     plan = vsa_nd.tile_plan((5, 6, 7), (2, 4, 4))  # partial tiles
     rng = np.random.default_rng(head_dim)
     q, gate, dout = (rng.standard_normal((2, 4, plan.padded_len, head_dim)) for _ in range(3))
