@@ -598,6 +598,112 @@ def test_video_sparse_attn_with_ds_recomputed(p):
         assert a.tobytes() == b.tobytes()  # dk, dv: the same pass either way
 
 
+def fine_backward_reference(q, k, v, dout, block_map, q_block_sizes, kv_block_sizes, volume, scale):
+    """dq, dk, dv of the fine stage alone in float64 (dense, masked by ``block_map``); pad query
+    rows and rows that select no key have no gradient and give none."""
+    q, k, v, dout = (np.asarray(x, np.float64) for x in (q, k, v, dout))
+    dout = np.where(ref.valid_slots(q_block_sizes, volume)[:, None], dout, 0)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    k = ref.expand_kv_heads(ref.real_keys(k, kv_block_sizes, volume), heads)
+    v = ref.expand_kv_heads(ref.real_keys(v, kv_block_sizes, volume), heads)
+    allowed = np.repeat(np.repeat(block_map, volume, axis=2), volume, axis=3) & ref.valid_slots(kv_block_sizes, volume)
+    scores = np.where(allowed, scale * (q @ np.swapaxes(k, -1, -2)), -np.inf)
+    row_max = np.max(scores, axis=-1, keepdims=True, initial=-np.inf)
+    p = np.where(allowed, np.exp(scores - np.where(np.isfinite(row_max), row_max, 0)), 0)
+    p /= np.maximum(p.sum(axis=-1, keepdims=True), np.finfo(np.float64).tiny)
+    out = p @ v
+    ds = p * (dout @ np.swapaxes(v, -1, -2) - np.sum(dout * out, axis=-1, keepdims=True))
+    dq = scale * (ds @ k)
+    dk = scale * (np.swapaxes(ds, -1, -2) @ q)
+    dv = np.swapaxes(p, -1, -2) @ dout
+    return dq, ref.sum_kv_heads(dk, kv_heads), ref.sum_kv_heads(dv, kv_heads)
+
+
+@pytest.mark.parametrize("hand_over", [True, False], ids=["ds_handed_over", "ds_recomputed"])
+def test_fine_backward_reads_each_list_only_up_to_its_count(hand_over):
+    """The backend's fine backward given index lists whose counts (some 0) stop short of their
+    length: the gradients of the reference with those lists cut at their counts, and the same bit
+    for bit whatever the entries past the counts hold.  (vsa_nd's own backward always passes full
+    lists, topk entries each; the CUDA spot checks pass shorter ones.)"""
+    from vsa_nd.backends import numba_cpu
+
+    rng = np.random.default_rng(11)
+    plan = vsa_nd.tile_plan((5, 6, 7), (3, 3, 3))  # tiles of 27 (partial ones at the edges)
+    b, h, h_kv, d, n, volume, scale = 1, 4, 2, 16, plan.num_blocks, plan.tile_volume, 0.3
+    sizes = plan.variable_block_sizes
+    q, dout = (normal(rng, (b, h, plan.padded_len, d), np.float32) for _ in range(2))
+    k, v = (normal(rng, (b, h_kv, plan.padded_len, d), np.float32) for _ in range(2))
+    idx = np.argsort(rng.random((b, h, n, n)), axis=-1).astype(np.int32)
+    num = rng.integers(0, n // 2 + 1, (b, h, n)).astype(np.int32)
+    num.reshape(-1)[:2] = (0, n)
+    other = idx.copy()  # the same first num entries of each list, the rest shuffled
+    for row, count in zip(other.reshape(-1, n), num.reshape(-1)):
+        rng.shuffle(row[count:])
+    assert not np.array_equal(other, idx)
+    out, lse = numba_cpu.block_sparse_fwd(q, k, v, idx, num, sizes, scale, None, None, q_block_sizes=sizes)
+    tile_grads = (np.zeros((b, h, n, d), np.float32), np.zeros((b, h_kv, n, d), np.float32),
+                  np.zeros((b, h_kv, n, d), np.float32))
+    with contextlib.nullcontext() if hand_over else ds_recomputed():
+        grads, again = (numba_cpu.block_sparse_bwd(dout, q, k, v, out, lse, lists, num, sizes, sizes, scale,
+                                                   None, None, *tile_grads) for lists in (idx, other))
+    block_map = ref.block_map_from_indices(idx, num, n)
+    expected = fine_backward_reference(q, k, v, dout, block_map, sizes, sizes, volume, scale)
+    real = ref.valid_slots(sizes, volume)
+    for name, got, same, want in zip(("dq", "dk", "dv"), grads, again, expected):
+        assert got.tobytes() == same.tobytes(), name
+        assert rel_err(got, want, real) <= BWD_TOL["float32"], name
+        assert not np.any(got[..., ~real, :]), name  # pad slots zero
+    assert not np.any(grads[0][np.repeat(num == 0, volume, axis=-1)])  # rows that selected nothing
+
+
+def test_a_nan_query_row_makes_only_its_own_dq_nan():
+    """Tiles of 27 tokens, whose dS blocks the backward pads to 32 columns: a NaN in one real query
+    row gives NaN in that row of dq and in no other, dS handed over or recomputed (a dS block
+    read with the tile volume's width would take the next row's NaN into this row)."""
+    from vsa_nd.backends import numba_cpu
+
+    rng = np.random.default_rng(3)
+    plan = vsa_nd.tile_plan((3, 3, 6), (3, 3, 3))
+    assert plan.tile_volume == 27 and numba_cpu._round_lanes(27) == 32
+    n, sizes = plan.num_blocks, plan.variable_block_sizes
+    q, dout, k, v = (normal(rng, (1, 1, plan.padded_len, 16), np.float32) for _ in range(4))
+    q[0, 0, 5] = np.nan  # a real row of query tile 0
+    idx = np.tile(np.arange(n, dtype=np.int32), (1, 1, n, 1))
+    num = np.full((1, 1, n), n, np.int32)
+    out, lse = numba_cpu.block_sparse_fwd(q, k, v, idx, num, sizes, 0.25, None, None, q_block_sizes=sizes)
+    tile_grads = [np.zeros((1, 1, n, 16), np.float32) for _ in range(3)]
+    for hand_over in (True, False):
+        with contextlib.nullcontext() if hand_over else ds_recomputed():
+            dq, _, _ = numba_cpu.block_sparse_bwd(dout, q, k, v, out, lse, idx, num, sizes, sizes, 0.25, None, None,
+                                                  *tile_grads)
+        nan_rows = np.isnan(dq[0, 0]).any(axis=-1)
+        assert np.flatnonzero(nan_rows).tolist() == [5], hand_over
+
+
+def test_ds_budget_counts_bytes_and_includes_its_bound(monkeypatch):
+    """The dQ pass takes the dK/dV pass's dS blocks (B * H * N_q * topk blocks of
+    _round_rows(V) x _round_lanes(V) elements) when they need at most DS_BUDGET_BYTES bytes, and
+    recomputes dS from one byte less."""
+    from vsa_nd.backends import numba_cpu
+
+    rng = np.random.default_rng(0)
+    plan = vsa_nd.tile_plan((5, 6), (4, 4))
+    q, dout = (normal(rng, (1, 2, plan.padded_len, 16), np.float32) for _ in range(2))
+    k, v = (normal(rng, (1, 1, plan.padded_len, 16), np.float32) for _ in range(2))
+    topk, volume = 2, plan.tile_volume
+    _, ctx = vsa_nd.video_sparse_attn(q, k, v, topk, plan.variable_block_sizes, return_context=True)
+    need = 2 * plan.num_blocks * topk * numba_cpu._round_rows(volume) * numba_cpu._round_lanes(volume) * 4
+    calls = []
+    for name in ("_dq_kernel", "_dq_from_ds_kernel"):
+        kernel = getattr(numba_cpu, name)
+        monkeypatch.setattr(numba_cpu, name, lambda *args, _k=kernel, _n=name: (calls.append(_n), _k(*args))[1])
+    for budget, expected in ((need, "_dq_from_ds_kernel"), (need - 1, "_dq_kernel"), (0, "_dq_kernel")):
+        calls.clear()
+        monkeypatch.setattr(numba_cpu, "DS_BUDGET_BYTES", budget)
+        vsa_nd.video_sparse_attn_backward(dout, ctx)
+        assert calls == [expected], budget
+
+
 @settings(max_examples=_examples(20))
 @given(p=attention_problems())
 def test_what_q_and_gate_hold_in_pad_slots_reaches_no_real_result(p):

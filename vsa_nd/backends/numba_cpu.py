@@ -38,6 +38,13 @@ float16 or bfloat16 converted to float32; the transposed copies (v for the forwa
 dout for the backward); q * scale * log2(e) and dout with pad rows zeroed for the backward's
 score products; and the dS blocks (one per selected pair, [V, V] rounded up to 8 rows, and
 columns as the transposed copies).
+
+Determinism: results are bit-identical from call to call, and between processes that load the
+kernels from Numba's cache.  A process that compiles them (the first run, or one after the
+cache is invalidated) may round some sums differently, by up to about 1e-6 of O(1) values: a
+kernel Numba has just compiled runs code that differs from the same kernel loaded from its
+cache (measured, cause not found; BENCHMARKS.md, "Numba kernels compiled and loaded from the
+cache").
 """
 
 from __future__ import annotations
