@@ -694,9 +694,18 @@ def test_ds_budget_counts_bytes_and_includes_its_bound(monkeypatch):
     _, ctx = vsa_nd.video_sparse_attn(q, k, v, topk, plan.variable_block_sizes, return_context=True)
     need = 2 * plan.num_blocks * topk * numba_cpu._round_rows(volume) * numba_cpu._round_lanes(volume) * 4
     calls = []
-    for name in ("_dq_kernel", "_dq_from_ds_kernel"):
+
+    def counted(name):
         kernel = getattr(numba_cpu, name)
-        monkeypatch.setattr(numba_cpu, name, lambda *args, _k=kernel, _n=name: (calls.append(_n), _k(*args))[1])
+
+        def run(*args):
+            calls.append(name)
+            return kernel(*args)
+
+        return run
+
+    for name in ("_dq_kernel", "_dq_from_ds_kernel"):
+        monkeypatch.setattr(numba_cpu, name, counted(name))
     for budget, expected in ((need, "_dq_from_ds_kernel"), (need - 1, "_dq_kernel"), (0, "_dq_kernel")):
         calls.clear()
         monkeypatch.setattr(numba_cpu, "DS_BUDGET_BYTES", budget)
