@@ -598,27 +598,6 @@ def test_video_sparse_attn_with_ds_recomputed(p):
         assert a.tobytes() == b.tobytes()  # dk, dv: the same pass either way
 
 
-def fine_backward_reference(q, k, v, dout, block_map, q_block_sizes, kv_block_sizes, volume, scale):
-    """dq, dk, dv of the fine stage alone in float64 (dense, masked by ``block_map``); pad query
-    rows and rows that select no key have no gradient and give none."""
-    q, k, v, dout = (np.asarray(x, np.float64) for x in (q, k, v, dout))
-    dout = np.where(ref.valid_slots(q_block_sizes, volume)[:, None], dout, 0)
-    heads, kv_heads = q.shape[1], k.shape[1]
-    k = ref.expand_kv_heads(ref.real_keys(k, kv_block_sizes, volume), heads)
-    v = ref.expand_kv_heads(ref.real_keys(v, kv_block_sizes, volume), heads)
-    allowed = np.repeat(np.repeat(block_map, volume, axis=2), volume, axis=3) & ref.valid_slots(kv_block_sizes, volume)
-    scores = np.where(allowed, scale * (q @ np.swapaxes(k, -1, -2)), -np.inf)
-    row_max = np.max(scores, axis=-1, keepdims=True, initial=-np.inf)
-    p = np.where(allowed, np.exp(scores - np.where(np.isfinite(row_max), row_max, 0)), 0)
-    p /= np.maximum(p.sum(axis=-1, keepdims=True), np.finfo(np.float64).tiny)
-    out = p @ v
-    ds = p * (dout @ np.swapaxes(v, -1, -2) - np.sum(dout * out, axis=-1, keepdims=True))
-    dq = scale * (ds @ k)
-    dk = scale * (np.swapaxes(ds, -1, -2) @ q)
-    dv = np.swapaxes(p, -1, -2) @ dout
-    return dq, ref.sum_kv_heads(dk, kv_heads), ref.sum_kv_heads(dv, kv_heads)
-
-
 @pytest.mark.parametrize("hand_over", [True, False], ids=["ds_handed_over", "ds_recomputed"])
 def test_fine_backward_reads_each_list_only_up_to_its_count(hand_over):
     """The backend's fine backward given index lists whose counts (some 0) stop short of their
@@ -647,7 +626,7 @@ def test_fine_backward_reads_each_list_only_up_to_its_count(hand_over):
         grads, again = (numba_cpu.block_sparse_bwd(dout, q, k, v, out, lse, lists, num, sizes, sizes, scale,
                                                    None, None, *tile_grads) for lists in (idx, other))
     block_map = ref.block_map_from_indices(idx, num, n)
-    expected = fine_backward_reference(q, k, v, dout, block_map, sizes, sizes, volume, scale)
+    expected = ref.block_sparse_attn_backward(dout, q, k, v, block_map, sizes, volume, scale, q_block_sizes=sizes)
     real = ref.valid_slots(sizes, volume)
     for name, got, same, want in zip(("dq", "dk", "dv"), grads, again, expected):
         assert got.tobytes() == same.tobytes(), name

@@ -291,22 +291,53 @@ def test_backward_matches_finite_differences(case):
     grads = ref.video_sparse_attn_backward(dout, q, k, v, q_sizes, kv_sizes, q2k_idx, q2k_num, volume, gate=gate,
                                            scale=scale)
     analytic = {"q": grads.dq, "k": grads.dk, "v": grads.dv, "gate": grads.dgate}
-    eps = 1e-6
     for name, x in inputs.items():
         if x is None:
             assert analytic[name] is None
             continue
-        numeric = np.zeros_like(x)
-        for index in np.ndindex(x.shape):
-            saved = x[index]
-            x[index] = saved + eps
-            up = loss(**inputs)
-            x[index] = saved - eps
-            down = loss(**inputs)
-            x[index] = saved
-            numeric[index] = (up - down) / (2 * eps)
+        numeric = numerical_gradient(loss, inputs, name)
         assert np.abs(numeric).max() > 1e-2  # the check is not vacuous
         np.testing.assert_allclose(analytic[name], numeric, rtol=1e-6, atol=1e-8, err_msg=f"d{name}")
+
+
+def test_fine_stage_backward_matches_finite_differences():
+    """block_sparse_attn_backward (the fine stage alone, GQA, partial tiles, rows of different
+    lengths and an empty one) against central differences of block_sparse_attn."""
+    rng = np.random.default_rng(5)
+    volume, d, q_sizes, kv_sizes = 4, 3, [3, 4, 1], [4, 2, 4, 3]
+    q, k, v = make_problem(rng, 1, 4, 2, d, volume, q_sizes, kv_sizes)
+    dout = rng.standard_normal(q.shape)
+    selection = [[[sorted(rng.choice(4, size=(i + hh) % 5, replace=False).tolist()) for i in range(3)]
+                  for hh in range(4)]]
+    block_map = ref.block_map_from_indices(*index_lists(selection, 4), 4)
+
+    def loss(q, k, v):
+        out, _ = ref.block_sparse_attn(q, k, v, block_map, kv_sizes, volume, 0.7, q_block_sizes=q_sizes)
+        return float(np.sum(dout * out))
+
+    inputs = {"q": q, "k": k, "v": v}
+    analytic = dict(zip(inputs, ref.block_sparse_attn_backward(dout, q, k, v, block_map, kv_sizes, volume, 0.7,
+                                                              q_block_sizes=q_sizes)))
+    for name in inputs:
+        numeric = numerical_gradient(loss, inputs, name)
+        assert np.abs(numeric).max() > 1e-2  # the check is not vacuous
+        np.testing.assert_allclose(analytic[name], numeric, rtol=1e-6, atol=1e-8, err_msg=f"d{name}")
+
+
+def numerical_gradient(loss, inputs, name, eps=1e-6):
+    """Central differences of loss(**inputs) in each element of inputs[name] (changed in place
+    and restored)."""
+    x = inputs[name]
+    numeric = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        saved = x[index]
+        x[index] = saved + eps
+        up = loss(**inputs)
+        x[index] = saved - eps
+        down = loss(**inputs)
+        x[index] = saved
+        numeric[index] = (up - down) / (2 * eps)
+    return numeric
 
 
 def test_dout_of_pad_query_rows_does_not_reach_any_gradient():

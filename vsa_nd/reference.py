@@ -10,8 +10,9 @@ Layout: q [B, H, Sq_pad, D], k and v [B, H_kv, Skv_pad, D] in tiled, head-major 
 Pad query rows (slots at or past ``q_block_sizes[i]`` of tile i) are not part of the
 output: the VSA forward gives them out 0, fine 0 and lse -inf, and the backward pass ignores
 what ``dout``, ``q``, ``gate`` and a given ``out`` hold there (NaN included), so neither the
-output's pad rows nor the gradients of real tokens depend on them.  (:func:`block_sparse_attn`,
-the fine stage alone, does the same given ``q_block_sizes``, and computes every row without.)
+output's pad rows nor the gradients of real tokens depend on them.  (:func:`block_sparse_attn`
+and :func:`block_sparse_attn_backward`, the fine stage alone, do the same given
+``q_block_sizes``, and compute every row without.)
 """
 
 from __future__ import annotations
@@ -131,6 +132,43 @@ def block_sparse_attn(q, k, v, block_map, kv_block_sizes, tile_volume: int, scal
     return np.where(q_real[:, None], out, 0), np.where(q_real, lse, -np.inf)
 
 
+def _fine_backward(dout, q, k, v, block_map, kv_block_sizes, tile_volume, scale, fine=None):
+    """dq and the per-query-head dk, dv of sum(dout * o_f), on arrays already in the compute
+    dtype with pad keys zeroed (and pad query rows of dout and q zeroed where they do not
+    count).  ``fine``: o_f as a backend stored it, for rowsum(dout * o_f); without it, exact."""
+    p, _ = _fine_probabilities(q, k, block_map, kv_block_sizes, tile_volume, scale)
+    k_h, v_h = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
+    dp = dout @ np.swapaxes(v_h, -1, -2)
+    if fine is None:
+        delta = (dp * p).sum(axis=-1, keepdims=True)  # = rowsum(dout * fine), exactly
+    else:
+        delta = (dout * fine).sum(axis=-1, keepdims=True)
+    ds = p * (dp - delta)
+    dq = scale * (ds @ k_h)
+    dk_h = scale * (np.swapaxes(ds, -1, -2) @ q)
+    dv_h = np.swapaxes(p, -1, -2) @ dout
+    return dq, dk_h, dv_h
+
+
+def block_sparse_attn_backward(dout, q, k, v, block_map, kv_block_sizes, tile_volume: int, scale=None,
+                               dtype=np.float64, q_block_sizes=None):
+    """Fine stage only: (dq, dk, dv) of sum(dout * o_f) for :func:`block_sparse_attn`'s o_f.
+
+    Rows that select no key give no gradient; so do pad query rows when ``q_block_sizes`` is
+    given (whatever dout and q hold there), as in :func:`block_sparse_attn`.  dk and dv are
+    summed over the query heads of each kv head.
+    """
+    q, k, v, dout = (np.asarray(a, dtype=dtype) for a in (q, k, v, dout))
+    k, v = real_keys(k, kv_block_sizes, tile_volume), real_keys(v, kv_block_sizes, tile_volume)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q_block_sizes is not None:
+        q_real = valid_slots(q_block_sizes, tile_volume)[:, None]
+        dout, q = np.where(q_real, dout, 0), np.where(q_real, q, 0)
+    dq, dk_h, dv_h = _fine_backward(dout, q, k, v, np.asarray(block_map, dtype=bool), kv_block_sizes, tile_volume,
+                                    scale)
+    return dq, sum_kv_heads(dk_h, k.shape[1]), sum_kv_heads(dv_h, k.shape[1])
+
+
 def coarse_scores(q_c: np.ndarray, k_c: np.ndarray, scale: float) -> np.ndarray:
     """scale * q_c k_c^T [..., N_q, N_kv], every entry summed in the same order: key tiles with
     equal means score exactly equal, so select_topk's ties go to the lower index as documented
@@ -225,18 +263,8 @@ def video_sparse_attn_backward(
 
     # Fine branch: o_f = P V.
     block_map = block_map_from_indices(q2k_idx, q2k_num, k.shape[2] // tile_volume)
-    p, _ = _fine_probabilities(q, k, block_map, kv_block_sizes, tile_volume, scale)
-    k_h, v_h = expand_kv_heads(k, num_heads), expand_kv_heads(v, num_heads)
-    dp = dout @ np.swapaxes(v_h, -1, -2)
-    if out is None:
-        delta = (dp * p).sum(axis=-1, keepdims=True)  # = rowsum(dout * fine), exactly
-    else:
-        fine = np.where(q_real, np.asarray(out, dtype=dtype) - weight * coarse, 0)
-        delta = (dout * fine).sum(axis=-1, keepdims=True)
-    ds = p * (dp - delta)
-    dq = scale * (ds @ k_h)
-    dk_h = scale * (np.swapaxes(ds, -1, -2) @ q)
-    dv_h = np.swapaxes(p, -1, -2) @ dout
+    fine = None if out is None else np.where(q_real, np.asarray(out, dtype=dtype) - weight * coarse, 0)
+    dq, dk_h, dv_h = _fine_backward(dout, q, k, v, block_map, kv_block_sizes, tile_volume, scale, fine)
 
     def spread_mean(dx_c, block_sizes):
         # Adjoint of block_mean: each real token of tile i gets dx_c[i] / block_sizes[i].
