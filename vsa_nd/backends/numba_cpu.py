@@ -43,8 +43,8 @@ Determinism: results are bit-identical from call to call, and between processes 
 kernels from Numba's cache.  A process that compiles them (the first run, or one after the
 cache is invalidated) may round some sums differently, by up to about 1e-6 of O(1) values: a
 kernel Numba has just compiled runs code that differs from the same kernel loaded from its
-cache (measured, cause not found; BENCHMARKS.md, "Numba kernels compiled and loaded from the
-cache").
+cache (measured, cause not found; BENCHMARKS.md, the section on "kernels compiled against
+kernels loaded from the cache").
 """
 
 from __future__ import annotations
