@@ -48,6 +48,18 @@ def test_nvrtc_compile_check_passes():
     assert compile_check.main() == 0
 
 
+def test_compile_check_without_nvrtc_says_what_to_install(monkeypatch, capsys):
+    from vsa_nd import compile_check
+
+    def missing():
+        raise ModuleNotFoundError("No module named 'cuda'")
+
+    monkeypatch.setattr(compile_check, "nvrtc_version", missing)
+    assert compile_check.main() == 2
+    err = capsys.readouterr().err
+    assert "No module named 'cuda'" in err and "vsa_nd[test]" in err and "vsa_nd[cuda13]" in err
+
+
 def test_compile_check_reads_wgmma_serialization_notes():
     from vsa_nd.compile_check import serialized_wgmma
 

@@ -6,7 +6,8 @@ size depends on the NVRTC version, e.g. a few bytes in the D = 128 dK/dV kernels
 NVRTC 13.0 and none with 13.5), and exits non-zero on any compile error or on any kernel
 whose warpgroup MMAs ptxas serialized (its "wgmma.mma_async instructions are serialized due
 to ..." notes, C7509-C7518: the kernel would still be right, but each wgmma would wait for
-the one before, which undoes the pipelining the sm_90a kernels are written for).
+the one before, which undoes the pipelining the sm_90a kernels are written for).  Exits with 2,
+saying what to install, where neither CuPy nor cuda-bindings is there to reach NVRTC.
 """
 
 from __future__ import annotations
@@ -46,7 +47,14 @@ def resource_report(log: str) -> list:
 
 
 def main() -> int:
-    print(f"NVRTC {nvrtc_version()}")
+    try:
+        version = nvrtc_version()
+    except ImportError as e:  # neither CuPy nor cuda-bindings
+        print(f"compile check: no NVRTC to compile with ({e}); it comes with CuPy (pip install "
+              "'vsa_nd[cuda13]' or 'vsa_nd[cuda12]') or with cuda-bindings and the NVRTC wheel (pip "
+              "install 'vsa_nd[test]')", file=sys.stderr)
+        return 2
+    print(f"NVRTC {version}")
     failures = 0
     for arch in ARCHES:
         for spec in catalogue():
