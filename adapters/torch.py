@@ -1271,8 +1271,10 @@ class VideoSparseAttention(torch.nn.Module):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, value in (("num_heads", num_heads), ("head_size", head_size), ("num_kv_heads", num_kv_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
+            if value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {num_kv_heads}")
         self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads

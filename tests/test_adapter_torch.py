@@ -674,6 +674,9 @@ def test_layer_matches_the_functional_path_and_checks_shapes():
         vt.VideoSparseAttention(4, 16, None, num_kv_heads=3)
     with pytest.raises(TypeError, match="num_kv_heads: expected a positive int, got float 2.0"):
         vt.VideoSparseAttention(4, 16, None, num_kv_heads=2.0)
+    for name, args in (("num_heads", (0, 16)), ("head_size", (4, 0)), ("num_kv_heads", (4, 16, None, -1))):
+        with pytest.raises(ValueError, match=f"{name}: expected a positive int, got "):
+            vt.VideoSparseAttention(*args)
 
 
 def test_tile_buffer_aliasing_contract():

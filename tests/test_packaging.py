@@ -84,6 +84,12 @@ def test_import_loads_no_framework_and_no_numba():
     assert result.stdout.strip() == "[]"
 
 
+def test_the_reference_is_reachable_after_import_vsa_nd():
+    code = "import vsa_nd; print(vsa_nd.reference.video_sparse_attn.__module__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "vsa_nd.reference"
+
+
 @pytest.mark.parametrize("framework, extra", [("torch", "torch"), ("jax", "jax")])
 def test_an_adapter_without_its_framework_says_which_extra_to_install(framework, extra):
     code = (f"import sys; sys.modules[{framework!r}] = None  # as if it were not installed\n"

@@ -18,6 +18,7 @@ from .ops import (
     video_sparse_attn_backward,
 )
 from .tiling import TilePlan, VSAMetadata, build_metadata, tile_plan, topk_from_sparsity
+from . import reference  # the NumPy oracle (float64, dense): vsa_nd.reference.video_sparse_attn, ...
 
 __version__ = "0.1.0"
 

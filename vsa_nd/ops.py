@@ -263,6 +263,8 @@ def _prepared_reorder(kind: str, x, plan):
 def _num_blocks(name: str, block_sizes) -> int:
     """N, the length of a block-size array or list."""
     try:
+        if isinstance(block_sizes, (str, bytes, bytearray, dict, set, frozenset)):  # sized, but not a list of ints
+            raise TypeError
         return len(block_sizes)
     except TypeError:
         check.refuse_plan(name, block_sizes)

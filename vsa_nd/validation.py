@@ -29,6 +29,10 @@ def check_array(name: str, x, ndim: int | None = None, dtypes=None, like=None):
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(x.shape)}")
     if dtypes is not None and np.dtype(x.dtype) not in dtypes:
         names = ", ".join(np.dtype(d).name for d in dtypes)
+        native = np.dtype(x.dtype).newbyteorder("=")
+        if not np.dtype(x.dtype).isnative and native in dtypes:
+            raise TypeError(f"{name}: expected dtype in ({names}) in the machine's byte order, got {x.dtype} "
+                            f"({native.name}, byte-swapped); pass {name}.astype(numpy.{native.name})")
         raise TypeError(f"{name}: expected dtype in ({names}), got {x.dtype}")
     if like is not None and device_key(x) != device_key(like):
         raise TypeError(f"{name}: expected an array on {device_key(like)}, got one on {device_key(x)}")
