@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from ml_dtypes import bfloat16
 
@@ -68,6 +68,23 @@ def rel_err(x, expected, rows=None, floor=1e-2):
 
 def rms(x):
     return float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64))))) if np.size(x) else 0.0
+
+
+# A reference gradient whose RMS is this small is 0 in exact arithmetic (rows that see a single
+# key have a constant softmax; float64 leaves ~1e-16 of it when given a rounded out): the
+# backend's own rounding noise there is held to ZERO_GRAD_NOISE, not to a relative error.
+ZERO_REFERENCE_RMS = 1e-12
+
+
+def assert_gradient_close(got, want, rows, dtype_name: str, tol: float, label: str):
+    """``got`` against the reference ``want`` on ``rows`` (a mask of axis -2): relative error at
+    most ``tol`` (floored at BWD_FLOOR), or noise within ZERO_GRAD_NOISE where ``want`` is 0."""
+    if rms(np.asarray(want, np.float64)[..., rows, :]) <= ZERO_REFERENCE_RMS:
+        noise = rms(np.asarray(got, np.float64)[..., rows, :])
+        assert noise <= ZERO_GRAD_NOISE[dtype_name], f"{label}: RMS {noise} where the reference is 0"
+        return
+    error = rel_err(got, want, rows, BWD_FLOOR[dtype_name])
+    assert error <= tol, f"{label}: relative error {error}"
 
 
 def normal(rng, shape, dtype):
@@ -557,11 +574,7 @@ def check_video_sparse_attn(p):
                 continue
             assert got.dtype == p["dtype"] and got.shape == want.shape, label
             assert np.all(np.asarray(got, np.float64)[..., ~real, :] == 0), f"{label}: pad slots not zero"
-            if not np.any(want[..., real, :]):
-                assert rms(np.asarray(got, np.float64)[..., real, :]) <= ZERO_GRAD_NOISE[name], label
-                continue
-            error = rel_err(got, want, real, BWD_FLOOR[name])
-            assert error <= tol, f"{label}: relative error {error} against the {kind} reference"
+            assert_gradient_close(got, want, real, name, tol, f"{label} against the {kind} reference")
     assert snapshot(q, k, v, gate, dout) == before
     return grads
 
@@ -694,6 +707,10 @@ def test_ds_budget_counts_bytes_and_includes_its_bound(monkeypatch):
 
 @settings(max_examples=_examples(20))
 @given(p=attention_problems())
+# Rows that each see one key: dq and dk are 0 in exact arithmetic, float32 noise in the kernels
+# (held to ZERO_GRAD_NOISE; as a relative error it once failed, 1.1e-4).
+@example(p=dict(plan_q=vsa_nd.tile_plan((1,), (1,)), plan_kv=vsa_nd.tile_plan((1,), (1,)), batch=2, heads=6, kv_heads=2,
+                dim=64, dtype=np.dtype(np.float32), gate=False, scale=0.25, topk=1, seed=701800))
 def test_what_q_and_gate_hold_in_pad_slots_reaches_no_real_result(p):
     """NaN in q's and gate's pad slots: out (0 on pad rows), lse (-inf there) and every gradient
     as with zeros there (bit for bit), and as the reference's given the NaN-padded out."""
@@ -718,10 +735,11 @@ def test_what_q_and_gate_hold_in_pad_slots_reaches_no_real_result(p):
             np.testing.assert_array_equal(nan, zero)  # pad slots 0 in both
     want = ref.video_sparse_attn_backward(dout, q_in, k, v, q_sizes, kv_sizes, context.q2k_idx, context.q2k_num,
                                           volume, p["scale"], gate_in, out=nan_out)
-    for got, expected in zip(nan_grads, want):
+    for got, expected, label in zip(nan_grads, want, ("dq", "dk", "dv", "dgate")):
         if expected is not None:
             assert np.isfinite(expected).all()
-            assert rel_err(got, expected, np.ones(got.shape[2], bool), BWD_FLOOR[p["dtype"].name]) <= BWD_TOL[p["dtype"].name]
+            assert_gradient_close(got, expected, np.ones(got.shape[2], bool), p["dtype"].name, BWD_TOL[p["dtype"].name],
+                                  label)
 
 
 @settings(max_examples=_examples(15))
