@@ -91,6 +91,28 @@ def test_an_empty_batch_gives_empty_results_on_the_cpu(dtype):
     _check_empty_batch(np, dtype, 16)
 
 
+def test_an_empty_batch_of_cross_attention_keeps_each_side_s_tile_count():
+    """q and kv of different tile counts (4 and 8): the context's key-side arrays and the
+    gradients have the shapes of a batch of one."""
+    q_plan, kv_plan = vsa_nd.tile_plan((4, 4), (2, 2)), vsa_nd.tile_plan((8, 4), (2, 2))
+    rng = np.random.default_rng(5)
+
+    def run(batch):
+        q = rng.standard_normal((batch, H, q_plan.padded_len, 8)).astype(np.float32)
+        k, v = (rng.standard_normal((batch, H_KV, kv_plan.padded_len, 8)).astype(np.float32) for _ in range(2))
+        out, ctx = vsa_nd.video_sparse_attn(q, k, v, TOPK, q_plan.variable_block_sizes, kv_plan.variable_block_sizes,
+                                            return_context=True)
+        grads = vsa_nd.video_sparse_attn_backward(np.ones_like(out), ctx)
+        found = {name: getattr(ctx, name) for name in
+                 ("lse", "q2k_idx", "q2k_num", "q_mean", "k_mean", "v_mean", "coarse_probs", "coarse")}
+        return found | {"out": out, "dq": grads.dq, "dk": grads.dk, "dv": grads.dv}
+
+    want, got = run(1), run(0)
+    assert want["k_mean"].shape[2] == 8 and want["coarse_probs"].shape[2:] == (4, 8)
+    for name, array in got.items():
+        assert array.shape == (0, *want[name].shape[1:]) and array.dtype == want[name].dtype, name
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: d.name)
 def test_an_empty_batch_gives_empty_results_on_cuda(dtype):

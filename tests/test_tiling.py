@@ -157,6 +157,19 @@ def test_tile_places_tokens_zeroes_pads_and_untile_restores_every_bit(layout):
     np.testing.assert_array_equal(bits(x), bits(x_before))
 
 
+@pytest.mark.parametrize("dtype", ["int16", "uint16", "int32", "uint32", "int64", "uint64"])
+def test_tile_and_untile_move_integers_of_two_four_and_eight_bytes(dtype):
+    """Integer tensors (token ids, positions) tile and untile bit for bit, pads 0."""
+    plan = vsa_nd.tile_plan((3, 5, 6), (2, 2, 4))
+    info = np.iinfo(dtype)
+    x = np.random.default_rng(1).integers(info.min, info.max, (2, plan.seq_len, 3, 4), dtype=dtype, endpoint=True)
+    tiled = vsa_nd.tile(x, plan)
+    pads = plan.slot_token_index < 0
+    assert tiled.dtype == x.dtype and np.all(tiled[:, :, pads] == 0)
+    np.testing.assert_array_equal(tiled[:, :, ~pads], x[:, plan.slot_token_index[~pads]].transpose(0, 2, 1, 3))
+    np.testing.assert_array_equal(vsa_nd.untile(tiled, plan), x)
+
+
 @given(layouts)
 def test_out_buffers_are_filled_and_returned(layout):
     (seq_shape, tile_shape), b, h, d, dtype, seed = layout
@@ -222,6 +235,13 @@ def test_topk_from_sparsity_just_above_an_integer():
     assert vsa_nd.topk_from_sparsity(0.5999999, 10) == 5  # (1 - s) * 10 = 4.000001
 
 
+def test_topk_from_sparsity_takes_tile_counts_below_2_to_the_53():
+    """Where float64 still holds every integer: 2**53 - 1 is taken, 2**53 refused."""
+    assert vsa_nd.topk_from_sparsity(0.0, 2**53 - 1) == 2**53 - 1
+    with pytest.raises(ValueError, match=r"num_kv_blocks: .*< 2\*\*53"):
+        vsa_nd.topk_from_sparsity(0.0, 2**53)
+
+
 def test_padded_length_bound_is_2_to_the_31():
     normalize = vsa_nd.tiling.normalize_shapes  # shapes only: nothing of this size is allocated
     assert normalize((2**31 - 1,), (1,)) == ((2**31 - 1,), (1,))
@@ -236,6 +256,9 @@ def test_build_metadata():
     assert meta.plan is vsa_nd.tile_plan((16, 30, 52), (4, 4, 4))
     assert meta.plan.num_blocks == 4 * 8 * 13
     assert meta.topk == 52 and meta.sparsity == 0.875
+    for given_sparsity in (1, np.float32(0.875), Fraction(7, 8)):  # kept as the Python float it was read as
+        sparsity = vsa_nd.build_metadata((16, 60, 104), (1, 2, 2), given_sparsity).sparsity
+        assert type(sparsity) is float and sparsity == float(given_sparsity)
     meta_2d = vsa_nd.build_metadata([64, 48], [2, 2], 0.9, tile_shape=(4, 8))
     assert meta_2d.plan.seq_shape == (32, 24) and meta_2d.plan.tile_shape == (4, 8)
     assert meta_2d.topk == math.ceil(0.1 * 8 * 3)

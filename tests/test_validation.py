@@ -299,6 +299,13 @@ CASES = [
      ["kv_block_sizes:", "fit in int32", "4294967304"]),
     ("fine-idx-beyond-int32", lambda p: fine(p, q2k_idx=p.q2k_idx.astype(np.int64) + 2**32), ValueError,
      ["q2k_idx:", "fit in int32"]),
+    ("vsa-sizes-below-int32", lambda p: vsa(p, kv_block_sizes=p.kv_sizes.astype(np.int64) - 2**32), ValueError,
+     ["kv_block_sizes:", "fit in int32", "-4294967288"]),
+    ("fine-idx-below-int32", lambda p: fine(p, q2k_idx=p.q2k_idx.astype(np.int64) - 2**32), ValueError,
+     ["q2k_idx:", "fit in int32"]),
+    # int32's largest value fits: the error is the tile range's
+    ("fine-idx-int32-max", lambda p: fine(p, q2k_idx=np.full(p.q2k_idx.shape, 2**31 - 1, np.int64)), ValueError,
+     ["q2k_idx:", "tile indices in [0, 4)", "2147483647"]),
     ("vsa-sizes-uint64", lambda p: vsa(p, kv_block_sizes=p.kv_sizes.astype(np.uint64) + np.uint64(2**32)), ValueError,
      ["kv_block_sizes:", "fit in int32"]),
     # --- a cached plan's block sizes are trusted only at its own tile volume
@@ -424,7 +431,7 @@ def test_scales_the_kernels_cannot_hold_are_refused(scale):
         vsa_nd.video_sparse_attn(p.q, p.k, p.v, 2, p.q_sizes, p.kv_sizes, scale=scale)
     with pytest.raises(ValueError, match=message):
         vsa_nd.coarse_attn(p.q[:, :, :16], p.k[:, :, :16], p.v[:, :, :16], scale=scale)
-    for edge in (1.2e-38, 2.3e38):  # inside the range: taken
+    for edge in (1.2e-38, 2.3e38, vsa_nd.ops._SCALE_MIN, vsa_nd.ops._SCALE_MAX):  # inside the range or on its ends: taken
         fine(p, scale=edge)
     as64 = {name: getattr(p, name).astype(np.float64) for name in ("q", "k", "v")}
     fine(p, **as64, scale=scale)
@@ -435,9 +442,62 @@ def test_a_device_plan_without_cupy_names_the_device(monkeypatch):
     from inside."""
     import sys
 
+    vsa_nd.tile_plan((8, 8), (4, 4))  # the CPU plan of that tiling, cached: not what a GPU gets
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy then raises ImportError
     with pytest.raises(ValueError, match=r"device: 'cuda:7' needs CuPy, which could not be imported here \("):
         vsa_nd.tile_plan((8, 8), (4, 4), device="cuda:7")
+
+
+def test_numpy_integers_are_taken_where_a_python_int_is():
+    p = Inputs()
+    want = vsa(p, topk=2)
+    for topk in (np.int64(2), np.uint8(2), np.int32(2)):
+        np.testing.assert_array_equal(vsa(p, topk=topk), want)
+    want_idx, want_num = vsa_nd.select_topk_blocks(p.scores, 2)
+    idx, num = vsa_nd.select_topk_blocks(p.scores, np.int16(2))
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(num, want_num)
+
+
+def test_strided_block_sizes_and_lists_give_what_contiguous_ones_give():
+    """Block sizes and index lists that are strided views: the same results, forward and
+    backward, and a context whose arrays the backward takes (C-contiguous copies)."""
+    p = Inputs()
+    strided_q, strided_kv = (np.repeat(x, 2)[::2] for x in (p.q_sizes, p.kv_sizes))
+    assert not strided_q.flags.c_contiguous and not strided_kv.flags.c_contiguous
+    out, context = vsa(p, q_block_sizes=strided_q, kv_block_sizes=strided_kv, return_context=True)
+    want_out, want_context = vsa(p, return_context=True)
+    np.testing.assert_array_equal(out, want_out)
+    for name in ("q_block_sizes", "kv_block_sizes", "q2k_idx", "q2k_num", "lse"):
+        assert getattr(context, name).flags.c_contiguous, name
+    dout = np.random.default_rng(3).standard_normal(p.q.shape).astype(np.float32)
+    for got, want in zip(vsa_nd.video_sparse_attn_backward(dout, context),
+                         vsa_nd.video_sparse_attn_backward(dout, want_context)):
+        np.testing.assert_array_equal(got, want)
+    strided_idx = np.repeat(p.q2k_idx, 2, axis=-1)[..., ::2]
+    assert not strided_idx.flags.c_contiguous
+    np.testing.assert_array_equal(fine(p, q2k_idx=strided_idx), fine(p))
+
+
+def test_block_sizes_as_a_list_serve_both_sides_and_the_backward():
+    """One list of block sizes (kv_block_sizes left to default to it): what the array gives."""
+    p = Inputs()
+    k, v = (x[:, :, : N_Q * VOL].copy() for x in (p.k, p.v))  # kv tiled as q is
+    dout = np.random.default_rng(4).standard_normal(p.q.shape).astype(np.float32)
+    results = []
+    for sizes in (list(Q_SIZES), p.q_sizes):
+        out, context = vsa_nd.video_sparse_attn(p.q, k, v, 2, sizes, return_context=True)
+        results.append((out, *vsa_nd.video_sparse_attn_backward(dout, context)[:3]))
+    for got, want in zip(*results):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_backward_buffers_of_the_wrong_count_are_named():
+    p = Inputs()
+    out, context = vsa(p, return_context=True)
+    for buffers in ((np.empty_like(p.q), None, None), (None,) * 5):
+        with pytest.raises(TypeError, match=re.escape("out: expected a Gradients or a tuple (dq, dk, dv, dgate)")):
+            vsa_nd.video_sparse_attn_backward(out, context, out=buffers)
 
 
 def test_valid_edge_inputs_are_accepted_and_computed_right():
