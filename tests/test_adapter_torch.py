@@ -290,7 +290,7 @@ def test_cross_attention_gradients_with_gqa_gate_and_custom_scale(path):
     """q and kv of different plans, two query heads per kv head, a gate and scale 0.3: the
     output and all four gradients against the reference, by either path (the custom op's when a
     dispatch mode is active)."""
-    plan_q, plan_kv = vt.tile_plan(SEQ, TILE), vt.tile_plan((4, 8, 7), TILE)
+    plan_q, plan_kv = vt.tile_plan(SEQ, TILE), vt.tile_plan((6, 8, 7), TILE)  # 8 and 12 tiles
     untiled_q, untiled_kv = untiled_inputs(plan_q, torch.float64), untiled_inputs(plan_kv, torch.float64, seed=1)
     leaves = [vt.tile(x, plan).requires_grad_() for x, plan in zip((untiled_q[0], *untiled_kv[1:3], untiled_q[3]),
                                                                     (plan_q, plan_kv, plan_kv, plan_q))]
@@ -335,10 +335,13 @@ def test_pad_rows_of_the_output_are_zero_whatever_q_and_gate_hold_there(path):
 
 def test_fake_implementations_give_the_real_shapes_and_dtypes():
     """What torch.compile traces with: the fake forward, backward and block_sparse_attn ops
-    against the real ones, on a cross-attention problem with two query heads per kv head."""
+    against the real ones, on a cross-attention problem with two query heads per kv head and
+    more key tiles than query tiles (12 and 8); and tile and untile on a sequence whose tiles
+    have pad slots."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    plan_q, plan_kv = vt.tile_plan(SEQ, TILE), vt.tile_plan((4, 8, 7), TILE)
+    plan_q, plan_kv = vt.tile_plan(SEQ, TILE), vt.tile_plan((6, 8, 7), TILE)
+    assert (plan_q.num_blocks, plan_kv.num_blocks) == (8, 12)
     untiled_q, untiled_kv = untiled_inputs(plan_q, torch.float64), untiled_inputs(plan_kv, torch.float64, seed=1)
     q, gate = vt.tile(untiled_q[0], plan_q), vt.tile(untiled_q[3], plan_q)
     k, v = (vt.tile(x, plan_kv) for x in untiled_kv[1:3])
@@ -355,6 +358,11 @@ def test_fake_implementations_give_the_real_shapes_and_dtypes():
                       vt._vsa_backward_op(fake_out[0], *fake_inputs, 0.3, fake_out[0], list(fake_out[1:])),
                       vt._block_sparse_op(*fake_inputs[:3], fake_inputs[5], mode.from_tensor(idx), None,
                                           fake_inputs[4], 0.3, True)]
+        fake_tiled = vt.tile(mode.from_tensor(untiled_q[0]), plan_q)
+        fake_untiled = vt.untile(mode.from_tensor(q), plan_q)
+    real_calls.append((vt.tile(untiled_q[0], plan_q), vt.untile(q, plan_q)))
+    fake_calls.append((fake_tiled, fake_untiled))
+    assert plan_q.padded_len > plan_q.seq_len
     for real_results, fake_results in zip(real_calls, fake_calls):
         assert len(real_results) == len(fake_results)
         for r, f in zip(real_results, fake_results):
@@ -920,7 +928,7 @@ def test_a_scale_of_the_wrong_type_is_refused(scale):
 def test_a_scale_past_floats_range_is_refused_by_name():
     plan = vt.tile_plan(SEQ, TILE)
     (q, k, v, _), _ = attention(plan, torch.float32)
-    with pytest.raises(ValueError, match="scale: expected a positive finite float, got 1000"):
+    with pytest.raises(ValueError, match="^scale: expected a positive finite float, got 1000"):
         vt.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, scale=10**400)
 
 
@@ -1086,6 +1094,94 @@ def test_transforms_pass_calls_whose_inputs_they_do_not_differentiate():
             dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
             assert torch.equal(fn(arg), want), op
             assert torch.equal(torch.autograd.forward_ad.unpack_dual(dual * 2).tangent, torch.full_like(x, 2.0))
+
+
+def test_topk_may_be_every_key_tile_of_a_kv_side_with_more_tiles():
+    plan_q, plan_kv = vt.tile_plan(SEQ, TILE), vt.tile_plan((6, 8, 7), TILE)  # 8 and 12 tiles
+    (q, _, _, _), _ = attention(plan_q, torch.float32, gate=False)
+    k, v = (vt.tile(torch.randn(2, plan_kv.seq_len, 2, 16), plan_kv) for _ in range(2))
+    sizes_q, sizes_kv = plan_q.variable_block_sizes, plan_kv.variable_block_sizes
+    out = vt.video_sparse_attn(q, k, v, 12, sizes_q, sizes_kv)
+    want = vsa_nd.video_sparse_attn(*(x.numpy() for x in (q, k, v)), 12, host_sizes(plan_q), host_sizes(plan_kv))
+    assert torch.equal(out, torch.from_numpy(want))
+
+
+def test_plan_and_layer_say_what_they_hold():
+    """The reprs name what was asked (the plan's device, the layer's kv heads), and the metadata
+    keeps the sparsity as a Python float, as vsa_nd.build_metadata does."""
+    assert repr(vt.tile_plan(SEQ, TILE)).endswith("padded_len=256, device=cpu)")
+    assert "num_heads=4, head_size=16, num_kv_heads=2," in repr(vt.VideoSparseAttention(4, 16, num_kv_heads=2))
+    sparsity = vt.build_metadata((6, 10, 12), (2, 2, 2), np.float32(0.5), TILE).sparsity
+    assert type(sparsity) is float and sparsity == 0.5
+    with pytest.raises(TypeError, match="^device: expected a cpu or cuda device, got meta"):
+        vt.tile_plan(SEQ, TILE, device="meta")
+
+
+def test_block_sizes_on_another_device_are_refused_by_name():
+    plan = vt.tile_plan(SEQ, TILE)
+    (q, k, v, _), _ = attention(plan, torch.float32)
+    with pytest.raises(TypeError, match="^q_block_sizes: expected a tensor on cpu like q, got one on meta"):
+        vt.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes.to("meta"))
+
+
+def test_read_only_numpy_arrays_are_tiled_without_warnings():
+    import warnings
+
+    plan = vt.tile_plan(SEQ, TILE)
+    x = torch.randn(1, plan.seq_len, 2, 8)
+    for dtype in (np.float32, vsa_nd._xp.BFLOAT16):
+        array = x.numpy().astype(dtype)
+        array.flags.writeable = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = vt.tile(array, plan)
+        assert torch.equal(got, vt.tile(torch.from_numpy(array.copy()) if dtype == np.float32 else
+                                        x.to(torch.bfloat16), plan))
+
+
+def test_a_tensor_subclass_goes_through_the_op_and_stays_a_subclass():
+    class Tagged(torch.Tensor):
+        pass
+
+    plan = vt.tile_plan(SEQ, TILE)
+    x = torch.randn(1, plan.seq_len, 2, 8)
+    tiled = vt.tile(x.as_subclass(Tagged), plan)
+    assert type(tiled) is Tagged and torch.equal(tiled.as_subclass(torch.Tensor), vt.tile(x, plan))
+
+
+def test_torch_func_grad_meets_block_sparse_attn_s_own_refusal_and_passes_no_grad_calls():
+    """Under torch.func.grad, block_sparse_attn on a differentiated input says it has no
+    backward (as under autograd), and a tile under no_grad inside the transform runs."""
+    plan = vt.tile_plan(SEQ, TILE)
+    (q, k, v, _), _ = attention(plan, torch.float32)
+    idx = torch.zeros(*q.shape[:2], plan.num_blocks, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="block_sparse_attn has no backward; call it under torch.no_grad"):
+        torch.func.grad(lambda a: vt.block_sparse_attn(a, k, v, plan.variable_block_sizes, idx).sum())(q)
+    x = torch.randn(1, plan.seq_len, 2, 8)
+
+    def f(a):
+        with torch.no_grad():
+            vt.tile(a, plan)
+        return (a * 2).sum()
+
+    assert torch.equal(torch.func.grad(f)(x), torch.full_like(x, 2.0))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+def test_a_traced_function_tiles_new_inputs():
+    """torch.jit.trace records the op, not its result: new inputs give their own tiles."""
+    plan = vt.tile_plan(SEQ, TILE)
+    x, y = (torch.randn(1, plan.seq_len, 2, 8) for _ in range(2))
+    traced = torch.jit.trace(lambda t: vt.tile(t, plan), x)
+    assert torch.equal(traced(y), vt.tile(y, plan))
+
+
+def test_the_forward_op_s_context_outputs_need_no_gradient():
+    plan = vt.tile_plan(SEQ, TILE)
+    (q, k, v, _), _ = attention(plan, torch.float32)
+    sizes = plan.variable_block_sizes
+    results = torch.ops.vsa_nd.video_sparse_attn(q.clone().requires_grad_(), k, v, None, sizes, sizes, 3, 0.25)
+    assert results[0].requires_grad and not any(t.requires_grad for t in results[1:])
 
 
 def test_topk_may_be_every_key_tile():
