@@ -178,8 +178,10 @@ def test_gradients_match_the_reference_backward_eager_and_jitted(dtype):
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jitted"])
 def test_cross_attention_gradients_with_gqa_gate_and_custom_scale(jit):
     """q and kv of different plans, two query heads per kv head, a gate and scale 0.3: the
-    output and all four gradients against the reference."""
-    plan_q, plan_kv = vj.tile_plan(SEQ, TILE), vj.tile_plan((4, 8, 7), TILE)
+    output and all four gradients against the reference; more key tiles than query tiles (12 and
+    8), up to every key tile under jit, one more refused."""
+    plan_q, plan_kv = vj.tile_plan(SEQ, TILE), vj.tile_plan((6, 8, 7), TILE)
+    assert (plan_q.num_blocks, plan_kv.num_blocks) == (8, 12)
     untiled_q, untiled_kv = untiled_inputs(plan_q, np.float64), untiled_inputs(plan_kv, np.float64, seed=1)
     q, gate = vj.tile(untiled_q[0], plan_q), vj.tile(untiled_q[3], plan_q)
     k, v = (vj.tile(x, plan_kv) for x in untiled_kv[1:3])
@@ -198,6 +200,13 @@ def test_cross_attention_gradients_with_gqa_gate_and_custom_scale(jit):
     assert rel_err(np.asarray(out)[:, :, real_q], forward.out[:, :, real_q]) <= FWD_TOL["float64"]
     for grad, want, real in zip(grads, expected, (real_q, real_kv, real_kv, real_q)):
         assert rel_err(np.asarray(grad)[:, :, real], want[:, :, real]) <= BWD_TOL["float64"]
+    every = lambda q, k, v, topk: vj.video_sparse_attn(q, k, v, topk, plan_q.variable_block_sizes,  # noqa: E731
+                                                       plan_kv.variable_block_sizes)
+    got = (jax.jit(every, static_argnums=3) if jit else every)(q, k, v, 12)
+    want = vsa_nd.video_sparse_attn(*arrays[:3], 12, q_sizes, kv_sizes)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    with pytest.raises(ValueError, match="topk: expected 1 <= topk <= 12, got 13"):
+        (jax.jit(every, static_argnums=3) if jit else every)(q, k, v, 13)
 
 
 def test_gradients_without_a_gate():
@@ -240,8 +249,9 @@ def test_jitted_calls_are_one_xla_call_each_and_report_vsa_nd_errors():
     np.testing.assert_array_equal(jax.jit(layer)(q, other), layer(q, plan.variable_block_sizes))
     bad = jnp.full(plan.num_blocks, plan.tile_volume + 1, jnp.int32)
     # (the layer passes q's block sizes alone: the error names them, not the kv_block_sizes they stand for)
-    with pytest.raises(Exception, match=r"INVALID_ARGUMENT: ValueError: q_block_sizes: expected every block size"):
+    with pytest.raises(Exception, match=r"INVALID_ARGUMENT: ValueError: q_block_sizes: expected every block size") as info:
         jax.jit(layer)(q, bad).block_until_ready()
+    assert "Traceback" not in str(info.value)  # vsa_nd's own errors come as their one line
     with pytest.raises(ValueError, match=r"q_block_sizes: expected every block size"):
         layer(q, bad)
     with pytest.raises(ValueError, match=r"kv_block_sizes: expected every block size"):
@@ -267,6 +277,8 @@ def test_what_shapes_and_dtypes_decide_fails_at_trace_time():
         (fwd(sizes, sizes[:4]), (q, k, v), ValueError, "k: expected 4 tiles of 32 slots"),
         (fine(sizes), (q, k, v, idx[:, :1]), ValueError, re.escape("q2k_idx: expected shape [2, 4, *, *]")),
         (fine(sizes), (q, k, v, idx[:, :, :3]), ValueError, re.escape("q2k_idx (axis 2): expected a tile count")),
+        (jax.jit(lambda q, k, v, idx: vj.block_sparse_attn(q, k, v, sizes, idx, jnp.ones((2, 4, 5), jnp.int32))).lower,
+         (q, k, v, idx), ValueError, re.escape(f"q2k_num: expected shape [2, 4, {plan.num_blocks}], got [2, 4, 5]")),
         (jax.jit(lambda q, k, v, idx: vj.block_sparse_attn(q, k, v, sizes, idx, q_block_sizes=sizes[:5])).lower,
          (q, k, v, idx), ValueError, re.escape(f"q_block_sizes: expected {plan.num_blocks} entries, got shape [5]")),
         (jax.jit(lambda x: vj.tile(x, plan)).lower, (jnp.zeros((1, plan.seq_len - 1, 2, 8)),), ValueError,
@@ -488,6 +500,14 @@ def test_errors_name_the_argument_and_what_was_expected():
         vj.video_sparse_attn(q.astype(jnp.int32), k, v, 3, sizes)
     with pytest.raises(TypeError, match="k: expected dtype float32 to match q, got float16"):
         vj.video_sparse_attn(q, k.astype(jnp.float16), v, 3, sizes)
+    with pytest.raises(TypeError, match=r"^v: expected dtype in \(float32, .*\) on cpu, got int32"):
+        vj.video_sparse_attn(q, k, v.astype(jnp.int32), 3, sizes)
+    with pytest.raises(TypeError, match=r"^gate: expected dtype in \(float32, .*\) on cpu, got int32"):
+        vj.video_sparse_attn(q, k, v, 3, sizes, gate=q.astype(jnp.int32))
+    with pytest.raises(ValueError, match=r"^gate: expected 4 dimensions, got shape \(4, 256, 16\)"):
+        vj.video_sparse_attn(q, k, v, 3, sizes, gate=q[0])
+    with pytest.raises(ValueError, match="^k: expected 8 tiles of 32 slots .* to match q_block_sizes"):
+        vj.video_sparse_attn(q, k[:, :, :128], v[:, :, :128], 3, sizes)  # kv_block_sizes left to q's
     with pytest.raises(ValueError, match="topk: expected 1 <= topk <= 8, got 0"):
         vj.video_sparse_attn(q, k, v, 0, sizes)
     with pytest.raises(ValueError, match="topk: expected 1 <= topk <= 8, got -1"):  # a static shape under jit
@@ -506,6 +526,12 @@ def test_errors_name_the_argument_and_what_was_expected():
         vj.video_sparse_attn(q[:, :, :, 0], k, v, 3, sizes)
     with pytest.raises(ValueError, match=r"x: expected 4 dimensions"):
         vj.tile(q[0], plan)
+    with pytest.raises(ValueError, match=r"^q: expected 4 dimensions, got shape \(1, 2, 4, 256, 16\)"):
+        vj.video_sparse_attn(q[None], k, v, 3, sizes)
+    with pytest.raises(ValueError, match=r"^x: expected 4 dimensions, got shape \(1, 1, 90, 4, 16\)"):
+        vj.tile(jnp.zeros((1, 1, plan.seq_len, 4, 16)), plan)
+    with pytest.raises(ValueError, match=r"^y: expected 4 dimensions, got shape \(1, 2, 4, 256, 16\)"):
+        vj.untile(q[None], plan)
     with pytest.raises(ValueError, match=r"q_block_sizes: expected 1 dimension, got shape \(\)"):
         vj.video_sparse_attn(q, k, v, 3, 32)
     with pytest.raises(ValueError, match="q_block_sizes: expected values that fit in int32"):
@@ -516,6 +542,10 @@ def test_errors_name_the_argument_and_what_was_expected():
         vj.tile_plan(SEQ, TILE, device="tpu")
     with pytest.raises(TypeError, match="device: expected None, a str or a jax.Device, got int"):
         vj.tile_plan(SEQ, TILE, device=0)
+    if not any(d.platform == "gpu" for d in jax.devices()):  # the GPU names are taken, and refused as absent
+        for name in ("gpu", "cuda", "cuda:0"):
+            with pytest.raises(ValueError, match=f"^device: expected a device JAX has, got '{name}'"):
+                vj.tile_plan(SEQ, TILE, device=name)
 
 
 def test_wide_integer_arrays_saturate_rather_than_wrap():
@@ -560,15 +590,21 @@ import vsa_nd.adapters.jax as vj
 cpu0, cpu1 = jax.devices("cpu")[:2]
 plan = vj.tile_plan((3, 5, 6), (2, 4, 4))
 q = jax.device_put(jnp.ones((1, 2, plan.padded_len, 8), jnp.float32), cpu0)
-try:
-    vj.video_sparse_attn(q, jax.device_put(q, cpu1), q, 2, plan.variable_block_sizes)
-except TypeError as e:
-    print(e)
+for name, args, gate in (("k", (q, jax.device_put(q, cpu1), q), None), ("v", (q, q, jax.device_put(q, cpu1)), None),
+                         ("gate", (q, q, q), jax.device_put(q, cpu1))):
+    try:
+        vj.video_sparse_attn(*args, 2, plan.variable_block_sizes, gate=gate)
+        print(name, "accepted")
+    except TypeError as e:
+        print(e)
 """
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "k: expected an array on" in result.stdout and "like q, got one on" in result.stdout, result.stdout
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, result.stdout
+    for name, line in zip(("k", "v", "gate"), lines):
+        assert line.startswith(f"{name}: expected an array on") and "like q, got one on" in line, result.stdout
 
 
 SHARDING_SCRIPT = os.path.join(os.path.dirname(__file__), "jax_sharding.py")
@@ -619,8 +655,9 @@ def test_shard_map_over_one_gpu_matches_the_plain_call():
 
 def test_eager_results_lie_on_the_committed_inputs_device():
     """Two host devices (a fresh process): eager results, gradients and tiles on the second device,
-    as jit places them, not on the default one; uncommitted inputs give uncommitted results; a
-    plan asked for without a device lies on jax.default_device's (a device, or a platform name)."""
+    as jit places them, not on the default one; uncommitted inputs, and inputs sharded over both
+    devices, give uncommitted results; a plan asked for without a device lies on
+    jax.default_device's (a device, or a platform name), and build_metadata's on the one named."""
     code = """
 import jax, jax.numpy as jnp, numpy as np
 import vsa_nd.adapters.jax as vj
@@ -639,12 +676,19 @@ with jax.default_device(cpu1):
     print("default", vj.tile_plan((4, 5)).variable_block_sizes.devices() == {cpu1})
 with jax.default_device("cpu"):
     print("named", vj.tile_plan((4, 6)).variable_block_sizes.devices() == {jax.devices("cpu")[0]})
+meta = vj.build_metadata((6, 10, 12), (2, 2, 2), 0.75, (2, 4, 4), device="cpu:1")
+print("metadata", meta.plan.variable_block_sizes.devices() == {cpu1})
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+mesh = Mesh(np.array(jax.devices("cpu")[:2]), ("d",))
+sharded = jax.device_put(np.ones((2, plan.seq_len, 2, 8), np.float32), NamedSharding(mesh, PartitionSpec("d")))
+print("sharded", vj.tile(sharded, plan).committed)
 """
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["eager", "True", "True", "jit", "True", "grad", "True", "tile", "True",
-                                     "uncommitted", "False", "default", "True", "named", "True"], result.stdout
+                                     "uncommitted", "False", "default", "True", "named", "True", "metadata", "True",
+                                     "sharded", "False"], result.stdout
 
 
 def test_a_process_exits_while_a_jitted_call_still_runs():
