@@ -340,6 +340,70 @@ def numerical_gradient(loss, inputs, name, eps=1e-6):
     return numeric
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_results_come_in_the_dtype_asked_for_and_the_selection_in_int32(dtype):
+    """The module's contract: arithmetic and results in ``dtype``; index lists int32 as ops'."""
+    rng = np.random.default_rng(11)
+    volume, q_sizes, kv_sizes = 4, [4, 3], [4, 2, 4]
+    q, k, v = make_problem(rng, 1, 2, 1, 4, volume, q_sizes, kv_sizes)
+    gate, dout = rng.standard_normal(q.shape), rng.standard_normal(q.shape)
+    fwd = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, 2, volume, gate=gate, dtype=dtype)
+    block_map = ref.block_map_from_indices(fwd.q2k_idx, fwd.q2k_num, 3)
+    results = {"block_mean": ref.block_mean(q, q_sizes, volume, dtype),
+               **{f"forward.{name}": getattr(fwd, name) for name in ("out", "fine", "coarse", "lse", "scores")},
+               **dict(zip(("fine out", "fine lse"), ref.block_sparse_attn(q, k, v, block_map, kv_sizes, volume,
+                                                                          dtype=dtype, q_block_sizes=q_sizes))),
+               **dict(zip(("fine dq", "fine dk", "fine dv"),
+                          ref.block_sparse_attn_backward(dout, q, k, v, block_map, kv_sizes, volume, dtype=dtype))),
+               **ref.video_sparse_attn_backward(dout, q, k, v, q_sizes, kv_sizes, fwd.q2k_idx, fwd.q2k_num, volume,
+                                                gate=gate, dtype=dtype)._asdict()}
+    for name, x in results.items():
+        assert x.dtype == dtype, name
+    assert fwd.q2k_idx.dtype == fwd.q2k_num.dtype == np.int32
+
+
+def test_default_scale_is_one_over_root_d_and_scale_zero_attends_uniformly():
+    rng = np.random.default_rng(12)
+    volume, q_sizes, kv_sizes = 4, [4, 3], [4, 2, 4]
+    d = 4
+    q, k, v = make_problem(rng, 1, 2, 1, d, volume, q_sizes, kv_sizes)
+    gate, dout = rng.standard_normal(q.shape), rng.standard_normal(q.shape)
+    block_map = np.ones((1, 2, 2, 3), bool)
+    fwd = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, 2, volume, gate=gate)
+    explicit = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, 2, volume, gate=gate, scale=d**-0.5)
+    for a, b in zip(fwd, explicit):
+        np.testing.assert_array_equal(a, b)
+    args = (dout, q, k, v, q_sizes, kv_sizes, fwd.q2k_idx, fwd.q2k_num, volume)
+    for a, b in zip(ref.video_sparse_attn_backward(*args, gate=gate),
+                    ref.video_sparse_attn_backward(*args, scale=d**-0.5, gate=gate)):
+        np.testing.assert_array_equal(a, b)
+    fine_args = (dout, q, k, v, block_map, kv_sizes, volume)
+    for a, b in zip(ref.block_sparse_attn_backward(*fine_args), ref.block_sparse_attn_backward(*fine_args, d**-0.5)):
+        np.testing.assert_array_equal(a, b)
+    # scale 0: every allowed key weighs alike (10 real keys), the coarse scores are 0, and q gets no gradient
+    _, lse = ref.block_sparse_attn(q, k, v, block_map, kv_sizes, volume, 0.0)
+    np.testing.assert_allclose(lse, np.log(10), rtol=1e-15)
+    zero = ref.video_sparse_attn(q, k, v, q_sizes, kv_sizes, 2, volume, scale=0.0)
+    assert np.all(zero.scores == 0)
+    assert np.all(ref.video_sparse_attn_backward(*args, scale=0.0).dq == 0)
+
+
+def test_the_fine_stage_backward_ignores_what_pad_query_rows_hold():
+    """Given q_block_sizes, NaN in the pad rows of q and dout reaches no gradient of the fine stage."""
+    rng = np.random.default_rng(13)
+    volume, q_sizes, kv_sizes = 4, [4, 3], [4, 2, 4]
+    q, k, v = make_problem(rng, 1, 2, 1, 4, volume, q_sizes, kv_sizes)
+    dout = rng.standard_normal(q.shape)
+    block_map = np.ones((1, 2, 2, 3), bool)
+    clean = ref.block_sparse_attn_backward(dout, q, k, v, block_map, kv_sizes, volume, q_block_sizes=q_sizes)
+    pads = ~ref.valid_slots(q_sizes, volume)
+    nan_q, nan_dout = q.copy(), dout.copy()
+    nan_q[:, :, pads] = nan_dout[:, :, pads] = np.nan
+    dirty = ref.block_sparse_attn_backward(nan_dout, nan_q, k, v, block_map, kv_sizes, volume, q_block_sizes=q_sizes)
+    for name, a, b in zip(("dq", "dk", "dv"), clean, dirty):
+        np.testing.assert_array_equal(b, a, err_msg=name)
+
+
 def test_dout_of_pad_query_rows_does_not_reach_any_gradient():
     rng = np.random.default_rng(7)
     volume, q_sizes, kv_sizes = 4, [4, 2, 3], [4, 1, 4]

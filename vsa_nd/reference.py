@@ -104,7 +104,7 @@ def _fine_probabilities(q, k, block_map, kv_block_sizes, tile_volume, scale):
     # A row with no key at all gets p = 0 (shift by 0); one whose every score is -inf (an input
     # holding -inf, or a product past the float range) gets NaN: its softmax is 0 / 0.
     no_key = ~allowed.any(axis=-1, keepdims=True)
-    row_max = np.where(np.isfinite(row_max), row_max, np.where(no_key, 0, np.nan))
+    row_max = np.where(np.isfinite(row_max), row_max, np.where(no_key, 0, np.nan).astype(scores.dtype))
     p = np.where(allowed, np.exp(scores - row_max), 0)
     total = p.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore"):
