@@ -218,6 +218,106 @@ def test_demo_refuses_a_bad_seed(seed, capsys):
     assert f"argument --seed: expected a non-negative int, got {seed!r}" in capsys.readouterr().err
 
 
+def _demo_output(args, capsys, expected_code=0):
+    assert cli.main(args) == expected_code
+    return capsys.readouterr().out
+
+
+def _field(printed, name):
+    return re.search(rf"^  {re.escape(name)}\s+(.*)$", printed, re.M).group(1)
+
+
+@pytest.mark.parametrize("flag", ["--heads", "--kv-heads", "--head-dim", "--batch", "--repeats"])
+def test_demo_refuses_a_count_below_one(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--backend", "cpu", flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: expected a positive int, got '0'" in capsys.readouterr().err
+
+
+def test_demo_says_kv_heads_must_divide_heads(capsys):
+    assert cli.main(["demo", "--backend", "cpu", "--seq", "4,4,4", "--heads", "4", "--kv-heads", "3"]) == 2
+    assert "vsa-nd demo: --kv-heads 3 must divide --heads 4" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(cli._cuda_available(), reason="a CUDA GPU is present")
+def test_demo_on_cuda_without_a_gpu_says_what_it_needs(capsys):
+    assert cli.main(["demo", "--backend", "cuda", "--seq", "4,4,4"]) == 2
+    assert "vsa-nd demo: --backend cuda needs CuPy, a CUDA GPU" in capsys.readouterr().err
+
+
+def test_demo_takes_sides_joined_by_x_and_sparsity_zero(capsys):
+    printed = _demo_output(["demo", "--backend", "cpu", "--seq", "5x6x7", "--tile", "2x4x4", "--heads", "2",
+                            "--head-dim", "8", "--sparsity", "0", "--repeats", "1"], capsys)
+    assert "seq (5, 6, 7) = 210, tile (2, 4, 4): 12 tiles" in _field(printed, "tokens")
+    assert _field(printed, "selection") == "sparsity 0 -> topk 12 of 12 key tiles"
+
+
+def test_demo_draws_its_inputs_from_the_seed(capsys):
+    errors = [_field(_demo_output(DEMO_ARGS + ["--seed", seed], capsys), "max relative error") for seed in ("0", "7", "0")]
+    assert errors[0] == errors[2] != errors[1]
+
+
+def test_demo_reports_the_speed_up_as_dense_over_vsa(capsys):
+    printed = _demo_output(DEMO_ARGS, capsys)
+    vsa = float(_field(printed, "VSA time").split()[0])
+    dense = float(_field(printed, "dense attention time").split()[0])
+    speed_up = float(_field(printed, "speed-up over dense").rstrip("x"))
+    half = 0.005  # each figure is printed to two decimals
+    assert (dense - half) / (vsa + half) - half <= speed_up <= (dense + half) / max(vsa - half, 1e-9) + half
+
+
+@pytest.mark.parametrize("factor, code", [(1 + 2e-4, 1), (1 + 2e-5, 0)])
+def test_demo_fails_just_above_its_tolerance_and_passes_just_below(factor, code, monkeypatch, capsys):
+    """The float32 tolerance is 1e-4: an output off by 2e-4 fails, one off by 2e-5 passes."""
+    exact = vsa_nd.video_sparse_attn
+
+    def scaled(*args, **kwargs):
+        result = exact(*args, **kwargs)
+        (result[0] if isinstance(result, tuple) else result)[...] *= factor
+        return result
+
+    monkeypatch.setattr(vsa_nd, "video_sparse_attn", scaled)
+    printed = _demo_output(DEMO_ARGS, capsys, code)
+    assert ("FAIL: error above tolerance" in printed) == (code == 1)
+
+
+def test_demo_fails_on_a_selection_that_differs(monkeypatch, capsys):
+    checked = cli.check_against_reference
+    monkeypatch.setattr(cli, "check_against_reference", lambda *a: dict(checked(*a), bad_rows=1))
+    printed = _demo_output(DEMO_ARGS, capsys, 1)
+    assert _field(printed, "result") == "FAIL: top-k selection differs"
+
+
+def test_demo_checks_a_spread_of_tiles_past_its_budget_and_says_so(monkeypatch, capsys):
+    assert list(cli._tiles_to_check(1, 1, 1000, 64, 4096)[[0, -1]]) == [0, 999]
+    monkeypatch.setattr(cli, "REFERENCE_BUDGET", 1)  # one tile's worth or less: still the first and the last
+    assert list(cli._tiles_to_check(1, 1, 12, 8, 96)) == [0, 11]
+    printed = _demo_output(DEMO_ARGS, capsys)
+    assert _field(printed, "query tiles checked") == "2 of 12 (spread; the reference is dense, O(S^2))"
+
+
+def test_selection_check_forgives_rounding_and_nothing_more():
+    """A chosen tile may score below an unchosen one by the coarse stage's rounding (1e-4 of the
+    scores' scale), not by more."""
+    idx, num = np.array([[[1]]]), np.array([[1]])
+    assert cli._selection_mismatches(np.array([[[1.0, 1 - 1e-6, 0.0]]]), idx, num) == 0
+    assert cli._selection_mismatches(np.array([[[1.0, 0.95, 0.0]]]), idx, num) == 1
+
+
+def test_reference_check_is_relative_to_the_output_s_scale():
+    rng = np.random.default_rng(1)
+    volume, sizes, topk = 8, np.array([8, 8, 8]), 2
+    q, k, v = rng.standard_normal((3, 1, 2, 24, 8))
+    errors = []
+    for magnitude in (1.0, 1000.0):
+        expect = reference.video_sparse_attn(q, k, v * magnitude, sizes, sizes, topk, volume)
+        errors.append(cli.check_against_reference(q, k, v * magnitude, expect.out * (1 + 1e-5),
+                                                  (expect.q2k_idx, expect.q2k_num), sizes, sizes, topk, volume,
+                                                  np.arange(3))["max_rel"])
+    assert errors[0] == pytest.approx(1e-5, rel=1e-3) and errors[1] == pytest.approx(errors[0], rel=1e-6)
+
+
 def test_console_script_is_installed():
     script = Path(sys.executable).with_name("vsa-nd")
     result = subprocess.run([str(script), "demo", "--help"], capture_output=True, text=True, check=True)

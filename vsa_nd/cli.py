@@ -232,7 +232,7 @@ def _median_time(device: Device, fn, repeats: int, bar: Progress) -> float:
 
 def _tiles_to_check(b: int, h: int, n_q: int, volume: int, s_kv: int) -> np.ndarray:
     """Query tiles the reference checks: all, or an even spread (first and last included) within budget."""
-    affordable = max(1, REFERENCE_BUDGET // (b * h * volume * s_kv))
+    affordable = max(2, REFERENCE_BUDGET // (b * h * volume * s_kv))  # at least the first and the last
     if affordable >= n_q:
         return np.arange(n_q)
     return np.unique(np.linspace(0, n_q - 1, affordable).round().astype(int))
