@@ -271,3 +271,127 @@ def test_agree_compares_two_ways_of_calling_the_same_kernels():
     assert agree((x,), (t,), "torch").endswith("identical to the array call's")
     with pytest.raises(SystemExit, match="results"):
         agree((x,), (t * 2,), "torch")
+
+
+# ---------------------------------------------------------------------------------------
+# The figures the benchmarks report, pinned (from a mutation audit of benchmarks/_common.py:
+# each test fails a change its name describes).
+
+
+def test_errors_floor_the_whole_sample_and_each_row_as_documented():
+    """_errors: the whole sample's norm floored at an RMS of 0.01 per element, each row's at 0.1
+    of the RMS row norm (and at 0.01 per element)."""
+    from _common import _errors
+
+    want = np.full((100, 16), 1e-4)
+    assert _errors(want + 1e-3, want)[0] == pytest.approx(np.sqrt(100 * 16) * 1e-3 / (0.01 * np.sqrt(100 * 16)))
+    rng = np.random.default_rng(0)
+    want = rng.standard_normal((50, 16))
+    want[3] *= 0.2  # a small row, above the 0.1 floor: its own norm counts
+    got = want.copy()
+    got[3] *= 1.02
+    assert _errors(got, want)[1] == pytest.approx(0.02)
+    tiny = np.full((4, 16), 1e-3)
+    assert _errors(2 * tiny, tiny)[1] == pytest.approx(1e-3 / 0.01)
+
+
+def _first_pad_slot(ctx):
+    """The first pad slot of the last (partial) query tile."""
+    n = len(ctx.q_block_sizes)
+    return (n - 1) * (ctx.q.shape[2] // n) + int(ctx.q_block_sizes[-1])
+
+
+def test_spot_check_reads_every_pad_row_and_any_sign():
+    import dataclasses
+
+    from _common import spot_check
+
+    ctx, dout, grads = _spot_problem(np.float32)
+    slot = _first_pad_slot(ctx)
+    out = ctx.out.copy()
+    out[:, :, slot] = 1.0
+    assert spot_check(dataclasses.replace(ctx, out=out), **ALL)["pad"] == 1.0
+    lse = ctx.lse.copy()
+    lse[:, :, slot] = 0.0
+    assert spot_check(dataclasses.replace(ctx, lse=lse), **ALL)["pad"] == np.inf
+    dk = grads.dk.copy()
+    dk[:, :, -1] = np.nan
+    assert spot_check(ctx, dout, grads._replace(dk=dk), **ALL)["pad"] == np.inf
+    dq = grads.dq.copy()
+    dq[:, :, -1] = -1.0
+    assert spot_check(ctx, dout, grads._replace(dq=dq), **ALL)["pad"] == 1.0
+
+
+def test_spot_check_measures_a_skipped_tile_in_units_of_the_score_spread():
+    """"selection": how far a skipped key tile outscores a chosen one, over the row's standard
+    deviation of scores (not its range)."""
+    import dataclasses
+
+    from _common import spot_check
+
+    ctx, _, _ = _spot_problem(np.float32)
+
+    def means(x, sizes):
+        n, sizes = len(sizes), np.asarray(sizes)
+        volume = x.shape[2] // n
+        real = (np.arange(volume) < sizes[:, None])[..., None]
+        tiles = x.astype(np.float64).reshape(*x.shape[:2], n, volume, -1)
+        return np.where(real, tiles, 0).sum(3) / sizes[:, None]
+
+    k_c = np.repeat(means(ctx.k, ctx.kv_block_sizes), ctx.q.shape[1] // ctx.k.shape[1], axis=1)
+    scores = ctx.scale * means(ctx.q, ctx.q_block_sizes) @ k_c.swapaxes(-1, -2)
+    order = np.argsort(-scores, axis=-1)
+    chosen = order[..., [0, 1, 3]].astype(ctx.q2k_idx.dtype)  # the third best skipped for the fourth
+    ranked = np.take_along_axis(scores, order, -1)
+    want = ((ranked[..., 2] - ranked[..., 3]) / scores.std(-1)).max()
+    got = spot_check(dataclasses.replace(ctx, q2k_idx=chosen), **ALL)["selection"]
+    assert 0.3 * want < got <= want * (1 + 1e-6)
+
+
+def test_spot_check_gives_lse_errors_absolute_below_one():
+    import dataclasses
+
+    from _common import spot_check
+
+    ctx, _, _ = _spot_problem(np.float32)
+    lse = ctx.lse.copy()
+    real = np.isfinite(lse)
+    lse[real] += 1e-4
+    assert spot_check(dataclasses.replace(ctx, lse=lse), **ALL)["lse"] >= 0.99e-4 / max(1, np.abs(ctx.lse[real]).max())
+
+
+def test_check_spot_bounds_for_both_16_bit_dtypes():
+    from _common import check_spot
+
+    exact = dict(scale=0.0, pad=0.0, out=(0, 0), lse=0.0, selection=0.0)
+    for dtype in (ml_dtypes.bfloat16, np.float16):
+        check_spot(exact, dtype, "x")
+    for bad in (dict(selection=0.06), dict(lse=2e-5), dict(scale=2e-6), dict(out=(4e-3, 0))):
+        with pytest.raises(SystemExit):
+            check_spot({**exact, **bad}, np.float16, "x")
+    with pytest.raises(SystemExit, match="lse not checked"):
+        check_spot({k: v for k, v in exact.items() if k != "lse"}, np.float16, "x")
+
+
+def test_smooth_inputs_smooth_every_axis_by_sigma_and_add_the_noise_asked_for():
+    """A Gaussian of SIGMA tokens along each axis: neighbours correlate by exp(-1 / (4 sigma^2));
+    q and k are that field plus independent noise of the given scale."""
+    plan, sigma = vsa_nd.tile_plan((8, 32, 32)), 2
+    q, k = smooth_inputs(np.random.default_rng(0), plan, 2, 32, sigma, noise=0.0)
+    np.testing.assert_allclose(q, k)  # no noise: one field
+    field = vsa_nd.untile(q, plan)[0].reshape(8, 32, 32, 2, 32)
+    for axis in range(3):
+        along = np.moveaxis(field, axis, 0)
+        correlation = (along[:-1] * along[1:]).mean() / field.var()
+        assert correlation == pytest.approx(np.exp(-1 / (4 * sigma**2)), abs=0.04), axis
+    q, k = smooth_inputs(np.random.default_rng(0), plan, 2, 32, sigma, noise=0.5)
+    real = reference.valid_slots(plan.variable_block_sizes, plan.tile_volume)
+    assert (q - k)[..., real, :].var() == pytest.approx(2 * 0.5**2, rel=0.05)
+
+
+def test_clock_sampler_reports_the_median_and_minimum_within_the_window():
+    from _common import ClockSampler
+
+    sampler = ClockSampler()
+    sampler._samples = [(0.0, 1000.0), (1.0, 1500.0), (2.0, 1200.0), (3.0, 900.0)]
+    assert sampler.between(0.5, 2.5) == "1350 / 1200"
