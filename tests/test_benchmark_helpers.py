@@ -395,3 +395,34 @@ def test_clock_sampler_reports_the_median_and_minimum_within_the_window():
     sampler = ClockSampler()
     sampler._samples = [(0.0, 1000.0), (1.0, 1500.0), (2.0, 1200.0), (3.0, 900.0)]
     assert sampler.between(0.5, 2.5) == "1350 / 1200"
+
+
+def test_time_back_to_back_gives_each_functions_median_time_per_call(monkeypatch):
+    """CUDA events stood in for by a clock that each call moves on by its own cost."""
+    import torch
+
+    from _common import time_back_to_back
+
+    clock = [0.0]
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.at = None
+
+        def record(self):
+            self.at = clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    def costing(ms):
+        def call():
+            clock[0] += ms
+        return call
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    assert time_back_to_back([costing(2.0), costing(0.5)], calls=4, runs=3) == [2.0, 0.5]
