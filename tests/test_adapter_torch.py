@@ -1129,14 +1129,13 @@ def test_read_only_numpy_arrays_are_tiled_without_warnings():
 
     plan = vt.tile_plan(SEQ, TILE)
     x = torch.randn(1, plan.seq_len, 2, 8)
-    for dtype in (np.float32, vsa_nd._xp.BFLOAT16):
-        array = x.numpy().astype(dtype)
+    for dtype, torch_dtype in ((np.float32, torch.float32), (vsa_nd._xp.BFLOAT16, torch.bfloat16)):
+        array = x.numpy().astype(dtype)  # rounded as x.to(torch_dtype) rounds
         array.flags.writeable = False
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             got = vt.tile(array, plan)
-        assert torch.equal(got, vt.tile(torch.from_numpy(array.copy()) if dtype == np.float32 else
-                                        x.to(torch.bfloat16), plan))
+        assert torch.equal(got, vt.tile(x.to(torch_dtype), plan))
 
 
 def test_a_tensor_subclass_goes_through_the_op_and_stays_a_subclass():

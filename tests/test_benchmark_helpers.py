@@ -330,16 +330,10 @@ def test_spot_check_measures_a_skipped_tile_in_units_of_the_score_spread():
     from _common import spot_check
 
     ctx, _, _ = _spot_problem(np.float32)
-
-    def means(x, sizes):
-        n, sizes = len(sizes), np.asarray(sizes)
-        volume = x.shape[2] // n
-        real = (np.arange(volume) < sizes[:, None])[..., None]
-        tiles = x.astype(np.float64).reshape(*x.shape[:2], n, volume, -1)
-        return np.where(real, tiles, 0).sum(3) / sizes[:, None]
-
-    k_c = np.repeat(means(ctx.k, ctx.kv_block_sizes), ctx.q.shape[1] // ctx.k.shape[1], axis=1)
-    scores = ctx.scale * means(ctx.q, ctx.q_block_sizes) @ k_c.swapaxes(-1, -2)
+    volume = ctx.q.shape[2] // len(ctx.q_block_sizes)
+    q_c = reference.block_mean(ctx.q, ctx.q_block_sizes, volume)
+    k_c = reference.expand_kv_heads(reference.block_mean(ctx.k, ctx.kv_block_sizes, volume), ctx.q.shape[1])
+    scores = reference.coarse_scores(q_c, k_c, ctx.scale)
     order = np.argsort(-scores, axis=-1)
     chosen = order[..., [0, 1, 3]].astype(ctx.q2k_idx.dtype)  # the third best skipped for the fourth
     ranked = np.take_along_axis(scores, order, -1)

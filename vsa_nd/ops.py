@@ -262,13 +262,13 @@ def _prepared_reorder(kind: str, x, plan):
 
 def _num_blocks(name: str, block_sizes) -> int:
     """N, the length of a block-size array or list."""
-    try:
-        if isinstance(block_sizes, (str, bytes, bytearray, dict, set, frozenset)):  # sized, but not a list of ints
-            raise TypeError
-        return len(block_sizes)
-    except TypeError:
-        check.refuse_plan(name, block_sizes)
-        raise TypeError(f"{name}: expected a 1-D array or list of ints, got {check.describe(block_sizes)}") from None
+    if not isinstance(block_sizes, (str, bytes, bytearray, dict, set, frozenset)):  # sized, but not a list of ints
+        try:
+            return len(block_sizes)
+        except TypeError:
+            pass
+    check.refuse_plan(name, block_sizes)
+    raise TypeError(f"{name}: expected a 1-D array or list of ints, got {check.describe(block_sizes)}")
 
 
 def _tile_volume(name: str, padded_len: int, num_blocks: int, blocks_name: str) -> int:
