@@ -167,6 +167,14 @@ def test_kernel_limits_are_reported_before_launch():
     x = cupy.ones((1, 1, plan.padded_len, 64), np.float32)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         vsa_nd.block_sparse_attn(x, x, x, sizes, cupy.zeros((1, 1, 1, 1), np.int32))
+    small = vsa_nd.tile_plan((4, 4, 4), (2, 4, 4))  # tiles of 32 slots
+    x = cupy.ones((1, 1, small.padded_len, 64), np.float16)
+    for call in (lambda: vsa_nd.video_sparse_attn(x, x, x, 1, cupy.asarray(small.variable_block_sizes)),
+                 lambda: vsa_nd.block_sparse_attn(x, x, x, cupy.asarray(small.variable_block_sizes),
+                                                  cupy.zeros((1, 1, 2, 1), np.int32))):
+        with pytest.raises(ValueError, match="q: the CUDA attention kernels take tile volumes that are multiples of "
+                                             "64, got 32"):
+            call()
 
 
 # Each key tile's score (log2 units, the same for every query row up to noise) in list order:
@@ -390,14 +398,25 @@ def test_smoke_unchecked_lists_never_reach_outside_k_and_v(poisoned):
     assert lse_error(lse[~empty & real], ref_lse[~empty & real]) <= LSE_TOLERANCE
 
 
-def test_misaligned_views_are_refused_before_launch():
-    """A contiguous view that starts 2 bytes into an allocation cannot feed 16-byte loads."""
+@pytest.mark.parametrize("offset", [1, 4, 8])
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_misaligned_views_are_refused_before_launch(name, offset):
+    """A contiguous view that starts 2 or 8 bytes into an allocation cannot feed 16-byte loads,
+    whichever input it is; one that starts 16 bytes in can."""
     import cupy
 
     plan = vsa_nd.tile_plan((4, 4, 4))
     sizes = cupy.asarray(plan.variable_block_sizes)
     shape = (1, 1, plan.padded_len, 64)
-    q = cupy.ones(shape, np.float16)
-    k = cupy.ones(int(np.prod(shape)) + 1, np.float16)[1:].reshape(shape)
-    with pytest.raises(ValueError, match="k: the CUDA attention kernels need arrays starting on a 16-byte boundary"):
-        vsa_nd.video_sparse_attn(q, k, q, 1, sizes)
+    rng = np.random.default_rng(offset)
+    arrays = {n: cupy.asarray(rng.standard_normal(shape).astype(np.float16)) for n in ("q", "k", "v")}
+    moved = cupy.empty(int(np.prod(shape)) + offset, np.float16)[offset:].reshape(shape)
+    moved[...] = arrays[name]
+    if offset * 2 % 16:
+        with pytest.raises(ValueError, match=f"{name}: the CUDA attention kernels need arrays starting on a 16-byte "
+                                             r"boundary, got address 0x[0-9a-f]+; pass a copy \(cupy.array\(x\)\)"):
+            vsa_nd.video_sparse_attn(*(moved if n == name else arrays[n] for n in ("q", "k", "v")), 1, sizes)
+    else:
+        want = vsa_nd.video_sparse_attn(arrays["q"], arrays["k"], arrays["v"], 1, sizes)
+        got = vsa_nd.video_sparse_attn(*(moved if n == name else arrays[n] for n in ("q", "k", "v")), 1, sizes)
+        assert cupy.array_equal(got, want)

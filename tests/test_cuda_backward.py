@@ -329,6 +329,37 @@ def _device_ints(address, count: int) -> np.ndarray:
     return cupy.ndarray((count,), np.int32, cupy.cuda.MemoryPointer(memory, 0)).get()
 
 
+def _record_chunk_buffers(monkeypatch) -> list:
+    """While installed on ``monkeypatch``: every hand-over chunk's (dS blocks, dq partial sums,
+    stream), as FineBackward._chunk is given them, in launch order."""
+    from vsa_nd.backends import cuda_attention
+
+    seen, real = [], cuda_attention.FineBackward._chunk
+
+    def chunk(self, c, p, ds_blocks, partial, *rest):
+        seen.append((ds_blocks, partial, rest[-1]))
+        return real(self, c, p, ds_blocks, partial, *rest)
+
+    monkeypatch.setattr(cuda_attention.FineBackward, "_chunk", chunk)
+    return seen
+
+
+def _assert_streams_own_their_buffers(seen, streams: int, partials: bool) -> None:
+    """Each of ``streams`` streams gives all its chunks one dS block buffer (and one buffer of dq
+    partial sums where ``partials``) that no other stream's chunks are given: chunks in flight
+    side by side never share one."""
+    by_stream = {}
+    for blocks, partial, stream in seen:
+        by_stream.setdefault(stream.ptr, set()).add((blocks, partial))
+    assert len(by_stream) == streams and all(len(held) == 1 for held in by_stream.values())
+    held = [next(iter(h)) for h in by_stream.values()]
+    assert all(blocks for blocks, _ in held) and len({blocks for blocks, _ in held}) == streams
+    if partials:
+        assert all(partial for _, partial in held) and len({partial for _, partial in held}) == streams
+    else:
+        assert all(partial == 0 for _, partial in held)
+
+
 class _Launches:
     """Records every kernel launched through the backends' ``Launch`` objects while installed on
     ``monkeypatch``: ``names`` (without template arguments) and ``calls`` (name, launch, pointers),
@@ -378,11 +409,14 @@ def test_streams_give_the_chunks_results(pairs_per_chunk, streams):
                 patch.setattr(cuda_attention, "_DS_CHUNK_PAIRS", pairs_per_chunk)
                 chunks = -(-6 // pairs_per_chunk)
                 assert cuda_attention.ds_schedule(6, 1, 1, 1 << 30) == (pairs_per_chunk, min(streams, chunks))
-            launches = _Launches(patch)
+            launches, seen = _Launches(patch), _record_chunk_buffers(patch)
             results[key] = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
             assert "bwd_dq_sm90" not in launches.names
             want = 1 if key == "one chunk" else chunks  # one launch of each pass per chunk
             assert launches.names.count("bwd_dkdv_sm90") == launches.names.count("bwd_dq_ds_sm90") == want
+            if key == "chunks":
+                assert len(seen) == chunks
+                _assert_streams_own_their_buffers(seen, min(streams, chunks), partials=False)
     for a, b in zip(results["chunks"], results["one chunk"]):
         assert bool(cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)))
 
@@ -413,9 +447,11 @@ def test_parts_give_the_chunks_results(entries_per_stream, parts, staged):
                 assert cuda_attention.ds_schedule(6, 420 * 8192, 30, budget) == (0, 0)
                 streams, cap = cuda_attention.ds_parts(6, 420, 60, 8192, budget)
                 assert (streams, -(-420 // cap)) == (2, parts)
-            launches = _Launches(patch)
+            launches, seen = _Launches(patch), _record_chunk_buffers(patch)
             results[key] = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
             assert "bwd_dq_sm90" not in launches.names
+            if key.startswith("parts"):
+                _assert_streams_own_their_buffers(seen, 2, partials=True)
             want = 1 if key == "one chunk" else 6 * parts
             assert launches.names.count("bwd_dkdv_sm90") == launches.names.count("bwd_dq_ds_sm90") == want
     same = lambda a, b: bool(cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)))  # noqa: E731

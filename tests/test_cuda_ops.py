@@ -246,15 +246,17 @@ def test_block_mean_of_tiles_whose_sums_pass_float32s_range(poisoned, dtype, hea
                           MEAN_RTOL)
 
 
-def _check_block_means(q_plan, kv_plan, heads, kv_heads, head_dim, dtype, rng):
-    """q, k and v (GQA heads, cross-attention lengths) in one launch."""
+def _check_block_means(q_plan, kv_plan, heads, kv_heads, head_dim, dtype, rng, misalign=(0, 0, 0)):
+    """q, k and v (GQA heads, cross-attention lengths) in one launch; ``misalign``: elements by
+    which each of q, k, v starts into its allocation (any of them off a 16-byte boundary takes
+    the launch to one element per load)."""
     q_sizes, kv_sizes = (cupy.asarray(p.variable_block_sizes) for p in (q_plan, kv_plan))
     volume = q_plan.tile_volume
     hosts = [
         _tiled_values(rng, (2, h, p.padded_len, head_dim), p.variable_block_sizes, volume, dtype)
         for h, p in ((heads, q_plan), (kv_heads, kv_plan), (kv_heads, kv_plan))
     ]
-    means = cuda_backend.block_means([cupy.asarray(a) for a in hosts], [q_sizes, kv_sizes, kv_sizes])
+    means = cuda_backend.block_means([_device(a, m) for a, m in zip(hosts, misalign)], [q_sizes, kv_sizes, kv_sizes])
     for mean, host, p in zip(means, hosts, (q_plan, kv_plan, kv_plan)):
         assert _rel_err(cupy.asnumpy(mean), reference.block_mean(host, p.variable_block_sizes, volume)) <= MEAN_RTOL
 
@@ -266,7 +268,8 @@ def test_block_means_of_q_k_v_in_one_launch(poisoned, q_plan, data, head_dim, dt
     kv_plan = vsa_nd.tile_plan(kv_seq, q_plan.tile_shape)
     kv_heads = data.draw(st.sampled_from([1, 2]))
     heads = kv_heads * data.draw(st.sampled_from([1, 3]))
-    _check_block_means(q_plan, kv_plan, heads, kv_heads, head_dim, dtype, np.random.default_rng(seed))
+    misalign = data.draw(st.sampled_from([(0, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 0)]))
+    _check_block_means(q_plan, kv_plan, heads, kv_heads, head_dim, dtype, np.random.default_rng(seed), misalign)
 
 
 @gpu
@@ -277,6 +280,9 @@ def test_smoke_block_mean(poisoned):
     _check_block_mean(plan, 1, 2, 300, BFLOAT16, 0, rng)  # rows of 600 bytes: one element per load
     _check_block_mean(plan, 1, 2, 64, np.dtype(np.float32), 1, rng)
     _check_block_means(plan, vsa_nd.tile_plan((3, 4, 9), (4, 4, 4)), 4, 2, 64, np.dtype(np.float16), rng)
+    # q on a 16-byte boundary, k or v not: the launch still takes one element per load.
+    for misalign in ((0, 1, 0), (0, 0, 1)):
+        _check_block_means(plan, vsa_nd.tile_plan((3, 4, 9), (4, 4, 4)), 4, 2, 64, BFLOAT16, rng, misalign)
 
 
 # ---------------------------------------------------------------------------------------------
