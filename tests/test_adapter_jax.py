@@ -818,6 +818,31 @@ def test_gpu_forward_matches_array_api_eager_and_jitted():
 
 
 @pytest.mark.gpu
+def test_gpu_jitted_call_runs_after_the_xla_work_that_makes_its_inputs():
+    """Under jit the call's kernels go on the stream XLA hands the handler, behind the XLA work
+    that makes its inputs: here q comes out of six sorts of 2**25 floats (several ms) queued just
+    before it.  Each run (new inputs every time) equals the call on the same q made ahead and
+    waited for, bit for bit."""
+    plan, (q, k, v, g) = gpu_problem()
+    keys = jax.device_put(np.random.default_rng(0).standard_normal(2**25).astype(np.float32), q.devices().pop())
+
+    def late(q, scale):
+        sorted_keys = keys
+        for _ in range(6):
+            sorted_keys = jnp.sort(-sorted_keys)
+        factor = jnp.where(jnp.isnan(sorted_keys[0]), jnp.nan, 1.0)  # 1, but only once the sorts are done
+        return q * scale * factor.astype(q.dtype)
+
+    layer = jax.jit(lambda q, scale: vj.video_sparse_attn(late(q, scale), k, v, 2, plan.variable_block_sizes, gate=g))
+    made_ahead = jax.jit(late)
+    for scale in (1.0, -0.5, 2.0):
+        made = made_ahead(q, scale).block_until_ready()
+        want = vj.video_sparse_attn(made, k, v, 2, plan.variable_block_sizes, gate=g)
+        got = layer(q, scale)
+        assert np.array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16)), scale
+
+
+@pytest.mark.gpu
 def test_gpu_empty_batch_gives_empty_results_and_gradients():
     gpu = jax.devices("gpu")[0]
     _empty_batch_calls(vj.tile_plan((5, 7, 6), (4, 4, 4), device=gpu), jnp.bfloat16, 64, gpu)

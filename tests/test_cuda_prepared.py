@@ -331,6 +331,30 @@ def _torch_problem(seed: int):
     return plan.variable_block_sizes, q, k, v, g, dout
 
 
+def test_torch_prepared_node_under_create_graph_takes_the_checked_backward(prepared_calls, monkeypatch):
+    """A prepared forward's node differentiated with create_graph=True: its backward goes to the
+    checked path (the prepared launches record no graph), so the gradients come back needing a
+    gradient, bit for bit the plain backward's, and differentiating them again is refused by name,
+    as on the checked path's node."""
+    torch = pytest.importorskip("torch")
+    import vsa_nd.adapters.torch as vt
+
+    backward = vt._prepared_backward
+    backwards = []  # whether each prepared node's backward took the prepared launches
+    monkeypatch.setattr(vt, "_prepared_backward", lambda *args: backwards.append(backward(*args)) or backwards[-1])
+    sizes, q, k, v, g, dout = _torch_problem(seed=31)
+    vt.video_sparse_attn(q, k, v, 3, sizes, gate=g)  # checked: the signature is remembered
+    out = vt.video_sparse_attn(q, k, v, 3, sizes, gate=g)
+    assert prepared_calls == [False, True]
+    plain = torch.autograd.grad(out, (q, k, v, g), dout, retain_graph=True)
+    graphed = torch.autograd.grad(out, (q, k, v, g), dout, create_graph=True)
+    assert [b is not None for b in backwards] == [True, False]
+    for got, want in zip(graphed, plain):
+        assert got.requires_grad and torch.equal(got.view(torch.int16), want.view(torch.int16))
+    with pytest.raises(NotImplementedError, match="vsa_nd: video_sparse_attn has first-order gradients only"):
+        graphed[0].float().sum().backward()
+
+
 def test_torch_checkpointing_saves_the_same_tensors_when_it_recomputes(prepared_calls):
     """Non-reentrant activation checkpointing runs the forward under saved-tensor hooks, runs it
     again in the backward and wants the same tensors saved both times; the prepared path's node
@@ -377,8 +401,12 @@ def test_torch_backward_takes_an_incoming_gradient_at_any_address(prepared_calls
 def _kept_for_a_side_stream(torch, make) -> bool:
     """Whether the tensor ``make()`` returns stays intact for a side stream that reads it late,
     after the caller dropped it with ``record_stream`` (what torch's caching allocator honours
-    for its own blocks): a block handed back at once is the next allocation's, overwritten here."""
+    for its own blocks): a block handed back at once is the next allocation's, overwritten here.
+    Also false where the tensor's storage is not the allocator's (not resizable: a view of memory
+    made elsewhere, say by CuPy through torch's allocator), which may stay intact here by chance."""
     result = make()
+    if not result.untyped_storage().resizable():
+        return False
     want = result.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -538,29 +566,32 @@ def test_tile_and_untile_fast_paths_match_the_host(poisoned, monkeypatch):
         vsa_nd.tile(strided, plan)
 
 
-def test_torch_tile_and_untile_fast_paths_match_the_checked_path(poisoned_torch, monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_torch_tile_and_untile_fast_paths_match_the_checked_path(poisoned_torch, monkeypatch, dtype):
     """Repeated torch tile/untile calls on CUDA (the first checked, the others prepared, into
     poisoned buffers; with and without grad) equal the CPU adapter's results, and the gradient
-    through tile is untile's."""
+    through tile is untile's; for every dtype the CUDA tile kernels take."""
     torch = pytest.importorskip("torch")
     import vsa_nd.adapters.torch as vt
 
+    dtype = getattr(torch, dtype)
+    bits = lambda t: t.view({2: torch.int16, 4: torch.int32}[t.element_size()])  # noqa: E731
     monkeypatch.setattr(vt, "_CHECKED_REORDERS", {})
     run = vt._run
     checked = []
     monkeypatch.setattr(vt, "_run", lambda fn, x, *args, **kwargs: checked.append(x.is_cuda) or run(fn, x, *args, **kwargs))
     plan, host_plan = vt.tile_plan((3, 5, 6), (2, 4, 4), device="cuda"), vt.tile_plan((3, 5, 6), (2, 4, 4))
     for call in range(3):
-        x = torch.randn(2, plan.seq_len, 3, 64, dtype=torch.bfloat16)
+        x = torch.randn(2, plan.seq_len, 3, 64, dtype=dtype)
         device_x = x.to("cuda").requires_grad_(call == 2)
         tiled = vt.tile(device_x, plan)
-        assert torch.equal(tiled.cpu().view(torch.int16), vt.tile(x, host_plan).view(torch.int16))
+        assert tiled.dtype == dtype and torch.equal(bits(tiled.cpu()), bits(vt.tile(x, host_plan)))
         back = vt.untile(tiled, plan)
-        assert torch.equal(back.detach().cpu().view(torch.int16), x.view(torch.int16))
+        assert torch.equal(bits(back.detach().cpu()), bits(x))
         if call == 2:
-            grad = torch.randn(tiled.shape, dtype=torch.bfloat16, device="cuda")
+            grad = torch.randn(tiled.shape, dtype=dtype, device="cuda")
             (got,) = torch.autograd.grad(tiled, device_x, grad)
-            assert torch.equal(got.view(torch.int16), vt.untile(grad, plan).view(torch.int16))
+            assert torch.equal(bits(got), bits(vt.untile(grad, plan)))
     assert checked.count(True) == 2  # on CUDA, the first tile and untile (the others prepared, the gradient's too)
 
 

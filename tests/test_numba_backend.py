@@ -1083,3 +1083,42 @@ def test_zero_padding_the_head_dim_is_exact(head_dim):
                                                    for n in ("dq", "dk", "dv", "dgate"))]:
         np.testing.assert_allclose(got[..., :head_dim], want, rtol=1e-12, atol=1e-12, err_msg=name)
         assert not got[..., head_dim:].any(), name
+
+
+_CACHE_SCRIPT = """
+import sys
+import numpy as np, vsa_nd
+rng = np.random.default_rng(5)
+results = {}
+for dtype, volume, dim in ((np.float32, 64, 64), (np.float32, 64, 128), (np.float64, 32, 64)):
+    plan = vsa_nd.tile_plan((8, 8, 8), (4, 4, 4) if volume == 64 else (2, 4, 4))
+    q, dout, gate = (rng.standard_normal((1, 4, plan.padded_len, dim)).astype(dtype) for _ in range(3))
+    k, v = (rng.standard_normal((1, 2, plan.padded_len, dim)).astype(dtype) for _ in range(2))
+    out, ctx = vsa_nd.video_sparse_attn(q, k, v, 3, plan.variable_block_sizes, gate=gate, return_context=True)
+    grads = vsa_nd.video_sparse_attn_backward(dout, ctx)
+    for name, x in zip(("out", "lse", "dq", "dk", "dv", "dgate"), (out, ctx.lse, *grads)):
+        results[f"{np.dtype(dtype).name}-{volume}-{dim}-{name}"] = x
+np.savez(sys.argv[1], **results)
+"""
+
+
+def test_a_process_that_compiles_the_kernels_rounds_as_one_that_loads_them_from_the_cache(tmp_path):
+    """Full VSA forward and backward (GQA, gate; 64-slot tiles in float32 at both head dims, 32 in
+    float64: the rows long enough for the kernels' four vector partial sums) in a process that
+    compiles the Numba kernels into an empty cache, then in one that loads them from it: bit for
+    bit the same results.  With the nsz fast-math flag, LLVM re-balanced the cached copy of a
+    kernel's prange body differently from the body the compiling process runs (see _FASTMATH)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    runs = []
+    for run in ("compiled", "cached"):
+        path = tmp_path / f"{run}.npz"
+        result = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(path)], capture_output=True, text=True,
+                                env=env, timeout=900)
+        assert result.returncode == 0, result.stderr
+        runs.append(np.load(path))
+    assert any((tmp_path / "numba-cache").rglob("*.nbc")), "the first process wrote no cache"
+    compiled, cached = runs
+    assert sorted(compiled.files) == sorted(cached.files) and len(compiled.files) == 18
+    for name in compiled.files:
+        assert np.isfinite(compiled[name]).all() and np.abs(compiled[name]).max() > 0, name
+        assert np.array_equal(compiled[name], cached[name]), name

@@ -39,12 +39,11 @@ dout for the backward); q * scale * log2(e) and dout with pad rows zeroed for th
 score products; and the dS blocks (one per selected pair, [V, V] rounded up to 8 rows, and
 columns as the transposed copies).
 
-Determinism: results are bit-identical from call to call, and between processes that load the
-kernels from Numba's cache.  A process that compiles them (the first run, or one after the
-cache is invalidated) may round some sums differently, by up to about 1e-6 of O(1) values: a
-kernel Numba has just compiled runs code that differs from the same kernel loaded from its
-cache (measured, cause not found; BENCHMARKS.md, the section on "kernels compiled against
-kernels loaded from the cache").
+Determinism: results are bit-identical from call to call, and between a process that compiles
+the kernels and those that load them from Numba's cache.  (A process that compiles a parallel
+kernel runs its prange body as built on its own; the cache holds the copy linked into the
+kernel, which LLVM compiles again.  Both copies must round alike, so the flags leave out nsz,
+without which LLVM does not re-balance sums: see _FASTMATH.)
 """
 
 from __future__ import annotations
@@ -80,8 +79,15 @@ _LANES = 16
 # LLVM's fast-math flags without nnan and ninf: the kernels may reassociate, contract and use
 # approximate functions, but NaN and infinity in the inputs propagate as in the reference (within
 # the selected tiles: the kernels never read the others, whose infinities the reference's dense
-# masked product turns into NaN, 0 * inf).
-_FASTMATH = {"contract", "reassoc", "arcp", "afn", "nsz"}
+# masked product turns into NaN, 0 * inf).  Without nsz too: reassoc alone lets LLVM vectorise the
+# sums, while the passes that re-balance chains of additions (the Reassociate pass, x86's
+# MachineCombiner) need reassoc and nsz.  With nsz, the copy of a kernel's prange body that
+# Numba caches (linked into the kernel and compiled again there) summed the four vector partial
+# sums of a row's probabilities as (a + b) + (c + d) where the compiling process, which runs the
+# body's own build, summed ((a + b) + c) + d: results differed by an ulp between the process that
+# compiled the kernels and those that load them (BENCHMARKS.md, "kernels compiled against
+# kernels loaded from the cache").
+_FASTMATH = {"contract", "reassoc", "arcp", "afn"}
 _KERNEL = dict(parallel=True, fastmath=_FASTMATH, cache=True)
 
 # ---------------------------------------------------------------------------------------
