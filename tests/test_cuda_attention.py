@@ -214,6 +214,41 @@ def test_scores_that_rise_in_jumps_match_reference(poisoned, dtype, head_dim, mi
     assert rising.min() > 25.0 * np.log(2)  # the scores reached the levels meant (lse in natural log)
 
 
+# Key tiles' scores (log2 units) for the rows that rise: each tile 70 above the last, far past
+# what one row's probabilities relative to another row's max could keep (2^-70 underflows fp16,
+# 2^-140 and 2^-210 float32).
+FAR_LOG2_SCORES = (0.0, 70.0, 140.0, 210.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("flat", ["first_8", "last_8"])
+def test_a_row_keeps_its_own_max_while_the_other_row_of_its_thread_rises_far(poisoned, dtype, head_dim, flat):
+    """A thread of the attention kernels holds query rows r and r + 8 of its warp's 16, with one
+    running max each.  Here, in every 16 rows, 8 (the first or the last) have q = 0, so every key
+    scores 0 and weighs alike, while the other 8 rise by 70 log2 units from key tile to key tile.
+    A flat row that took the rising row's max would scale its tiles by 2^-70 and far less, and
+    lose them: every row must match the reference, lse included."""
+    rng = np.random.default_rng(head_dim + (flat == "last_8"))
+    n_kv, scale = len(FAR_LOG2_SCORES), head_dim ** -0.5
+    level = np.repeat(np.asarray(FAR_LOG2_SCORES) / (np.log2(np.e) * scale * head_dim), 64)  # per key
+    rises = (np.arange(128) % 16 < 8) == (flat == "last_8")  # per query row
+    noise = 0.02 * rng.standard_normal((1, 2, 128, head_dim))
+    q = np.where(rises[:, None], 1.0 + noise, 0.0).astype(dtype)
+    k = (level[None, None, :, None] + 0.02 * rng.standard_normal((1, 2, 64 * n_kv, head_dim))).astype(dtype)
+    v = rng.standard_normal((1, 2, 64 * n_kv, head_dim)).astype(dtype)
+    q2k_idx = np.ascontiguousarray(np.broadcast_to(np.arange(n_kv, dtype=np.int32), (1, 2, 2, n_kv)))
+    q2k_num = np.full((1, 2, 2), n_kv, np.int32)
+    kv_sizes = np.full(n_kv, 64, np.int32)
+
+    out, lse, ref_out, ref_lse = _against_reference(q, k, v, kv_sizes, q2k_idx, q2k_num)
+    assert np.isfinite(out).all()
+    _check_out(out, ref_out, np.dtype(dtype))
+    assert lse_error(lse, ref_lse) <= LSE_TOLERANCE
+    assert ref_lse[..., rises].min() > 200.0 * np.log(2)  # the scores reached the levels meant
+    assert np.allclose(ref_lse[..., ~rises], np.log(64 * n_kv))  # flat rows: every key alike
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_rows_past_the_float32_range_are_never_silently_wrong(poisoned, head_dim):
     """q scaled so that rows' |lse| spans ~1e8 to ~1e11: from ~1.5e9 the float32 running max

@@ -221,6 +221,19 @@ def test_select_topk_blocks(n_q, n_kv, dtype, levels, specials, data):
     assert snapshot(scores) == before
 
 
+@pytest.mark.parametrize("row, topk, want", [
+    ([-1.0, -3.0, -2.0, -0.5], 2, [0, 3]),  # the k-th largest negative: -1 above -2 and -3
+    ([-2.0, 1.0, -1.0, -3.0, -1.0, -np.inf], 3, [1, 2, 4]),  # a positive, then ties among negatives
+    ([-np.inf, -3.4e38, -1e-45, -1.0, -1.5], 3, [2, 3, 4]),  # tiny and huge magnitudes, -inf last
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_select_topk_blocks_among_negative_scores(row, topk, want, dtype):
+    """Rows whose k-th largest score is negative (the GPU kernel's test has the same rows)."""
+    q2k_idx, q2k_num = vsa_nd.select_topk_blocks(np.array(row, dtype)[None, None, None, :], topk)
+    assert q2k_idx.tolist() == [[[want]]] and q2k_num.tolist() == [[[topk]]]
+    assert ref.select_topk(np.array(row, dtype)[None, None, None, :], topk)[0].tolist() == [[[want]]]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_coarse_softmax_and_its_backward_kernels(dtype):
     """The CPU backend's coarse-softmax pieces against float64: select_topk_softmax_ (the
