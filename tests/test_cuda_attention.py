@@ -216,7 +216,7 @@ def test_scores_that_rise_in_jumps_match_reference(poisoned, dtype, head_dim, mi
 
 # Key tiles' scores (log2 units) for the rows that rise: each tile 70 above the last, far past
 # what one row's probabilities relative to another row's max could keep (2^-70 underflows fp16,
-# 2^-140 and 2^-210 float32).
+# 2^-140 is a float32 subnormal, which the kernels' exp2 flushes to 0, and 2^-210 is 0).
 FAR_LOG2_SCORES = (0.0, 70.0, 140.0, 210.0)
 
 

@@ -331,14 +331,21 @@ def _device_ints(address, count: int) -> np.ndarray:
 
 def _record_chunk_buffers(monkeypatch) -> list:
     """While installed on ``monkeypatch``: every hand-over chunk's (dS blocks, dq partial sums,
-    stream), as FineBackward._chunk is given them, in launch order."""
+    stream, bytes of a stream's blocks, bytes of its partial sums), as FineBackward._chunk is
+    given them, in launch order."""
+    import inspect
+
     from vsa_nd.backends import cuda_attention
 
     seen, real = [], cuda_attention.FineBackward._chunk
+    signature = inspect.signature(real)
 
-    def chunk(self, c, p, ds_blocks, partial, *rest):
-        seen.append((ds_blocks, partial, rest[-1]))
-        return real(self, c, p, ds_blocks, partial, *rest)
+    def chunk(*args, **kwargs):
+        given = signature.bind(*args, **kwargs).arguments  # by name: the order may change
+        fine = given["self"]
+        seen.append((given["ds_blocks"], given["partial"], given["stream"],
+                     fine.block_elements * fine.dtype.itemsize, fine.partial_bytes))
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(cuda_attention.FineBackward, "_chunk", chunk)
     return seen
@@ -346,18 +353,22 @@ def _record_chunk_buffers(monkeypatch) -> list:
 
 def _assert_streams_own_their_buffers(seen, streams: int, partials: bool) -> None:
     """Each of ``streams`` streams gives all its chunks one dS block buffer (and one buffer of dq
-    partial sums where ``partials``) that no other stream's chunks are given: chunks in flight
-    side by side never share one."""
+    partial sums where ``partials``) that no other stream's chunks are given, and no two of these
+    buffers overlap: chunks in flight side by side never share memory."""
     by_stream = {}
-    for blocks, partial, stream in seen:
-        by_stream.setdefault(stream.ptr, set()).add((blocks, partial))
+    for blocks, partial, stream, block_bytes, partial_bytes in seen:
+        by_stream.setdefault(stream.ptr, set()).add((blocks, partial, block_bytes, partial_bytes))
     assert len(by_stream) == streams and all(len(held) == 1 for held in by_stream.values())
     held = [next(iter(h)) for h in by_stream.values()]
-    assert all(blocks for blocks, _ in held) and len({blocks for blocks, _ in held}) == streams
+    assert all(blocks and size > 0 for blocks, _, size, _ in held)
+    ranges = [(blocks, blocks + size) for blocks, _, size, _ in held]
     if partials:
-        assert all(partial for _, partial in held) and len({partial for _, partial in held}) == streams
+        assert all(partial and size > 0 for _, partial, _, size in held)
+        ranges += [(partial, partial + size) for _, partial, _, size in held]
     else:
-        assert all(partial == 0 for _, partial in held)
+        assert all(partial == 0 and size == 0 for _, partial, _, size in held)
+    ranges.sort()
+    assert all(end <= start for (_, end), (start, _) in zip(ranges, ranges[1:])), ranges
 
 
 class _Launches:

@@ -40,10 +40,11 @@ score products; and the dS blocks (one per selected pair, [V, V] rounded up to 8
 columns as the transposed copies).
 
 Determinism: results are bit-identical from call to call, and between a process that compiles
-the kernels and those that load them from Numba's cache.  (A process that compiles a parallel
-kernel runs its prange body as built on its own; the cache holds the copy linked into the
-kernel, which LLVM compiles again.  Both copies must round alike, so the flags leave out nsz,
-without which LLVM does not re-balance sums: see _FASTMATH.)
+the kernels and those that load them from Numba's cache (a test checks both on this project's
+Numba and LLVM).  A process that compiles a parallel kernel runs its prange body as built on its
+own; the cache holds the copy linked into the kernel, which LLVM compiles again.  Both copies
+must round alike.  With nsz among the flags they did not: LLVM's x86 back end re-balanced one
+copy's sums (see _FASTMATH), so the kernels' arithmetic leaves nsz out.
 """
 
 from __future__ import annotations
