@@ -177,6 +177,30 @@ def test_kernel_limits_are_reported_before_launch():
             call()
 
 
+def _keys_at_levels(log2_scores, head_dim: int, dtype, rng) -> tuple:
+    """k and v of 2 heads and len(log2_scores) key tiles of 64, whose tile j scores about
+    log2_scores[j] (log2 units, at the default scale) against a q row of ones; v random."""
+    scale = head_dim ** -0.5
+    level = np.repeat(np.asarray(log2_scores) / (np.log2(np.e) * scale * head_dim), 64)  # per key
+    n = 64 * len(log2_scores)
+    k = (level[None, None, :, None] + 0.02 * rng.standard_normal((1, 2, n, head_dim))).astype(dtype)
+    return k, rng.standard_normal((1, 2, n, head_dim)).astype(dtype)
+
+
+def _check_all_rows(q, k, v, lists, dtype) -> np.ndarray:
+    """q's two query tiles of 64 rows (2 heads) against every key tile of k, in the orders of
+    ``lists`` [2, N_kv] (one per query tile): out finite and close to the reference, lse too.
+    Returns the reference's lse."""
+    n_kv = lists.shape[-1]
+    q2k_idx = np.ascontiguousarray(np.broadcast_to(lists.astype(np.int32), (1, 2, 2, n_kv)))
+    q2k_num = np.full((1, 2, 2), n_kv, np.int32)
+    out, lse, ref_out, ref_lse = _against_reference(q, k, v, np.full(n_kv, 64, np.int32), q2k_idx, q2k_num)
+    assert np.isfinite(out).all()
+    _check_out(out, ref_out, np.dtype(dtype))
+    assert lse_error(lse, ref_lse) <= LSE_TOLERANCE
+    return ref_lse
+
+
 # Each key tile's score (log2 units, the same for every query row up to noise) in list order:
 # the running max jumps by more than the kernels' RESCALE_SLACK (8) at entries 1, 4 and 6, rises
 # by less (the max stays put, P up to 2^1) at 2 and 8, and falls elsewhere; the last four tiles
@@ -194,22 +218,11 @@ def test_scores_that_rise_in_jumps_match_reference(poisoned, dtype, head_dim, mi
     8 have q negated, so their scores fall where the others rise: within a warp (and a thread,
     which holds rows r and r + 8) some rows move their max while the others keep theirs."""
     rng = np.random.default_rng(head_dim)
-    n_kv, scale = len(RISING_LOG2_SCORES), head_dim ** -0.5
-    level = np.repeat(np.asarray(RISING_LOG2_SCORES) / (np.log2(np.e) * scale * head_dim), 64)  # per key
     sign = np.where(np.arange(128) % 16 < 8, 1.0, -1.0 if mixed else 1.0)  # per query row
     q = (sign[:, None] * (1.0 + 0.02 * rng.standard_normal((1, 2, 128, head_dim)))).astype(dtype)
-    k = (level[None, None, :, None] + 0.02 * rng.standard_normal((1, 2, 64 * n_kv, head_dim))).astype(dtype)
-    v = rng.standard_normal((1, 2, 64 * n_kv, head_dim)).astype(dtype)
-    order = np.arange(n_kv, dtype=np.int32)
-    q2k_idx = np.broadcast_to(np.stack([order, order[np.argsort(RISING_LOG2_SCORES)[::-1]]]), (1, 2, 2, n_kv))
-    q2k_idx = np.ascontiguousarray(q2k_idx)
-    q2k_num = np.full((1, 2, 2), n_kv, np.int32)
-    kv_sizes = np.full(n_kv, 64, np.int32)
-
-    out, lse, ref_out, ref_lse = _against_reference(q, k, v, kv_sizes, q2k_idx, q2k_num)
-    assert np.isfinite(out).all()
-    _check_out(out, ref_out, np.dtype(dtype))
-    assert lse_error(lse, ref_lse) <= LSE_TOLERANCE
+    k, v = _keys_at_levels(RISING_LOG2_SCORES, head_dim, dtype, rng)
+    order = np.arange(len(RISING_LOG2_SCORES), dtype=np.int32)
+    ref_lse = _check_all_rows(q, k, v, np.stack([order, order[np.argsort(RISING_LOG2_SCORES)[::-1]]]), dtype)
     rising = ref_lse[..., sign > 0]
     assert rising.min() > 25.0 * np.log(2)  # the scores reached the levels meant (lse in natural log)
 
@@ -230,21 +243,12 @@ def test_a_row_keeps_its_own_max_while_the_other_row_of_its_thread_rises_far(poi
     A flat row that took the rising row's max would scale its tiles by 2^-70 and far less, and
     lose them: every row must match the reference, lse included."""
     rng = np.random.default_rng(head_dim + (flat == "last_8"))
-    n_kv, scale = len(FAR_LOG2_SCORES), head_dim ** -0.5
-    level = np.repeat(np.asarray(FAR_LOG2_SCORES) / (np.log2(np.e) * scale * head_dim), 64)  # per key
+    n_kv = len(FAR_LOG2_SCORES)
     rises = (np.arange(128) % 16 < 8) == (flat == "last_8")  # per query row
     noise = 0.02 * rng.standard_normal((1, 2, 128, head_dim))
     q = np.where(rises[:, None], 1.0 + noise, 0.0).astype(dtype)
-    k = (level[None, None, :, None] + 0.02 * rng.standard_normal((1, 2, 64 * n_kv, head_dim))).astype(dtype)
-    v = rng.standard_normal((1, 2, 64 * n_kv, head_dim)).astype(dtype)
-    q2k_idx = np.ascontiguousarray(np.broadcast_to(np.arange(n_kv, dtype=np.int32), (1, 2, 2, n_kv)))
-    q2k_num = np.full((1, 2, 2), n_kv, np.int32)
-    kv_sizes = np.full(n_kv, 64, np.int32)
-
-    out, lse, ref_out, ref_lse = _against_reference(q, k, v, kv_sizes, q2k_idx, q2k_num)
-    assert np.isfinite(out).all()
-    _check_out(out, ref_out, np.dtype(dtype))
-    assert lse_error(lse, ref_lse) <= LSE_TOLERANCE
+    k, v = _keys_at_levels(FAR_LOG2_SCORES, head_dim, dtype, rng)
+    ref_lse = _check_all_rows(q, k, v, np.stack([np.arange(n_kv)] * 2), dtype)
     assert ref_lse[..., rises].min() > 200.0 * np.log(2)  # the scores reached the levels meant
     assert np.allclose(ref_lse[..., ~rises], np.log(64 * n_kv))  # flat rows: every key alike
 
