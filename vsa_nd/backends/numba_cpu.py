@@ -85,9 +85,9 @@ _LANES = 16
 # MachineCombiner) need reassoc and nsz.  With nsz, the copy of a kernel's prange body that
 # Numba caches (linked into the kernel and compiled again there) summed the four vector partial
 # sums of a row's probabilities as (a + b) + (c + d) where the compiling process, which runs the
-# body's own build, summed ((a + b) + c) + d: results differed by an ulp between the process that
-# compiled the kernels and those that load them (BENCHMARKS.md, "kernels compiled against
-# kernels loaded from the cache").
+# body's own build, summed ((a + b) + c) + d: results differed by up to ~1e-6 of O(1) values
+# between the process that compiled the kernels and those that load them (BENCHMARKS.md,
+# "kernels compiled against kernels loaded from the cache").
 _FASTMATH = {"contract", "reassoc", "arcp", "afn"}
 _KERNEL = dict(parallel=True, fastmath=_FASTMATH, cache=True)
 
