@@ -11,6 +11,15 @@ from vsa_nd._xp import BFLOAT16
 TILES = {1: [(64,), (128,)], 2: [(8, 8), (8, 16)], 3: [(4, 4, 4), (4, 4, 8)], 4: [(2, 2, 4, 4)]}
 DTYPES = [np.dtype(np.float16), BFLOAT16]
 
+# Top-k rows whose k-th largest score is negative, as (row, topk, the indices chosen): every
+# backend's selection orders negative scores by value, not by magnitude.
+NEGATIVE_TOPK_ROWS = [
+    ([-1.0, -3.0, -2.0, -0.5], 2, [0, 3]),  # the k-th largest negative: -1 above -2 and -3
+    ([-2.0, 1.0, -1.0, -3.0, -1.0, -np.inf], 3, [1, 2, 4]),  # a positive, then ties among negatives
+    ([-2.0, 1.0, -1.0, -3.0, -1.0, -np.inf], 2, [1, 2]),  # ... of which the lower index
+    ([-np.inf, -3.4e38, -1e-45, -1.0, -1.5], 3, [2, 3, 4]),  # tiny and huge magnitudes, -inf last
+]
+
 
 @st.composite
 def problems(draw, max_tokens: int, groups=(1, 2)):

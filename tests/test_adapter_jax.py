@@ -202,11 +202,11 @@ def test_cross_attention_gradients_with_gqa_gate_and_custom_scale(jit):
         assert rel_err(np.asarray(grad)[:, :, real], want[:, :, real]) <= BWD_TOL["float64"]
     every = lambda q, k, v, topk: vj.video_sparse_attn(q, k, v, topk, plan_q.variable_block_sizes,  # noqa: E731
                                                        plan_kv.variable_block_sizes)
-    got = (jax.jit(every, static_argnums=3) if jit else every)(q, k, v, 12)
+    call = jax.jit(every, static_argnums=3) if jit else every
     want = vsa_nd.video_sparse_attn(*arrays[:3], 12, q_sizes, kv_sizes)
-    np.testing.assert_array_equal(np.asarray(got), want)
+    np.testing.assert_array_equal(np.asarray(call(q, k, v, 12)), want)
     with pytest.raises(ValueError, match="topk: expected 1 <= topk <= 12, got 13"):
-        (jax.jit(every, static_argnums=3) if jit else every)(q, k, v, 13)
+        call(q, k, v, 13)
 
 
 def test_gradients_without_a_gate():

@@ -451,11 +451,11 @@ def test_misaligned_views_are_refused_before_launch(name, offset):
     arrays = {n: cupy.asarray(rng.standard_normal(shape).astype(np.float16)) for n in ("q", "k", "v")}
     moved = cupy.empty(int(np.prod(shape)) + offset, np.float16)[offset:].reshape(shape)
     moved[...] = arrays[name]
+    given = [moved if n == name else arrays[n] for n in ("q", "k", "v")]
     if offset * 2 % 16:
         with pytest.raises(ValueError, match=f"{name}: the CUDA attention kernels need arrays starting on a 16-byte "
                                              r"boundary, got address 0x[0-9a-f]+; pass a copy \(cupy.array\(x\)\)"):
-            vsa_nd.video_sparse_attn(*(moved if n == name else arrays[n] for n in ("q", "k", "v")), 1, sizes)
+            vsa_nd.video_sparse_attn(*given, 1, sizes)
     else:
         want = vsa_nd.video_sparse_attn(arrays["q"], arrays["k"], arrays["v"], 1, sizes)
-        got = vsa_nd.video_sparse_attn(*(moved if n == name else arrays[n] for n in ("q", "k", "v")), 1, sizes)
-        assert cupy.array_equal(got, want)
+        assert cupy.array_equal(vsa_nd.video_sparse_attn(*given, 1, sizes), want)

@@ -22,7 +22,7 @@ from vsa_nd import reference
 from vsa_nd._xp import BFLOAT16
 from vsa_nd.backends import cuda as cuda_backend
 
-from attention_problems import check_huge_tile_means, huge_tile_sums
+from attention_problems import NEGATIVE_TOPK_ROWS, check_huge_tile_means, huge_tile_sums
 
 try:
     import cupy
@@ -360,10 +360,7 @@ def test_select_topk_matches_reference(poisoned, num_kv, lead, kind, data, seed)
         ([np.nan, np.nan, np.nan], 2),
         ([-np.inf, np.inf, -np.inf, np.inf], 3),
         ([5.0] * 700 + [7.0] * 700 + [5.0] * 1700, 1000),  # ties across scan chunks
-        ([-1.0, -3.0, -2.0, -0.5], 2),  # the k-th largest negative: -1 above -2 and -3
-        ([-2.0, 1.0, -1.0, -3.0, -1.0, -np.inf], 3),  # a positive, then ties among negatives
-        ([-2.0, 1.0, -1.0, -3.0, -1.0, -np.inf], 2),  # ... of which the lower index
-        ([-np.inf, -3.4e38, -1e-45, -1.0, -1.5], 3),  # tiny and huge magnitudes, -inf last
+        *((row, topk) for row, topk, _ in NEGATIVE_TOPK_ROWS),  # the k-th largest score negative
     ],
 )
 def test_select_topk_ties(poisoned, row, topk):

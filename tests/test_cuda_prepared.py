@@ -259,6 +259,23 @@ def prepared_calls(monkeypatch):
 
 
 @pytest.fixture
+def prepared_backwards(monkeypatch):
+    """A list that records, for each prepared node's backward, what the prepared backward
+    launches returned: None where the call went to the checked path."""
+    import vsa_nd.adapters.torch as vt
+
+    returned = []
+    run = vt._prepared_backward
+
+    def recorded(*args):
+        returned.append(run(*args))
+        return returned[-1]
+
+    monkeypatch.setattr(vt, "_prepared_backward", recorded)
+    return returned
+
+
+@pytest.fixture
 def poisoned_torch(monkeypatch):
     """Every buffer the torch adapter's prepared path allocates starts as 0xFF bytes."""
     torch = pytest.importorskip("torch")
@@ -275,7 +292,7 @@ def poisoned_torch(monkeypatch):
 
 
 @pytest.mark.parametrize("needs_grad", [False, True])
-def test_torch_fast_path_matches_the_checked_path(needs_grad, poisoned_torch, prepared_calls, monkeypatch):
+def test_torch_fast_path_matches_the_checked_path(needs_grad, poisoned_torch, prepared_calls, prepared_backwards):
     """Torch calls of one signature: the first through vsa_nd's checks, later ones on the
     prepared launches with torch's allocator (poisoned here), their backward too; outputs, the
     autograd context and gradients equal the checked path's bit for bit, on fresh inputs each call."""
@@ -283,9 +300,6 @@ def test_torch_fast_path_matches_the_checked_path(needs_grad, poisoned_torch, pr
     import vsa_nd.adapters.torch as vt
 
     prepared = prepared_calls
-    backward = vt._prepared_backward
-    backwards = []  # whether each prepared node's backward took the prepared launches
-    monkeypatch.setattr(vt, "_prepared_backward", lambda *args: backwards.append(backward(*args)) or backwards[-1])
     plan = vt.tile_plan((4, 6, 8), (4, 4, 4), device="cuda")
     sizes = plan.variable_block_sizes
     generator = torch.Generator(device="cuda")
@@ -313,7 +327,7 @@ def test_torch_fast_path_matches_the_checked_path(needs_grad, poisoned_torch, pr
                                  torch.autograd.grad(expected, (q, k, v, g), dout)):
                 assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     assert prepared[0::2] == [False, True, True] and not any(prepared[1::2])  # never under the function mode
-    assert [b is not None for b in backwards] == ([True, True] if needs_grad else [])
+    assert [b is not None for b in prepared_backwards] == ([True, True] if needs_grad else [])
 
 
 def _torch_problem(seed: int):
@@ -331,7 +345,7 @@ def _torch_problem(seed: int):
     return plan.variable_block_sizes, q, k, v, g, dout
 
 
-def test_torch_prepared_node_under_create_graph_takes_the_checked_backward(prepared_calls, monkeypatch):
+def test_torch_prepared_node_under_create_graph_takes_the_checked_backward(prepared_calls, prepared_backwards):
     """A prepared forward's node differentiated with create_graph=True: its backward goes to the
     checked path (the prepared launches record no graph), so the gradients come back needing a
     gradient, bit for bit the plain backward's, and differentiating them again is refused by name,
@@ -339,16 +353,13 @@ def test_torch_prepared_node_under_create_graph_takes_the_checked_backward(prepa
     torch = pytest.importorskip("torch")
     import vsa_nd.adapters.torch as vt
 
-    backward = vt._prepared_backward
-    backwards = []  # whether each prepared node's backward took the prepared launches
-    monkeypatch.setattr(vt, "_prepared_backward", lambda *args: backwards.append(backward(*args)) or backwards[-1])
     sizes, q, k, v, g, dout = _torch_problem(seed=31)
     vt.video_sparse_attn(q, k, v, 3, sizes, gate=g)  # checked: the signature is remembered
     out = vt.video_sparse_attn(q, k, v, 3, sizes, gate=g)
     assert prepared_calls == [False, True]
     plain = torch.autograd.grad(out, (q, k, v, g), dout, retain_graph=True)
     graphed = torch.autograd.grad(out, (q, k, v, g), dout, create_graph=True)
-    assert [b is not None for b in backwards] == [True, False]
+    assert [b is not None for b in prepared_backwards] == [True, False]
     for got, want in zip(graphed, plain):
         assert got.requires_grad and torch.equal(got.view(torch.int16), want.view(torch.int16))
     with pytest.raises(NotImplementedError, match="vsa_nd: video_sparse_attn has first-order gradients only"):
@@ -595,7 +606,8 @@ def test_torch_tile_and_untile_fast_paths_match_the_checked_path(poisoned_torch,
     assert checked.count(True) == 2  # on CUDA, the first tile and untile (the others prepared, the gradient's too)
 
 
-def test_torch_prepared_backward_hands_ds_over_on_streams(poisoned_torch, prepared_calls, monkeypatch):
+def test_torch_prepared_backward_hands_ds_over_on_streams(poisoned_torch, prepared_calls, prepared_backwards,
+                                                          monkeypatch):
     """The prepared backward of torch calls (head dim 128, GQA, gate) with the dS hand-over in
     chunks of one (batch, kv head) pair on three streams of its own, into poisoned buffers:
     gradients bit for bit those of the checked path (the custom op's backward, by vsa_nd's
@@ -616,9 +628,6 @@ def test_torch_prepared_backward_hands_ds_over_on_streams(poisoned_torch, prepar
     launch = cuda.Launch.__call__
     monkeypatch.setattr(cuda.Launch, "__call__",
                         lambda self, pointers, stream=None: names.append(self.name.split("<")[0]) or launch(self, pointers, stream))
-    backward = vt._prepared_backward
-    backwards = []
-    monkeypatch.setattr(vt, "_prepared_backward", lambda *args: backwards.append(backward(*args)) or backwards[-1])
     plan = vt.tile_plan((6, 12, 10), (4, 4, 4), device="cuda")  # 18 tiles, partial ones included
     generator = torch.Generator(device="cuda").manual_seed(3)
     pairs = 2 * 2  # batch x kv heads: one chunk each
@@ -630,13 +639,13 @@ def test_torch_prepared_backward_hands_ds_over_on_streams(poisoned_torch, prepar
         names.clear()
         got = torch.autograd.grad(vt.video_sparse_attn(q, k, v, 5, plan.variable_block_sizes, gate=g), (q, k, v, g), dout)
         if call:
-            assert backwards[-1] is not None  # the prepared backward ran
+            assert prepared_backwards[-1] is not None  # the prepared backward ran
             assert names.count("bwd_dkdv_sm90") == names.count("bwd_dq_ds_sm90") == pairs
         with torch.device("cuda"):  # the custom op: the checked path, forward and backward
             expected = vt.video_sparse_attn(q, k, v, 5, plan.variable_block_sizes, gate=g)
         for a, b in zip(got, torch.autograd.grad(expected, (q, k, v, g), dout)):
             assert torch.equal(a.view(torch.int16), b.view(torch.int16))
-    assert prepared_calls[0::2] == [False, True, True] and len(backwards) == 2
+    assert prepared_calls[0::2] == [False, True, True] and len(prepared_backwards) == 2
 
 
 @pytest.mark.parametrize("hand_over", [False, True])

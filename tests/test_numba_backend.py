@@ -23,8 +23,8 @@ import vsa_nd
 from vsa_nd import reference as ref
 from vsa_nd.kernels import padded_head_dim
 
-from attention_problems import (check_first_tile_overflow, check_huge_lse_gradients, check_huge_tile_means,
-                                first_tile_overflow_problem, huge_lse_problem, huge_tile_sums)
+from attention_problems import (NEGATIVE_TOPK_ROWS, check_first_tile_overflow, check_huge_lse_gradients,
+                                check_huge_tile_means, first_tile_overflow_problem, huge_lse_problem, huge_tile_sums)
 
 DTYPES = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), np.dtype(bfloat16)]
 FWD_TOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-3, "bfloat16": 2e-2}
@@ -221,18 +221,14 @@ def test_select_topk_blocks(n_q, n_kv, dtype, levels, specials, data):
     assert snapshot(scores) == before
 
 
-@pytest.mark.parametrize("row, topk, want", [
-    ([-1.0, -3.0, -2.0, -0.5], 2, [0, 3]),  # the k-th largest negative: -1 above -2 and -3
-    ([-2.0, 1.0, -1.0, -3.0, -1.0, -np.inf], 3, [1, 2, 4]),  # a positive, then ties among negatives
-    ([-2.0, 1.0, -1.0, -3.0, -1.0, -np.inf], 2, [1, 2]),  # ... of which the lower index
-    ([-np.inf, -3.4e38, -1e-45, -1.0, -1.5], 3, [2, 3, 4]),  # tiny and huge magnitudes, -inf last
-])
+@pytest.mark.parametrize("row, topk, want", NEGATIVE_TOPK_ROWS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_select_topk_blocks_among_negative_scores(row, topk, want, dtype):
     """Rows whose k-th largest score is negative (the GPU kernel's test has the same rows)."""
-    q2k_idx, q2k_num = vsa_nd.select_topk_blocks(np.array(row, dtype)[None, None, None, :], topk)
+    scores = np.array(row, dtype)[None, None, None, :]
+    q2k_idx, q2k_num = vsa_nd.select_topk_blocks(scores, topk)
     assert q2k_idx.tolist() == [[[want]]] and q2k_num.tolist() == [[[topk]]]
-    assert ref.select_topk(np.array(row, dtype)[None, None, None, :], topk)[0].tolist() == [[[want]]]
+    assert ref.select_topk(scores, topk)[0].tolist() == [[[want]]]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
