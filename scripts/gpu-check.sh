@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script the GPU machine runs: install vsa_nd in place (no network), show the card and
 # versions, compile every kernel with NVRTC, run the GPU tests, run a small subset of them under
-# compute-sanitizer (memcheck and racecheck), then the benchmarks; keep going after a failing
+# compute-sanitizer (memcheck, racecheck, initcheck, synccheck), then the benchmarks; keep going after a failing
 # step, print a short summary last and exit non-zero if any step failed.
 #
 #   bash scripts/gpu-check.sh [benchmark scripts...]
@@ -14,6 +14,9 @@
 #                      empty skips the sanitizer
 #   VSA_ND_SANITIZE_TESTS  pytest paths for it (default: the ops, attention and backward tests,
 #                      whose smoke tests are there for the sanitizer)
+#   VSA_ND_SANITIZE_TOOLS  compute-sanitizer tools to run (default: memcheck racecheck initcheck
+#                      synccheck; initcheck reports reads of device memory nothing wrote, which
+#                      is why the sanitizer runs with CuPy's memory pool off)
 #   VSA_ND_SANITIZE_PROFILE  hypothesis profile of the property tests the sanitizer runs
 #                      (default: sanitize, 5 examples each; e.g. VSA_ND_SANITIZE="smoke or
 #                      matches_reference" with tests/test_cuda_backward.py)
@@ -79,7 +82,7 @@ step "GPU tests ($TESTS)" tests.log env VSA_ND_REQUIRE_GPU=1 HYPOTHESIS_PROFILE=
 
 if [ -n "$SANITIZE" ]; then
     SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-    for tool in memcheck racecheck; do
+    for tool in ${VSA_ND_SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
         step "compute-sanitizer $tool (-k '$SANITIZE')" sanitizer.log \
             env VSA_ND_REQUIRE_GPU=1 VSA_ND_CUPY_POOL=0 HYPOTHESIS_PROFILE="${VSA_ND_SANITIZE_PROFILE:-sanitize}" "$SANITIZER" --tool "$tool" --error-exitcode 1 \
             python3 -m pytest -m gpu -q -p no:cacheprovider -k "$SANITIZE" $SANITIZE_TESTS
