@@ -124,7 +124,7 @@ def main() -> None:
             # twice and its second result checked: later calls of a shape take the prepared
             # launches (and jax.jit its compiled program), which is what is timed.
             results = []
-            for label, fn, sync in ways:
+            for _, fn, sync in ways:
                 fn()
                 results.append(fn())
                 sync(results[-1])

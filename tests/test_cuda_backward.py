@@ -559,8 +559,6 @@ def test_a_failing_launch_still_joins_the_streams(monkeypatch):
     joined back); the next call runs as before."""
     import cupy
 
-    from vsa_nd.backends import cuda_attention
-
     use_kernels("streams", monkeypatch)
     dout, ctx = _hand_over_problem(24)
     stream = cupy.cuda.Stream(non_blocking=True)
@@ -609,7 +607,7 @@ def test_workspace_out_of_memory_falls_back_to_recomputing(monkeypatch):
 
         monkeypatch.setattr(cuda_attention, "_alloc", alloc)  # (the fine backward's own callers allocate here,
         monkeypatch.setattr(cuda, "_alloc", alloc)  # the whole VSA backward here)
-        for call in range(5):
+        for _ in range(5):
             launches.names.clear()
             got = vsa_nd.video_sparse_attn_backward(dout, ctx)[:3]
             assert "bwd_dq_ds_sm90" not in launches.names and "bwd_dq_sm90" in launches.names
@@ -729,8 +727,6 @@ def test_row_terms_from_coarse_grad_match_bwd_delta(kernel, p):
     (with "streams", one bwd_delta per chunk on the chunk's stream, before its dK/dV pass: the
     launches take consecutive row ranges, in chunk order, that cover every row once; the rows
     start as NaN, so a row missed or given to the wrong chunk would show)."""
-    import cupy
-
     from vsa_nd.backends import cuda, cuda_attention, cuda_vsa
 
     with pytest.MonkeyPatch.context() as monkeypatch:

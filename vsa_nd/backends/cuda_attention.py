@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .._xp import BFLOAT16
-from ..kernels import HEAD_DIMS, get_function, padded_head_dim
+from ..kernels import HEAD_DIMS, padded_head_dim
 from .cuda import _MAX_GRID_Y, Launch, _check_index_range, make_launch, workspace_layout
 
 _CUDA_TYPES = {np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16"}
@@ -46,7 +46,7 @@ def _workspace_default() -> int:
     try:
         gib = float(text)
     except ValueError:
-        raise ValueError(f"VSA_ND_DS_WORKSPACE_GIB must be a number of GiB (0 turns the workspace off), got {text!r}")
+        raise ValueError(f"VSA_ND_DS_WORKSPACE_GIB must be a number of GiB (0 turns the workspace off), got {text!r}") from None
     if gib < 0:
         raise ValueError(f"VSA_ND_DS_WORKSPACE_GIB must not be negative, got {text!r}")
     return int(gib * (1 << 30))
