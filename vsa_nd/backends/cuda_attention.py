@@ -68,7 +68,7 @@ DS_WORKSPACE_BYTES = _workspace_default()
 # 480p with 24 heads of 64 the hand-over was 1.5-6% slower than recomputing on H100s (3.35 TB/s;
 # 9.7-9.8 against 9.4 ms for one call and 9.45-9.54 against 9.03 ms back to back, and 8.97-9.04
 # against 8.84 ms, all with the two-CTA dK/dV pass of then), 5-6% faster on an H200 (4.9 TB/s;
-# 8.06-8.09 against 8.53-8.58 ms with the three-CTA pass; 3.2-3.6% in four benchmark runs;
+# 8.06-8.09 against 8.53-8.58 ms with the three-CTA pass; 3.2-5.5% in five benchmark runs;
 # BENCHMARKS.md).  An H100 with the three-CTA pass is not measured yet.
 _DS_HEAD_DIMS = (128,)
 _DS_FAST_DRAM_HEAD_DIMS = (64,)
