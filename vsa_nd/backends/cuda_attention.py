@@ -46,7 +46,8 @@ def _workspace_default() -> int:
     try:
         gib = float(text)
     except ValueError:
-        raise ValueError(f"VSA_ND_DS_WORKSPACE_GIB must be a number of GiB (0 turns the workspace off), got {text!r}") from None
+        raise ValueError(f"VSA_ND_DS_WORKSPACE_GIB must be a number of GiB (0 turns the workspace off), "
+                         f"got {text!r}") from None
     if gib < 0:
         raise ValueError(f"VSA_ND_DS_WORKSPACE_GIB must not be negative, got {text!r}")
     return int(gib * (1 << 30))
