@@ -2,6 +2,7 @@
 (``benchmarks/_common.smooth_inputs``) must give local selections and random ones must not, and
 the overlap measure must count what it says."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import vsa_nd
 from vsa_nd import reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from _common import selection_overlap, smooth_inputs  # noqa: E402
+from _common import (ClockSampler, _errors, agree, check_spot, selection_overlap, smooth_inputs, spot_check,  # noqa: E402
+                     time_back_to_back)
 
 
 def test_overlap_counts_shared_entries_of_neighbouring_tiles():
@@ -79,8 +81,6 @@ def test_spot_check_agrees_with_a_correct_call_and_catches_wrong_gradients(seed)
     float32 call its errors are at float32's rounding, also with NaN in every pad slot of the
     inputs, and a gradient 1% off, a key tile's dv swapped for another's, or a non-zero pad row
     are reported."""
-    from _common import spot_check
-
     for nan_pads in (False, True):
         ctx, dout, grads = _spot_problem(np.float32, seed, nan_pads)
         errors = spot_check(ctx, dout, grads, seed=seed, **ALL)
@@ -102,10 +102,6 @@ def test_spot_check_catches_a_wrong_forward():
     """One wrong row of out (the whole sample's error hides it, the worst row's does not), NaN
     or a non-(-inf) lse in a pad row, a tile the coarse scores rank low chosen in place of one
     they rank high, a repeated tile, and a scale that is not the default."""
-    import dataclasses
-
-    from _common import spot_check
-
     ctx, _, _ = _spot_problem(np.float32)
     out = ctx.out.copy()
     out[:, :, 5] *= 1.05  # one row of the sample 5% off
@@ -128,8 +124,6 @@ def test_spot_check_catches_a_wrong_forward():
 
 
 def test_check_spot_refuses_results_past_the_bounds_or_missing():
-    from _common import check_spot, spot_check
-
     bf16 = ml_dtypes.bfloat16
     ctx, dout, grads = _spot_problem(bf16)
     line = check_spot(spot_check(ctx, dout, grads), bf16, "bf16 VSA", backward=True, gate=True)
@@ -154,8 +148,6 @@ def test_spot_check_of_the_fine_stage_alone():
     tiles, pass; the same results judged as a VSA call (coarse branch added) do not; a wrong row,
     a wrong dk and NaN in a pad row are caught; and check_spot asks for no selection there."""
     import types
-
-    from _common import check_spot, spot_check
 
     from vsa_nd.backends import numba_cpu
 
@@ -254,8 +246,6 @@ def test_agree_compares_two_ways_of_calling_the_same_kernels():
     """_common.agree: identical results say so, rounding-sized differences pass with their size,
     and a wrong array, NaN, a missing array or another shape stop the benchmark; torch leaves
     (bfloat16 included) compare with NumPy ones."""
-    from _common import agree
-
     rng = np.random.default_rng(5)
     a = [rng.standard_normal((3, 8)), rng.standard_normal((2, 4)).astype(np.float32)]
     assert agree(a, [x.copy() for x in a], "same").endswith("identical to the array call's")
@@ -281,8 +271,6 @@ def test_agree_compares_two_ways_of_calling_the_same_kernels():
 def test_errors_floor_the_whole_sample_and_each_row_as_documented():
     """_errors: the whole sample's norm floored at an RMS of 0.01 per element, each row's at 0.1
     of the RMS row norm (and at 0.01 per element)."""
-    from _common import _errors
-
     want = np.full((100, 16), 1e-4)
     assert _errors(want + 1e-3, want)[0] == pytest.approx(np.sqrt(100 * 16) * 1e-3 / (0.01 * np.sqrt(100 * 16)))
     rng = np.random.default_rng(0)
@@ -302,10 +290,6 @@ def _first_pad_slot(ctx):
 
 
 def test_spot_check_reads_every_pad_row_and_any_sign():
-    import dataclasses
-
-    from _common import spot_check
-
     ctx, dout, grads = _spot_problem(np.float32)
     slot = _first_pad_slot(ctx)
     out = ctx.out.copy()
@@ -325,10 +309,6 @@ def test_spot_check_reads_every_pad_row_and_any_sign():
 def test_spot_check_measures_a_skipped_tile_in_units_of_the_score_spread():
     """"selection": how far a skipped key tile outscores a chosen one, over the row's standard
     deviation of scores (not its range)."""
-    import dataclasses
-
-    from _common import spot_check
-
     ctx, _, _ = _spot_problem(np.float32)
     volume = ctx.q.shape[2] // len(ctx.q_block_sizes)
     q_c = reference.block_mean(ctx.q, ctx.q_block_sizes, volume)
@@ -343,10 +323,6 @@ def test_spot_check_measures_a_skipped_tile_in_units_of_the_score_spread():
 
 
 def test_spot_check_gives_lse_errors_absolute_below_one():
-    import dataclasses
-
-    from _common import spot_check
-
     ctx, _, _ = _spot_problem(np.float32)
     lse = ctx.lse.copy()
     real = np.isfinite(lse)
@@ -355,8 +331,6 @@ def test_spot_check_gives_lse_errors_absolute_below_one():
 
 
 def test_check_spot_bounds_for_both_16_bit_dtypes():
-    from _common import check_spot
-
     exact = dict(scale=0.0, pad=0.0, out=(0, 0), lse=0.0, selection=0.0)
     for dtype in (ml_dtypes.bfloat16, np.float16):
         check_spot(exact, dtype, "x")
@@ -384,8 +358,6 @@ def test_smooth_inputs_smooth_every_axis_by_sigma_and_add_the_noise_asked_for():
 
 
 def test_clock_sampler_reports_the_median_and_minimum_within_the_window():
-    from _common import ClockSampler
-
     sampler = ClockSampler()
     sampler._samples = [(0.0, 1000.0), (1.0, 1500.0), (2.0, 1200.0), (3.0, 900.0)]
     assert sampler.between(0.5, 2.5) == "1350 / 1200"
@@ -394,8 +366,6 @@ def test_clock_sampler_reports_the_median_and_minimum_within_the_window():
 def test_time_back_to_back_gives_each_functions_median_time_per_call(monkeypatch):
     """CUDA events stood in for by a clock that each call moves on by its own cost."""
     import torch
-
-    from _common import time_back_to_back
 
     clock = [0.0]
 
